@@ -1,0 +1,141 @@
+"""`chatvec plan | merge | extract | apply | verify | demo`."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .errors import ChatvecError
+from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Term
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
+
+
+def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_required: bool = True) -> None:
+    if vector:
+        p.add_argument("--vector", action="append", required=True, help="an extracted chat vector (repeatable)")
+    else:
+        p.add_argument("--base", action="append", required=True, help="base checkpoint: directory or org/name[@rev] (repeatable)")
+        p.add_argument("--chat", action="append", required=True, help="chat checkpoint paired with each --base")
+    if cp:
+        p.add_argument("--cp", required=True, help="the continually pre-trained checkpoint")
+        p.add_argument("--alpha", action="append", type=float, help="scale per vector (one value applies to all; default 1.0)")
+        p.add_argument("--vocab", choices=VOCAB_POLICIES, default="auto",
+                       help="extended vocabulary: skip keeps CP's embed/lm_head, overlap merges the shared rows, full needs equal shapes")
+        p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors")
+    p.add_argument("--out", required=out_required, help="output directory")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: CP's)")
+    p.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
+    p.add_argument("--unit-size", type=parse_size, default=64 * MiB, help="bytes of output per work unit (default 64MiB)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("ray", "local"), default="ray")
+    p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatvec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="show what a merge would do, without running it")
+    _recipe_args(p, vector=False, cp=True, out_required=False)
+    p = sub.add_parser("merge", help="out = cp + Σ alpha·(chat − base)")
+    _recipe_args(p, vector=False, cp=True)
+    p.add_argument("--chat-template-from-chat", action="store_true", help="copy the chat model's chat template where CP has none")
+    _run_args(p)
+    p = sub.add_parser("extract", help="write the chat vector (chat − base) as its own checkpoint")
+    _recipe_args(p, vector=False, cp=False)
+    _run_args(p)
+    p = sub.add_parser("apply", help="out = cp + alpha·vector, with a vector from `extract`")
+    _recipe_args(p, vector=True, cp=True)
+    _run_args(p)
+    p = sub.add_parser("verify", help="rehash an output against its manifest")
+    p.add_argument("out")
+    p = sub.add_parser("demo", help="make tiny Llama-shaped base/chat/CP checkpoints and merge them")
+    p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default ./chatvec-demo)")
+    _run_args(p)
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    if args.command == "extract":
+        terms, cp = _terms(args.chat, args.base, None), None
+    elif args.command == "apply":
+        terms, cp = _terms(args.vector, [None] * len(args.vector), args.alpha), args.cp
+    else:
+        terms, cp = _terms(args.chat, args.base, args.alpha), args.cp
+    return Recipe(terms=terms, cp=cp, out=args.out or "", vocab=getattr(args, "vocab", "full"),
+                  exclude=tuple(getattr(args, "exclude", ())), dtype=args.dtype or ("float32" if cp is None else None),
+                  max_shard_size=args.max_shard_size, unit_bytes=args.unit_size,
+                  chat_template_from_chat=getattr(args, "chat_template_from_chat", False))
+
+
+def _terms(plus: list[str], minus: list, alphas: list[float] | None) -> tuple[Term, ...]:
+    if len(plus) != len(minus):
+        raise ChatvecError(f"{len(minus)} --base but {len(plus)} --chat: give them in pairs")
+    alphas = alphas or [1.0]
+    if len(alphas) == 1:
+        alphas = alphas * len(plus)
+    if len(alphas) != len(plus):
+        raise ChatvecError(f"{len(alphas)} --alpha values for {len(plus)} vectors: give one, or one per vector")
+    return tuple(Term(p, m, a) for p, m, a in zip(plus, minus, alphas))
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(backend=args.backend, workers=args.workers, address=args.address, overwrite=args.overwrite,
+                      restart=args.restart, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ChatvecError as e:
+        print(f"chatvec: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("chatvec: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import job
+
+    if args.command == "plan":
+        from .plan.table import summary
+
+        print(summary(job.plan(recipe_from_args(args)).layout))
+        return EXIT_OK
+    if args.command in ("merge", "extract", "apply"):
+        out = job.run(recipe_from_args(args), _options(args))
+        print(f"wrote {out}")
+        return EXIT_OK
+    if args.command == "verify":
+        from .manifest import verify
+
+        problems = verify(args.out)
+        for line in problems:
+            print(line)
+        print(f"{args.out}: {'verified' if not problems else f'{len(problems)} problem(s)'}")
+        return EXIT_MISMATCH if problems else EXIT_OK
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir), _options(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The local backend: the worker function on threads in this process (tests, debugging)."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+from ..plan.layout import Unit
+from .worker import UnitResult, UnitRunner, WorkContext
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, ctx: WorkContext, workers: int) -> None:
+        self.ctx = ctx
+        self.workers = max(1, workers)
+
+    def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> None:
+        local = threading.local()
+        runners: list[UnitRunner] = []
+
+        def work(unit: Unit) -> UnitResult:
+            if not hasattr(local, "runner"):
+                local.runner = UnitRunner(self.ctx)
+                runners.append(local.runner)
+            return local.runner.run(unit)
+
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="chatvec") as pool:
+                pending = {pool.submit(work, u) for u in units}
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        if f.exception() is not None:
+                            for p in pending:
+                                p.cancel()
+                            raise f.exception()
+                        on_result(f.result())
+        finally:
+            for r in runners:
+                r.close()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Reading checkpoints: headers, indexes, Hub resolution, byte ranges."""

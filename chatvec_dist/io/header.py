@@ -1,0 +1,144 @@
+"""Safetensors headers: parsed by hand (8-byte length + JSON) with every bound checked, and written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+from ..dtypes import ITEMSIZE
+from ..errors import HeaderError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
+MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 48
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file; `start`/`end` are absolute byte offsets in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise HeaderError(f"duplicate key '{key}' in the JSON header")
+        seen[key] = value
+    return seen
+
+
+def parse_header_bytes(blob: bytes, file_size: int, path: str = "<bytes>") -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a header given its first bytes and the file's size; return (tensors, metadata)."""
+    if file_size < 8 or len(blob) < 8:
+        raise HeaderError("file is shorter than the 8-byte header length", file=path)
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap", file=path)
+    if 8 + n > file_size:
+        raise HeaderError(f"header length {n} runs past the end of the file ({file_size} bytes)", file=path)
+    if len(blob) < 8 + n:
+        raise HeaderError("header is truncated", file=path)
+    try:
+        raw = json.loads(blob[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except HeaderError as e:
+        raise HeaderError(e.what, file=path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise HeaderError(f"header is not valid JSON ({type(e).__name__})", file=path) from None
+    if not isinstance(raw, dict):
+        raise HeaderError("header is not a JSON object", file=path)
+    metadata = raw.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError("__metadata__ must map strings to strings", file=path)
+    data_start = 8 + n
+    data_size = file_size - data_start
+    tensors = [_entry(name, spec, data_start, data_size, path) for name, spec in raw.items()]
+    tensors.sort(key=lambda t: (t.start, t.end))
+    cursor = data_start
+    for t in tensors:
+        if t.start != cursor:
+            gap = "overlaps the previous tensor" if t.start < cursor else "leaves a gap after the previous tensor"
+            raise HeaderError(f"data {gap} (starts at {t.start - data_start}, expected {cursor - data_start})", file=path, tensor=t.name)
+        cursor = t.end
+    if cursor != file_size:
+        raise HeaderError(f"tensor data ends at byte {cursor} but the file has {file_size} bytes", file=path)
+    return {t.name: t for t in tensors}, metadata
+
+
+def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) -> TensorInfo:
+    if not isinstance(spec, dict):
+        raise HeaderError("entry is not an object", file=path, tensor=name)
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise HeaderError(f"unknown dtype {dtype!r}", file=path, tensor=name)
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HeaderError(f"invalid shape {shape!r}", file=path, tensor=name)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise HeaderError(f"absurd shape {shape!r}", file=path, tensor=name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise HeaderError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise HeaderError(f"data_offsets {offsets} are not ordered", file=path, tensor=name)
+    if end > data_size:
+        raise HeaderError(f"data_offsets {offsets} run past the end of the file (data section has {data_size} bytes)", file=path, tensor=name)
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise HeaderError(f"holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}", file=path, tensor=name)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and check the header of one safetensors file, touching no tensor bytes."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                    head += f.read(n)
+    except OSError as e:
+        raise HeaderError(f"cannot read: {e.strerror}", file=path) from None
+    return parse_header_bytes(head, size, path)
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    """A tensor as laid out in an output shard (offsets relative to the data section)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def encode_header(entries: list[OutEntry], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a shard, padded with spaces to 8-byte alignment."""
+    doc: dict[str, object] = {"__metadata__": metadata}
+    for e in entries:
+        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body

@@ -1,0 +1,45 @@
+"""Sources: a local directory, or a Hub repo id (`org/name[@revision]`) resolved offline-first."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import SourceError
+from .checkpoint import Checkpoint, open_checkpoint
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def open_source(spec: str) -> Checkpoint:
+    """Open `spec`: an existing local directory, else a Hub repo id from the HF cache (downloaded if online)."""
+    if os.path.exists(spec) or not REPO_ID.match(spec):
+        return open_checkpoint(spec)
+    repo_id, _, revision = spec.partition("@")
+    snapshot = _snapshot(repo_id, revision or None)
+    repo_root = snapshot.parent.parent  # models--org--name: snapshot symlinks point into its blobs/
+    files = {}
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_file():
+            blob = path.resolve().name
+            files[str(path.relative_to(snapshot))] = {"sha256": blob} if SHA256.match(blob) else {"blob": blob}
+    source = {"repo": repo_id, "revision": revision or "main", "commit": snapshot.name, "files": files}
+    return open_checkpoint(snapshot, root=repo_root, source=source)
+
+
+def _snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as e:  # huggingface_hub raises several types for a bad cache entry
+        raise SourceError(f"cannot resolve from the local Hugging Face cache: {e}", file=repo_id) from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:
+        raise SourceError(f"not in the local Hugging Face cache and not downloadable: {type(e).__name__}: {e}", file=repo_id) from None

@@ -1,0 +1,50 @@
+"""Exact byte ranges: `preadv` into caller-owned buffers, `pwrite` at planned offsets."""
+from __future__ import annotations
+
+import os
+
+from ..errors import ChatvecError
+
+
+class FileHandles:
+    """Open file descriptors, cached per path, for one worker."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, int], int] = {}
+
+    def get(self, path: str, flags: int = os.O_RDONLY) -> int:
+        key = (path, flags)
+        if key not in self._fds:
+            try:
+                self._fds[key] = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise ChatvecError(f"cannot open: {e.strerror}", file=path) from None
+        return self._fds[key]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def read_into(fd: int, buf: memoryview, offset: int, path: str, tensor: str) -> None:
+    """Fill `buf` from `offset`; a short read means the file shrank after planning."""
+    done = 0
+    while done < len(buf):
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as e:
+            raise ChatvecError(f"read failed: {e.strerror}", file=path, tensor=tensor) from None
+        if n == 0:
+            raise ChatvecError(f"file ends at byte {offset + done}, before this tensor's data (truncated?)", file=path, tensor=tensor)
+        done += n
+
+
+def write_at(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    """Write all of `buf` at `offset`."""
+    done = 0
+    while done < len(buf):
+        try:
+            done += os.pwrite(fd, buf[done:], offset + done)
+        except OSError as e:
+            raise ChatvecError(f"write failed: {e.strerror}", file=path) from None

@@ -1,0 +1,1 @@
+"""The fused merge: a float64 reference and the fast kernels. No I/O in here."""

@@ -1,0 +1,84 @@
+"""The CPU kernel: one pass over memory in cache-sized chunks, into reused buffers, with the stats."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
+
+
+@dataclass
+class Stats:
+    """Sums of squares in float64 and non-finite counts of one piece of output."""
+
+    cp_sq: float = 0.0
+    delta_sq: float = 0.0
+    update_sq: float = 0.0
+    nan: int = 0
+    inf: int = 0
+
+    def add(self, other: "Stats") -> None:
+        self.cp_sq += other.cp_sq
+        self.delta_sq += other.delta_sq
+        self.update_sq += other.update_sq
+        self.nan += other.nan
+        self.inf += other.inf
+
+
+class Scratch:
+    """Float temporaries reused across calls, one set per compute dtype."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if dtype not in self._bufs:
+            self._bufs[dtype] = tuple(torch.empty(CHUNK, dtype=dtype) for _ in range(3))
+        return self._bufs[dtype]
+
+
+def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+            compute: torch.dtype, scratch: Scratch) -> Stats:
+    """`out = round(cp + Σ alpha·(plus − minus))`, all 1-D of equal length, computed in `compute` per chunk."""
+    acc_buf, tmp_buf, cp_buf = scratch.get(compute)
+    stats = Stats()
+    n = out.numel()
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        acc, tmp = acc_buf[: e - s], tmp_buf[: e - s]
+        for i, (alpha, plus, minus) in enumerate(terms):
+            dst = acc if i == 0 else tmp
+            dst.copy_(plus[s:e])
+            if minus is not None:
+                dst.sub_(minus[s:e])
+            if alpha != 1.0:
+                dst.mul_(alpha)
+            if i:
+                acc.add_(tmp)
+        if terms:
+            stats.delta_sq += float(torch.dot(acc, acc))
+        if cp is None:
+            out[s:e].copy_(acc)
+            stats.update_sq = stats.delta_sq
+            finite = math.isfinite(stats.delta_sq)
+        else:
+            c = cp_buf[: e - s]
+            c.copy_(cp[s:e])
+            cp_sq = float(torch.dot(c, c))
+            stats.cp_sq += cp_sq
+            if terms:
+                acc.add_(c)
+                out[s:e].copy_(acc)
+                tmp.copy_(out[s:e])
+                tmp.sub_(c)
+                stats.update_sq += float(torch.dot(tmp, tmp))
+            else:
+                out[s:e].copy_(c)
+            finite = math.isfinite(cp_sq) and math.isfinite(stats.update_sq)
+        if not finite:  # rare: count exactly
+            chunk = out[s:e]
+            stats.nan += int(torch.isnan(chunk).sum())
+            stats.inf += int(torch.isinf(chunk).sum())
+    return stats

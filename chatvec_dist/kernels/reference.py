@@ -1,0 +1,22 @@
+"""The float64 reference: what every kernel must reproduce after rounding once to the output dtype."""
+from __future__ import annotations
+
+import torch
+
+Term = tuple[float, torch.Tensor, "torch.Tensor | None"]
+
+
+def reference(cp: torch.Tensor | None, terms: list[Term], out_dtype: torch.dtype, merge_elems: int | None = None) -> torch.Tensor:
+    """`cp + Σ alpha·(plus − minus)` in float64 on the first `merge_elems` flat elements, rounded once."""
+    base = cp.double().flatten() if cp is not None else None
+    numel = base.numel() if base is not None else terms[0][1].numel()
+    k = numel if merge_elems is None else merge_elems
+    delta = torch.zeros(k, dtype=torch.float64)
+    for alpha, plus, minus in terms:
+        d = plus.double().flatten()[:k]
+        if minus is not None:
+            d = d - minus.double().flatten()[:k]
+        delta += alpha * d
+    out = base.clone() if base is not None else torch.zeros(numel, dtype=torch.float64)
+    out[:k] += delta
+    return out.to(out_dtype)

@@ -1,0 +1,162 @@
+"""The manifest: one Arrow row per output tensor (plan + what execution measured), and verification."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from .errors import VerifyError
+from .exec.worker import UnitResult
+from .io.header import read_header
+from .io.ranges import FileHandles, read_into
+from .kernels.cpu import Stats
+from .plan.layout import Layout
+
+MANIFEST_NAME = "manifest.parquet"
+META_KEY = b"chatvec"
+HASH_ALGORITHM = "xxh3-128 of the concatenated xxh3-128 digests of each block_bytes block"
+
+SCHEMA = pa.schema([
+    ("target", pa.string()), ("tensor", pa.string()), ("rule", pa.string()), ("reason", pa.string()),
+    ("shape", pa.list_(pa.int64())), ("dtype_out", pa.string()), ("dtype_cp", pa.string()),
+    ("dtypes_vector", pa.list_(pa.string())), ("shard", pa.string()), ("offset", pa.int64()), ("nbytes", pa.int64()),
+    ("hash", pa.string()), ("cp_norm", pa.float64()), ("delta_norm", pa.float64()), ("rel_update", pa.float64()),
+    ("nan_count", pa.int64()), ("inf_count", pa.int64()), ("worker", pa.string()), ("node", pa.string()),
+    ("seconds", pa.float64()),
+])
+
+
+def tensor_hash(blocks: list[bytes]) -> str:
+    return xxhash.xxh3_128_hexdigest(b"".join(blocks))
+
+
+@dataclass
+class _Entry:
+    blocks: dict[int, bytes] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    seconds: float = 0.0
+    workers: set[str] = field(default_factory=set)
+    nodes: set[str] = field(default_factory=set)
+
+
+class Tally:
+    """Per-tensor totals gathered from unit results on the driver (memory grows with tensors, not bytes)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.entries = [_Entry() for _ in layout.tensors]
+
+    def add(self, result: UnitResult) -> None:
+        share = result.seconds / max(1, len(result.segments))
+        for seg in result.segments:
+            e = self.entries[seg.index]
+            e.blocks[seg.block] = seg.digest
+            e.stats.add(seg.stats)
+            e.seconds += share
+            e.workers.add(result.worker)
+            e.nodes.add(result.node)
+
+    def table(self, target: str, metadata: dict) -> pa.Table:
+        rows = []
+        for placed, e in zip(self.layout.tensors, self.entries):
+            t, s = placed.tensor, e.stats
+            expected = max(1, math.ceil(placed.nbytes / self.layout.unit_bytes))
+            if sorted(e.blocks) != list(range(expected)):
+                raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
+            measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
+            cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
+            rows.append({
+                "target": target, "tensor": t.name, "rule": t.rule, "reason": t.reason, "shape": list(t.shape),
+                "dtype_out": t.out_dtype, "dtype_cp": t.cp.dtype if t.cp else None,
+                "dtypes_vector": [s_.dtype for _, p, m in t.terms for s_ in (p, m) if s_],
+                "shard": self.layout.shards[placed.shard].name, "offset": placed.offset, "nbytes": placed.nbytes,
+                "hash": tensor_hash([e.blocks[b] for b in range(expected)]),
+                "cp_norm": cp_norm,
+                "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
+                "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
+                "nan_count": s.nan if measured else None, "inf_count": s.inf if measured else None,
+                "worker": ",".join(sorted(e.workers)), "node": ",".join(sorted(e.nodes)), "seconds": e.seconds,
+            })
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.layout.unit_bytes},
+                    rows_sha256=rows_digest(table))
+        return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+
+
+def rows_digest(table: pa.Table) -> str:
+    """A checksum of the manifest's rows, stored in its metadata, so an edited manifest is detected."""
+    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_manifest(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path)
+
+
+def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise VerifyError("no manifest here: not a chatvec output", file=str(path))
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {})[META_KEY])
+    except Exception as e:  # a damaged manifest must read as a verification failure
+        raise VerifyError(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
+    return table.replace_schema_metadata(None), meta
+
+
+def read_digest(files: FileHandles, path: str, offset: int, nbytes: int, buf: memoryview, name: str) -> bytes:
+    """The xxh3-128 digest of `nbytes` at `offset` of `path`, read into `buf`."""
+    read_into(files.get(path), buf[:nbytes], offset, path, name)
+    return xxhash.xxh3_128_digest(buf[:nbytes])
+
+
+def hash_range(files: FileHandles, path: str, offset: int, nbytes: int, block: int, buf: memoryview, name: str) -> str:
+    """Hash `nbytes` at `offset` of `path` as the manifest does, reading block by block."""
+    return tensor_hash([read_digest(files, path, offset + start, min(block, nbytes - start), buf, name)
+                        for start in range(0, max(nbytes, 1), block)])
+
+
+def verify(out_dir: str | os.PathLike) -> list[str]:
+    """Rehash every tensor against the manifest; return one line per problem (empty: all verified)."""
+    out_dir = Path(out_dir)
+    table, meta = read_manifest(out_dir)
+    problems = []
+    if meta.get("rows_sha256") != rows_digest(table):
+        problems.append(f"{out_dir / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)")
+    block = int(meta["hash"]["block_bytes"])
+    buf = memoryview(bytearray(block))
+    files = FileHandles()
+    headers: dict[str, dict] = {}
+    try:
+        for row in table.to_pylist():
+            path = str(out_dir / row["shard"])
+            if row["shard"] not in headers:
+                try:
+                    headers[row["shard"]] = read_header(path)[0]
+                except Exception as e:
+                    headers[row["shard"]] = {}
+                    problems.append(f"{path}: unreadable shard ({e})")
+            info = headers[row["shard"]].get(row["tensor"])
+            if info is None:
+                problems.append(f"{path}: tensor '{row['tensor']}' is missing")
+                continue
+            if (info.start, info.nbytes, info.dtype, list(info.shape)) != (row["offset"], row["nbytes"], row["dtype_out"], row["shape"]):
+                problems.append(f"{path}: tensor '{row['tensor']}' has a different place, dtype or shape than the manifest")
+                continue
+            try:
+                digest = hash_range(files, path, row["offset"], row["nbytes"], block, buf, row["tensor"])
+            except Exception as e:
+                problems.append(str(e))
+                continue
+            if digest != row["hash"]:
+                problems.append(f"{path}: tensor '{row['tensor']}' content differs from the manifest")
+    finally:
+        files.close()
+    return problems

@@ -1,0 +1,153 @@
+"""The output directory: a `.partial` work area with a journal, then an atomic commit by rename."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+
+from .errors import OutputError
+from .exec.worker import SegmentResult, UnitResult
+from .io.checkpoint import INDEX_NAME
+from .kernels.cpu import Stats
+from .manifest import MANIFEST_NAME, write_manifest
+from .plan.layout import Layout
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+              "chat_template.json")
+PLAN_NAME = "plan.json"
+JOURNAL_NAME = "journal.jsonl"
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwriting) or that lies inside, or contains, an input."""
+    real = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if real == src or real.is_relative_to(src) or src.is_relative_to(real):
+            raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
+    if out.exists() and not overwrite:
+        raise OutputError("output exists (pass --overwrite to replace it)", file=str(out))
+
+
+class Journal:
+    """Finished units, one JSON line each, appended as results arrive; read back to resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, r: UnitResult) -> None:
+        segs = [[s.index, s.block, s.digest.hex(), s.stats.cp_sq, s.stats.delta_sq, s.stats.update_sq, s.stats.nan, s.stats.inf]
+                for s in r.segments]
+        self._file.write(json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node,
+                                     "seconds": r.seconds}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @staticmethod
+    def load(path: Path) -> dict[int, UnitResult]:
+        results: dict[int, UnitResult] = {}
+        if not path.is_file():
+            return results
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                segs = [SegmentResult(i, b, bytes.fromhex(h), Stats(c, dl, u, n, f)) for i, b, h, c, dl, u, n, f in d["segments"]]
+                results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: that unit is simply redone
+        return results
+
+
+def open_partial(out: Path, layout: Layout, digest: str, restart: bool) -> tuple[Path, dict[int, UnitResult]]:
+    """Create (or reuse, when it belongs to the same plan) the work area; return it and journaled results."""
+    work = partial_path(out)
+    plan_file = work / PLAN_NAME
+    if work.exists():
+        same = plan_file.is_file() and json.loads(plan_file.read_text() or "{}").get("digest") == digest
+        if restart or not plan_file.is_file():
+            shutil.rmtree(work)
+        elif not same:
+            raise OutputError("a partial output of a different job is here (pass --restart to discard it)", file=str(work))
+    work.mkdir(parents=True, exist_ok=True)
+    for shard in layout.shards:
+        path = work / shard.name
+        if not path.exists():
+            with open(path, "wb") as f:
+                f.write(shard.header)
+                f.truncate(shard.size)
+    journaled = Journal.load(work / JOURNAL_NAME)
+    plan_file.write_text(json.dumps({"digest": digest}))
+    return work, journaled
+
+
+def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
+           chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
+    """Write index, side files, manifest and card; fsync; rename the work area into place."""
+    weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
+    total = sum(p.nbytes for p in layout.tensors)
+    (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if side_dir is not None:
+        for name in SIDE_FILES:
+            if (side_dir / name).is_file():
+                shutil.copyfile(side_dir / name, work / name)
+    if config_dtype and (work / "config.json").is_file():
+        config = json.loads((work / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = config_dtype
+        (work / "config.json").write_text(json.dumps(config, indent=2))
+    if chat_template_dir is not None:
+        _copy_chat_template(chat_template_dir, work)
+    write_manifest(manifest, work / MANIFEST_NAME)
+    (work / "README.md").write_text(card, encoding="utf-8")
+    (work / JOURNAL_NAME).unlink(missing_ok=True)
+    (work / PLAN_NAME).unlink(missing_ok=True)
+    for path in work.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if out.exists():
+        if not overwrite:
+            raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old)
+    else:
+        work.rename(out)
+    _fsync_dir(out.parent)
+
+
+def _copy_chat_template(chat_dir: Path, work: Path) -> None:
+    """Give the output the chat model's chat template where it has none."""
+    if (work / "chat_template.jinja").is_file():
+        return
+    tok_path = work / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
+    if tok.get("chat_template"):
+        return
+    if (chat_dir / "chat_template.jinja").is_file():
+        shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
+        return
+    chat_tok = chat_dir / "tokenizer_config.json"
+    template = json.loads(chat_tok.read_text()).get("chat_template") if chat_tok.is_file() else None
+    if template:
+        tok["chat_template"] = template
+        tok_path.write_text(json.dumps(tok, indent=2))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

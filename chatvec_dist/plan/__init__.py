@@ -1,0 +1,1 @@
+"""Planning: pair tensors, decide rules, lay out shards and units. Reads headers only, runs nothing."""

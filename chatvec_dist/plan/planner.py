@@ -1,0 +1,147 @@
+"""Pair tensors across checkpoints and decide, for each output tensor, what happens to it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..dtypes import OUTPUT_DTYPES, is_float
+from ..errors import PlanError
+from ..io.checkpoint import Checkpoint, TensorRef
+from ..spec import VOCAB_POLICIES, Recipe
+
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_out|lm_head)\.weight$|^output\.weight$")
+
+
+@dataclass(frozen=True)
+class Src:
+    """A source tensor's data: file, absolute byte offset, dtype."""
+
+    path: str
+    start: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: `out[:merge_elems] = cp + Σ alpha·(plus − minus)`, the rest a copy of CP."""
+
+    name: str
+    rule: str  # merge | merge_rows | copy
+    reason: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    cp: Src | None
+    terms: tuple[tuple[float, Src, Src | None], ...]
+    merge_elems: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The opened checkpoints of a recipe: CP (None when extracting) and each term's plus/minus."""
+
+    cp: Checkpoint | None
+    terms: tuple[tuple[float, Checkpoint, Checkpoint | None], ...]
+
+
+def plan_tensors(recipe: Recipe, sources: Sources) -> list[PlannedTensor]:
+    """Decide every output tensor's rule, validating names, shapes and dtypes. Raises PlanError."""
+    if recipe.vocab not in VOCAB_POLICIES:
+        raise PlanError(f"unknown vocabulary policy {recipe.vocab!r} (choose from {', '.join(VOCAB_POLICIES)})")
+    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
+        raise PlanError(f"unknown output dtype {recipe.dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
+    try:
+        excludes = [re.compile(p) for p in recipe.exclude]
+    except re.error as e:
+        raise PlanError(f"invalid --exclude pattern: {e}") from None
+    reference = sources.cp if sources.cp is not None else sources.terms[0][2] or sources.terms[0][1]
+    out_dtype = OUTPUT_DTYPES.get(recipe.dtype or "", "F32" if sources.cp is None else None)
+    excluded = {n for n in _all_names(sources) if any(p.search(n) for p in excludes)}
+    non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
+    _check_name_sets(reference, sources, excluded | non_float)
+    keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
+    return [_plan_one(name, ref, recipe.vocab, out_dtype, sources, excluded)
+            for name, ref in reference.tensors.items() if not (sources.cp is None and name in keep_cp)]
+
+
+def _all_names(sources: Sources) -> set[str]:
+    names = set(sources.cp.tensors) if sources.cp else set()
+    for _, plus, minus in sources.terms:
+        names |= set(plus.tensors) | (set(minus.tensors) if minus else set())
+    return names
+
+
+def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]) -> None:
+    wanted = set(reference.tensors) - excluded
+    for _, plus, minus in sources.terms:
+        for ckpt in (plus, minus):
+            if ckpt is None:
+                continue
+            have = set(ckpt.tensors) - excluded
+            for name in sorted(wanted - have):
+                raise PlanError(f"missing here but present in {reference.directory} (use --exclude to keep CP's value)",
+                                file=str(ckpt.directory), tensor=name)
+            for name in sorted(have - wanted):
+                raise PlanError(f"present here but missing in {reference.directory} (use --exclude to leave it out)",
+                                file=str(ckpt.directory), tensor=name)
+
+
+def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources,
+              excluded: set[str]) -> PlannedTensor:
+    info = ref.info
+    cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
+    if not is_float(info.dtype):
+        return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
+    dtype = out_dtype or info.dtype
+    if name in excluded:
+        return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
+    pairs = [(alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms]
+    vec_shape = pairs[0][1].info.shape
+    for _, plus, minus in pairs:
+        for other in (plus, minus):
+            if other is None:
+                continue
+            if other.info.shape != vec_shape:
+                raise PlanError(f"shape {list(other.info.shape)} differs from {list(vec_shape)} in {pairs[0][1].path}",
+                                file=other.path, tensor=name)
+            if is_float(other.info.dtype) != is_float(info.dtype):
+                raise PlanError(f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
+                                file=other.path, tensor=name)
+    terms = tuple((alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
+                  for alpha, p, m in pairs)
+    numel = info.numel
+    if not VOCAB_TENSOR.search(name):
+        if vec_shape != info.shape:
+            raise PlanError(f"shape {list(info.shape)} differs from {list(vec_shape)} in {pairs[0][1].path}",
+                            file=ref.path, tensor=name)
+        return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, numel)
+    return _plan_vocab(name, ref, policy, dtype, cp, terms, vec_shape, pairs[0][1].path)
+
+
+def _plan_vocab(name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple,
+                vec_shape: tuple[int, ...], vec_path: str) -> PlannedTensor:
+    shape = ref.info.shape
+    if len(shape) != len(vec_shape) or shape[1:] != vec_shape[1:]:
+        raise PlanError(f"shape {list(shape)} differs from {list(vec_shape)} in {vec_path} outside the vocabulary dimension",
+                        file=ref.path, tensor=name)
+    if shape[0] < vec_shape[0]:
+        raise PlanError(f"vocabulary of {shape[0]} rows is smaller than the {vec_shape[0]} rows of {vec_path}",
+                        file=ref.path, tensor=name)
+    equal = shape[0] == vec_shape[0]
+    if policy == "auto":
+        policy = "full" if equal else "skip"
+    if policy == "full" and not equal:
+        raise PlanError(f"--vocab full needs equal shapes, but this has {shape[0]} rows and {vec_path} {vec_shape[0]} "
+                        "(use --vocab skip or overlap)", file=ref.path, tensor=name)
+    reason = f"vocab:{policy}"
+    if policy == "skip":
+        return PlannedTensor(name, "copy", reason, shape, dtype, cp, (), 0)
+    merged = ref.info.numel // shape[0] * vec_shape[0] if shape[0] else 0
+    rule = "merge" if equal else "merge_rows"
+    return PlannedTensor(name, rule, reason, shape, dtype, cp, terms, merged)
