@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ..plan.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
@@ -30,13 +30,15 @@ class LocalBackend:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="chatvec") as pool:
                 pending = {pool.submit(work, u) for u in units}
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    failed = [f.exception() for f in done if f.exception() is not None]
                     for f in done:
-                        if f.exception() is not None:
-                            for p in pending:
-                                p.cancel()
-                            raise f.exception()
-                        on_result(f.result())
+                        if f.exception() is None:
+                            on_result(f.result())
+                    if failed:
+                        for f in pending:
+                            f.cancel()
+                        raise failed[0]
         finally:
             for r in runners:
                 r.close()

@@ -16,7 +16,9 @@ def init_ray(address: str | None):
     """Join `address` (or RAY_ADDRESS); else start an embedded Ray bound to 127.0.0.1, no dashboard."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        # Keeps an embedded Ray on loopback (Ray otherwise binds to the external interface).
+        # "local" starts a fresh instance rather than attaching to whatever Ray runs on this machine;
+        # the variable keeps it on loopback (Ray otherwise binds to the external interface).
+        address = "local"
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 

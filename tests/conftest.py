@@ -1,0 +1,55 @@
+"""Shared fixtures: Ray on 127.0.0.1 (one session-scoped instance), tiny real Llama checkpoints."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray process on loopback
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (ray.init costs 3–7 s here)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def make_llama(directory: Path, seed: int, vocab: int = 96, dtype: torch.dtype = torch.bfloat16, tie: bool = False,
+               base: dict | None = None, noise: float = 0.02) -> dict[str, torch.Tensor]:
+    """A tiny LlamaForCausalLM saved with transformers; perturbs `base` weights if given. Returns its state."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config).to(dtype)
+    if base is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                src = base[name]
+                rows = min(src.shape[0], p.shape[0]) if p.dim() else None
+                fresh = p.detach().clone()
+                if p.dim() and src.shape[1:] == p.shape[1:]:
+                    fresh[:rows] = src[:rows]
+                p.copy_((fresh.float() + noise * torch.randn(p.shape)).to(dtype))
+    model.save_pretrained(directory)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """base, chat (= base + update), cp (= base + update, same vocab) and cp_ext (64 extra tokens)."""
+    root = tmp_path_factory.mktemp("llamas")
+    base = make_llama(root / "base", 0)
+    make_llama(root / "chat", 1, base=base)
+    make_llama(root / "cp", 2, base=base)
+    make_llama(root / "cp_ext", 3, vocab=160, base=base)
+    return {n: root / n for n in ("base", "chat", "cp", "cp_ext")}

@@ -1,0 +1,229 @@
+"""End to end through the CLI: real transformers checkpoints, real Ray actors, outputs that load and run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatvec_dist.cli import main
+from chatvec_dist.kernels.reference import reference
+from chatvec_dist.manifest import read_manifest, verify
+
+
+def load_all(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors |= load_file(f)
+    return tensors
+
+
+def merge_args(d: dict, out: Path, cp: str = "cp", *extra: str) -> list[str]:
+    return ["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d[cp]), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def shard_bytes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+
+
+def expected_weights(d: dict, cp: str = "cp", merge_rows: bool = False, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """The float64 reference for every tensor, from safetensors' own loader."""
+    base, chat, cpw = load_all(d["base"]), load_all(d["chat"]), load_all(d[cp])
+    out = {}
+    for name, c in cpw.items():
+        if base[name].shape == c.shape:
+            out[name] = reference(c, [(alpha, chat[name], base[name])], c.dtype).view(c.shape)
+        elif merge_rows:
+            out[name] = reference(c, [(alpha, chat[name], base[name])], c.dtype, base[name].numel()).view(c.shape)
+        else:
+            out[name] = c
+    return out
+
+
+def logits(directory: Path, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 17, 42, 90]])).logits
+
+
+@pytest.fixture(scope="module")
+def merged(llamas, ray_local, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("merged") / "out"
+    assert main(merge_args(llamas, out, "cp", "--workers", "2", "--unit-size", "2KiB")) == 0
+    return out
+
+
+def test_merge_loads_in_transformers_with_reference_logits(llamas, merged):
+    expected = expected_weights(llamas)
+    got = load_all(merged)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype == torch.bfloat16 and got[name].shape == t.shape
+        assert torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name
+    assert torch.equal(logits(merged), logits(llamas["cp"], expected))
+    assert not torch.equal(logits(merged), logits(llamas["cp"]))
+
+
+def test_manifest_audits_every_tensor(llamas, merged):
+    table, meta = read_manifest(merged)
+    rows = {r["tensor"]: r for r in table.to_pylist()}
+    assert set(rows) == set(load_all(merged))
+    assert meta["kind"] == "merge" and meta["recipe"]["terms"][0]["alpha"] == 1.0 and meta["version"]
+    assert meta["sources"]["cp"]["path"] == str(llamas["cp"].resolve())
+    cp = load_all(llamas["cp"])
+    base, chat = load_all(llamas["base"]), load_all(llamas["chat"])
+    for name, r in rows.items():
+        assert r["rule"] == "merge" and r["dtype_out"] == "BF16" and r["nan_count"] == 0 and r["inf_count"] == 0
+        assert r["cp_norm"] == pytest.approx(float(cp[name].double().norm()), rel=1e-5)
+        assert r["delta_norm"] == pytest.approx(float((chat[name].double() - base[name].double()).norm()), rel=1e-5)
+        assert r["rel_update"] > 0 and len(r["hash"]) == 32 and r["worker"] and r["seconds"] >= 0
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(rows)
+    assert {r["shard"] for r in rows.values()} == set(index["weight_map"].values())
+    assert not list(merged.parent.glob("*.partial"))
+    card = (merged / "README.md").read_text()
+    assert "chat-vector" in card and "Chat Vector" in card and str(llamas["chat"]) in card
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == 96
+
+
+def test_same_bytes_for_any_worker_count_and_backend(llamas, merged, ray_local, tmp_path):
+    runs = {"ray1": ["--workers", "1"], "local2": ["--backend", "local", "--workers", "2"]}
+    for name, extra in runs.items():
+        assert main(merge_args(llamas, tmp_path / name, "cp", "--unit-size", "2KiB", *extra)) == 0
+        assert shard_bytes(tmp_path / name) == shard_bytes(merged)
+        a, _ = read_manifest(tmp_path / name)
+        b, _ = read_manifest(merged)
+        assert a.column("hash").to_pylist() == b.column("hash").to_pylist()
+
+
+@pytest.mark.parametrize("policy", ["skip", "overlap"])
+def test_extended_vocabulary(llamas, tmp_path, policy):
+    out = tmp_path / policy
+    assert main(merge_args(llamas, out, "cp_ext", "--vocab", policy, "--backend", "local")) == 0
+    expected = expected_weights(llamas, "cp_ext", merge_rows=policy == "overlap")
+    got, cp = load_all(out), load_all(llamas["cp_ext"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert got[name].shape == (160, 32)
+        assert torch.equal(got[name][96:], cp[name][96:])  # new tokens keep CP's rows
+        assert torch.equal(got[name], expected[name])
+        assert torch.equal(got[name][:96], cp[name][:96]) == (policy == "skip")
+    rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
+    assert rows["lm_head.weight"]["reason"] == f"vocab:{policy}"
+    assert rows["lm_head.weight"]["rule"] == {"skip": "copy", "overlap": "merge_rows"}[policy]
+    assert torch.equal(logits(out), logits(llamas["cp_ext"], expected))
+
+
+def test_verify_catches_one_flipped_byte(merged, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(merged, copy)
+    assert main(["verify", str(copy)]) == 0
+    table, _ = read_manifest(copy)
+    row = next(r for r in table.to_pylist() if r["tensor"] == "model.layers.1.mlp.up_proj.weight")
+    path = copy / row["shard"]
+    data = bytearray(path.read_bytes())
+    data[row["offset"] + 1000] ^= 0x01
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.up_proj.weight" in out and "1 problem" in out
+    assert verify(merged) == []
+
+
+def test_extract_then_apply_equals_merge(llamas, merged, tmp_path):
+    vec = tmp_path / "vector"
+    assert main(["extract", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--out", str(vec),
+                 "--no-progress", "--backend", "local"]) == 0
+    v, base, chat = load_all(vec), load_all(llamas["base"]), load_all(llamas["chat"])
+    for name, t in v.items():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, chat[name].float() - base[name].float())
+    assert read_manifest(vec)[1]["kind"] == "extract"
+    out = tmp_path / "applied"
+    assert main(["apply", "--vector", str(vec), "--cp", str(llamas["cp"]), "--out", str(out), "--no-progress",
+                 "--backend", "local", "--unit-size", "2KiB"]) == 0
+    assert shard_bytes(out) == shard_bytes(merged)
+
+
+def test_several_vectors_and_output_dtype(llamas, tmp_path):
+    out = tmp_path / "two"
+    args = ["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--base", str(llamas["base"]),
+            "--chat", str(llamas["cp"]), "--alpha", "0.5", "--alpha", "-0.25", "--cp", str(llamas["cp"]),
+            "--out", str(out), "--dtype", "float32", "--backend", "local", "--no-progress"]
+    assert main(args) == 0
+    base, chat, cp = load_all(llamas["base"]), load_all(llamas["chat"]), load_all(llamas["cp"])
+    got = load_all(out)
+    for name, c in cp.items():
+        want = reference(c, [(0.5, chat[name], base[name]), (-0.25, c, base[name])], torch.float32).view(c.shape)
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], want), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    logits(out)
+
+
+def test_chat_template_from_chat(llamas, tmp_path):
+    chat = tmp_path / "chat"
+    shutil.copytree(llamas["chat"], chat)
+    (chat / "chat_template.jinja").write_text("{{ messages }}")
+    d = dict(llamas, chat=chat)
+    assert main(merge_args(d, tmp_path / "plain", "cp", "--backend", "local")) == 0
+    assert not (tmp_path / "plain" / "chat_template.jinja").exists()
+    assert main(merge_args(d, tmp_path / "templ", "cp", "--backend", "local", "--chat-template-from-chat")) == 0
+    assert (tmp_path / "templ" / "chat_template.jinja").read_text() == "{{ messages }}"
+
+
+def test_existing_output_is_refused_unless_overwrite(llamas, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert main(merge_args(llamas, out, "cp", "--backend", "local")) == 2
+    assert "output exists" in capsys.readouterr().err and (out / "keep").exists()
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--overwrite")) == 0
+    assert not (out / "keep").exists() and verify(out) == []
+
+
+def test_interrupted_run_resumes_and_keeps_verified_units(llamas, merged, tmp_path, monkeypatch):
+    from chatvec_dist.exec import worker
+
+    real_run, calls = worker.UnitRunner.run, []
+
+    def failing(self, unit):
+        calls.append(unit.id)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real_run(self, unit)
+
+    out = tmp_path / "resumed"
+    args = merge_args(llamas, out, "cp", "--backend", "local", "--workers", "1", "--unit-size", "2KiB")
+    monkeypatch.setattr(worker.UnitRunner, "run", failing)
+    assert main(args) == 130
+    assert not out.exists()
+    partial = Path(str(out) + ".partial")
+    assert len((partial / "journal.jsonl").read_text().splitlines()) == 5
+    assert not (partial / "manifest.parquet").exists()
+    monkeypatch.setattr(worker.UnitRunner, "run", lambda self, unit: calls.append(unit.id) or real_run(self, unit))
+    first = len(calls)
+    assert main(args) == 0
+    assert len(calls) - first == len(set(calls)) - 5  # the five journaled units were not redone
+    assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
+
+
+def test_demo_command_runs_on_embedded_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "chatvec_dist.cli", "demo", "--dir", str(tmp_path / "demo"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verified against manifest.parquet" in proc.stdout
+    assert verify(tmp_path / "demo" / "merged") == []

@@ -1,0 +1,152 @@
+"""Planning from headers alone: rules, vocabulary policies, tied embeddings, shards, offsets, units."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from chatvec_dist import job
+from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
+from chatvec_dist.errors import PlanError
+from chatvec_dist.io.header import read_header
+from chatvec_dist.plan.layout import layout
+from chatvec_dist.spec import Recipe, Term
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    return make_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+def _recipe(d, **kw) -> Recipe:
+    return Recipe(terms=(Term(str(d["chat"]), str(d["base"])),), cp=str(d["cp"]), out="unused", **kw)
+
+
+def test_header_reader_agrees_with_safetensors(demo):
+    path = demo["base"] / "model.safetensors"
+    tensors, meta = read_header(path)
+    assert meta == {"format": "pt"}
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == set(tensors)
+        for name in f.keys():
+            t = f.get_tensor(name)
+            info = tensors[name]
+            assert info.shape == tuple(t.shape) and info.dtype == "BF16" and info.nbytes == t.numel() * 2
+            with open(path, "rb") as fh:
+                fh.seek(info.start)
+                assert fh.read(info.nbytes) == t.view(torch.int16).numpy().tobytes()
+
+
+def test_vocab_auto_skips_extended_rows(demo):
+    planned = job.plan(_recipe(demo))
+    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason, p.tensor.merge_elems) for p in planned.layout.tensors}
+    assert rules["lm_head.weight"] == ("copy", "vocab:skip", 0)
+    assert rules["model.embed_tokens.weight"] == ("copy", "vocab:skip", 0)
+    assert rules["model.layers.0.mlp.up_proj.weight"] == ("merge", "", 128 * 64)
+    assert len(rules) == 21
+
+
+def test_vocab_overlap_merges_the_shared_rows(demo):
+    planned = job.plan(_recipe(demo, vocab="overlap"))
+    t = next(p.tensor for p in planned.layout.tensors if p.tensor.name == "lm_head.weight")
+    assert (t.rule, t.reason, t.shape, t.merge_elems) == ("merge_rows", "vocab:overlap", (320, 64), 256 * 64)
+
+
+def test_vocab_full_refuses_extended_vocab(demo):
+    with pytest.raises(PlanError, match="--vocab full needs equal shapes") as e:
+        job.plan(_recipe(demo, vocab="full"))
+    assert e.value.tensor in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def test_cp_with_fewer_rows_than_base_is_an_error(demo):
+    recipe = Recipe(terms=(Term(str(demo["cp"]), str(demo["cp"])),), cp=str(demo["base"]), out="x")
+    with pytest.raises(PlanError, match="smaller than the 320 rows"):
+        job.plan(recipe)
+
+
+def test_equal_vocab_defaults_to_full(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(64)
+    for name in ("base", "chat", "cp"):
+        save_checkpoint(tmp_path / name, llama_tensors(cfg, g), cfg)
+    planned = job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")}))
+    lm = next(p.tensor for p in planned.layout.tensors if p.tensor.name == "lm_head.weight")
+    assert (lm.rule, lm.reason) == ("merge", "vocab:full")
+
+
+def test_tied_embeddings_invent_and_drop_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(64, tie_word_embeddings=True)
+    for name in ("base", "chat", "cp"):
+        save_checkpoint(tmp_path / name, llama_tensors(cfg, g), cfg)
+    d = {n: tmp_path / n for n in ("base", "chat", "cp")}
+    names = {p.tensor.name for p in job.plan(_recipe(d)).layout.tensors}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    untied = llama_config(64)
+    save_checkpoint(tmp_path / "cp2", llama_tensors(untied, g), untied)
+    with pytest.raises(PlanError, match="lm_head.weight|missing"):
+        job.plan(_recipe(dict(d, cp=tmp_path / "cp2")))
+
+
+def test_exclude_keeps_cp_values_and_need_not_exist_in_base(tmp_path, demo):
+    cfg = json.loads((demo["cp"] / "config.json").read_text())
+    tensors = {n: torch.zeros(1) for n in ["extra.bias"]}
+    # CP gets a tensor base/chat lack: an error, unless excluded.
+    from safetensors.torch import load_file
+    cp = {}
+    for f in sorted(demo["cp"].glob("*.safetensors")):
+        cp |= load_file(f)
+    save_checkpoint(tmp_path / "cp", cp | tensors, cfg)
+    d = dict(demo, cp=tmp_path / "cp")
+    with pytest.raises(PlanError, match="missing here but present") as e:
+        job.plan(_recipe(d))
+    assert e.value.tensor == "extra.bias"
+    planned = job.plan(_recipe(d, exclude=(r"^extra\.", r"norm")))
+    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason) for p in planned.layout.tensors}
+    assert rules["extra.bias"] == ("copy", "excluded")
+    assert rules["model.norm.weight"] == ("copy", "excluded")
+    assert rules["model.layers.0.self_attn.q_proj.weight"] == ("merge", "")
+
+
+def test_layout_shards_offsets_and_units(demo):
+    tensors = job.plan(_recipe(demo)).layout.tensors
+    lay = layout([p.tensor for p in tensors], max_shard_size=40_000, unit_bytes=4096)
+    assert len(lay.shards) > 2
+    for i, shard in enumerate(lay.shards):
+        placed = sorted((p for p in lay.tensors if p.shard == i), key=lambda p: p.offset)
+        assert placed[0].offset == len(shard.header) and len(shard.header) % 8 == 0
+        for a, b in zip(placed, placed[1:]):
+            assert a.offset + a.nbytes == b.offset  # contiguous, as the safetensors reader requires
+        assert placed[-1].offset + placed[-1].nbytes == shard.size
+        assert all(p.offset % 2 == 0 for p in placed)
+        assert sum(p.nbytes for p in placed) <= 40_000 or len(placed) == 1
+    # Units tile every shard's data exactly once, each within the unit size, each segment one hash block.
+    covered = {}
+    for u in lay.units:
+        assert 0 < u.nbytes <= 4096
+        pos = u.offset
+        for seg in u.segments:
+            p = lay.tensors[seg.index]
+            assert p.shard == u.shard and p.offset + seg.first * 2 == pos and seg.first == seg.block * 2048
+            pos += (seg.last - seg.first) * 2
+            covered.setdefault(seg.index, []).append((seg.first, seg.last))
+        assert pos == u.offset + u.nbytes
+    for index, parts in covered.items():
+        parts.sort()
+        assert parts[0][0] == 0 and parts[-1][1] == lay.tensors[index].tensor.numel
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert set(covered) == set(range(len(lay.tensors)))
+
+
+def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
+    from chatvec_dist.cli import main
+
+    out = tmp_path / "never"
+    assert main(["plan", "--base", str(demo["base"]), "--chat", str(demo["chat"]), "--cp", str(demo["cp"]),
+                 "--out", str(out), "--vocab", "overlap"]) == 0
+    text = capsys.readouterr().out
+    assert "tensors: 21 (19 merge, 2 merge_rows)" in text and "vocab:overlap" in text
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
