@@ -1,0 +1,90 @@
+"""Hub sources: `org/name[@revision]` resolved offline from a real Hugging Face cache layout."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chatvec_dist.cli import main
+from chatvec_dist.errors import SourceError
+from chatvec_dist.io.hub import open_source
+from chatvec_dist.manifest import read_manifest, verify
+from chatvec_dist.demo import make_demo_models
+
+
+def cache_repo(cache: Path, repo_id: str, src: Path, commit: str, branch: str = "main") -> Path:
+    """Lay `src` out as the HF cache does: blobs named by sha256, a snapshot of symlinks, a ref."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / digest)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    models = make_demo_models(tmp_path / "src")
+    commits = {}
+    for i, name in enumerate(("base", "chat", "cp")):
+        commits[name] = f"{i + 1:040x}"
+        cache_repo(cache, f"org/{name}", models[name], commits[name])
+    return cache, models, commits
+
+
+def test_repo_id_resolves_offline_with_commit_and_sha256(hub):
+    cache, models, commits = hub
+    ckpt = open_source("org/cp")
+    assert ckpt.source["repo"] == "org/cp" and ckpt.source["commit"] == commits["cp"]
+    shard = "model-00001-of-00002.safetensors"
+    data = (models["cp"] / shard).read_bytes()
+    assert ckpt.source["files"][shard]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(ckpt.tensors) == 21
+    assert open_source(f"org/cp@{commits['cp']}").source["commit"] == commits["cp"]
+
+
+def test_merge_from_hub_ids_records_sources(hub, tmp_path):
+    cache, models, commits = hub
+    out = tmp_path / "out"
+    assert main(["merge", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp@main", "--out", str(out),
+                 "--backend", "local", "--no-progress"]) == 0
+    meta = read_manifest(out)[1]
+    assert meta["sources"]["cp"]["commit"] == commits["cp"] and meta["sources"]["cp"]["revision"] == "main"
+    assert meta["sources"]["terms"][0]["minus"]["repo"] == "org/base"
+    assert verify(out) == []
+    assert "base_model: org/cp" in (out / "README.md").read_text()
+
+
+def test_missing_repo_is_a_clear_error(hub, capsys):
+    with pytest.raises(SourceError, match="org/absent"):
+        open_source("org/absent")
+    assert main(["plan", "--base", "org/absent", "--chat", "org/chat", "--cp", "org/cp"]) == 2
+    assert "org/absent" in capsys.readouterr().err
+
+
+def test_symlink_out_of_the_repo_cache_is_refused(hub, tmp_path, capsys):
+    cache, models, commits = hub
+    snapshot = cache / "models--org--cp" / "snapshots" / commits["cp"]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(models["cp"] / "model-00002-of-00002.safetensors", outside)
+    target = snapshot / "model-00002-of-00002.safetensors"
+    target.unlink()
+    target.symlink_to(outside)
+    assert main(["plan", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp"]) == 2
+    assert "outside the checkpoint" in capsys.readouterr().err
+    assert os.path.exists(outside)
