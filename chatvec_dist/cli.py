@@ -42,6 +42,7 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("ray", "local"), default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
@@ -96,8 +97,8 @@ def _terms(plus: list[str], minus: list, alphas: list[float] | None) -> tuple[Te
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(backend=args.backend, workers=args.workers, address=args.address, overwrite=args.overwrite,
-                      restart=args.restart, progress=not args.no_progress)
+    return RunOptions(backend=args.backend, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                      address=args.address, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """`chatvec demo`: tiny random Llama-shaped base/chat/CP checkpoints, merged on an embedded Ray."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,8 +85,7 @@ def run_demo(root: Path, options: RunOptions) -> int:
     recipe = Recipe(terms=(Term(str(paths["chat"]), str(paths["base"]), 1.0),), cp=str(paths["cp"]), out=str(root / "merged"),
                     unit_bytes=16 * 1024)  # small units, so that every worker gets some
     print(summary(job.plan(recipe).layout))
-    out = job.run(recipe, RunOptions(backend=options.backend, workers=options.workers, address=options.address,
-                                     overwrite=True, restart=True, progress=options.progress))
+    out = job.run(recipe, dataclasses.replace(options, overwrite=True, restart=True))
     table, _ = read_manifest(out)
     print(f"{'tensor':<48} {'rule':<6} {'reason':<10} {'‖out−cp‖/‖cp‖':>14}")
     for row in table.to_pylist():

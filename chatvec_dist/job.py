@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> Path:
             tally.add(prior)
         else:
             todo.append(unit)
+    if len(todo) < len(lay.units):
+        print(f"resuming {work}: {len(lay.units) - len(todo)} of {len(lay.units)} units verified from an earlier run",
+              file=sys.stderr)
     _execute(planned, work, todo, tally, options)
     meta = {"version": __version__, "kind": recipe.kind, "target": out.name, "recipe": dataclasses.asdict(recipe),
             "sources": _sources_meta(planned.sources)}
@@ -95,7 +99,7 @@ def _backend(ctx: WorkContext, options: RunOptions):
     if options.backend == "ray":
         from .exec.ray_backend import RayBackend
 
-        return RayBackend(ctx, options.workers, options.address)
+        return RayBackend(ctx, options.workers, options.address, options.cpus_per_worker)
     raise ValueError(f"unknown backend {options.backend!r}")
 
 

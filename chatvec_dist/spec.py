@@ -43,6 +43,7 @@ class RunOptions:
 
     backend: str = "ray"  # ray | local
     workers: int | None = None  # default: one per CPU of the local machine / cluster
+    cpus_per_worker: float = 1.0  # Ray CPUs each actor reserves
     address: str | None = None  # Ray cluster to join; default: RAY_ADDRESS or an embedded local Ray
     overwrite: bool = False
     restart: bool = False

@@ -1,8 +1,13 @@
-"""The Ray backend: one actor per CPU slot, each running the worker function on units it is sent."""
+"""The Ray backend: actors spread over the cluster, each running the worker function on units it is sent.
+
+Units are retried by the driver, not by Ray: a unit whose actor died (process killed, node lost) goes back
+to the queue and the actor is replaced. `pwrite` at planned offsets makes a rerun idempotent.
+"""
 from __future__ import annotations
 
 import os
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
 from ..errors import ChatvecError
@@ -10,6 +15,8 @@ from ..plan.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
 
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued behind it: backpressure without idle gaps
+MAX_ATTEMPTS = 4  # per unit
+STALL_SECONDS = 600.0  # no result and no worker for this long: give up
 
 
 def init_ray(address: str | None):
@@ -34,6 +41,9 @@ class _Worker:
 
         self.runner = UnitRunner(ctx, node=ray.get_runtime_context().get_node_id())
 
+    def ready(self) -> str:
+        return self.runner.node
+
     def run(self, unit: Unit) -> UnitResult:
         return self.runner.run(unit)
 
@@ -41,35 +51,79 @@ class _Worker:
 class RayBackend:
     name = "ray"
 
-    def __init__(self, ctx: WorkContext, workers: int | None, address: str | None) -> None:
+    def __init__(self, ctx: WorkContext, workers: int | None, address: str | None, cpus_per_worker: float = 1.0) -> None:
         self.ray = init_ray(address)
-        slots = int(self.ray.cluster_resources().get("CPU", 1))
+        slots = int(self.ray.cluster_resources().get("CPU", 1) // cpus_per_worker)
         self.workers = max(1, workers or slots)
-        actor = self.ray.remote(num_cpus=1)(_Worker)
-        ctx_ref = self.ray.put(ctx)
-        self.actors = [actor.remote(ctx_ref) for _ in range(self.workers)]
+        self._actor_class = self.ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0,
+                                            scheduling_strategy="SPREAD")(_Worker)
+        self._ctx_ref = self.ray.put(ctx)
+        self._starting: dict = {}  # ready() ref -> actor
+        self.actors: list = []
+        self.replacements = 0
+        for _ in range(self.workers):
+            self._start_actor()
+
+    def _start_actor(self) -> None:
+        actor = self._actor_class.remote(self._ctx_ref)
+        self._starting[actor.ready.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> None:
+        ray = self.ray
         queue = deque(units)
-        in_flight: dict = {}
-        load = {i: 0 for i in range(len(self.actors))}
+        in_flight: dict = {}  # run() ref -> (actor, unit)
+        load: Counter = Counter()
+        attempts: Counter = Counter()
+        last_progress = time.monotonic()
         while queue or in_flight:
-            for i, actor in enumerate(self.actors):
-                while queue and load[i] < IN_FLIGHT_PER_WORKER:
-                    in_flight[actor.run.remote(queue.popleft())] = i
-                    load[i] += 1
-            ready, _ = self.ray.wait(list(in_flight), num_returns=1)
+            for actor in self.actors:
+                while queue and load[actor] < IN_FLIGHT_PER_WORKER:
+                    unit = queue.popleft()
+                    in_flight[actor.run.remote(unit)] = (actor, unit)
+                    load[actor] += 1
+            waiting = list(in_flight) + list(self._starting)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=5.0) if waiting else ([], [])
+            if not ready and time.monotonic() - last_progress > STALL_SECONDS:
+                raise ChatvecError(f"no progress for {STALL_SECONDS:.0f} s: no Ray worker could be started or reached")
             for ref in ready:
-                load[in_flight.pop(ref)] -= 1
+                last_progress = time.monotonic()
+                if ref in self._starting:
+                    actor = self._starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        self.actors.append(actor)
+                    except ray.exceptions.RayActorError:
+                        self._replace(actor)
+                    continue
+                actor, unit = in_flight.pop(ref)
+                load[actor] -= 1
                 try:
-                    result = self.ray.get(ref)
-                except self.ray.exceptions.RayTaskError as e:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, ChatvecError):
                         raise e.cause from None
                     raise
+                except ray.exceptions.RayActorError as e:  # the worker process or its node died
+                    attempts[unit.id] += 1
+                    if attempts[unit.id] >= MAX_ATTEMPTS:
+                        raise ChatvecError(f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}") from None
+                    queue.appendleft(unit)
+                    if actor in self.actors:
+                        self._replace(actor)
+                    continue
                 on_result(result)
 
+    def _replace(self, actor) -> None:
+        """Retire a dead actor and start another; Ray places it wherever resources remain."""
+        if actor in self.actors:
+            self.actors.remove(actor)
+        self.ray.kill(actor, no_restart=True)
+        self.replacements += 1
+        if self.replacements > 4 * self.workers:
+            raise ChatvecError(f"{self.replacements} Ray workers died; giving up")
+        self._start_actor()
+
     def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a)
-        self.actors = []
+        for a in self.actors + list(self._starting.values()):
+            self.ray.kill(a, no_restart=True)
+        self.actors, self._starting = [], {}

@@ -1,0 +1,130 @@
+"""A real multi-node Ray cluster on 127.0.0.1: spread workers, a node lost mid-run, a driver killed mid-run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatvec_dist.cli import main
+from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
+from chatvec_dist.manifest import read_manifest, verify
+
+pytestmark = pytest.mark.slow
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """~8 MB bf16 checkpoints: enough small units that a fault lands mid-run."""
+    root = tmp_path_factory.mktemp("models")
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+    base = llama_tensors(cfg, g)
+    paths = {}
+    for name, scale in (("base", 0.0), ("chat", 0.01), ("cp", 0.01)):
+        tensors = {n: (t + scale * torch.randn(t.shape, generator=g)).bfloat16() for n, t in base.items()}
+        paths[name] = save_checkpoint(root / name, tensors, cfg, shards=2)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference_out(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert main(args(models, out, "--backend", "local")) == 0
+    return out
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
+    c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 0, "include_dashboard": False,
+                                                      "_system_config": HEALTH_CHECKS})
+    nodes = [c.add_node(**common, num_cpus=1) for _ in range(3)]
+    c.wait_for_nodes()
+    yield c, nodes
+    c.shutdown()
+
+
+def args(models: dict, out: Path, *extra: str) -> list[str]:
+    return ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
+            "--out", str(out), "--unit-size", "8KiB", "--max-shard-size", "6MB", "--no-progress", *extra]
+
+
+def driver(models: dict, out: Path, address: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ADDRESS=address)
+    return subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", *args(models, out, *extra)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_units(out: Path, count: int, proc: subprocess.Popen, nodes: int = 1, timeout: float = 120) -> None:
+    """Wait until the journal holds `count` finished units, done on at least `nodes` distinct nodes."""
+    journal = Path(str(out) + ".partial") / "journal.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = journal.read_text().splitlines() if journal.is_file() else []
+        if len(lines) >= count and len({json.loads(line)["node"] for line in lines[:-1]}) >= nodes:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the job made no progress")
+
+
+def shards(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+
+
+def test_workers_spread_over_nodes_and_survive_node_loss(models, reference_out, cluster, tmp_path):
+    c, nodes = cluster
+    out = tmp_path / "out"
+    proc = driver(models, out, c.address)
+    wait_for_units(out, 40, proc, nodes=3)
+    c.remove_node(nodes[0], allow_graceful=False)
+    assert proc.poll() is None, "the fault must land while units are in flight"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert shards(out) == shards(reference_out)
+    assert verify(out) == []
+    table, _ = read_manifest(out)
+    assert table.num_rows == read_manifest(reference_out)[0].num_rows
+    assert table.column("hash").to_pylist() == read_manifest(reference_out)[0].column("hash").to_pylist()
+    used = {n for cell in table.column("node").to_pylist() for n in cell.split(",")}
+    assert used == {n.node_id for n in nodes}, (used, [n.node_id for n in nodes])  # every node, the lost one too
+
+
+def test_killed_driver_resumes_with_identical_bytes(models, reference_out, cluster, tmp_path):
+    c, _ = cluster
+    out = tmp_path / "out"
+    proc = driver(models, out, c.address)
+    wait_for_units(out, 60, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (Path(str(out) + ".partial") / "manifest.parquet").exists()
+    again = driver(models, out, c.address)
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr[-3000:]
+    resumed = int(stderr.split("resuming ")[1].split(": ")[1].split(" of ")[0])
+    assert resumed >= 60
+    assert shards(out) == shards(reference_out) and verify(out) == []
+
+
+def test_restart_discards_partial_output(models, reference_out, cluster, tmp_path):
+    c, _ = cluster
+    out = tmp_path / "out"
+    proc = driver(models, out, c.address)
+    wait_for_units(out, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = driver(models, out, c.address, "--restart")
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0 and "resuming" not in stderr
+    assert shards(out) == shards(reference_out)
