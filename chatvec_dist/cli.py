@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import ChatvecError
-from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Term
+from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -28,8 +28,10 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
         p.add_argument("--base", action="append", required=True, help="base checkpoint: directory or org/name[@rev] (repeatable)")
         p.add_argument("--chat", action="append", required=True, help="chat checkpoint paired with each --base")
     if cp:
-        p.add_argument("--cp", required=True, help="the continually pre-trained checkpoint")
-        p.add_argument("--alpha", action="append", type=float, help="scale per vector (one value applies to all; default 1.0)")
+        p.add_argument("--cp", action="append", required=True, metavar="[NAME=]CP",
+                       help="a continually pre-trained checkpoint (repeatable: one output each under --out)")
+        p.add_argument("--alpha", action="append", metavar="A[,A...]",
+                       help="scale per vector (one value applies to all; default 1.0); a list sweeps: one output each")
         p.add_argument("--vocab", choices=VOCAB_POLICIES, default="auto",
                        help="extended vocabulary: skip keeps CP's embed/lm_head, overlap merges the shared rows, full needs equal shapes")
         p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors")
@@ -73,27 +75,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
     if args.command == "extract":
-        terms, cp = _terms(args.chat, args.base, None), None
-    elif args.command == "apply":
-        terms, cp = _terms(args.vector, [None] * len(args.vector), args.alpha), args.cp
+        vectors = _vectors(args.chat, args.base)
+        targets = [Target(Path(args.out).name, None, args.out, (1.0,) * len(vectors), "full", (), args.dtype or "float32")]
     else:
-        terms, cp = _terms(args.chat, args.base, args.alpha), args.cp
-    return Recipe(terms=terms, cp=cp, out=args.out or "", vocab=getattr(args, "vocab", "full"),
-                  exclude=tuple(getattr(args, "exclude", ())), dtype=args.dtype or ("float32" if cp is None else None),
-                  max_shard_size=args.max_shard_size, unit_bytes=args.unit_size,
-                  chat_template_from_chat=getattr(args, "chat_template_from_chat", False))
+        vectors = _vectors(args.vector, [None] * len(args.vector)) if args.command == "apply" else _vectors(args.chat, args.base)
+        targets = _targets(args, len(vectors))
+    return Recipe(vectors=tuple(vectors), targets=tuple(targets), max_shard_size=args.max_shard_size,
+                  unit_bytes=args.unit_size, chat_template_from_chat=getattr(args, "chat_template_from_chat", False))
 
 
-def _terms(plus: list[str], minus: list, alphas: list[float] | None) -> tuple[Term, ...]:
-    if len(plus) != len(minus):
-        raise ChatvecError(f"{len(minus)} --base but {len(plus)} --chat: give them in pairs")
-    alphas = alphas or [1.0]
-    if len(alphas) == 1:
-        alphas = alphas * len(plus)
-    if len(alphas) != len(plus):
-        raise ChatvecError(f"{len(alphas)} --alpha values for {len(plus)} vectors: give one, or one per vector")
-    return tuple(Term(p, m, a) for p, m, a in zip(plus, minus, alphas))
+def _vectors(chats: list[str], bases: list) -> list[Vector]:
+    if len(chats) != len(bases):
+        raise ChatvecError(f"{len(bases)} --base but {len(chats)} --chat: give them in pairs")
+    return [Vector(c, b) for c, b in zip(chats, bases)]
+
+
+def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
+    """`--cp [NAME=]DIR` (repeatable) × the alpha sweep; several outputs go under `--out` as a root."""
+    per_vector = [_floats(a) for a in (args.alpha or ["1.0"])]
+    if len(per_vector) == 1:
+        per_vector *= n_vectors
+    if len(per_vector) != n_vectors:
+        raise ChatvecError(f"{len(per_vector)} --alpha values for {n_vectors} vectors: give one, or one per vector")
+    sweep = max(len(a) for a in per_vector)
+    if any(len(a) not in (1, sweep) for a in per_vector):
+        raise ChatvecError("--alpha sweeps of different lengths: give each vector one value or the same number")
+    alpha_sets = [tuple(a[j] if len(a) > 1 else a[0] for a in per_vector) for j in range(sweep)]
+    cps = [c.split("=", 1) if "=" in c and not Path(c).exists() else [None, c] for c in args.cp]
+    single = len(cps) == 1 and sweep == 1
+    targets = []
+    for name, cp in cps:
+        for alphas in alpha_sets:
+            label = "-".join(filter(None, [name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
+            out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))
+            name = label or Path(out or cp).name
+            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+    return targets
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ChatvecError(f"--alpha {text!r} is not a number or a comma-separated list of numbers") from None
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -119,11 +145,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from .plan.table import summary
 
-        print(summary(job.plan(recipe_from_args(args)).layout))
+        print(summary(job.plan(recipe_from_args(args))))
         return EXIT_OK
     if args.command in ("merge", "extract", "apply"):
-        out = job.run(recipe_from_args(args), _options(args))
-        print(f"wrote {out}")
+        for out in job.run(recipe_from_args(args), _options(args)):
+            print(f"wrote {out}")
         return EXIT_OK
     if args.command == "verify":
         from .manifest import verify

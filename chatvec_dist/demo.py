@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .spec import Recipe, RunOptions, Term
+from .spec import Recipe, RunOptions, Target, Vector
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256}
@@ -82,10 +82,12 @@ def run_demo(root: Path, options: RunOptions) -> int:
 
     paths = make_demo_models(root)
     print(f"made tiny Llama-shaped checkpoints under {root}/: base, chat, and cp with 64 extra tokens")
-    recipe = Recipe(terms=(Term(str(paths["chat"]), str(paths["base"]), 1.0),), cp=str(paths["cp"]), out=str(root / "merged"),
+    out = root / "merged"
+    recipe = Recipe(vectors=(Vector(str(paths["chat"]), str(paths["base"])),),
+                    targets=(Target("merged", str(paths["cp"]), str(out), (1.0,)),),
                     unit_bytes=16 * 1024)  # small units, so that every worker gets some
-    print(summary(job.plan(recipe).layout))
-    out = job.run(recipe, dataclasses.replace(options, overwrite=True, restart=True))
+    print(summary(job.plan(recipe)))
+    job.run(recipe, dataclasses.replace(options, overwrite=True, restart=True))
     table, _ = read_manifest(out)
     print(f"{'tensor':<48} {'rule':<6} {'reason':<10} {'‖out−cp‖/‖cp‖':>14}")
     for row in table.to_pylist():

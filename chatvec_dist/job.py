@@ -1,4 +1,4 @@
-"""A job end to end: resolve sources → plan → lay out → execute units → commit."""
+"""A job end to end: resolve sources → plan every target → lay out → execute shared units → commit each."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,81 +13,130 @@ from tqdm import tqdm
 from . import __version__
 from .card import model_card
 from .dtypes import CONFIG_NAMES, ITEMSIZE, OUTPUT_DTYPES
-from .exec.worker import UnitResult, WorkContext
+from .errors import ChatvecError, OutputError, PlanError
+from .exec.worker import UnitResult, WorkContext, input_needs, span
+from .io.checkpoint import Checkpoint
 from .io.hub import open_source
-from .errors import ChatvecError
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest
 from .output import JOURNAL_NAME, Journal, check_destination, commit, open_partial
-from .plan.layout import Layout, Unit, layout
+from .plan.layout import Layout, Unit, block_bytes, cut_units, layout
 from .plan.planner import Sources, plan_tensors
-from .spec import Recipe, RunOptions
+from .spec import Recipe, RunOptions, Target
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    target: Target
+    sources: Sources
+    layout: Layout
 
 
 @dataclass(frozen=True)
 class Planned:
     recipe: Recipe
-    sources: Sources
-    layout: Layout
+    targets: list[TargetPlan]
+    units: list[Unit]
+    block_bytes: int
 
 
 def plan(recipe: Recipe) -> Planned:
-    """Open every source and build the full layout; reads headers only."""
-    cp = open_source(recipe.cp) if recipe.cp is not None else None
-    terms = tuple((t.alpha, open_source(t.plus), open_source(t.minus) if t.minus is not None else None) for t in recipe.terms)
-    sources = Sources(cp, terms)
-    tensors = plan_tensors(recipe, sources)
-    return Planned(recipe, sources, layout(tensors, recipe.max_shard_size, recipe.unit_bytes))
+    """Open every source once and lay out every target; reads headers only."""
+    if not recipe.vectors or not recipe.targets:
+        raise PlanError("a recipe needs at least one vector and one target")
+    opened: dict[str, Checkpoint] = {}
+
+    def source(spec: str) -> Checkpoint:
+        if spec not in opened:
+            opened[spec] = open_source(spec)
+        return opened[spec]
+
+    vectors = [(source(v.chat), source(v.base) if v.base is not None else None) for v in recipe.vectors]
+    plans, order = [], None
+    for target in recipe.targets:
+        if len(target.alphas) != len(vectors):
+            raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
+        sources = Sources(source(target.cp) if target.cp is not None else None,
+                          tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)))
+        tensors = plan_tensors(target, sources)
+        if order is None:
+            order = [t.name for t in tensors]
+        by_name = {t.name: t for t in tensors}
+        if set(by_name) != set(order):
+            odd = sorted(set(by_name) ^ set(order))[0]
+            raise PlanError(f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
+                            f"(batched targets must share an architecture)", file=target.cp, tensor=odd)
+        plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
+    units = cut_units([p.layout for p in plans], recipe.unit_bytes)
+    return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
 
 
-def run(recipe: Recipe, options: RunOptions = RunOptions()) -> Path:
-    """Execute a recipe and commit its output directory; return the output path."""
+def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
+    """Execute a recipe and commit every target's output directory; return their paths."""
     planned = plan(recipe)
-    out = Path(recipe.out)
-    check_destination(out, _input_dirs(planned.sources), options.overwrite)
-    lay = planned.layout
-    work, journaled = open_partial(out, lay, _digest(planned), options.restart)
-    tally = Tally(lay)
-    todo = []
-    for unit in lay.units:
-        prior = journaled.get(unit.id)
-        if prior is not None and _still_valid(prior, unit, lay, work):
-            tally.add(prior)
-        else:
-            todo.append(unit)
-    if len(todo) < len(lay.units):
-        print(f"resuming {work}: {len(lay.units) - len(todo)} of {len(lay.units)} units verified from an earlier run",
-              file=sys.stderr)
-    _execute(planned, work, todo, tally, options)
-    meta = {"version": __version__, "kind": recipe.kind, "target": out.name, "recipe": dataclasses.asdict(recipe),
-            "sources": _sources_meta(planned.sources)}
-    manifest = tally.table(out.name, meta)
-    side = planned.sources.cp or planned.sources.terms[0][1]
-    chat_dir = planned.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
-    config_dtype = CONFIG_NAMES[OUTPUT_DTYPES[recipe.dtype]] if recipe.dtype else None
-    commit(work, out, lay, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, options.overwrite)
-    return out
+    outs = [Path(p.target.out) for p in planned.targets]
+    if len({o.resolve() for o in outs}) != len(outs):
+        raise OutputError("two targets write to the same output directory")
+    for out in outs:
+        check_destination(out, _input_dirs(planned), options.overwrite)
+    works, tallies, done = [], [], set(u.id for u in planned.units)
+    for o, (tp, out) in enumerate(zip(planned.targets, outs)):
+        work, journaled = open_partial(out, tp.layout, _digest(planned, o), options.restart, o)
+        tally = Tally(tp.layout, planned.block_bytes)
+        valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
+        done &= set(valid)
+        works.append((work, valid))
+        tallies.append(tally)
+    for (work, valid), tally in zip(works, tallies):
+        for uid in done:
+            r = valid[uid]
+            for seg in r.segments:
+                tally.add(seg, r.worker, r.node, r.seconds / max(1, len(r.segments)))
+    todo = [u for u in planned.units if u.id not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
+    _execute(planned, [w for w, _ in works], todo, tallies, options)
+    for tp, out, (work, _), tally in zip(planned.targets, outs, works, tallies):
+        _commit(planned, tp, out, work, tally, options.overwrite)
+    return outs
 
 
-def _execute(planned: Planned, work: Path, todo: list[Unit], tally: Tally, options: RunOptions) -> None:
-    lay = planned.layout
-    ctx = WorkContext.of(lay, str(work))
+def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool) -> None:
+    recipe, target = planned.recipe, tp.target
+    kind = "extract" if target.cp is None else recipe.kind
+    meta = {"version": __version__, "kind": kind, "target": target.name, "recipe": dataclasses.asdict(recipe),
+            "sources": _sources_meta(tp.sources)}
+    manifest = tally.table(target.name, meta)
+    side = tp.sources.cp or tp.sources.terms[0][1]
+    chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
+    config_dtype = CONFIG_NAMES[OUTPUT_DTYPES[target.dtype]] if target.dtype else None
+    commit(work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite)
+
+
+def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> None:
+    ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes)
     backend = _backend(ctx, options)
-    journal = Journal(work / JOURNAL_NAME)
-    sizes = {u.id: unit_io_bytes(u, lay) for u in todo}
+    journals = [Journal(w / JOURNAL_NAME) for w in works]
+    sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
+    names = ", ".join(Path(tp.target.out).name for tp in planned.targets)
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1000, disable=not options.progress,
-               desc=f"{planned.recipe.kind} → {Path(planned.recipe.out).name} ({backend.name} × {backend.workers})")
+               desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})")
 
     def on_result(result: UnitResult) -> None:
-        tally.add(result)
-        journal.append(result)
+        share = result.seconds / max(1, len(result.segments))
+        for o, (tally, journal) in enumerate(zip(tallies, journals)):
+            mine = [s for s in result.segments if s.output == o]
+            for seg in mine:
+                tally.add(seg, result.worker, result.node, share)
+            journal.append(dataclasses.replace(result, segments=mine))
         bar.update(sizes[result.unit])
 
     try:
         backend.run(todo, on_result)
     finally:
         bar.close()
-        journal.close()
+        for j in journals:
+            j.close()
         backend.close()
 
 
@@ -103,56 +152,58 @@ def _backend(ctx: WorkContext, options: RunOptions):
     raise ValueError(f"unknown backend {options.backend!r}")
 
 
-def unit_io_bytes(unit: Unit, lay: Layout) -> int:
+def unit_io_bytes(unit: Unit, planned: Planned) -> int:
     """Bytes a unit reads and writes: what the progress bar and GB/s count."""
-    total = unit.nbytes
-    for seg in unit.segments:
-        t = lay.tensors[seg.index].tensor
-        count = seg.last - seg.first
-        merged = max(0, min(count, t.merge_elems - seg.first))
-        total += count * ITEMSIZE[t.cp.dtype] if t.cp else 0
-        total += merged * sum(ITEMSIZE[s.dtype] for _, p, m in t.terms for s in (p, m) if s)
+    total = 0
+    for piece in unit.pieces:
+        tensors = [tp.layout.tensors[piece.index].tensor for tp in planned.targets]
+        total += sum(count * ITEMSIZE[src.dtype] for src, count in input_needs(piece, tensors).items())
+        total += sum(span(t, piece)[0] * ITEMSIZE[t.out_dtype] for t in tensors)
     return total
 
 
-def _still_valid(result: UnitResult, unit: Unit, lay: Layout, work: Path) -> bool:
-    """A journaled unit counts only if its bytes on disk still hash to what was journaled."""
+def _still_valid(result: UnitResult, lay: Layout, work: Path, block: int) -> bool:
+    """A journaled unit counts only if its blocks on disk still hash to what was journaled."""
     files = FileHandles()
-    buf = memoryview(bytearray(lay.unit_bytes))
-    journaled = {(s.index, s.block): s.digest for s in result.segments}
+    buf = memoryview(bytearray(block))
     try:
-        for seg in unit.segments:
+        for seg in result.segments:
             p = lay.tensors[seg.index]
-            size = ITEMSIZE[p.tensor.out_dtype]
             path = str(work / lay.shards[p.shard].name)
-            digest = read_digest(files, path, p.offset + seg.first * size, (seg.last - seg.first) * size, buf, p.tensor.name)
-            if journaled.get((seg.index, seg.block)) != digest:
-                return False
+            for b, digest in seg.blocks:
+                n = max(0, min(block, p.nbytes - b * block))
+                if read_digest(files, path, p.offset + b * block, n, buf, p.tensor.name) != digest:
+                    return False
         return True
-    except ChatvecError:
+    except (ChatvecError, IndexError):
         return False
     finally:
         files.close()
 
 
-def _input_dirs(sources: Sources) -> list[Path]:
-    dirs = [sources.cp.directory] if sources.cp else []
-    for _, plus, minus in sources.terms:
-        dirs += [plus.directory] + ([minus.directory] if minus else [])
+def _input_dirs(planned: Planned) -> list[Path]:
+    dirs = []
+    for tp in planned.targets:
+        dirs += [tp.sources.cp.directory] if tp.sources.cp else []
+        for _, plus, minus in tp.sources.terms:
+            dirs += [plus.directory] + ([minus.directory] if minus else [])
     return dirs
 
 
 def _sources_meta(sources: Sources) -> dict:
     return {"cp": sources.cp.source if sources.cp else None,
-            "terms": [{"alpha": a, "plus": p.source, "minus": m.source if m else None} for a, p, m in sources.terms]}
+            "vectors": [{"alpha": a, "chat": p.source, "base": m.source if m else None} for a, p, m in sources.terms]}
 
 
-def _digest(planned: Planned) -> str:
-    """Identifies a job: its layout and the identity (size, mtime) of every input file."""
-    h = hashlib.sha256(repr((planned.layout, dataclasses.asdict(planned.recipe))).encode())
-    for path in sorted({s.path for p in planned.layout.tensors for s in _srcs(p.tensor)}):
+def _digest(planned: Planned, output: int) -> str:
+    """Identifies one output's job: the recipe, all layouts and units, and every input file's size and mtime."""
+    tp = planned.targets[output]
+    h = hashlib.sha256(repr((output, dataclasses.asdict(planned.recipe), [t.layout for t in planned.targets],
+                             planned.units, planned.block_bytes)).encode())
+    for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in _srcs(p.tensor)}):
         st = os.stat(path)
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(tp.target.out.encode())
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .errors import VerifyError
-from .exec.worker import UnitResult
+from .exec.worker import SegmentResult
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
 from .kernels.cpu import Stats
@@ -47,27 +47,26 @@ class _Entry:
 
 
 class Tally:
-    """Per-tensor totals gathered from unit results on the driver (memory grows with tensors, not bytes)."""
+    """One output's per-tensor totals, gathered on the driver (memory grows with tensors, not bytes)."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, block_bytes: int) -> None:
         self.layout = layout
+        self.block_bytes = block_bytes
         self.entries = [_Entry() for _ in layout.tensors]
 
-    def add(self, result: UnitResult) -> None:
-        share = result.seconds / max(1, len(result.segments))
-        for seg in result.segments:
-            e = self.entries[seg.index]
-            e.blocks[seg.block] = seg.digest
-            e.stats.add(seg.stats)
-            e.seconds += share
-            e.workers.add(result.worker)
-            e.nodes.add(result.node)
+    def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
+        e = self.entries[seg.index]
+        e.blocks.update(seg.blocks)
+        e.stats.add(seg.stats)
+        e.seconds += seconds
+        e.workers.add(worker)
+        e.nodes.add(node)
 
     def table(self, target: str, metadata: dict) -> pa.Table:
         rows = []
         for placed, e in zip(self.layout.tensors, self.entries):
             t, s = placed.tensor, e.stats
-            expected = max(1, math.ceil(placed.nbytes / self.layout.unit_bytes))
+            expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
             if sorted(e.blocks) != list(range(expected)):
                 raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
             measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
@@ -85,7 +84,7 @@ class Tally:
                 "worker": ",".join(sorted(e.workers)), "node": ",".join(sorted(e.nodes)), "seconds": e.seconds,
             })
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.layout.unit_bytes},
+        meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
                     rows_sha256=rows_digest(table))
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 

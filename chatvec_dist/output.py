@@ -28,7 +28,10 @@ def partial_path(out: Path) -> Path:
 
 def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse an output that exists (unless overwriting) or that lies inside, or contains, an input."""
-    real = out.resolve()
+    try:
+        real = out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
     for src in inputs:
         src = src.resolve()
         if real == src or real.is_relative_to(src) or src.is_relative_to(real):
@@ -38,15 +41,15 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 class Journal:
-    """Finished units, one JSON line each, appended as results arrive; read back to resume."""
+    """One output's finished units, one JSON line each, appended as results arrive; read back to resume."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8")
 
     def append(self, r: UnitResult) -> None:
-        segs = [[s.index, s.block, s.digest.hex(), s.stats.cp_sq, s.stats.delta_sq, s.stats.update_sq, s.stats.nan, s.stats.inf]
-                for s in r.segments]
+        segs = [[s.index, [[b, d.hex()] for b, d in s.blocks], s.stats.cp_sq, s.stats.delta_sq, s.stats.update_sq,
+                 s.stats.nan, s.stats.inf] for s in r.segments]
         self._file.write(json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node,
                                      "seconds": r.seconds}) + "\n")
         self._file.flush()
@@ -55,21 +58,22 @@ class Journal:
         self._file.close()
 
     @staticmethod
-    def load(path: Path) -> dict[int, UnitResult]:
+    def load(path: Path, output: int) -> dict[int, UnitResult]:
         results: dict[int, UnitResult] = {}
         if not path.is_file():
             return results
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)
-                segs = [SegmentResult(i, b, bytes.fromhex(h), Stats(c, dl, u, n, f)) for i, b, h, c, dl, u, n, f in d["segments"]]
+                segs = [SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
+                        for i, blocks, c, dl, u, n, f in d["segments"]]
                 results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash: that unit is simply redone
         return results
 
 
-def open_partial(out: Path, layout: Layout, digest: str, restart: bool) -> tuple[Path, dict[int, UnitResult]]:
+def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: int) -> tuple[Path, dict[int, UnitResult]]:
     """Create (or reuse, when it belongs to the same plan) the work area; return it and journaled results."""
     work = partial_path(out)
     plan_file = work / PLAN_NAME
@@ -86,7 +90,7 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool) -> tuple
             with open(path, "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
-    journaled = Journal.load(work / JOURNAL_NAME)
+    journaled = Journal.load(work / JOURNAL_NAME, output)
     plan_file.write_text(json.dumps({"digest": digest}))
     return work, journaled
 
@@ -94,19 +98,19 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool) -> tuple
 def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
            chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
     """Write index, side files, manifest and card; fsync; rename the work area into place."""
-    weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
-    total = sum(p.nbytes for p in layout.tensors)
-    (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if side_dir is not None:
         for name in SIDE_FILES:
             if (side_dir / name).is_file():
                 shutil.copyfile(side_dir / name, work / name)
     if config_dtype and (work / "config.json").is_file():
-        config = json.loads((work / "config.json").read_text())
+        config = _json_object(work / "config.json")
         config["torch_dtype"] = config["dtype"] = config_dtype
         (work / "config.json").write_text(json.dumps(config, indent=2))
     if chat_template_dir is not None:
         _copy_chat_template(chat_template_dir, work)
+    weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
+    total = sum(p.nbytes for p in layout.tensors)
+    (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     write_manifest(manifest, work / MANIFEST_NAME)
     (work / "README.md").write_text(card, encoding="utf-8")
     (work / JOURNAL_NAME).unlink(missing_ok=True)
@@ -132,17 +136,29 @@ def _copy_chat_template(chat_dir: Path, work: Path) -> None:
     if (work / "chat_template.jinja").is_file():
         return
     tok_path = work / "tokenizer_config.json"
-    tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
+    tok = _json_object(tok_path)
     if tok.get("chat_template"):
         return
     if (chat_dir / "chat_template.jinja").is_file():
         shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
         return
-    chat_tok = chat_dir / "tokenizer_config.json"
-    template = json.loads(chat_tok.read_text()).get("chat_template") if chat_tok.is_file() else None
+    template = _json_object(chat_dir / "tokenizer_config.json").get("chat_template")
     if template:
         tok["chat_template"] = template
         tok_path.write_text(json.dumps(tok, indent=2))
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file ({} when absent); anything else is a clear error."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise OutputError(f"not readable JSON ({type(e).__name__})", file=str(path)) from None
+    if not isinstance(value, dict):
+        raise OutputError("not a JSON object", file=str(path))
+    return value
 
 
 def _fsync_dir(path: Path) -> None:

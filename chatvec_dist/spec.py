@@ -8,33 +8,41 @@ VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
 
 
 @dataclass(frozen=True)
-class Term:
-    """One chat vector scaled by alpha: `alpha * (plus - minus)`; `minus` is None for an extracted vector."""
+class Vector:
+    """A chat vector `chat − base`; `base` is None for a vector already extracted to its own checkpoint."""
 
-    plus: str
-    minus: str | None
-    alpha: float = 1.0
+    chat: str
+    base: str | None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output model: `out = cp + Σ alphas[i] · vector_i`, or, without `cp`, the vectors themselves (extract)."""
+
+    name: str
+    cp: str | None
+    out: str
+    alphas: tuple[float, ...]
+    vocab: str = "auto"
+    exclude: tuple[str, ...] = ()
+    dtype: str | None = None  # output dtype name; default: CP's (float32 for an extracted vector)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """`out = cp + Σ alpha_i · (plus_i − minus_i)`, or without `cp` the chat vector itself (extract)."""
+    """Vectors shared by every target: each unit reads them once and serves all targets."""
 
-    terms: tuple[Term, ...]
-    cp: str | None
-    out: str
-    vocab: str = "auto"
-    exclude: tuple[str, ...] = ()
-    dtype: str | None = None  # output dtype name; default: CP's (float32 for an extracted vector)
+    vectors: tuple[Vector, ...]
+    targets: tuple[Target, ...]
     max_shard_size: int = 5 * 10**9
     unit_bytes: int = 64 * MiB
     chat_template_from_chat: bool = False
 
     @property
     def kind(self) -> str:
-        if self.cp is None:
+        if any(t.cp is None for t in self.targets):
             return "extract"
-        return "apply" if all(t.minus is None for t in self.terms) else "merge"
+        return "apply" if all(v.base is None for v in self.vectors) else "merge"
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def test_manifest_audits_every_tensor(llamas, merged):
     table, meta = read_manifest(merged)
     rows = {r["tensor"]: r for r in table.to_pylist()}
     assert set(rows) == set(load_all(merged))
-    assert meta["kind"] == "merge" and meta["recipe"]["terms"][0]["alpha"] == 1.0 and meta["version"]
+    assert meta["kind"] == "merge" and meta["recipe"]["targets"][0]["alphas"] == [1.0] and meta["version"]
     assert meta["sources"]["cp"]["path"] == str(llamas["cp"].resolve())
     cp = load_all(llamas["cp"])
     base, chat = load_all(llamas["base"]), load_all(llamas["chat"])

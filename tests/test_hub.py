@@ -65,7 +65,7 @@ def test_merge_from_hub_ids_records_sources(hub, tmp_path):
                  "--backend", "local", "--no-progress"]) == 0
     meta = read_manifest(out)[1]
     assert meta["sources"]["cp"]["commit"] == commits["cp"] and meta["sources"]["cp"]["revision"] == "main"
-    assert meta["sources"]["terms"][0]["minus"]["repo"] == "org/base"
+    assert meta["sources"]["vectors"][0]["base"]["repo"] == "org/base"
     assert verify(out) == []
     assert "base_model: org/cp" in (out / "README.md").read_text()
 

@@ -12,8 +12,8 @@ from chatvec_dist import job
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io.header import read_header
-from chatvec_dist.plan.layout import layout
-from chatvec_dist.spec import Recipe, Term
+from chatvec_dist.plan.layout import cut_units, layout
+from chatvec_dist.spec import Recipe, Target, Vector
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,11 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def _recipe(d, **kw) -> Recipe:
-    return Recipe(terms=(Term(str(d["chat"]), str(d["base"])),), cp=str(d["cp"]), out="unused", **kw)
+    return Recipe(vectors=(Vector(str(d["chat"]), str(d["base"])),), targets=(Target("t", str(d["cp"]), "unused", (1.0,), **kw),))
+
+
+def _tensors(planned):
+    return planned.targets[0].layout.tensors
 
 
 def test_header_reader_agrees_with_safetensors(demo):
@@ -42,7 +46,7 @@ def test_header_reader_agrees_with_safetensors(demo):
 
 def test_vocab_auto_skips_extended_rows(demo):
     planned = job.plan(_recipe(demo))
-    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason, p.tensor.merge_elems) for p in planned.layout.tensors}
+    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason, p.tensor.merge_elems) for p in _tensors(planned)}
     assert rules["lm_head.weight"] == ("copy", "vocab:skip", 0)
     assert rules["model.embed_tokens.weight"] == ("copy", "vocab:skip", 0)
     assert rules["model.layers.0.mlp.up_proj.weight"] == ("merge", "", 128 * 64)
@@ -51,7 +55,7 @@ def test_vocab_auto_skips_extended_rows(demo):
 
 def test_vocab_overlap_merges_the_shared_rows(demo):
     planned = job.plan(_recipe(demo, vocab="overlap"))
-    t = next(p.tensor for p in planned.layout.tensors if p.tensor.name == "lm_head.weight")
+    t = next(p.tensor for p in _tensors(planned) if p.tensor.name == "lm_head.weight")
     assert (t.rule, t.reason, t.shape, t.merge_elems) == ("merge_rows", "vocab:overlap", (320, 64), 256 * 64)
 
 
@@ -62,7 +66,7 @@ def test_vocab_full_refuses_extended_vocab(demo):
 
 
 def test_cp_with_fewer_rows_than_base_is_an_error(demo):
-    recipe = Recipe(terms=(Term(str(demo["cp"]), str(demo["cp"])),), cp=str(demo["base"]), out="x")
+    recipe = _recipe(dict(demo, chat=demo["cp"], base=demo["cp"], cp=demo["base"]))
     with pytest.raises(PlanError, match="smaller than the 320 rows"):
         job.plan(recipe)
 
@@ -73,7 +77,7 @@ def test_equal_vocab_defaults_to_full(tmp_path):
     for name in ("base", "chat", "cp"):
         save_checkpoint(tmp_path / name, llama_tensors(cfg, g), cfg)
     planned = job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")}))
-    lm = next(p.tensor for p in planned.layout.tensors if p.tensor.name == "lm_head.weight")
+    lm = next(p.tensor for p in _tensors(planned) if p.tensor.name == "lm_head.weight")
     assert (lm.rule, lm.reason) == ("merge", "vocab:full")
 
 
@@ -83,7 +87,7 @@ def test_tied_embeddings_invent_and_drop_nothing(tmp_path):
     for name in ("base", "chat", "cp"):
         save_checkpoint(tmp_path / name, llama_tensors(cfg, g), cfg)
     d = {n: tmp_path / n for n in ("base", "chat", "cp")}
-    names = {p.tensor.name for p in job.plan(_recipe(d)).layout.tensors}
+    names = {p.tensor.name for p in _tensors(job.plan(_recipe(d)))}
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     untied = llama_config(64)
     save_checkpoint(tmp_path / "cp2", llama_tensors(untied, g), untied)
@@ -105,15 +109,16 @@ def test_exclude_keeps_cp_values_and_need_not_exist_in_base(tmp_path, demo):
         job.plan(_recipe(d))
     assert e.value.tensor == "extra.bias"
     planned = job.plan(_recipe(d, exclude=(r"^extra\.", r"norm")))
-    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason) for p in planned.layout.tensors}
+    rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason) for p in _tensors(planned)}
     assert rules["extra.bias"] == ("copy", "excluded")
     assert rules["model.norm.weight"] == ("copy", "excluded")
     assert rules["model.layers.0.self_attn.q_proj.weight"] == ("merge", "")
 
 
 def test_layout_shards_offsets_and_units(demo):
-    tensors = job.plan(_recipe(demo)).layout.tensors
-    lay = layout([p.tensor for p in tensors], max_shard_size=40_000, unit_bytes=4096)
+    tensors = [p.tensor for p in _tensors(job.plan(_recipe(demo)))]
+    lay = layout(tensors, max_shard_size=40_000)
+    units = cut_units([lay], unit_bytes=4096)
     assert len(lay.shards) > 2
     for i, shard in enumerate(lay.shards):
         placed = sorted((p for p in lay.tensors if p.shard == i), key=lambda p: p.offset)
@@ -123,22 +128,34 @@ def test_layout_shards_offsets_and_units(demo):
         assert placed[-1].offset + placed[-1].nbytes == shard.size
         assert all(p.offset % 2 == 0 for p in placed)
         assert sum(p.nbytes for p in placed) <= 40_000 or len(placed) == 1
-    # Units tile every shard's data exactly once, each within the unit size, each segment one hash block.
+    # Units cover every tensor exactly once, in pieces of at most the unit size starting on hash blocks.
     covered = {}
-    for u in lay.units:
+    for u in units:
         assert 0 < u.nbytes <= 4096
-        pos = u.offset
-        for seg in u.segments:
-            p = lay.tensors[seg.index]
-            assert p.shard == u.shard and p.offset + seg.first * 2 == pos and seg.first == seg.block * 2048
-            pos += (seg.last - seg.first) * 2
-            covered.setdefault(seg.index, []).append((seg.first, seg.last))
-        assert pos == u.offset + u.nbytes
+        assert sum((pc.last - pc.first) * 2 for pc in u.pieces) == u.nbytes
+        for pc in u.pieces:
+            assert pc.first % 2048 == 0
+            covered.setdefault(pc.index, []).append((pc.first, pc.last))
     for index, parts in covered.items():
         parts.sort()
         assert parts[0][0] == 0 and parts[-1][1] == lay.tensors[index].tensor.numel
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     assert set(covered) == set(range(len(lay.tensors)))
+    assert [u.id for u in units] == list(range(len(units)))
+
+
+def test_units_are_shared_by_targets_of_different_vocabularies(demo):
+    """One CP with 320 rows and one with 256: pieces span the larger; each output takes its own rows."""
+    same = _recipe(demo)
+    recipe = Recipe(vectors=same.vectors, targets=(same.targets[0], Target("small", str(demo["base"]), "u2", (0.5,))))
+    planned = job.plan(recipe)
+    big, small = (tp.layout for tp in planned.targets)
+    lm = [i for i, p in enumerate(big.tensors) if p.tensor.name == "lm_head.weight"][0]
+    assert small.tensors[lm].tensor.name == "lm_head.weight"
+    assert (big.tensors[lm].tensor.numel, small.tensors[lm].tensor.numel) == (320 * 64, 256 * 64)
+    assert big.tensors[lm].tensor.rule == "copy" and small.tensors[lm].tensor.rule == "merge"
+    pieces = [pc for u in planned.units for pc in u.pieces if pc.index == lm]
+    assert pieces[0].first == 0 and pieces[-1].last == 320 * 64
 
 
 def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
@@ -148,5 +165,5 @@ def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
     assert main(["plan", "--base", str(demo["base"]), "--chat", str(demo["chat"]), "--cp", str(demo["cp"]),
                  "--out", str(out), "--vocab", "overlap"]) == 0
     text = capsys.readouterr().out
-    assert "tensors: 21 (19 merge, 2 merge_rows)" in text and "vocab:overlap" in text
+    assert "21 tensors (19 merge, 2 merge_rows)" in text and "vocab:overlap" in text
     assert not out.exists() and not Path(str(out) + ".partial").exists()

@@ -1,4 +1,4 @@
-"""run_unit: the one worker function. Read exact ranges, combine, hash, pwrite at the planned offset."""
+"""run_unit: the one worker function. Read each input range once, combine for every output, hash, pwrite."""
 from __future__ import annotations
 
 import os
@@ -12,27 +12,36 @@ import xxhash
 from ..dtypes import ITEMSIZE, TORCH_DTYPES, compute_dtype
 from ..io.ranges import FileHandles, read_into, write_at
 from ..kernels.cpu import Scratch, Stats, combine
-from ..plan.layout import Layout, Placed, Unit
-from ..plan.planner import Src
+from ..plan.layout import Layout, Piece, Placed, Unit
+from ..plan.planner import PlannedTensor, Src
+
+
+@dataclass(frozen=True)
+class OutputContext:
+    tensors: list[Placed]
+    shard_paths: list[str]
 
 
 @dataclass(frozen=True)
 class WorkContext:
-    """What every worker needs besides the unit: the placed tensors and where the shards are."""
+    """What every worker needs besides the unit: each output's placed tensors and shard files."""
 
-    tensors: list[Placed]
-    shard_paths: list[str]
+    outputs: list[OutputContext]
+    block_bytes: int
 
     @classmethod
-    def of(cls, layout: Layout, out_dir: str) -> "WorkContext":
-        return cls(layout.tensors, [os.path.join(out_dir, s.name) for s in layout.shards])
+    def of(cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int) -> "WorkContext":
+        return cls([OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
+                    for lay, d in zip(layouts, work_dirs)], block_bytes)
 
 
 @dataclass(frozen=True)
 class SegmentResult:
+    """What one output got for one piece: digests of the hash blocks it covers, and stats."""
+
+    output: int
     index: int
-    block: int
-    digest: bytes
+    blocks: tuple[tuple[int, bytes], ...]
     stats: Stats
 
 
@@ -43,6 +52,26 @@ class UnitResult:
     worker: str
     node: str
     seconds: float
+
+
+def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
+    """(elements of the piece inside this output's tensor, of those how many get the vectors)."""
+    count = max(0, min(piece.last, t.numel) - piece.first)
+    return count, max(0, min(count, t.merge_elems - piece.first))
+
+
+def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
+    """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
+    need: dict[Src, int] = {}
+    for t in tensors:
+        count, merged = span(t, piece)
+        if t.cp is not None:
+            need[t.cp] = max(need.get(t.cp, 0), count)
+        for _, plus, minus in t.terms:
+            for src in (plus, minus):
+                if src is not None:
+                    need[src] = max(need.get(src, 0), merged)
+    return need
 
 
 class UnitRunner:
@@ -62,44 +91,60 @@ class UnitRunner:
             buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes]
 
-    def _read(self, key: object, src: Src, first: int, count: int, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        size = ITEMSIZE[src.dtype]
-        buf = into if into is not None else self._buffer(key, count * size)
-        read_into(self.files.get(src.path), memoryview(buf.numpy()), src.start + first * size, src.path, name)
-        return buf.view(TORCH_DTYPES[src.dtype])
-
     def run(self, unit: Unit) -> UnitResult:
         t0 = time.perf_counter()
-        out = self._buffer("out", unit.nbytes)
-        results = []
-        for seg in unit.segments:
-            placed = self.ctx.tensors[seg.index]
-            t = placed.tensor
-            count = seg.last - seg.first
-            start = placed.offset + seg.first * ITEMSIZE[t.out_dtype] - unit.offset
-            dst = out[start : start + count * ITEMSIZE[t.out_dtype]]
-            if t.cp is not None and t.cp.dtype == t.out_dtype and t.rule == "copy":
-                self._read("cp", t.cp, seg.first, count, t.name, into=dst)
-                stats = Stats()
-            else:
-                stats = self._combine(t, seg.first, count, dst.view(TORCH_DTYPES[t.out_dtype]))
-            results.append(SegmentResult(seg.index, seg.block, xxhash.xxh3_128_digest(memoryview(dst.numpy())), stats))
-        path = self.ctx.shard_paths[unit.shard]
-        write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), unit.offset, path)
+        results = [r for piece in unit.pieces for r in self._piece(piece)]
         return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0)
 
-    def _combine(self, t, first: int, count: int, out: torch.Tensor) -> Stats:
-        merged = max(0, min(count, t.merge_elems - first))
-        cp = self._read("cp", t.cp, first, count, t.name) if t.cp is not None else None
-        terms = [(alpha, self._read(("plus", i), plus, first, merged, t.name),
-                  self._read(("minus", i), minus, first, merged, t.name) if minus is not None else None)
-                 for i, (alpha, plus, minus) in enumerate(t.terms)] if merged else []
+    def _piece(self, piece: Piece) -> list[SegmentResult]:
+        columns = [(o, out.tensors[piece.index]) for o, out in enumerate(self.ctx.outputs)]
+        inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
+        results = []
+        for o, placed in columns:
+            t = placed.tensor
+            count, merged = span(t, piece)
+            if count == 0 and t.numel:
+                continue  # this output's tensor (a smaller vocabulary) ends before the piece
+            itemsize = ITEMSIZE[t.out_dtype]
+            out = self._buffer("out", count * itemsize)
+            cp = inputs[t.cp][:count] if t.cp is not None else None
+            if t.rule == "copy" and t.cp.dtype == t.out_dtype:
+                out.copy_(cp.view(torch.uint8))
+                stats = Stats()
+            else:
+                stats = self._combine(t, merged, cp, inputs, out.view(TORCH_DTYPES[t.out_dtype]))
+            path = self.ctx.outputs[o].shard_paths[placed.shard]
+            write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), placed.offset + piece.first * itemsize, path)
+            results.append(SegmentResult(o, piece.index, self._digests(out, piece.first * itemsize), stats))
+        return results
+
+    def _read_inputs(self, piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, torch.Tensor]:
+        """Read every source range the outputs need, each once (outputs share vectors and often CPs)."""
+        inputs = {}
+        for slot, (src, count) in enumerate(input_needs(piece, tensors).items()):
+            size = ITEMSIZE[src.dtype]
+            buf = self._buffer(("in", slot), count * size)
+            read_into(self.files.get(src.path), memoryview(buf.numpy()), src.start + piece.first * size, src.path,
+                      tensors[0].name)
+            inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
+        return inputs
+
+    def _combine(self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor],
+                 out: torch.Tensor) -> Stats:
+        terms = [(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
+                 for alpha, plus, minus in t.terms] if merged else []
         dtypes = [t.out_dtype] + ([t.cp.dtype] if t.cp else []) + [s.dtype for _, p, m in t.terms for s in (p, m) if s]
         compute = compute_dtype(dtypes)
         stats = combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute, self.scratch)
-        if merged < count:  # rows past the base vocabulary keep CP's values
+        if merged < out.numel():  # rows past the base vocabulary keep CP's values
             stats.add(combine(out[merged:], cp[merged:], [], compute, self.scratch))
         return stats
+
+    def _digests(self, out: torch.Tensor, start: int) -> tuple[tuple[int, bytes], ...]:
+        """xxh3-128 of each hash block of the tensor that this output range covers (starts on a block)."""
+        block, data = self.ctx.block_bytes, memoryview(out.numpy())
+        return tuple((start // block + k, xxhash.xxh3_128_digest(data[i : i + block]))
+                     for k, i in enumerate(range(0, max(len(data), 1), block)))
 
     def close(self) -> None:
         self.files.close()

@@ -1,4 +1,4 @@
-"""Where every output byte goes: shards, offsets and work units, fixed before any work starts."""
+"""Where every output byte goes (shards, offsets) and how the work is cut, fixed before any work starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +9,7 @@ from ..io.header import OutEntry, encode_header
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
+HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
 
 @dataclass(frozen=True)
@@ -29,38 +30,33 @@ class Shard:
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Elements [first, last) of tensor `index`: exactly one hash block of that tensor."""
+class Layout:
+    """One output's shards and the place of each of its tensors."""
+
+    tensors: list[Placed]
+    shards: list[Shard]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [first, last) of tensor `index` (the same tensor in every output)."""
 
     index: int
     first: int
     last: int
-    block: int
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A contiguous byte range of one shard and the tensor pieces that fill it."""
+    """Work for one worker call: pieces of tensors, computed for every output at once."""
 
     id: int
-    shard: int
-    offset: int
+    pieces: tuple[Piece, ...]
     nbytes: int
-    segments: tuple[Segment, ...]
 
 
-@dataclass(frozen=True)
-class Layout:
-    tensors: list[Placed]
-    shards: list[Shard]
-    units: list[Unit]
-    unit_bytes: int
-
-
-def layout(tensors: list[PlannedTensor], max_shard_size: int, unit_bytes: int) -> Layout:
-    """Pack tensors into shards of at most `max_shard_size` bytes and cut the work into units."""
-    if unit_bytes < 8 or unit_bytes % 8:
-        raise PlanError(f"unit size {unit_bytes} must be a positive multiple of 8 bytes")
+def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
+    """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
     if max_shard_size <= 0:
         raise PlanError(f"max shard size {max_shard_size} must be positive")
     groups: list[list[PlannedTensor]] = [[]]
@@ -72,7 +68,7 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, unit_bytes: int) -
             filled = 0
         groups[-1].append(t)
         filled += size
-    placed: list[Placed] = []
+    placed: dict[str, Placed] = {}
     shards: list[Shard] = []
     for i, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
@@ -85,42 +81,49 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, unit_bytes: int) -
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         header = encode_header(entries, SHARD_METADATA)
         shards.append(Shard(name, header, len(header) + begin))
-        placed += [Placed(t, i, len(header) + e.begin, e.end - e.begin) for t, e in zip(group, entries)]
-    return Layout(placed, shards, _units(placed, unit_bytes), unit_bytes)
+        placed |= {t.name: Placed(t, i, len(header) + e.begin, e.end - e.begin) for t, e in zip(group, entries)}
+    return Layout([placed[t.name] for t in tensors], shards)
 
 
-def _units(placed: list[Placed], unit_bytes: int) -> list[Unit]:
+def block_bytes(unit_bytes: int) -> int:
+    return min(unit_bytes, HASH_BLOCK_BYTES)
+
+
+def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
+    """Cut the tensors shared by all outputs into units of about `unit_bytes` of output each.
+
+    Small tensors are grouped; large ones are split at hash-block boundaries of every output, so a block's
+    digest never depends on how the work was cut or who did it.
+    """
+    if unit_bytes < 8 or unit_bytes % 8 or unit_bytes % block_bytes(unit_bytes):
+        raise PlanError(f"unit size {unit_bytes} must be a multiple of 8 bytes, and of {HASH_BLOCK_BYTES} above it")
     units: list[Unit] = []
-    segments: list[Segment] = []
-    start = filled = 0
+    pieces: list[Piece] = []
+    filled = 0
 
     def flush() -> None:
-        nonlocal segments, filled
-        if segments:
-            shard = placed[segments[0].index].shard
-            units.append(Unit(len(units), shard, start, filled, tuple(segments)))
-        segments, filled = [], 0
+        nonlocal pieces, filled
+        if pieces:
+            units.append(Unit(len(units), tuple(pieces), filled))
+        pieces, filled = [], 0
 
-    for index, p in enumerate(placed):
-        if segments and placed[segments[0].index].shard != p.shard:
-            flush()
-        itemsize = ITEMSIZE[p.tensor.out_dtype]
-        numel = p.tensor.numel
-        if p.nbytes <= unit_bytes:
-            if filled + p.nbytes > unit_bytes:
+    for index, column in enumerate(zip(*(lay.tensors for lay in layouts))):
+        numel = max(p.tensor.numel for p in column)
+        itemsize = min(ITEMSIZE[p.tensor.out_dtype] for p in column)
+        size = max(p.nbytes for p in column)
+        if size <= unit_bytes:
+            if filled + size > unit_bytes:
                 flush()
-            if not segments:
-                start = p.offset
-            segments.append(Segment(index, 0, numel, 0))
-            filled += p.nbytes
+            pieces.append(Piece(index, 0, numel))
+            filled += size
             continue
         flush()
         per = unit_bytes // itemsize
-        for block, first in enumerate(range(0, numel, per)):
+        for first in range(0, numel, per):
             last = min(numel, first + per)
-            start = p.offset + first * itemsize
-            segments.append(Segment(index, first, last, block))
-            filled = (last - first) * itemsize
+            pieces.append(Piece(index, first, last))
+            filled = max(min(p.nbytes, last * ITEMSIZE[p.tensor.out_dtype]) - first * ITEMSIZE[p.tensor.out_dtype]
+                         for p in column)
             if last - first == per:
                 flush()
     flush()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
-from ..spec import VOCAB_POLICIES, Recipe
+from ..spec import VOCAB_POLICIES, Target
 
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_out|lm_head)\.weight$|^output\.weight$")
 
@@ -50,23 +50,23 @@ class Sources:
     terms: tuple[tuple[float, Checkpoint, Checkpoint | None], ...]
 
 
-def plan_tensors(recipe: Recipe, sources: Sources) -> list[PlannedTensor]:
-    """Decide every output tensor's rule, validating names, shapes and dtypes. Raises PlanError."""
-    if recipe.vocab not in VOCAB_POLICIES:
-        raise PlanError(f"unknown vocabulary policy {recipe.vocab!r} (choose from {', '.join(VOCAB_POLICIES)})")
-    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
-        raise PlanError(f"unknown output dtype {recipe.dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
+def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
+    """Decide every output tensor's rule for one target, validating names, shapes and dtypes. Raises PlanError."""
+    if target.vocab not in VOCAB_POLICIES:
+        raise PlanError(f"unknown vocabulary policy {target.vocab!r} (choose from {', '.join(VOCAB_POLICIES)})")
+    if target.dtype is not None and target.dtype not in OUTPUT_DTYPES:
+        raise PlanError(f"unknown output dtype {target.dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
     try:
-        excludes = [re.compile(p) for p in recipe.exclude]
+        excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
-        raise PlanError(f"invalid --exclude pattern: {e}") from None
+        raise PlanError(f"invalid exclude pattern: {e}") from None
     reference = sources.cp if sources.cp is not None else sources.terms[0][2] or sources.terms[0][1]
-    out_dtype = OUTPUT_DTYPES.get(recipe.dtype or "", "F32" if sources.cp is None else None)
+    out_dtype = OUTPUT_DTYPES.get(target.dtype or "", "F32" if sources.cp is None else None)
     excluded = {n for n in _all_names(sources) if any(p.search(n) for p in excludes)}
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
-    return [_plan_one(name, ref, recipe.vocab, out_dtype, sources, excluded)
+    return [_plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
             for name, ref in reference.tensors.items() if not (sources.cp is None and name in keep_cp)]
 
 
@@ -96,6 +96,11 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
               excluded: set[str]) -> PlannedTensor:
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
+    for _, plus, minus in sources.terms:
+        for other in (plus.tensors.get(name), minus.tensors.get(name) if minus else None):
+            if other is not None and is_float(other.info.dtype) != is_float(info.dtype):
+                raise PlanError(f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
+                                file=other.path, tensor=name)
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
@@ -109,9 +114,6 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
                 continue
             if other.info.shape != vec_shape:
                 raise PlanError(f"shape {list(other.info.shape)} differs from {list(vec_shape)} in {pairs[0][1].path}",
-                                file=other.path, tensor=name)
-            if is_float(other.info.dtype) != is_float(info.dtype):
-                raise PlanError(f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
                                 file=other.path, tensor=name)
     terms = tuple((alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
                   for alpha, p, m in pairs)

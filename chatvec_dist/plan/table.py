@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from ..dtypes import ITEMSIZE
 from .layout import Layout
 
+if TYPE_CHECKING:
+    from ..job import Planned
+
 
 def plan_table(layout: Layout) -> pa.Table:
+    """One row per output tensor: what will happen to it and where its bytes go."""
     rows = [{
         "tensor": p.tensor.name, "rule": p.tensor.rule, "reason": p.tensor.reason, "shape": list(p.tensor.shape),
         "dtype_out": p.tensor.out_dtype, "dtype_cp": p.tensor.cp.dtype if p.tensor.cp else None,
@@ -18,27 +23,21 @@ def plan_table(layout: Layout) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def input_bytes(layout: Layout) -> int:
-    total = 0
-    for p in layout.tensors:
-        t = p.tensor
-        if t.cp is not None:
-            total += t.numel * ITEMSIZE[t.cp.dtype]
-        for _, plus, minus in t.terms:
-            total += t.merge_elems * sum(ITEMSIZE[s.dtype] for s in (plus, minus) if s)
-    return total
+def summary(planned: Planned) -> str:
+    from ..job import unit_io_bytes
 
-
-def summary(layout: Layout) -> str:
-    rules = Counter(p.tensor.rule for p in layout.tensors)
-    out_bytes = sum(p.nbytes for p in layout.tensors)
-    lines = [
-        f"tensors: {len(layout.tensors)} ({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))})",
-        f"bytes: {input_bytes(layout) / 1e9:.3f} GB read, {out_bytes / 1e9:.3f} GB written",
-        f"shards: {len(layout.shards)}; units: {len(layout.units)} of up to {layout.unit_bytes / 2**20:g} MiB",
-    ]
-    for p in layout.tensors:
-        t = p.tensor
-        if t.reason and t.reason != "non-float":
-            lines.append(f"  {t.name}: {t.rule} ({t.reason}, shape {list(t.shape)}, merged elements {t.merge_elems})")
+    io = sum(unit_io_bytes(u, planned) for u in planned.units)
+    written = sum(p.nbytes for tp in planned.targets for p in tp.layout.tensors)
+    lines = [f"{planned.recipe.kind}: {len(planned.recipe.vectors)} vector(s), {len(planned.targets)} target(s); "
+             f"{(io - written) / 1e9:.3f} GB read, {written / 1e9:.3f} GB written; "
+             f"{len(planned.units)} units of up to {planned.recipe.unit_bytes / 2**20:g} MiB"]
+    for tp in planned.targets:
+        lay, t = tp.layout, tp.target
+        rules = Counter(p.tensor.rule for p in lay.tensors)
+        lines.append(f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {len(lay.tensors)} tensors "
+                     f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {len(lay.shards)} shard(s)")
+        for p in lay.tensors:
+            if p.tensor.reason and p.tensor.reason != "non-float":
+                lines.append(f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
+                             f"merged elements {p.tensor.merge_elems})")
     return "\n".join(lines)
