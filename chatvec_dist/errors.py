@@ -17,7 +17,8 @@ class ChatvecError(Exception):
             where.append(self.file)
         if self.tensor:
             where.append(f"tensor '{self.tensor}'")
-        return f"{': '.join(where)}: {self.what}" if where else self.what
+        text = f"{': '.join(where)}: {self.what}" if where else self.what
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # always one line
 
     def __reduce__(self):  # keep keyword fields across pickling (Ray ships errors between processes)
         return (_rebuild, (type(self), self.what, self.file, self.tensor))

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HeaderError, SourceError
-from .header import TensorInfo, read_header
+from .header import TensorInfo, reject_duplicate_keys, shown, is_safe_name, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,32 +35,41 @@ class Checkpoint:
 
     @property
     def config(self) -> dict:
+        """config.json as an object ({} when absent); anything else present there is refused."""
         path = self.directory / "config.json"
-        if not path.is_file():
+        if not _is_file(path):
             return {}
         try:
-            value = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SourceError(f"config.json is not readable JSON ({e})", file=str(path)) from None
-        return value if isinstance(value, dict) else {}
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise SourceError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes", file=str(path))
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise SourceError(f"config.json is not readable JSON ({type(e).__name__})", file=str(path)) from None
+        if not isinstance(value, dict):
+            raise SourceError("config.json is not a JSON object", file=str(path))
+        return value
 
 
 def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None = None, source: dict | None = None) -> Checkpoint:
     """Open a local checkpoint directory. `root` bounds where its files may resolve (default: the directory)."""
     directory = Path(directory)
-    if not directory.is_dir():
+    if not _is_dir(directory):
         raise SourceError("not a directory (and not a Hub repo id in the local cache)", file=str(directory))
-    bound = Path(root or directory).resolve()
+    bound = _resolve(Path(root or directory), str(directory))
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as e:
+        raise SourceError(f"cannot list: {e.strerror}", file=str(directory)) from None
     index = directory / INDEX_NAME
-    if index.is_file():
+    if _is_file(index):
         names = _weight_map(index, directory, bound)
         files = sorted(set(names.values()))
-    elif (directory / SINGLE_NAME).is_file():
+    elif _is_file(directory / SINGLE_NAME):
         files, names = [SINGLE_NAME], None
     else:
-        files, names = sorted(p.name for p in directory.glob("*.safetensors")), None
+        files, names = [p.name for p in entries if p.name.endswith(".safetensors") and _is_file(p)], None
     if not files:
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in entries if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise SourceError(
                 f"only pickle checkpoints found ({', '.join(pickles[:3])}); chatvec_dist never unpickles files: "
@@ -81,31 +91,63 @@ def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None
             if tname not in tensors:
                 raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname)
         tensors = {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
-    return Checkpoint(directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())})
+    for entry in entries:  # side files (config, tokenizer) are read and copied too: none may lead outside
+        if entry.is_symlink():
+            _inside(entry, bound, str(entry))
+    ckpt = Checkpoint(directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())})
+    ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
+    return ckpt
 
 
 def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
     try:
         if index.stat().st_size > MAX_INDEX_BYTES:
             raise HeaderError(f"index is larger than {MAX_INDEX_BYTES} bytes", file=str(index))
-        doc = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except HeaderError as e:
+        raise HeaderError(e.what, file=str(index)) from None
+    except (OSError, ValueError, RecursionError) as e:
         raise HeaderError(f"index is not valid JSON ({type(e).__name__})", file=str(index)) from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise HeaderError("index has no weight_map object", file=str(index))
     for tname, fname in wm.items():
-        if not isinstance(fname, str) or not fname or os.path.isabs(fname) or ".." in Path(fname).parts or "\\" in fname:
-            raise HeaderError(f"weight_map names an unsafe path {fname!r}", file=str(index), tensor=tname)
-        if not (directory / fname).is_file():
-            raise HeaderError(f"weight_map names a missing shard {fname!r}", file=str(index), tensor=tname)
+        if not is_safe_name(tname):
+            raise HeaderError(f"weight_map names a tensor {shown(tname)} that is empty or has control characters", file=str(index))
+        if (not isinstance(fname, str) or not fname or not fname.isprintable() or os.path.isabs(fname)
+                or ".." in Path(fname).parts or "\\" in fname):
+            raise HeaderError(f"weight_map names an unsafe path {shown(fname)}", file=str(index), tensor=tname)
+        if not _is_file(directory / fname):
+            raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)
         _inside(directory / fname, bound, str(index), tname)
     return wm
 
 
 def _inside(path: Path, bound: Path, cited: str, tensor: str | None = None) -> Path:
     """Refuse a file whose real location (symlinks followed) is outside the checkpoint."""
-    real = path.resolve()
+    real = _resolve(path, cited, tensor)
     if not real.is_relative_to(bound):
         raise HeaderError(f"{path.name} resolves to {real}, outside the checkpoint {bound}", file=cited, tensor=tensor)
     return path
+
+
+def _resolve(path: Path, cited: str, tensor: str | None = None) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise HeaderError(f"{path.name} cannot be resolved ({e})", file=cited, tensor=tensor) from None
+
+
+def _is_file(path: Path) -> bool:
+    """`Path.is_file`, False also where the name is too long or otherwise unusable."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False

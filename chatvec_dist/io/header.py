@@ -34,11 +34,11 @@ class TensorInfo:
         return self.end - self.start
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
     for key, value in pairs:
         if key in seen:
-            raise HeaderError(f"duplicate key '{key}' in the JSON header")
+            raise HeaderError(f"duplicate key {shown(key)} in the JSON header")
         seen[key] = value
     return seen
 
@@ -55,16 +55,21 @@ def parse_header_bytes(blob: bytes, file_size: int, path: str = "<bytes>") -> tu
     if len(blob) < 8 + n:
         raise HeaderError("header is truncated", file=path)
     try:
-        raw = json.loads(blob[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        raw = json.loads(blob[8 : 8 + n].decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except HeaderError as e:
         raise HeaderError(e.what, file=path) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HeaderError(f"header is not valid JSON ({type(e).__name__})", file=path) from None
     if not isinstance(raw, dict):
         raise HeaderError("header is not a JSON object", file=path)
-    metadata = raw.pop("__metadata__", {}) or {}
+    metadata = raw.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise HeaderError("__metadata__ must map strings to strings", file=path)
+    for name in raw:
+        if not is_safe_name(name):
+            raise HeaderError(f"tensor name {shown(name)} is empty or has control characters", file=path)
     data_start = 8 + n
     data_size = file_size - data_start
     tensors = [_entry(name, spec, data_start, data_size, path) for name, spec in raw.items()]
@@ -84,27 +89,38 @@ def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) 
     if not isinstance(spec, dict):
         raise HeaderError("entry is not an object", file=path, tensor=name)
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in ITEMSIZE:
-        raise HeaderError(f"unknown dtype {dtype!r}", file=path, tensor=name)
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:  # an unhashable dtype must not raise TypeError
+        raise HeaderError(f"unknown dtype {shown(dtype)}", file=path, tensor=name)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
-        raise HeaderError(f"invalid shape {shape!r}", file=path, tensor=name)
+        raise HeaderError(f"invalid shape {shown(shape)}", file=path, tensor=name)
     if math.prod(shape) > MAX_ELEMENTS:
-        raise HeaderError(f"absurd shape {shape!r}", file=path, tensor=name)
+        raise HeaderError(f"absurd shape {shown(shape)}", file=path, tensor=name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise HeaderError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
+        raise HeaderError(f"invalid data_offsets {shown(offsets)}", file=path, tensor=name)
     begin, end = offsets
     if not 0 <= begin <= end:
-        raise HeaderError(f"data_offsets {offsets} are not ordered", file=path, tensor=name)
+        raise HeaderError(f"data_offsets {shown(offsets)} are not ordered", file=path, tensor=name)
     if end > data_size:
-        raise HeaderError(f"data_offsets {offsets} run past the end of the file (data section has {data_size} bytes)", file=path, tensor=name)
+        raise HeaderError(f"data_offsets {shown(offsets)} run past the end of the file (data section has {data_size} bytes)", file=path, tensor=name)
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != expected:
-        raise HeaderError(f"holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}", file=path, tensor=name)
+        raise HeaderError(f"holds {end - begin} bytes but shape {shown(shape)} of {dtype} needs {shown(expected)}", file=path, tensor=name)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_safe_name(name: object) -> bool:
+    """A tensor name that can be printed on one line: a non-empty string of printable characters."""
+    return isinstance(name, str) and 0 < len(name) <= 1024 and name.isprintable()
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A one-line, bounded repr of a hostile value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
