@@ -2,3 +2,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .api import make_recipe, merge, plan, run, verify  # noqa: E402
+from .spec import Recipe, RunOptions, Target, Vector  # noqa: E402
+
+__all__ = ["Recipe", "RunOptions", "Target", "Vector", "make_recipe", "merge", "plan", "run", "verify"]

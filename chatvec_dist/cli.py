@@ -1,24 +1,21 @@
-"""`chatvec plan | merge | extract | apply | verify | demo`."""
+"""`chatvec plan | merge | extract | apply | run | verify | inspect | demo`."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from .errors import ChatvecError
-from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector
+from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, parse_size
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
-    m = SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
-    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_required: bool = True) -> None:
@@ -37,11 +34,12 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
         p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors")
     p.add_argument("--out", required=out_required, help="output directory")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: CP's)")
-    p.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
-    p.add_argument("--unit-size", type=parse_size, default=64 * MiB, help="bytes of output per work unit (default 64MiB)")
+    p.add_argument("--max-shard-size", type=size_arg, default=5 * 10**9, help="largest output shard (default 5GB)")
+    p.add_argument("--unit-size", type=size_arg, default=64 * MiB, help="bytes of output per work unit (default 64MiB)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-recipe", action="store_true", help="print the equivalent recipe file and exit")
     p.add_argument("--backend", choices=("ray", "local"), default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
@@ -66,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="out = cp + alpha·vector, with a vector from `extract`")
     _recipe_args(p, vector=True, cp=True)
     _run_args(p)
+    p = sub.add_parser("run", help="run a recipe file (YAML; see --print-recipe)")
+    p.add_argument("recipe")
+    _run_args(p)
     p = sub.add_parser("verify", help="rehash an output against its manifest")
     p.add_argument("out")
+    p = sub.add_parser("inspect", help="summarize an output's manifest: per-layer updates, rules, anything unusual")
+    p.add_argument("out")
+    p.add_argument("--plot", metavar="FILE.png", help="draw per-layer relative update norms (needs matplotlib)")
+    p.add_argument("--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`")
     p = sub.add_parser("demo", help="make tiny Llama-shaped base/chat/CP checkpoints and merge them")
     p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default ./chatvec-demo)")
     _run_args(p)
@@ -106,12 +111,11 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     cps = [c.split("=", 1) if "=" in c and not Path(c).exists() else [None, c] for c in args.cp]
     single = len(cps) == 1 and sweep == 1
     targets = []
-    for name, cp in cps:
+    for cp_name, cp in cps:
         for alphas in alpha_sets:
-            label = "-".join(filter(None, [name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
+            label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))
-            name = label or Path(out or cp).name
-            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+            targets.append(Target(label or Path(out or cp).name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
     return targets
 
 
@@ -143,13 +147,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import job
 
     if args.command == "plan":
-        from .plan.table import summary
+        from .planning.table import summary
 
         print(summary(job.plan(recipe_from_args(args))))
         return EXIT_OK
-    if args.command in ("merge", "extract", "apply"):
-        for out in job.run(recipe_from_args(args), _options(args)):
+    if args.command in ("merge", "extract", "apply", "run"):
+        from .recipe import dump_recipe, load_recipe
+
+        recipe = load_recipe(args.recipe) if args.command == "run" else recipe_from_args(args)
+        if args.print_recipe:
+            print(dump_recipe(recipe), end="")
+            return EXIT_OK
+        for out in job.run(recipe, _options(args)):
             print(f"wrote {out}")
+        return EXIT_OK
+    if args.command == "inspect":
+        from .inspect import plot, report
+        from .manifest import read_manifest
+        from .recipe import dump_recipe, recipe_from_dict
+
+        if args.recipe:
+            print(dump_recipe(recipe_from_dict(read_manifest(args.out)[1]["recipe"], str(args.out))), end="")
+            return EXIT_OK
+        print(report(args.out))
+        if args.plot:
+            plot(args.out, args.plot)
+            print(f"wrote {args.plot}")
         return EXIT_OK
     if args.command == "verify":
         from .manifest import verify

@@ -78,7 +78,7 @@ def make_demo_models(root: Path, seed: int = 0, dtype: torch.dtype = torch.bfloa
 def run_demo(root: Path, options: RunOptions) -> int:
     from . import job
     from .manifest import read_manifest, verify
-    from .plan.table import summary
+    from .planning.table import summary
 
     paths = make_demo_models(root)
     print(f"made tiny Llama-shaped checkpoints under {root}/: base, chat, and cp with 64 extra tokens")

@@ -20,8 +20,8 @@ from .io.hub import open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest
 from .output import JOURNAL_NAME, Journal, check_destination, commit, open_partial
-from .plan.layout import Layout, Unit, block_bytes, cut_units, layout
-from .plan.planner import Sources, plan_tensors
+from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
+from .planning.planner import Sources, plan_tensors
 from .spec import Recipe, RunOptions, Target
 
 

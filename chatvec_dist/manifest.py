@@ -17,7 +17,7 @@ from .exec.worker import SegmentResult
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
 from .kernels.cpu import Stats
-from .plan.layout import Layout
+from .planning.layout import Layout
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"

@@ -13,7 +13,7 @@ from .exec.worker import SegmentResult, UnitResult
 from .io.checkpoint import INDEX_NAME
 from .kernels.cpu import Stats
 from .manifest import MANIFEST_NAME, write_manifest
-from .plan.layout import Layout
+from .planning.layout import Layout
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",

@@ -1,9 +1,20 @@
 """The recipe (what to compute) and the run options (how), as frozen dataclasses."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MiB = 1024 * 1024
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '64MiB' or '1000000' as bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
 
 

@@ -12,7 +12,7 @@ from chatvec_dist import job
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io.header import read_header
-from chatvec_dist.plan.layout import cut_units, layout
+from chatvec_dist.planning.layout import cut_units, layout
 from chatvec_dist.spec import Recipe, Target, Vector
 
 

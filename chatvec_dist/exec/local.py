@@ -5,7 +5,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from ..plan.layout import Unit
+from ..planning.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
 
 

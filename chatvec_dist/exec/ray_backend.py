@@ -11,7 +11,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
 from ..errors import ChatvecError
-from ..plan.layout import Unit
+from ..planning.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
 
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued behind it: backpressure without idle gaps

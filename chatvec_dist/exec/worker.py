@@ -12,8 +12,8 @@ import xxhash
 from ..dtypes import ITEMSIZE, TORCH_DTYPES, compute_dtype
 from ..io.ranges import FileHandles, read_into, write_at
 from ..kernels.cpu import Scratch, Stats, combine
-from ..plan.layout import Layout, Piece, Placed, Unit
-from ..plan.planner import PlannedTensor, Src
+from ..planning.layout import Layout, Piece, Placed, Unit
+from ..planning.planner import PlannedTensor, Src
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,54 @@
+"""The Python API: the same operations as the CLI, sharing its recipe objects."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .spec import MiB, Recipe, RunOptions, Target, Vector
+
+if TYPE_CHECKING:
+    from .job import Planned
+
+
+def make_recipe(base: str | list[str | None] | None, chat: str | list[str], cp: str | dict[str, str], out: str,
+                alpha: float | list[float] = 1.0, *, vocab: str = "auto", exclude: tuple[str, ...] = (),
+                dtype: str | None = None, max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB) -> Recipe:
+    """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`)."""
+    chats = [chat] if isinstance(chat, str) else list(chat)
+    bases = [base] if base is None or isinstance(base, str) else list(base)
+    alphas = (alpha,) * len(chats) if isinstance(alpha, (int, float)) else tuple(alpha)
+    vectors = tuple(Vector(c, b) for c, b in zip(chats, bases, strict=True))
+    cps = cp if isinstance(cp, dict) else {Path(out).name: cp}
+    targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name), tuple(map(float, alphas)),
+                           vocab, tuple(exclude), dtype) for name, path in cps.items())
+    return Recipe(vectors, targets, max_shard_size=max_shard_size, unit_bytes=unit_bytes)
+
+
+def plan(recipe: Recipe) -> Planned:
+    """Validate and lay out a recipe from headers alone (nothing is written)."""
+    from . import job
+
+    return job.plan(recipe)
+
+
+def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[Path]:
+    """Run a recipe (or a recipe file); return the output directories."""
+    from . import job
+    from .recipe import load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return job.run(recipe, options or RunOptions())
+
+
+def merge(base: str | list[str], chat: str | list[str], cp: str | dict[str, str], out: str,
+          alpha: float | list[float] = 1.0, *, options: RunOptions | None = None, **recipe_options) -> list[Path]:
+    """`out = cp + Σ alpha_i (chat_i − base_i)`, like `chatvec merge`."""
+    return run(make_recipe(base, chat, cp, out, alpha, **recipe_options), options)
+
+
+def verify(out: str | Path) -> list[str]:
+    """Rehash an output against its manifest; the problems found (empty: verified)."""
+    from .manifest import verify as _verify
+
+    return _verify(out)

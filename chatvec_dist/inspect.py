@@ -1,0 +1,94 @@
+"""`chatvec inspect`: what a manifest says, per layer, with anything unusual flagged."""
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .manifest import read_manifest
+
+LAYER = re.compile(r"\.(\d+)\.")
+OUTLIER_FACTOR = 10.0  # an update this many times its siblings' median is flagged
+
+
+def kind_of(name: str) -> str:
+    """The tensor's name with its layer number replaced: siblings across layers share a kind."""
+    return LAYER.sub(".*.", name, count=1)
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def per_layer(rows: list[dict]) -> dict[int, float]:
+    """‖out − cp‖ / ‖cp‖ of each layer as a whole (squares summed over its tensors)."""
+    update, base = defaultdict(float), defaultdict(float)
+    for r in rows:
+        layer = layer_of(r["tensor"])
+        if layer is not None and r["rel_update"] is not None and r["cp_norm"]:
+            update[layer] += (r["rel_update"] * r["cp_norm"]) ** 2
+            base[layer] += r["cp_norm"] ** 2
+    return {k: (update[k] / base[k]) ** 0.5 for k in sorted(update) if base[k]}
+
+
+def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """Tensors whose relative update is far above their siblings' median: (name, value, median)."""
+    updated = [r for r in rows if r["rel_update"] is not None]
+    if not updated:
+        return []
+    overall = statistics.median(r["rel_update"] for r in updated)
+    groups = defaultdict(list)
+    for r in updated:
+        groups[kind_of(r["tensor"])].append(r)
+    found = []
+    for members in groups.values():  # siblings across layers where there are enough, else the whole model
+        median = statistics.median(r["rel_update"] for r in members) if len(members) >= 3 else overall
+        found += [(r["tensor"], r["rel_update"], median) for r in members if median > 0 and r["rel_update"] > OUTLIER_FACTOR * median]
+    return found
+
+
+def report(out_dir: str | Path) -> str:
+    table, meta = read_manifest(out_dir)
+    rows = table.to_pylist()
+    rules = Counter((r["rule"], r["reason"] or "-") for r in rows)
+    lines = [f"{out_dir}: {meta['kind']} by chatvec_dist {meta['version']}, target '{meta['target']}', {len(rows)} tensors, "
+             f"{sum(r['nbytes'] for r in rows) / 1e9:.3f} GB"]
+    lines += [f"  {n:5d} × {rule} ({reason})" for (rule, reason), n in sorted(rules.items())]
+    vocab = [r for r in rows if r["reason"].startswith("vocab:")]
+    if vocab:
+        lines.append("vocabulary: " + ", ".join(f"{r['tensor']} {r['shape']} → {r['reason']}" for r in vocab))
+    nonfinite = [r for r in rows if (r["nan_count"] or 0) + (r["inf_count"] or 0)]
+    lines.append("non-finite values: " + (", ".join(f"{r['tensor']} ({r['nan_count']} NaN, {r['inf_count']} Inf)"
+                                                     for r in nonfinite) or "none"))
+    layers = per_layer(rows)
+    if layers:
+        lines.append("per-layer ‖out − cp‖ / ‖cp‖:")
+        lines += [f"  layer {k:3d}  {v:.3e}" for k, v in layers.items()]
+    odd = outliers(rows)
+    lines.append("unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing"))
+    return "\n".join(lines)
+
+
+def plot(out_dir: str | Path, png: str | Path) -> None:
+    """Per-layer relative update norms as a PNG (needs matplotlib: pip install 'chatvec-dist[plot]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import ChatvecError
+
+        raise ChatvecError("--plot needs matplotlib: pip install 'chatvec-dist[plot]'") from None
+    table, meta = read_manifest(out_dir)
+    layers = per_layer(table.to_pylist())
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(list(layers), list(layers.values()), color="#4477aa")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("‖out − cp‖ / ‖cp‖")
+    ax.set_title(f"{meta['target']}: relative update per layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,160 @@
+"""Batches: many targets and alpha sweeps in one pass, recipe files, the audit view, the Python API."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import chatvec_dist
+from chatvec_dist import job
+from chatvec_dist.cli import main, recipe_from_args, build_parser
+from chatvec_dist.manifest import read_manifest, verify
+from chatvec_dist.recipe import RecipeError, dump_recipe, load_recipe
+from test_e2e import expected_weights, load_all, logits, shard_bytes
+
+
+@pytest.fixture(scope="module")
+def batch(llamas, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batch") / "root"
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", f"zh={llamas['cp']}",
+                 "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap", "--out", str(root),
+                 "--backend", "local", "--unit-size", "4KiB", "--no-progress"]) == 0
+    return root
+
+
+def test_one_output_per_target_and_alpha(llamas, batch):
+    assert sorted(p.name for p in batch.iterdir()) == ["ko-alpha0.5", "ko-alpha1", "zh-alpha0.5", "zh-alpha1"]
+    for name, cp, alpha in (("zh-alpha0.5", "cp", 0.5), ("zh-alpha1", "cp", 1.0), ("ko-alpha0.5", "cp_ext", 0.5),
+                            ("ko-alpha1", "cp_ext", 1.0)):
+        out = batch / name
+        expected = expected_weights(llamas, cp, merge_rows=True, alpha=alpha)
+        got = load_all(out)
+        assert set(got) == set(expected)
+        for tensor, t in expected.items():
+            assert torch.equal(got[tensor].view(torch.int16), t.view(torch.int16)), (name, tensor)
+        table, meta = read_manifest(out)
+        assert meta["target"] == name and table.column("target").to_pylist() == [name] * table.num_rows
+        assert [t["name"] for t in meta["recipe"]["targets"]] == ["zh-alpha0.5", "zh-alpha1", "ko-alpha0.5", "ko-alpha1"]
+        assert verify(out) == [] and (out / "README.md").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(batch / "ko-alpha1"), logits(llamas["cp_ext"], expected_weights(llamas, "cp_ext", True)))
+
+
+def test_batch_equals_separate_runs(llamas, batch, tmp_path):
+    single = tmp_path / "single"
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp_ext"]),
+                 "--alpha", "0.5", "--vocab", "overlap", "--out", str(single), "--backend", "local",
+                 "--unit-size", "4KiB", "--no-progress"]) == 0
+    assert shard_bytes(single) == shard_bytes(batch / "ko-alpha0.5")
+
+
+def test_batch_reads_base_and_chat_once(llamas):
+    """N outputs cost base + chat + each distinct CP once, not 4N model-sized transfers."""
+    def planned(*extra: str):
+        args = build_parser().parse_args(["plan", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), *extra])
+        return job.plan(recipe_from_args(args))
+
+    def read_bytes(p) -> int:
+        return sum(job.unit_io_bytes(u, p) for u in p.units) - sum(x.nbytes for tp in p.targets for x in tp.layout.tensors)
+
+    size = {n: sum(f.stat().st_size for f in llamas[n].glob("*.safetensors")) for n in ("base", "chat", "cp", "cp_ext")}
+    both = planned("--cp", f"zh={llamas['cp']}", "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap")
+    headers = 4 * 4 * 2048  # rough upper bound on header bytes not counted as tensor data
+    expected = size["base"] + size["chat"] + size["cp"] + size["cp_ext"]
+    assert expected - headers < read_bytes(both) <= expected
+    separate = sum(read_bytes(planned("--cp", str(llamas[c]), "--alpha", a, "--vocab", "overlap"))
+                   for c in ("cp", "cp_ext") for a in ("0.5", "1.0"))
+    assert separate > 2.4 * read_bytes(both)
+
+
+def test_print_recipe_then_run_gives_the_same_output(llamas, tmp_path, capsys):
+    out = tmp_path / "viarecipe"
+    args = ["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp"]),
+            "--out", str(out), "--unit-size", "4KiB", "--exclude", "norm"]
+    assert main([*args, "--print-recipe"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists() and text.startswith("# chatvec recipe")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(text)
+    recipe = load_recipe(recipe_file)
+    assert recipe.targets[0].exclude == ("norm",) and recipe.unit_bytes == 4096
+    assert main(["run", str(recipe_file), "--backend", "local", "--no-progress"]) == 0
+    direct = tmp_path / "direct"
+    assert main([*args[:-4], "--out", str(direct), "--unit-size", "4KiB", "--exclude", "norm", "--backend", "local",
+                 "--no-progress"]) == 0
+    assert shard_bytes(out) == shard_bytes(direct)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--recipe"]) == 0
+    assert load_recipe_text(tmp_path, capsys.readouterr().out) == recipe
+
+
+def load_recipe_text(tmp_path: Path, text: str):
+    path = tmp_path / "again.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+@pytest.mark.parametrize("text,field,line", [
+    ("vectors: []\ntargets: []\n", "vectors", 1),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alpha: 2\n", "targets[0].alpha", 8),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alphas: [1, 2]\n", "targets[0].alphas", 8),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    vocab: most\n", "targets[0].vocab", 8),
+    ("vectors:\n  - chat: 3\n    base: b\ntargets: []\n", "vectors[0].chat", 2),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    out: o\n", "targets[0].cp", 5),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: lots\n", "unit_bytes", 6),
+])
+def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert f"{path}:{line}" in str(e.value) and f"'{field}'" in str(e.value)
+
+
+def test_recipe_yaml_syntax_error_is_a_clean_exit(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("vectors: [\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "line 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_flags_an_outlier_and_plots(llamas, batch, tmp_path, capsys):
+    chat = tmp_path / "chat"
+    tensors = load_all(llamas["chat"])
+    tensors["model.layers.1.mlp.up_proj.weight"] = (tensors["model.layers.1.mlp.up_proj.weight"].float() * 40).bfloat16()
+    from safetensors.torch import save_file
+
+    chat.mkdir()
+    save_file(tensors, chat / "model.safetensors", metadata={"format": "pt"})
+    (chat / "config.json").write_text((llamas["chat"] / "config.json").read_text())
+    out = tmp_path / "odd"
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(chat), "--cp", str(llamas["cp"]), "--out", str(out),
+                 "--backend", "local", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "unusual: model.layers.1.mlp.up_proj.weight" in text
+    assert "layer   0" in text and "layer   1" in text and "2 × merge (vocab:full)" in text
+    assert main(["inspect", str(batch / "zh-alpha1")]) == 0
+    assert "unusual: nothing" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "layers.png"
+    assert main(["inspect", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_api(llamas, tmp_path):
+    opts = chatvec_dist.RunOptions(backend="local", progress=False)
+    outs = chatvec_dist.merge(str(llamas["base"]), str(llamas["chat"]), {"zh": str(llamas["cp"])}, str(tmp_path / "api"),
+                              alpha=0.5, options=opts, unit_bytes=4096)
+    assert outs == [tmp_path / "api" / "zh"]
+    assert chatvec_dist.verify(outs[0]) == []
+    recipe = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]), str(llamas["cp"]), "unused", 0.5)
+    planned = chatvec_dist.plan(recipe)
+    assert len(planned.targets) == 1 and planned.targets[0].target.alphas == (0.5,)
+    expected = expected_weights(llamas, "cp", alpha=0.5)
+    got = load_all(outs[0])
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
