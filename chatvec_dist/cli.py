@@ -162,7 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
         return EXIT_OK
     if args.command == "inspect":
-        from .inspect import plot, report
+        from .audit import plot, report
         from .manifest import read_manifest
         from .recipe import dump_recipe, recipe_from_dict
 

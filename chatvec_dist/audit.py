@@ -1,4 +1,4 @@
-"""`chatvec inspect`: what a manifest says, per layer, with anything unusual flagged."""
+"""`chatvec inspect`: an audit of what a manifest says, per layer, with anything unusual flagged."""
 from __future__ import annotations
 
 import re
