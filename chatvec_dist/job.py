@@ -25,6 +25,9 @@ from .planning.planner import Sources, plan_tensors
 from .spec import Recipe, RunOptions, Target
 
 
+MAX_RECHECKS = 3
+
+
 @dataclass(frozen=True)
 class TargetPlan:
     target: Target
@@ -122,17 +125,30 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1000, disable=not options.progress,
                desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})")
 
+    results: dict[int, list[UnitResult]] = {}
+
     def on_result(result: UnitResult) -> None:
         share = result.seconds / max(1, len(result.segments))
+        results[result.unit] = []
         for o, (tally, journal) in enumerate(zip(tallies, journals)):
-            mine = [s for s in result.segments if s.output == o]
-            for seg in mine:
+            mine = dataclasses.replace(result, segments=[s for s in result.segments if s.output == o])
+            for seg in mine.segments:
                 tally.add(seg, result.worker, result.node, share)
-            journal.append(dataclasses.replace(result, segments=mine))
+            journal.append(mine)
+            results[result.unit].append(mine)
         bar.update(sizes[result.unit])
 
     try:
-        backend.run(todo, on_result)
+        suspect = backend.run(todo, on_result)
+        for _ in range(MAX_RECHECKS):  # units whose worker died after finishing them: redo those not on disk
+            lost = [u for u in suspect if not all(_still_valid(r, tp.layout, w, planned.block_bytes)
+                                                  for r, tp, w in zip(results[u.id], planned.targets, works))]
+            if not lost:
+                break
+            print(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker", file=sys.stderr)
+            suspect = backend.run(lost, on_result)
+        else:
+            raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
     finally:
         bar.close()
         for j in journals:

@@ -40,10 +40,8 @@ def tensor_hash(blocks: list[bytes]) -> str:
 @dataclass
 class _Entry:
     blocks: dict[int, bytes] = field(default_factory=dict)
-    stats: Stats = field(default_factory=Stats)
-    seconds: float = 0.0
-    workers: set[str] = field(default_factory=set)
-    nodes: set[str] = field(default_factory=set)
+    # per piece (keyed by its first block), so that a piece computed again replaces, never adds
+    parts: dict[int, tuple[Stats, float, str, str]] = field(default_factory=dict)
 
 
 class Tally:
@@ -57,15 +55,14 @@ class Tally:
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
         e = self.entries[seg.index]
         e.blocks.update(seg.blocks)
-        e.stats.add(seg.stats)
-        e.seconds += seconds
-        e.workers.add(worker)
-        e.nodes.add(node)
+        e.parts[seg.blocks[0][0]] = (seg.stats, seconds, worker, node)
 
     def table(self, target: str, metadata: dict) -> pa.Table:
         rows = []
         for placed, e in zip(self.layout.tensors, self.entries):
-            t, s = placed.tensor, e.stats
+            t, s = placed.tensor, Stats()
+            for stats, _, _, _ in e.parts.values():
+                s.add(stats)
             expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
             if sorted(e.blocks) != list(range(expected)):
                 raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
@@ -81,7 +78,9 @@ class Tally:
                 "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                 "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
                 "nan_count": s.nan if measured else None, "inf_count": s.inf if measured else None,
-                "worker": ",".join(sorted(e.workers)), "node": ",".join(sorted(e.nodes)), "seconds": e.seconds,
+                "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
+                "node": ",".join(sorted({p[3] for p in e.parts.values()})),
+                "seconds": sum(p[1] for p in e.parts.values()),
             })
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},

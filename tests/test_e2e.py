@@ -227,3 +227,31 @@ def test_demo_command_runs_on_embedded_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified against manifest.parquet" in proc.stdout
     assert verify(tmp_path / "demo" / "merged") == []
+
+
+def test_units_lost_with_a_dead_worker_are_redone(llamas, merged, tmp_path, monkeypatch):
+    """A backend reports units whose worker died after finishing them; bytes that did not survive are redone."""
+    from chatvec_dist.exec.local import LocalBackend
+
+    real_run, calls = LocalBackend.run, []
+
+    def lossy(self, units, on_result):
+        units = list(units)
+        calls.append(len(units))
+        real_run(self, units, on_result)
+        if len(calls) > 1:
+            return []
+        first = units[0]  # pretend its worker's page cache died with the node: zero its bytes on disk
+        piece = first.pieces[0]
+        placed = self.ctx.outputs[0].tensors[piece.index]
+        with open(self.ctx.outputs[0].shard_paths[placed.shard], "r+b") as f:
+            f.seek(placed.offset + piece.first * 2)
+            f.write(bytes((piece.last - piece.first) * 2))
+        return [first, units[1]]
+
+    monkeypatch.setattr(LocalBackend, "run", lossy)
+    out = tmp_path / "out"
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--unit-size", "2KiB")) == 0
+    assert calls[1] == 1  # only the unit whose bytes were lost is redone; the intact suspect is kept
+    assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
+    assert read_manifest(out)[0].column("hash").to_pylist() == read_manifest(merged)[0].column("hash").to_pylist()

@@ -47,6 +47,9 @@ class _Worker:
     def run(self, unit: Unit) -> UnitResult:
         return self.runner.run(unit)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 class RayBackend:
     name = "ray"
@@ -68,9 +71,12 @@ class RayBackend:
         actor = self._actor_class.remote(self._ctx_ref)
         self._starting[actor.ready.remote()] = actor
 
-    def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> None:
+    def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
+        """Run every unit; return those finished by workers that died later (their writes may be lost)."""
         ray = self.ray
         queue = deque(units)
+        finished: dict = {}  # actor -> units it finished
+        suspect: list[Unit] = []
         in_flight: dict = {}  # run() ref -> (actor, unit)
         load: Counter = Counter()
         attempts: Counter = Counter()
@@ -108,10 +114,18 @@ class RayBackend:
                     if attempts[unit.id] >= MAX_ATTEMPTS:
                         raise ChatvecError(f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}") from None
                     queue.appendleft(unit)
+                    suspect += finished.pop(actor, [])
                     if actor in self.actors:
                         self._replace(actor)
                     continue
+                finished.setdefault(actor, []).append(unit)
                 on_result(result)
+        self._flush()
+        return suspect
+
+    def _flush(self) -> None:
+        """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage)."""
+        self.ray.get([a.close.remote() for a in self.actors])
 
     def _replace(self, actor) -> None:
         """Retire a dead actor and start another; Ray places it wherever resources remain."""

@@ -147,4 +147,8 @@ class UnitRunner:
                      for k, i in enumerate(range(0, max(len(data), 1), block)))
 
     def close(self) -> None:
-        self.files.close()
+        """Make every write durable, then release the files."""
+        try:
+            self.files.sync()
+        finally:
+            self.files.close()

@@ -21,6 +21,15 @@ class FileHandles:
                 raise ChatvecError(f"cannot open: {e.strerror}", file=path) from None
         return self._fds[key]
 
+    def sync(self) -> None:
+        """fsync every file opened for writing (on a shared filesystem: push it to the server)."""
+        for (path, flags), fd in self._fds.items():
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    raise ChatvecError(f"fsync failed: {e.strerror}", file=path) from None
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
