@@ -83,13 +83,16 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
             shutil.rmtree(work)
         elif not same:
             raise OutputError("a partial output of a different job is here (pass --restart to discard it)", file=str(work))
-    work.mkdir(parents=True, exist_ok=True)
-    for shard in layout.shards:
-        path = work / shard.name
-        if not path.exists():
-            with open(path, "wb") as f:
-                f.write(shard.header)
-                f.truncate(shard.size)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        for shard in layout.shards:
+            path = work / shard.name
+            if not path.exists():
+                with open(path, "wb") as f:
+                    f.write(shard.header)
+                    f.truncate(shard.size)
+    except OSError as e:
+        raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(work)) from None
     journaled = Journal.load(work / JOURNAL_NAME, output)
     plan_file.write_text(json.dumps({"digest": digest}))
     return work, journaled
@@ -98,6 +101,15 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
 def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
            chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
     """Write index, side files, manifest and card; fsync; rename the work area into place."""
+    try:
+        _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite)
+    except OSError as e:  # disk full, permissions: the work area stays, resumable, never renamed into place
+        raise OutputError(f"commit failed ({e.strerror}); fix the cause and run the same command again",
+                          file=str(e.filename or work)) from None
+
+
+def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
+            chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
     if side_dir is not None:
         for name in SIDE_FILES:
             if (side_dir / name).is_file():
