@@ -45,6 +45,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("ray", "local"), default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: one worker per GPU where the cluster has GPUs, else CPU workers")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
@@ -129,7 +131,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(backend=args.backend, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+    return RunOptions(backend=args.backend, workers=args.workers, cpus_per_worker=args.cpus_per_worker, device=args.device,
                       address=args.address, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress)
 
 

@@ -160,11 +160,11 @@ def _backend(ctx: WorkContext, options: RunOptions):
     if options.backend == "local":
         from .exec.local import LocalBackend
 
-        return LocalBackend(ctx, options.workers or os.cpu_count() or 1)
+        return LocalBackend(ctx, options.workers or os.cpu_count() or 1, options.device)
     if options.backend == "ray":
         from .exec.ray_backend import RayBackend
 
-        return RayBackend(ctx, options.workers, options.address, options.cpus_per_worker)
+        return RayBackend(ctx, options.workers, options.address, options.cpus_per_worker, options.device)
     raise ValueError(f"unknown backend {options.backend!r}")
 
 

@@ -63,6 +63,7 @@ class RunOptions:
     backend: str = "ray"  # ray | local
     workers: int | None = None  # default: one per CPU of the local machine / cluster
     cpus_per_worker: float = 1.0  # Ray CPUs each actor reserves
+    device: str = "auto"  # auto (a GPU where the worker has one) | cpu | cuda
     address: str | None = None  # Ray cluster to join; default: RAY_ADDRESS or an embedded local Ray
     overwrite: bool = False
     restart: bool = False

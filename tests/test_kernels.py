@@ -97,3 +97,4 @@ def test_stats_norms_and_nonfinite_counts():
     assert math.isclose(math.sqrt(clean.update_sq), math.sqrt(clean.delta_sq), rel_tol=1e-3)
     assert (clean.nan, clean.inf) == (0, 0)
     assert d.numel() == n - 3
+    assert out.view(torch.int32)[5] == 0x7FC00000 and torch.isnan(out).sum() == 1  # canonical quiet NaN

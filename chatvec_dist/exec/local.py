@@ -12,9 +12,10 @@ from .worker import UnitResult, UnitRunner, WorkContext
 class LocalBackend:
     name = "local"
 
-    def __init__(self, ctx: WorkContext, workers: int) -> None:
+    def __init__(self, ctx: WorkContext, workers: int, device: str = "auto") -> None:
         self.ctx = ctx
         self.workers = max(1, workers)
+        self.device = device
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; threads share this process, so no finished unit is ever in doubt (returns [])."""
@@ -23,7 +24,7 @@ class LocalBackend:
 
         def work(unit: Unit) -> UnitResult:
             if not hasattr(local, "runner"):
-                local.runner = UnitRunner(self.ctx)
+                local.runner = UnitRunner(self.ctx, device=self.device)
                 runners.append(local.runner)
             return local.runner.run(unit)
 

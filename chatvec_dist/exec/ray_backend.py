@@ -6,6 +6,7 @@ to the queue and the actor is replaced. `pwrite` at planned offsets makes a reru
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -14,7 +15,8 @@ from ..errors import ChatvecError
 from ..planning.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
 
-IN_FLIGHT_PER_WORKER = 2  # one running, one queued behind it: backpressure without idle gaps
+PIPELINE = 2  # threads per actor: one unit reads while another computes and writes
+IN_FLIGHT_PER_WORKER = PIPELINE + 1  # one queued behind the running ones: backpressure without idle gaps
 MAX_ATTEMPTS = 4  # per unit
 STALL_SECONDS = 600.0  # no result and no worker for this long: give up
 
@@ -36,29 +38,53 @@ def init_ray(address: str | None):
 
 
 class _Worker:
-    def __init__(self, ctx: WorkContext) -> None:
+    """A Ray actor: PIPELINE threads, each with its own runner (buffers, stream), so that one unit's
+    reads overlap another's compute and writes."""
+
+    def __init__(self, ctx: WorkContext, device: str) -> None:
         import ray
 
-        self.runner = UnitRunner(ctx, node=ray.get_runtime_context().get_node_id())
+        self.ctx, self.device = ctx, device
+        self.node = ray.get_runtime_context().get_node_id()
+        self._local = threading.local()
+        self._runners: list[UnitRunner] = []
+        self._lock = threading.Lock()
+
+    def _runner(self) -> UnitRunner:
+        if not hasattr(self._local, "runner"):
+            self._local.runner = UnitRunner(self.ctx, node=self.node, device=self.device)
+            with self._lock:
+                self._runners.append(self._local.runner)
+        return self._local.runner
 
     def ready(self) -> str:
-        return self.runner.node
+        return str(self._runner().device)
 
     def run(self, unit: Unit) -> UnitResult:
-        return self.runner.run(unit)
+        return self._runner().run(unit)
 
     def close(self) -> None:
-        self.runner.close()
+        with self._lock:
+            for runner in self._runners:
+                runner.close()
 
 
 class RayBackend:
     name = "ray"
 
-    def __init__(self, ctx: WorkContext, workers: int | None, address: str | None, cpus_per_worker: float = 1.0) -> None:
+    def __init__(self, ctx: WorkContext, workers: int | None, address: str | None, cpus_per_worker: float = 1.0,
+                 device: str = "auto") -> None:
         self.ray = init_ray(address)
-        slots = int(self.ray.cluster_resources().get("CPU", 1) // cpus_per_worker)
+        resources = self.ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        use_gpus = device == "cuda" or (device == "auto" and gpus > 0)
+        if use_gpus and not gpus:
+            raise ChatvecError("--device cuda, but the Ray cluster has no GPUs")
+        slots = gpus if use_gpus else int(resources.get("CPU", 1) // cpus_per_worker)
         self.workers = max(1, workers or slots)
-        self._actor_class = self.ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0,
+        self.device = device
+        self._actor_class = self.ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpus else 0,
+                                            max_concurrency=PIPELINE, max_restarts=0, max_task_retries=0,
                                             scheduling_strategy="SPREAD")(_Worker)
         self._ctx_ref = self.ray.put(ctx)
         self._starting: dict = {}  # ready() ref -> actor
@@ -68,7 +94,7 @@ class RayBackend:
             self._start_actor()
 
     def _start_actor(self) -> None:
-        actor = self._actor_class.remote(self._ctx_ref)
+        actor = self._actor_class.remote(self._ctx_ref, self.device)
         self._starting[actor.ready.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:

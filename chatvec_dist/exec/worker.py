@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -11,7 +12,8 @@ import xxhash
 
 from ..dtypes import ITEMSIZE, TORCH_DTYPES, compute_dtype
 from ..io.ranges import FileHandles, read_into, write_at
-from ..kernels.cpu import Scratch, Stats, combine
+from ..kernels.cpu import Stats
+from .compute import make_compute, pick_device
 from ..planning.layout import Layout, Piece, Placed, Unit
 from ..planning.planner import PlannedTensor, Src
 
@@ -77,18 +79,20 @@ def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
-    def __init__(self, ctx: WorkContext, node: str | None = None) -> None:
+    def __init__(self, ctx: WorkContext, node: str | None = None, device: str = "auto") -> None:
         self.ctx = ctx
         self.files = FileHandles()
-        self.scratch = Scratch()
+        self.device = pick_device(device)
+        self.compute = make_compute(self.device)
         self._bufs: dict[object, torch.Tensor] = {}
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.node = node or socket.gethostname()
 
     def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
+        """A reused host buffer (pinned when a GPU will copy from or into it)."""
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.compute.pinned)
         return buf[:nbytes]
 
     def run(self, unit: Unit) -> UnitResult:
@@ -99,6 +103,7 @@ class UnitRunner:
     def _piece(self, piece: Piece) -> list[SegmentResult]:
         columns = [(o, out.tensors[piece.index]) for o, out in enumerate(self.ctx.outputs)]
         inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
+        staged = self.compute.upload(inputs)
         results = []
         for o, placed in columns:
             t = placed.tensor
@@ -107,12 +112,12 @@ class UnitRunner:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
             out = self._buffer("out", count * itemsize)
-            cp = inputs[t.cp][:count] if t.cp is not None else None
             if t.rule == "copy" and t.cp.dtype == t.out_dtype:
-                out.copy_(cp.view(torch.uint8))
+                out.copy_(inputs[t.cp][:count].view(torch.uint8))
                 stats = Stats()
             else:
-                stats = self._combine(t, merged, cp, inputs, out.view(TORCH_DTYPES[t.out_dtype]))
+                cp = staged[t.cp][:count] if t.cp is not None else None
+                stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
             path = self.ctx.outputs[o].shard_paths[placed.shard]
             write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), placed.offset + piece.first * itemsize, path)
             results.append(SegmentResult(o, piece.index, self._digests(out, piece.first * itemsize), stats))
@@ -135,9 +140,9 @@ class UnitRunner:
                  for alpha, plus, minus in t.terms] if merged else []
         dtypes = [t.out_dtype] + ([t.cp.dtype] if t.cp else []) + [s.dtype for _, p, m in t.terms for s in (p, m) if s]
         compute = compute_dtype(dtypes)
-        stats = combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute, self.scratch)
+        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values
-            stats.add(combine(out[merged:], cp[merged:], [], compute, self.scratch))
+            stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
         return stats
 
     def _digests(self, out: torch.Tensor, start: int) -> tuple[tuple[int, bytes], ...]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
+CANONICAL_NAN = {torch.bfloat16: (torch.int16, 0x7FC0), torch.float16: (torch.int16, 0x7E00),
+                 torch.float32: (torch.int32, 0x7FC00000), torch.float64: (torch.int64, 0x7FF8000000000000)}
 
 
 @dataclass
@@ -77,8 +79,12 @@ def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float,
             else:
                 out[s:e].copy_(c)
             finite = math.isfinite(cp_sq) and math.isfinite(stats.update_sq)
-        if not finite:  # rare: count exactly
+        if not finite:  # rare: count exactly, and write NaN as the canonical quiet NaN (as the GPU kernel does)
             chunk = out[s:e]
-            stats.nan += int(torch.isnan(chunk).sum())
+            nan = torch.isnan(chunk)
+            stats.nan += int(nan.sum())
             stats.inf += int(torch.isinf(chunk).sum())
+            if stats.nan and chunk.dtype in CANONICAL_NAN:  # float8 formats have a single NaN per sign
+                bits, canonical = CANONICAL_NAN[chunk.dtype]
+                chunk.view(bits)[nan] = canonical
     return stats

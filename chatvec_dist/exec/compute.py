@@ -1,0 +1,83 @@
+"""Where the arithmetic runs: the CPU kernel in place, or the Triton kernel on a GPU with async copies."""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.cpu import Scratch, Stats, combine
+from ..planning.planner import Src
+
+Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto`: the GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, if any, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from ..errors import ChatvecError
+
+        raise ChatvecError("--device cuda, but this worker has no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class CpuCompute:
+    """Inputs stay where they were read; the chunked CPU kernel writes straight into the output buffer."""
+
+    pinned = False
+
+    def __init__(self) -> None:
+        self.scratch = Scratch()
+
+    def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
+        return inputs
+
+    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype) -> Stats:
+        return combine(out, cp, terms, compute, self.scratch)
+
+
+class CudaCompute:
+    """Pinned host buffers ↔ reused device buffers on this thread's own stream; the fused Triton kernel."""
+
+    pinned = True
+
+    def __init__(self, device: torch.device) -> None:
+        from ..kernels.triton_merge import combine_triton
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._kernel = combine_triton
+        self._bufs: dict[object, torch.Tensor] = {}
+        self.stats = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+        return buf[:nbytes]
+
+    def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
+        """Start the host → device copies of a piece's inputs (each once, whatever the number of outputs)."""
+        out = {}
+        with torch.cuda.stream(self.stream):
+            for slot, (src, host) in enumerate(inputs.items()):
+                dev = self._buffer(("in", slot), host.numel() * host.element_size())
+                dev.copy_(host.view(torch.uint8), non_blocking=True)
+                out[src] = dev.view(host.dtype)
+        return out
+
+    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype) -> Stats:
+        """Run the kernel on device, copy the result into the pinned host `out`, wait, return the stats."""
+        with torch.cuda.stream(self.stream):
+            self.stats.zero_()
+            dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
+            acc = self._buffer("acc", out.numel() * torch.finfo(compute).bits // 8).view(compute)
+            self._kernel(dev_out, cp, terms, compute, self.stats, acc)
+            out.copy_(dev_out, non_blocking=True)
+            host = self.stats.to("cpu", non_blocking=True)
+        self.stream.synchronize()
+        cp_sq, delta_sq, update_sq, nan, inf = host.tolist()
+        return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
+
+
+def make_compute(device: torch.device):
+    return CudaCompute(device) if device.type == "cuda" else CpuCompute()

@@ -1,0 +1,122 @@
+"""The fused GPU kernel: `out = round(cp + Σ alpha·(plus − minus))`, each input read once, output written once.
+
+Up to four vectors per launch; more are chained through a float accumulator, in the CPU kernel's order, so
+the bytes equal the CPU path's (no FMA contraction; NaN written as the canonical quiet NaN). Rounding to
+bfloat16 is done by hand (round to nearest even) because Triton's interpreter truncates; on a GPU the same
+code gives the same bits. The launch also adds the
+sums of squares and NaN/Inf counts to a small float64 stats buffer.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TERMS = 4
+BLOCK = 2048
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _round_out(x, OUT_KIND: tl.constexpr):
+    """float32 → output dtype, NaN written as the canonical quiet NaN (as the CPU kernel does).
+    OUT_KIND: 0 float32, 1 bfloat16 (rounded by hand to nearest even), 2 float16."""
+    if OUT_KIND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(nan, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif OUT_KIND == 2:
+        half = x.to(tl.float16).to(tl.uint16, bitcast=True)
+        return tl.where((half & 0x7FFF) > 0x7C00, 0x7E00, half).to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits).to(tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _term(acc, plus_ptr, minus_ptr, alpha, offs, mask, HAS_MINUS: tl.constexpr, FIRST: tl.constexpr,
+          COMPUTE: tl.constexpr):
+    d = tl.load(plus_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    if HAS_MINUS:
+        d = d - tl.load(minus_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    if alpha != 1.0:
+        d = d * alpha
+    if FIRST:
+        return d
+    return acc + d
+
+
+@triton.jit
+def _merge_kernel(out_ptr, cp_ptr, acc_ptr, stats_ptr,
+                  p0, m0, a0, p1, m1, a1, p2, m2, a2, p3, m3, a3, n,
+                  N_TERMS: tl.constexpr, MINUS: tl.constexpr, HAS_CP: tl.constexpr, ACC_IN: tl.constexpr,
+                  ACC_OUT: tl.constexpr, COMPUTE: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros([BLOCK], dtype=COMPUTE)
+    if ACC_IN:
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0)
+    if N_TERMS > 0:
+        acc = _term(acc, p0, m0, a0, offs, mask, (MINUS & 1) != 0, not ACC_IN, COMPUTE)
+    if N_TERMS > 1:
+        acc = _term(acc, p1, m1, a1, offs, mask, (MINUS & 2) != 0, False, COMPUTE)
+    if N_TERMS > 2:
+        acc = _term(acc, p2, m2, a2, offs, mask, (MINUS & 4) != 0, False, COMPUTE)
+    if N_TERMS > 3:
+        acc = _term(acc, p3, m3, a3, offs, mask, (MINUS & 8) != 0, False, COMPUTE)
+    if ACC_OUT:  # more vectors follow in another launch
+        tl.store(acc_ptr + offs, acc, mask=mask)
+    else:
+        if N_TERMS > 0 or ACC_IN:
+            tl.atomic_add(stats_ptr + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
+        if HAS_CP:
+            c = tl.load(cp_ptr + offs, mask=mask, other=0).to(COMPUTE)
+            tl.atomic_add(stats_ptr + 0, tl.sum(c * c, axis=0).to(tl.float64))
+            if N_TERMS > 0 or ACC_IN:
+                acc = acc + c
+            else:  # a copy: 0 + c would turn -0.0 into +0.0
+                acc = c
+        o = _round_out(acc.to(tl.float32), OUT_KIND)
+        tl.store(out_ptr + offs, o, mask=mask)
+        r = o.to(COMPUTE)
+        if HAS_CP:
+            r = r - c
+        tl.atomic_add(stats_ptr + 2, tl.sum(r * r, axis=0).to(tl.float64))
+        of = o.to(tl.float32)
+        tl.atomic_add(stats_ptr + 3, tl.sum((of != of).to(tl.float64), axis=0))
+        tl.atomic_add(stats_ptr + 4, tl.sum(((of == float("inf")) | (of == float("-inf"))).to(tl.float64), axis=0))
+
+
+_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+                   compute: torch.dtype, stats: torch.Tensor, acc: torch.Tensor | None = None) -> None:
+    """The CPU kernel's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats` (float64)."""
+    if out.dtype not in _OUT_KIND:
+        from ..errors import ChatvecError
+
+        raise ChatvecError(f"the GPU kernel writes float32, bfloat16 or float16, not {out.dtype} (use --dtype or --device cpu)")
+    n = out.numel()
+    if n == 0:
+        return
+    groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
+    if len(groups) > 1 and (acc is None or acc.numel() < n or acc.dtype != compute):
+        acc = torch.empty(n, dtype=compute, device=out.device)
+    grid = (triton.cdiv(n, BLOCK),)
+    for g, group in enumerate(groups):
+        last = g == len(groups) - 1
+        args = []
+        minus_bits = 0
+        for i in range(MAX_TERMS):
+            if i < len(group):
+                alpha, plus, minus = group[i]
+                args += [plus, minus if minus is not None else plus, float(alpha)]
+                minus_bits |= (minus is not None) << i
+            else:
+                args += [out, out, 1.0]
+        _merge_kernel[grid](out, cp if cp is not None and last else out, acc if acc is not None else out, stats,
+                            *args, n, N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last,
+                            ACC_IN=g > 0, ACC_OUT=not last, COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype],
+                            BLOCK=BLOCK, enable_fp_fusion=False)  # no FMA: the same roundings as the CPU kernel

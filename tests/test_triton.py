@@ -1,0 +1,82 @@
+"""The Triton kernel, run by Triton's interpreter on CPU tensors (no GPU here): bit for bit against the
+float64 reference and the CPU kernel, every dtype combination."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from chatvec_dist.dtypes import compute_dtype  # noqa: E402
+from chatvec_dist.kernels.cpu import Scratch, combine  # noqa: E402
+from chatvec_dist.kernels.reference import reference  # noqa: E402
+from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+N = 2500  # the interpreter is slow: small tensors, more than one block
+
+
+def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def both(out_dtype, cp, terms):
+    dtypes = [NAMES[out_dtype]] + ([NAMES[cp.dtype]] if cp is not None else []) + \
+        [NAMES[x.dtype] for _, p, m in terms for x in (p, m) if x is not None]
+    compute = compute_dtype(dtypes)
+    n = terms[0][1].numel() if cp is None else cp.numel()
+    gpu, cpu = torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=out_dtype)
+    stats = torch.zeros(5, dtype=torch.float64)
+    combine_triton(gpu, cp, terms, compute, stats)
+    return gpu, stats, cpu, combine(cpu, cp, terms, compute, Scratch())
+
+
+@pytest.mark.parametrize("cp_dt,vec_dt,out_dt", list(itertools.product(DTYPES, DTYPES, DTYPES)))
+def test_every_dtype_combination_matches_reference_and_cpu(cp_dt, vec_dt, out_dt):
+    cp, base = rand(N, cp_dt, 1), rand(N, vec_dt, 2)
+    chat = (base.double() + rand(N, torch.float64, 3, 0.01)).to(vec_dt)
+    terms = [(0.5, chat, base)]
+    gpu, stats, cpu, cpu_stats = both(out_dt, cp, terms)
+    assert torch.equal(bits(gpu), bits(reference(cp, terms, out_dt)))
+    assert torch.equal(bits(gpu), bits(cpu))
+    assert stats[0].item() == pytest.approx(cpu_stats.cp_sq, rel=1e-5)
+    assert stats[1].item() == pytest.approx(cpu_stats.delta_sq, rel=1e-5)
+    assert stats[2].item() == pytest.approx(cpu_stats.update_sq, rel=1e-4)
+
+
+def test_inexact_alpha_gives_the_cpu_kernels_bits():
+    cp, base, chat = rand(N, torch.bfloat16, 1), rand(N, torch.bfloat16, 2), rand(N, torch.bfloat16, 3)
+    gpu, _, cpu, _ = both(torch.bfloat16, cp, [(0.3, chat, base)])
+    assert torch.equal(bits(gpu), bits(cpu))
+
+
+def test_more_vectors_than_one_launch_holds_chain_in_cpu_order():
+    cp = rand(N, torch.bfloat16, 0)
+    terms = [(0.1 * (i + 1), rand(N, torch.bfloat16, 2 * i + 1), rand(N, torch.bfloat16, 2 * i + 2) if i % 2 else None)
+             for i in range(6)]
+    gpu, stats, cpu, cpu_stats = both(torch.bfloat16, cp, terms)
+    assert torch.equal(bits(gpu), bits(cpu))
+    assert stats[1].item() == pytest.approx(cpu_stats.delta_sq, rel=1e-5)
+
+
+def test_extract_and_copy_and_bfloat16_rounding_edges():
+    base, chat = rand(N, torch.bfloat16, 2), rand(N, torch.bfloat16, 3)
+    gpu, _, cpu, _ = both(torch.float32, None, [(1.0, chat, base)])
+    assert torch.equal(gpu, cpu) and torch.equal(gpu, reference(None, [(1.0, chat, base)], torch.float32))
+    # Exact ties and specials: round to nearest even, NaN stays NaN, overflow goes to Inf.
+    edges = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, float("inf"), float("nan"), 0.0, -0.0,
+                          1e-40, 2**-133], dtype=torch.float32).repeat(300)
+    gpu, stats, cpu, cpu_stats = both(torch.bfloat16, edges, [])
+    assert torch.equal(bits(gpu), bits(cpu))
+    nan = torch.isnan(edges)
+    assert torch.equal(bits(cpu)[~nan], bits(edges.to(torch.bfloat16))[~nan])  # torch's own rounding elsewhere
+    assert bool((bits(cpu)[nan] == 0x7FC0).all())  # canonical quiet NaN
+    assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == (300, 600)
