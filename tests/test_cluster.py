@@ -131,3 +131,32 @@ def test_restart_discards_partial_output(models, reference_out, cluster, tmp_pat
     _, stderr = again.communicate(timeout=300)
     assert again.returncode == 0 and "resuming" not in stderr
     assert shards(out) == shards(reference_out)
+
+
+def test_one_worker_per_gpu_lands_on_gpu_nodes(models, reference_out, tmp_path):
+    """Placement with declared (fake) GPUs: `--device auto` asks one GPU per actor, so actors go to GPU nodes
+    only; inside, with no CUDA device present, they compute on the CPU and the bytes are the same."""
+    from ray.cluster_utils import Cluster
+
+    common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
+    c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 0, "include_dashboard": False})
+    try:
+        cpu_node = c.add_node(**common, num_cpus=1)
+        gpu_node = c.add_node(**common, num_cpus=2, num_gpus=2)
+        c.wait_for_nodes()
+        out = tmp_path / "out"
+        proc = driver(models, out, c.address)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        table, _ = read_manifest(out)
+        used = {n for cell in table.column("node").to_pylist() for n in cell.split(",")}
+        workers = {w for cell in table.column("worker").to_pylist() for w in cell.split(",")}
+        assert used == {gpu_node.node_id} and cpu_node.node_id not in used
+        assert len({w.split(":")[1] for w in workers}) == 2  # two actor processes: one per GPU
+        assert shards(out) == shards(reference_out)
+        proc = driver(models, tmp_path / "cuda", c.address, "--device", "cuda")
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and not (tmp_path / "cuda").exists()
+        assert stderr.strip().splitlines()[-1].startswith("chatvec: error: --device cuda, but this worker has no CUDA")
+    finally:
+        c.shutdown()

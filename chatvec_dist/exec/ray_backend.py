@@ -122,7 +122,7 @@ class RayBackend:
                 if ref in self._starting:
                     actor = self._starting.pop(ref)
                     try:
-                        ray.get(ref)
+                        self._get(ref)
                         self.actors.append(actor)
                     except ray.exceptions.RayActorError:
                         self._replace(actor)
@@ -130,11 +130,7 @@ class RayBackend:
                 actor, unit = in_flight.pop(ref)
                 load[actor] -= 1
                 try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, ChatvecError):
-                        raise e.cause from None
-                    raise
+                    result = self._get(ref)
                 except ray.exceptions.RayActorError as e:  # the worker process or its node died
                     attempts[unit.id] += 1
                     if attempts[unit.id] >= MAX_ATTEMPTS:
@@ -152,6 +148,15 @@ class RayBackend:
     def _flush(self) -> None:
         """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage)."""
         self.ray.get([a.close.remote() for a in self.actors])
+
+    def _get(self, ref):
+        """ray.get, with a worker's own error re-raised as itself (one line, no remote traceback)."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ChatvecError):
+                raise e.cause from None
+            raise
 
     def _replace(self, actor) -> None:
         """Retire a dead actor and start another; Ray places it wherever resources remain."""
