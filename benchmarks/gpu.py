@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""The prepared GPU benchmark (one GPU, under 5 minutes): prints a short table last.
+
+1. The fused Triton kernel's GB/s (bytes read + written) at several sizes on random bf16 data, against a
+   device-to-device copy of the same byte count, measured in the same run (target: ≥ 90 % of the copy).
+2. Bit identity of the kernel with the CPU kernel and the float64 reference.
+3. End to end: a generated ~8 GB merge (three inputs + one output) with `--device cuda` against the CPU
+   path on the same machine, and identical output bytes.
+
+    python benchmarks/gpu.py [--e2e-gb 8] [--data /tmp/chatvec-gpu-bench] [--skip-e2e]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def timed(fn, repeat: int = 10) -> float:
+    """Median seconds of `fn` on the GPU (CUDA events), after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_rows(sizes: list[int]) -> list[tuple]:
+    from chatvec_dist.kernels.triton_merge import combine_triton
+
+    rows = []
+    for n in sizes:
+        cp, base = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        chat = base + 0.01 * torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        stats = torch.zeros(5, device="cuda", dtype=torch.float64)
+        moved = 4 * n * 2  # three inputs read, one output written
+        t_kernel = timed(lambda: combine_triton(out, cp, [(1.0, chat, base)], torch.float32, stats))
+        src = torch.empty(moved // 2, device="cuda", dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        t_copy = timed(lambda: dst.copy_(src))  # reads + writes the same byte count
+        rows.append((n, moved / t_kernel / 1e9, moved / t_copy / 1e9))
+    return rows
+
+
+def identity_check(n: int = 1 << 22) -> bool:
+    from chatvec_dist.kernels.cpu import Scratch, combine
+    from chatvec_dist.kernels.reference import reference
+    from chatvec_dist.kernels.triton_merge import combine_triton
+
+    ok = True
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for alpha in (1.0, 0.5, 0.3):
+            g = torch.Generator().manual_seed(0)
+            cp, base = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+            chat = (base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16()
+            compute = torch.float32 if out_dtype != torch.float32 else torch.float64
+            gpu = torch.empty(n, dtype=out_dtype, device="cuda")
+            combine_triton(gpu, cp.cuda(), [(alpha, chat.cuda(), base.cuda())], compute,
+                           torch.zeros(5, dtype=torch.float64, device="cuda"))
+            cpu = torch.empty(n, dtype=out_dtype)
+            combine(cpu, cp, [(alpha, chat, base)], compute, Scratch())
+            same_cpu = torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
+            ref = reference(cp, [(alpha, chat, base)], out_dtype)
+            same_ref = torch.equal(cpu.view(torch.uint8), ref.view(torch.uint8))
+            print(f"identity {out_dtype} alpha={alpha}: gpu==cpu {same_cpu}, cpu==float64 ref {same_ref}", flush=True)
+            ok &= same_cpu
+    return ok
+
+
+def make_model(root: Path, gb_per_checkpoint: float) -> dict[str, Path]:
+    """Three Llama-shaped bf16 checkpoints of about `gb_per_checkpoint` each, made on the GPU."""
+    from safetensors.torch import save_file
+
+    hidden, inter = 4096, 11008
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    layers = max(1, int(gb_per_checkpoint * 1e9 / 2 / per_layer))
+    paths = {}
+    for k, name in enumerate(("base", "chat", "cp")):
+        d = root / name
+        if (d / "done").exists():
+            paths[name] = d
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        weight_map = {}
+        for layer in range(layers):
+            torch.manual_seed(layer)  # base weights; chat and cp add their own small updates
+            shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+                      "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+                      "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+            tensors = {}
+            for sub, shape in shapes.items():
+                w = torch.randn(shape, device="cuda") * 0.02
+                if k:
+                    w += 0.002 * torch.randn(shape, device="cuda")
+                tensors[f"model.layers.{layer}.{sub}.weight"] = w.bfloat16().cpu()
+            fname = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
+            save_file(tensors, d / fname, metadata={"format": "pt"})
+            weight_map |= {n: fname for n in tensors}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (d / "done").write_text("")
+        paths[name] = d
+    return paths
+
+
+def merge(paths: dict[str, Path], out: Path, device: str) -> float:
+    cmd = [sys.executable, "-m", "chatvec_dist.cli", "merge", "--base", str(paths["base"]), "--chat", str(paths["chat"]),
+           "--cp", str(paths["cp"]), "--out", str(out), "--overwrite", "--restart", "--no-progress", "--device", device,
+           "--backend", "local", "--workers", "2" if device == "cuda" else str(os.cpu_count())]  # 2 streams on one GPU
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def floor_seconds(paths: dict[str, Path], out_bytes: int, scratch: Path) -> float:
+    """Read every input byte once and write one output's bytes (hot cache, like the merges)."""
+    buf = bytearray(64 << 20)
+    t0 = time.perf_counter()
+    for d in paths.values():
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    with open(scratch, "wb", buffering=0) as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(memoryview(buf)[: min(len(buf), left)])
+    t = time.perf_counter() - t0
+    scratch.unlink()
+    return t
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--e2e-gb", type=float, default=8.0, help="bytes read + written by the end-to-end merge")
+    ap.add_argument("--data", default="/tmp/chatvec-gpu-bench")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name()
+    rows = kernel_rows([1 << 20, 1 << 24, 1 << 26, 1 << 28])
+    identical = identity_check()
+    e2e = None
+    if not args.skip_e2e:
+        root = Path(args.data)
+        paths = make_model(root, args.e2e_gb / 4)
+        out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
+        merge(paths, root / "warm", "cpu")  # warms the page cache
+        floor = floor_seconds(paths, out_bytes, root / "floor.bin")
+        t_gpu = merge(paths, root / "out-cuda", "cuda")
+        t_cpu = merge(paths, root / "out-cpu", "cpu")
+        e2e = (4 * out_bytes, floor, t_gpu, t_cpu, shard_hashes(root / "out-cuda") == shard_hashes(root / "out-cpu"))
+    print(f"\n## GPU benchmark — {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("| elements | kernel GB/s | D2D copy GB/s | kernel / copy |\n|---|---|---|---|")
+    for n, k, c in rows:
+        print(f"| {n:,} | {k:.0f} | {c:.0f} | {k / c:.0%} |")
+    print(f"\nkernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3): {identical}")
+    if e2e:
+        moved, floor, t_gpu, t_cpu, same = e2e
+        print("| end to end (hot cache) | wall s | GB/s | × floor |\n|---|---|---|---|")
+        for label, t in (("I/O floor (read inputs + write output)", floor), ("chatvec --device cuda", t_gpu),
+                         (f"chatvec --device cpu ({os.cpu_count()} workers)", t_cpu)):
+            print(f"| {label} | {t:.1f} | {moved / t / 1e9:.2f} | {t / floor:.2f} |")
+        print(f"\noutput bytes cuda == cpu: {same}")
+    return 0 if identical and (e2e is None or e2e[4]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
