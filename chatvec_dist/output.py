@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from .errors import OutputError
 from .exec.worker import SegmentResult, UnitResult
-from .io.checkpoint import INDEX_NAME
+from .io.checkpoint import INDEX_NAME, read_json_object
 from .kernels.cpu import Stats
 from .manifest import MANIFEST_NAME, write_manifest
 from .planning.layout import Layout
@@ -115,7 +115,7 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
             if (side_dir / name).is_file():
                 shutil.copyfile(side_dir / name, work / name)
     if config_dtype and (work / "config.json").is_file():
-        config = _json_object(work / "config.json")
+        config = read_json_object(work / "config.json", OutputError)
         config["torch_dtype"] = config["dtype"] = config_dtype
         (work / "config.json").write_text(json.dumps(config, indent=2))
     if chat_template_dir is not None:
@@ -148,29 +148,16 @@ def _copy_chat_template(chat_dir: Path, work: Path) -> None:
     if (work / "chat_template.jinja").is_file():
         return
     tok_path = work / "tokenizer_config.json"
-    tok = _json_object(tok_path)
+    tok = read_json_object(tok_path, OutputError)
     if tok.get("chat_template"):
         return
     if (chat_dir / "chat_template.jinja").is_file():
         shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
         return
-    template = _json_object(chat_dir / "tokenizer_config.json").get("chat_template")
+    template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
     if template:
         tok["chat_template"] = template
         tok_path.write_text(json.dumps(tok, indent=2))
-
-
-def _json_object(path: Path) -> dict:
-    """A JSON object file ({} when absent); anything else is a clear error."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise OutputError(f"not readable JSON ({type(e).__name__})", file=str(path)) from None
-    if not isinstance(value, dict):
-        raise OutputError("not a JSON object", file=str(path))
-    return value
 
 
 def _fsync_dir(path: Path) -> None:

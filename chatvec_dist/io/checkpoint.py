@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HeaderError, SourceError
+from ..errors import ChatvecError, HeaderError, SourceError
 from .header import TensorInfo, reject_duplicate_keys, shown, is_safe_name, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,18 +36,22 @@ class Checkpoint:
     @property
     def config(self) -> dict:
         """config.json as an object ({} when absent); anything else present there is refused."""
-        path = self.directory / "config.json"
-        if not _is_file(path):
-            return {}
-        try:
-            if path.stat().st_size > MAX_CONFIG_BYTES:
-                raise SourceError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes", file=str(path))
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as e:
-            raise SourceError(f"config.json is not readable JSON ({type(e).__name__})", file=str(path)) from None
-        if not isinstance(value, dict):
-            raise SourceError("config.json is not a JSON object", file=str(path))
-        return value
+        return read_json_object(self.directory / "config.json")
+
+
+def read_json_object(path: Path, error: type[ChatvecError] = SourceError) -> dict:
+    """A small JSON file that must hold an object ({} when absent); anything else is `error`, naming the file."""
+    if not _is_file(path):
+        return {}
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise error(f"larger than {MAX_CONFIG_BYTES} bytes", file=str(path))
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise error(f"not readable JSON ({type(e).__name__})", file=str(path)) from None
+    if not isinstance(value, dict):
+        raise error("not a JSON object", file=str(path))
+    return value
 
 
 def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None = None, source: dict | None = None) -> Checkpoint:
