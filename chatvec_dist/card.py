@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-from huggingface_hub import ModelCard, ModelCardData
 
 PAPER = ("Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instruction Following and Model "
          "Alignment in New Languages*, ACL 2024 (arXiv:2310.04799)")
@@ -12,6 +11,8 @@ PAPER = ("Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instr
 
 def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
     """Render the card from the manifest's metadata and rows."""
+    from huggingface_hub import ModelCard, ModelCardData  # 0.3 s to import: only at commit
+
     sources = meta["sources"]
     cp = sources.get("cp") or {}
     data = ModelCardData(base_model=cp.get("repo"), tags=["chat-vector", "merge", "chatvec_dist"],
