@@ -106,6 +106,9 @@ def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure
         raise VerifyError(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
+    block = meta.get("hash", {}).get("block_bytes") if isinstance(meta, dict) and isinstance(meta.get("hash"), dict) else None
+    if not (isinstance(block, int) and block > 0 and isinstance(meta.get("rows_sha256"), str)):
+        raise VerifyError("manifest metadata is malformed", file=str(path))
     return table.replace_schema_metadata(None), meta
 
 

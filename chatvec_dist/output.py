@@ -45,17 +45,29 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        try:
+            self._file = open(path, "a+b")
+            self._file.seek(0)
+            data = self._file.read()
+            self._file.truncate(data.rfind(b"\n") + 1)  # drop a last line a crash cut short
+        except OSError as e:
+            raise OutputError(f"cannot open the journal: {e.strerror}", file=str(path)) from None
 
     def append(self, r: UnitResult) -> None:
         segs = [[s.index, [[b, d.hex()] for b, d in s.blocks], s.stats.cp_sq, s.stats.delta_sq, s.stats.update_sq,
                  s.stats.nan, s.stats.inf] for s in r.segments]
-        self._file.write(json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node,
-                                     "seconds": r.seconds}) + "\n")
-        self._file.flush()
+        line = json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds})
+        try:
+            self._file.write(line.encode() + b"\n")
+            self._file.flush()
+        except OSError as e:
+            raise OutputError(f"cannot append to the journal: {e.strerror}", file=str(self.path)) from None
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what could not be flushed is a unit to redo, never a wrong one
 
     @staticmethod
     def load(path: Path, output: int) -> dict[int, UnitResult]:
@@ -83,6 +95,7 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
             shutil.rmtree(work)
         elif not same:
             raise OutputError("a partial output of a different job is here (pass --restart to discard it)", file=str(work))
+    path = work
     try:
         work.mkdir(parents=True, exist_ok=True)
         for shard in layout.shards:
@@ -92,7 +105,7 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
                     f.write(shard.header)
                     f.truncate(shard.size)
     except OSError as e:
-        raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(work)) from None
+        raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(path)) from None
     journaled = Journal.load(work / JOURNAL_NAME, output)
     plan_file.write_text(json.dumps({"digest": digest}))
     return work, journaled

@@ -1,9 +1,9 @@
 """The local backend: the worker function on threads in this process (tests, debugging)."""
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ..planning.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
@@ -18,33 +18,55 @@ class LocalBackend:
         self.device = device
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
-        """Run every unit; threads share this process, so no finished unit is ever in doubt (returns [])."""
-        local = threading.local()
-        runners: list[UnitRunner] = []
+        """Run every unit; threads share this process, so no finished unit is ever in doubt (returns []).
 
-        def work(unit: Unit) -> UnitResult:
-            if not hasattr(local, "runner"):
-                local.runner = UnitRunner(self.ctx, device=self.device)
-                runners.append(local.runner)
-            return local.runner.run(unit)
+        Plain threads and queues, not an executor: Ctrl-C in the main thread stops the workers after their
+        current unit, and nothing waits on a lock the interrupt may have left held.
+        """
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        units = list(units)
+        for unit in units:
+            todo.put(unit)
+        stop = threading.Event()
 
+        def work() -> None:
+            runner = None
+            try:
+                runner = UnitRunner(self.ctx, device=self.device)
+                while not stop.is_set():
+                    try:
+                        unit = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    done.put((runner.run(unit), None))
+            except BaseException as e:  # handed to the main thread, which raises it
+                done.put((None, e))
+            finally:
+                if runner is not None:
+                    try:
+                        runner.close()
+                    except BaseException as e:
+                        done.put((None, e))
+
+        threads = [threading.Thread(target=work, name=f"chatvec-{i}", daemon=True) for i in range(self.workers)]
+        for t in threads:
+            t.start()
         try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="chatvec") as pool:
-                pending = {pool.submit(work, u) for u in units}
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    failed = [f.exception() for f in done if f.exception() is not None]
-                    for f in done:
-                        if f.exception() is None:
-                            on_result(f.result())
-                    if failed:
-                        for f in pending:
-                            f.cancel()
-                        raise failed[0]
-            return []
+            for _ in units:
+                result, error = done.get()
+                if error is not None:
+                    raise error
+                on_result(result)
         finally:
-            for r in runners:
-                r.close()
+            stop.set()
+            for t in threads:
+                t.join()
+        while not done.empty():  # an error closing a runner (fsync) after the last unit
+            _, error = done.get()
+            if error is not None:
+                raise error
+        return []
 
     def close(self) -> None:
         pass

@@ -1,0 +1,251 @@
+"""Faults during a merge, through the real CLI in a subprocess: disk full (RLIMIT_FSIZE), SIGINT/SIGTERM, and
+the commit's fsync-then-rename. Every failure must be one line, leave no output, and be resumable."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatvec_dist.cli import main
+from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
+from chatvec_dist.manifest import verify
+
+RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
+INTERRUPTED = "chatvec: interrupted; run the same command again to resume"
+HANG_S = 10  # a merge told to stop must be gone by then (the whole uninterrupted run takes ~3 s)
+
+
+def merge_argv(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
+            "--out", str(out), *RUN, *extra]
+
+
+def cli(argv: list[str], fsize_limit: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m chatvec_dist.cli ARGV`; with a limit, writes past `fsize_limit` bytes of any file fail (EFBIG)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return subprocess.run([sys.executable, "-m", "chatvec_dist.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit if fsize_limit is not None else None)
+
+
+def partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def shard_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def journal_lines(out: Path) -> list[dict]:
+    """Every line of the partial output's journal, each of which must be a complete JSON record."""
+    lines = (partial(out) / "journal.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) and isinstance(r["unit"], int) and r["segments"] for r in records)
+    return records
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatvec: error: "), proc.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def assert_rerun_completes(argv: list[str], out: Path, reference: dict[str, str], resumes: bool) -> None:
+    proc = cli(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert ("resuming:" in proc.stderr) == resumes, proc.stderr
+    assert verify(out) == [] and shard_hashes(out) == reference
+    assert not partial(out).exists()
+
+
+# --- disk full ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """The demo models and the shard hashes of their uninterrupted merge (one shard, ~232 kB; or 40KB shards)."""
+    root = tmp_path_factory.mktemp("faults")
+    models = make_demo_models(root / "models")
+    refs = {}
+    for name, extra in {"one": [], "small": ["--max-shard-size", "40KB"]}.items():
+        out = root / f"ref-{name}"
+        assert main(merge_argv(models, out, *extra)) == 0
+        refs[name] = shard_hashes(out)
+    return {"models": models, "ref": refs, "root": root}
+
+
+def test_disk_full_while_creating_shards(demo, tmp_path):
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out)
+    shard_size = (demo["root"] / "ref-one" / "model-00001-of-00001.safetensors").stat().st_size
+    assert shard_size > 200_000
+    proc = cli(argv, fsize_limit=100_000)  # below the shard's size: pre-sizing it (truncate) fails
+    line = assert_one_line_error(proc, str(partial(out)))
+    assert "File too large" in line and "output shards" in line
+    assert not out.exists()
+    assert all(p.stat().st_size < shard_size for p in partial(out).glob("*.safetensors"))
+    assert_rerun_completes(argv, out, demo["ref"]["one"], resumes=False)
+
+
+def test_disk_full_while_writing_shards(demo, tmp_path, monkeypatch):
+    """Shards already pre-sized (by a run stopped before any unit): the limit makes the pwrites themselves fail."""
+    from chatvec_dist.exec import worker
+
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out, "--unit-size", "16KiB")
+
+    def stop(self, unit):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(worker.UnitRunner, "run", stop)
+        assert main(argv) == 130
+    shard = partial(out) / "model-00001-of-00001.safetensors"
+    assert shard.stat().st_size > 200_000 and journal_lines(out) == []
+
+    proc = cli(argv, fsize_limit=100_000)  # units wholly below 100 kB succeed, the first one past it fails
+    line = assert_one_line_error(proc, str(shard))
+    assert "write failed: File too large" in line
+    assert not out.exists()
+    done = journal_lines(out)
+    assert 0 < len(done) < 15  # 232 kB / 16 KiB units: those before the limit were journaled
+    assert_rerun_completes(argv, out, demo["ref"]["one"], resumes=True)
+
+
+def test_disk_full_while_appending_the_journal(demo, tmp_path):
+    """Shards of <= 41 kB fit under the limit; the journal of 229 one-KiB units (~45 kB) does not."""
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out, "--max-shard-size", "40KB", "--unit-size", "1KiB")
+    proc = cli(argv, fsize_limit=42_000)
+    assert not out.exists()
+    assert all(p.stat().st_size <= 42_000 for p in partial(out).glob("*.safetensors"))
+    assert_one_line_error(proc, str(partial(out) / "journal.jsonl"))
+    assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
+
+
+# --- SIGINT / SIGTERM ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> dict:
+    """A Llama-shaped model of ~14 MB (bf16) per checkpoint: a merge runs for a few seconds, most of it startup."""
+    root = tmp_path_factory.mktemp("big")
+    config = llama_config(2048, "bfloat16", hidden_size=256, intermediate_size=688, num_hidden_layers=8)
+    g = torch.Generator().manual_seed(1)
+    base = llama_tensors(config, g)
+    models = {}
+    for name in ("base", "chat", "cp"):
+        tensors = base if name == "base" else {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+        models[name] = save_checkpoint(root / name, {n: t.to(torch.bfloat16).contiguous() for n, t in tensors.items()},
+                                       config)
+    ref = root / "ref"
+    assert main(merge_argv(models, ref)) == 0
+    return {"models": models, "ref": shard_hashes(ref)}
+
+
+def interrupt(argv: list[str], out: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start the merge, wait until its journal holds a finished unit, send `signum`, wait for the exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    journal = partial(out) / "journal.jsonl"
+    deadline = time.monotonic() + 60
+    try:
+        while not (journal.is_file() and b"\n" in journal.read_bytes()):
+            assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no unit was journaled within 60 s"
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=HANG_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the merge did not stop within {HANG_S} s of {signal.Signals(signum).name}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_then_same_command_resumes(big, tmp_path, signum):
+    # 256 KiB units (73 of them): few futures in flight, so the LocalBackend interrupt deadlock (see
+    # test_interrupt_stops_promptly) is very unlikely here; that test covers it with 8 KiB units
+    out = tmp_path / "out"
+    argv = merge_argv(big["models"], out, "--unit-size", "256KiB")
+    proc = interrupt(argv, out, signum)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert not out.exists()
+    assert not (partial(out) / "manifest.parquet").exists()
+    done = journal_lines(out)  # consistent: every line parses
+    assert len(done) >= 1 and len({r["unit"] for r in done}) == len(done)
+
+    rerun = cli(argv)
+    assert rerun.returncode == 0, rerun.stderr
+    assert re.search(rf"^resuming: {len(done)} of \d+ units", rerun.stderr, re.M), rerun.stderr
+    assert shard_hashes(out) == big["ref"] and verify(out) == []
+    assert not partial(out).exists()
+
+
+def test_interrupt_stops_promptly(big, tmp_path):
+    out = tmp_path / "out"
+    argv = merge_argv(big["models"], out, "--unit-size", "8KiB")  # 1689 queued units
+    proc = interrupt(argv, out, signal.SIGINT)
+    assert proc.returncode == 130 and not out.exists()
+    journal_lines(out)
+    # stopped: the units queued when the signal came were not computed, so the shard is not the finished one
+    assert shard_hashes(partial(out)) != big["ref"]
+
+
+# --- commit ------------------------------------------------------------------------------------
+
+def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self: Path, target) -> Path:
+        events.append(("rename", f"{self} -> {target}"))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert main(merge_argv(demo["models"], out, "--max-shard-size", "40KB")) == 0
+    monkeypatch.undo()
+
+    work = partial(out)
+    assert not work.exists()
+    names = {p.name for p in out.iterdir()}
+    assert "journal.jsonl" not in names and "plan.json" not in names
+    assert {"manifest.parquet", "model.safetensors.index.json", "README.md", "config.json"} <= names
+    assert verify(out) == [] and shard_hashes(out) == demo["ref"]["small"]
+
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert [events[i][1] for i in renames] == [f"{work} -> {out}"]
+    before = {path for kind, path in events[: renames[0]] if kind == "fsync"}
+    assert {str(work.resolve() / n) for n in names} <= before  # every output file durable before the rename
+    assert ("fsync", str(out.parent.resolve())) in events[renames[0]:]  # and the rename itself, after
+
+    assert main(merge_argv(demo["models"], out, "--max-shard-size", "40KB", "--overwrite")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no out.partial, no out.old left behind
+    assert verify(out) == []

@@ -1,0 +1,162 @@
+"""`chatvec verify OUT` against damaged outputs: every kind of damage is found and named (tensor or shard)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chatvec_dist.cli import main
+from chatvec_dist.demo import make_demo_models
+from chatvec_dist.errors import VerifyError
+from chatvec_dist.manifest import MANIFEST_NAME, META_KEY, read_manifest, verify
+
+RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
+TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """One merged demo output in several shards (100KB each), never modified: tests damage copies."""
+    root = tmp_path_factory.mktemp("verify")
+    d = make_demo_models(root / "models")
+    out = root / "out"
+    assert main(["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d["cp"]), "--out", str(out),
+                 "--max-shard-size", "100KB", *RUN]) == 0
+    assert len(list(out.glob("*.safetensors"))) >= 3
+    return out
+
+
+@pytest.fixture
+def out(pristine, tmp_path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def shards(out: Path) -> list[Path]:
+    return sorted(out.glob("*.safetensors"))
+
+
+def rows(out: Path) -> dict[str, dict]:
+    return {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
+
+
+def run_verify(out: Path, capsys) -> tuple[int, list[str], str]:
+    capsys.readouterr()
+    code = main(["verify", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def assert_found(out: Path, capsys, *must: str) -> list[str]:
+    """verify() reports problems naming everything in `must`; the CLI prints them and exits 1."""
+    problems = verify(out)
+    assert problems, "damage went unnoticed"
+    text = "\n".join(problems)
+    for word in must:
+        assert word in text, (word, problems)
+    code, lines, err = run_verify(out, capsys)
+    assert code == 1 and err == ""
+    assert lines[:-1] == problems and lines[-1] == f"{out}: {len(problems)} problem(s)"
+    return problems
+
+
+def test_untouched_output_verifies(out, capsys):
+    assert verify(out) == []
+    code, lines, err = run_verify(out, capsys)
+    assert code == 0 and lines == [f"{out}: verified"] and err == ""
+
+
+def test_flipped_byte_names_the_tensor(out, capsys):
+    row = rows(out)[TENSOR]
+    path = out / row["shard"]
+    data = bytearray(path.read_bytes())
+    data[row["offset"] + row["nbytes"] // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    problems = assert_found(out, capsys, TENSOR, str(path))
+    assert problems == [f"{path}: tensor '{TENSOR}' content differs from the manifest"]
+
+
+def test_truncated_shard_is_named(out, capsys):
+    path = shards(out)[1]
+    path.write_bytes(path.read_bytes()[:-100])
+    problems = assert_found(out, capsys, str(path))
+    assert all(str(path) in p for p in problems)
+    assert "unreadable shard" in problems[0]
+
+
+def test_swapped_shards_are_found(out, capsys):
+    a, b = shards(out)[:2]
+    tmp = a.with_suffix(".tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    problems = assert_found(out, capsys, str(a), str(b))
+    manifest = rows(out)
+    moved = [t for t, r in manifest.items() if r["shard"] in (a.name, b.name)]
+    for tensor in moved:  # every tensor of both shards is reported, in the shard where the manifest puts it
+        assert any(f"{out / manifest[tensor]['shard']}: tensor '{tensor}'" in p for p in problems), tensor
+
+
+def test_missing_shard_is_named(out, capsys):
+    path = shards(out)[-1]
+    path.unlink()
+    problems = assert_found(out, capsys, str(path))
+    assert all(str(path) in p for p in problems)
+    assert "unreadable shard" in problems[0]
+    gone = [t for t, r in rows(out).items() if r["shard"] == path.name]
+    assert all(any(f"'{t}'" in p for p in problems) for t in gone)
+
+
+def test_manifest_edited_after_the_fact(out, capsys):
+    path = out / MANIFEST_NAME
+    table = pq.read_table(path)
+    metadata = table.schema.metadata
+    hashes = table.column("hash").to_pylist()
+    i = table.column("tensor").to_pylist().index(TENSOR)
+    hashes[i] = "0" * 32
+    edited = table.set_column(table.schema.get_field_index("hash"), "hash", pa.array(hashes, pa.string()))
+    pq.write_table(edited.replace_schema_metadata(metadata), path)
+    assert pq.read_table(path).schema.metadata[META_KEY] == metadata[META_KEY]  # the edit kept the metadata
+    problems = assert_found(out, capsys, str(path), "checksum", TENSOR)
+    assert len(problems) == 2
+
+
+def test_manifest_that_is_not_parquet(out, capsys):
+    path = out / MANIFEST_NAME
+    path.write_text("this is not a parquet file\n")
+    with pytest.raises(VerifyError) as e:
+        verify(out)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    code, lines, err = run_verify(out, capsys)
+    assert code == 2 and lines == []
+    assert err.splitlines() == [f"chatvec: error: {path}: manifest is unreadable (ArrowInvalid)"]
+
+
+def test_directory_without_manifest(out, capsys):
+    (out / MANIFEST_NAME).unlink()
+    code, lines, err = run_verify(out, capsys)
+    assert code == 2 and lines == []
+    assert err.splitlines() == [f"chatvec: error: {out / MANIFEST_NAME}: no manifest here: not a chatvec output"]
+    empty = out.parent / "empty"
+    empty.mkdir()
+    code, lines, err = run_verify(empty, capsys)
+    assert code == 2 and lines == [] and len(err.splitlines()) == 1 and str(empty / MANIFEST_NAME) in err
+
+
+@pytest.mark.parametrize("meta", ["no-hash", "not-an-object"])
+def test_manifest_with_malformed_metadata(out, capsys, meta):
+    path = out / MANIFEST_NAME
+    table = pq.read_table(path)
+    doc = json.loads(table.schema.metadata[META_KEY])
+    doc.pop("hash")
+    blob = json.dumps(doc if meta == "no-hash" else [doc]).encode()
+    pq.write_table(table.replace_schema_metadata({META_KEY: blob}), path)
+    code, lines, err = run_verify(out, capsys)
+    assert code in (1, 2)
+    message = err.splitlines() if code == 2 else lines
+    assert message and str(path) in message[0]
