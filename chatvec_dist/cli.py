@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="show what a merge would do, without running it")
     _recipe_args(p, vector=False, cp=True, out_required=False)
+    p.add_argument("--save", metavar="PLAN.parquet", help="also write the plan (one row per output tensor) as Parquet")
     p = sub.add_parser("merge", help="out = cp + Σ alpha·(chat − base)")
     _recipe_args(p, vector=False, cp=True)
     p.add_argument("--chat-template-from-chat", action="store_true", help="copy the chat model's chat template where CP has none")
@@ -157,9 +158,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import job
 
     if args.command == "plan":
-        from .planning.table import summary
+        from .planning.table import plan_table, summary
 
-        print(summary(job.plan(recipe_from_args(args))))
+        planned = job.plan(recipe_from_args(args))
+        print(summary(planned))
+        if args.save:
+            import pyarrow.parquet as pq
+
+            pq.write_table(plan_table(planned), args.save)
+            print(f"wrote {args.save}")
         return EXIT_OK
     if args.command in ("merge", "extract", "apply", "run"):
         from .recipe import dump_recipe, load_recipe

@@ -167,3 +167,11 @@ def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
     text = capsys.readouterr().out
     assert "21 tensors (19 merge, 2 merge_rows)" in text and "vocab:overlap" in text
     assert not out.exists() and not Path(str(out) + ".partial").exists()
+    import pyarrow.parquet as pq
+
+    saved = tmp_path / "plan.parquet"
+    assert main(["plan", "--base", str(demo["base"]), "--chat", str(demo["chat"]), "--cp", str(demo["cp"]),
+                 "--save", str(saved)]) == 0
+    rows = {r["tensor"]: r for r in pq.read_table(saved).to_pylist()}
+    assert len(rows) == 21 and rows["lm_head.weight"]["rule"] == "copy" and rows["lm_head.weight"]["reason"] == "vocab:skip"
+    assert rows["model.norm.weight"]["nbytes"] == 128 and rows["model.norm.weight"]["dtype_out"] == "BF16"

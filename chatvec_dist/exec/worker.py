@@ -13,9 +13,9 @@ import xxhash
 from ..dtypes import ITEMSIZE, TORCH_DTYPES, compute_dtype
 from ..io.ranges import FileHandles, read_into, write_at
 from ..kernels.cpu import Stats
-from .compute import make_compute, pick_device
 from ..planning.layout import Layout, Piece, Placed, Unit
 from ..planning.planner import PlannedTensor, Src
+from .compute import make_compute, pick_device
 
 
 @dataclass(frozen=True)

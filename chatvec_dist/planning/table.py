@@ -13,10 +13,14 @@ if TYPE_CHECKING:
     from ..job import Planned
 
 
-def plan_table(layout: Layout) -> pa.Table:
-    """One row per output tensor: what will happen to it and where its bytes go."""
+def plan_table(planned: Planned) -> pa.Table:
+    """One row per output tensor per target: what will happen to it and where its bytes go."""
+    return pa.concat_tables([_target_table(tp.target.name, tp.layout) for tp in planned.targets])
+
+
+def _target_table(target: str, layout: Layout) -> pa.Table:
     rows = [{
-        "tensor": p.tensor.name, "rule": p.tensor.rule, "reason": p.tensor.reason, "shape": list(p.tensor.shape),
+        "target": target, "tensor": p.tensor.name, "rule": p.tensor.rule, "reason": p.tensor.reason, "shape": list(p.tensor.shape),
         "dtype_out": p.tensor.out_dtype, "dtype_cp": p.tensor.cp.dtype if p.tensor.cp else None,
         "merge_elems": p.tensor.merge_elems, "shard": layout.shards[p.shard].name, "offset": p.offset, "nbytes": p.nbytes,
     } for p in layout.tensors]
