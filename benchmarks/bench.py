@@ -1,0 +1,691 @@
+#!/usr/bin/env python
+"""Benchmark `chatvec merge` against the I/O floor and a few peers, on synthetic Llama-shaped bf16 checkpoints.
+
+    python benchmarks/bench.py [--size tiny|medium|7b] [--data DIR] [--repeat 3] [--cold] [--no-peers]
+
+Every case runs as a subprocess (start-up included); wall times are medians over --repeat runs. Peak memory is
+sampled every 50 ms over the whole process tree (driver, Ray's gcs/raylet and actors, ...). Results go to stdout
+and are appended to benchmarks/RESULTS.md. See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Keep every Ray we start (here or in children) on 127.0.0.1 and without token auth.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA_VERSION = 1  # bump when the generator changes, so that stale data is regenerated
+
+# Llama shapes. medium ≈ TinyLlama-1.1B; 7b = Llama-2-7B.
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4096, shard_bytes=6 * 10**6),
+    "medium": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                   num_key_value_heads=4, vocab_size=32000, shard_bytes=10**9),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, shard_bytes=2 * 10**9),
+}
+CHECKPOINTS = ("base", "chat", "cp")
+BUF = 64 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """LlamaForCausalLM's tensor names and shapes, in the usual file order."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i),
+                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def shard_plan(shapes: dict, shard_bytes: int) -> list[list[str]]:
+    shards, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        nb = numel(shape) * 2
+        if cur and size + nb > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nb
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def model_config(size: str) -> dict:
+    """A transformers LlamaConfig as JSON (the keys of chatvec_dist.demo.llama_config, copied here so that data
+    generation does not depend on the code under test)."""
+    spec = {k: v for k, v in SIZES[size].items() if k != "shard_bytes"}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **spec}
+
+
+def safetensors_header(names: list[str], shapes: dict) -> bytes:
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        nb = numel(shapes[n]) * 2
+        header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [off, off + nb]}
+        off += nb
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_random_bf16(f, count: int, rng, np) -> None:
+    """`count` random bf16 values, ±[2^-7, 2): random sign and mantissa, exponent 120..127 (no NaN/Inf/denormals)."""
+    step = BUF // 2
+    for s in range(0, count, step):
+        n = min(step, count - s)
+        a = np.frombuffer(rng.bytes(2 * n), dtype=np.uint16).copy()
+        a &= 0x83FF
+        a |= 0x3C00
+        f.write(memoryview(a))
+
+
+def make_checkpoint(directory: Path, cfg: dict, shards: list[list[str]], shapes: dict, seed: int) -> int:
+    """Write one checkpoint shard by shard, tensor by tensor, in 64 MiB pieces; return its weight bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    weight_map, total = {}, 0
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with open(directory / fname, "wb") as f:
+            f.write(safetensors_header(names, shapes))
+            for n in names:
+                write_random_bf16(f, numel(shapes[n]), rng, np)
+                weight_map[n] = fname
+                total += numel(shapes[n]) * 2
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def ensure_data(root: Path, size: str) -> dict:
+    """Make (or reuse) base/chat/cp under root/<size>/; return the spec (with file lists and sizes)."""
+    where = root / size
+    cfg = model_config(size)
+    shapes = llama_shapes(cfg)
+    shards = shard_plan(shapes, SIZES[size]["shard_bytes"])
+    want = {"version": DATA_VERSION, "size": size, "config": cfg, "shards": shards}
+    spec_path = where / "spec.json"
+    if spec_path.is_file():
+        have = json.loads(spec_path.read_text())
+        if {k: have.get(k) for k in want} == want and all(
+                Path(p).is_file() and os.path.getsize(p) == s for p, s in have["files"].items()):
+            print(f"reusing {where}/ ({have['params'] / 1e9:.3f} B params, {have['weight_bytes'] / 1e9:.2f} GB per checkpoint)")
+            return have
+    shutil.rmtree(where, ignore_errors=True)
+    params = sum(numel(s) for s in shapes.values())
+    print(f"generating {size} checkpoints in {where}/ ({params / 1e9:.3f} B params, {len(shards)} shards each) ...", flush=True)
+    t0 = time.perf_counter()
+    weight_bytes = 0
+    for seed, name in enumerate(CHECKPOINTS):
+        weight_bytes = make_checkpoint(where / name, cfg, shards, shapes, seed)
+    files = {str(p): p.stat().st_size for name in CHECKPOINTS for p in sorted((where / name).glob("*.safetensors"))}
+    spec = want | {"params": params, "weight_bytes": weight_bytes, "files": files}
+    os.sync()
+    spec_path.write_text(json.dumps(spec, indent=1))
+    print(f"  done in {time.perf_counter() - t0:.1f} s")
+    return spec
+
+
+# --------------------------------------------------------------------------------------- measurement
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    kids, out, todo = _children_map(), [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """user + system CPU seconds of one process so far."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Polls a process tree: peak of summed RSS (every 50 ms), of summed PSS (every 500 ms), largest single RSS."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.peak_rss = self.peak_pss = self.max_proc_rss = self.max_procs = 0
+        self.cpu: dict[int, float] = {}  # last CPU seconds seen per process of the tree
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        tick = 0
+        while not self._halt.is_set():
+            pids = _tree(self.pid)
+            rss = [_rss(p) for p in pids]
+            self.peak_rss = max(self.peak_rss, sum(rss))
+            self.max_proc_rss = max(self.max_proc_rss, max(rss, default=0))
+            self.max_procs = max(self.max_procs, len(pids))
+            for p in pids:
+                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu(p))
+            if tick % 10 == 0:
+                self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
+            tick += 1
+            self._halt.wait(self.period)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def busy_cpu() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, kernel included) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / TICK  # minus idle and iowait
+
+
+def wait_quiet(limit: float, threshold: float = 0.25, window: float = 2.0) -> float:
+    """Wait (at most `limit` s) until the machine is idle: under `threshold` cores busy over `window` s.
+    Returns the busy cores of the last window (what the run starts with)."""
+    deadline = time.monotonic() + limit
+    while True:
+        b0 = busy_cpu()
+        time.sleep(window)
+        busy = (busy_cpu() - b0) / window
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
+NOISY = 0.3  # cores used by the rest of the machine during a run, above which the run is retried
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and its reaped children."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed_run(cmd: list[str], cold: bool, log: Path, env: dict | None = None, cwd: Path | None = None, quiet: float = 0) -> dict:
+    """Run `cmd` once; wall time, CPU and memory of its process tree. Raises on failure, showing the log tail."""
+    os.sync()
+    if cold:
+        drop_caches()
+    idle = wait_quiet(quiet) if quiet else 0.0
+    load0 = os.getloadavg()[0]
+    busy0 = busy_cpu()
+    self0 = resource.getrusage(resource.RUSAGE_SELF)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or REPO, env=env,
+                                start_new_session=True)
+        mon = TreeMemory(proc.pid)
+        mon.start()
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        mon.stop()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self1 = resource.getrusage(resource.RUSAGE_SELF)
+    # minus this process (the memory poller mostly): it is measurement overhead, not the case nor other load
+    busy = busy_cpu() - busy0 - (self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime)
+    # CPU of the tree: what the poller saw, or what the kernel reports for reaped descendants, whichever is more.
+    cpu = max(sum(mon.cpu.values()), ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
+    return {"wall": wall, "cpu": cpu, "rss": mon.peak_rss, "pss": mon.peak_pss, "max_proc_rss": mon.max_proc_rss,
+            "procs": mon.max_procs, "load": max(load0, os.getloadavg()[0]),
+            "other_cpu": max(0.0, busy - cpu), "busy_before": idle}
+
+
+def read_all(paths: list[str]) -> int:
+    buf = bytearray(BUF)
+    mv, total = memoryview(buf), 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(mv):
+                total += n
+    return total
+
+
+def time_read(paths: list[str], cold: bool) -> tuple[float, float]:
+    """Seconds to read every input byte once: (python readinto loop with a 64 MiB buffer, `cat > /dev/null`)."""
+    if cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    read_all(paths)
+    py = time.perf_counter() - t0
+    if cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)
+    return py, time.perf_counter() - t0
+
+
+def time_write(path: Path, nbytes: int, cold: bool) -> tuple[float, float]:
+    """Seconds to write `nbytes` from a 64 MiB buffer into a new file, and then to fsync it; the file is deleted."""
+    if cold:
+        drop_caches()
+    buf = memoryview(os.urandom(BUF))
+    os.sync()
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, buf[: min(left, BUF)])
+        t1 = time.perf_counter()
+        os.fsync(fd)
+        t2 = time.perf_counter()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return t1 - t0, t2 - t1
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+def peer_streaming(base: str, chat: str, cp: str, out: str) -> None:
+    """The plain streaming script: safe_open the three, float32 math per tensor, save_file per CP shard."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def handles(d):
+        index = json.loads((Path(d) / "model.safetensors.index.json").read_text())["weight_map"]
+        files = {f: safe_open(str(Path(d) / f), "pt") for f in set(index.values())}
+        return {n: files[f] for n, f in index.items()}
+
+    hb, hc = handles(base), handles(chat)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    index = json.loads((Path(cp) / "model.safetensors.index.json").read_text())["weight_map"]
+    for fname in sorted(set(index.values())):
+        res = {}
+        with safe_open(str(Path(cp) / fname), "pt") as f:
+            for n in f.keys():
+                t = f.get_tensor(n)
+                res[n] = (t.float() + (hc[n].get_tensor(n).float() - hb[n].get_tensor(n).float())).to(t.dtype)
+        save_file(res, str(Path(out) / fname), metadata={"format": "pt"})
+    shutil.copyfile(Path(cp) / "model.safetensors.index.json", Path(out) / "model.safetensors.index.json")
+    shutil.copyfile(Path(cp) / "config.json", Path(out) / "config.json")
+
+
+def peer_transformers(base: str, chat: str, cp: str, out: str) -> None:
+    """Load three models with transformers, out = cp + (chat - base) per parameter in float32, save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    b, c, m = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16) for d in (base, chat, cp))
+    sb, sc = b.state_dict(), c.state_dict()
+    with torch.no_grad():
+        for n, p in m.state_dict().items():
+            p.copy_(p.float() + (sc[n].float() - sb[n].float()))
+    m.save_pretrained(out)
+
+
+PEERS = {"streaming": peer_streaming, "transformers": peer_transformers}
+
+
+def mergekit_config(where: Path, base: str, chat: str, cp: str) -> Path:
+    cfg = where / "mergekit.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   f"  - model: {chat}\n    parameters:\n      weight: 1.0\n"
+                   f"  - model: {cp}\n    parameters:\n      weight: 1.0\n"
+                   f"dtype: bfloat16\n")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = "AVX-512" if " avx512f" in line else "AVX2" if " avx2" in line else ""
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}{', ' + flags if flags else ''}), {mem / 2**30:.1f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "chatvec_dist"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return rev + ("+uncommitted changes in chatvec_dist/" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def fmt_bytes(n: float) -> str:
+    return "—" if not n else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+class Report:
+    def __init__(self, io_bytes: int) -> None:
+        self.io_bytes = io_bytes
+        self.floor = 0.0
+        self.rows: list[dict] = []
+
+    def add(self, case: str, walls: list[float], mem: list[dict] | None = None, io: bool = True, note: str = "") -> None:
+        m = {k: max(r[k] for r in mem) for k in ("rss", "pss", "max_proc_rss", "procs", "load")} if mem else {}
+        if mem:
+            m["cpu"] = statistics.median(r["cpu"] for r in mem)
+            m["other_cpu"] = max(r["other_cpu"] / r["wall"] for r in mem)
+        self.rows.append({"case": case, "walls": walls, "median": statistics.median(walls), "io": io, "mem": m, "note": note})
+
+    def table(self) -> str:
+        head = ("| case | wall s (median) | runs | GB/s | × floor | CPU s | other load | peak RSS, tree | peak PSS, tree | max RSS, one process |\n"
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        lines = []
+        for r in self.rows:
+            med = r["median"]
+            gbs = f"{self.io_bytes / med / 1e9:.2f}" if r["io"] and med > 0 else "—"
+            ratio = f"{med / self.floor:.2f}" if r["io"] and self.floor > 0 else "—"
+            runs = " / ".join(f"{w:.2f}" for w in r["walls"])
+            m = r["mem"]
+            case = r["case"] + (f" ({r['note']})" if r["note"] else "")
+            cpu = f"{m['cpu']:.1f}" if "cpu" in m else "—"
+            other = f"{m['other_cpu']:.2f}" if "other_cpu" in m else "—"
+            lines.append(f"| {case} | {med:.2f} | {runs} | {gbs} | {ratio} | {cpu} | {other} | {fmt_bytes(m.get('rss', 0))} | "
+                         f"{fmt_bytes(m.get('pss', 0))} | {fmt_bytes(m.get('max_proc_rss', 0))} |")
+        return head + "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_peer":  # internal: run one peer in this (child) process
+        PEERS[sys.argv[2]](*sys.argv[3:7])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="tiny")
+    ap.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic checkpoints live (default benchmarks/data)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (needs root)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the streaming script, transformers and mergekit")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up-only cases")
+    ap.add_argument("--cases", help="comma-separated subset of: ray,local,local1,streaming,transformers,mergekit")
+    ap.add_argument("--snapshot", metavar="REV", help="benchmark chatvec_dist as committed at REV (e.g. HEAD), "
+                    "exported with `git archive` and put first on PYTHONPATH, instead of the working tree")
+    ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
+                    help="before each run wait up to S seconds for the machine to be idle (default 120; 0: don't)")
+    ap.add_argument("--retries", type=int, default=4, metavar="N",
+                    help=f"per case, up to N extra runs replacing runs during which the rest of the machine used more "
+                         f"than {NOISY} cores (default 4)")
+    ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    args = ap.parse_args()
+
+    notes: list[str] = []
+    if args.cold and not drop_caches():
+        print("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): the 'cold' figures are hot-cache figures")
+        notes.append("--cold asked, but /proc/sys/vm/drop_caches is not writable here: figures are hot-cache")
+        args.cold = False
+    spec = ensure_data(args.data, args.size)
+    where = args.data / args.size
+    dirs = {n: str(where / n) for n in CHECKPOINTS}
+    inputs = list(spec["files"])
+    in_bytes = sum(spec["files"].values())
+    out_bytes = in_bytes // 3
+    io_bytes = in_bytes + out_bytes
+    out_dir = where / "out"
+    logs = where / "logs"
+    logs.mkdir(exist_ok=True)
+    report = Report(io_bytes)
+    mode = "cold" if args.cold else "hot"
+    print(f"size {args.size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
+          f"{mode} cache; {args.repeat} run(s) per case")
+
+    # The I/O floor.
+    if not args.cold:
+        read_all(inputs)  # warm the page cache
+    reads_py, reads_cat, writes, fsyncs = [], [], [], []
+    floor_noisy, attempts = 0, 0
+    while len(writes) < args.repeat:
+        attempts += 1
+        if args.quiet_wait:
+            wait_quiet(args.quiet_wait)
+        b0, c0, t0 = busy_cpu(), own_cpu(), time.perf_counter()
+        py, cat = time_read(inputs, args.cold)
+        w, s = time_write(where / "floor-write.tmp", out_bytes, args.cold)
+        other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
+        print(f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
+              f"other load {other:.2f}", flush=True)
+        if other > NOISY and attempts <= args.repeat + args.retries:
+            floor_noisy += 1
+            continue
+        reads_py.append(py), reads_cat.append(cat), writes.append(w), fsyncs.append(s)
+    if floor_noisy:
+        notes.append(f"I/O floor: {floor_noisy} round(s) discarded as noisy (other load > {NOISY})")
+    floor_runs = [min(py, cat) + w for py, cat, w in zip(reads_py, reads_cat, writes)]
+    report.floor = statistics.median(floor_runs)
+    report.add("**I/O floor**: read inputs once + write one output", floor_runs)
+    report.add("↳ read inputs, python readinto 64 MiB", reads_py, io=False)
+    report.add("↳ read inputs, `cat > /dev/null`", reads_cat, io=False)
+    report.add("↳ write one output's bytes from a buffer", writes, io=False)
+    report.add("↳ fsync of that write (chatvec fsyncs its output)", fsyncs, io=False)
+    if not args.cold:
+        read_all(inputs)  # re-warm after the floor writes
+
+    def case(label: str, cmd: list[str], io: bool = True) -> None:
+        walls, mems, noisy, k = [], [], [], 0
+        while len(walls) < args.repeat:
+            k += 1
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(out_dir.with_name("out.partial"), ignore_errors=True)
+            try:
+                r = timed_run(cmd, args.cold, logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
+                              env=run_env, cwd=run_cwd, quiet=args.quiet_wait)
+            except RuntimeError as e:
+                print(f"  {label}: FAILED\n{e}", flush=True)
+                notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
+                break
+            load = r["other_cpu"] / r["wall"]
+            flag = ""
+            if load > NOISY and k <= args.repeat + args.retries:
+                noisy.append(r["wall"])
+                flag = " [noisy: discarded, retrying]"
+            else:
+                walls.append(r["wall"]), mems.append(r)
+            print(f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
+                  f"{r['procs']} processes", flush=True)
+        if noisy:
+            notes.append(f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
+                         + ", ".join(f"{w:.2f} s" for w in noisy))
+        if walls:
+            report.add(label, walls, mems, io=io)
+
+    run_env, run_cwd, code = None, where, "working tree"
+    if args.snapshot:
+        rev = subprocess.run(["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        snap = (args.data / f"snapshot-{rev}").resolve()
+        if not (snap / "chatvec_dist").is_dir():
+            snap.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+        run_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        code = f"git {rev} (snapshot)"
+        chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
+        probe = subprocess.run([sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"], env=run_env,
+                               cwd=run_cwd, capture_output=True, text=True).stdout.strip()
+        if not probe.startswith(str(snap)):
+            raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
+    else:
+        code = f"git {git_rev()}"
+        chatvec = shutil.which("chatvec")
+        chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
+    merge = [*chatvec, "merge", "--base", dirs["base"], "--chat", dirs["chat"], "--cp", dirs["cp"], "--out", str(out_dir),
+             "--overwrite", "--no-progress"]
+    wanted = set(args.cases.split(",")) if args.cases else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
+    ncpu = os.cpu_count() or 1
+    try:
+        if "ray" in wanted:
+            case(f"chatvec merge, Ray backend × {ncpu}", merge)
+            verify = subprocess.run([*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd)
+            print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
+            if verify.returncode != 0:
+                notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
+        if "local" in wanted:
+            case(f"chatvec merge, local backend × {ncpu} threads", [*merge, "--backend", "local"])
+        if "local1" in wanted:
+            case("chatvec merge, local backend × 1 thread", [*merge, "--backend", "local", "--workers", "1"])
+        if not args.no_startup:
+            py = sys.executable
+            case("start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
+            case("start-up only: `python -c 'import torch, ray; ray.init()'`", [py, "-c", "import torch, ray; ray.init()"], io=False)
+            case("start-up only: `chatvec --help`", [*chatvec, "--help"], io=False)
+        if not args.no_peers:
+            me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
+            if "streaming" in wanted:
+                case("peer: plain streaming script (safe_open, fp32, save_file)",
+                     [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+            if "transformers" in wanted:
+                try:
+                    import transformers  # noqa: F401
+                    case("peer: transformers (load 3 models, add, save_pretrained)",
+                         [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+                except ImportError:
+                    notes.append("transformers not installed: its case was skipped")
+            if "mergekit" in wanted:
+                mk = shutil.which("mergekit-yaml")
+                if mk:
+                    cfg = mergekit_config(where, dirs["base"], dirs["chat"], dirs["cp"])
+                    case("peer: mergekit-yaml task_arithmetic (bf16)", [mk, str(cfg), str(out_dir)])
+                else:
+                    notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    table = report.table()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cfg = spec["config"]
+    desc = (f"`--size {args.size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
+            f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
+            f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB")
+    text = (f"\n## {stamp} — {args.size}, {mode} cache, {args.repeat} run(s) per case\n\n"
+            f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
+            f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
+            f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
+            f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
+            f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
+            f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
+            f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
+            f"(libraries, Ray's object store) once per process, PSS splits them.\n"
+            + "".join(f"- Note: {n}\n" for n in notes) + "\n" + table)
+    print(text)
+    if not args.no_results:
+        if not args.results.exists():
+            args.results.write_text("# Benchmark results\n\nWritten by `python benchmarks/bench.py`; newest last.\n")
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(text)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
