@@ -5,6 +5,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterable
 
+import torch
+
 from ..planning.layout import Unit
 from .worker import UnitResult, UnitRunner, WorkContext
 
@@ -50,6 +52,8 @@ class LocalBackend:
                         done.put((None, e))
 
         threads = [threading.Thread(target=work, name=f"chatvec-{i}", daemon=True) for i in range(self.workers)]
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(1)  # parallel over units, not inside ops: torch's idle OpenMP threads spin (measured)
         for t in threads:
             t.start()
         try:
@@ -62,6 +66,7 @@ class LocalBackend:
             stop.set()
             for t in threads:
                 t.join()
+            torch.set_num_threads(intra_op)
         while not done.empty():  # an error closing a runner (fsync) after the last unit
             _, error = done.get()
             if error is not None:
