@@ -45,7 +45,7 @@ def make_models(root: Path, mb: int) -> dict[str, Path]:
 
 
 def run_driver(paths: dict[str, Path], out: Path, address: str, unit: str) -> tuple[float, float, int]:
-    """(wall s, driver CPU s, driver peak RSS MiB) of one `chatvec merge` driver process."""
+    """(wall s, driver CPU s, peak RSS of a child process MiB) of one `chatvec merge` driver process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "chatvec_dist.cli", "merge", "--base", str(paths["base"]), "--chat",
@@ -91,8 +91,8 @@ def main() -> int:
         finally:
             c.shutdown()
     print(f"\n## Scale-out on a loopback cluster — {os.cpu_count()} cores, {moved / 1e9:.2f} GB moved per merge")
-    print("| worker nodes | wall s | GB/s | driver CPU s | driver peak RSS MiB | units (64 KiB) | "
-          "extra wall ms/unit | driver CPU ms/unit |\n|---|---|---|---|---|---|---|---|")
+    print("| worker nodes | wall s | GB/s | driver CPU s | peak RSS of a child process MiB | units (64 KiB) | "
+          "extra wall ms/unit | driver CPU ms/unit |\n|---|---|---|---|---|---|---|---|")  # RSS: max over child processes (Ray nodes too)
     for r in rows:
         print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.2f} | {r[3]:.1f} | {r[4]} | {r[5]} | {r[6]:.2f} | {r[7]:.2f} |")
     return 0
