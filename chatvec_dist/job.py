@@ -16,7 +16,7 @@ from .dtypes import CONFIG_NAMES, ITEMSIZE, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError
 from .exec.worker import UnitResult, WorkContext, input_needs, span
 from .io.checkpoint import Checkpoint
-from .io.hub import open_source
+from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest
 from .output import JOURNAL_NAME, Journal, check_destination, commit, open_partial
@@ -117,7 +117,10 @@ def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tall
 
 
 def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> None:
-    ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes)
+    checkpoints = [c for tp in planned.targets for c in (tp.sources.cp, *(x for _, p, m in tp.sources.terms for x in (p, m)))
+                   if c is not None]
+    ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes,
+                         hub_files(checkpoints))
     backend = _backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}

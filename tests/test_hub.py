@@ -88,3 +88,32 @@ def test_symlink_out_of_the_repo_cache_is_refused(hub, tmp_path, capsys):
     assert main(["plan", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp"]) == 2
     assert "outside the checkpoint" in capsys.readouterr().err
     assert os.path.exists(outside)
+
+
+def test_a_node_without_the_drivers_cache_fetches_into_its_own(hub, tmp_path, monkeypatch):
+    """Workers read Hub inputs from their own node's cache (here: a second cache, the driver's gone)."""
+    import huggingface_hub.constants as c
+
+    from chatvec_dist import job
+
+    cache, models, commits = hub
+    node_cache = tmp_path / "node-cache"
+    shutil.copytree(cache, node_cache, symlinks=True)
+    real_execute = job._execute
+
+    def on_another_node(*args, **kwargs):
+        cache.rename(tmp_path / "driver-cache-unreachable")  # the paths the driver planned with vanish
+        monkeypatch.setattr(c, "HF_HUB_CACHE", str(node_cache))
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(job, "_execute", on_another_node)
+    out = tmp_path / "out"
+    assert main(["merge", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp", "--out", str(out),
+                 "--backend", "local", "--no-progress"]) == 0
+    assert verify(out) == []
+    reference = tmp_path / "reference"
+    monkeypatch.setattr(job, "_execute", real_execute)
+    assert main(["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
+                 "--out", str(reference), "--backend", "local", "--no-progress"]) == 0
+    same = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
+    assert same(out) == same(reference)

@@ -11,6 +11,7 @@ import torch
 import xxhash
 
 from ..dtypes import ITEMSIZE, TORCH_DTYPES, compute_dtype
+from ..io.hub import local_copy
 from ..io.ranges import FileHandles, read_into, write_at
 from ..kernels.cpu import Stats
 from ..planning.layout import Layout, Piece, Placed, Unit
@@ -30,11 +31,13 @@ class WorkContext:
 
     outputs: list[OutputContext]
     block_bytes: int
+    hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
 
     @classmethod
-    def of(cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int) -> "WorkContext":
+    def of(cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int,
+           hub_files: dict[str, tuple[str, str, str]]) -> "WorkContext":
         return cls([OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
-                    for lay, d in zip(layouts, work_dirs)], block_bytes)
+                    for lay, d in zip(layouts, work_dirs)], block_bytes, hub_files)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class UnitRunner:
         self.device = pick_device(device)
         self.compute = make_compute(self.device)
         self._bufs: dict[object, torch.Tensor] = {}
+        self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.node = node or socket.gethostname()
 
@@ -129,8 +133,9 @@ class UnitRunner:
         for slot, (src, count) in enumerate(input_needs(piece, tensors).items()):
             size = ITEMSIZE[src.dtype]
             buf = self._buffer(("in", slot), count * size)
-            read_into(self.files.get(src.path), memoryview(buf.numpy()), src.start + piece.first * size, src.path,
-                      tensors[0].name)
+            path = self._local_paths.get(src.path) or self._local_paths.setdefault(
+                src.path, local_copy(src.path, self.ctx.hub_files))
+            read_into(self.files.get(path), memoryview(buf.numpy()), src.start + piece.first * size, path, tensors[0].name)
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
 

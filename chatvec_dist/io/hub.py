@@ -43,3 +43,26 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:
         raise SourceError(f"not in the local Hugging Face cache and not downloadable: {type(e).__name__}: {e}", file=repo_id) from None
+
+
+def hub_files(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, str]]:
+    """For Hub checkpoints: each file's path in this machine's cache → (repo, commit, file name)."""
+    found = {}
+    for ckpt in checkpoints:
+        if "repo" in ckpt.source:
+            for name in ckpt.source["files"]:
+                found[str(ckpt.directory / name)] = (ckpt.source["repo"], ckpt.source["commit"], name)
+    return found
+
+
+def local_copy(path: str, hub: dict[str, tuple[str, str, str]]) -> str:
+    """`path` if this node has it; else the same Hub file (pinned commit) fetched into this node's own cache."""
+    if os.path.exists(path) or path not in hub:
+        return path
+    from huggingface_hub import hf_hub_download
+
+    repo, commit, name = hub[path]
+    try:
+        return hf_hub_download(repo, name, revision=commit)
+    except Exception as e:
+        raise SourceError(f"cannot fetch {name}@{commit} into this node's cache: {type(e).__name__}: {e}", file=repo) from None
