@@ -51,6 +51,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fail-on-nonfinite", action="store_true",
+                   help="refuse to commit an output with NaN/Inf values (by default they are counted in the manifest)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +135,8 @@ def _floats(text: str) -> list[float]:
 
 def _options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(backend=args.backend, workers=args.workers, cpus_per_worker=args.cpus_per_worker, device=args.device,
-                      address=args.address, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress)
+                      address=args.address, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
+                      fail_on_nonfinite=args.fail_on_nonfinite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,13 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     if done:
         print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
     _execute(planned, [w for w, _ in works], todo, tallies, options)
+    if options.fail_on_nonfinite:
+        for tp, tally in zip(planned.targets, tallies):
+            for name, nan, inf in tally.nonfinite()[:1]:
+                src = next(p.tensor for p in tp.layout.tensors if p.tensor.name == name)
+                raise PlanError(f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
+                                f"(--fail-on-nonfinite); nothing was committed", file=src.cp.path if src.cp else None,
+                                tensor=name)
     for tp, out, (work, _), tally in zip(planned.targets, outs, works, tallies):
         _commit(planned, tp, out, work, tally, options.overwrite)
     return outs

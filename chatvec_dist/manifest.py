@@ -57,6 +57,16 @@ class Tally:
         e.blocks.update(seg.blocks)
         e.parts[seg.blocks[0][0]] = (seg.stats, seconds, worker, node)
 
+    def nonfinite(self) -> list[tuple[str, int, int]]:
+        """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
+        found = []
+        for placed, e in zip(self.layout.tensors, self.entries):
+            nan = sum(p[0].nan for p in e.parts.values())
+            inf = sum(p[0].inf for p in e.parts.values())
+            if nan or inf:
+                found.append((placed.tensor.name, nan, inf))
+        return found
+
     def table(self, target: str, metadata: dict) -> pa.Table:
         rows = []
         for placed, e in zip(self.layout.tensors, self.entries):

@@ -68,3 +68,4 @@ class RunOptions:
     overwrite: bool = False
     restart: bool = False
     progress: bool = True
+    fail_on_nonfinite: bool = False  # NaN/Inf in any output tensor: an error instead of counts in the manifest

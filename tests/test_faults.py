@@ -249,3 +249,31 @@ def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
     assert main(merge_argv(demo["models"], out, "--max-shard-size", "40KB", "--overwrite")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no out.partial, no out.old left behind
     assert verify(out) == []
+
+
+def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
+    """NaN/Inf in an input: counted per tensor in the manifest; with --fail-on-nonfinite, nothing is committed."""
+    from safetensors.torch import load_file, save_file
+
+    from chatvec_dist.cli import main
+    from chatvec_dist.demo import make_demo_models
+    from chatvec_dist.manifest import read_manifest
+
+    models = make_demo_models(tmp_path / "m")
+    tensors = load_file(models["chat"] / "model.safetensors")
+    bad = tensors["model.layers.1.mlp.up_proj.weight"]
+    bad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=bad.dtype)
+    save_file(tensors, models["chat"] / "model.safetensors", metadata={"format": "pt"})
+    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
+            "--backend", "local", "--no-progress"]
+    out = tmp_path / "counted"
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
+    assert (rows["model.layers.1.mlp.up_proj.weight"]["nan_count"], rows["model.layers.1.mlp.up_proj.weight"]["inf_count"]) == (1, 2)
+    assert sum(r["nan_count"] or 0 for r in rows.values()) == 1
+    refused = tmp_path / "refused"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(refused), "--fail-on-nonfinite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.layers.1.mlp.up_proj.weight" in err and "1 NaN and 2 Inf" in err
+    assert not refused.exists()
