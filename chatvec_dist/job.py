@@ -124,10 +124,8 @@ def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tall
 
 
 def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> None:
-    checkpoints = [c for tp in planned.targets for c in (tp.sources.cp, *(x for _, p, m in tp.sources.terms for x in (p, m)))
-                   if c is not None]
     ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes,
-                         hub_files(checkpoints))
+                         hub_files([c for tp in planned.targets for c in tp.sources.checkpoints]))
     backend = _backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
@@ -208,12 +206,7 @@ def _still_valid(result: UnitResult, lay: Layout, work: Path, block: int) -> boo
 
 
 def _input_dirs(planned: Planned) -> list[Path]:
-    dirs = []
-    for tp in planned.targets:
-        dirs += [tp.sources.cp.directory] if tp.sources.cp else []
-        for _, plus, minus in tp.sources.terms:
-            dirs += [plus.directory] + ([minus.directory] if minus else [])
-    return dirs
+    return [c.directory for tp in planned.targets for c in tp.sources.checkpoints]
 
 
 def _sources_meta(sources: Sources) -> dict:
@@ -226,12 +219,9 @@ def _digest(planned: Planned, output: int) -> str:
     tp = planned.targets[output]
     h = hashlib.sha256(repr((output, dataclasses.asdict(planned.recipe), [t.layout for t in planned.targets],
                              planned.units, planned.block_bytes)).encode())
-    for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in _srcs(p.tensor)}):
+    for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs}):
         st = os.stat(path)
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(tp.target.out.encode())
     return h.hexdigest()
 
-
-def _srcs(t):
-    return ([t.cp] if t.cp else []) + [s for _, p, m in t.terms for s in (p, m) if s]

@@ -81,7 +81,7 @@ class Tally:
             rows.append({
                 "target": target, "tensor": t.name, "rule": t.rule, "reason": t.reason, "shape": list(t.shape),
                 "dtype_out": t.out_dtype, "dtype_cp": t.cp.dtype if t.cp else None,
-                "dtypes_vector": [s_.dtype for _, p, m in t.terms for s_ in (p, m) if s_],
+                "dtypes_vector": [src.dtype for src in t.vector_srcs],
                 "shard": self.layout.shards[placed.shard].name, "offset": placed.offset, "nbytes": placed.nbytes,
                 "hash": tensor_hash([e.blocks[b] for b in range(expected)]),
                 "cp_norm": cp_norm,

@@ -143,7 +143,7 @@ class UnitRunner:
                  out: torch.Tensor) -> Stats:
         terms = [(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
                  for alpha, plus, minus in t.terms] if merged else []
-        dtypes = [t.out_dtype] + ([t.cp.dtype] if t.cp else []) + [s.dtype for _, p, m in t.terms for s in (p, m) if s]
+        dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
         stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values

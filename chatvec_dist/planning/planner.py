@@ -35,6 +35,16 @@ class PlannedTensor:
     merge_elems: int
 
     @property
+    def vector_srcs(self) -> list[Src]:
+        """Every chat/base (or extracted vector) source this tensor reads."""
+        return [s for _, plus, minus in self.terms for s in (plus, minus) if s is not None]
+
+    @property
+    def srcs(self) -> list[Src]:
+        """Every source this tensor reads: CP's, then the vectors'."""
+        return ([self.cp] if self.cp is not None else []) + self.vector_srcs
+
+    @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -48,6 +58,12 @@ class Sources:
 
     cp: Checkpoint | None
     terms: tuple[tuple[float, Checkpoint, Checkpoint | None], ...]
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint opened for this target: CP, then each vector's plus and minus."""
+        found = [self.cp] if self.cp is not None else []
+        return found + [c for _, plus, minus in self.terms for c in (plus, minus) if c is not None]
 
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
@@ -71,10 +87,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
 
 
 def _all_names(sources: Sources) -> set[str]:
-    names = set(sources.cp.tensors) if sources.cp else set()
-    for _, plus, minus in sources.terms:
-        names |= set(plus.tensors) | (set(minus.tensors) if minus else set())
-    return names
+    return {name for ckpt in sources.checkpoints for name in ckpt.tensors}
 
 
 def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]) -> None:
