@@ -4,11 +4,15 @@ Longer campaigns: `python tests/test_atheris.py -runs=1000000 -max_len=4096 [cor
 """
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def one_input(data: bytes) -> None:
@@ -36,7 +40,8 @@ def test_atheris_header_fuzz_smoke(tmp_path) -> None:
     for i, seed in enumerate(SEEDS):
         (corpus / f"seed{i}").write_bytes(seed)
     done = subprocess.run([sys.executable, __file__, "-runs=20000", "-max_len=2048", "-seed=1", str(corpus)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # crash files land in tmp_path
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,  # crash files land in tmp_path
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
