@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from . import __version__
 from .card import model_card
 from .dtypes import CONFIG_NAMES, ITEMSIZE, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError
-from .exec.worker import UnitResult, WorkContext, input_needs, span
+from .exec.worker import Stages, UnitResult, WorkContext, input_needs, span
 from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
@@ -98,7 +99,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     todo = [u for u in planned.units if u.id not in done]
     if done:
         print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
-    _execute(planned, [w for w, _ in works], todo, tallies, options)
+    speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
     if options.fail_on_nonfinite:
         for tp, tally in zip(planned.targets, tallies):
             for name, nan, inf in tally.nonfinite()[:1]:
@@ -108,6 +109,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
                                 tensor=name)
     for tp, out, (work, _), tally in zip(planned.targets, outs, works, tallies):
         _commit(planned, tp, out, work, tally, options.overwrite)
+    print(speed, file=sys.stderr)
     return outs
 
 
@@ -123,7 +125,9 @@ def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tall
     commit(work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite)
 
 
-def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> None:
+def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> str:
+    """Run the units not done yet, journaling each result; return a line on the throughput."""
+    started = time.perf_counter()
     ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes,
                          hub_files([c for tp in planned.targets for c in tp.sources.checkpoints]))
     backend = _backend(ctx, options)
@@ -134,8 +138,10 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
                desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})")
 
     results: dict[int, list[UnitResult]] = {}
+    stages = Stages()
 
     def on_result(result: UnitResult) -> None:
+        stages.add(result.stages)
         share = result.seconds / max(1, len(result.segments))
         results[result.unit] = []
         for o, (tally, journal) in enumerate(zip(tallies, journals)):
@@ -157,6 +163,7 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
             suspect = backend.run(lost, on_result)
         else:
             raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
+        return throughput(stages, time.perf_counter() - started, backend)
     finally:
         bar.close()
         for j in journals:
@@ -174,6 +181,18 @@ def _backend(ctx: WorkContext, options: RunOptions):
 
         return RayBackend(ctx, options.workers, options.address, options.cpus_per_worker, options.device)
     raise ValueError(f"unknown backend {options.backend!r}")
+
+
+def throughput(stages: Stages, wall: float, backend) -> str:
+    """One line: bytes moved per wall second, then where the workers spent their time (seconds summed over workers)."""
+    def rate(nbytes: int, seconds: float) -> str:
+        return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "—"
+
+    moved = stages.bytes_read + stages.bytes_written
+    return (f"{moved / 1e9:.2f} GB in {wall:.1f} s ({rate(moved, wall)}) on {backend.name} × {backend.workers}, "
+            f"start-up and fsync included; worker-seconds: read {stages.read:.2f} ({rate(stages.bytes_read, stages.read)}), "
+            f"compute {stages.compute:.2f}, hash {stages.hash:.2f}, "
+            f"write {stages.write:.2f} ({rate(stages.bytes_written, stages.write)}); fsync {backend.sync_seconds:.2f} s")
 
 
 def unit_io_bytes(unit: Unit, planned: Planned) -> int:

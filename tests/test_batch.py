@@ -1,6 +1,7 @@
 """Batches: many targets and alpha sweeps in one pass, recipe files, the audit view, the Python API."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import chatvec_dist
 from chatvec_dist import job
 from chatvec_dist.cli import main, recipe_from_args, build_parser
+from chatvec_dist.kernels.reference import reference
 from chatvec_dist.manifest import read_manifest, verify
 from chatvec_dist.recipe import RecipeError, dump_recipe, load_recipe
 from test_e2e import expected_weights, load_all, logits, shard_bytes
@@ -158,3 +160,42 @@ def test_python_api(llamas, tmp_path):
     expected = expected_weights(llamas, "cp", alpha=0.5)
     got = load_all(outs[0])
     assert all(torch.equal(got[n], t) for n, t in expected.items())
+
+
+def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, monkeypatch):
+    """Pieces are worked strip by strip; a strip boundary must not change a byte or a block's digest, in a batch
+    whose outputs differ in dtype (bf16 and float32) and vocabulary."""
+    from chatvec_dist.exec.compute import CpuCompute
+    from chatvec_dist.planning import layout
+    from chatvec_dist.spec import Recipe
+
+    monkeypatch.setattr(layout, "HASH_BLOCK_BYTES", 1024)  # many blocks per 16 KiB piece
+
+    def run(name: str, strip_bytes: int) -> Path:
+        monkeypatch.setattr(CpuCompute, "strip_bytes", strip_bytes)
+        base = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]),
+                                        {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])},
+                                        str(tmp_path / name), 0.5, vocab="overlap", unit_bytes=16 * 1024)
+        zh, ko = base.targets
+        recipe = Recipe(base.vectors, (zh, dataclasses.replace(ko, dtype="float32")), unit_bytes=16 * 1024)
+        chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", workers=2, progress=False))
+        return tmp_path / name
+
+    strips, whole = run("strips", 2048), run("whole", 1 << 20)
+    for name in ("zh", "ko"):
+        assert shard_bytes(strips / name) == shard_bytes(whole / name)
+        a, meta = read_manifest(strips / name)
+        assert a.column("hash").to_pylist() == read_manifest(whole / name)[0].column("hash").to_pylist()
+        assert verify(strips / name) == []
+    got, want = load_all(strips / "zh"), expected_weights(llamas, "cp", merge_rows=True, alpha=0.5)
+    assert all(torch.equal(got[n].view(torch.int16), t.view(torch.int16)) for n, t in want.items())
+    base, chat, cp = load_all(llamas["base"]), load_all(llamas["chat"]), load_all(llamas["cp_ext"])
+    got = load_all(strips / "ko")
+    for n, c in cp.items():
+        want = reference(c, [(0.5, chat[n], base[n])], torch.float32, base[n].numel()).view(c.shape)
+        assert got[n].dtype == torch.float32 and torch.equal(got[n], want), n
+    rows = {r["tensor"]: r for r in read_manifest(strips / "ko")[0].to_pylist()}
+    whole_rows = {r["tensor"]: r for r in read_manifest(whole / "ko")[0].to_pylist()}
+    for n, r in rows.items():
+        assert r["delta_norm"] == pytest.approx(whole_rows[n]["delta_norm"], rel=1e-12)
+        assert r["cp_norm"] == pytest.approx(float(cp[n].double().norm()), rel=1e-5)

@@ -24,6 +24,7 @@ class CpuCompute:
     """Inputs stay where they were read; the chunked CPU kernel writes straight into the output buffer."""
 
     pinned = False
+    strip_bytes = 1 << 20  # of output per step: the inputs, the output and its hash stay in cache
 
     def __init__(self) -> None:
         self.scratch = Scratch()
@@ -39,6 +40,7 @@ class CudaCompute:
     """Pinned host buffers ↔ reused device buffers on this thread's own stream; the fused Triton kernel."""
 
     pinned = True
+    strip_bytes = 1 << 62  # whole pieces: large copies keep PCIe busy; each launch has a fixed cost
 
     def __init__(self, device: torch.device) -> None:
         from ..kernels.triton_merge import combine_triton

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -18,6 +19,7 @@ class LocalBackend:
         self.ctx = ctx
         self.workers = max(1, workers)
         self.device = device
+        self.sync_seconds = 0.0  # wall time of the slowest worker's final fsync in the last run
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; threads share this process, so no finished unit is ever in doubt (returns []).
@@ -31,6 +33,7 @@ class LocalBackend:
         for unit in units:
             todo.put(unit)
         stop = threading.Event()
+        syncs: list[float] = []
 
         def work() -> None:
             runner = None
@@ -47,7 +50,9 @@ class LocalBackend:
             finally:
                 if runner is not None:
                     try:
+                        t0 = time.perf_counter()
                         runner.close()
+                        syncs.append(time.perf_counter() - t0)
                     except BaseException as e:
                         done.put((None, e))
 
@@ -67,6 +72,7 @@ class LocalBackend:
             for t in threads:
                 t.join()
             torch.set_num_threads(intra_op)
+        self.sync_seconds = max(syncs, default=0.0)
         while not done.empty():  # an error closing a runner (fsync) after the last unit
             _, error = done.get()
             if error is not None:

@@ -1,6 +1,7 @@
 """run_unit: the one worker function. Read each input range once, combine for every output, hash, pwrite."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -50,6 +51,22 @@ class SegmentResult:
     stats: Stats
 
 
+@dataclass
+class Stages:
+    """Seconds a worker spent in each stage of its units, and the bytes read and written."""
+
+    read: float = 0.0
+    compute: float = 0.0
+    hash: float = 0.0
+    write: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def add(self, other: "Stages") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
 @dataclass(frozen=True)
 class UnitResult:
     unit: int
@@ -57,6 +74,7 @@ class UnitResult:
     worker: str
     node: str
     seconds: float
+    stages: Stages = dataclasses.field(default_factory=Stages)  # not journaled: a resumed unit reports zeros
 
 
 def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
@@ -101,12 +119,33 @@ class UnitRunner:
 
     def run(self, unit: Unit) -> UnitResult:
         t0 = time.perf_counter()
-        results = [r for piece in unit.pieces for r in self._piece(piece)]
-        return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0)
+        stages = Stages()
+        results = [r for piece in unit.pieces for r in self._piece(piece, stages)]
+        return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages)
 
-    def _piece(self, piece: Piece) -> list[SegmentResult]:
+    def _piece(self, piece: Piece, stages: Stages) -> list[SegmentResult]:
+        """A piece, strip by strip: each strip is read, combined, hashed and written while it is in cache."""
         columns = [(o, out.tensors[piece.index]) for o, out in enumerate(self.ctx.outputs)]
+        itemsize = min(ITEMSIZE[p.tensor.out_dtype] for _, p in columns)
+        block = self.ctx.block_bytes
+        step = block * max(1, self.compute.strip_bytes // block) // itemsize  # whole hash blocks of every output
+        segments: dict[int, SegmentResult] = {}
+        for first in range(piece.first, max(piece.last, piece.first + 1), step):
+            strip = Piece(piece.index, first, min(first + step, piece.last))
+            for seg in self._strip(strip, columns, stages):
+                done = segments.get(seg.output)
+                if done is not None:
+                    done.stats.add(seg.stats)
+                    seg = SegmentResult(seg.output, seg.index, done.blocks + seg.blocks, done.stats)
+                segments[seg.output] = seg
+        return list(segments.values())
+
+    def _strip(self, piece: Piece, columns: list[tuple[int, Placed]], stages: Stages) -> list[SegmentResult]:
+        clock = time.perf_counter()
         inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
+        stages.bytes_read += sum(t.numel() * t.element_size() for t in inputs.values())
+        now = time.perf_counter()
+        stages.read, clock = stages.read + now - clock, now
         staged = self.compute.upload(inputs)
         results = []
         for o, placed in columns:
@@ -115,16 +154,24 @@ class UnitRunner:
             if count == 0 and t.numel:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
-            out = self._buffer("out", count * itemsize)
             if t.rule == "copy" and t.cp.dtype == t.out_dtype:
-                out.copy_(inputs[t.cp][:count].view(torch.uint8))
+                out = inputs[t.cp][:count].view(torch.uint8)  # written straight from the input buffer
                 stats = Stats()
             else:
+                out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None
                 stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
+            now = time.perf_counter()
+            stages.compute, clock = stages.compute + now - clock, now
+            digests = self._digests(out, piece.first * itemsize)
+            now = time.perf_counter()
+            stages.hash, clock = stages.hash + now - clock, now
             path = self.ctx.outputs[o].shard_paths[placed.shard]
             write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), placed.offset + piece.first * itemsize, path)
-            results.append(SegmentResult(o, piece.index, self._digests(out, piece.first * itemsize), stats))
+            stages.bytes_written += out.numel()
+            now = time.perf_counter()
+            stages.write, clock = stages.write + now - clock, now
+            results.append(SegmentResult(o, piece.index, digests, stats))
         return results
 
     def _read_inputs(self, piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, torch.Tensor]:
