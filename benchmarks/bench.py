@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark `chatvec merge` against the I/O floor and a few peers, on synthetic Llama-shaped bf16 checkpoints.
 
-    python benchmarks/bench.py [--size tiny|medium|7b] [--data DIR] [--repeat 3] [--cold] [--no-peers]
+    python benchmarks/bench.py [--size tiny|medium|large|7b|tiny,medium] [--data DIR] [--repeat 3] [--cold] [--no-peers]
 
 Every case runs as a subprocess (start-up included); wall times are medians over --repeat runs. Peak memory is
 sampled every 50 ms over the whole process tree (driver, Ray's gcs/raylet and actors, ...). Results go to stdout
@@ -28,17 +28,20 @@ from pathlib import Path
 # Keep every Ray we start (here or in children) on 127.0.0.1 and without token auth.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["HF_HUB_OFFLINE"] = "1"  # peers read local directories only
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA_VERSION = 1  # bump when the generator changes, so that stale data is regenerated
 
-# Llama shapes. medium ≈ TinyLlama-1.1B; 7b = Llama-2-7B.
+# Llama shapes. medium ≈ TinyLlama-1.1B; large ≈ 4 × medium (peak memory must not grow with it); 7b = Llama-2-7B.
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=4096, shard_bytes=6 * 10**6),
     "medium": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000, shard_bytes=10**9),
+    "large": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=23, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=32000, shard_bytes=2 * 10**9),  # 4.3 B: ≈ 4 × medium
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000, shard_bytes=2 * 10**9),
 }
@@ -327,7 +330,16 @@ def timed_run(cmd: list[str], cold: bool, log: Path, env: dict | None = None, cw
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
     return {"wall": wall, "cpu": cpu, "rss": mon.peak_rss, "pss": mon.peak_pss, "max_proc_rss": mon.max_proc_rss,
             "procs": mon.max_procs, "load": max(load0, os.getloadavg()[0]),
-            "other_cpu": max(0.0, busy - cpu), "busy_before": idle}
+            "other_cpu": max(0.0, busy - cpu), "busy_before": idle, "stages": stages(log.read_text(errors="replace"))}
+
+
+STAGES_LINE = re.compile(r"worker-seconds: read ([\d.]+) .*compute ([\d.]+), hash ([\d.]+), write ([\d.]+) .*fsync ([\d.]+) s")
+
+
+def stages(log: str) -> dict[str, float]:
+    """Worker-seconds per stage from chatvec's throughput line (empty for other tools)."""
+    m = STAGES_LINE.search(log)
+    return dict(zip(("read", "compute", "hash", "write", "fsync"), map(float, m.groups()))) if m else {}
 
 
 def read_all(paths: list[str]) -> int:
@@ -429,6 +441,50 @@ def mergekit_config(where: Path, base: str, chat: str, cp: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def plot(report: Report, in_bytes: int, out_bytes: int, title: str, path: Path) -> bool:
+    """A PNG: GB/s of each tool (whole process), and of each stage (the floor's parts; chatvec's worker stages)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tools = [(r["case"].replace("**", ""), report.io_bytes / r["median"] / 1e9) for r in report.rows if r["io"] and r["median"] > 0]
+    parts = {r["case"]: r["median"] for r in report.rows}
+    stage_rows = []
+    for label, nbytes, key in (("floor: read inputs (cat)", in_bytes, "↳ read inputs, `cat > /dev/null`"),
+                               ("floor: read inputs (python)", in_bytes, "↳ read inputs, python readinto 64 MiB"),
+                               ("floor: write output", out_bytes, "↳ write one output's bytes from a buffer"),
+                               ("floor: fsync output", out_bytes, "↳ fsync of that write (chatvec fsyncs its output)")):
+        if parts.get(key):
+            stage_rows.append((label, nbytes / parts[key] / 1e9))
+    for r in report.rows:
+        st = r["mem"].get("stages")
+        if not st:
+            continue
+        who = r["case"].replace("chatvec merge, ", "")
+        for stage, nbytes in (("read", in_bytes), ("compute", in_bytes + out_bytes), ("hash", out_bytes), ("write", out_bytes),
+                              ("fsync", out_bytes)):
+            if st[stage] > 0:
+                stage_rows.append((f"{who}: {stage}", nbytes / st[stage] / 1e9))
+    fig, axes = plt.subplots(2, 1, figsize=(10, 0.32 * (len(tools) + len(stage_rows)) + 2.5))
+    for ax, rows, what in ((axes[0], tools, "per tool: (bytes read + written) / wall of the whole process"),
+                           (axes[1], stage_rows, "per stage: bytes / seconds in it (chatvec: worker-seconds, summed over workers)")):
+        names, values = [n for n, _ in rows][::-1], [v for _, v in rows][::-1]
+        ax.barh(names, values, color=["#c44" if n.startswith("floor") or n.startswith("I/O floor") else "#48a" for n in names])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlabel("GB/s")
+        ax.set_title(what, fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     flags = ""
@@ -473,6 +529,9 @@ class Report:
         m = {k: max(r[k] for r in mem) for k in ("rss", "pss", "max_proc_rss", "procs", "load")} if mem else {}
         if mem:
             m["cpu"] = statistics.median(r["cpu"] for r in mem)
+            staged = [r["stages"] for r in mem if r.get("stages")]
+            if staged:
+                m["stages"] = {k: statistics.median(r[k] for r in staged) for k in staged[0]}
             m["other_cpu"] = max(r["other_cpu"] / r["wall"] for r in mem)
         self.rows.append({"case": case, "walls": walls, "median": statistics.median(walls), "io": io, "mem": m, "note": note})
 
@@ -494,6 +553,44 @@ class Report:
         return head + "\n".join(lines) + "\n"
 
 
+TARGET_RATIO = 1.3  # (T(size) − T(tiny)) / (floor(size) − floor(tiny))
+TARGET_FIXED_S = 2.0  # chatvec on tiny minus `import torch, ray; ray.init()`
+TARGET_RSS = 1.5e9  # per process
+
+
+def targets(reports: dict[str, Report]) -> str:
+    """The issue's targets, from reports of one run: size-dependent cost, fixed cost, peak RSS per process."""
+    def row(rep: Report, prefix: str) -> dict | None:
+        return next((r for r in rep.rows if r["case"].startswith(prefix)), None)
+
+    tiny = reports["tiny"]
+    out = ["\n### Targets, from the sections above (one run)\n",
+           "| target | case | measured | goal | |", "|---|---|---:|---:|---|"]
+    for size, rep in reports.items():
+        if size == "tiny":
+            continue
+        dfloor = rep.floor - tiny.floor
+        for r in rep.rows:
+            small = row(tiny, r["case"]) if r["case"].startswith("chatvec merge") else None
+            if small and dfloor > 0:
+                ratio = (r["median"] - small["median"]) / dfloor
+                out.append(f"| size-dependent cost, {size} − tiny: ({r['median']:.2f} − {small['median']:.2f}) s / "
+                           f"({rep.floor:.2f} − {tiny.floor:.2f}) s | {r['case']} | {ratio:.2f} × | ≤ {TARGET_RATIO} × | "
+                           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'} |")
+    ray, init = row(tiny, "chatvec merge, Ray"), row(tiny, "start-up only: `python -c 'import torch, ray")
+    if ray and init:
+        extra = ray["median"] - init["median"]
+        out.append(f"| fixed cost: tiny merge − `import torch, ray; ray.init()` ({ray['median']:.2f} − {init['median']:.2f} s) | "
+                   f"{ray['case']} | {extra:.2f} s | ≤ {TARGET_FIXED_S} s | {'met' if extra <= TARGET_FIXED_S else 'NOT met'} |")
+    for size, rep in reports.items():
+        for r in rep.rows:
+            rss = r["mem"].get("max_proc_rss")
+            if rss and r["case"].startswith("chatvec merge"):
+                out.append(f"| peak RSS of one process, {size} | {r['case']} | {fmt_bytes(rss)} | ≤ {fmt_bytes(TARGET_RSS)} | "
+                           f"{'met' if rss <= TARGET_RSS else 'NOT met'} |")
+    return "\n".join(out) + "\n"
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -501,7 +598,8 @@ def main() -> int:
         PEERS[sys.argv[2]](*sys.argv[3:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="tiny")
+    ap.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}, or several comma-separated: with tiny and a "
+                    "larger one, the size-dependent and fixed-cost targets are computed from the same run (tiny,medium)")
     ap.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic checkpoints live (default benchmarks/data)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (needs root)")
@@ -515,169 +613,190 @@ def main() -> int:
     ap.add_argument("--retries", type=int, default=4, metavar="N",
                     help=f"per case, up to N extra runs replacing runs during which the rest of the machine used more "
                          f"than {NOISY} cores (default 4)")
+    ap.add_argument("--mergekit", metavar="PATH", help="the mergekit-yaml executable (default: the one on PATH)")
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
+    for size in args.size.split(","):
+        if size not in SIZES:
+            ap.error(f"--size: unknown size {size!r} (choose from {', '.join(SIZES)})")
 
     notes: list[str] = []
     if args.cold and not drop_caches():
         print("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): the 'cold' figures are hot-cache figures")
         notes.append("--cold asked, but /proc/sys/vm/drop_caches is not writable here: figures are hot-cache")
         args.cold = False
-    spec = ensure_data(args.data, args.size)
-    where = args.data / args.size
-    dirs = {n: str(where / n) for n in CHECKPOINTS}
-    inputs = list(spec["files"])
-    in_bytes = sum(spec["files"].values())
-    out_bytes = in_bytes // 3
-    io_bytes = in_bytes + out_bytes
-    out_dir = where / "out"
-    logs = where / "logs"
-    logs.mkdir(exist_ok=True)
-    report = Report(io_bytes)
-    mode = "cold" if args.cold else "hot"
-    print(f"size {args.size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
-          f"{mode} cache; {args.repeat} run(s) per case")
+    def bench_size(size: str, notes: list[str]) -> tuple[Report, str]:
+        """Every case on one model size; returns the report and its RESULTS.md section."""
+        spec = ensure_data(args.data, size)
+        where = args.data / size
+        dirs = {n: str(where / n) for n in CHECKPOINTS}
+        inputs = list(spec["files"])
+        in_bytes = sum(spec["files"].values())
+        out_bytes = in_bytes // 3
+        io_bytes = in_bytes + out_bytes
+        out_dir = where / "out"
+        logs = where / "logs"
+        logs.mkdir(exist_ok=True)
+        report = Report(io_bytes)
+        mode = "cold" if args.cold else "hot"
+        print(f"size {size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
+              f"{mode} cache; {args.repeat} run(s) per case")
 
-    # The I/O floor.
-    if not args.cold:
-        read_all(inputs)  # warm the page cache
-    reads_py, reads_cat, writes, fsyncs = [], [], [], []
-    floor_noisy, attempts = 0, 0
-    while len(writes) < args.repeat:
-        attempts += 1
-        if args.quiet_wait:
-            wait_quiet(args.quiet_wait)
-        b0, c0, t0 = busy_cpu(), own_cpu(), time.perf_counter()
-        py, cat = time_read(inputs, args.cold)
-        w, s = time_write(where / "floor-write.tmp", out_bytes, args.cold)
-        other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
-        print(f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
-              f"other load {other:.2f}", flush=True)
-        if other > NOISY and attempts <= args.repeat + args.retries:
-            floor_noisy += 1
-            continue
-        reads_py.append(py), reads_cat.append(cat), writes.append(w), fsyncs.append(s)
-    if floor_noisy:
-        notes.append(f"I/O floor: {floor_noisy} round(s) discarded as noisy (other load > {NOISY})")
-    floor_runs = [min(py, cat) + w for py, cat, w in zip(reads_py, reads_cat, writes)]
-    report.floor = statistics.median(floor_runs)
-    report.add("**I/O floor**: read inputs once + write one output", floor_runs)
-    report.add("↳ read inputs, python readinto 64 MiB", reads_py, io=False)
-    report.add("↳ read inputs, `cat > /dev/null`", reads_cat, io=False)
-    report.add("↳ write one output's bytes from a buffer", writes, io=False)
-    report.add("↳ fsync of that write (chatvec fsyncs its output)", fsyncs, io=False)
-    if not args.cold:
-        read_all(inputs)  # re-warm after the floor writes
+        # The I/O floor.
+        if not args.cold:
+            read_all(inputs)  # warm the page cache
+        reads_py, reads_cat, writes, fsyncs = [], [], [], []
+        floor_noisy, attempts = 0, 0
+        while len(writes) < args.repeat:
+            attempts += 1
+            if args.quiet_wait:
+                wait_quiet(args.quiet_wait)
+            b0, c0, t0 = busy_cpu(), own_cpu(), time.perf_counter()
+            py, cat = time_read(inputs, args.cold)
+            w, s = time_write(where / "floor-write.tmp", out_bytes, args.cold)
+            other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
+            print(f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
+                  f"other load {other:.2f}", flush=True)
+            if other > NOISY and attempts <= args.repeat + args.retries:
+                floor_noisy += 1
+                continue
+            reads_py.append(py), reads_cat.append(cat), writes.append(w), fsyncs.append(s)
+        if floor_noisy:
+            notes.append(f"I/O floor: {floor_noisy} round(s) discarded as noisy (other load > {NOISY})")
+        floor_runs = [min(py, cat) + w for py, cat, w in zip(reads_py, reads_cat, writes)]
+        report.floor = statistics.median(floor_runs)
+        report.add("**I/O floor**: read inputs once + write one output", floor_runs)
+        report.add("↳ read inputs, python readinto 64 MiB", reads_py, io=False)
+        report.add("↳ read inputs, `cat > /dev/null`", reads_cat, io=False)
+        report.add("↳ write one output's bytes from a buffer", writes, io=False)
+        report.add("↳ fsync of that write (chatvec fsyncs its output)", fsyncs, io=False)
+        if not args.cold:
+            read_all(inputs)  # re-warm after the floor writes
 
-    def case(label: str, cmd: list[str], io: bool = True) -> None:
-        walls, mems, noisy, k = [], [], [], 0
-        while len(walls) < args.repeat:
-            k += 1
-            shutil.rmtree(out_dir, ignore_errors=True)
-            shutil.rmtree(out_dir.with_name("out.partial"), ignore_errors=True)
-            try:
-                r = timed_run(cmd, args.cold, logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
-                              env=run_env, cwd=run_cwd, quiet=args.quiet_wait)
-            except RuntimeError as e:
-                print(f"  {label}: FAILED\n{e}", flush=True)
-                notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
-                break
-            load = r["other_cpu"] / r["wall"]
-            flag = ""
-            if load > NOISY and k <= args.repeat + args.retries:
-                noisy.append(r["wall"])
-                flag = " [noisy: discarded, retrying]"
-            else:
-                walls.append(r["wall"]), mems.append(r)
-            print(f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
-                  f"{r['procs']} processes", flush=True)
-        if noisy:
-            notes.append(f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
-                         + ", ".join(f"{w:.2f} s" for w in noisy))
-        if walls:
-            report.add(label, walls, mems, io=io)
-
-    run_env, run_cwd, code = None, where, "working tree"
-    if args.snapshot:
-        rev = subprocess.run(["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        snap = (args.data / f"snapshot-{rev}").resolve()
-        if not (snap / "chatvec_dist").is_dir():
-            snap.mkdir(parents=True, exist_ok=True)
-            archive = subprocess.run(["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
-        run_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        code = f"git {rev} (snapshot)"
-        chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
-        probe = subprocess.run([sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"], env=run_env,
-                               cwd=run_cwd, capture_output=True, text=True).stdout.strip()
-        if not probe.startswith(str(snap)):
-            raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
-    else:
-        code = f"git {git_rev()}"
-        chatvec = shutil.which("chatvec")
-        chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
-    merge = [*chatvec, "merge", "--base", dirs["base"], "--chat", dirs["chat"], "--cp", dirs["cp"], "--out", str(out_dir),
-             "--overwrite", "--no-progress"]
-    wanted = set(args.cases.split(",")) if args.cases else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
-    ncpu = os.cpu_count() or 1
-    try:
-        if "ray" in wanted:
-            case(f"chatvec merge, Ray backend × {ncpu}", merge)
-            verify = subprocess.run([*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd)
-            print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
-            if verify.returncode != 0:
-                notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
-        if "local" in wanted:
-            case(f"chatvec merge, local backend × {ncpu} threads", [*merge, "--backend", "local"])
-        if "local1" in wanted:
-            case("chatvec merge, local backend × 1 thread", [*merge, "--backend", "local", "--workers", "1"])
-        if not args.no_startup:
-            py = sys.executable
-            case("start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
-            case("start-up only: `python -c 'import torch, ray; ray.init()'`", [py, "-c", "import torch, ray; ray.init()"], io=False)
-            case("start-up only: `chatvec --help`", [*chatvec, "--help"], io=False)
-        if not args.no_peers:
-            me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
-            if "streaming" in wanted:
-                case("peer: plain streaming script (safe_open, fp32, save_file)",
-                     [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
-            if "transformers" in wanted:
+        def case(label: str, cmd: list[str], io: bool = True) -> None:
+            walls, mems, noisy, k = [], [], [], 0
+            while len(walls) < args.repeat:
+                k += 1
+                shutil.rmtree(out_dir, ignore_errors=True)
+                shutil.rmtree(out_dir.with_name("out.partial"), ignore_errors=True)
                 try:
-                    import transformers  # noqa: F401
-                    case("peer: transformers (load 3 models, add, save_pretrained)",
-                         [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
-                except ImportError:
-                    notes.append("transformers not installed: its case was skipped")
-            if "mergekit" in wanted:
-                mk = shutil.which("mergekit-yaml")
-                if mk:
-                    cfg = mergekit_config(where, dirs["base"], dirs["chat"], dirs["cp"])
-                    case("peer: mergekit-yaml task_arithmetic (bf16)", [mk, str(cfg), str(out_dir)])
+                    r = timed_run(cmd, args.cold, logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
+                                  env=run_env, cwd=run_cwd, quiet=args.quiet_wait)
+                except RuntimeError as e:
+                    print(f"  {label}: FAILED\n{e}", flush=True)
+                    notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
+                    break
+                load = r["other_cpu"] / r["wall"]
+                flag = ""
+                if load > NOISY and k <= args.repeat + args.retries:
+                    noisy.append(r["wall"])
+                    flag = " [noisy: discarded, retrying]"
                 else:
-                    notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+                    walls.append(r["wall"]), mems.append(r)
+                print(f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
+                      f"{r['procs']} processes", flush=True)
+            if noisy:
+                notes.append(f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
+                             + ", ".join(f"{w:.2f} s" for w in noisy))
+            if walls:
+                report.add(label, walls, mems, io=io)
 
-    table = report.table()
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    cfg = spec["config"]
-    desc = (f"`--size {args.size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
-            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
-            f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
-            f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB")
-    text = (f"\n## {stamp} — {args.size}, {mode} cache, {args.repeat} run(s) per case\n\n"
-            f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
-            f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
-            f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
-            f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
-            f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
-            f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
-            f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
-            f"(libraries, Ray's object store) once per process, PSS splits them.\n"
-            + "".join(f"- Note: {n}\n" for n in notes) + "\n" + table)
-    print(text)
+        run_env, run_cwd, code = None, where, "working tree"
+        if args.snapshot:
+            rev = subprocess.run(["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            snap = (args.data / f"snapshot-{rev}").resolve()
+            if not (snap / "chatvec_dist").is_dir():
+                snap.mkdir(parents=True, exist_ok=True)
+                archive = subprocess.run(["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+            run_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]))
+            code = f"git {rev} (snapshot)"
+            chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
+            probe = subprocess.run([sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"], env=run_env,
+                                   cwd=run_cwd, capture_output=True, text=True).stdout.strip()
+            if not probe.startswith(str(snap)):
+                raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
+        else:
+            code = f"git {git_rev()}"
+            chatvec = shutil.which("chatvec")
+            chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
+        merge = [*chatvec, "merge", "--base", dirs["base"], "--chat", dirs["chat"], "--cp", dirs["cp"], "--out", str(out_dir),
+                 "--overwrite", "--no-progress"]
+        wanted = set(args.cases.split(",")) if args.cases else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
+        ncpu = os.cpu_count() or 1
+        try:
+            if "ray" in wanted:
+                case(f"chatvec merge, Ray backend × {ncpu}", merge)
+                verify = subprocess.run([*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd)
+                print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
+                if verify.returncode != 0:
+                    notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
+            if "local" in wanted:
+                case(f"chatvec merge, local backend × {ncpu} threads", [*merge, "--backend", "local"])
+            if "local1" in wanted:
+                case("chatvec merge, local backend × 1 thread", [*merge, "--backend", "local", "--workers", "1"])
+            if not args.no_startup:
+                py = sys.executable
+                case("start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
+                case("start-up only: `python -c 'import torch, ray; ray.init()'`", [py, "-c", "import torch, ray; ray.init()"], io=False)
+                case("start-up only: `chatvec --help`", [*chatvec, "--help"], io=False)
+            if not args.no_peers:
+                me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
+                if "streaming" in wanted:
+                    case("peer: plain streaming script (safe_open, fp32, save_file)",
+                         [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+                if "transformers" in wanted:
+                    try:
+                        import transformers  # noqa: F401
+                        case("peer: transformers (load 3 models, add, save_pretrained)",
+                             [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+                    except ImportError:
+                        notes.append("transformers not installed: its case was skipped")
+                if "mergekit" in wanted:
+                    mk = args.mergekit or shutil.which("mergekit-yaml")
+                    if mk:
+                        cfg = mergekit_config(where, dirs["base"], dirs["chat"], dirs["cp"])
+                        case("peer: mergekit-yaml task_arithmetic (bf16)", [mk, str(cfg), str(out_dir), "--no-copy-tokenizer"])
+                    else:
+                        notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+        table = report.table()
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        cfg = spec["config"]
+        desc = (f"`--size {size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+                f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
+                f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
+                f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB")
+        text = (f"\n## {stamp} — {size}, {mode} cache, {args.repeat} run(s) per case\n\n"
+                f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
+                f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
+                f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
+                f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
+                f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
+                f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
+                f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
+                f"(libraries, Ray's object store) once per process, PSS splits them.\n"
+                + "".join(f"- Note: {n}\n" for n in notes) + "\n" + table)
+        png = args.results.with_name(f"bench-{size}-{mode}.png")
+        if not args.no_results and plot(report, in_bytes, out_bytes, f"{size} ({spec['params'] / 1e9:.2f} B params), {mode} cache, "
+                                       f"{machine()}", png):
+            text += f"\n![GB/s per tool and per stage]({png.name})\n"
+        print(text)
+        return report, text
+
+    sections, reports = [], {}
+    for size in args.size.split(","):
+        reports[size], text = bench_size(size, list(notes))
+        sections.append(text)
+    if "tiny" in reports and len(reports) > 1:
+        text = targets(reports)
+        print(text)
+        sections.append(text)
+    text = "".join(sections)
     if not args.no_results:
         if not args.results.exists():
             args.results.write_text("# Benchmark results\n\nWritten by `python benchmarks/bench.py`; newest last.\n")
