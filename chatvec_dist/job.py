@@ -15,7 +15,7 @@ from . import __version__
 from .card import model_card
 from .dtypes import CONFIG_NAMES, ITEMSIZE, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError
-from .exec.worker import Stages, UnitResult, WorkContext, input_needs, span
+from .exec.messages import Stages, UnitResult, WorkContext, input_needs, span
 from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles

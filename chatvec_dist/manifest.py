@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .errors import VerifyError
-from .exec.worker import SegmentResult
+from .exec.messages import SegmentResult
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
-from .kernels.cpu import Stats
+from .kernels.stats import Stats
 from .planning.layout import Layout
 
 MANIFEST_NAME = "manifest.parquet"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from .errors import OutputError
-from .exec.worker import SegmentResult, UnitResult
+from .exec.messages import SegmentResult, UnitResult
 from .io.checkpoint import INDEX_NAME, read_json_object
-from .kernels.cpu import Stats
+from .kernels.stats import Stats
 from .manifest import MANIFEST_NAME, write_manifest
 from .planning.layout import Layout
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from chatvec_dist.dtypes import compute_dtype
+from chatvec_dist.torch_dtypes import compute_dtype
 from chatvec_dist.kernels.cpu import CHUNK, Scratch, combine
 from chatvec_dist.kernels.reference import reference
 

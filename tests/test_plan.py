@@ -175,3 +175,30 @@ def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
     rows = {r["tensor"]: r for r in pq.read_table(saved).to_pylist()}
     assert len(rows) == 21 and rows["lm_head.weight"]["rule"] == "copy" and rows["lm_head.weight"]["reason"] == "vocab:skip"
     assert rows["model.norm.weight"]["nbytes"] == 128 and rows["model.norm.weight"]["dtype_out"] == "BF16"
+
+
+def test_the_driver_plans_and_audits_without_torch(demo, tmp_path):
+    """Planning, the Ray driver, manifests and outputs never import torch: the driver on a Ray cluster starts fast
+    and small; only workers (and the local backend) load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from chatvec_dist.cli import main\n"
+            "import chatvec_dist.job, chatvec_dist.exec.ray_backend, chatvec_dist.output, chatvec_dist.manifest\n"
+            "import chatvec_dist.io.hub, chatvec_dist.card, chatvec_dist.recipe\n"
+            f"assert main(['plan', '--base', {str(demo['base'])!r}, '--chat', {str(demo['chat'])!r}, "
+            f"'--cp', {str(demo['cp'])!r}, '--out', {str(tmp_path / 'o')!r}]) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_itemsizes_match_torch():
+    from chatvec_dist.dtypes import FLOAT_DTYPES, ITEMSIZE
+    from chatvec_dist.torch_dtypes import TORCH_DTYPES
+
+    assert set(ITEMSIZE) == set(TORCH_DTYPES)
+    assert all(ITEMSIZE[n] == TORCH_DTYPES[n].itemsize for n in ITEMSIZE)
+    assert all(TORCH_DTYPES[n].is_floating_point for n in FLOAT_DTYPES)

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from chatvec_dist.dtypes import compute_dtype  # noqa: E402
+from chatvec_dist.torch_dtypes import compute_dtype  # noqa: E402
 from chatvec_dist.kernels.cpu import Scratch, combine  # noqa: E402
 from chatvec_dist.kernels.reference import reference  # noqa: E402
 from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402

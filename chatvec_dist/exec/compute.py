@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.cpu import Scratch, Stats, combine
+from ..kernels.cpu import Scratch, combine
+from ..kernels.stats import Stats
 from ..planning.planner import Src
 
 Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..planning.layout import Unit
-from .worker import UnitResult, UnitRunner, WorkContext
+from .messages import UnitResult, WorkContext
+from .worker import UnitRunner
 
 
 class LocalBackend:

@@ -10,10 +10,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import ChatvecError
 from ..planning.layout import Unit
-from .worker import UnitResult, UnitRunner, WorkContext
+from .messages import UnitResult, WorkContext
+
+if TYPE_CHECKING:
+    from .worker import UnitRunner
 
 # Threads per actor. A CPU actor owns one core and works strip by strip in cache: a second thread only
 # contends for the same core and the output files' locks (measured: slower). A GPU actor runs two, so that
@@ -54,6 +58,8 @@ class _Worker:
 
     def _runner(self) -> UnitRunner:
         if not hasattr(self._local, "runner"):
+            from .worker import UnitRunner  # torch: imported in the actor, never in the driver
+
             self._local.runner = UnitRunner(self.ctx, node=self.node, device=self.device)
             with self._lock:
                 self._runners.append(self._local.runner)

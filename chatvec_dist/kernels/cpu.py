@@ -2,31 +2,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
+
+from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
 CANONICAL_NAN = {torch.bfloat16: (torch.int16, 0x7FC0), torch.float16: (torch.int16, 0x7E00),
                  torch.float32: (torch.int32, 0x7FC00000), torch.float64: (torch.int64, 0x7FF8000000000000)}
-
-
-@dataclass
-class Stats:
-    """Sums of squares in float64 and non-finite counts of one piece of output."""
-
-    cp_sq: float = 0.0
-    delta_sq: float = 0.0
-    update_sq: float = 0.0
-    nan: int = 0
-    inf: int = 0
-
-    def add(self, other: "Stats") -> None:
-        self.cp_sq += other.cp_sq
-        self.delta_sq += other.delta_sq
-        self.update_sq += other.update_sq
-        self.nan += other.nan
-        self.inf += other.inf
 
 
 class Scratch:

@@ -1,0 +1,88 @@
+"""What the driver and the workers exchange: the work context, each unit's results, and which elements of a
+piece each output needs. No torch here: the driver never imports it on the Ray backend."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from ..kernels.stats import Stats
+from ..planning.layout import Layout, Piece, Placed
+from ..planning.planner import PlannedTensor, Src
+
+
+@dataclass(frozen=True)
+class OutputContext:
+    tensors: list[Placed]
+    shard_paths: list[str]
+
+
+@dataclass(frozen=True)
+class WorkContext:
+    """What every worker needs besides the unit: each output's placed tensors and shard files."""
+
+    outputs: list[OutputContext]
+    block_bytes: int
+    hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
+
+    @classmethod
+    def of(cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int,
+           hub_files: dict[str, tuple[str, str, str]]) -> "WorkContext":
+        return cls([OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
+                    for lay, d in zip(layouts, work_dirs)], block_bytes, hub_files)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What one output got for one piece: digests of the hash blocks it covers, and stats."""
+
+    output: int
+    index: int
+    blocks: tuple[tuple[int, bytes], ...]
+    stats: Stats
+
+
+@dataclass
+class Stages:
+    """Seconds a worker spent in each stage of its units, and the bytes read and written."""
+
+    read: float = 0.0
+    compute: float = 0.0
+    hash: float = 0.0
+    write: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def add(self, other: "Stages") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit: int
+    segments: list[SegmentResult]
+    worker: str
+    node: str
+    seconds: float
+    stages: Stages = dataclasses.field(default_factory=Stages)  # not journaled: a resumed unit reports zeros
+
+
+def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
+    """(elements of the piece inside this output's tensor, of those how many get the vectors)."""
+    count = max(0, min(piece.last, t.numel) - piece.first)
+    return count, max(0, min(count, t.merge_elems - piece.first))
+
+
+def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
+    """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
+    need: dict[Src, int] = {}
+    for t in tensors:
+        count, merged = span(t, piece)
+        if t.cp is not None:
+            need[t.cp] = max(need.get(t.cp, 0), count)
+        for _, plus, minus in t.terms:
+            for src in (plus, minus):
+                if src is not None:
+                    need[src] = max(need.get(src, 0), merged)
+    return need
