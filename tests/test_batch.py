@@ -199,3 +199,25 @@ def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, m
     for n, r in rows.items():
         assert r["delta_norm"] == pytest.approx(whole_rows[n]["delta_norm"], rel=1e-12)
         assert r["cp_norm"] == pytest.approx(float(cp[n].double().norm()), rel=1e-5)
+
+
+def test_a_batch_reads_each_input_byte_once_and_writes_each_output_byte_once(llamas, tmp_path, monkeypatch):
+    """The I/O floor, counted: the workers' byte counts (the throughput line) equal the inputs' tensor bytes
+    (base, chat and each CP read once for four outputs) and the outputs' tensor bytes."""
+    from chatvec_dist.io.header import read_header
+
+    def tensor_bytes(directory: Path) -> int:
+        return sum(info.nbytes for f in directory.glob("*.safetensors") for info in read_header(f)[0].values())
+
+    seen = []
+    real = job.throughput
+    monkeypatch.setattr(job, "throughput", lambda stages, wall, backend: seen.append(stages) or real(stages, wall, backend))
+    root = tmp_path / "root"
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", f"zh={llamas['cp']}",
+                 "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap", "--out", str(root),
+                 "--backend", "local", "--unit-size", "4KiB", "--no-progress"]) == 0
+    (stages,) = seen
+    assert stages.bytes_read == sum(tensor_bytes(llamas[k]) for k in ("base", "chat", "cp", "cp_ext"))
+    assert stages.bytes_written == sum(tensor_bytes(out) for out in root.iterdir())
+    assert stages.bytes_written == 2 * tensor_bytes(llamas["cp"]) + 2 * tensor_bytes(llamas["cp_ext"])
+    assert min(stages.read, stages.compute, stages.hash, stages.write) > 0
