@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 
 from ..kernels.stats import Stats
@@ -56,6 +57,12 @@ class Stages:
     def add(self, other: "Stages") -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def lap(self, stage: str, since: float) -> float:
+        """Add the time since `since` to `stage`; return now (the next stage's start)."""
+        now = time.perf_counter()
+        setattr(self, stage, getattr(self, stage) + now - since)
+        return now
 
 
 @dataclass(frozen=True)

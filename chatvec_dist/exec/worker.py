@@ -67,8 +67,7 @@ class UnitRunner:
         clock = time.perf_counter()
         inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
         stages.bytes_read += sum(t.numel() * t.element_size() for t in inputs.values())
-        now = time.perf_counter()
-        stages.read, clock = stages.read + now - clock, now
+        clock = stages.lap("read", clock)
         staged = self.compute.upload(inputs)
         results = []
         for o, placed in columns:
@@ -84,16 +83,13 @@ class UnitRunner:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None
                 stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
-            now = time.perf_counter()
-            stages.compute, clock = stages.compute + now - clock, now
+            clock = stages.lap("compute", clock)
             digests = self._digests(out, piece.first * itemsize)
-            now = time.perf_counter()
-            stages.hash, clock = stages.hash + now - clock, now
+            clock = stages.lap("hash", clock)
             path = self.ctx.outputs[o].shard_paths[placed.shard]
             write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), placed.offset + piece.first * itemsize, path)
             stages.bytes_written += out.numel()
-            now = time.perf_counter()
-            stages.write, clock = stages.write + now - clock, now
+            clock = stages.lap("write", clock)
             results.append(SegmentResult(o, piece.index, digests, stats))
         return results
 
