@@ -8,6 +8,8 @@
    path on the same machine, and identical output bytes.
 
     python benchmarks/gpu.py [--e2e-gb 8] [--data /tmp/chatvec-gpu-bench] [--skip-e2e]
+    python benchmarks/gpu.py --dry-run   # no GPU: tiny sizes, the kernel interpreted on the CPU, both merges on
+                                         # the CPU; checks that the script runs end to end before a GPU is lent
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def kernel_rows(sizes: list[int]) -> list[tuple]:
     return rows
 
 
-def identity_check(n: int = 1 << 22) -> bool:
+def identity_check(n: int = 1 << 22, device: str = "cuda") -> bool:
     from chatvec_dist.kernels.cpu import Scratch, combine
     from chatvec_dist.kernels.reference import reference
     from chatvec_dist.kernels.triton_merge import combine_triton
@@ -72,9 +74,9 @@ def identity_check(n: int = 1 << 22) -> bool:
             cp, base = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
             chat = (base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16()
             compute = torch.float32 if out_dtype != torch.float32 else torch.float64
-            gpu = torch.empty(n, dtype=out_dtype, device="cuda")
-            combine_triton(gpu, cp.cuda(), [(alpha, chat.cuda(), base.cuda())], compute,
-                           torch.zeros(5, dtype=torch.float64, device="cuda"))
+            gpu = torch.empty(n, dtype=out_dtype, device=device)
+            combine_triton(gpu, cp.to(device), [(alpha, chat.to(device), base.to(device))], compute,
+                           torch.zeros(5, dtype=torch.float64, device=device))
             cpu = torch.empty(n, dtype=out_dtype)
             combine(cpu, cp, [(alpha, chat, base)], compute, Scratch())
             same_cpu = torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
@@ -85,11 +87,11 @@ def identity_check(n: int = 1 << 22) -> bool:
     return ok
 
 
-def make_model(root: Path, gb_per_checkpoint: float) -> dict[str, Path]:
-    """Three Llama-shaped bf16 checkpoints of about `gb_per_checkpoint` each, made on the GPU."""
+def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> dict[str, Path]:
+    """Three Llama-shaped bf16 checkpoints of about `gb_per_checkpoint` each, made on `device`."""
     from safetensors.torch import save_file
 
-    hidden, inter = 4096, 11008
+    hidden, inter = (4096, 11008) if gb_per_checkpoint >= 0.5 else (256, 688)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
     layers = max(1, int(gb_per_checkpoint * 1e9 / 2 / per_layer))
     paths = {}
@@ -108,9 +110,9 @@ def make_model(root: Path, gb_per_checkpoint: float) -> dict[str, Path]:
                       "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
             tensors = {}
             for sub, shape in shapes.items():
-                w = torch.randn(shape, device="cuda") * 0.02
+                w = torch.randn(shape, device=device) * 0.02
                 if k:
-                    w += 0.002 * torch.randn(shape, device="cuda")
+                    w += 0.002 * torch.randn(shape, device=device)
                 tensors[f"model.layers.{layer}.{sub}.weight"] = w.bfloat16().cpu()
             fname = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
             save_file(tensors, d / fname, metadata={"format": "pt"})
@@ -157,21 +159,26 @@ def main() -> int:
     ap.add_argument("--e2e-gb", type=float, default=8.0, help="bytes read + written by the end-to-end merge")
     ap.add_argument("--data", default="/tmp/chatvec-gpu-bench")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny sizes, kernel interpreted, merges on the CPU")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (inside the functions below)
+        device, name, args.e2e_gb = "cpu", "dry run on the CPU (TRITON_INTERPRET=1)", 0.04
+    elif not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (or pass --dry-run)", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name()
-    rows = kernel_rows([1 << 20, 1 << 24, 1 << 26, 1 << 28])
-    identical = identity_check()
+    else:
+        device, name = "cuda", torch.cuda.get_device_name()
+    rows = [] if args.dry_run else kernel_rows([1 << 20, 1 << 24, 1 << 26, 1 << 28])
+    identical = identity_check(1 << 12 if args.dry_run else 1 << 22, device)
     e2e = None
     if not args.skip_e2e:
         root = Path(args.data)
-        paths = make_model(root, args.e2e_gb / 4)
+        paths = make_model(root, args.e2e_gb / 4, device)
         out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
         merge(paths, root / "warm", "cpu")  # warms the page cache
         floor = floor_seconds(paths, out_bytes, root / "floor.bin")
-        t_gpu = merge(paths, root / "out-cuda", "cuda")
+        t_gpu = merge(paths, root / "out-cuda", device)
         t_cpu = merge(paths, root / "out-cpu", "cpu")
         e2e = (4 * out_bytes, floor, t_gpu, t_cpu, shard_hashes(root / "out-cuda") == shard_hashes(root / "out-cpu"))
     print(f"\n## GPU benchmark — {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -182,7 +189,7 @@ def main() -> int:
     if e2e:
         moved, floor, t_gpu, t_cpu, same = e2e
         print("| end to end (hot cache) | wall s | GB/s | × floor |\n|---|---|---|---|")
-        for label, t in (("I/O floor (read inputs + write output)", floor), ("chatvec --device cuda", t_gpu),
+        for label, t in (("I/O floor (read inputs + write output)", floor), (f"chatvec --device {device}", t_gpu),
                          (f"chatvec --device cpu ({os.cpu_count()} workers)", t_cpu)):
             print(f"| {label} | {t:.1f} | {moved / t / 1e9:.2f} | {t / floor:.2f} |")
         print(f"\noutput bytes cuda == cpu: {same}")

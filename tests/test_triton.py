@@ -80,3 +80,20 @@ def test_extract_and_copy_and_bfloat16_rounding_edges():
     assert torch.equal(bits(cpu)[~nan], bits(edges.to(torch.bfloat16))[~nan])  # torch's own rounding elsewhere
     assert bool((bits(cpu)[nan] == 0x7FC0).all())  # canonical quiet NaN
     assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == (300, 600)
+
+
+def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):
+    """benchmarks/gpu.py waits for a lent GPU; its dry run (kernel interpreted, merges on the CPU) keeps it from
+    rotting in between: the identity check, the model maker, both merges and the table all run and agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--dry-run", "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "kernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3): True" in done.stdout
+    assert "output bytes cuda == cpu: True" in done.stdout
