@@ -1,8 +1,8 @@
 """The Ray backend: actors spread over the cluster, each running the worker function on units it is sent.
 
-Each node works through its own contiguous run of units (NodeQueues: its inputs stay in its page cache).
+Each actor works through its own contiguous run of units (`Runs`).
 Units are retried by the driver, not by Ray: a unit whose actor died (process killed, node lost) goes back
-to its node's run and the actor is replaced. `pwrite` at planned offsets makes a rerun idempotent.
+to the front of that actor's run, which the other actors take, and the actor is replaced. `pwrite` at planned offsets makes a rerun idempotent.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import ChatvecError
 from ..planning.layout import Unit
 from .messages import UnitResult, WorkContext
-from .node_queues import NodeQueues
+from .runs import Runs
 
 if TYPE_CHECKING:
     from .worker import UnitRunner
@@ -68,9 +68,7 @@ class _Worker:
         return self._local.runner
 
     def ready(self) -> str:
-        """Load torch and open the device; return this actor's node."""
-        self._runner()
-        return self.node
+        return str(self._runner().device)
 
     def run(self, unit: Unit) -> UnitResult:
         return self._runner().run(unit)
@@ -103,7 +101,6 @@ class RayBackend:
         self._ctx_ref = self.ray.put(ctx)
         self._starting: dict = {}  # ready() ref -> actor
         self.actors: list = []
-        self._node_of: dict = {}  # actor -> its node id
         self.replacements = 0
         self.sync_seconds = 0.0  # wall time of the last fsync of every worker's files
         for _ in range(self.workers):
@@ -116,16 +113,16 @@ class RayBackend:
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; return those finished by workers that died later (their writes may be lost)."""
         ray = self.ray
-        queues = NodeQueues(list(units))
+        runs = Runs(list(units))
         finished: dict = {}  # actor -> units it finished
         suspect: list[Unit] = []
         in_flight: dict = {}  # run() ref -> (actor, unit)
         load: Counter = Counter()
         attempts: Counter = Counter()
         last_progress = time.monotonic()
-        while len(queues) or in_flight:
+        while len(runs) or in_flight:
             for actor in self.actors:
-                while load[actor] < self.per_actor and (unit := queues.take(self._node_of[actor])) is not None:
+                while load[actor] < self.per_actor and (unit := runs.take(actor)) is not None:
                     in_flight[actor.run.remote(unit)] = (actor, unit)
                     load[actor] += 1
             waiting = list(in_flight) + list(self._starting)
@@ -137,7 +134,7 @@ class RayBackend:
                 if ref in self._starting:
                     actor = self._starting.pop(ref)
                     try:
-                        self._node_of[actor] = self._get(ref)
+                        self._get(ref)
                         self.actors.append(actor)
                     except ray.exceptions.RayActorError:
                         self._replace(actor)
@@ -150,7 +147,7 @@ class RayBackend:
                     attempts[unit.id] += 1
                     if attempts[unit.id] >= MAX_ATTEMPTS:
                         raise ChatvecError(f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}") from None
-                    queues.retry(unit, self._node_of[actor])
+                    runs.retry(unit, actor)
                     suspect += finished.pop(actor, [])
                     if actor in self.actors:
                         self._replace(actor)
