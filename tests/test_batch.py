@@ -14,7 +14,7 @@ from chatvec_dist import job
 from chatvec_dist.cli import main, recipe_from_args, build_parser
 from chatvec_dist.kernels.reference import reference
 from chatvec_dist.manifest import read_manifest, verify
-from chatvec_dist.recipe import RecipeError, dump_recipe, load_recipe
+from chatvec_dist.recipe import RecipeError, load_recipe
 from test_e2e import expected_weights, load_all, logits, shard_bytes
 
 

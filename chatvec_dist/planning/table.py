@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from ..dtypes import ITEMSIZE
 from .layout import Layout
 
 if TYPE_CHECKING:
