@@ -20,6 +20,11 @@ from .compute import make_compute, pick_device
 from .messages import SegmentResult, Stages, UnitResult, WorkContext, input_needs, span
 
 
+def _written_as_read(t: PlannedTensor) -> bool:
+    """A copy in CP's own dtype: its bytes go from the input buffer straight to the output file."""
+    return t.rule == "copy" and t.cp.dtype == t.out_dtype
+
+
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
@@ -68,7 +73,8 @@ class UnitRunner:
         inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
         stages.bytes_read += sum(t.numel() * t.element_size() for t in inputs.values())
         clock = stages.lap("read", clock)
-        staged = self.compute.upload(inputs)
+        computed = [p.tensor for _, p in columns if not _written_as_read(p.tensor)]
+        staged = self.compute.upload({s: inputs[s] for s in input_needs(piece, computed)})
         results = []
         for o, placed in columns:
             t = placed.tensor
@@ -76,20 +82,17 @@ class UnitRunner:
             if count == 0 and t.numel:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
-            if t.rule == "copy" and t.cp.dtype == t.out_dtype:
-                out = inputs[t.cp][:count].view(torch.uint8)  # written straight from the input buffer
+            if _written_as_read(t):
+                out = inputs[t.cp][:count].view(torch.uint8)
                 stats = Stats()
             else:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None
                 stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
             clock = stages.lap("compute", clock)
-            digests = self._digests(out, piece.first * itemsize)
-            clock = stages.lap("hash", clock)
             path = self.ctx.outputs[o].shard_paths[placed.shard]
-            write_at(self.files.get(path, os.O_WRONLY), memoryview(out.numpy()), placed.offset + piece.first * itemsize, path)
-            stages.bytes_written += out.numel()
-            clock = stages.lap("write", clock)
+            digests = self._hash_and_write(out, piece.first * itemsize, path, placed.offset, stages, clock)
+            clock = time.perf_counter()
             results.append(SegmentResult(o, piece.index, digests, stats))
         return results
 
@@ -116,11 +119,20 @@ class UnitRunner:
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
         return stats
 
-    def _digests(self, out: torch.Tensor, start: int) -> tuple[tuple[int, bytes], ...]:
-        """xxh3-128 of each hash block of the tensor that this output range covers (starts on a block)."""
+    def _hash_and_write(self, out: torch.Tensor, start: int, path: str, offset: int, stages: Stages,
+                        clock: float) -> tuple[tuple[int, bytes], ...]:
+        """xxh3-128 of each hash block of the tensor that this output range covers (it starts on a block), each
+        block written right after it is hashed, while it is still in cache: one pass over the output's bytes."""
         block, data = self.ctx.block_bytes, memoryview(out.numpy())
-        return tuple((start // block + k, xxhash.xxh3_128_digest(data[i : i + block]))
-                     for k, i in enumerate(range(0, max(len(data), 1), block)))
+        fd = self.files.get(path, os.O_WRONLY)
+        digests = []
+        for k, i in enumerate(range(0, max(len(data), 1), block)):
+            digests.append((start // block + k, xxhash.xxh3_128_digest(data[i : i + block])))
+            clock = stages.lap("hash", clock)
+            write_at(fd, data[i : i + block], offset + start + i, path)
+            clock = stages.lap("write", clock)
+        stages.bytes_written += len(data)
+        return tuple(digests)
 
     def close(self) -> None:
         """Make every write durable, then release the files."""
