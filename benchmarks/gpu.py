@@ -2,7 +2,8 @@
 """The prepared GPU benchmark (one GPU, under 5 minutes): prints a short table last.
 
 1. The fused Triton kernel's GB/s (bytes read + written) at several sizes on random bf16 data, against a
-   device-to-device copy of the same byte count, measured in the same run (target: ≥ 90 % of the copy).
+   device-to-device copy of the same byte count, measured in the same run (target: ≥ 90 % of the copy);
+   then at the largest size for other launch shapes (BLOCK × num_warps), to tune the defaults.
 2. Bit identity of the kernel with the CPU kernel and the float64 reference.
 3. End to end: a generated ~8 GB merge (three inputs + one output) with `--device cuda` against the CPU
    path on the same machine, and identical output bytes.
@@ -29,8 +30,16 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def timed(fn, repeat: int = 10) -> float:
-    """Median seconds of `fn` on the GPU (CUDA events), after a warm-up."""
+def timed(fn, device: str, repeat: int = 10) -> float:
+    """Median seconds of `fn` after a warm-up (CUDA events on a GPU; the wall clock in a dry run)."""
+    if device != "cuda":
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
     fn()
     torch.cuda.synchronize()
     times = []
@@ -44,21 +53,40 @@ def timed(fn, repeat: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def kernel_rows(sizes: list[int]) -> list[tuple]:
-    from chatvec_dist.kernels.triton_merge import combine_triton
+def kernel_gbps(n: int, device: str) -> tuple[float, float]:
+    """(kernel, device-to-device copy) GB/s for a one-vector bf16 merge of `n` elements (bytes read + written)."""
+    from chatvec_dist.kernels.triton_merge import TritonScratch, combine_triton
 
+    cp, base = (torch.randn(n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    chat = base + 0.01 * torch.randn(n, device=device, dtype=torch.bfloat16)
+    out = torch.empty(n, device=device, dtype=torch.bfloat16)
+    stats, scratch = torch.zeros(5, device=device, dtype=torch.float64), TritonScratch()
+    moved = 4 * n * 2  # three inputs read, one output written
+    t_kernel = timed(lambda: combine_triton(out, cp, [(1.0, chat, base)], torch.float32, stats, scratch), device)
+    src = torch.empty(moved // 2, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t_copy = timed(lambda: dst.copy_(src), device)  # reads + writes the same byte count
+    return moved / t_kernel / 1e9, moved / t_copy / 1e9
+
+
+def kernel_rows(sizes: list[int], device: str) -> list[tuple]:
+    return [(n, *kernel_gbps(n, device)) for n in sizes]
+
+
+def launch_sweep(n: int, device: str) -> list[tuple]:
+    """The kernel's GB/s at `n` elements for other (BLOCK, num_warps): data for tuning triton_merge's defaults."""
+    from chatvec_dist.kernels import triton_merge
+
+    default = triton_merge.BLOCK, triton_merge.NUM_WARPS
     rows = []
-    for n in sizes:
-        cp, base = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        chat = base + 0.01 * torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-        stats = torch.zeros(5, device="cuda", dtype=torch.float64)
-        moved = 4 * n * 2  # three inputs read, one output written
-        t_kernel = timed(lambda: combine_triton(out, cp, [(1.0, chat, base)], torch.float32, stats))
-        src = torch.empty(moved // 2, device="cuda", dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        t_copy = timed(lambda: dst.copy_(src))  # reads + writes the same byte count
-        rows.append((n, moved / t_kernel / 1e9, moved / t_copy / 1e9))
+    try:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8):
+                triton_merge.BLOCK, triton_merge.NUM_WARPS = block, warps
+                k, c = kernel_gbps(n, device)
+                rows.append((block, warps, k, c, (block, warps) == default))
+    finally:
+        triton_merge.BLOCK, triton_merge.NUM_WARPS = default
     return rows
 
 
@@ -169,7 +197,9 @@ def main() -> int:
         return 2
     else:
         device, name = "cuda", torch.cuda.get_device_name()
-    rows = [] if args.dry_run else kernel_rows([1 << 20, 1 << 24, 1 << 26, 1 << 28])
+    rows = kernel_rows([1 << 12] if args.dry_run else [1 << 20, 1 << 24, 1 << 26, 1 << 28], device)
+    sweep_n = 1 << 12 if args.dry_run else 1 << 28
+    sweep = launch_sweep(sweep_n, device)
     identical = identity_check(1 << 12 if args.dry_run else 1 << 22, device)
     e2e = None
     if not args.skip_e2e:
@@ -184,7 +214,11 @@ def main() -> int:
     print(f"\n## GPU benchmark — {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| elements | kernel GB/s | D2D copy GB/s | kernel / copy |\n|---|---|---|---|")
     for n, k, c in rows:
-        print(f"| {n:,} | {k:.0f} | {c:.0f} | {k / c:.0%} |")
+        print(f"| {n:,} | {k:.1f} | {c:.1f} | {k / c:.0%} |")
+    print(f"\n| BLOCK | num_warps | kernel GB/s at {sweep_n:,} elements "
+          "| D2D copy GB/s | kernel / copy |\n|---|---|---|---|---|")
+    for block, warps, k, c, default in sweep:
+        print(f"| {block}{' (default)' if default else ''} | {warps} | {k:.1f} | {c:.1f} | {k / c:.0%} |")
     print(f"\nkernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3): {identical}")
     if e2e:
         moved, floor, t_gpu, t_cpu, same = e2e

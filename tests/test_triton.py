@@ -82,6 +82,71 @@ def test_extract_and_copy_and_bfloat16_rounding_edges():
     assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == (300, 600)
 
 
+def test_reused_scratch_gives_fresh_stats_for_a_smaller_call():
+    """Partials rows are reused across calls: a smaller call (a copy: no vectors) must not see stale rows."""
+    from chatvec_dist.kernels.triton_merge import TritonScratch
+
+    scratch, stats = TritonScratch(), torch.zeros(5, dtype=torch.float64)
+    cp, base, chat = rand(3 * N, torch.bfloat16, 1), rand(3 * N, torch.bfloat16, 2), rand(3 * N, torch.bfloat16, 3)
+    combine_triton(torch.empty(3 * N, dtype=torch.bfloat16), cp, [(1.0, chat, base)], torch.float32, stats, scratch)
+    assert (stats[:3] > 0).all()
+    stats.zero_()
+    out = torch.empty(N, dtype=torch.bfloat16)
+    combine_triton(out, cp[:N], [], torch.float32, stats, scratch)
+    assert torch.equal(out, cp[:N])
+    assert stats[0].item() == pytest.approx(float(cp[:N].double().square().sum()), rel=1e-6)
+    assert stats[1:].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tmp_path, monkeypatch):
+    """TritonCompute — device buffers, uploads of only what the kernel reads, the kernel, the copy back, whole
+    pieces, hash and write block by block — run on CPU tensors (interpreted): a batch with a float32 output and an
+    extended vocabulary whose skipped embeddings are copies gives the CPU path's bytes, hashes and stats. (Streams,
+    pinned memory and overlap need a GPU: benchmarks/gpu.py.)"""
+    import dataclasses
+
+    import chatvec_dist
+    from chatvec_dist.exec import worker
+    from chatvec_dist.exec.compute import TritonCompute
+    from chatvec_dist.manifest import read_manifest, verify
+    from chatvec_dist.spec import Recipe
+    from test_e2e import shard_bytes
+
+    uploaded = []
+
+    class Recorded(TritonCompute):
+        def upload(self, inputs):
+            uploaded.extend(inputs)
+            return super().upload(inputs)
+
+    def recipe(out: str) -> Recipe:
+        base = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]),
+                                        {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])}, out, 0.5,
+                                        vocab="skip", unit_bytes=8192)
+        zh, ko = base.targets
+        return Recipe(base.vectors, (dataclasses.replace(zh, dtype="float32"), ko), unit_bytes=8192)
+
+    options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
+    chatvec_dist.run(recipe(str(tmp_path / "cpu")), options)
+    monkeypatch.setattr(worker, "make_compute", lambda device: Recorded(torch.device("cpu")))
+    one_thread = dataclasses.replace(options, workers=1)  # the interpreter patches triton.language while it runs
+    chatvec_dist.run(recipe(str(tmp_path / "triton")), one_thread)
+
+    for name in ("zh", "ko"):
+        cpu, tri = tmp_path / "cpu" / name, tmp_path / "triton" / name
+        assert shard_bytes(tri) == shard_bytes(cpu) and verify(tri) == []
+        want = {r["tensor"]: r for r in read_manifest(cpu)[0].to_pylist()}
+        for r in read_manifest(tri)[0].to_pylist():
+            assert r["hash"] == want[r["tensor"]]["hash"]
+            for norm in ("cp_norm", "delta_norm", "rel_update"):
+                assert r[norm] == pytest.approx(want[r["tensor"]][norm], rel=1e-5, abs=1e-12), (name, r["tensor"], norm)
+    planned = chatvec_dist.plan(recipe(str(tmp_path / "plan")))
+    rules = {p.tensor.name: p.tensor for tp in planned.targets for p in tp.layout.tensors if tp.target.name == "ko"}
+    copied = {rules[n].cp for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    assert {rules[n].rule for n in ("model.embed_tokens.weight", "lm_head.weight")} == {"copy"}
+    assert uploaded and not copied & set(uploaded)  # read, written straight from the host buffer, never uploaded
+
+
 def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):
     """benchmarks/gpu.py waits for a lent GPU; its dry run (kernel interpreted, merges on the CPU) keeps it from
     rotting in between: the identity check, the model maker, both merges and the table all run and agree."""

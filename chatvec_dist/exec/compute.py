@@ -37,18 +37,20 @@ class CpuCompute:
         return combine(out, cp, terms, compute, self.scratch)
 
 
-class CudaCompute:
-    """Pinned host buffers ↔ reused device buffers on this thread's own stream; the fused Triton kernel."""
+class TritonCompute:
+    """The fused Triton kernel on reused device buffers. On a GPU: pinned host buffers and copies on this thread's
+    own stream. (On the CPU only under TRITON_INTERPRET=1: how the tests run this path without a GPU.)"""
 
-    pinned = True
     strip_bytes = 1 << 62  # whole pieces: large copies keep PCIe busy; each launch has a fixed cost
 
     def __init__(self, device: torch.device) -> None:
-        from ..kernels.triton_merge import combine_triton
+        from ..kernels.triton_merge import TritonScratch, combine_triton
 
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.pinned = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
+        self._scratch = TritonScratch()
         self._bufs: dict[object, torch.Tensor] = {}
         self.stats = torch.zeros(5, dtype=torch.float64, device=device)
 
@@ -69,18 +71,18 @@ class CudaCompute:
         return out
 
     def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype) -> Stats:
-        """Run the kernel on device, copy the result into the pinned host `out`, wait, return the stats."""
+        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats."""
         with torch.cuda.stream(self.stream):
             self.stats.zero_()
             dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
-            acc = self._buffer("acc", out.numel() * torch.finfo(compute).bits // 8).view(compute)
-            self._kernel(dev_out, cp, terms, compute, self.stats, acc)
+            self._kernel(dev_out, cp, terms, compute, self.stats, self._scratch)
             out.copy_(dev_out, non_blocking=True)
             host = self.stats.to("cpu", non_blocking=True)
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
         cp_sq, delta_sq, update_sq, nan, inf = host.tolist()
         return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
 
 
-def make_compute(device: torch.device):
-    return CudaCompute(device) if device.type == "cuda" else CpuCompute()
+def make_compute(device: torch.device) -> CpuCompute | TritonCompute:
+    return TritonCompute(device) if device.type == "cuda" else CpuCompute()

@@ -3,8 +3,9 @@
 Up to four vectors per launch; more are chained through a float accumulator, in the CPU kernel's order, so
 the bytes equal the CPU path's (no FMA contraction; NaN written as the canonical quiet NaN). Rounding to
 bfloat16 is done by hand (round to nearest even) because Triton's interpreter truncates; on a GPU the same
-code gives the same bits. The launch also adds the
-sums of squares and NaN/Inf counts to a small float64 stats buffer.
+code gives the same bits. Each program also stores its block's sums of squares and NaN/Inf counts in a
+row of partials, summed once per call into a float64 stats buffer: no two programs touch the same address
+(no atomics to contend on), and the stats come out the same on every run.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import triton
 import triton.language as tl
 
 MAX_TERMS = 4
-BLOCK = 2048
+BLOCK = 2048  # elements per program
+NUM_WARPS = 4  # 16 elements per thread: two 16-byte loads of bf16 per input
+STATS = 5  # cp², Δ², (out − cp)², NaN, Inf
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -48,11 +51,12 @@ def _term(acc, plus_ptr, minus_ptr, alpha, offs, mask, HAS_MINUS: tl.constexpr, 
 
 
 @triton.jit
-def _merge_kernel(out_ptr, cp_ptr, acc_ptr, stats_ptr,
+def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
                   p0, m0, a0, p1, m1, a1, p2, m2, a2, p3, m3, a3, n,
                   N_TERMS: tl.constexpr, MINUS: tl.constexpr, HAS_CP: tl.constexpr, ACC_IN: tl.constexpr,
                   ACC_OUT: tl.constexpr, COMPUTE: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=COMPUTE)
     if ACC_IN:
@@ -68,31 +72,46 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, stats_ptr,
     if ACC_OUT:  # more vectors follow in another launch
         tl.store(acc_ptr + offs, acc, mask=mask)
     else:
-        if N_TERMS > 0 or ACC_IN:
-            tl.atomic_add(stats_ptr + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
+        row = partials_ptr + pid * 5  # this program's cp², Δ², (out − cp)², NaN, Inf (zeros where not computed)
+        tl.store(row + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
+        cp_sq = tl.zeros([], dtype=tl.float64)
         if HAS_CP:
             c = tl.load(cp_ptr + offs, mask=mask, other=0).to(COMPUTE)
-            tl.atomic_add(stats_ptr + 0, tl.sum(c * c, axis=0).to(tl.float64))
+            cp_sq = tl.sum(c * c, axis=0).to(tl.float64)
             if N_TERMS > 0 or ACC_IN:
                 acc = acc + c
             else:  # a copy: 0 + c would turn -0.0 into +0.0
                 acc = c
+        tl.store(row + 0, cp_sq)
         o = _round_out(acc.to(tl.float32), OUT_KIND)
         tl.store(out_ptr + offs, o, mask=mask)
         r = o.to(COMPUTE)
         if HAS_CP:
             r = r - c
-        tl.atomic_add(stats_ptr + 2, tl.sum(r * r, axis=0).to(tl.float64))
+        tl.store(row + 2, tl.sum(r * r, axis=0).to(tl.float64))
         of = o.to(tl.float32)
-        tl.atomic_add(stats_ptr + 3, tl.sum((of != of).to(tl.float64), axis=0))
-        tl.atomic_add(stats_ptr + 4, tl.sum(((of == float("inf")) | (of == float("-inf"))).to(tl.float64), axis=0))
+        tl.store(row + 3, tl.sum((of != of).to(tl.float64), axis=0))
+        tl.store(row + 4, tl.sum(((of == float("inf")) | (of == float("-inf"))).to(tl.float64), axis=0))
 
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+class TritonScratch:
+    """Device buffers reused across calls: the float accumulator (more than MAX_TERMS vectors) and the partials."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
 def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
-                   compute: torch.dtype, stats: torch.Tensor, acc: torch.Tensor | None = None) -> None:
+                   compute: torch.dtype, stats: torch.Tensor, scratch: TritonScratch | None = None) -> None:
     """The CPU kernel's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats` (float64)."""
     if out.dtype not in _OUT_KIND:
         from ..errors import ChatvecError
@@ -101,10 +120,11 @@ def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple
     n = out.numel()
     if n == 0:
         return
+    scratch = scratch or TritonScratch()
     groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
-    if len(groups) > 1 and (acc is None or acc.numel() < n or acc.dtype != compute):
-        acc = torch.empty(n, dtype=compute, device=out.device)
     grid = (triton.cdiv(n, BLOCK),)
+    acc = scratch.get("acc", n, compute, out.device) if len(groups) > 1 else out
+    partials = scratch.get("partials", grid[0] * STATS, torch.float64, out.device)
     for g, group in enumerate(groups):
         last = g == len(groups) - 1
         args = []
@@ -116,7 +136,8 @@ def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple
                 minus_bits |= (minus is not None) << i
             else:
                 args += [out, out, 1.0]
-        _merge_kernel[grid](out, cp if cp is not None and last else out, acc if acc is not None else out, stats,
+        _merge_kernel[grid](out, cp if cp is not None and last else out, acc, partials,
                             *args, n, N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last,
                             ACC_IN=g > 0, ACC_OUT=not last, COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype],
-                            BLOCK=BLOCK, enable_fp_fusion=False)  # no FMA: the same roundings as the CPU kernel
+                            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: the same roundings as the CPU kernel
+    stats += partials.view(grid[0], STATS).sum(0)
