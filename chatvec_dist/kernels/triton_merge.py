@@ -9,6 +9,8 @@ row of partials, summed once per call into a float64 stats buffer: no two progra
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,10 @@ BLOCK = 2048  # elements per program
 NUM_WARPS = 4  # 16 elements per thread: two 16-byte loads of bf16 per input
 STATS = 5  # cp², Δ², (out − cp)², NaN, Inf
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+# One launch at a time per process: Triton's JIT cache and first-time compile are not thread-safe (nor is the
+# interpreter, which patches triton.language while a kernel runs). A compiled launch is asynchronous, so the
+# threads of a GPU worker wait microseconds here, not for the kernel.
+_LAUNCH = threading.Lock()
 
 
 @triton.jit
@@ -136,8 +142,9 @@ def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple
                 minus_bits |= (minus is not None) << i
             else:
                 args += [out, out, 1.0]
-        _merge_kernel[grid](out, cp if cp is not None and last else out, acc, partials,
-                            *args, n, N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last,
-                            ACC_IN=g > 0, ACC_OUT=not last, COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype],
-                            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA: the same roundings as the CPU kernel
+        with _LAUNCH:  # no FMA contraction below: the same roundings as the CPU kernel
+            _merge_kernel[grid](out, cp if cp is not None and last else out, acc, partials,
+                                *args, n, N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last,
+                                ACC_IN=g > 0, ACC_OUT=not last, COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype],
+                                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     stats += partials.view(grid[0], STATS).sum(0)
