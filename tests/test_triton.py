@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from chatvec_dist.torch_dtypes import compute_dtype  # noqa: E402
 from chatvec_dist.kernels.cpu import Scratch, combine  # noqa: E402
@@ -39,11 +39,12 @@ def both(out_dtype, cp, terms):
     return gpu, stats, cpu, combine(cpu, cp, terms, compute, Scratch())
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
 @pytest.mark.parametrize("cp_dt,vec_dt,out_dt", list(itertools.product(DTYPES, DTYPES, DTYPES)))
-def test_every_dtype_combination_matches_reference_and_cpu(cp_dt, vec_dt, out_dt):
+def test_every_dtype_combination_matches_reference_and_cpu(cp_dt, vec_dt, out_dt, alpha):
     cp, base = rand(N, cp_dt, 1), rand(N, vec_dt, 2)
     chat = (base.double() + rand(N, torch.float64, 3, 0.01)).to(vec_dt)
-    terms = [(0.5, chat, base)]
+    terms = [(alpha, chat, base)]
     gpu, stats, cpu, cpu_stats = both(out_dt, cp, terms)
     assert torch.equal(bits(gpu), bits(reference(cp, terms, out_dt)))
     assert torch.equal(bits(gpu), bits(cpu))
@@ -80,6 +81,18 @@ def test_extract_and_copy_and_bfloat16_rounding_edges():
     assert torch.equal(bits(cpu)[~nan], bits(edges.to(torch.bfloat16))[~nan])  # torch's own rounding elsewhere
     assert bool((bits(cpu)[nan] == 0x7FC0).all())  # canonical quiet NaN
     assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == (300, 600)
+
+
+@pytest.mark.parametrize("out_dt", DTYPES)
+def test_subnormal_inputs_and_outputs_keep_their_bits(out_dt):
+    """bfloat16 subnormals (|x| < 1.2e-38) widened exactly and results rounded exactly, as on a GPU (no flushing)."""
+    cp, base = rand(N, torch.bfloat16, 1, 1e-38), rand(N, torch.bfloat16, 2, 1e-38)
+    chat = (base.double() + rand(N, torch.float64, 3, 1e-40)).to(torch.bfloat16)
+    assert (cp.float().abs() < torch.finfo(torch.float32).tiny).sum() > N // 2  # mostly subnormal
+    for alpha in (1.0, 0.3):
+        gpu, _, cpu, _ = both(out_dt, cp, [(alpha, chat, base)])
+        assert torch.equal(bits(gpu), bits(cpu))
+        assert torch.equal(bits(cpu), bits(reference(cp, [(alpha, chat, base)], out_dt)))
 
 
 def test_reused_scratch_gives_fresh_stats_for_a_smaller_call():
@@ -146,6 +159,31 @@ def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tm
     assert uploaded and not copied & set(uploaded)  # read, written straight from the host buffer, never uploaded
 
 
+def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
+    """The interpreter runs Python, not PTX: compile every launch shape for sm_90 (no GPU needed) and check what
+    bit identity on hardware depends on: no FMA contraction, no flushed denormals, no argument narrowed to
+    float32 (an alpha of 0.3 must reach a float64 merge in full)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3):
+        pytest.skip(f"triton {triton.__version__}: ASTSource takes named signatures from 3.3 on")
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(here / "compile_for_gpu.py")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = json.loads(done.stdout)
+    assert [len(c) for c in calls] == [1, 1, 1, 1, 1, 2]  # six vectors: two launches
+    for facts in (f for c in calls for f in c):
+        assert facts["cubin_bytes"] > 0
+        assert (facts["fma"], facts["ftz"], facts["f32_params"]) == (0, False, 0), facts
+
+
 def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):
     """benchmarks/gpu.py waits for a lent GPU; its dry run (kernel interpreted, merges on the CPU) keeps it from
     rotting in between: the identity check, the model maker, both merges and the table all run and agree."""
@@ -159,5 +197,5 @@ def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "kernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3): True" in done.stdout
+    assert "kernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3, normal and subnormal values): True" in done.stdout
     assert "output bytes cuda == cpu: True" in done.stdout

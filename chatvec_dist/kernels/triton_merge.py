@@ -1,14 +1,16 @@
 """The fused GPU kernel: `out = round(cp + Σ alpha·(plus − minus))`, each input read once, output written once.
 
 Up to four vectors per launch; more are chained through a float accumulator, in the CPU kernel's order, so
-the bytes equal the CPU path's (no FMA contraction; NaN written as the canonical quiet NaN). Rounding to
-bfloat16 is done by hand (round to nearest even) because Triton's interpreter truncates; on a GPU the same
-code gives the same bits. Each program also stores its block's sums of squares and NaN/Inf counts in a
-row of partials, summed once per call into a float64 stats buffer: no two programs touch the same address
-(no atomics to contend on), and the stats come out the same on every run.
+the bytes equal the CPU path's (no FMA contraction; alphas passed as a double's bits, not narrowed to float32;
+NaN written as the canonical quiet NaN). Conversions to and from bfloat16 are done by hand (to nearest even;
+subnormals exact) because Triton's interpreter truncates and mangles subnormals; on a GPU the same code gives
+the same bits. Each program also stores its block's sums of squares and NaN/Inf counts in a row of partials,
+summed once per call into a float64 stats buffer: no two programs touch the same address (no atomics to
+contend on), and the stats come out the same on every run.
 """
 from __future__ import annotations
 
+import struct
 import threading
 
 import torch
@@ -44,19 +46,33 @@ def _round_out(x, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def _term(acc, plus_ptr, minus_ptr, alpha, offs, mask, HAS_MINUS: tl.constexpr, FIRST: tl.constexpr,
+def _widen(x, COMPUTE: tl.constexpr):
+    """To the compute dtype; bfloat16 widened by hand (exact, as on a GPU: the interpreter gets subnormals wrong)."""
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(COMPUTE)
+
+
+@triton.jit
+def _load(ptr, offs, mask, COMPUTE: tl.constexpr):
+    return _widen(tl.load(ptr + offs, mask=mask, other=0), COMPUTE)
+
+
+@triton.jit
+def _term(acc, plus_ptr, minus_ptr, alpha_bits, offs, mask, HAS_MINUS: tl.constexpr, FIRST: tl.constexpr,
           COMPUTE: tl.constexpr):
-    d = tl.load(plus_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    d = _load(plus_ptr, offs, mask, COMPUTE)
     if HAS_MINUS:
-        d = d - tl.load(minus_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        d = d - _load(minus_ptr, offs, mask, COMPUTE)
+    alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
     if alpha != 1.0:
-        d = d * alpha
+        d = d * alpha.to(COMPUTE)  # as torch does: alpha rounded (to nearest) to the compute dtype
     if FIRST:
         return d
     return acc + d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["a0", "a1", "a2", "a3"])  # alphas: a double's bits (n == 1 is not special)
 def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
                   p0, m0, a0, p1, m1, a1, p2, m2, a2, p3, m3, a3, n,
                   N_TERMS: tl.constexpr, MINUS: tl.constexpr, HAS_CP: tl.constexpr, ACC_IN: tl.constexpr,
@@ -82,7 +98,7 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
         tl.store(row + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
         cp_sq = tl.zeros([], dtype=tl.float64)
         if HAS_CP:
-            c = tl.load(cp_ptr + offs, mask=mask, other=0).to(COMPUTE)
+            c = _load(cp_ptr, offs, mask, COMPUTE)
             cp_sq = tl.sum(c * c, axis=0).to(tl.float64)
             if N_TERMS > 0 or ACC_IN:
                 acc = acc + c
@@ -91,16 +107,21 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
         tl.store(row + 0, cp_sq)
         o = _round_out(acc.to(tl.float32), OUT_KIND)
         tl.store(out_ptr + offs, o, mask=mask)
-        r = o.to(COMPUTE)
+        r = _widen(o, COMPUTE)
         if HAS_CP:
             r = r - c
         tl.store(row + 2, tl.sum(r * r, axis=0).to(tl.float64))
-        of = o.to(tl.float32)
+        of = _widen(o, tl.float32)
         tl.store(row + 3, tl.sum((of != of).to(tl.float64), axis=0))
         tl.store(row + 4, tl.sum(((of == float("inf")) | (of == float("-inf"))).to(tl.float64), axis=0))
 
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _bits(alpha: float) -> int:
+    """A double passed as its 64 bits: Triton would pass a Python float as float32 (a float64 merge needs all)."""
+    return struct.unpack("<q", struct.pack("<d", float(alpha)))[0]
 
 
 class TritonScratch:
@@ -116,8 +137,38 @@ class TritonScratch:
         return buf[:numel]
 
 
-def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
-                   compute: torch.dtype, stats: torch.Tensor, scratch: TritonScratch | None = None) -> None:
+Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
+
+
+def launches(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype, acc: torch.Tensor,
+             partials: torch.Tensor) -> list[tuple[list, dict]]:
+    """The kernel's launches for one call, in order: (positional arguments, constexprs) of each."""
+    groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
+    calls = []
+    for g, group in enumerate(groups):
+        last = g == len(groups) - 1
+        args = [out, cp if cp is not None and last else out, acc, partials]
+        minus_bits = 0
+        for i in range(MAX_TERMS):
+            if i < len(group):
+                alpha, plus, minus = group[i]
+                args += [plus, minus if minus is not None else plus, _bits(alpha)]
+                minus_bits |= (minus is not None) << i
+            else:
+                args += [out, out, _bits(1.0)]
+        calls.append((args + [out.numel()], dict(
+            N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last, ACC_IN=g > 0, ACC_OUT=not last,
+            COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype], BLOCK=BLOCK)))
+    return calls
+
+
+def launch_options() -> dict:
+    """No FMA contraction: the same roundings as the CPU kernel."""
+    return {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+
+
+def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype, stats: torch.Tensor,
+                   scratch: TritonScratch | None = None) -> None:
     """The CPU kernel's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats` (float64)."""
     if out.dtype not in _OUT_KIND:
         from ..errors import ChatvecError
@@ -127,24 +178,10 @@ def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple
     if n == 0:
         return
     scratch = scratch or TritonScratch()
-    groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
     grid = (triton.cdiv(n, BLOCK),)
-    acc = scratch.get("acc", n, compute, out.device) if len(groups) > 1 else out
+    acc = scratch.get("acc", n, compute, out.device) if len(terms) > MAX_TERMS else out
     partials = scratch.get("partials", grid[0] * STATS, torch.float64, out.device)
-    for g, group in enumerate(groups):
-        last = g == len(groups) - 1
-        args = []
-        minus_bits = 0
-        for i in range(MAX_TERMS):
-            if i < len(group):
-                alpha, plus, minus = group[i]
-                args += [plus, minus if minus is not None else plus, float(alpha)]
-                minus_bits |= (minus is not None) << i
-            else:
-                args += [out, out, 1.0]
-        with _LAUNCH:  # no FMA contraction below: the same roundings as the CPU kernel
-            _merge_kernel[grid](out, cp if cp is not None and last else out, acc, partials,
-                                *args, n, N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last,
-                                ACC_IN=g > 0, ACC_OUT=not last, COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype],
-                                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    for args, constexprs in launches(out, cp, terms, compute, acc, partials):
+        with _LAUNCH:
+            _merge_kernel[grid](*args, **constexprs, **launch_options())
     stats += partials.view(grid[0], STATS).sum(0)
