@@ -52,7 +52,8 @@ class TritonCompute:
         self._kernel = combine_triton
         self._scratch = TritonScratch()
         self._bufs: dict[object, torch.Tensor] = {}
-        self.stats = torch.zeros(5, dtype=torch.float64, device=device)
+        with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
+            self.stats = torch.empty(5, dtype=torch.float64, device=device)  # zeroed by each combine
 
     def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
         buf = self._bufs.get(key)
