@@ -175,7 +175,7 @@ def _backend(ctx: WorkContext, options: RunOptions):
     if options.backend == "local":
         from .exec.local import LocalBackend
 
-        return LocalBackend(ctx, options.workers or os.cpu_count() or 1, options.device)
+        return LocalBackend(ctx, options.workers, options.device)
     if options.backend == "ray":
         from .exec.ray_backend import RayBackend
 

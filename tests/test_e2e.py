@@ -255,3 +255,17 @@ def test_units_lost_with_a_dead_worker_are_redone(llamas, merged, tmp_path, monk
     assert calls[1] == 1  # only the unit whose bytes were lost is redone; the intact suspect is kept
     assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
     assert read_manifest(out)[0].column("hash").to_pylist() == read_manifest(merged)[0].column("hash").to_pylist()
+
+
+def test_local_backend_threads_default_to_cpus_or_spread_over_gpus(monkeypatch):
+    """Without a GPU: one thread per CPU. With GPUs (faked here: none on this machine): two threads per GPU,
+    thread i on GPU i mod count, so that a multi-GPU box uses every GPU."""
+    from chatvec_dist.exec.local import LocalBackend
+
+    assert LocalBackend(None, None, "auto").devices == ["auto"] * os.cpu_count()
+    assert LocalBackend(None, 3, "cpu").devices == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert LocalBackend(None, None, "auto").devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert LocalBackend(None, 3, "cuda").devices == ["cuda:0", "cuda:1", "cuda:0"]
+    assert LocalBackend(None, None, "cpu").devices == ["cpu"] * os.cpu_count()

@@ -11,14 +11,14 @@ Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
 
 
 def pick_device(requested: str) -> torch.device:
-    """`auto`: the GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, if any, else the CPU."""
+    """`auto`: the GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, if any, else the CPU; `cuda:N`: that GPU."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         from ..errors import ChatvecError
 
         raise ChatvecError("--device cuda, but this worker has no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(requested) if requested.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
 
 
 class CpuCompute:
@@ -48,6 +48,8 @@ class TritonCompute:
 
         self.device = device
         self.pinned = device.type == "cuda"
+        if self.pinned:
+            torch.cuda.set_device(device)  # this thread's launches go to its GPU
         self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
         self._scratch = TritonScratch()

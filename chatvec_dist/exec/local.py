@@ -1,6 +1,7 @@
 """The local backend: the worker function on threads in this process (tests, debugging)."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -10,16 +11,19 @@ import torch
 
 from ..planning.layout import Unit
 from .messages import UnitResult, WorkContext
+from .ray_backend import PIPELINE
 from .worker import UnitRunner
 
 
 class LocalBackend:
     name = "local"
 
-    def __init__(self, ctx: WorkContext, workers: int, device: str = "auto") -> None:
+    def __init__(self, ctx: WorkContext, workers: int | None, device: str = "auto") -> None:
+        """`workers` threads (default: one per CPU; on GPUs, PIPELINE["cuda"] per GPU, spread over them)."""
         self.ctx = ctx
-        self.workers = max(1, workers)
-        self.device = device
+        gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+        self.workers = max(1, workers or (PIPELINE["cuda"] * gpus if gpus else os.cpu_count() or 1))
+        self.devices = [f"cuda:{i % gpus}" for i in range(self.workers)] if gpus else [device] * self.workers
         self.sync_seconds = 0.0  # wall time of the slowest worker's final fsync in the last run
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
@@ -36,10 +40,10 @@ class LocalBackend:
         stop = threading.Event()
         syncs: list[float] = []
 
-        def work() -> None:
+        def work(device: str) -> None:
             runner = None
             try:
-                runner = UnitRunner(self.ctx, device=self.device)
+                runner = UnitRunner(self.ctx, device=device)
                 while not stop.is_set():
                     try:
                         unit = todo.get_nowait()
@@ -57,7 +61,8 @@ class LocalBackend:
                     except BaseException as e:
                         done.put((None, e))
 
-        threads = [threading.Thread(target=work, name=f"chatvec-{i}", daemon=True) for i in range(self.workers)]
+        threads = [threading.Thread(target=work, args=(d,), name=f"chatvec-{i}", daemon=True)
+                   for i, d in enumerate(self.devices)]
         intra_op = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel over units, not inside ops: torch's idle OpenMP threads spin (measured)
         for t in threads:
