@@ -126,6 +126,24 @@ def test_extended_vocabulary(llamas, tmp_path, policy):
     assert torch.equal(logits(out), logits(llamas["cp_ext"], expected))
 
 
+@pytest.mark.parametrize("policy", ["auto", "overlap"])
+def test_chat_model_with_added_tokens(llamas, tmp_path, policy):
+    """A chat model that added tokens to its base (OpenHermes: 32002 rows on Mistral's 32000): its extra rows have
+    no base row. `auto` keeps CP's embeddings (the paper's rule); `overlap` adds the delta on the rows all share."""
+    d = dict(llamas, chat=llamas["cp_ext"])  # 160 rows, made from base's 96 plus noise
+    out = tmp_path / policy
+    assert main(merge_args(d, out, "cp", "--vocab", policy, "--backend", "local")) == 0
+    got, cp, base, chat = load_all(out), load_all(llamas["cp"]), load_all(llamas["base"]), load_all(llamas["cp_ext"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        want = cp[name] if policy == "auto" else reference(cp[name], [(1.0, chat[name][:96], base[name])], cp[name].dtype)
+        assert got[name].shape == (96, 32) and torch.equal(got[name], want.view(96, 32)), name
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(got[name], reference(cp[name], [(1.0, chat[name], base[name])], cp[name].dtype).view(cp[name].shape))
+    rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
+    assert (rows["lm_head.weight"]["rule"], rows["lm_head.weight"]["reason"]) == \
+        {"auto": ("copy", "vocab:skip"), "overlap": ("merge", "vocab:overlap")}[policy]
+
+
 def test_verify_catches_one_flipped_byte(merged, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(merged, copy)

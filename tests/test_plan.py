@@ -71,6 +71,17 @@ def test_cp_with_fewer_rows_than_base_is_an_error(demo):
         job.plan(recipe)
 
 
+def test_extracting_from_a_chat_model_with_added_tokens_keeps_the_shared_rows(demo):
+    """chat 320 rows, base 256: the vector has base's 256 rows; the other way round there is nothing to keep."""
+    extract = Recipe(vectors=(Vector(str(demo["cp"]), str(demo["base"])),), targets=(Target("v", None, "unused", (1.0,)),))
+    t = next(p.tensor for p in _tensors(job.plan(extract)) if p.tensor.name == "lm_head.weight")
+    assert (t.rule, t.reason, t.shape, t.merge_elems) == ("merge", "vocab:overlap", (256, 64), 256 * 64)
+    backwards = Recipe(vectors=(Vector(str(demo["base"]), str(demo["cp"])),), targets=(Target("v", None, "unused", (1.0,)),))
+    with pytest.raises(PlanError, match="an extracted vector has no CP rows to keep") as e:
+        job.plan(backwards)
+    assert e.value.tensor in ("lm_head.weight", "model.embed_tokens.weight")
+
+
 def test_equal_vocab_defaults_to_full(tmp_path):
     g = torch.Generator().manual_seed(0)
     cfg = llama_config(64)

@@ -120,43 +120,51 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
     if name in excluded:
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     pairs = [(alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms]
-    vec_shape = pairs[0][1].info.shape
-    for _, plus, minus in pairs:
-        for other in (plus, minus):
-            if other is None:
-                continue
-            if other.info.shape != vec_shape:
-                raise PlanError(f"shape {list(other.info.shape)} differs from {list(vec_shape)} in {pairs[0][1].path}",
-                                file=other.path, tensor=name)
+    vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
+    vocab = VOCAB_TENSOR.search(name) is not None
+    vec_shape = vecs[0].info.shape
+    for other in vecs:  # a chat model may add tokens (rows) to its base's vocabulary: only the rows may differ
+        shape = other.info.shape
+        if shape[1:] != vec_shape[1:] or len(shape) != len(vec_shape) or (shape != vec_shape and not vocab):
+            where = " outside the vocabulary dimension" if vocab else ""
+            raise PlanError(f"shape {list(shape)} differs from {list(vec_shape)} in {vecs[0].path}{where}",
+                            file=other.path, tensor=name)
     terms = tuple((alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
                   for alpha, p, m in pairs)
-    numel = info.numel
-    if not VOCAB_TENSOR.search(name):
+    if not vocab:
         if vec_shape != info.shape:
-            raise PlanError(f"shape {list(info.shape)} differs from {list(vec_shape)} in {pairs[0][1].path}",
+            raise PlanError(f"shape {list(info.shape)} differs from {list(vec_shape)} in {vecs[0].path}",
                             file=ref.path, tensor=name)
-        return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, numel)
-    return _plan_vocab(name, ref, policy, dtype, cp, terms, vec_shape, pairs[0][1].path)
+        return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
+    return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs)
 
 
 def _plan_vocab(name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple,
-                vec_shape: tuple[int, ...], vec_path: str) -> PlannedTensor:
+                vecs: list[TensorRef]) -> PlannedTensor:
+    """embed_tokens / lm_head: rows are tokens. Vectors combine over the rows every chat and base have (a chat
+    model's added tokens have no base row); CP's rows past those keep CP's values (`overlap`) or all do (`skip`)."""
     shape = ref.info.shape
-    if len(shape) != len(vec_shape) or shape[1:] != vec_shape[1:]:
-        raise PlanError(f"shape {list(shape)} differs from {list(vec_shape)} in {vec_path} outside the vocabulary dimension",
+    fewest = min(vecs, key=lambda v: v.info.shape[0])
+    rows = fewest.info.shape[0]
+    if len(shape) != len(fewest.info.shape) or shape[1:] != fewest.info.shape[1:]:
+        raise PlanError(f"shape {list(shape)} differs from {list(fewest.info.shape)} in {fewest.path} outside the "
+                        "vocabulary dimension", file=ref.path, tensor=name)
+    if shape[0] < rows:
+        raise PlanError(f"vocabulary of {shape[0]} rows is smaller than the {rows} rows of {fewest.path}",
                         file=ref.path, tensor=name)
-    if shape[0] < vec_shape[0]:
-        raise PlanError(f"vocabulary of {shape[0]} rows is smaller than the {vec_shape[0]} rows of {vec_path}",
-                        file=ref.path, tensor=name)
-    equal = shape[0] == vec_shape[0]
-    if policy == "auto":
-        policy = "full" if equal else "skip"
+    equal = all(v.info.shape == shape for v in vecs)
+    if policy == "auto":  # an extracted vector keeps the rows chat and base share
+        policy = "full" if equal else "skip" if cp is not None else "overlap"
     if policy == "full" and not equal:
-        raise PlanError(f"--vocab full needs equal shapes, but this has {shape[0]} rows and {vec_path} {vec_shape[0]} "
-                        "(use --vocab skip or overlap)", file=ref.path, tensor=name)
+        other = next(v for v in vecs if v.info.shape != shape)
+        raise PlanError(f"--vocab full needs equal shapes, but this has {shape[0]} rows and {other.path} "
+                        f"{other.info.shape[0]} (use --vocab skip or overlap)", file=ref.path, tensor=name)
+    if cp is None and (policy == "skip" or rows < shape[0]):
+        raise PlanError(f"an extracted vector has no CP rows to keep: {fewest.path} has {rows} rows and {ref.path} "
+                        f"{shape[0]} (merge directly with --vocab skip or overlap)", file=ref.path, tensor=name)
     reason = f"vocab:{policy}"
     if policy == "skip":
         return PlannedTensor(name, "copy", reason, shape, dtype, cp, (), 0)
-    merged = ref.info.numel // shape[0] * vec_shape[0] if shape[0] else 0
-    rule = "merge" if equal else "merge_rows"
+    merged = ref.info.numel // shape[0] * rows if shape[0] else 0
+    rule = "merge" if rows == shape[0] else "merge_rows"
     return PlannedTensor(name, rule, reason, shape, dtype, cp, terms, merged)
