@@ -102,9 +102,13 @@ def test_a_node_without_the_drivers_cache_fetches_into_its_own(hub, tmp_path, mo
     real_execute = job._execute
 
     def on_another_node(*args, **kwargs):
-        cache.rename(tmp_path / "driver-cache-unreachable")  # the paths the driver planned with vanish
+        hidden = tmp_path / "driver-cache-unreachable"
+        cache.rename(hidden)  # the paths the driver planned with vanish for the workers
         monkeypatch.setattr(c, "HF_HUB_CACHE", str(node_cache))
-        return real_execute(*args, **kwargs)
+        try:
+            return real_execute(*args, **kwargs)
+        finally:
+            hidden.rename(cache)  # the driver commits with its own cache's side files (config, tokenizer)
 
     monkeypatch.setattr(job, "_execute", on_another_node)
     out = tmp_path / "out"
@@ -117,3 +121,35 @@ def test_a_node_without_the_drivers_cache_fetches_into_its_own(hub, tmp_path, mo
                  "--out", str(reference), "--backend", "local", "--no-progress"]) == 0
     same = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
     assert same(out) == same(reference)
+
+
+def test_a_partly_cached_repo_fetches_the_rest(hub, tmp_path, monkeypatch):
+    """`AutoConfig.from_pretrained` leaves a snapshot holding just config.json: the weights must still be fetched
+    (the Hub is faked here: the fetch completes the snapshot the way snapshot_download does)."""
+    import huggingface_hub
+
+    cache, models, commits = hub
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    shutil.copyfile(models["cp"] / "config.json", only_config / "config.json")
+    snapshot = cache_repo(cache, "org/partial", only_config, "f" * 40)
+    unusable = r"org/partial: the cached snapshot is unusable and fetching added nothing \(offline\?\): .*no safetensors files"
+    with pytest.raises(SourceError, match=unusable):
+        open_source("org/partial")  # offline: nothing more to fetch, and the error says why
+
+    real, fetched = huggingface_hub.snapshot_download, []
+
+    def hub_online(repo_id, *, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kwargs)
+        fetched.append((repo_id, kwargs["ignore_patterns"]))
+        for f in sorted(models["cp"].iterdir()):
+            if not (snapshot / f.name).exists():
+                shutil.copyfile(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
+    ckpt = open_source("org/partial")
+    assert len(ckpt.tensors) == 21 and ckpt.source["commit"] == "f" * 40
+    assert fetched == [("org/partial", ["consolidated*.safetensors"])]
+    assert open_source("org/cp").source["commit"] == commits["cp"] and len(fetched) == 1  # complete: no fetch

@@ -5,20 +5,38 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import SourceError
-from .checkpoint import Checkpoint, open_checkpoint
+from ..errors import ChatvecError, SourceError
+from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
+IGNORE_PATTERNS = ["consolidated*.safetensors"]  # Mistral's single-file copy of the sharded weights: never read
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def open_source(spec: str) -> Checkpoint:
-    """Open `spec`: an existing local directory, else a Hub repo id from the HF cache (downloaded if online)."""
+    """Open `spec`: an existing local directory, else a Hub repo id from the HF cache, fetched (only what is
+    missing) when the cache lacks it or holds part of it (e.g. just `config.json`, left by `AutoConfig`)."""
     if os.path.exists(spec) or not REPO_ID.match(spec):
         return open_checkpoint(spec)
     repo_id, _, revision = spec.partition("@")
-    snapshot = _snapshot(repo_id, revision or None)
+    unusable = None
+    cached = _snapshot(repo_id, revision or None, local_files_only=True)
+    if cached is not None:
+        try:
+            return _open_snapshot(cached, repo_id, revision)
+        except ChatvecError as e:
+            unusable = e
+    fetched = _snapshot(repo_id, revision or None, local_files_only=False, unusable=unusable)
+    try:
+        return _open_snapshot(fetched, repo_id, revision)
+    except ChatvecError as e:
+        if unusable is None:
+            raise
+        raise SourceError(f"the cached snapshot is unusable and fetching added nothing (offline?): {e}", file=repo_id) from None
+
+
+def _open_snapshot(snapshot: Path, repo_id: str, revision: str) -> Checkpoint:
     repo_root = snapshot.parent.parent  # models--org--name: snapshot symlinks point into its blobs/
     files = {}
     for path in sorted(snapshot.rglob("*")):
@@ -29,20 +47,25 @@ def open_source(spec: str) -> Checkpoint:
     return open_checkpoint(snapshot, root=repo_root, source=source)
 
 
-def _snapshot(repo_id: str, revision: str | None) -> Path:
+def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
+              unusable: ChatvecError | None = None) -> Path | None:
+    """The snapshot folder: from the cache only (None if not there), or downloading what it lacks."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    except Exception as e:  # huggingface_hub raises several types for a bad cache entry
-        raise SourceError(f"cannot resolve from the local Hugging Face cache: {e}", file=repo_id) from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
-    except Exception as e:
-        raise SourceError(f"not in the local Hugging Face cache and not downloadable: {type(e).__name__}: {e}", file=repo_id) from None
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                      ignore_patterns=IGNORE_PATTERNS, local_files_only=local_files_only))
+    except LocalEntryNotFoundError as e:
+        if local_files_only:
+            return None
+        error = f"cannot reach the Hub (offline?): {e}"
+    except Exception as e:  # huggingface_hub raises several types for a bad cache entry or a failed download
+        error = f"{type(e).__name__}: {e}"
+    if local_files_only:
+        raise SourceError(f"cannot resolve from the local Hugging Face cache: {error}", file=repo_id)
+    cached = "not in the local Hugging Face cache" if unusable is None else f"the cached snapshot is unusable ({unusable})"
+    raise SourceError(f"{cached} and not downloadable: {error}", file=repo_id)
 
 
 def hub_files(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, str]]:
