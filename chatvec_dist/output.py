@@ -1,6 +1,7 @@
 """The output directory: a `.partial` work area with a journal, then an atomic commit by rename."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -10,16 +11,19 @@ import pyarrow as pa
 
 from .errors import OutputError
 from .exec.messages import SegmentResult, UnitResult
-from .io.checkpoint import INDEX_NAME, read_json_object
+from .io.checkpoint import INDEX_NAME, SIDE_PATTERNS, read_json_object
 from .kernels.stats import Stats
 from .manifest import MANIFEST_NAME, write_manifest
 from .planning.layout import Layout
 
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-              "chat_template.json")
 PLAN_NAME = "plan.json"
 JOURNAL_NAME = "journal.jsonl"
+
+
+def side_files(directory: Path) -> list[Path]:
+    """CP's files that go next to the output's weights (config, tokenizer, remote code, license), not its index."""
+    return sorted(p for p in directory.iterdir() if p.name not in (INDEX_NAME, PLAN_NAME) and p.is_file()
+                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS))
 
 
 def partial_path(out: Path) -> Path:
@@ -124,9 +128,8 @@ def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: 
 def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
             chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
     if side_dir is not None:
-        for name in SIDE_FILES:
-            if (side_dir / name).is_file():
-                shutil.copyfile(side_dir / name, work / name)
+        for path in side_files(side_dir):
+            shutil.copyfile(path, work / path.name)
     if config_dtype and (work / "config.json").is_file():
         config = read_json_object(work / "config.json", OutputError)
         config["torch_dtype"] = config["dtype"] = config_dtype

@@ -144,6 +144,23 @@ def test_chat_model_with_added_tokens(llamas, tmp_path, policy):
         {"auto": ("copy", "vocab:skip"), "overlap": ("merge", "vocab:overlap")}[policy]
 
 
+def test_side_files_remote_code_and_license_go_with_the_output(llamas, tmp_path):
+    """A CP with `auto_map` remote code (Qwen-1, InternLM2, ChatGLM), a tiktoken vocabulary and a license: the
+    output needs them all to load; weights, pickles and notes stay behind, and the index is the output's own."""
+    cp = tmp_path / "cp"
+    shutil.copytree(llamas["cp"], cp)
+    extra = {"configuration_my.py": "X = 1\n", "modeling_my.py": "Y = 2\n", "qwen.tiktoken": "YQ== 0\n",
+             "LICENSE": "terms\n", "notes.md": "not a side file\n", "pytorch_model.bin": "pickle"}
+    for name, text in extra.items():
+        (cp / name).write_text(text)
+    out = tmp_path / "out"
+    assert main(merge_args(dict(llamas, cp=cp), out, "cp", "--backend", "local")) == 0
+    for name in ("configuration_my.py", "modeling_my.py", "qwen.tiktoken", "LICENSE", "config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (cp / name).read_bytes(), name
+    assert not (out / "notes.md").exists() and not (out / "pytorch_model.bin").exists()
+    assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == set(load_all(out))
+
+
 def test_verify_catches_one_flipped_byte(merged, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(merged, copy)

@@ -12,6 +12,9 @@ from .header import TensorInfo, reject_duplicate_keys, shown, is_safe_name, read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a model needs next to its weights: config, tokenizer, chat template, remote code (`auto_map`), license.
+SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.vocab", "*.py", "LICENSE*", "NOTICE*",
+                 "USE_POLICY*")
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
