@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -36,10 +37,12 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
         real = out.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
         raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
+    partial = partial_path(real)  # --restart deletes it
     for src in inputs:
         src = src.resolve()
-        if real == src or real.is_relative_to(src) or src.is_relative_to(real):
-            raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
+        for mine in (real, partial):
+            if mine == src or mine.is_relative_to(src) or src.is_relative_to(mine):
+                raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
     if out.exists() and not overwrite:
         raise OutputError("output exists (pass --overwrite to replace it)", file=str(out))
 
@@ -78,14 +81,18 @@ class Journal:
         results: dict[int, UnitResult] = {}
         if not path.is_file():
             return results
-        for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines = path.read_bytes().splitlines()
+        except OSError as e:
+            raise OutputError(f"cannot read the journal: {e.strerror}", file=str(path)) from None
+        for line in lines:
             try:
-                d = json.loads(line)
+                d = json.loads(line.decode("utf-8"))
                 segs = [SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
                         for i, blocks, c, dl, u, n, f in d["segments"]]
                 results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash: that unit is simply redone
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                continue  # a line cut short or garbled by a crash: that unit is simply redone
         return results
 
 
@@ -94,25 +101,42 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     work = partial_path(out)
     plan_file = work / PLAN_NAME
     if work.exists():
-        same = plan_file.is_file() and json.loads(plan_file.read_text() or "{}").get("digest") == digest
-        if restart or not plan_file.is_file():
+        if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
-        elif not same:
-            raise OutputError("a partial output of a different job is here (pass --restart to discard it)", file=str(work))
+        elif _read_digest(plan_file) != digest:
+            raise OutputError("a partial output of a different (or unknown) job is here (pass --restart to discard it)",
+                              file=str(work))
     path = work
     try:
         work.mkdir(parents=True, exist_ok=True)
-        for shard in layout.shards:
+        for shard in layout.shards:  # headers and sizes come from the plan: rewritten, whatever a crash left
             path = work / shard.name
-            if not path.exists():
-                with open(path, "wb") as f:
-                    f.write(shard.header)
-                    f.truncate(shard.size)
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                f.write(shard.header)
+                f.truncate(shard.size)
+        if _read_digest(plan_file) != digest:
+            _write_atomically(plan_file, json.dumps({"digest": digest}).encode())
     except OSError as e:
         raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(path)) from None
-    journaled = Journal.load(work / JOURNAL_NAME, output)
-    plan_file.write_text(json.dumps({"digest": digest}))
-    return work, journaled
+    return work, Journal.load(work / JOURNAL_NAME, output)
+
+
+def _read_digest(plan_file: Path) -> str | None:
+    """The job digest a work area was made for; None if missing or unreadable (a crash while writing it)."""
+    try:
+        found = json.loads(plan_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found.get("digest") if isinstance(found, dict) else None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
@@ -141,21 +165,22 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
     (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     write_manifest(manifest, work / MANIFEST_NAME)
     (work / "README.md").write_text(card, encoding="utf-8")
-    (work / JOURNAL_NAME).unlink(missing_ok=True)
-    (work / PLAN_NAME).unlink(missing_ok=True)
     for path in work.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    _fsync_dir(work)
     if out.exists():
         if not overwrite:
             raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")  # a name nobody else uses
         out.rename(old)
         work.rename(out)
-        shutil.rmtree(old)
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     else:
         work.rename(out)
+    (out / JOURNAL_NAME).unlink(missing_ok=True)  # only now: until the rename, a failed commit can resume
+    (out / PLAN_NAME).unlink(missing_ok=True)
+    _fsync_dir(out)
     _fsync_dir(out.parent)
 
 

@@ -2,11 +2,13 @@
 the commit's fsync-then-rename. Every failure must be one line, leave no output, and be resumable."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,11 +246,66 @@ def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
     assert [events[i][1] for i in renames] == [f"{work} -> {out}"]
     before = {path for kind, path in events[: renames[0]] if kind == "fsync"}
     assert {str(work.resolve() / n) for n in names} <= before  # every output file durable before the rename
+    assert ("fsync", str(work.resolve())) in events[: renames[0]]  # and the directory's entries
     assert ("fsync", str(out.parent.resolve())) in events[renames[0]:]  # and the rename itself, after
 
     assert main(merge_argv(demo["models"], out, "--max-shard-size", "40KB", "--overwrite")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no out.partial, no out.old left behind
     assert verify(out) == []
+
+
+def test_overwrite_replaces_the_output_and_nothing_beside_it(demo, tmp_path):
+    """The old output is moved aside under a name of its own, then removed: a sibling `out.old` (here the CP
+    itself) is left alone. An input where the work area would go is refused (--restart deletes it)."""
+    cp = tmp_path / "out.old"
+    shutil.copytree(demo["models"]["cp"], cp)
+    models, out = dict(demo["models"], cp=cp), tmp_path / "out"
+    assert main(merge_argv(models, out)) == 0
+    before = shard_hashes(cp)
+    assert main(merge_argv(models, out, "--overwrite")) == 0
+    assert shard_hashes(cp) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old"]
+    shutil.copytree(cp, partial(tmp_path / "new"))
+    proc = cli(merge_argv(dict(demo["models"], cp=partial(tmp_path / "new")), tmp_path / "new"))
+    assert "overlaps the input checkpoint" in assert_one_line_error(proc)
+
+
+def fail_the_commit_at_its_rename(argv: list[str], monkeypatch, capsys) -> None:
+    def rename(self: Path, target) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(self))
+
+    monkeypatch.setattr(Path, "rename", rename)
+    assert main(argv) == 2
+    monkeypatch.undo()
+    assert "commit failed (Input/output error); fix the cause and run the same command again" in capsys.readouterr().err
+
+
+def test_a_commit_failed_at_its_last_step_resumes_and_rewrites_damaged_headers(demo, tmp_path, monkeypatch, capsys):
+    """The journal outlives every commit step but the rename, so the same command resumes; shard headers come from
+    the plan and are rewritten on resume (never fsynced before the commit, a power cut may have lost them)."""
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out, "--max-shard-size", "40KB")
+    fail_the_commit_at_its_rename(argv, monkeypatch, capsys)
+    shards = sorted(partial(out).glob("*.safetensors"))
+    assert len(shards) > 1 and (partial(out) / "journal.jsonl").stat().st_size > 0
+    for shard in shards:
+        with open(shard, "r+b") as f:
+            f.write(b"\0" * 64)
+    assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
+
+
+def test_a_garbled_journal_line_is_redone_and_a_garbled_plan_is_a_clear_error(demo, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out, "--max-shard-size", "40KB")
+    fail_the_commit_at_its_rename(argv, monkeypatch, capsys)
+    plan = partial(out) / "plan.json"
+    good = plan.read_bytes()
+    plan.write_bytes(b"\0" * 16)  # a crash while the plan was written
+    line = assert_one_line_error(cli(argv), str(partial(out)))
+    assert "a partial output of a different (or unknown) job is here (pass --restart to discard it)" in line
+    plan.write_bytes(good)
+    with open(partial(out) / "journal.jsonl", "ab") as f:
+        f.write(b'{"unit": 99, "segm\xc3')  # cut inside a UTF-8 sequence
+    assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
 
 
 def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
