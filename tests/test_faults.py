@@ -205,6 +205,16 @@ def test_signal_stops_then_same_command_resumes(big, tmp_path, signum):
     assert not partial(out).exists()
 
 
+def test_sigterm_on_the_ray_backend_stops_like_ctrl_c(big, tmp_path):
+    """ray.init installs its own SIGTERM handler (exit 15, no message); the CLI's is put back."""
+    out = tmp_path / "out"
+    argv = merge_argv(big["models"], out, "--unit-size", "256KiB", "--backend", "ray", "--workers", "2")
+    proc = interrupt(argv, out, signal.SIGTERM)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == INTERRUPTED and not out.exists()
+    assert len(journal_lines(out)) >= 1
+
+
 def test_interrupt_stops_promptly(big, tmp_path):
     out = tmp_path / "out"
     argv = merge_argv(big["models"], out, "--unit-size", "8KiB")  # 1689 queued units

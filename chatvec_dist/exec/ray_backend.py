@@ -7,6 +7,7 @@ to the front of that actor's run, which the other actors take, and the actor is 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -41,8 +42,12 @@ def init_ray(address: str | None):
     import ray
 
     if not ray.is_initialized():
+        on_main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if on_main else None
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  configure_logging=False)
+        if on_main:  # ray.init installs its own (exit 15); keep the CLI's: stop like Ctrl-C, resumable
+            signal.signal(signal.SIGTERM, sigterm)
     return ray
 
 
