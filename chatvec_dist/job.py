@@ -1,6 +1,7 @@
 """A job end to end: resolve sources → plan every target → lay out → execute shared units → commit each."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -19,8 +20,8 @@ from .exec.messages import Stages, UnitResult, WorkContext, input_needs, span
 from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
-from .manifest import Tally, read_digest
-from .output import JOURNAL_NAME, Journal, check_destination, commit, open_partial
+from .manifest import Tally, read_digest, read_manifest
+from .output import JOURNAL_NAME, Journal, check_destination, commit, exclusive, open_partial
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
 from .spec import Recipe, RunOptions, Target
@@ -81,11 +82,26 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     outs = [Path(p.target.out) for p in planned.targets]
     if len({o.resolve() for o in outs}) != len(outs):
         raise OutputError("two targets write to the same output directory")
-    for out in outs:
-        check_destination(out, _input_dirs(planned), options.overwrite)
+    digests = [_digest(planned, o) for o in range(len(outs))]
+    fresh = [o for o in range(len(outs)) if options.overwrite or not _committed(outs[o], digests[o])]
+    if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits
+        done_names = ", ".join(str(outs[o]) for o in range(len(outs)) if o not in fresh)
+        print(f"already committed by an earlier run of this job: {done_names}", file=sys.stderr)
+    with contextlib.ExitStack() as locks:
+        for o in fresh:
+            locks.enter_context(exclusive(outs[o]))
+            check_destination(outs[o], _input_dirs(planned), options.overwrite)
+        if fresh:
+            _run_fresh(planned, [(o, outs[o], digests[o]) for o in fresh], options)
+    return outs
+
+
+def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str]], options: RunOptions) -> None:
+    """Resume or start the outputs not committed yet (all units stay as planned for every target)."""
+    planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _ in fresh])
     works, tallies, done = [], [], set(u.id for u in planned.units)
-    for o, (tp, out) in enumerate(zip(planned.targets, outs)):
-        work, journaled = open_partial(out, tp.layout, _digest(planned, o), options.restart, o)
+    for i, (tp, (_, out, digest)) in enumerate(zip(planned.targets, fresh)):
+        work, journaled = open_partial(out, tp.layout, digest, options.restart, i)
         tally = Tally(tp.layout, planned.block_bytes)
         valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
         done &= set(valid)
@@ -107,17 +123,24 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
                 raise PlanError(f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
                                 f"(--fail-on-nonfinite); nothing was committed", file=src.cp.path if src.cp else None,
                                 tensor=name)
-    for tp, out, (work, _), tally in zip(planned.targets, outs, works, tallies):
-        _commit(planned, tp, out, work, tally, options.overwrite)
+    for tp, (_, out, digest), (work, _), tally in zip(planned.targets, fresh, works, tallies):
+        _commit(planned, tp, out, work, tally, options.overwrite, digest)
     print(speed, file=sys.stderr)
-    return outs
 
 
-def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool) -> None:
+def _committed(out: Path, digest: str) -> bool:
+    """Whether `out` is this very job's committed output (same recipe, plan and input files)."""
+    try:
+        return read_manifest(out)[1].get("job") == digest
+    except ChatvecError:
+        return False
+
+
+def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool, digest: str) -> None:
     recipe, target = planned.recipe, tp.target
     kind = "extract" if target.cp is None else recipe.kind
     meta = {"version": __version__, "kind": kind, "target": target.name, "recipe": dataclasses.asdict(recipe),
-            "sources": _sources_meta(tp.sources)}
+            "sources": _sources_meta(tp.sources), "job": digest}
     manifest = tally.table(target.name, meta)
     side = tp.sources.cp or tp.sources.terms[0][1]
     chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None

@@ -1,11 +1,14 @@
 """The output directory: a `.partial` work area with a journal, then an atomic commit by rename."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +28,32 @@ def side_files(directory: Path) -> list[Path]:
     """CP's files that go next to the output's weights (config, tokenizer, remote code, license), not its index."""
     return sorted(p for p in directory.iterdir() if p.name not in (INDEX_NAME, PLAN_NAME) and p.is_file()
                   and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS))
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock (a hidden file beside it) for a whole run: a second run on the same output is refused,
+    rather than let one commit the other's half-written shards."""
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"another chatvec run is writing this output (it holds {lock})", file=str(out)) from None
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # else the holder removed the file as we opened it: take the new one
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot lock the output: {e.strerror}", file=str(lock)) from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a run that opened it retries on the new file
+        os.close(fd)
 
 
 def partial_path(out: Path) -> Path:

@@ -20,6 +20,7 @@ import torch
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
+from chatvec_dist.errors import OutputError
 from chatvec_dist.manifest import verify
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
@@ -316,6 +317,48 @@ def test_a_garbled_journal_line_is_redone_and_a_garbled_plan_is_a_clear_error(de
     with open(partial(out) / "journal.jsonl", "ab") as f:
         f.write(b'{"unit": 99, "segm\xc3')  # cut inside a UTF-8 sequence
     assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(demo, tmp_path):
+    from chatvec_dist.output import exclusive
+
+    out = tmp_path / "out"
+    argv = merge_argv(demo["models"], out)
+    with exclusive(out):  # what the first run holds from planning to its commit
+        line = assert_one_line_error(cli(argv + ["--restart"]), str(out))
+        assert "another chatvec run is writing this output" in line
+    assert_rerun_completes(argv, out, demo["ref"]["one"], resumes=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock file goes with the run
+
+
+def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_first(demo, tmp_path, monkeypatch, capsys):
+    from chatvec_dist import job
+
+    models, root = demo["models"], tmp_path / "v"
+    argv = merge_argv(models, root, "--alpha", "0.5,1")
+    real, commits = job.commit, []
+
+    def disk_full_at_the_second(work, out, *args):
+        commits.append(out)
+        if len(commits) == 2:
+            raise OutputError("commit failed (No space left on device); fix the cause and run the same command again",
+                              file=str(work))
+        return real(work, out, *args)
+
+    monkeypatch.setattr(job, "commit", disk_full_at_the_second)
+    assert main(argv) == 2
+    monkeypatch.undo()
+    assert (root / "alpha0.5").is_dir() and not (root / "alpha1").exists() and partial(root / "alpha1").is_dir()
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"already committed by an earlier run of this job: {root / 'alpha0.5'}" in err
+    assert re.search(r"^resuming: (\d+) of \1 units", err, re.M), err
+    reference = tmp_path / "reference"
+    assert main(merge_argv(models, reference, "--alpha", "0.5,1")) == 0
+    for name in ("alpha0.5", "alpha1"):
+        assert verify(root / name) == [] and shard_hashes(root / name) == shard_hashes(reference / name)
+    assert main(argv) == 0 and "already committed" in capsys.readouterr().err  # a third run: nothing to do
 
 
 def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
