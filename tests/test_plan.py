@@ -82,6 +82,32 @@ def test_extracting_from_a_chat_model_with_added_tokens_keeps_the_shared_rows(de
     assert e.value.tensor in ("lm_head.weight", "model.embed_tokens.weight")
 
 
+@pytest.mark.parametrize("name,vocab", [
+    ("model.embed_tokens.weight", True), ("lm_head.weight", True), ("transformer.wte.weight", True),
+    ("gpt_neox.embed_in.weight", True), ("embed_out.weight", True), ("transformer.output_layer.weight", True),
+    ("backbone.embeddings.weight", True), ("lm_head.bias", True), ("output.weight", True),
+    ("transformer.word_embeddings.weight", True), ("model.layers.0.mlp.up_proj.weight", False),
+    ("embeddings.position_embeddings.weight", False), ("model.layers.0.self_attn.o_proj.weight", False)])
+def test_vocabulary_tensors_of_common_architectures_are_recognized(name, vocab):
+    from chatvec_dist.planning.planner import VOCAB_TENSOR
+
+    assert (VOCAB_TENSOR.search(name) is not None) == vocab
+
+
+def test_float8_weights_are_refused_with_the_reason(tmp_path):
+    """FP8 checkpoints keep scales in other tensors: raw float8 arithmetic would be silently wrong."""
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(64)
+    for name in ("base", "chat", "cp"):
+        tensors = llama_tensors(cfg, g)
+        if name == "chat":
+            tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+        save_checkpoint(tmp_path / name, tensors, cfg)
+    with pytest.raises(PlanError, match="F8_E4M3 weights are stored with separate scales") as e:
+        job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")}))
+    assert e.value.tensor == "model.layers.1.mlp.up_proj.weight" and e.value.file.startswith(str(tmp_path / "chat"))
+
+
 def test_equal_vocab_defaults_to_full(tmp_path):
     g = torch.Generator().manual_seed(0)
     cfg = llama_config(64)

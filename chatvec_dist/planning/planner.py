@@ -9,7 +9,9 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..spec import VOCAB_POLICIES, Target
 
-VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_out|lm_head)\.weight$|^output\.weight$")
+# Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|"
+                          r"output_layer)\.weight$|(?:^|\.)lm_head\.(?:weight|bias)$|^output\.weight$")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     pairs = [(alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms]
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
+    for t in [ref, *vecs]:
+        if t.info.dtype.startswith("F8"):
+            raise PlanError(f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
+                            "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
+                            file=t.path, tensor=name)
     vocab = VOCAB_TENSOR.search(name) is not None
     vec_shape = vecs[0].info.shape
     for other in vecs:  # a chat model may add tokens (rows) to its base's vocabulary: only the rows may differ
