@@ -119,6 +119,7 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     single = len(cps) == 1 and sweep == 1
     targets = []
     for cp_name, cp in cps:
+        cp_name = cp_name or (Path(cp.partition("@")[0]).name if len(cps) > 1 else None)  # outputs apart by CP
         for alphas in alpha_sets:
             label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))

@@ -144,7 +144,8 @@ def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tall
     manifest = tally.table(target.name, meta)
     side = tp.sources.cp or tp.sources.terms[0][1]
     chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
-    config_dtype = CONFIG_NAMES[OUTPUT_DTYPES[target.dtype]] if target.dtype else None
+    out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None  # as planned
+    config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
     commit(work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite)
 
 

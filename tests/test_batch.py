@@ -71,6 +71,25 @@ def test_batch_reads_base_and_chat_once(llamas):
     assert separate > 2.4 * read_bytes(both)
 
 
+def test_unnamed_cps_in_a_sweep_get_outputs_of_their_own(llamas, tmp_path):
+    args = build_parser().parse_args(["merge", "--base", "b", "--chat", "c", "--cp", str(llamas["cp"]),
+                                      "--cp", str(llamas["cp_ext"]), "--alpha", "0.5,1", "--out", str(tmp_path)])
+    outs = [Path(t.out).name for t in recipe_from_args(args).targets]
+    assert outs == ["cp-alpha0.5", "cp-alpha1", "cp_ext-alpha0.5", "cp_ext-alpha1"]
+
+
+def test_an_extracted_vector_from_a_recipe_says_float32_in_its_config(llamas, tmp_path):
+    """A recipe's extraction target with `dtype: null` writes float32 tensors; config.json must say so too."""
+    from chatvec_dist.spec import Recipe, Target, Vector
+
+    out = tmp_path / "vec"
+    recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),), (Target("vec", None, str(out), (1.0,)),))
+    chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+    assert {t.dtype for t in load_all(out).values()} == {torch.float32}
+
+
 def test_print_recipe_then_run_gives_the_same_output(llamas, tmp_path, capsys):
     out = tmp_path / "viarecipe"
     args = ["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp"]),
