@@ -5,6 +5,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import xxhash
 
 from .errors import VerifyError
 from .exec.messages import SegmentResult
+from .io.checkpoint import INDEX_NAME, read_json_object
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
 from .kernels.stats import Stats
@@ -21,6 +24,7 @@ from .planning.layout import Layout
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
+SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")  # what the layout names shards; anything else is not opened
 HASH_ALGORITHM = "xxh3-128 of the concatenated xxh3-128 digests of each block_bytes block"
 
 SCHEMA = pa.schema([
@@ -145,9 +149,13 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
     buf = memoryview(bytearray(block))
     files = FileHandles()
     headers: dict[str, dict] = {}
+    problems += _index_problems(out_dir, table)
     try:
         for row in table.to_pylist():
-            path = str(out_dir / row["shard"])
+            path = str(out_dir / str(row["shard"]))
+            if row["shard"] not in headers and (unsafe := _unsafe_shard(out_dir, row["shard"])):
+                headers[row["shard"]] = {}
+                problems.append(f"{path}: {unsafe}")
             if row["shard"] not in headers:
                 try:
                     headers[row["shard"]] = read_header(path)[0]
@@ -171,3 +179,25 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
     finally:
         files.close()
     return problems
+
+
+def _unsafe_shard(out_dir: Path, shard: object) -> str | None:
+    """Why a shard name read from the manifest must not be opened (a path out, a FIFO, a link), or None."""
+    if not isinstance(shard, str) or not SHARD_NAME.match(shard):
+        return "manifest names an unsafe shard path (only plain *.safetensors names inside the output)"
+    try:
+        mode = os.lstat(out_dir / shard).st_mode
+    except OSError:
+        return None  # missing: reported as an unreadable shard
+    return None if stat.S_ISREG(mode) else "not a regular file (a link, FIFO or directory): not opened"
+
+
+def _index_problems(out_dir: Path, table: pa.Table) -> list[str]:
+    """The index must place every tensor where the manifest does (transformers loads through it)."""
+    index = out_dir / INDEX_NAME
+    try:
+        weight_map = read_json_object(index, VerifyError).get("weight_map")
+    except VerifyError as e:
+        return [str(e)]
+    expected = dict(zip(table.column("tensor").to_pylist(), table.column("shard").to_pylist()))
+    return [] if weight_map == expected else [f"{index}: weight_map does not place the tensors as the manifest does"]

@@ -160,3 +160,36 @@ def test_manifest_with_malformed_metadata(out, capsys, meta):
     assert code in (1, 2)
     message = err.splitlines() if code == 2 else lines
     assert message and str(path) in message[0]
+
+
+def rewrite_manifest(out: Path, column: str, change) -> None:
+    """Edit one column of the manifest, keeping its metadata (the rows checksum then no longer matches)."""
+    path = out / MANIFEST_NAME
+    table = pq.read_table(path)
+    values = change(table.column(column).to_pylist())
+    edited = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.string()))
+    pq.write_table(edited.replace_schema_metadata(table.schema.metadata), path)
+
+
+def test_shard_paths_from_the_manifest_are_never_trusted(out, tmp_path, capsys):
+    """A crafted manifest pointing out of the output, or at a FIFO inside it, is reported, never opened (a FIFO
+    would hang the read)."""
+    import os
+
+    secret = tmp_path / "secret.safetensors"
+    shutil.copyfile(shards(out)[0], secret)
+    os.mkfifo(out / "evil.safetensors")
+    names = iter(["../secret.safetensors", "evil.safetensors", "/etc/passwd"])
+    rewrite_manifest(out, "shard", lambda shards_: [next(names, s) for s in shards_])
+    problems = assert_found(out, capsys, "unsafe shard path", "not a regular file", "checksum")
+    assert not any("secret" in p and "content" in p for p in problems)
+
+
+def test_an_index_that_disagrees_with_the_manifest_is_found(out, capsys):
+    index = out / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"].pop(TENSOR)
+    index.write_text(json.dumps(doc))
+    assert_found(out, capsys, str(index), "weight_map does not place the tensors as the manifest does")
+    index.unlink()
+    assert_found(out, capsys, str(index))
