@@ -109,6 +109,30 @@ def test_same_bytes_for_any_worker_count_and_backend(llamas, merged, ray_local, 
         assert a.column("hash").to_pylist() == b.column("hash").to_pylist()
 
 
+def test_a_worker_dead_before_its_final_fsync_has_its_units_checked(llamas, merged, ray_local, tmp_path, monkeypatch):
+    """A Ray actor that dies after its units but before its fsync: no traceback; its units are rechecked on disk
+    (here the bytes survived in the page cache, so nothing is redone) and the job commits the same bytes."""
+    from chatvec_dist.exec.ray_backend import RayBackend
+
+    real, checked = RayBackend._flush, []
+
+    def flush_after_a_death(self, finished):
+        victim = self.actors[0]
+        checked.extend(finished.get(victim, []))
+        ray_local.kill(victim, no_restart=True)
+        return real(self, finished)
+
+    from chatvec_dist import job
+
+    real_check, rechecked = job._still_valid, set()
+    monkeypatch.setattr(RayBackend, "_flush", flush_after_a_death)
+    monkeypatch.setattr(job, "_still_valid", lambda r, *a: rechecked.add(r.unit) or real_check(r, *a))
+    out = tmp_path / "out"
+    assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--workers", "2")) == 0
+    assert checked and {u.id for u in checked} <= rechecked
+    assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
+
+
 @pytest.mark.parametrize("policy", ["skip", "overlap"])
 def test_extended_vocabulary(llamas, tmp_path, policy):
     out = tmp_path / policy

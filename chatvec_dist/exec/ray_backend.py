@@ -159,14 +159,22 @@ class RayBackend:
                     continue
                 finished.setdefault(actor, []).append(unit)
                 on_result(result)
-        self._flush()
-        return suspect
+        return suspect + self._flush(finished)
 
-    def _flush(self) -> None:
-        """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage)."""
+    def _flush(self, finished: dict) -> list[Unit]:
+        """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage); return the
+        units of workers that died before their fsync (their bytes are checked, and redone if lost)."""
         t0 = time.perf_counter()
-        self.ray.get([a.close.remote() for a in self.actors])
+        closing = {a.close.remote(): a for a in self.actors}
+        lost: list[Unit] = []
+        for ref, actor in closing.items():
+            try:
+                self._get(ref)
+            except self.ray.exceptions.RayActorError:
+                lost += finished.pop(actor, [])
+                self._replace(actor)
         self.sync_seconds = time.perf_counter() - t0
+        return lost
 
     def _get(self, ref):
         """ray.get, with a worker's own error re-raised as itself (one line, no remote traceback)."""
