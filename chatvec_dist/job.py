@@ -258,10 +258,11 @@ def _sources_meta(sources: Sources) -> dict:
 
 
 def _digest(planned: Planned, output: int) -> str:
-    """Identifies one output's job: the recipe, all layouts and units, and every input file's size and mtime."""
+    """Identifies one output's job: this version, the recipe, all layouts and units, and every input file's size
+    and mtime."""
     tp = planned.targets[output]
-    h = hashlib.sha256(repr((output, dataclasses.asdict(planned.recipe), [t.layout for t in planned.targets],
-                             planned.units, planned.block_bytes)).encode())
+    h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(planned.recipe),
+                             [t.layout for t in planned.targets], planned.units, planned.block_bytes)).encode())
     for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs}):
         st = os.stat(path)
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -64,7 +64,8 @@ def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
         error = f"{type(e).__name__}: {e}"
     if local_files_only:
         raise SourceError(f"cannot resolve from the local Hugging Face cache: {error}", file=repo_id)
-    cached = "not in the local Hugging Face cache" if unusable is None else f"the cached snapshot is unusable ({unusable})"
+    cached = ("no such local directory, not in the local Hugging Face cache" if unusable is None
+              else f"the cached snapshot is unusable ({unusable})")
     raise SourceError(f"{cached} and not downloadable: {error}", file=repo_id)
 
 
