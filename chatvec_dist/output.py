@@ -214,7 +214,8 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
 
 
 def _copy_chat_template(chat_dir: Path, work: Path) -> None:
-    """Give the output the chat model's chat template where it has none."""
+    """Give the output the chat model's chat template where it has none, and the chat model's end-of-sequence
+    tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks)."""
     if (work / "chat_template.jinja").is_file():
         return
     tok_path = work / "tokenizer_config.json"
@@ -223,11 +224,17 @@ def _copy_chat_template(chat_dir: Path, work: Path) -> None:
         return
     if (chat_dir / "chat_template.jinja").is_file():
         shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
-        return
-    template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
-    if template:
+    else:
+        template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
+        if not template:
+            return
         tok["chat_template"] = template
         tok_path.write_text(json.dumps(tok, indent=2))
+    eos = read_json_object(chat_dir / "generation_config.json", OutputError).get("eos_token_id")
+    if eos is not None:
+        generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
+        generation["eos_token_id"] = eos
+        (work / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 def _fsync_dir(path: Path) -> None:

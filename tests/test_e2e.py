@@ -239,8 +239,13 @@ def test_chat_template_from_chat(llamas, tmp_path):
     d = dict(llamas, chat=chat)
     assert main(merge_args(d, tmp_path / "plain", "cp", "--backend", "local")) == 0
     assert not (tmp_path / "plain" / "chat_template.jinja").exists()
+    generation = json.loads((chat / "generation_config.json").read_text())
+    (chat / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [2, 7]}))  # an end of turn
     assert main(merge_args(d, tmp_path / "templ", "cp", "--backend", "local", "--chat-template-from-chat")) == 0
     assert (tmp_path / "templ" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert json.loads((tmp_path / "templ" / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    cp_generation = json.loads((llamas["cp"] / "generation_config.json").read_text())
+    assert json.loads((tmp_path / "plain" / "generation_config.json").read_text()) == cp_generation
 
 
 def test_existing_output_is_refused_unless_overwrite(llamas, tmp_path, capsys):
