@@ -185,7 +185,7 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
             shutil.copyfile(path, work / path.name)
     if config_dtype and (work / "config.json").is_file():
         config = read_json_object(work / "config.json", OutputError)
-        config["torch_dtype"] = config["dtype"] = config_dtype
+        _set_dtype(config, config_dtype)
         (work / "config.json").write_text(json.dumps(config, indent=2))
     if chat_template_dir is not None:
         _copy_chat_template(chat_template_dir, work)
@@ -235,6 +235,14 @@ def _copy_chat_template(chat_dir: Path, work: Path) -> None:
         generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
         generation["eos_token_id"] = eos
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
+    """The output dtype in a config and in its sub-configs that name one (`text_config` of a multimodal model)."""
+    config["torch_dtype"] = config["dtype"] = dtype
+    for sub in config.values():
+        if isinstance(sub, dict) and ("torch_dtype" in sub or "dtype" in sub):
+            _set_dtype(sub, dtype)
 
 
 def _fsync_dir(path: Path) -> None:

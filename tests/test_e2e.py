@@ -232,6 +232,21 @@ def test_several_vectors_and_output_dtype(llamas, tmp_path):
     logits(out)
 
 
+def test_output_dtype_reaches_the_sub_configs_of_a_composite_model(llamas, tmp_path):
+    """Gemma-3 / Qwen2-VL style configs carry a dtype per sub-model: --dtype must change them all."""
+    cp = tmp_path / "cp"
+    shutil.copytree(llamas["cp"], cp)
+    config = json.loads((cp / "config.json").read_text())
+    config |= {"text_config": {"torch_dtype": "bfloat16", "hidden_size": 32}, "vision_config": {"patch_size": 14}}
+    (cp / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(merge_args(dict(llamas, cp=cp), out, "cp", "--dtype", "float16", "--backend", "local")) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "float16"
+    assert written["text_config"] == {"torch_dtype": "float16", "dtype": "float16", "hidden_size": 32}
+    assert written["vision_config"] == {"patch_size": 14}  # names no dtype: left alone
+
+
 def test_chat_template_from_chat(llamas, tmp_path):
     chat = tmp_path / "chat"
     shutil.copytree(llamas["chat"], chat)
