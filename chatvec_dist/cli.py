@@ -90,7 +90,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
     if args.command == "extract":
         vectors = _vectors(args.chat, args.base)
-        targets = [Target(Path(args.out).name, None, args.out, (1.0,) * len(vectors), "full", (), args.dtype or "float32")]
+        targets = [Target(Path(args.out).name, None, args.out, (1.0,) * len(vectors), "auto", (), args.dtype or "float32")]
     else:
         vectors = _vectors(args.vector, [None] * len(args.vector)) if args.command == "apply" else _vectors(args.chat, args.base)
         targets = _targets(args, len(vectors))
@@ -119,7 +119,7 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     single = len(cps) == 1 and sweep == 1
     targets = []
     for cp_name, cp in cps:
-        cp_name = cp_name or (Path(cp.partition("@")[0]).name if len(cps) > 1 else None)  # outputs apart by CP
+        cp_name = cp_name or (Path(cp).name if len(cps) > 1 else None)  # outputs apart by CP
         for alphas in alpha_sets:
             label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))

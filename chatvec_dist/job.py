@@ -178,15 +178,15 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
 
     try:
         suspect = backend.run(todo, on_result)
-        for _ in range(MAX_RECHECKS):  # units whose worker died after finishing them: redo those not on disk
+        for attempt in range(MAX_RECHECKS + 1):  # units whose worker died after finishing them: redo those lost
             lost = [u for u in suspect if not all(_still_valid(r, tp.layout, w, planned.block_bytes)
                                                   for r, tp, w in zip(results[u.id], planned.targets, works))]
             if not lost:
                 break
+            if attempt == MAX_RECHECKS:
+                raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
             print(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker", file=sys.stderr)
             suspect = backend.run(lost, on_result)
-        else:
-            raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
         return throughput(stages, time.perf_counter() - started, backend)
     finally:
         bar.close()

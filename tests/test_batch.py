@@ -76,6 +76,9 @@ def test_unnamed_cps_in_a_sweep_get_outputs_of_their_own(llamas, tmp_path):
                                       "--cp", str(llamas["cp_ext"]), "--alpha", "0.5,1", "--out", str(tmp_path)])
     outs = [Path(t.out).name for t in recipe_from_args(args).targets]
     assert outs == ["cp-alpha0.5", "cp-alpha1", "cp_ext-alpha0.5", "cp_ext-alpha1"]
+    args = build_parser().parse_args(["merge", "--base", "b", "--chat", "c", "--cp", "org/m@v1", "--cp", "org/m@v2",
+                                      "--out", str(tmp_path)])
+    assert [Path(t.out).name for t in recipe_from_args(args).targets] == ["m@v1", "m@v2"]  # revisions apart
 
 
 def test_an_extracted_vector_from_a_recipe_says_float32_in_its_config(llamas, tmp_path):

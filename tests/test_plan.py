@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from chatvec_dist import job
+from chatvec_dist.cli import build_parser, recipe_from_args
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io.header import read_header
@@ -76,6 +77,10 @@ def test_extracting_from_a_chat_model_with_added_tokens_keeps_the_shared_rows(de
     extract = Recipe(vectors=(Vector(str(demo["cp"]), str(demo["base"])),), targets=(Target("v", None, "unused", (1.0,)),))
     t = next(p.tensor for p in _tensors(job.plan(extract)) if p.tensor.name == "lm_head.weight")
     assert (t.rule, t.reason, t.shape, t.merge_elems) == ("merge", "vocab:overlap", (256, 64), 256 * 64)
+    cli = recipe_from_args(build_parser().parse_args(["extract", "--chat", str(demo["cp"]), "--base", str(demo["base"]),
+                                                      "--out", "unused"]))
+    t = next(p.tensor for p in _tensors(job.plan(cli)) if p.tensor.name == "lm_head.weight")
+    assert (t.rule, t.reason, t.shape) == ("merge", "vocab:overlap", (256, 64))  # `chatvec extract` alike
     backwards = Recipe(vectors=(Vector(str(demo["base"]), str(demo["cp"])),), targets=(Target("v", None, "unused", (1.0,)),))
     with pytest.raises(PlanError, match="an extracted vector has no CP rows to keep") as e:
         job.plan(backwards)
