@@ -21,7 +21,8 @@ from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest, read_manifest
-from .output import JOURNAL_NAME, Journal, check_destination, commit, exclusive, open_partial
+from .output import (JOURNAL_NAME, Journal, check_destination, commit, exclusive, open_partial,
+                     tidy_committed)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
 from .spec import Recipe, RunOptions, Target
@@ -83,14 +84,16 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     if len({o.resolve() for o in outs}) != len(outs):
         raise OutputError("two targets write to the same output directory")
     digests = [_digest(planned, o) for o in range(len(outs))]
-    fresh = [o for o in range(len(outs)) if options.overwrite or not _committed(outs[o], digests[o])]
-    if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits
+    fresh = [o for o in range(len(outs)) if options.restart or not _committed(outs[o], digests[o])]
+    if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
+        for o in set(range(len(outs))) - set(fresh):
+            tidy_committed(outs[o])
         done_names = ", ".join(str(outs[o]) for o in range(len(outs)) if o not in fresh)
-        print(f"already committed by an earlier run of this job: {done_names}", file=sys.stderr)
+        print(f"already committed by an earlier run of this job (--restart redoes it): {done_names}", file=sys.stderr)
     with contextlib.ExitStack() as locks:
         for o in fresh:
-            locks.enter_context(exclusive(outs[o]))
             check_destination(outs[o], _input_dirs(planned), options.overwrite)
+            locks.enter_context(exclusive(outs[o]))
         if fresh:
             _run_fresh(planned, [(o, outs[o], digests[o]) for o in fresh], options)
     return outs

@@ -6,8 +6,8 @@ import fcntl
 import fnmatch
 import json
 import os
-import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .errors import OutputError
 from .exec.messages import SegmentResult, UnitResult
-from .io.checkpoint import INDEX_NAME, SIDE_PATTERNS, read_json_object
+from .io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
 from .kernels.stats import Stats
 from .manifest import MANIFEST_NAME, write_manifest
 from .planning.layout import Layout
@@ -27,26 +27,19 @@ JOURNAL_NAME = "journal.jsonl"
 def side_files(directory: Path) -> list[Path]:
     """CP's files that go next to the output's weights (config, tokenizer, remote code, license), not its index."""
     return sorted(p for p in directory.iterdir() if p.name not in (INDEX_NAME, PLAN_NAME) and p.is_file()
-                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS))
+                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS)
+                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NOT_SIDE_PATTERNS))
 
 
 @contextlib.contextmanager
 def exclusive(out: Path) -> Iterator[None]:
     """Hold `out`'s lock (a hidden file beside it) for a whole run: a second run on the same output is refused,
     rather than let one commit the other's half-written shards."""
+    out = out.absolute()
     lock = out.with_name(f".{out.name}.lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise OutputError(f"another chatvec run is writing this output (it holds {lock})", file=str(out)) from None
-            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break  # else the holder removed the file as we opened it: take the new one
-            os.close(fd)
+        fd = _take_lock(lock, out)
     except OSError as e:
         raise OutputError(f"cannot lock the output: {e.strerror}", file=str(lock)) from None
     try:
@@ -54,6 +47,29 @@ def exclusive(out: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still held: a run that opened it retries on the new file
         os.close(fd)
+
+
+def _take_lock(lock: Path, out: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another chatvec run is writing this output (it holds {lock})", file=str(out)) from None
+        except BaseException:
+            os.close(fd)
+            if not lock.exists():
+                continue  # the holder removed the file as we opened it: take the new one
+            raise
+        os.close(fd)  # the holder removed and a third run re-made it as we opened it: take the new one
+
+
+def replaced_path(out: Path) -> Path:
+    """Where `--overwrite` moves the old output while the new one is renamed into place (then deletes it)."""
+    return out.with_name(f".{out.name}.replaced")
 
 
 def partial_path(out: Path) -> Path:
@@ -66,10 +82,9 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
         real = out.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
         raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
-    partial = partial_path(real)  # --restart deletes it
     for src in inputs:
         src = src.resolve()
-        for mine in (real, partial):
+        for mine in (real, partial_path(real), replaced_path(real)):  # the last two get deleted
             if mine == src or mine.is_relative_to(src) or src.is_relative_to(mine):
                 raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
     if out.exists() and not overwrite:
@@ -187,8 +202,8 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
         config = read_json_object(work / "config.json", OutputError)
         _set_dtype(config, config_dtype)
         (work / "config.json").write_text(json.dumps(config, indent=2))
-    if chat_template_dir is not None:
-        _copy_chat_template(chat_template_dir, work)
+    if chat_template_dir is not None and side_dir is not None:
+        _copy_chat_template(chat_template_dir, side_dir, work)
     weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
     total = sum(p.nbytes for p in layout.tensors)
     (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -201,10 +216,11 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
     if out.exists():
         if not overwrite:
             raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")  # a name nobody else uses
+        old = replaced_path(out)
+        _remove(old)  # what an interrupted overwrite left (under this run's lock)
         out.rename(old)
         work.rename(out)
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        _remove(old)
     else:
         work.rename(out)
     (out / JOURNAL_NAME).unlink(missing_ok=True)  # only now: until the rename, a failed commit can resume
@@ -213,28 +229,47 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
     _fsync_dir(out.parent)
 
 
-def _copy_chat_template(chat_dir: Path, work: Path) -> None:
-    """Give the output the chat model's chat template where it has none, and the chat model's end-of-sequence
+def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
+    """Give the output the chat model's chat template where CP has none, and the chat model's end-of-sequence
     tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks)."""
-    if (work / "chat_template.jinja").is_file():
+    if (cp_dir / "chat_template.jinja").is_file() or \
+            read_json_object(cp_dir / "tokenizer_config.json", OutputError).get("chat_template"):
         return
     tok_path = work / "tokenizer_config.json"
-    tok = read_json_object(tok_path, OutputError)
-    if tok.get("chat_template"):
-        return
     if (chat_dir / "chat_template.jinja").is_file():
         shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
     else:
         template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
         if not template:
             return
+        tok = read_json_object(tok_path, OutputError)
         tok["chat_template"] = template
         tok_path.write_text(json.dumps(tok, indent=2))
     eos = read_json_object(chat_dir / "generation_config.json", OutputError).get("eos_token_id")
-    if eos is not None:
+    vocab = read_json_object(work / "config.json", OutputError).get("vocab_size")
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    if ids and isinstance(vocab, int) and any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+        print(f"chatvec: warning: the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
+              f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks",
+              file=sys.stderr)
+    elif ids:
         generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
         generation["eos_token_id"] = eos
         (work / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def tidy_committed(out: Path) -> None:
+    """Remove what a crash between a commit's rename and its last step left in the committed output."""
+    for name in (JOURNAL_NAME, PLAN_NAME):
+        (out / name).unlink(missing_ok=True)
+    _remove(replaced_path(out.absolute()))
 
 
 def _set_dtype(config: dict, dtype: str) -> None:

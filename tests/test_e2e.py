@@ -117,7 +117,7 @@ def test_a_worker_dead_before_its_final_fsync_has_its_units_checked(llamas, merg
     real, checked = RayBackend._flush, []
 
     def flush_after_a_death(self, finished):
-        victim = self.actors[0]
+        victim = max(self.actors, key=lambda a: len(finished.get(a, [])))  # one that finished units
         checked.extend(finished.get(victim, []))
         ray_local.kill(victim, no_restart=True)
         return real(self, finished)
@@ -174,14 +174,16 @@ def test_side_files_remote_code_and_license_go_with_the_output(llamas, tmp_path)
     cp = tmp_path / "cp"
     shutil.copytree(llamas["cp"], cp)
     extra = {"configuration_my.py": "X = 1\n", "modeling_my.py": "Y = 2\n", "qwen.tiktoken": "YQ== 0\n",
-             "LICENSE": "terms\n", "notes.md": "not a side file\n", "pytorch_model.bin": "pickle"}
+             "LICENSE": "terms\n", "notes.md": "not a side file\n", "pytorch_model.bin": "pickle",
+             "pytorch_model.bin.index.json": "{}", "adapter_config.json": "{}"}
     for name, text in extra.items():
         (cp / name).write_text(text)
     out = tmp_path / "out"
     assert main(merge_args(dict(llamas, cp=cp), out, "cp", "--backend", "local")) == 0
     for name in ("configuration_my.py", "modeling_my.py", "qwen.tiktoken", "LICENSE", "config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (cp / name).read_bytes(), name
-    assert not (out / "notes.md").exists() and not (out / "pytorch_model.bin").exists()
+    assert not any((out / name).exists() for name in ("notes.md", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                                                      "adapter_config.json"))
     assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == set(load_all(out))
 
 
@@ -261,6 +263,44 @@ def test_chat_template_from_chat(llamas, tmp_path):
     assert json.loads((tmp_path / "templ" / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
     cp_generation = json.loads((llamas["cp"] / "generation_config.json").read_text())
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text()) == cp_generation
+
+
+def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabulary(llamas, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import errno
+
+    from chatvec_dist import output
+
+    chat = tmp_path / "chat"
+    shutil.copytree(llamas["chat"], chat)
+    (chat / "chat_template.jinja").write_text("{{ messages }}")
+    generation = json.loads((chat / "generation_config.json").read_text())
+    (chat / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [2, 7]}))
+    argv = merge_args(dict(llamas, chat=chat), tmp_path / "out", "cp", "--backend", "local", "--chat-template-from-chat")
+    real = output.write_manifest
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "manifest.parquet")
+
+    monkeypatch.setattr(output, "write_manifest", disk_full)  # the template was copied, then the commit failed
+    assert main(argv) == 2
+    monkeypatch.setattr(output, "write_manifest", real)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+
+    (chat / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [2, 96]}))  # an added token
+    capsys.readouterr()
+    assert main(merge_args(dict(llamas, chat=chat), tmp_path / "out2", "cp", "--backend", "local",
+                           "--chat-template-from-chat")) == 0
+    assert "end-of-sequence ids [2, 96] are not all in the output's vocabulary (96 tokens)" in capsys.readouterr().err
+    cp_generation = json.loads((llamas["cp"] / "generation_config.json").read_text())
+    assert json.loads((tmp_path / "out2" / "generation_config.json").read_text()) == cp_generation
+
+
+def test_out_dot_is_a_clear_error(llamas, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(merge_args(llamas, Path("."), "cp", "--backend", "local")) == 2
+    assert "output exists" in capsys.readouterr().err
 
 
 def test_existing_output_is_refused_unless_overwrite(llamas, tmp_path, capsys):

@@ -349,16 +349,22 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     assert main(argv) == 2
     monkeypatch.undo()
     assert (root / "alpha0.5").is_dir() and not (root / "alpha1").exists() and partial(root / "alpha1").is_dir()
+    (root / "alpha0.5" / "journal.jsonl").write_text("")  # as if a crash came between a commit's last two steps
+    (root / ".alpha0.5.replaced").mkdir()  # and an interrupted --overwrite
     capsys.readouterr()
-    assert main(argv) == 0
+    assert main(argv + ["--overwrite"]) == 0  # the same job's committed output is kept even so: the same bytes
     err = capsys.readouterr().err
-    assert f"already committed by an earlier run of this job: {root / 'alpha0.5'}" in err
+    assert f"already committed by an earlier run of this job (--restart redoes it): {root / 'alpha0.5'}" in err
     assert re.search(r"^resuming: (\d+) of \1 units", err, re.M), err
+    assert sorted(p.name for p in root.iterdir()) == ["alpha0.5", "alpha1"]
+    assert not (root / "alpha0.5" / "journal.jsonl").exists()
     reference = tmp_path / "reference"
     assert main(merge_argv(models, reference, "--alpha", "0.5,1")) == 0
     for name in ("alpha0.5", "alpha1"):
         assert verify(root / name) == [] and shard_hashes(root / name) == shard_hashes(reference / name)
     assert main(argv) == 0 and "already committed" in capsys.readouterr().err  # a third run: nothing to do
+    assert main(argv + ["--restart", "--overwrite"]) == 0 and "already committed" not in capsys.readouterr().err
+    assert all(verify(root / name) == [] for name in ("alpha0.5", "alpha1"))
 
 
 def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
