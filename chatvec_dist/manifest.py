@@ -16,7 +16,7 @@ import xxhash
 
 from .errors import VerifyError
 from .exec.messages import SegmentResult
-from .io.checkpoint import INDEX_NAME, read_json_object
+from .io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, read_json_object
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
 from .kernels.stats import Stats
@@ -196,7 +196,7 @@ def _index_problems(out_dir: Path, table: pa.Table) -> list[str]:
     """The index must place every tensor where the manifest does (transformers loads through it)."""
     index = out_dir / INDEX_NAME
     try:
-        weight_map = read_json_object(index, VerifyError).get("weight_map")
+        weight_map = read_json_object(index, VerifyError, MAX_INDEX_BYTES).get("weight_map")
     except VerifyError as e:
         return [str(e)]
     expected = dict(zip(table.column("tensor").to_pylist(), table.column("shard").to_pylist()))

@@ -46,7 +46,7 @@ def init_ray(address: str | None):
         sigterm = signal.getsignal(signal.SIGTERM) if on_main else None
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  configure_logging=False)
-        if on_main:  # ray.init installs its own (exit 15); keep the CLI's: stop like Ctrl-C, resumable
+        if sigterm is not None:  # ray.init installs its own (exit 15); keep the CLI's: stop like Ctrl-C, resumable
             signal.signal(signal.SIGTERM, sigterm)
     return ray
 

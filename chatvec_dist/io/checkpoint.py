@@ -15,6 +15,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model needs next to its weights: config, tokenizer, chat template, remote code (`auto_map`), license.
 SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.vocab", "*.py", "LICENSE*", "NOTICE*",
                  "USE_POLICY*")
+# ... but not a LoRA adapter's config (transformers with peft would load the adapter's base instead) nor the
+# index of pickled weights that are not copied.
+NOT_SIDE_PATTERNS = ("adapter_config.json", "*.bin.index.json", "*.pt.index.json")
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
@@ -42,13 +45,13 @@ class Checkpoint:
         return read_json_object(self.directory / "config.json")
 
 
-def read_json_object(path: Path, error: type[ChatvecError] = SourceError) -> dict:
+def read_json_object(path: Path, error: type[ChatvecError] = SourceError, limit: int = MAX_CONFIG_BYTES) -> dict:
     """A small JSON file that must hold an object ({} when absent); anything else is `error`, naming the file."""
     if not _is_file(path):
         return {}
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise error(f"larger than {MAX_CONFIG_BYTES} bytes", file=str(path))
+        if path.stat().st_size > limit:
+            raise error(f"larger than {limit} bytes", file=str(path))
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise error(f"not readable JSON ({type(e).__name__})", file=str(path)) from None
