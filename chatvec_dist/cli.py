@@ -49,7 +49,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="auto: one worker per GPU where the cluster has GPUs, else CPU workers")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
+    p.add_argument("--restart", action="store_true", help="start over: discard a partial output (and redo outputs this job already committed)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fail-on-nonfinite", action="store_true",
                    help="refuse to commit an output with NaN/Inf values (by default they are counted in the manifest)")
