@@ -153,3 +153,27 @@ def test_a_partly_cached_repo_fetches_the_rest(hub, tmp_path, monkeypatch):
     assert len(ckpt.tensors) == 21 and ckpt.source["commit"] == "f" * 40
     assert fetched == [("org/partial", ["consolidated*.safetensors"])]
     assert open_source("org/cp").source["commit"] == commits["cp"] and len(fetched) == 1  # complete: no fetch
+
+
+def test_a_repo_with_only_consolidated_weights_still_fetches_them(hub, tmp_path, monkeypatch):
+    """consolidated*.safetensors is skipped where HF-format shards exist; a repo that has nothing else gets it."""
+    import huggingface_hub
+
+    cache, models, commits = hub
+    only = tmp_path / "consolidated-only"
+    only.mkdir()
+    shutil.copyfile(models["cp"] / "config.json", only / "config.json")
+    snapshot = cache_repo(cache, "org/native", only, "e" * 40)
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def hub_online(repo_id, *, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kwargs)
+        asked.append(kwargs.get("ignore_patterns"))
+        if kwargs.get("ignore_patterns") is None:  # the Hub repo holds one consolidated file
+            shutil.copyfile(models["cp"] / "model-00001-of-00002.safetensors", snapshot / "consolidated.safetensors")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
+    assert open_source("org/native").tensors and asked == [["consolidated*.safetensors"], None]
+

@@ -10,7 +10,7 @@ from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
-IGNORE_PATTERNS = ["consolidated*.safetensors"]  # Mistral's single-file copy of the sharded weights: never read
+IGNORE_PATTERNS = ["consolidated*.safetensors"]  # Mistral's copy of the sharded weights: fetched only if alone
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -54,8 +54,11 @@ def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                      ignore_patterns=IGNORE_PATTERNS, local_files_only=local_files_only))
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                          ignore_patterns=IGNORE_PATTERNS, local_files_only=local_files_only))
+        if local_files_only or any(snapshot.glob("*.safetensors")):
+            return snapshot
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))  # consolidated only
     except LocalEntryNotFoundError as e:
         if local_files_only:
             return None
