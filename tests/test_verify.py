@@ -193,3 +193,17 @@ def test_an_index_that_disagrees_with_the_manifest_is_found(out, capsys):
     assert_found(out, capsys, str(index), "weight_map does not place the tensors as the manifest does")
     index.unlink()
     assert_found(out, capsys, str(index))
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_when_opened(out, capsys, monkeypatch):
+    """Between verify's lstat and its open a shard may become a FIFO: the open itself refuses it (never blocks)."""
+    import os
+
+    from chatvec_dist import manifest
+
+    monkeypatch.setattr(manifest, "_unsafe_shard", lambda out_dir, shard: None)  # the check saw a regular file
+    path = shards(out)[0]
+    path.unlink()
+    os.mkfifo(path)
+    problems = verify(out)
+    assert any(str(path) in p and "not a regular file" in p for p in problems), problems

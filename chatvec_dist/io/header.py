@@ -8,7 +8,8 @@ import struct
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
-from ..errors import HeaderError
+from ..errors import ChatvecError, HeaderError
+from .ranges import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
 MAX_DIMS = 8
@@ -127,7 +128,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     """Read and check the header of one safetensors file, touching no tensor bytes."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
+        fd = open_regular(path)
+    except ChatvecError as e:
+        raise HeaderError(e.what, file=path) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) == 8:

@@ -2,8 +2,21 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from ..errors import ChatvecError
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor for `path`, which must be a regular file: a FIFO or device is refused, never waited on."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ChatvecError(f"cannot open: {e.strerror}", file=path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ChatvecError("not a regular file (a FIFO, device or directory): not read", file=path)
+    return fd
 
 
 class FileHandles:
@@ -15,10 +28,7 @@ class FileHandles:
     def get(self, path: str, flags: int = os.O_RDONLY) -> int:
         key = (path, flags)
         if key not in self._fds:
-            try:
-                self._fds[key] = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise ChatvecError(f"cannot open: {e.strerror}", file=path) from None
+            self._fds[key] = open_regular(path, flags)
         return self._fds[key]
 
     def sync(self) -> None:
