@@ -85,15 +85,17 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
         raise OutputError("two targets write to the same output directory")
     digests = [_digest(planned, o) for o in range(len(outs))]
     fresh = [o for o in range(len(outs)) if options.restart or not _committed(outs[o], digests[o])]
-    if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
-        for o in set(range(len(outs))) - set(fresh):
-            tidy_committed(outs[o])
-        done_names = ", ".join(str(outs[o]) for o in range(len(outs)) if o not in fresh)
-        print(f"already committed by an earlier run of this job (--restart redoes it): {done_names}", file=sys.stderr)
     with contextlib.ExitStack() as locks:
-        for o in fresh:
-            check_destination(outs[o], _input_dirs(planned), options.overwrite)
-            locks.enter_context(exclusive(outs[o]))
+        for o, out in enumerate(outs):
+            if o in fresh:
+                check_destination(out, _input_dirs(planned), options.overwrite)
+            locks.enter_context(exclusive(out))
+        if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
+            done = [outs[o] for o in range(len(outs)) if o not in fresh]
+            for out in done:
+                tidy_committed(out)
+            print(f"already committed by an earlier run of this job (--restart redoes it): "
+                  f"{', '.join(map(str, done))}", file=sys.stderr)
         if fresh:
             _run_fresh(planned, [(o, outs[o], digests[o]) for o in fresh], options)
     return outs
