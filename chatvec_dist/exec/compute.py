@@ -52,16 +52,12 @@ class TritonCompute:
             torch.cuda.set_device(device)  # this thread's launches go to its GPU
         self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
-        self._scratch = TritonScratch()
-        self._bufs: dict[object, torch.Tensor] = {}
+        self._scratch = TritonScratch()  # the kernel's and this class's device buffers, reused
         with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
             self.stats = torch.empty(5, dtype=torch.float64, device=device)  # zeroed by each combine
 
     def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
-        return buf[:nbytes]
+        return self._scratch.get(key, nbytes, torch.uint8, self.device)
 
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         """Start the host → device copies of a piece's inputs (each once, whatever the number of outputs)."""

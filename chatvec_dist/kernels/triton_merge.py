@@ -125,12 +125,13 @@ def _bits(alpha: float) -> int:
 
 
 class TritonScratch:
-    """Device buffers reused across calls: the float accumulator (more than MAX_TERMS vectors) and the partials."""
+    """Device buffers reused across calls, by key: the kernel's float accumulator (more than MAX_TERMS vectors)
+    and partials, and the callers' own (a worker's inputs and output on the device)."""
 
     def __init__(self) -> None:
         self._bufs: dict[object, torch.Tensor] = {}
 
-    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(self, key: object, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
