@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,7 @@ def test_a_worker_dead_before_its_final_fsync_has_its_units_checked(llamas, merg
         victim = max(self.actors, key=lambda a: len(finished.get(a, [])))  # one that finished units
         checked.extend(finished.get(victim, []))
         ray_local.kill(victim, no_restart=True)
+        _wait_until_dead(ray_local, victim)  # ray.kill is asynchronous: without this, close() may still run
         return real(self, finished)
 
     from chatvec_dist import job
@@ -131,6 +133,19 @@ def test_a_worker_dead_before_its_final_fsync_has_its_units_checked(llamas, merg
     assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--workers", "2")) == 0
     assert checked and {u.id for u in checked} <= rechecked
     assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
+
+
+def _wait_until_dead(ray, actor, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("a killed Ray actor still answers")
 
 
 @pytest.mark.parametrize("policy", ["skip", "overlap"])
