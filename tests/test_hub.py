@@ -177,3 +177,41 @@ def test_a_repo_with_only_consolidated_weights_still_fetches_them(hub, tmp_path,
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
     assert open_source("org/native").tensors and asked == [["consolidated*.safetensors"], None]
 
+
+
+def test_a_cached_snapshot_lacking_its_remote_code_is_topped_up(hub, tmp_path, monkeypatch, capsys):
+    """A snapshot cached complete by a tool that skipped *.py: the module files its auto_map names are fetched
+    (offline: the weights are used, with a warning naming what the output will lack)."""
+    import json
+
+    import huggingface_hub
+
+    cache, models, commits = hub
+    src = tmp_path / "no-code"
+    shutil.copytree(models["cp"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM", "AutoConfig": "org/other--configuration_y.Y"}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}}))
+    snapshot = cache_repo(cache, "org/custom", src, "c" * 40)
+    code = {"modeling_x.py": "# modeling\n", "tokenization_x.py": "# tokenizer\n"}
+
+    ckpt = open_source("org/custom")  # offline
+    assert len(ckpt.tensors) == 21
+    assert "lacks modeling_x.py, tokenization_x.py, named by its auto_map (the Hub has no such" in capsys.readouterr().err
+
+    real, fetched = huggingface_hub.snapshot_download, []
+
+    def hub_online(repo_id, *, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kwargs)
+        fetched.append(repo_id)
+        for name, text in code.items():
+            (snapshot / name).write_text(text)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
+    ckpt = open_source("org/custom")
+    assert fetched == ["org/custom"] and set(code) <= set(ckpt.source["files"])
+    assert open_source("org/custom") and fetched == ["org/custom"]  # complete now: no second fetch
+    assert capsys.readouterr().err == ""

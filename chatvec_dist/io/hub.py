@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from ..errors import ChatvecError, SourceError
-from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint
+from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint, read_json_object
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
 IGNORE_PATTERNS = ["consolidated*.safetensors"]  # Mistral's copy of the sharded weights: fetched only if alone
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MODULE_REF = re.compile(r"^([A-Za-z_]\w*)\.\w+$")  # auto_map's "modeling_x.ClassName" (this repo's code)
 
 
 def open_source(spec: str) -> Checkpoint:
@@ -24,9 +26,11 @@ def open_source(spec: str) -> Checkpoint:
     cached = _snapshot(repo_id, revision or None, local_files_only=True)
     if cached is not None:
         try:
-            return _open_snapshot(cached, repo_id, revision)
+            ckpt = _open_snapshot(cached, repo_id, revision)
         except ChatvecError as e:
             unusable = e
+        else:
+            return _top_up(ckpt, repo_id, revision) if missing_remote_code(ckpt.directory) else ckpt
     fetched = _snapshot(repo_id, revision or None, local_files_only=False, unusable=unusable)
     try:
         return _open_snapshot(fetched, repo_id, revision)
@@ -34,6 +38,33 @@ def open_source(spec: str) -> Checkpoint:
         if unusable is None:
             raise
         raise SourceError(f"the cached snapshot is unusable and fetching added nothing (offline?): {e}", file=repo_id) from None
+
+
+def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
+    """A cached snapshot lacking the code its auto_map names (cached by a tool that skipped *.py): fetch it, or
+    go on without it, saying so (the weights are complete; the output will lack the code too)."""
+    try:
+        ckpt = _open_snapshot(_snapshot(repo_id, revision or None, local_files_only=False), repo_id, revision)
+        why = "the Hub has no such files (or is offline)"
+    except ChatvecError as e:
+        ckpt, why = cached, f"fetching failed: {e.what}"
+    if missing := missing_remote_code(ckpt.directory):
+        print(f"chatvec: warning: {repo_id}: the snapshot lacks {', '.join(missing)}, named by its auto_map ({why}); "
+              "the output will lack them too", file=sys.stderr)
+    return ckpt
+
+
+def missing_remote_code(directory: Path) -> list[str]:
+    """The module files of this repo that config.json's or tokenizer_config.json's auto_map names and
+    `directory` lacks (references into another repo, `org/name--module.Class`, are not this repo's)."""
+    wanted = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        auto_map = read_json_object(directory / name).get("auto_map")
+        for ref in auto_map.values() if isinstance(auto_map, dict) else ():
+            for one in ref if isinstance(ref, list) else [ref]:
+                if isinstance(one, str) and (module := MODULE_REF.match(one)):
+                    wanted.add(module[1] + ".py")
+    return sorted(f for f in wanted if not (directory / f).is_file())
 
 
 def _open_snapshot(snapshot: Path, repo_id: str, revision: str) -> Checkpoint:
