@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors, interpreted
 
 
+def slow_units_env(seconds: float, env: dict | None = None) -> dict[str, str]:
+    """The environment for a merge subprocess whose every unit (Ray workers' too) takes at least `seconds` more:
+    see tests/slow_units/sitecustomize.py."""
+    env = dict(os.environ if env is None else env, CHATVEC_TEST_UNIT_SECONDS=str(seconds))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "slow_units"), env.get("PYTHONPATH")) if p)
+    return env
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session (ray.init costs 3–7 s here)."""

@@ -17,9 +17,11 @@ import torch
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.manifest import read_manifest, verify
+from conftest import slow_units_env
 
 pytestmark = pytest.mark.slow
-HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+# a removed node is found dead in seconds; a node merely slow on a loaded machine (up to ~10 s) is not
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 2000, "health_check_failure_threshold": 5}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,24 @@ def reference_out(models, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cluster():
+    """Three one-CPU worker nodes and a head that runs no work."""
+    c, nodes = start_cluster()
+    yield c, nodes
+    c.shutdown()
+
+
+@pytest.fixture
+def slow_cluster(monkeypatch):
+    """`cluster`, its Ray workers 10 ms slower per unit (they inherit their node's environment, set here)."""
+    env = slow_units_env(0.01)
+    for name in ("CHATVEC_TEST_UNIT_SECONDS", "PYTHONPATH"):
+        monkeypatch.setenv(name, env[name])
+    c, nodes = start_cluster()
+    yield c, nodes
+    c.shutdown()
+
+
+def start_cluster():
     from ray.cluster_utils import Cluster
 
     common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
@@ -52,8 +72,7 @@ def cluster():
                                                       "_system_config": HEALTH_CHECKS})
     nodes = [c.add_node(**common, num_cpus=1) for _ in range(3)]
     c.wait_for_nodes()
-    yield c, nodes
-    c.shutdown()
+    return c, nodes
 
 
 def args(models: dict, out: Path, *extra: str) -> list[str]:
@@ -67,7 +86,7 @@ def driver(models: dict, out: Path, address: str, *extra: str) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_units(out: Path, count: int, proc: subprocess.Popen, nodes: int = 1, timeout: float = 120) -> set[str]:
+def wait_for_units(out: Path, count: int, proc: subprocess.Popen, nodes: int = 1, timeout: float = 300) -> set[str]:
     """Wait until the journal holds `count` finished units, done on at least `nodes` distinct nodes; return those."""
     journal = Path(str(out) + ".partial") / "journal.jsonl"
     deadline = time.monotonic() + timeout
@@ -85,8 +104,8 @@ def shards(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
 
 
-def test_workers_spread_over_nodes_and_survive_node_loss(models, reference_out, cluster, tmp_path):
-    c, nodes = cluster
+def test_workers_spread_over_nodes_and_survive_node_loss(models, reference_out, slow_cluster, tmp_path):
+    c, nodes = slow_cluster  # 1,700 units × 10 ms: work is left when the node goes, however late that is
     out = tmp_path / "out"
     proc = driver(models, out, c.address)
     busy = wait_for_units(out, 40, proc, nodes=2)
@@ -152,7 +171,8 @@ def test_one_worker_per_gpu_lands_on_gpu_nodes(models, reference_out, tmp_path):
         used = {n for cell in table.column("node").to_pylist() for n in cell.split(",")}
         workers = {w for cell in table.column("worker").to_pylist() for w in cell.split(",")}
         assert used == {gpu_node.node_id} and cpu_node.node_id not in used
-        assert len({w.split(":")[1] for w in workers}) == 2  # two actor processes: one per GPU
+        assert 1 <= len({w.split(":")[1] for w in workers}) <= 2  # actor processes that did work (one per GPU) ...
+        assert "on ray × 2," in stderr  # ... of the two started (the second may start after the first did all)
         assert shards(out) == shards(reference_out)
         proc = driver(models, tmp_path / "cuda", c.address, "--device", "cuda")
         _, stderr = proc.communicate(timeout=300)

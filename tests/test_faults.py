@@ -22,9 +22,11 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import OutputError
 from chatvec_dist.manifest import verify
+from conftest import slow_units_env
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
 INTERRUPTED = "chatvec: interrupted; run the same command again to resume"
+START_S = 300  # to the first finished unit: Ray's workers run at nice 15, and a loaded CI machine starves them
 HANG_S = 10  # a merge told to stop must be gone by then (the whole uninterrupted run takes ~3 s)
 
 
@@ -162,15 +164,16 @@ def big(tmp_path_factory) -> dict:
 
 
 def interrupt(argv: list[str], out: Path, signum: int) -> subprocess.CompletedProcess:
-    """Start the merge, wait until its journal holds a finished unit, send `signum`, wait for the exit."""
+    """Start the merge, wait until its journal holds a finished unit, send `signum`, wait for the exit.
+    Each unit takes 50 ms more (tests/slow_units), so the signal lands mid-run however late this process sends it."""
     proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=slow_units_env(0.05))
     journal = partial(out) / "journal.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + START_S
     try:
         while not (journal.is_file() and b"\n" in journal.read_bytes()):
             assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no unit was journaled within 60 s"
+            assert time.monotonic() < deadline, f"no unit was journaled within {START_S} s"
             time.sleep(0.005)
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=HANG_S)
@@ -197,7 +200,7 @@ def test_signal_stops_then_same_command_resumes(big, tmp_path, signum):
     assert not out.exists()
     assert not (partial(out) / "manifest.parquet").exists()
     done = journal_lines(out)  # consistent: every line parses
-    assert len(done) >= 1 and len({r["unit"] for r in done}) == len(done)
+    assert 1 <= len(done) < 73 and len({r["unit"] for r in done}) == len(done)  # stopped mid-run
 
     rerun = cli(argv)
     assert rerun.returncode == 0, rerun.stderr
@@ -213,7 +216,7 @@ def test_sigterm_on_the_ray_backend_stops_like_ctrl_c(big, tmp_path):
     proc = interrupt(argv, out, signal.SIGTERM)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == INTERRUPTED and not out.exists()
-    assert len(journal_lines(out)) >= 1
+    assert 1 <= len(journal_lines(out)) < 73
 
 
 def test_interrupt_stops_promptly(big, tmp_path):
@@ -221,7 +224,7 @@ def test_interrupt_stops_promptly(big, tmp_path):
     argv = merge_argv(big["models"], out, "--unit-size", "8KiB")  # 1689 queued units
     proc = interrupt(argv, out, signal.SIGINT)
     assert proc.returncode == 130 and not out.exists()
-    journal_lines(out)
+    assert len(journal_lines(out)) < 1689
     # stopped: the units queued when the signal came were not computed, so the shard is not the finished one
     assert shard_hashes(partial(out)) != big["ref"]
 
