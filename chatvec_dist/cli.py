@@ -115,16 +115,32 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     if any(len(a) not in (1, sweep) for a in per_vector):
         raise ChatvecError("--alpha sweeps of different lengths: give each vector one value or the same number")
     alpha_sets = [tuple(a[j] if len(a) > 1 else a[0] for a in per_vector) for j in range(sweep)]
-    cps = [c.split("=", 1) if "=" in c and not Path(c).exists() else [None, c] for c in args.cp]
+    cps = _named_cps(args.cp)
     single = len(cps) == 1 and sweep == 1
     targets = []
     for cp_name, cp in cps:
-        cp_name = cp_name or (Path(cp).name if len(cps) > 1 else None)  # outputs apart by CP
         for alphas in alpha_sets:
             label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))
             targets.append(Target(label or Path(out or cp).name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
     return targets
+
+
+def _named_cps(specs: list[str]) -> list[tuple[str | None, str]]:
+    """`[NAME=]DIR` of each --cp; several CPs get their folder's name where unnamed (names must differ)."""
+    cps: list[tuple[str | None, str]] = []
+    for spec in specs:
+        name, cp = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (None, spec)
+        if name is not None and (not name or not name.isprintable() or name in (".", "..") or any(c in name for c in "/\\")):
+            raise ChatvecError(f"--cp {spec!r}: the name before '=' must be a plain file name (it names the output)")
+        cps.append((name, cp))
+    if len(cps) > 1:
+        cps = [(name or Path(cp).name, cp) for name, cp in cps]
+        for i, (name, cp) in enumerate(cps):
+            if (clash := next((c for n, c in cps[:i] if n == name), None)) is not None:
+                raise ChatvecError(f"--cp {clash} and --cp {cp} would both be named '{name}': name them, "
+                                   f"e.g. --cp zh={clash}")
+    return cps
 
 
 def _floats(text: str) -> list[float]:

@@ -81,8 +81,11 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     """Execute a recipe and commit every target's output directory; return their paths."""
     planned = plan(recipe)
     outs = [Path(p.target.out) for p in planned.targets]
-    if len({o.resolve() for o in outs}) != len(outs):
-        raise OutputError("two targets write to the same output directory")
+    first: dict[Path, int] = {}
+    for i, out in enumerate(outs):
+        if (j := first.setdefault(out.resolve(), i)) != i:
+            names = [planned.targets[k].target.name for k in (j, i)]
+            raise OutputError(f"targets '{names[0]}' and '{names[1]}' both write to this output directory", file=str(out))
     digests = [_digest(planned, o) for o in range(len(outs))]
     fresh = [o for o in range(len(outs)) if options.restart or not _committed(outs[o], digests[o])]
     with contextlib.ExitStack() as locks:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import yaml
 
 from .dtypes import OUTPUT_DTYPES
 from .errors import ChatvecError
+from .planning.layout import check_sizes
 from .spec import VOCAB_POLICIES, Recipe, Target, Vector, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
@@ -55,6 +57,8 @@ class _Reader:
             if not isinstance(key, yaml.ScalarNode) or key.value not in allowed:
                 raise self.fail(key, f"{field}.{getattr(key, 'value', '?')}" if field else str(key.value),
                                 f"unknown field (allowed: {', '.join(sorted(allowed))})")
+            if key.value in items:
+                raise self.fail(key, f"{field}.{key.value}" if field else key.value, "given twice")
             items[key.value] = value
         for name in sorted(required - set(items)):
             raise self.fail(node, f"{field}.{name}" if field else name, "is required")
@@ -68,6 +72,17 @@ class _Reader:
             names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
             raise self.fail(node, field, f"expected {names}, got {value!r}")
         return value
+
+    def number(self, node: yaml.Node, field: str) -> float:
+        """A finite number; `1e-1` too (YAML 1.1 reads it as a string)."""
+        value = self.scalar(node, field, (int, float, str))
+        try:
+            number = float(value)
+        except ValueError:
+            raise self.fail(node, field, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise self.fail(node, field, f"{value!r} is not a finite number")
+        return number
 
     def sequence(self, node: yaml.Node, field: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):
@@ -93,6 +108,10 @@ class _Reader:
         for name in ("max_shard_size", "unit_bytes"):
             if name in items:
                 options[name] = self.size(items[name], name)
+                try:
+                    check_sizes(**{"max_shard_size": 1, "unit_bytes": 8, name: options[name]})
+                except ChatvecError as e:
+                    raise self.fail(items[name], name, e.what) from None
         if "chat_template_from_chat" in items:
             options["chat_template_from_chat"] = self.scalar(items["chat_template_from_chat"], "chat_template_from_chat", (bool,))
         return Recipe(vectors, targets, **options)
@@ -113,7 +132,7 @@ class _Reader:
         if "alphas" in items:
             node_a = items["alphas"]
             raw = [node_a] if isinstance(node_a, yaml.ScalarNode) else self.sequence(node_a, f"{field}.alphas")
-            alphas = tuple(float(self.scalar(n, f"{field}.alphas", (int, float))) for n in raw)
+            alphas = tuple(self.number(n, f"{field}.alphas") for n in raw)
             if len(alphas) == 1:
                 alphas *= n_vectors
             if len(alphas) != n_vectors:

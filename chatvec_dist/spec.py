@@ -69,3 +69,15 @@ class RunOptions:
     restart: bool = False
     progress: bool = True
     fail_on_nonfinite: bool = False  # NaN/Inf in any output tensor: an error instead of counts in the manifest
+
+    def __post_init__(self) -> None:
+        from .errors import ChatvecError
+
+        if self.backend not in ("ray", "local"):
+            raise ChatvecError(f"backend {self.backend!r}: choose ray or local")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ChatvecError(f"device {self.device!r}: choose auto, cpu or cuda")
+        if self.workers is not None and self.workers < 1:
+            raise ChatvecError(f"workers {self.workers}: give at least 1 (or none: one per CPU or GPU)")
+        if not self.cpus_per_worker > 0:
+            raise ChatvecError(f"cpus per worker {self.cpus_per_worker}: must be positive")

@@ -128,6 +128,11 @@ def load_recipe_text(tmp_path: Path, text: str):
     ("vectors:\n  - chat: 3\n    base: b\ntargets: []\n", "vectors[0].chat", 2),
     ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    out: o\n", "targets[0].cp", 5),
     ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: lots\n", "unit_bytes", 6),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: 3\n", "unit_bytes", 6),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nmax_shard_size: -5\n", "max_shard_size", 6),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: .nan}\n", "targets[0].alphas", 5),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [x]}\n", "targets[0].alphas", 5),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    out: p\n", "targets[0].out", 8),
 ])
 def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
     path = tmp_path / "bad.yaml"
@@ -135,6 +140,24 @@ def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert f"{path}:{line}" in str(e.value) and f"'{field}'" in str(e.value)
+
+
+def test_recipe_alphas_in_yaml_1_1_exponent_form_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [1e-1]}\n")
+    assert load_recipe(path).targets[0].alphas == (0.1,)
+
+
+def test_two_targets_with_one_output_are_named(llamas, tmp_path):
+    from chatvec_dist.errors import OutputError
+    from chatvec_dist.spec import Recipe, Target, Vector
+
+    out = str(tmp_path / "same")
+    recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),),
+                    (Target("zh", str(llamas["cp"]), out, (1.0,)), Target("ko", str(llamas["cp"]), out + "/.", (0.5,))))
+    with pytest.raises(OutputError, match=r"targets 'zh' and 'ko' both write"):
+        chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
+    assert not (tmp_path / "same").exists()
 
 
 def test_recipe_yaml_syntax_error_is_a_clean_exit(tmp_path, capsys):

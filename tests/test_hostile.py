@@ -468,6 +468,52 @@ def float_vs_int_dtype(c: Case) -> None:
     c.expect = [str(c.base / "model.safetensors"), Q, "I16"]
 
 
+# --- options ---------------------------------------------------------------------------------
+
+@case
+def alpha_not_finite(c: Case) -> None:
+    c.extra = ["--alpha", "nan"]
+    c.expect = ["alphas [nan] must be finite"]
+
+
+@case
+def exclude_matching_nothing(c: Case) -> None:
+    c.extra = ["--exclude", "no_such_tensor"]
+    c.expect = ["'no_such_tensor' matches no tensor"]
+
+
+@case
+def cp_name_is_a_path(c: Case) -> None:
+    c.extra = ["--cp", f"../escape={c.cp}"]
+    c.expect = ["../escape=", "plain file name"]
+
+
+@case
+def unnamed_cps_with_one_folder_name(c: Case) -> None:
+    other = c.root / "other" / c.cp.name
+    shutil.copytree(c.cp, other)
+    c.extra = ["--cp", str(other)]
+    c.expect = [str(c.cp), str(other), f"both be named '{c.cp.name}'", "name them"]
+
+
+@case
+def workers_zero(c: Case) -> None:
+    c.extra = ["--workers", "0"]
+    c.expect = ["workers 0"]
+
+
+@case
+def cpus_per_worker_zero(c: Case) -> None:
+    c.extra = ["--cpus-per-worker", "0"]
+    c.expect = ["cpus per worker 0.0: must be positive"]
+
+
+@case
+def unit_size_not_whole_mib(c: Case) -> None:
+    c.extra = ["--unit-size", "1.5MiB"]
+    c.expect = ["unit size 1572864 bytes", "whole number of MiB"]
+
+
 # --- sources and destinations ------------------------------------------------------------------
 
 @case

@@ -57,8 +57,7 @@ class Unit:
 
 def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
     """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
-    if max_shard_size <= 0:
-        raise PlanError(f"max shard size {max_shard_size} must be positive")
+    check_sizes(max_shard_size, 8)
     groups: list[list[PlannedTensor]] = [[]]
     filled = 0
     for t in tensors:
@@ -89,14 +88,22 @@ def block_bytes(unit_bytes: int) -> int:
     return min(unit_bytes, HASH_BLOCK_BYTES)
 
 
+def check_sizes(max_shard_size: int, unit_bytes: int) -> None:
+    """Refuse sizes no layout can use (PlanError)."""
+    if max_shard_size <= 0:
+        raise PlanError(f"max shard size {max_shard_size} must be positive")
+    if unit_bytes < 8 or unit_bytes % 8 or unit_bytes % block_bytes(unit_bytes):
+        raise PlanError(f"unit size {unit_bytes} bytes: must be a multiple of 8 bytes up to 1 MiB, "
+                        f"and a whole number of MiB above (e.g. 256KiB, 64MiB)")
+
+
 def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
     """Cut the tensors shared by all outputs into units of about `unit_bytes` of output each.
 
     Small tensors are grouped; large ones are split at hash-block boundaries of every output, so a block's
     digest never depends on how the work was cut or who did it.
     """
-    if unit_bytes < 8 or unit_bytes % 8 or unit_bytes % block_bytes(unit_bytes):
-        raise PlanError(f"unit size {unit_bytes} must be a multiple of 8 bytes, and of {HASH_BLOCK_BYTES} above it")
+    check_sizes(1, unit_bytes)
     units: list[Unit] = []
     pieces: list[Piece] = []
     filled = 0

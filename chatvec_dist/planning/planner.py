@@ -1,6 +1,7 @@
 """Pair tensors across checkpoints and decide, for each output tensor, what happens to it."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ class Sources:
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     """Decide every output tensor's rule for one target, validating names, shapes and dtypes. Raises PlanError."""
+    if not all(math.isfinite(a) for a in target.alphas):
+        raise PlanError(f"target '{target.name}': alphas {list(target.alphas)} must be finite numbers")
     if target.vocab not in VOCAB_POLICIES:
         raise PlanError(f"unknown vocabulary policy {target.vocab!r} (choose from {', '.join(VOCAB_POLICIES)})")
     if target.dtype is not None and target.dtype not in OUTPUT_DTYPES:
@@ -80,7 +83,11 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         raise PlanError(f"invalid exclude pattern: {e}") from None
     reference = sources.cp if sources.cp is not None else sources.terms[0][2] or sources.terms[0][1]
     out_dtype = OUTPUT_DTYPES.get(target.dtype or "", "F32" if sources.cp is None else None)
-    excluded = {n for n in _all_names(sources) if any(p.search(n) for p in excludes)}
+    names = _all_names(sources)
+    for pattern in excludes:
+        if not any(pattern.search(n) for n in names):
+            raise PlanError(f"--exclude {pattern.pattern!r} matches no tensor of target '{target.name}' (a typo?)")
+    excluded = {n for n in names if any(p.search(n) for p in excludes)}
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
