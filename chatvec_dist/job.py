@@ -21,7 +21,7 @@ from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest, read_manifest
-from .output import (JOURNAL_NAME, Journal, check_destination, commit, exclusive, open_partial,
+from .output import (JOURNAL_NAME, Journal, check_destination, commit, discard_if_unused, exclusive, open_partial,
                      tidy_committed)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
@@ -80,18 +80,20 @@ def plan(recipe: Recipe) -> Planned:
 def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     """Execute a recipe and commit every target's output directory; return their paths."""
     planned = plan(recipe)
-    outs = [Path(p.target.out) for p in planned.targets]
+    outs = [Path(os.path.abspath(p.target.out)) for p in planned.targets]  # `.` or `a/..` too: a named folder
     first: dict[Path, int] = {}
     for i, out in enumerate(outs):
         if (j := first.setdefault(out.resolve(), i)) != i:
             names = [planned.targets[k].target.name for k in (j, i)]
             raise OutputError(f"targets '{names[0]}' and '{names[1]}' both write to this output directory", file=str(out))
     digests = [_digest(planned, o) for o in range(len(outs))]
-    fresh = [o for o in range(len(outs)) if options.restart or not _committed(outs[o], digests[o])]
+    committed = [_committed(out, digest) for out, digest in zip(outs, digests)]
+    fresh = [o for o in range(len(outs)) if options.restart or not committed[o]]
+    replace = [options.overwrite or committed[o] for o in range(len(outs))]  # --restart redoes this job's own
     with contextlib.ExitStack() as locks:
         for o, out in enumerate(outs):
             if o in fresh:
-                check_destination(out, _input_dirs(planned), options.overwrite)
+                check_destination(out, _input_dirs(planned), replace[o])
             locks.enter_context(exclusive(out))
         if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
             done = [outs[o] for o in range(len(outs)) if o not in fresh]
@@ -100,15 +102,16 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
             print(f"already committed by an earlier run of this job (--restart redoes it): "
                   f"{', '.join(map(str, done))}", file=sys.stderr)
         if fresh:
-            _run_fresh(planned, [(o, outs[o], digests[o]) for o in fresh], options)
+            _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], options)
     return outs
 
 
-def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str]], options: RunOptions) -> None:
-    """Resume or start the outputs not committed yet (all units stay as planned for every target)."""
-    planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _ in fresh])
+def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], options: RunOptions) -> None:
+    """Resume or start the outputs not committed yet (all units stay as planned for every target); each
+    (index, output, job digest, whether it may replace what is there)."""
+    planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _, _ in fresh])
     works, tallies, done = [], [], set(u.id for u in planned.units)
-    for i, (tp, (_, out, digest)) in enumerate(zip(planned.targets, fresh)):
+    for i, (tp, (_, out, digest, _)) in enumerate(zip(planned.targets, fresh)):
         work, journaled = open_partial(out, tp.layout, digest, options.restart, i)
         tally = Tally(tp.layout, planned.block_bytes)
         valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
@@ -123,7 +126,12 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str]], options: Ru
     todo = [u for u in planned.units if u.id not in done]
     if done:
         print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
-    speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
+    try:
+        speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
+    except BaseException:  # a failed start (no GPU, no cluster) or an interrupt before any unit: nothing to keep
+        for work, _ in works:
+            discard_if_unused(work)
+        raise
     if options.fail_on_nonfinite:
         for tp, tally in zip(planned.targets, tallies):
             for name, nan, inf in tally.nonfinite()[:1]:
@@ -131,8 +139,8 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str]], options: Ru
                 raise PlanError(f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
                                 f"(--fail-on-nonfinite); nothing was committed", file=src.cp.path if src.cp else None,
                                 tensor=name)
-    for tp, (_, out, digest), (work, _), tally in zip(planned.targets, fresh, works, tallies):
-        _commit(planned, tp, out, work, tally, options.overwrite, digest)
+    for tp, (_, out, digest, replace), (work, _), tally in zip(planned.targets, fresh, works, tallies):
+        _commit(planned, tp, out, work, tally, replace, digest)
     print(speed, file=sys.stderr)
 
 

@@ -111,18 +111,23 @@ def write_manifest(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path)
 
 
+class DamagedManifest(VerifyError):
+    """The manifest is there but cannot be read or trusted: for `verify`, a problem found, not a usage error."""
+
+
 def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise VerifyError("no manifest here: not a chatvec output", file=str(path))
     try:
         table = pq.read_table(path)
+        table.validate(full=True)  # e.g. strings that are not UTF-8: caught here, not when a row is read
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure
-        raise VerifyError(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
+        raise DamagedManifest(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
     block = meta.get("hash", {}).get("block_bytes") if isinstance(meta, dict) and isinstance(meta.get("hash"), dict) else None
     if not (isinstance(block, int) and block > 0 and isinstance(meta.get("rows_sha256"), str)):
-        raise VerifyError("manifest metadata is malformed", file=str(path))
+        raise DamagedManifest("manifest metadata is malformed", file=str(path))
     return table.replace_schema_metadata(None), meta
 
 
@@ -141,7 +146,10 @@ def hash_range(files: FileHandles, path: str, offset: int, nbytes: int, block: i
 def verify(out_dir: str | os.PathLike) -> list[str]:
     """Rehash every tensor against the manifest; return one line per problem (empty: all verified)."""
     out_dir = Path(out_dir)
-    table, meta = read_manifest(out_dir)
+    try:
+        table, meta = read_manifest(out_dir)
+    except DamagedManifest as e:
+        return [str(e)]
     problems = []
     if meta.get("rows_sha256") != rows_digest(table):
         problems.append(f"{out_dir / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .errors import OutputError
+from .errors import ChatvecError, OutputError
 from .exec.messages import SegmentResult, UnitResult
 from .io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
 from .kernels.stats import Stats
-from .manifest import MANIFEST_NAME, write_manifest
+from .manifest import MANIFEST_NAME, read_manifest, write_manifest
 from .planning.layout import Layout
 
 PLAN_NAME = "plan.json"
@@ -89,6 +89,20 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
                 raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
     if out.exists() and not overwrite:
         raise OutputError("output exists (pass --overwrite to replace it)", file=str(out))
+    if out.exists() and not _replaceable(out):
+        raise OutputError(f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
+                          "replaces only those (or an empty directory); move it away yourself", file=str(out))
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty directory, or a chatvec output (its manifest says so): what --overwrite may delete."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return True
+    try:
+        read_manifest(out)
+    except ChatvecError:
+        return False
+    return True
 
 
 class Journal:
@@ -163,6 +177,16 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     except OSError as e:
         raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(path)) from None
     return work, Journal.load(work / JOURNAL_NAME, output)
+
+
+def discard_if_unused(work: Path) -> None:
+    """Remove a work area whose journal holds no finished unit (a run that failed to start): nothing to resume."""
+    journal = work / JOURNAL_NAME
+    try:
+        if not journal.exists() or journal.stat().st_size == 0:
+            shutil.rmtree(work)
+    except OSError:
+        pass  # left as it is: the next run reuses or replaces it
 
 
 def _read_digest(plan_file: Path) -> str | None:

@@ -324,8 +324,12 @@ def test_existing_output_is_refused_unless_overwrite(llamas, tmp_path, capsys):
     (out / "keep").write_text("x")
     assert main(merge_args(llamas, out, "cp", "--backend", "local")) == 2
     assert "output exists" in capsys.readouterr().err and (out / "keep").exists()
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--overwrite")) == 2  # not a chatvec output
+    assert "not a chatvec output" in capsys.readouterr().err and (out / "keep").exists()
+    (out / "keep").unlink()  # an empty folder, or an earlier output, is replaced
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--overwrite", "--alpha", "0.5")) == 0
     assert main(merge_args(llamas, out, "cp", "--backend", "local", "--overwrite")) == 0
-    assert not (out / "keep").exists() and verify(out) == []
+    assert verify(out) == [] and read_manifest(out)[1]["recipe"]["targets"][0]["alphas"] == [1.0]
 
 
 def test_interrupted_run_resumes_and_keeps_verified_units(llamas, merged, tmp_path, monkeypatch):

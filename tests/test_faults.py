@@ -65,7 +65,7 @@ def journal_lines(out: Path) -> list[dict]:
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("resuming: ")]
     assert len(lines) == 1 and lines[0].startswith("chatvec: error: "), proc.stderr
     for name in names:
         assert name in lines[0], (name, lines[0])
@@ -109,20 +109,24 @@ def test_disk_full_while_creating_shards(demo, tmp_path):
 
 
 def test_disk_full_while_writing_shards(demo, tmp_path, monkeypatch):
-    """Shards already pre-sized (by a run stopped before any unit): the limit makes the pwrites themselves fail."""
+    """Shards already pre-sized (by a run stopped after its first unit): the limit makes the pwrites themselves fail.
+    (A run stopped before any unit leaves nothing to resume, so nothing at all.)"""
     from chatvec_dist.exec import worker
 
     out = tmp_path / "out"
     argv = merge_argv(demo["models"], out, "--unit-size", "16KiB")
+    real_run = worker.UnitRunner.run
 
     def stop(self, unit):
-        raise KeyboardInterrupt
+        if unit.id > 0:
+            raise KeyboardInterrupt
+        return real_run(self, unit)
 
     with monkeypatch.context() as m:
         m.setattr(worker.UnitRunner, "run", stop)
         assert main(argv) == 130
     shard = partial(out) / "model-00001-of-00001.safetensors"
-    assert shard.stat().st_size > 200_000 and journal_lines(out) == []
+    assert shard.stat().st_size > 200_000 and len(journal_lines(out)) == 1
 
     proc = cli(argv, fsize_limit=100_000)  # units wholly below 100 kB succeed, the first one past it fails
     line = assert_one_line_error(proc, str(shard))
@@ -366,8 +370,24 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     for name in ("alpha0.5", "alpha1"):
         assert verify(root / name) == [] and shard_hashes(root / name) == shard_hashes(reference / name)
     assert main(argv) == 0 and "already committed" in capsys.readouterr().err  # a third run: nothing to do
-    assert main(argv + ["--restart", "--overwrite"]) == 0 and "already committed" not in capsys.readouterr().err
+    before = {n: (root / n / "manifest.parquet").stat().st_ino for n in ("alpha0.5", "alpha1")}
+    assert main(argv + ["--restart"]) == 0 and "already committed" not in capsys.readouterr().err  # redone ...
     assert all(verify(root / name) == [] for name in ("alpha0.5", "alpha1"))
+    assert all((root / n / "manifest.parquet").stat().st_ino != ino for n, ino in before.items())  # ... anew
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("mine")
+    assert main(merge_argv(models, root / "other", "--restart")) == 2  # --restart replaces only this job's outputs
+    assert "output exists (pass --overwrite" in capsys.readouterr().err
+    assert (root / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_out_dot_is_the_current_folder(demo, tmp_path, monkeypatch):
+    """`--out .` (or `a/..`) names a folder like any other: an empty one may be replaced with --overwrite."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(merge_argv(demo["models"], Path("."), "--overwrite")) == 0
+    assert verify(empty) == [] and not partial(empty).exists()
 
 
 def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):

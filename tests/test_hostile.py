@@ -514,6 +514,20 @@ def unit_size_not_whole_mib(c: Case) -> None:
     c.expect = ["unit size 1572864 bytes", "whole number of MiB"]
 
 
+@case
+def device_cuda_without_gpu(c: Case) -> None:
+    c.extra = ["--device", "cuda"]  # found by the first worker, after the shards were laid out
+    c.expect = ["--device cuda", "no CUDA device"]
+
+
+@case
+def overwrite_of_a_folder_that_is_not_an_output(c: Case) -> None:
+    c.out.mkdir()
+    (c.out / "notes.txt").write_text("mine")
+    c.extra = ["--overwrite"]
+    c.expect = [str(c.out), "not a chatvec output", "move it away yourself"]
+
+
 # --- sources and destinations ------------------------------------------------------------------
 
 @case
@@ -585,9 +599,7 @@ def test_hostile_input_is_refused(name: str, tmp_path: Path, capsys) -> None:
         assert not c.out.exists()
     else:
         assert sorted(os.listdir(c.out)) == preexisting  # untouched
-    partial = c.out.with_name(c.out.name + ".partial")
-    if partial.exists():
-        assert not (partial / INDEX_NAME).exists() and not (partial / MANIFEST_NAME).exists()
+    assert not c.out.with_name(c.out.name + ".partial").exists()  # a run that could not start leaves nothing
     assert not (tmp_path / "pwned").exists()  # nothing was unpickled
 
 
