@@ -58,6 +58,9 @@ def plan(recipe: Recipe) -> Planned:
         return opened[spec]
 
     vectors = [(source(v.chat), source(v.base) if v.base is not None else None) for v in recipe.vectors]
+    for chat, base in vectors:
+        if base is None:
+            _check_is_a_vector(chat)
     plans, order = [], None
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
@@ -75,6 +78,18 @@ def plan(recipe: Recipe) -> Planned:
         plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes)
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _check_is_a_vector(ckpt: Checkpoint) -> None:
+    """`apply --vector` takes what `chatvec extract` wrote; a chatvec merge output is refused (a model is not a
+    difference of models). A checkpoint without a manifest is taken on trust (a vector made by another tool)."""
+    try:
+        kind = read_manifest(ckpt.directory)[1].get("kind")
+    except ChatvecError:
+        return
+    if kind != "extract":
+        raise PlanError(f"a chatvec {kind} output, not a chat vector: --vector takes what `chatvec extract` writes "
+                        "(or give --base and --chat to merge)", file=str(ckpt.directory))
 
 
 def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:

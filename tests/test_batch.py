@@ -160,6 +160,26 @@ def test_two_targets_with_one_output_are_named(llamas, tmp_path):
     assert not (tmp_path / "same").exists()
 
 
+def test_apply_refuses_a_merged_model_as_its_vector(llamas, batch, tmp_path, capsys):
+    out = tmp_path / "applied"
+    assert main(["apply", "--vector", str(batch / "zh-alpha0.5"), "--cp", str(llamas["cp"]), "--out", str(out),
+                 "--backend", "local", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{batch / 'zh-alpha0.5'}: a chatvec merge output, not a chat vector" in err and not out.exists()
+
+
+def test_plan_into_a_closed_pipe_is_a_quiet_exit(llamas):
+    """`chatvec plan ... | head`: the reader closed the pipe; no traceback, the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", "plan", "--base", str(llamas["base"]), "--chat",
+                             str(llamas["chat"]), "--cp", str(llamas["cp"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported anything: its first print meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_recipe_yaml_syntax_error_is_a_clean_exit(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("vectors: [\n")

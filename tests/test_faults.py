@@ -223,6 +223,36 @@ def test_sigterm_on_the_ray_backend_stops_like_ctrl_c(big, tmp_path):
     assert 1 <= len(journal_lines(out)) < 73
 
 
+def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
+    """Ctrl-C or SIGTERM halfway through ray.init orphaned Ray's processes: both now wait until ray.init returns
+    (so that Ray's own exit handler can stop what it started), then stop the run as Ctrl-C does."""
+    import ray
+
+    from chatvec_dist.exec.ray_backend import init_ray
+
+    steps = []
+
+    def slow_init(**kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)  # the handler runs in between; it must not raise here
+        steps.append("ray.init finished")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_init)
+    from chatvec_dist.cli import _interrupt
+
+    pytest_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # as the CLI has it (and never kill pytest)
+    try:
+        handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            init_ray("local")
+        assert steps == ["ray.init finished"]
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    finally:
+        signal.signal(signal.SIGTERM, pytest_sigterm)
+
+
 def test_interrupt_stops_promptly(big, tmp_path):
     out = tmp_path / "out"
     argv = merge_argv(big["models"], out, "--unit-size", "8KiB")  # 1689 queued units

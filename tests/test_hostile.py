@@ -521,6 +521,12 @@ def device_cuda_without_gpu(c: Case) -> None:
 
 
 @case
+def ray_address_that_nothing_listens_on(c: Case) -> None:
+    c.extra = ["--backend", "ray", "--address", "127.0.0.1:1"]  # refused in a second, not after Ray's retries
+    c.expect = ["cannot reach the Ray cluster at 127.0.0.1:1", "Connection refused"]
+
+
+@case
 def overwrite_of_a_folder_that_is_not_an_output(c: Case) -> None:
     c.out.mkdir()
     (c.out / "notes.txt").write_text("mine")

@@ -6,8 +6,10 @@ to the front of that actor's run, which the other actors take, and the actor is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -41,14 +43,42 @@ def init_ray(address: str | None):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    _check_reachable(address)  # also where this process already joined a Ray: the address given must work
     if not ray.is_initialized():
-        on_main = threading.current_thread() is threading.main_thread()
-        sigterm = signal.getsignal(signal.SIGTERM) if on_main else None
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 configure_logging=False)
-        if sigterm is not None:  # ray.init installs its own (exit 15); keep the CLI's: stop like Ctrl-C, resumable
-            signal.signal(signal.SIGTERM, sigterm)
+        with _signals_deferred():  # Ctrl-C halfway through ray.init would leave Ray's processes orphaned
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                     configure_logging=False)
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A `host:port` address must accept a connection: fail in seconds, not after Ray's minutes of retries."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "local", "auto", ray://: Ray's own handling
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ChatvecError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
+                           "running there, and the port open?)") from None
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT/SIGTERM wait until the block ends, then stop the run as Ctrl-C does (main thread only). Also puts
+    back the CLI's SIGTERM handler, which ray.init replaces with its own (exit 15, no message)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    kept = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 class _Worker:
