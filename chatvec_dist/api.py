@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ChatvecError
 from .spec import MiB, Recipe, RunOptions, Target, Vector
 
 if TYPE_CHECKING:
@@ -12,16 +13,21 @@ if TYPE_CHECKING:
 
 def make_recipe(base: str | list[str | None] | None, chat: str | list[str], cp: str | dict[str, str], out: str,
                 alpha: float | list[float] = 1.0, *, vocab: str = "auto", exclude: tuple[str, ...] = (),
-                dtype: str | None = None, max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB) -> Recipe:
-    """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`)."""
+                dtype: str | None = None, max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB,
+                chat_template_from_chat: bool = False) -> Recipe:
+    """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
+    `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value)."""
     chats = [chat] if isinstance(chat, str) else list(chat)
     bases = [base] if base is None or isinstance(base, str) else list(base)
     alphas = (alpha,) * len(chats) if isinstance(alpha, (int, float)) else tuple(alpha)
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+        raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
     vectors = tuple(Vector(c, b) for c, b in zip(chats, bases, strict=True))
     cps = cp if isinstance(cp, dict) else {Path(out).name: cp}
     targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name), tuple(map(float, alphas)),
                            vocab, tuple(exclude), dtype) for name, path in cps.items())
-    return Recipe(vectors, targets, max_shard_size=max_shard_size, unit_bytes=unit_bytes)
+    return Recipe(vectors, targets, max_shard_size=max_shard_size, unit_bytes=unit_bytes,
+                  chat_template_from_chat=chat_template_from_chat)
 
 
 def plan(recipe: Recipe) -> Planned:

@@ -37,13 +37,15 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
                        help="extended vocabulary: skip keeps CP's embed/lm_head, overlap merges the shared rows, full needs equal shapes")
         p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors")
     p.add_argument("--out", required=out_required, help="output directory")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="output dtype (default: CP's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="output dtype (default: CP's)" if cp else "output dtype (default: float32)")
     p.add_argument("--max-shard-size", type=size_arg, default=5 * 10**9, help="largest output shard (default 5GB)")
     p.add_argument("--unit-size", type=size_arg, default=64 * MiB, help="bytes of output per work unit (default 64MiB)")
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--print-recipe", action="store_true", help="print the equivalent recipe file and exit")
+def _run_args(p: argparse.ArgumentParser, recipe: bool = True) -> None:
+    if recipe:
+        p.add_argument("--print-recipe", action="store_true", help="print the equivalent recipe file and exit")
     p.add_argument("--backend", choices=("ray", "local"), default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`")
     p = sub.add_parser("demo", help="make tiny Llama-shaped base/chat/CP checkpoints and merge them")
     p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default ./chatvec-demo)")
-    _run_args(p)
+    _run_args(p, recipe=False)
     return parser
 
 
@@ -206,10 +208,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from .audit import plot, report
         from .manifest import read_manifest
-        from .recipe import dump_recipe, recipe_from_dict
+        from .recipe import dump_recipe, recipe_from_dict, with_absolute_paths
 
-        if args.recipe:
-            print(dump_recipe(recipe_from_dict(read_manifest(args.out)[1]["recipe"], str(args.out))), end="")
+        if args.recipe:  # paths made absolute: the file runs from any folder
+            meta = read_manifest(args.out)[1]
+            recipe = recipe_from_dict(meta["recipe"], str(args.out))
+            print(dump_recipe(with_absolute_paths(recipe, meta.get("cwd") or os.getcwd())), end="")
             return EXIT_OK
         print(report(args.out))
         if args.plot:

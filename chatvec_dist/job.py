@@ -25,6 +25,7 @@ from .output import (JOURNAL_NAME, Journal, check_destination, commit, discard_i
                      tidy_committed)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
+from .recipe import with_absolute_paths
 from .spec import Recipe, RunOptions, Target
 
 
@@ -171,7 +172,7 @@ def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tall
     recipe, target = planned.recipe, tp.target
     kind = "extract" if target.cp is None else recipe.kind
     meta = {"version": __version__, "kind": kind, "target": target.name, "recipe": dataclasses.asdict(recipe),
-            "sources": _sources_meta(tp.sources), "job": digest}
+            "sources": _sources_meta(tp.sources), "job": digest, "cwd": os.getcwd()}
     manifest = tally.table(target.name, meta)
     side = tp.sources.cp or tp.sources.terms[0][1]
     chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
@@ -292,11 +293,12 @@ def _digest(planned: Planned, output: int) -> str:
     """Identifies one output's job: this version, the recipe, all layouts and units, and every input file's size
     and mtime."""
     tp = planned.targets[output]
-    h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(planned.recipe),
+    recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
+    h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(recipe),
                              [t.layout for t in planned.targets], planned.units, planned.block_bytes)).encode())
     for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs}):
         st = os.stat(path)
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(tp.target.out.encode())
+    h.update(os.path.abspath(tp.target.out).encode())
     return h.hexdigest()
 

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,20 +157,25 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
     block = int(meta["hash"]["block_bytes"])
     buf = memoryview(bytearray(block))
     files = FileHandles()
-    headers: dict[str, dict] = {}
+    headers: dict[str, dict | None] = {}  # None: the shard could not be read (reported once)
     problems += _index_problems(out_dir, table)
+    rows = table.to_pylist()
+    tensors_in = Counter(row["shard"] for row in rows)
     try:
-        for row in table.to_pylist():
+        for row in rows:
             path = str(out_dir / str(row["shard"]))
             if row["shard"] not in headers and (unsafe := _unsafe_shard(out_dir, row["shard"])):
-                headers[row["shard"]] = {}
+                headers[row["shard"]] = None
                 problems.append(f"{path}: {unsafe}")
             if row["shard"] not in headers:
                 try:
                     headers[row["shard"]] = read_header(path)[0]
                 except Exception as e:
-                    headers[row["shard"]] = {}
-                    problems.append(f"{path}: unreadable shard ({e})")
+                    headers[row["shard"]] = None
+                    problems.append(f"{path}: unreadable shard ({e}); none of its {tensors_in[row['shard']]} "
+                                    "tensors can be checked")
+            if headers[row["shard"]] is None:
+                continue  # reported once for the shard, not again for each of its tensors
             info = headers[row["shard"]].get(row["tensor"])
             if info is None:
                 problems.append(f"{path}: tensor '{row['tensor']}' is missing")

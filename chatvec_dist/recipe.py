@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,20 @@ def load_recipe(path: str | Path) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"not valid YAML: {' '.join(str(e).split())}", file=str(path)) from None
     return _Reader(str(path)).recipe(root)
+
+
+def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
+    """`recipe` with the relative paths it was given in `cwd` made absolute, so that it means the same from any
+    folder: every output, and each source that is a folder there (anything else stays: a Hub id)."""
+    def source(spec: str | None) -> str | None:
+        if spec is None or os.path.isabs(spec) or not os.path.isdir(os.path.join(cwd, spec)):
+            return spec
+        return os.path.normpath(os.path.join(cwd, spec))
+
+    vectors = tuple(Vector(source(v.chat), source(v.base)) for v in recipe.vectors)
+    targets = tuple(dataclasses.replace(t, cp=source(t.cp), out=os.path.normpath(os.path.join(cwd, t.out)))
+                    for t in recipe.targets)
+    return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
 
 def recipe_from_dict(data: dict, origin: str = "<recipe>") -> Recipe:

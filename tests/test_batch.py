@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ def test_print_recipe_then_run_gives_the_same_output(llamas, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out), "--recipe"]) == 0
     assert load_recipe_text(tmp_path, capsys.readouterr().out) == recipe
+
+
+def test_a_stored_recipe_runs_again_from_any_folder(llamas, tmp_path, monkeypatch, capsys):
+    """Relative paths typed in one folder: `inspect --recipe` gives them absolute, and run from elsewhere it is the
+    same job (already committed: nothing to do; --restart: the same bytes again)."""
+    work = tmp_path / "work"
+    shutil.copytree(llamas["cp"], work / "models" / "cp")
+    monkeypatch.chdir(work)
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", "models/cp",
+                 "--out", "out", "--backend", "local", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "out", "--recipe"]) == 0
+    recipe = load_recipe_text(tmp_path, capsys.readouterr().out)
+    assert recipe.targets[0].cp == str(work / "models" / "cp") and recipe.targets[0].out == str(work / "out")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(tmp_path / "again.yaml"), "--backend", "local", "--no-progress"]) == 0
+    assert "already committed by an earlier run of this job" in capsys.readouterr().err
+    before = shard_bytes(work / "out")
+    assert main(["run", str(tmp_path / "again.yaml"), "--backend", "local", "--no-progress", "--restart"]) == 0
+    assert shard_bytes(work / "out") == before and verify(work / "out") == []
 
 
 def load_recipe_text(tmp_path: Path, text: str):
@@ -225,6 +246,12 @@ def test_python_api(llamas, tmp_path):
     expected = expected_weights(llamas, "cp", alpha=0.5)
     got = load_all(outs[0])
     assert all(torch.equal(got[n], t) for n, t in expected.items())
+    recipe = chatvec_dist.make_recipe("b", "c", "cp", "o", chat_template_from_chat=True)
+    assert recipe.chat_template_from_chat
+    with pytest.raises(chatvec_dist.ChatvecError, match="alpha 'abc': give a number"):
+        chatvec_dist.make_recipe("b", "c", "cp", "o", alpha="abc")
+    with pytest.raises(chatvec_dist.ChatvecError, match="backend 'Ray': choose ray or local"):
+        chatvec_dist.RunOptions(backend="Ray")
 
 
 def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, monkeypatch):

@@ -61,8 +61,9 @@ def read_json_object(path: Path, error: type[ChatvecError] = SourceError, limit:
 
 
 def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None = None, source: dict | None = None) -> Checkpoint:
-    """Open a local checkpoint directory. `root` bounds where its files may resolve (default: the directory)."""
-    directory = Path(directory)
+    """Open a local checkpoint directory. `root` bounds where its files may resolve (default: the directory).
+    Paths are kept absolute: a plan (and its job digest) means the same whichever folder it was made in."""
+    directory = Path(os.path.abspath(directory))
     if not _is_dir(directory):
         raise SourceError("not a directory (and not a Hub repo id in the local cache)", file=str(directory))
     bound = _resolve(Path(root or directory), str(directory))

@@ -93,9 +93,9 @@ def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
     except LocalEntryNotFoundError as e:
         if local_files_only:
             return None
-        error = f"cannot reach the Hub (offline?): {e}"
+        error = f"cannot reach the Hub (offline?): {' '.join(str(e).split())}"
     except Exception as e:  # huggingface_hub raises several types for a bad cache entry or a failed download
-        error = f"{type(e).__name__}: {e}"
+        error = f"{type(e).__name__}: {' '.join(str(e).split())}"
     if local_files_only:
         raise SourceError(f"cannot resolve from the local Hugging Face cache: {error}", file=repo_id)
     cached = ("no such local directory, not in the local Hugging Face cache" if unusable is None
