@@ -135,6 +135,14 @@ def test_a_worker_dead_before_its_final_fsync_has_its_units_checked(llamas, merg
     assert shard_bytes(out) == shard_bytes(merged) and verify(out) == []
 
 
+def test_more_workers_than_the_cluster_holds_is_said_and_still_finishes(llamas, merged, ray_local, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--workers", "3")) == 0  # 2 CPUs here
+    err = capsys.readouterr().err
+    assert "3 workers asked, but the Ray cluster has room for 2 now (2 CPU(s) at 1 per worker)" in err
+    assert shard_bytes(out) == shard_bytes(merged)
+
+
 def _wait_until_dead(ray, actor, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

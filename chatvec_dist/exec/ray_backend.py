@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -127,6 +128,10 @@ class RayBackend:
             raise ChatvecError("--device cuda, but the Ray cluster has no GPUs")
         slots = gpus if use_gpus else int(resources.get("CPU", 1) // cpus_per_worker)
         self.workers = max(1, workers or slots)
+        if self.workers > slots:  # an autoscaling cluster may grow; any other waits on the ones that fit
+            room = f"{gpus} GPU(s)" if use_gpus else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
+            print(f"chatvec: warning: {self.workers} workers asked, but the Ray cluster has room for {slots} now "
+                  f"({room}); the others start only if it grows", file=sys.stderr)
         self.device = device
         threads = PIPELINE["cuda" if use_gpus else "cpu"]
         self.per_actor = threads + QUEUED
