@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C: journal kept, resumable
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled: not at exit, where Python reports it
+        return code
     except ChatvecError as e:
         print(f"chatvec: error: {e}", file=sys.stderr)
         return EXIT_USAGE

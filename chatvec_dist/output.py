@@ -89,7 +89,12 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
                 raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
     if out.exists() and not overwrite:
         raise OutputError("output exists (pass --overwrite to replace it)", file=str(out))
-    if out.exists() and not _replaceable(out):
+    if out.exists():
+        _check_replaceable(out)
+
+
+def _check_replaceable(out: Path) -> None:
+    if not _replaceable(out):
         raise OutputError(f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
                           "replaces only those (or an empty directory); move it away yourself", file=str(out))
 
@@ -240,6 +245,7 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
     if out.exists():
         if not overwrite:
             raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
+        _check_replaceable(out)  # again: whatever is there now is what gets deleted
         old = replaced_path(out)
         _remove(old)  # what an interrupted overwrite left (under this run's lock)
         out.rename(old)

@@ -194,8 +194,10 @@ def test_plan_into_a_closed_pipe_is_a_quiet_exit(llamas):
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for most users
     proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", "plan", "--base", str(llamas["base"]), "--chat",
-                             str(llamas["chat"]), "--cp", str(llamas["cp"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(llamas["chat"]), "--cp", str(llamas["cp"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
     proc.stdout.close()  # before the child has imported anything: its first print meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""

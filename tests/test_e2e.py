@@ -340,6 +340,27 @@ def test_existing_output_is_refused_unless_overwrite(llamas, tmp_path, capsys):
     assert verify(out) == [] and read_manifest(out)[1]["recipe"]["targets"][0]["alphas"] == [1.0]
 
 
+def test_overwrite_checks_again_at_the_commit_what_it_deletes(llamas, tmp_path, monkeypatch, capsys):
+    """An output replaced by someone's own files while the merge ran is not deleted by --overwrite's commit."""
+    from chatvec_dist.exec import worker
+
+    out = tmp_path / "o"
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--alpha", "0.5")) == 0
+    real_run = worker.UnitRunner.run
+
+    def meanwhile(self, unit):
+        if out.joinpath("manifest.parquet").exists():
+            shutil.rmtree(out)
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        return real_run(self, unit)
+
+    monkeypatch.setattr(worker.UnitRunner, "run", meanwhile)
+    assert main(merge_args(llamas, out, "cp", "--backend", "local", "--workers", "1", "--overwrite")) == 2
+    assert "not a chatvec output" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (tmp_path / "o.partial").is_dir()  # kept: resumable
+
+
 def test_interrupted_run_resumes_and_keeps_verified_units(llamas, merged, tmp_path, monkeypatch):
     from chatvec_dist.exec import worker
 

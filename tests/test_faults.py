@@ -224,32 +224,44 @@ def test_sigterm_on_the_ray_backend_stops_like_ctrl_c(big, tmp_path):
 
 
 def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
-    """Ctrl-C or SIGTERM halfway through ray.init orphaned Ray's processes: both now wait until ray.init returns
-    (so that Ray's own exit handler can stop what it started), then stop the run as Ctrl-C does."""
+    """Ctrl-C halfway through ray.init orphaned Ray's processes: a first Ctrl-C (or the CLI's SIGTERM) now waits
+    until ray.init returns or fails, then stops the run as Ctrl-C does; a second one stops at once; a signal the
+    process ignores stays ignored; every handler is put back."""
     import ray
 
+    from chatvec_dist.cli import _interrupt
     from chatvec_dist.exec.ray_backend import init_ray
 
     steps = []
 
-    def slow_init(**kwargs):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            os.kill(os.getpid(), signum)
-            time.sleep(0.05)  # the handler runs in between; it must not raise here
-        steps.append("ray.init finished")
+    def init_sending(*signals, fail=False):
+        def init(**kwargs):
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # the handler runs in between
+            steps.append("ray.init returned")
+            if fail:
+                raise ConnectionError("no cluster")
+        return init
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", slow_init)
-    from chatvec_dist.cli import _interrupt
-
     pytest_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # as the CLI has it (and never kill pytest)
     try:
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        with pytest.raises(KeyboardInterrupt):
-            init_ray("local")
-        assert steps == ["ray.init finished"]
-        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+        for signals, fail, finished in [((signal.SIGINT,), False, True), ((signal.SIGTERM,), True, True),
+                                        ((signal.SIGINT, signal.SIGTERM), False, False)]:
+            steps.clear()
+            monkeypatch.setattr(ray, "init", init_sending(*signals, fail=fail))
+            with pytest.raises(KeyboardInterrupt):
+                init_ray("local")
+            assert steps == (["ray.init returned"] if finished else []), signals
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a script
+        monkeypatch.setattr(ray, "init", init_sending(signal.SIGINT))
+        init_ray("local")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
+        signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, pytest_sigterm)
 
 

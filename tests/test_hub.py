@@ -205,13 +205,13 @@ def test_a_cached_snapshot_lacking_its_remote_code_is_topped_up(hub, tmp_path, m
     def hub_online(repo_id, *, local_files_only=False, **kwargs):
         if local_files_only:
             return real(repo_id, local_files_only=True, **kwargs)
-        fetched.append(repo_id)
+        fetched.append((repo_id, kwargs.get("revision")))
         for name, text in code.items():
             (snapshot / name).write_text(text)
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
     ckpt = open_source("org/custom")
-    assert fetched == ["org/custom"] and set(code) <= set(ckpt.source["files"])
-    assert open_source("org/custom") and fetched == ["org/custom"]  # complete now: no second fetch
+    assert fetched == [("org/custom", "c" * 40)] and set(code) <= set(ckpt.source["files"])  # the cached commit's
+    assert open_source("org/custom") and len(fetched) == 1  # complete now: no second fetch
     assert capsys.readouterr().err == ""

@@ -66,20 +66,31 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """SIGINT/SIGTERM wait until the block ends, then stop the run as Ctrl-C does (main thread only). Also puts
-    back the CLI's SIGTERM handler, which ray.init replaces with its own (exit 15, no message)."""
+    """A first Ctrl-C (or the CLI's SIGTERM) waits until the block ends — ray.init stopped halfway leaves Ray's
+    processes orphaned — then stops the run as Ctrl-C does, even if the block failed; a second one stops at once.
+    Only Python handlers are deferred (an ignored or default signal stays so); all are put back after, the CLI's
+    SIGTERM included, which ray.init replaces with its own (exit 15, no message). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    kept = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def defer(signum: int, frame: object) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in kept.items():
+        if callable(handler):
+            signal.signal(s, defer)
     try:
         yield
     finally:
         for s, handler in kept.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-    if pending:
-        raise KeyboardInterrupt
+        if pending:
+            raise KeyboardInterrupt
 
 
 class _Worker:

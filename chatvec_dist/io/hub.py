@@ -43,8 +43,9 @@ def open_source(spec: str) -> Checkpoint:
 def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
     """A cached snapshot lacking the code its auto_map names (cached by a tool that skipped *.py): fetch it, or
     go on without it, saying so (the weights are complete; the output will lack the code too)."""
-    try:
-        ckpt = _open_snapshot(_snapshot(repo_id, revision or None, local_files_only=False), repo_id, revision)
+    try:  # the cached commit's missing files, not whatever the branch points to now
+        commit = str(cached.source["commit"])
+        ckpt = _open_snapshot(_snapshot(repo_id, commit, local_files_only=False), repo_id, revision)
         why = "the Hub has no such files (or is offline)"
     except ChatvecError as e:
         ckpt, why = cached, f"fetching failed: {e.what}"
