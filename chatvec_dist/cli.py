@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from .errors import ChatvecError
-from .spec import MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, parse_size
+from .spec import BACKENDS, DEVICES, MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, parse_size
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process stopped by SIGPIPE
@@ -46,10 +46,10 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
 def _run_args(p: argparse.ArgumentParser, recipe: bool = True) -> None:
     if recipe:
         p.add_argument("--print-recipe", action="store_true", help="print the equivalent recipe file and exit")
-    p.add_argument("--backend", choices=("ray", "local"), default="ray")
+    p.add_argument("--backend", choices=BACKENDS, default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: one worker per GPU where the cluster has GPUs, else CPU workers")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -94,20 +94,14 @@ def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 def _check_replaceable(out: Path) -> None:
-    if not _replaceable(out):
-        raise OutputError(f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
-                          "replaces only those (or an empty directory); move it away yourself", file=str(out))
-
-
-def _replaceable(out: Path) -> bool:
-    """An empty directory, or a chatvec output (its manifest says so): what --overwrite may delete."""
+    """Refuse to let --overwrite delete anything but an empty directory or a chatvec output (its manifest says so)."""
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return True
+        return
     try:
         read_manifest(out)
     except ChatvecError:
-        return False
-    return True
+        raise OutputError(f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
+                          "replaces only those (or an empty directory); move it away yourself", file=str(out)) from None
 
 
 class Journal:

@@ -10,7 +10,7 @@ import yaml
 
 from .dtypes import OUTPUT_DTYPES
 from .errors import ChatvecError
-from .planning.layout import check_sizes
+from .planning.layout import check_max_shard_size, check_unit_bytes
 from .spec import VOCAB_POLICIES, Recipe, Target, Vector, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
@@ -120,11 +120,11 @@ class _Reader:
         if not vectors or not targets:
             raise self.fail(root, "vectors" if not vectors else "targets", "needs at least one entry")
         options = {}
-        for name in ("max_shard_size", "unit_bytes"):
+        for name, check in (("max_shard_size", check_max_shard_size), ("unit_bytes", check_unit_bytes)):
             if name in items:
                 options[name] = self.size(items[name], name)
                 try:
-                    check_sizes(**{"max_shard_size": 1, "unit_bytes": 8, name: options[name]})
+                    check(options[name])
                 except ChatvecError as e:
                     raise self.fail(items[name], name, e.what) from None
         if "chat_template_from_chat" in items:

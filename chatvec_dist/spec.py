@@ -16,6 +16,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
+BACKENDS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         from .errors import ChatvecError
 
-        if self.backend not in ("ray", "local"):
-            raise ChatvecError(f"backend {self.backend!r}: choose ray or local")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ChatvecError(f"device {self.device!r}: choose auto, cpu or cuda")
+        if self.backend not in BACKENDS:
+            raise ChatvecError(f"backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
+        if self.device not in DEVICES:
+            raise ChatvecError(f"device {self.device!r}: choose {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
         if self.workers is not None and self.workers < 1:
             raise ChatvecError(f"workers {self.workers}: give at least 1 (or none: one per CPU or GPU)")
         if not self.cpus_per_worker > 0:

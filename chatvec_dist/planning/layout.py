@@ -57,7 +57,7 @@ class Unit:
 
 def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
     """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
-    check_sizes(max_shard_size, 8)
+    check_max_shard_size(max_shard_size)
     groups: list[list[PlannedTensor]] = [[]]
     filled = 0
     for t in tensors:
@@ -88,10 +88,12 @@ def block_bytes(unit_bytes: int) -> int:
     return min(unit_bytes, HASH_BLOCK_BYTES)
 
 
-def check_sizes(max_shard_size: int, unit_bytes: int) -> None:
-    """Refuse sizes no layout can use (PlanError)."""
+def check_max_shard_size(max_shard_size: int) -> None:
     if max_shard_size <= 0:
         raise PlanError(f"max shard size {max_shard_size} must be positive")
+
+
+def check_unit_bytes(unit_bytes: int) -> None:
     if unit_bytes < 8 or unit_bytes % 8 or unit_bytes % block_bytes(unit_bytes):
         raise PlanError(f"unit size {unit_bytes} bytes: must be a multiple of 8 bytes up to 1 MiB, "
                         f"and a whole number of MiB above (e.g. 256KiB, 64MiB)")
@@ -103,7 +105,7 @@ def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
     Small tensors are grouped; large ones are split at hash-block boundaries of every output, so a block's
     digest never depends on how the work was cut or who did it.
     """
-    check_sizes(1, unit_bytes)
+    check_unit_bytes(unit_bytes)
     units: list[Unit] = []
     pieces: list[Piece] = []
     filled = 0
