@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -21,8 +22,8 @@ from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest, read_manifest
-from .output import (JOURNAL_NAME, Journal, check_destination, commit, discard_if_unused, exclusive, open_partial,
-                     tidy_committed)
+from .output import (JOURNAL_NAME, Journal, check_destination, commit, discard_if_unused, exclusive, lock_path,
+                     open_partial, partial_path, replaced_path, tidy_committed)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
 from .recipe import with_absolute_paths
@@ -97,20 +98,23 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     """Execute a recipe and commit every target's output directory; return their paths."""
     planned = plan(recipe)
     outs = [Path(os.path.abspath(p.target.out)) for p in planned.targets]  # `.` or `a/..` too: a named folder
-    first: dict[Path, int] = {}
-    for i, out in enumerate(outs):
-        if (j := first.setdefault(out.resolve(), i)) != i:
-            names = [planned.targets[k].target.name for k in (j, i)]
-            raise OutputError(f"targets '{names[0]}' and '{names[1]}' both write to this output directory", file=str(out))
+    _check_apart(outs, [p.target.name for p in planned.targets])
     digests = [_digest(planned, o) for o in range(len(outs))]
-    committed = [_committed(out, digest) for out, digest in zip(outs, digests)]
-    fresh = [o for o in range(len(outs)) if options.restart or not committed[o]]
-    replace = [options.overwrite or committed[o] for o in range(len(outs))]  # --restart redoes this job's own
+
+    def decide() -> tuple[list[int], list[bool]]:
+        """The outputs to (re)do and whether each may replace what is there (--restart redoes this job's own)."""
+        committed = [_committed(out, digest) for out, digest in zip(outs, digests)]
+        fresh = [o for o in range(len(outs)) if options.restart or not committed[o]]
+        replace = [options.overwrite or committed[o] for o in range(len(outs))]
+        for o in fresh:
+            check_destination(outs[o], _input_dirs(planned), replace[o])
+        return fresh, replace
+
+    decide()  # refuse early, before any lock file is made
     with contextlib.ExitStack() as locks:
-        for o, out in enumerate(outs):
-            if o in fresh:
-                check_destination(out, _input_dirs(planned), replace[o])
+        for out in outs:
             locks.enter_context(exclusive(out))
+        fresh, replace = decide()  # again, under the locks: another run may have committed there meanwhile
         if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
             done = [outs[o] for o in range(len(outs)) if o not in fresh]
             for out in done:
@@ -120,6 +124,20 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
         if fresh:
             _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], options)
     return outs
+
+
+def _check_apart(outs: list[Path], names: list[str]) -> None:
+    """No two targets may share an output, nest one in the other, or meet in each other's work area or lock."""
+    def claimed(out: Path) -> list[Path]:
+        out = out.resolve()
+        return [out, partial_path(out), replaced_path(out), lock_path(out)]
+
+    for i, j in itertools.combinations(range(len(outs)), 2):
+        if any(a == b or a.is_relative_to(b) or b.is_relative_to(a) for a in claimed(outs[i]) for b in claimed(outs[j])):
+            what = "both write to this output directory" if outs[i].resolve() == outs[j].resolve() else \
+                f"have overlapping outputs: {outs[i]} and {outs[j]} (one inside the other, or in the other's " \
+                "OUT.partial work area beside it)"
+            raise OutputError(f"targets '{names[i]}' and '{names[j]}' {what}", file=str(outs[j]))
 
 
 def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], options: RunOptions) -> None:

@@ -36,7 +36,7 @@ def exclusive(out: Path) -> Iterator[None]:
     """Hold `out`'s lock (a hidden file beside it) for a whole run: a second run on the same output is refused,
     rather than let one commit the other's half-written shards."""
     out = out.absolute()
-    lock = out.with_name(f".{out.name}.lock")
+    lock = lock_path(out)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = _take_lock(lock, out)
@@ -65,6 +65,10 @@ def _take_lock(lock: Path, out: Path) -> int:
                 continue  # the holder removed the file as we opened it: take the new one
             raise
         os.close(fd)  # the holder removed and a third run re-made it as we opened it: take the new one
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
 
 
 def replaced_path(out: Path) -> Path:

@@ -423,6 +423,45 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     assert (root / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_restart_decides_what_it_may_replace_under_the_lock(demo, tmp_path, monkeypatch, capsys):
+    """--restart replaces this job's own committed output; another job's output committed there while this run
+    waited for the lock is not this job's, so it is kept (the decision is made again under the lock)."""
+    from chatvec_dist import job
+
+    models, out, other = demo["models"], tmp_path / "out", tmp_path / "other"
+    argv = merge_argv(models, out)
+    assert main(argv) == 0 and main(merge_argv(models, other, "--alpha", "0.5")) == 0
+    real = job.exclusive
+
+    def another_run_commits_first(path):
+        if path == out:  # the other job's run held the lock and committed just before this one got it
+            shutil.rmtree(out)
+            shutil.copytree(other, out)
+        return real(path)
+
+    monkeypatch.setattr(job, "exclusive", another_run_commits_first)
+    capsys.readouterr()
+    assert main(argv + ["--restart"]) == 2
+    assert "output exists (pass --overwrite" in capsys.readouterr().err
+    assert shard_hashes(out) == shard_hashes(other) and verify(out) == []
+
+
+@pytest.mark.parametrize("second", ["a.partial", "a/inner", ".a.lock"])
+def test_targets_in_each_others_way_are_refused_before_anything_is_written(demo, tmp_path, second, capsys):
+    """One target's output inside another's, or where its work area or lock goes, is refused up front."""
+    models = demo["models"]
+    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", f"a={models['cp']}",
+            "--cp", f"b={models['cp']}", "--out", str(tmp_path), *RUN]
+    recipe = tmp_path / "r.yaml"
+    assert main(argv + ["--print-recipe"]) == 0
+    text = capsys.readouterr().out.replace(str(tmp_path / "b"), str(tmp_path / second))
+    recipe.write_text(text)
+    assert main(["run", str(recipe), *RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"targets 'a' and 'b' have overlapping outputs: {tmp_path / 'a'} and {tmp_path / second}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
 def test_out_dot_is_the_current_folder(demo, tmp_path, monkeypatch):
     """`--out .` (or `a/..`) names a folder like any other: an empty one may be replaced with --overwrite."""
     empty = tmp_path / "empty"
