@@ -226,7 +226,8 @@ def test_sigterm_on_the_ray_backend_stops_like_ctrl_c(big, tmp_path):
 def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
     """Ctrl-C halfway through ray.init orphaned Ray's processes: a first Ctrl-C (or the CLI's SIGTERM) now waits
     until ray.init returns or fails, then stops the run as Ctrl-C does; a second one stops at once; a signal the
-    process ignores stays ignored; every handler is put back."""
+    process ignores stays ignored; every handler is put back. ray.init first installs a SIGTERM handler of its own
+    (exit 15, mid-init): it is kept from doing so."""
     import ray
 
     from chatvec_dist.cli import _interrupt
@@ -236,6 +237,7 @@ def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
 
     def init_sending(*signals, fail=False):
         def init(**kwargs):
+            ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # as ray.init does first
             for signum in signals:
                 os.kill(os.getpid(), signum)
                 time.sleep(0.05)  # the handler runs in between

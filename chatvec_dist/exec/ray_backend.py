@@ -68,11 +68,14 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 def _signals_deferred():
     """A first Ctrl-C (or the CLI's SIGTERM) waits until the block ends — ray.init stopped halfway leaves Ray's
     processes orphaned — then stops the run as Ctrl-C does, even if the block failed; a second one stops at once.
-    Only Python handlers are deferred (an ignored or default signal stays so); all are put back after, the CLI's
-    SIGTERM included, which ray.init replaces with its own (exit 15, no message). Main thread only."""
+    Only Python handlers are deferred (an ignored or default signal stays so); all are put back after. ray.init
+    would replace a deferred SIGTERM's handler with its own at its start (exit 15 mid-init): it is kept from doing
+    so. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import ray._private.utils as ray_utils
+
     pending: list[int] = []
 
     def defer(signum: int, frame: object) -> None:
@@ -84,9 +87,13 @@ def _signals_deferred():
     for s, handler in kept.items():
         if callable(handler):
             signal.signal(s, defer)
+    ray_sets_sigterm = ray_utils.set_sigterm_handler
+    if callable(kept[signal.SIGTERM]):
+        ray_utils.set_sigterm_handler = lambda handler: None
     try:
         yield
     finally:
+        ray_utils.set_sigterm_handler = ray_sets_sigterm
         for s, handler in kept.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         if pending:
