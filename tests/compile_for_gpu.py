@@ -2,7 +2,9 @@
 
 Run by tests/test_triton.py in a subprocess without TRITON_INTERPRET (the interpreter hides how a real GPU
 compiles: argument types, FMA contraction, denormal flushing). The launches, their arguments' types and their
-constexprs come from the launcher itself (`triton_merge.launches`) on small CPU tensors.
+constexprs come from the launcher itself (`triton_merge.launches`) on small CPU tensors, specialized as Triton's
+launcher would specialize them (16-byte aligned pointers and sizes divisible by 16, or not: each call is also
+compiled on views one element off).
 """
 from __future__ import annotations
 
@@ -12,43 +14,57 @@ import re
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import mangle_type
+from triton.runtime.jit import native_specialize_impl
 
 from chatvec_dist.kernels import triton_merge
 
-BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+BF16, F16, F32, F64, F8 = torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn
 # (output dtype, CP dtype or None, vector dtype, vectors, alpha, compute dtype)
 CALLS = [
     (BF16, BF16, BF16, 1, 1.0, F32),  # the common merge
     (BF16, BF16, BF16, 1, 0.3, F32),
-    (F32, BF16, BF16, 1, 0.3, torch.float64),  # a float32 output: float64 arithmetic, alpha in full
+    (F32, BF16, BF16, 1, 0.3, F64),  # a float32 output: float64 arithmetic, alpha in full
     (BF16, None, BF16, 1, 1.0, F32),  # extraction
     (F16, BF16, BF16, 0, 1.0, F32),  # a copy into another dtype
     (BF16, F16, F16, 6, 0.7, F32),  # more vectors than one launch takes
+    (F64, F64, BF16, 1, 0.3, F64),  # a float64 checkpoint
+    (BF16, F8, F8, 0, 1.0, F32),  # an excluded float8 tensor under --dtype
+    (F32, F8, F8, 0, 1.0, F64),
 ]
+ALPHAS = {"a0", "a1", "a2", "a3"}  # the kernel's do_not_specialize
 
 
-def ptx_facts(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute) -> list[dict]:
-    n = 4096
-    out = torch.empty(n, dtype=out_dtype)
-    cp = torch.zeros(n, dtype=cp_dtype) if cp_dtype is not None else None
-    terms = [(alpha, torch.zeros(n, dtype=vec_dtype), torch.zeros(n, dtype=vec_dtype) if i % 2 == 0 else None)
-             for i in range(vectors)]
-    acc, partials = torch.empty(n, dtype=compute), torch.empty(n, dtype=torch.float64)
+def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, off: int):
+    """The call's tensors; `off` elements into their storage (off 1: pointers not 16-byte aligned, n odd)."""
+    def zeros(dtype):
+        return torch.zeros(4096 + off, dtype=dtype)[off:]
+
+    terms = [(alpha, zeros(vec_dtype), zeros(vec_dtype) if i % 2 == 0 else None) for i in range(vectors)]
+    return zeros(out_dtype), zeros(cp_dtype) if cp_dtype is not None else None, terms, compute
+
+
+def ptx_facts(out, cp, terms, compute) -> list[dict]:
+    acc, partials = torch.empty(out.numel(), dtype=compute), torch.empty(out.numel(), dtype=torch.float64)
     names = list(inspect.signature(triton_merge._merge_kernel.fn).parameters)
     facts = []
     for args, constexprs in triton_merge.launches(out, cp, terms, compute, acc, partials):
-        signature = {name: mangle_type(arg) for name, arg in zip(names, args)} | {k: "constexpr" for k in constexprs}
-        source = ASTSource(triton_merge._merge_kernel, signature,
+        signature, attrs = {k: "constexpr" for k in constexprs}, {}
+        for i, (name, arg) in enumerate(zip(names, args)):
+            kind, spec = native_specialize_impl(BaseBackend, arg, False, name not in ALPHAS, True)
+            signature[name] = kind
+            if spec:
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+        source = ASTSource(triton_merge._merge_kernel, signature, attrs=attrs,
                            constexprs={(names.index(k),): v for k, v in constexprs.items()})
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_merge.launch_options())
         ptx = kernel.asm["ptx"]
         facts.append({"fma": len(re.findall(r"\bfma\.", ptx)), "ftz": ".ftz" in ptx,
-                      "f32_params": len(re.findall(r"\.param \.f32", ptx)), "cubin_bytes": len(kernel.asm["cubin"])})
+                      "f32_params": len(re.findall(r"\.param \.f32", ptx)), "cubin_bytes": len(kernel.asm["cubin"]),
+                      "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx))})
     return facts
 
 
 if __name__ == "__main__":
-    print(json.dumps([ptx_facts(*call) for call in CALLS]))
+    print(json.dumps([[ptx_facts(*tensors(*call, off)) for off in (0, 1)] for call in CALLS]))

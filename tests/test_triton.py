@@ -15,7 +15,8 @@ from chatvec_dist.kernels.reference import reference  # noqa: E402
 from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+         torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 N = 2500  # the interpreter is slow: small tensors, more than one block
 
 
@@ -25,7 +26,7 @@ def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Ten
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def both(out_dtype, cp, terms):
@@ -51,6 +52,33 @@ def test_every_dtype_combination_matches_reference_and_cpu(cp_dt, vec_dt, out_dt
     assert stats[0].item() == pytest.approx(cpu_stats.cp_sq, rel=1e-5)
     assert stats[1].item() == pytest.approx(cpu_stats.delta_sq, rel=1e-5)
     assert stats[2].item() == pytest.approx(cpu_stats.update_sq, rel=1e-4)
+
+
+@pytest.mark.parametrize("cp_dt,vec_dt", [(torch.float64, torch.float64), (torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.float64)])
+def test_float64_outputs_match_reference_and_cpu(cp_dt, vec_dt):
+    """A checkpoint stored in float64 merges on the GPU too: float64 arithmetic, values beyond float32's range
+    kept (and not counted as Inf), NaN written canonically."""
+    cp, base = rand(N, cp_dt, 1), rand(N, vec_dt, 2)
+    if cp_dt == torch.float64:
+        cp[:7] = torch.tensor([1e300, -1e300, float("inf"), float("nan"), 5e-324, -0.0, 1e-310], dtype=torch.float64)
+    chat = (base.double() + rand(N, torch.float64, 3, 0.01)).to(vec_dt)
+    terms = [(0.3, chat, base)]
+    gpu, stats, cpu, cpu_stats = both(torch.float64, cp, terms)
+    assert torch.equal(bits(gpu), bits(cpu))
+    finite = ~torch.isnan(cpu)
+    assert torch.equal(bits(gpu)[finite], bits(reference(cp, terms, torch.float64))[finite])
+    assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == ((1, 1) if cp_dt == torch.float64 else (0, 0))
+
+
+@pytest.mark.parametrize("cp_dt", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("out_dt", [*DTYPES, torch.float64])
+def test_float8_copied_into_another_dtype(cp_dt, out_dt):
+    """An excluded float8 tensor under --dtype: widened exactly (float8 → float32 → the output dtype)."""
+    cp = rand(N, torch.float32, 1, 100.0).to(cp_dt)
+    gpu, stats, cpu, cpu_stats = both(out_dt, cp, [])
+    assert torch.equal(bits(gpu), bits(cpu)) and torch.equal(bits(cpu), bits(cp.to(out_dt)))
+    assert stats[0].item() == pytest.approx(cpu_stats.cp_sq, rel=1e-6)
 
 
 def test_inexact_alpha_gives_the_cpu_kernels_bits():
@@ -162,9 +190,10 @@ def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tm
 
 
 def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
-    """The interpreter runs Python, not PTX: compile every launch shape for sm_90 (no GPU needed) and check what
-    bit identity on hardware depends on: no FMA contraction, no flushed denormals, no argument narrowed to
-    float32 (an alpha of 0.3 must reach a float64 merge in full)."""
+    """The interpreter runs Python, not PTX: compile every launch shape for sm_90 (no GPU needed), specialized as
+    Triton's launcher does, and check what bit identity on hardware depends on: no FMA contraction, no flushed
+    denormals, no argument narrowed to float32 (an alpha of 0.3 must reach a float64 merge in full); and that
+    aligned data gets 16-byte loads."""
     import json
     import os
     import subprocess
@@ -179,11 +208,13 @@ def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
     done = subprocess.run([sys.executable, str(here / "compile_for_gpu.py")], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    calls = json.loads(done.stdout)
-    assert [len(c) for c in calls] == [1, 1, 1, 1, 1, 2]  # six vectors: two launches
-    for facts in (f for c in calls for f in c):
-        assert facts["cubin_bytes"] > 0
-        assert (facts["fma"], facts["ftz"], facts["f32_params"]) == (0, False, 0), facts
+    calls = json.loads(done.stdout)  # per call: the launches on aligned tensors, then on views one element off
+    assert [[len(launches) for launches in c] for c in calls] == [[1, 1]] * 5 + [[2, 2]] + [[1, 1]] * 3
+    for aligned, unaligned in calls:
+        for facts in aligned + unaligned:
+            assert facts["cubin_bytes"] > 0
+            assert (facts["fma"], facts["ftz"], facts["f32_params"]) == (0, False, 0), facts
+        assert all(facts["v4_loads"] > 0 for facts in aligned), aligned  # 16-byte loads where the data allows
 
 
 def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):

@@ -30,32 +30,40 @@ _LAUNCH = threading.Lock()
 
 @triton.jit
 def _round_out(x, OUT_KIND: tl.constexpr):
-    """float32 → output dtype, NaN written as the canonical quiet NaN (as the CPU kernel does).
-    OUT_KIND: 0 float32, 1 bfloat16 (rounded by hand to nearest even), 2 float16."""
-    if OUT_KIND == 1:
-        bits = x.to(tl.uint32, bitcast=True)
+    """Compute dtype → output dtype, NaN written as the canonical quiet NaN (as the CPU kernel does). OUT_KIND:
+    0 float32, 1 bfloat16 (rounded by hand to nearest even), 2 float16 (each through float32, as torch does),
+    3 float64."""
+    if OUT_KIND == 3:
+        bits64 = x.to(tl.float64).to(tl.int64, bitcast=True)
+        nan64 = (bits64 & 0x7FFFFFFFFFFFFFFF) > 0x7FF0000000000000
+        return tl.where(nan64, 0x7FF8000000000000, bits64).to(tl.int64).to(tl.float64, bitcast=True)
+    elif OUT_KIND == 1:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nan = (bits & 0x7FFFFFFF) > 0x7F800000
         return tl.where(nan, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif OUT_KIND == 2:
-        half = x.to(tl.float16).to(tl.uint16, bitcast=True)
+        half = x.to(tl.float32).to(tl.float16).to(tl.uint16, bitcast=True)
         return tl.where((half & 0x7FFF) > 0x7C00, 0x7E00, half).to(tl.uint16).to(tl.float16, bitcast=True)
     else:
-        bits = x.to(tl.uint32, bitcast=True)
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits).to(tl.uint32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _widen(x, COMPUTE: tl.constexpr):
-    """To the compute dtype; bfloat16 widened by hand (exact, as on a GPU: the interpreter gets subnormals wrong)."""
+    """To the compute dtype; bfloat16 widened by hand (exact, as on a GPU: the interpreter gets subnormals wrong),
+    float8 through float32 (exact; no direct float8 → float64 conversion on a GPU)."""
     if x.dtype == tl.bfloat16:
         x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif x.dtype.is_fp8():
+        x = x.to(tl.float32)
     return x.to(COMPUTE)
 
 
 @triton.jit
 def _load(ptr, offs, mask, COMPUTE: tl.constexpr):
-    return _widen(tl.load(ptr + offs, mask=mask, other=0), COMPUTE)
+    return _widen(tl.load(ptr + offs, mask=mask, other=0.0), COMPUTE)
 
 
 @triton.jit
@@ -105,18 +113,17 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
             else:  # a copy: 0 + c would turn -0.0 into +0.0
                 acc = c
         tl.store(row + 0, cp_sq)
-        o = _round_out(acc.to(tl.float32), OUT_KIND)
+        o = _round_out(acc, OUT_KIND)
         tl.store(out_ptr + offs, o, mask=mask)
-        r = _widen(o, COMPUTE)
+        r = _widen(o, COMPUTE)  # exact: the compute dtype holds every output value
+        tl.store(row + 3, tl.sum((r != r).to(tl.float64), axis=0))
+        tl.store(row + 4, tl.sum(((r == float("inf")) | (r == float("-inf"))).to(tl.float64), axis=0))
         if HAS_CP:
             r = r - c
         tl.store(row + 2, tl.sum(r * r, axis=0).to(tl.float64))
-        of = _widen(o, tl.float32)
-        tl.store(row + 3, tl.sum((of != of).to(tl.float64), axis=0))
-        tl.store(row + 4, tl.sum(((of == float("inf")) | (of == float("-inf"))).to(tl.float64), axis=0))
 
 
-_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
 def _bits(alpha: float) -> int:
@@ -171,10 +178,6 @@ def launch_options() -> dict:
 def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype, stats: torch.Tensor,
                    scratch: TritonScratch | None = None) -> None:
     """The CPU kernel's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats` (float64)."""
-    if out.dtype not in _OUT_KIND:
-        from ..errors import ChatvecError
-
-        raise ChatvecError(f"the GPU kernel writes float32, bfloat16 or float16, not {out.dtype} (use --dtype or --device cpu)")
     n = out.numel()
     if n == 0:
         return
