@@ -143,6 +143,35 @@ def test_more_workers_than_the_cluster_holds_is_said_and_still_finishes(llamas, 
     assert shard_bytes(out) == shard_bytes(merged)
 
 
+def test_auto_computes_on_the_cpu_where_the_gpu_kernel_cannot_run(llamas, merged, tmp_path, monkeypatch, capsys):
+    """torch reports a GPU the kernel cannot use (here: a CPU build of torch told it has one): `--device auto`
+    says so once and computes on the CPU (same bytes); `--device cuda` fails, naming why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "auto"
+    assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--backend", "local")) == 0
+    err = capsys.readouterr().err
+    assert err.count("chatvec: warning: computing on the CPU: the GPU kernel cannot run on cuda:0 (") == 1, err
+    assert "on local × 2," in err and shard_bytes(out) == shard_bytes(merged)
+    assert main(merge_args(llamas, tmp_path / "cuda", "cp", "--backend", "local", "--device", "cuda")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("chatvec: error: --device cuda, but the GPU kernel cannot run on cuda:0 ("), err
+    assert not (tmp_path / "cuda").exists() and not (tmp_path / "cuda.partial").exists()
+
+
+def test_ray_workers_without_a_gpu_are_told_to_use_the_cpu(ray_local):
+    """On a node with GPUs, an actor Ray gave none still sees them (Ray leaves CUDA_VISIBLE_DEVICES alone for
+    num_gpus=0): with no GPU in the cluster's resources, `auto` sends the workers `cpu`, not `auto`."""
+    from chatvec_dist.exec.ray_backend import RayBackend
+
+    backend = RayBackend(None, 1, None, 1.0, "auto")
+    try:
+        assert backend.device == "cpu" and not backend.use_gpus
+    finally:
+        for actor in backend.actors + list(backend._starting.values()):
+            ray_local.kill(actor, no_restart=True)
+
+
 def _wait_until_dead(ray, actor, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -169,7 +169,7 @@ def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tm
 
     options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
     chatvec_dist.run(recipe(str(tmp_path / "cpu")), options)
-    monkeypatch.setattr(worker, "make_compute", lambda device: Recorded(torch.device("cpu")))
+    monkeypatch.setattr(worker, "make_compute", lambda device, strict: Recorded(torch.device("cpu")))
     chatvec_dist.run(recipe(str(tmp_path / "triton")), options)  # two threads: launches take turns (_LAUNCH)
 
     for name in ("zh", "ko"):

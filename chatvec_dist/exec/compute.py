@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ChatvecError
+
 from ..kernels.cpu import Scratch, combine
 from ..kernels.stats import Stats
 from ..planning.planner import Src
@@ -15,8 +17,6 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from ..errors import ChatvecError
-
         raise ChatvecError("--device cuda, but this worker has no CUDA device (torch.cuda.is_available() is False)")
     return torch.device(requested) if requested.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
 
@@ -26,9 +26,11 @@ class CpuCompute:
 
     pinned = False
     strip_bytes = 1 << 20  # of output per step: the inputs, the output and its hash stay in cache
+    device = torch.device("cpu")
 
-    def __init__(self) -> None:
+    def __init__(self, fallback: str | None = None) -> None:
         self.scratch = Scratch()
+        self.fallback = fallback  # why a GPU that `auto` offered is not used
 
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         return inputs
@@ -42,6 +44,7 @@ class TritonCompute:
     own stream. (On the CPU only under TRITON_INTERPRET=1: how the tests run this path without a GPU.)"""
 
     strip_bytes = 1 << 62  # whole pieces: large copies keep PCIe busy; each launch has a fixed cost
+    fallback = None
 
     def __init__(self, device: torch.device) -> None:
         from ..kernels.triton_merge import TritonScratch, combine_triton
@@ -55,6 +58,10 @@ class TritonCompute:
         self._scratch = TritonScratch()  # the kernel's and this class's device buffers, reused
         with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
             self.stats = torch.empty(5, dtype=torch.float64, device=device)  # zeroed by each combine
+            probe = torch.zeros(1, dtype=torch.bfloat16, device=device)
+            combine_triton(probe, probe, [], torch.float32, self.stats, self._scratch)  # Triton works here: now
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
         return self._scratch.get(key, nbytes, torch.uint8, self.device)
@@ -83,5 +90,17 @@ class TritonCompute:
         return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
 
 
-def make_compute(device: torch.device) -> CpuCompute | TritonCompute:
-    return TritonCompute(device) if device.type == "cuda" else CpuCompute()
+def make_compute(device: torch.device, strict: bool) -> CpuCompute | TritonCompute:
+    """The GPU kernel on a CUDA device, else the CPU kernel. Where the GPU kernel cannot run (no Triton, no C
+    compiler for its launcher, an unsupported GPU): an error if `strict` (--device cuda), else the CPU kernel,
+    with the reason in its `fallback` (--device auto)."""
+    if device.type != "cuda":
+        return CpuCompute()
+    try:
+        return TritonCompute(device)
+    except Exception as e:  # ImportError, Triton's compile or launcher build, CUDA errors
+        last = (str(e).strip().splitlines() or [""])[-1]  # a compiler's error ends with its point
+        reason = f"the GPU kernel cannot run on {device} ({type(e).__name__}: {last})"
+        if strict:
+            raise ChatvecError(f"--device cuda, but {reason}") from e
+        return CpuCompute(reason)

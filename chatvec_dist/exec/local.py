@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ class LocalBackend:
         gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
         self.workers = max(1, workers or (PIPELINE["cuda"] * gpus if gpus else os.cpu_count() or 1))
         self.devices = [f"cuda:{i % gpus}" for i in range(self.workers)] if gpus else [device] * self.workers
+        self.strict = device == "cuda"  # `auto` computes on the CPU where the GPU kernel cannot run (with a warning)
         self.sync_seconds = 0.0  # wall time of the slowest worker's final fsync in the last run
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
@@ -39,11 +41,14 @@ class LocalBackend:
             todo.put(unit)
         stop = threading.Event()
         syncs: list[float] = []
+        warned = threading.Lock()
 
         def work(device: str) -> None:
             runner = None
             try:
-                runner = UnitRunner(self.ctx, device=device)
+                runner = UnitRunner(self.ctx, device=device, strict=self.strict)
+                if runner.compute.fallback and warned.acquire(blocking=False):
+                    print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}", file=sys.stderr)
                 while not stop.is_set():
                     try:
                         unit = todo.get_nowait()

@@ -121,8 +121,10 @@ class _Worker:
                 self._runners.append(self._local.runner)
         return self._local.runner
 
-    def ready(self) -> str:
-        return str(self._runner().device)
+    def ready(self) -> tuple[str, str | None]:
+        """Where this worker computes, and why not on a GPU `auto` offered (None if it does, or none was offered)."""
+        runner = self._runner()
+        return str(runner.device), runner.compute.fallback
 
     def run(self, unit: Unit) -> UnitResult:
         return self._runner().run(unit)
@@ -150,7 +152,9 @@ class RayBackend:
             room = f"{gpus} GPU(s)" if use_gpus else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
             print(f"chatvec: warning: {self.workers} workers asked, but the Ray cluster has room for {slots} now "
                   f"({room}); the others start only if it grows", file=sys.stderr)
-        self.device = device
+        self.device = device if use_gpus else "cpu"  # a CPU actor on a GPU node sees the GPUs: never use them
+        self.use_gpus = use_gpus
+        self.warned = False
         threads = PIPELINE["cuda" if use_gpus else "cpu"]
         self.per_actor = threads + QUEUED
         self._actor_class = self.ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpus else 0,
@@ -192,7 +196,7 @@ class RayBackend:
                 if ref in self._starting:
                     actor = self._starting.pop(ref)
                     try:
-                        self._get(ref)
+                        self._check_device(*self._get(ref))
                         self.actors.append(actor)
                     except ray.exceptions.RayActorError:
                         self._replace(actor)
@@ -213,6 +217,13 @@ class RayBackend:
                 finished.setdefault(actor, []).append(unit)
                 on_result(result)
         return suspect + self._flush(finished)
+
+    def _check_device(self, device: str, fallback: str | None) -> None:
+        """Say (once) that a worker given a GPU computes on the CPU: that is slower, and usually not meant."""
+        if self.use_gpus and device == "cpu" and not self.warned:
+            self.warned = True
+            why = fallback or "torch sees no CUDA device there (a CPU build of torch?)"
+            print(f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}", file=sys.stderr)
 
     def _flush(self, finished: dict) -> list[Unit]:
         """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage); return the

@@ -28,11 +28,13 @@ def _written_as_read(t: PlannedTensor) -> bool:
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
-    def __init__(self, ctx: WorkContext, node: str | None = None, device: str = "auto") -> None:
+    def __init__(self, ctx: WorkContext, node: str | None = None, device: str = "auto", strict: bool | None = None) -> None:
+        """`device`: auto, cpu, cuda or cuda:N; `strict`: fail rather than compute on the CPU where the GPU kernel
+        cannot run (default: unless `auto`)."""
         self.ctx = ctx
         self.files = FileHandles()
-        self.device = pick_device(device)
-        self.compute = make_compute(self.device)
+        self.compute = make_compute(pick_device(device), device != "auto" if strict is None else strict)
+        self.device = self.compute.device
         self._bufs: dict[object, torch.Tensor] = {}
         self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
