@@ -11,11 +11,15 @@
     python benchmarks/gpu.py [--e2e-gb 8] [--data /tmp/chatvec-gpu-bench] [--skip-e2e]
     python benchmarks/gpu.py --dry-run   # no GPU: tiny sizes, the kernel interpreted on the CPU, both merges on
                                          # the CPU; checks that the script runs end to end before a GPU is lent
+
+Runs from a checkout without `pip install` (a lent GPU machine may lack Ray and have no network: the Ray run is
+then skipped). Each section is printed as soon as it is measured, so a failure late loses nothing before it.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,12 +30,17 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's chatvec_dist, installed or not
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the merges'
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def timed(fn, device: str, repeat: int = 10) -> float:
-    """Median seconds of `fn` after a warm-up (CUDA events on a GPU; the wall clock in a dry run)."""
+def timed(fn, device: str, moved: int, repeat: int = 7) -> float:
+    """Median seconds per call of `fn` after a warm-up. On a GPU, each sample times back-to-back calls moving
+    about 2 GB between two CUDA events, as a merge's stream of launches runs (one call alone would mostly time
+    the launch); in a dry run, the wall clock of one call."""
     if device != "cuda":
         fn()
         times = []
@@ -40,16 +49,18 @@ def timed(fn, device: str, repeat: int = 10) -> float:
             fn()
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+    calls = max(1, min(1000, int(2e9 // moved)))
     fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return sorted(times)[len(times) // 2]
 
 
@@ -62,15 +73,24 @@ def kernel_gbps(n: int, device: str) -> tuple[float, float]:
     out = torch.empty(n, device=device, dtype=torch.bfloat16)
     stats, scratch = torch.zeros(5, device=device, dtype=torch.float64), TritonScratch()
     moved = 4 * n * 2  # three inputs read, one output written
-    t_kernel = timed(lambda: combine_triton(out, cp, [(1.0, chat, base)], torch.float32, stats, scratch), device)
+    t_kernel = timed(lambda: combine_triton(out, cp, [(1.0, chat, base)], torch.float32, stats, scratch), device, moved)
     src = torch.empty(moved // 2, device=device, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    t_copy = timed(lambda: dst.copy_(src), device)  # reads + writes the same byte count
+    t_copy = timed(lambda: dst.copy_(src), device, moved)  # reads + writes the same byte count
     return moved / t_kernel / 1e9, moved / t_copy / 1e9
 
 
 def kernel_rows(sizes: list[int], device: str) -> list[tuple]:
-    return [(n, *kernel_gbps(n, device)) for n in sizes]
+    print("| elements | kernel GB/s | D2D copy GB/s | kernel / copy |\n|---|---|---|---|", flush=True)
+    rows = []
+    for n in sizes:
+        rows.append((n, *kernel_gbps(n, device)))
+        print(KERNEL_ROW.format(*rows[-1], rows[-1][1] / rows[-1][2]), flush=True)
+    return rows
+
+
+KERNEL_ROW = "| {:,} | {:.1f} | {:.1f} | {:.0%} |"
+SWEEP_ROW = "| {}{} | {} | {:.1f} | {:.1f} | {:.0%} |"
 
 
 def launch_sweep(n: int, device: str) -> list[tuple]:
@@ -78,6 +98,8 @@ def launch_sweep(n: int, device: str) -> list[tuple]:
     from chatvec_dist.kernels import triton_merge
 
     default = triton_merge.BLOCK, triton_merge.NUM_WARPS
+    print(f"\n| BLOCK | num_warps | kernel GB/s at {n:,} elements | D2D copy GB/s | kernel / copy |\n|---|---|---|---|---|",
+          flush=True)
     rows = []
     try:
         for block in (1024, 2048, 4096):  # 8192 spills registers (ptxas, sm_90)
@@ -85,6 +107,7 @@ def launch_sweep(n: int, device: str) -> list[tuple]:
                 triton_merge.BLOCK, triton_merge.NUM_WARPS = block, warps
                 k, c = kernel_gbps(n, device)
                 rows.append((block, warps, k, c, (block, warps) == default))
+                print(SWEEP_ROW.format(block, " (default)" if rows[-1][4] else "", warps, k, c, k / c), flush=True)
     finally:
         triton_merge.BLOCK, triton_merge.NUM_WARPS = default
     return rows
@@ -99,12 +122,12 @@ def identity_check(n: int = 1 << 22, device: str = "cuda") -> bool:
 
     ok = True
     for scale in (1.0, 1e-38):
-        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             for alpha in (1.0, 0.5, 0.3):
                 g = torch.Generator().manual_seed(0)
                 cp, base = ((scale * torch.randn(n, generator=g)).bfloat16() for _ in range(2))
                 chat = (base.float() + 0.01 * scale * torch.randn(n, generator=g)).bfloat16()
-                compute = torch.float32 if out_dtype != torch.float32 else torch.float64
+                compute = torch.float32 if out_dtype.itemsize == 2 else torch.float64
                 gpu = torch.empty(n, dtype=out_dtype, device=device)
                 combine_triton(gpu, cp.to(device), [(alpha, chat.to(device), base.to(device))], compute,
                                torch.zeros(5, dtype=torch.float64, device=device))
@@ -147,7 +170,8 @@ def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> di
         d.mkdir(parents=True)
         weight_map = {}
         for layer in range(layers):
-            torch.manual_seed(layer)  # base weights; chat and cp add their own small updates
+            torch.manual_seed(layer)  # base weights; chat and cp add updates of their own (seeded apart)
+            own = torch.Generator(device).manual_seed(1_000_003 * k + layer)
             shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
                       "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
                       "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
@@ -155,7 +179,7 @@ def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> di
             for sub, shape in shapes.items():
                 w = torch.randn(shape, device=device) * 0.02
                 if k:
-                    w += 0.002 * torch.randn(shape, device=device)
+                    w += 0.002 * torch.randn(shape, device=device, generator=own)
                 tensors[f"model.layers.{layer}.{sub}.weight"] = w.bfloat16().cpu()
             fname = f"model-{layer + 1:05d}-of-{layers:05d}.safetensors"
             save_file(tensors, d / fname, metadata={"format": "pt"})
@@ -166,17 +190,25 @@ def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> di
     return paths
 
 
-def merge(paths: dict[str, Path], out: Path, device: str, backend: str = "local", workers: int | None = None) -> float:
+def merge(paths: dict[str, Path], out: Path, device: str, backend: str = "local",
+          workers: int | None = None) -> tuple[float, str]:
+    """(wall seconds, the merge's last stderr line: its throughput summary, or why it failed)."""
     cmd = [sys.executable, "-m", "chatvec_dist.cli", "merge", "--base", str(paths["base"]), "--chat", str(paths["chat"]),
            "--cp", str(paths["cp"]), "--out", str(out), "--overwrite", "--restart", "--no-progress", "--device", device,
            "--backend", backend] + (["--workers", str(workers)] if workers else [])
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    if done.returncode:
+        shutil.rmtree(out, ignore_errors=True)
+        return float("nan"), f"FAILED (exit {done.returncode}): {last}"
+    return seconds, last
 
 
 def floor_seconds(paths: dict[str, Path], out_bytes: int, scratch: Path) -> float:
-    """Read every input byte once and write one output's bytes (hot cache, like the merges)."""
+    """Read every input byte once and write one output's bytes, fsynced as a merge's are (hot cache, like the
+    merges)."""
     buf = bytearray(64 << 20)
     t0 = time.perf_counter()
     for d in paths.values():
@@ -188,13 +220,47 @@ def floor_seconds(paths: dict[str, Path], out_bytes: int, scratch: Path) -> floa
         left = out_bytes
         while left > 0:
             left -= fh.write(memoryview(buf)[: min(len(buf), left)])
+        os.fsync(fh.fileno())
     t = time.perf_counter() - t0
     scratch.unlink()
     return t
 
 
-def shard_hashes(out: Path) -> dict[str, str]:
+def shard_hashes(out: Path) -> dict[str, str] | None:
+    if not out.is_dir():
+        return None  # the merge failed
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+
+
+def end_to_end(root: Path, gb: float, device: str) -> tuple[int, list[tuple], bool]:
+    """The ~`gb` merge: the I/O floor, then chatvec on the GPU (local threads, Ray if installed) and on the CPU."""
+    paths = make_model(root, gb / 4, device)
+    out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
+    moved = 4 * out_bytes
+    merge(paths, root / "warm", "cpu")  # warms the page cache
+    print(f"\n| end to end, {moved / 1e9:.1f} GB moved (hot cache) | wall s | GB/s | × floor | chatvec's summary |"
+          "\n|---|---|---|---|---|", flush=True)
+    floor = floor_seconds(paths, out_bytes, root / "floor.bin")
+    runs = [("I/O floor (read inputs + write output, fsync)", floor, None, "")]
+    cases = [(f"chatvec --device {device}, local, 2 threads (default)", "out-cuda", (device, "local", None)),
+             (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4))]
+    if importlib.util.find_spec("ray") is not None:
+        cases.append((f"chatvec --device {device}, Ray (start-up included)", "out-cuda-ray", (device, "ray", None)))
+    else:
+        print("(Ray is not installed here: the Ray run is skipped)", flush=True)
+    cases.append((f"chatvec --device cpu, local, {os.cpu_count()} threads", "out-cpu", ("cpu", "local", None)))
+    print(E2E_ROW.format(runs[0][0], floor, moved / floor / 1e9, 1.0, ""), flush=True)
+    for label, out, how in cases:
+        seconds, summary = merge(paths, root / out, *how)
+        runs.append((label, seconds, shard_hashes(root / out), summary))
+        print(E2E_ROW.format(label, seconds, moved / seconds / 1e9, seconds / floor, summary), flush=True)
+    hashes = [h for _, _, h, _ in runs[1:]]
+    same = None not in hashes and all(h == hashes[-1] for h in hashes)
+    print(f"\noutput bytes cuda == cpu: {same}", flush=True)
+    return moved, runs, same
+
+
+E2E_ROW = "| {} | {:.1f} | {:.2f} | {:.2f} | {} |"
 
 
 def main() -> int:
@@ -215,40 +281,27 @@ def main() -> int:
     if (problem := preflight()) is not None:
         print(f"cannot run the Triton kernel here: {problem}", file=sys.stderr)
         return 2
+    import triton
+
+    print(f"## GPU benchmark — {name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}\n", flush=True)
     rows = kernel_rows([1 << 12] if args.dry_run else [1 << 20, 1 << 24, 1 << 26, 1 << 28], device)
-    sweep_n = 1 << 12 if args.dry_run else 1 << 28
-    sweep = launch_sweep(sweep_n, device)
+    sweep = launch_sweep(1 << 12 if args.dry_run else 1 << 28, device)
     identical = identity_check(1 << 12 if args.dry_run else 1 << 22, device)
-    e2e = None
-    if not args.skip_e2e:
-        root = Path(args.data)
-        paths = make_model(root, args.e2e_gb / 4, device)
-        out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
-        merge(paths, root / "warm", "cpu")  # warms the page cache
-        floor = floor_seconds(paths, out_bytes, root / "floor.bin")
-        runs = [("I/O floor (read inputs + write output)", floor, None)]
-        for label, out, how in ((f"chatvec --device {device}, local, 2 threads (default)", "out-cuda", (device, "local", None)),
-                                (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4)),
-                                (f"chatvec --device {device}, Ray (start-up included)", "out-cuda-ray", (device, "ray", None)),
-                                (f"chatvec --device cpu, local, {os.cpu_count()} threads", "out-cpu", ("cpu", "local", None))):
-            runs.append((label, merge(paths, root / out, *how), shard_hashes(root / out)))
-        same = all(h == runs[-1][2] for _, _, h in runs[1:])
-        e2e = (4 * out_bytes, runs, same)
-    print(f"\n## GPU benchmark — {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| elements | kernel GB/s | D2D copy GB/s | kernel / copy |\n|---|---|---|---|")
+    e2e = None if args.skip_e2e else end_to_end(Path(args.data), args.e2e_gb, device)
+
+    print(f"\n## Summary — {name}")  # the short table, last
     for n, k, c in rows:
-        print(f"| {n:,} | {k:.1f} | {c:.1f} | {k / c:.0%} |")
-    print(f"\n| BLOCK | num_warps | kernel GB/s at {sweep_n:,} elements "
-          "| D2D copy GB/s | kernel / copy |\n|---|---|---|---|---|")
-    for block, warps, k, c, default in sweep:
-        print(f"| {block}{' (default)' if default else ''} | {warps} | {k:.1f} | {c:.1f} | {k / c:.0%} |")
-    print(f"\nkernel bits == CPU kernel bits (bf16/fp16/fp32 out, alpha 1, 0.5, 0.3, normal and subnormal values): {identical}")
+        print(f"kernel at {n:,} elements: {k:.1f} GB/s, {k / c:.0%} of a device-to-device copy ({c:.1f} GB/s)")
+    best = max(sweep, key=lambda r: r[2])
+    print(f"fastest launch shape: BLOCK {best[0]}, num_warps {best[1]} ({best[2]:.1f} GB/s; default "
+          f"{next(r[2] for r in sweep if r[4]):.1f})")
+    print(f"kernel bits == CPU kernel bits: {identical}")
     if e2e:
         moved, runs, same = e2e
-        print("| end to end (hot cache) | wall s | GB/s | × floor |\n|---|---|---|---|")
-        for label, t, _ in runs:
-            print(f"| {label} | {t:.1f} | {moved / t / 1e9:.2f} | {t / runs[0][1]:.2f} |")
-        print(f"\noutput bytes cuda == cpu: {same}")
+        for label, t, _, _ in runs:
+            print(f"{label}: {t:.1f} s, {moved / t / 1e9:.2f} GB/s, {t / runs[0][1]:.2f} × floor")
+        print(f"output bytes cuda == cpu: {same}")
     return 0 if identical and (e2e is None or e2e[2]) else 1
 
 
