@@ -161,7 +161,8 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     """Create (or reuse, when it belongs to the same plan) the work area; return it and journaled results."""
     work = partial_path(out)
     plan_file = work / PLAN_NAME
-    if work.exists():
+    if work.exists() or work.is_symlink():
+        _check_work_area(work)
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
         elif _read_digest(plan_file) != digest:
@@ -170,16 +171,26 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     path = work
     try:
         work.mkdir(parents=True, exist_ok=True)
+        if _read_digest(plan_file) != digest:  # first: a work area without it is not chatvec's (see _check_work_area)
+            _write_atomically(plan_file, json.dumps({"digest": digest}).encode())
         for shard in layout.shards:  # headers and sizes come from the plan: rewritten, whatever a crash left
             path = work / shard.name
             with open(path, "r+b" if path.exists() else "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
-        if _read_digest(plan_file) != digest:
-            _write_atomically(plan_file, json.dumps({"digest": digest}).encode())
     except OSError as e:
         raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(path)) from None
     return work, Journal.load(work / JOURNAL_NAME, output)
+
+
+def _check_work_area(work: Path) -> None:
+    """What is at OUT.partial may be reused or deleted only if chatvec made it: a folder holding its plan file
+    (written first), or an empty one (a crash before that)."""
+    ours = work.is_dir() and not work.is_symlink() and (
+        (work / PLAN_NAME).exists() or (work / (PLAN_NAME + ".tmp")).exists() or not any(work.iterdir()))
+    if not ours:
+        raise OutputError(f"this is where the output's work area goes, and it is not one chatvec made (no {PLAN_NAME} "
+                          "in it): move it away", file=str(work))
 
 
 def discard_if_unused(work: Path) -> None:

@@ -331,6 +331,21 @@ def test_overwrite_replaces_the_output_and_nothing_beside_it(demo, tmp_path):
     assert "overlaps the input checkpoint" in assert_one_line_error(proc)
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_folder_or_file_of_the_users_where_the_work_area_goes_is_kept(demo, tmp_path, restart, capsys):
+    """OUT.partial that chatvec did not make (no plan file) is never deleted or reused, even with --restart."""
+    out = tmp_path / "keep"
+    partial(out).mkdir()
+    (partial(out) / "thesis.txt").write_text("precious")
+    (tmp_path / "also.partial").write_text("a file")
+    for target in (out, tmp_path / "also"):
+        assert main(merge_argv(demo["models"], target, *(["--restart"] if restart else []))) == 2
+        err = capsys.readouterr().err
+        assert f"{partial(target)}: this is where the output's work area goes, and it is not one chatvec made" in err
+    assert (partial(out) / "thesis.txt").read_text() == "precious" and (tmp_path / "also.partial").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["also.partial", "keep.partial"]
+
+
 def fail_the_commit_at_its_rename(argv: list[str], monkeypatch, capsys) -> None:
     def rename(self: Path, target) -> None:
         raise OSError(errno.EIO, "Input/output error", str(self))
