@@ -188,7 +188,7 @@ def _committed(out: Path, digest: str) -> bool:
 
 def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool, digest: str) -> None:
     recipe, target = planned.recipe, tp.target
-    kind = "extract" if target.cp is None else recipe.kind
+    kind = recipe.kind_of(target)
     meta = {"version": __version__, "kind": kind, "target": target.name, "recipe": dataclasses.asdict(recipe),
             "sources": _sources_meta(tp.sources), "job": digest, "cwd": os.getcwd()}
     manifest = tally.table(target.name, meta)

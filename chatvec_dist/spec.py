@@ -53,7 +53,13 @@ class Recipe:
 
     @property
     def kind(self) -> str:
-        if any(t.cp is None for t in self.targets):
+        """What the recipe does, in a word (a recipe mixing extract and merge targets says extract)."""
+        kinds = {self.kind_of(t) for t in self.targets}
+        return "extract" if "extract" in kinds else kinds.pop() if kinds else "merge"
+
+    def kind_of(self, target: Target) -> str:
+        """What one target's output is: a chat vector (extract) or a model (merge, or apply of stored vectors)."""
+        if target.cp is None:
             return "extract"
         return "apply" if all(v.base is None for v in self.vectors) else "merge"
 

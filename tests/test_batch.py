@@ -189,6 +189,21 @@ def test_apply_refuses_a_merged_model_as_its_vector(llamas, batch, tmp_path, cap
     assert f"{batch / 'zh-alpha0.5'}: a chatvec merge output, not a chat vector" in err and not out.exists()
 
 
+def test_a_recipe_mixing_extract_and_merge_labels_each_output_by_what_it_is(llamas, tmp_path, capsys):
+    """The merged model of a recipe that also extracts is a merge output (apply refuses it as a vector); the
+    extracted vector is an extract output."""
+    from chatvec_dist.spec import Recipe, Target, Vector
+
+    recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),),
+                    (Target("vec", None, str(tmp_path / "vec"), (1.0,)),
+                     Target("model", str(llamas["cp"]), str(tmp_path / "model"), (1.0,))))
+    chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
+    assert [read_manifest(tmp_path / n)[1]["kind"] for n in ("vec", "model")] == ["extract", "merge"]
+    assert main(["apply", "--vector", str(tmp_path / "model"), "--cp", str(llamas["cp"]), "--out",
+                 str(tmp_path / "wrong"), "--backend", "local", "--no-progress"]) == 2
+    assert "a chatvec merge output, not a chat vector" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+
+
 def test_plan_into_a_closed_pipe_is_a_quiet_exit(llamas):
     """`chatvec plan ... | head`: the reader closed the pipe; no traceback, the shell's SIGPIPE status."""
     import subprocess
