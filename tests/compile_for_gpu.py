@@ -20,7 +20,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from chatvec_dist.kernels import triton_merge
 
-BF16, F16, F32, F64, F8 = torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn
+BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 # (output dtype, CP dtype or None, vector dtype, vectors, alpha, compute dtype)
 CALLS = [
     (BF16, BF16, BF16, 1, 1.0, F32),  # the common merge
@@ -30,8 +30,6 @@ CALLS = [
     (F16, BF16, BF16, 0, 1.0, F32),  # a copy into another dtype
     (BF16, F16, F16, 6, 0.7, F32),  # more vectors than one launch takes
     (F64, F64, BF16, 1, 0.3, F64),  # a float64 checkpoint
-    (BF16, F8, F8, 0, 1.0, F32),  # an excluded float8 tensor under --dtype
-    (F32, F8, F8, 0, 1.0, F64),
 ]
 ALPHAS = {"a0", "a1", "a2", "a3"}  # the kernel's do_not_specialize
 

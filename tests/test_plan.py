@@ -113,6 +113,36 @@ def test_float8_weights_are_refused_with_the_reason(tmp_path):
     assert e.value.tensor == "model.layers.1.mlp.up_proj.weight" and e.value.file.startswith(str(tmp_path / "chat"))
 
 
+def test_an_excluded_float8_tensor_is_kept_as_it_is_never_converted(tmp_path):
+    """Excluded, it is copied as stored; under --dtype its codes would lose their scales: refused, named."""
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(64)
+    name = "model.layers.1.mlp.up_proj.weight"
+    for which in ("base", "chat", "cp"):
+        tensors = llama_tensors(cfg, g)
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        save_checkpoint(tmp_path / which, tensors, cfg)
+    d = {n: tmp_path / n for n in ("base", "chat", "cp")}
+    kept = next(p.tensor for p in _tensors(job.plan(_recipe(d, exclude=(name,)))) if p.tensor.name == name)
+    assert (kept.rule, kept.out_dtype) == ("copy", "F8_E4M3")
+    with pytest.raises(PlanError, match="an excluded F8_E4M3 tensor cannot be converted to BF16") as e:
+        job.plan(_recipe(d, exclude=(name,), dtype="bfloat16"))
+    assert e.value.tensor == name and e.value.file.startswith(str(tmp_path / "cp"))
+
+
+def test_a_scalar_with_a_vocabulary_name_is_an_ordinary_tensor(tmp_path):
+    """`lm_head.bias` of shape [] has no rows: merged as a scalar, not planned as a vocabulary (was an IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    cfg = llama_config(64)
+    for which in ("base", "chat", "cp"):
+        tensors = llama_tensors(cfg, g)
+        tensors["lm_head.bias"] = torch.randn((), generator=g).to(torch.bfloat16)
+        save_checkpoint(tmp_path / which, tensors, cfg)
+    bias = next(p.tensor for p in _tensors(job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")})))
+                if p.tensor.name == "lm_head.bias")
+    assert (bias.rule, bias.reason, bias.shape, bias.numel) == ("merge", "", (), 1)
+
+
 def test_equal_vocab_defaults_to_full(tmp_path):
     g = torch.Generator().manual_seed(0)
     cfg = llama_config(64)

@@ -15,8 +15,7 @@ from chatvec_dist.kernels.reference import reference  # noqa: E402
 from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-         torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 N = 2500  # the interpreter is slow: small tensors, more than one block
 
 
@@ -26,7 +25,7 @@ def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Ten
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def both(out_dtype, cp, terms):
@@ -69,16 +68,6 @@ def test_float64_outputs_match_reference_and_cpu(cp_dt, vec_dt):
     finite = ~torch.isnan(cpu)
     assert torch.equal(bits(gpu)[finite], bits(reference(cp, terms, torch.float64))[finite])
     assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == ((1, 1) if cp_dt == torch.float64 else (0, 0))
-
-
-@pytest.mark.parametrize("cp_dt", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("out_dt", [*DTYPES, torch.float64])
-def test_float8_copied_into_another_dtype(cp_dt, out_dt):
-    """An excluded float8 tensor under --dtype: widened exactly (float8 → float32 → the output dtype)."""
-    cp = rand(N, torch.float32, 1, 100.0).to(cp_dt)
-    gpu, stats, cpu, cpu_stats = both(out_dt, cp, [])
-    assert torch.equal(bits(gpu), bits(cpu)) and torch.equal(bits(cpu), bits(cp.to(out_dt)))
-    assert stats[0].item() == pytest.approx(cpu_stats.cp_sq, rel=1e-6)
 
 
 def test_inexact_alpha_gives_the_cpu_kernels_bits():
@@ -209,7 +198,7 @@ def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     calls = json.loads(done.stdout)  # per call: the launches on aligned tensors, then on views one element off
-    assert [[len(launches) for launches in c] for c in calls] == [[1, 1]] * 5 + [[2, 2]] + [[1, 1]] * 3
+    assert [[len(launches) for launches in c] for c in calls] == [[1, 1]] * 5 + [[2, 2]] + [[1, 1]]
     for aligned, unaligned in calls:
         for facts in aligned + unaligned:
             assert facts["cubin_bytes"] > 0

@@ -52,12 +52,10 @@ def _round_out(x, OUT_KIND: tl.constexpr):
 
 @triton.jit
 def _widen(x, COMPUTE: tl.constexpr):
-    """To the compute dtype; bfloat16 widened by hand (exact, as on a GPU: the interpreter gets subnormals wrong),
-    float8 through float32 (exact; no direct float8 → float64 conversion on a GPU)."""
+    """To the compute dtype; bfloat16 widened by hand (exact, as on a GPU: the interpreter gets subnormals wrong).
+    (No float8: planning keeps float8 tensors as they are stored, never through a kernel.)"""
     if x.dtype == tl.bfloat16:
         x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    elif x.dtype.is_fp8():
-        x = x.to(tl.float32)
     return x.to(COMPUTE)
 
 

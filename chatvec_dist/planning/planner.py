@@ -127,6 +127,10 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
     if name in excluded:
+        if info.dtype.startswith("F8") and dtype != info.dtype:
+            raise PlanError(f"an excluded {info.dtype} tensor cannot be converted to {dtype}: float8 weights are stored "
+                            "with separate scales (leave --dtype out to keep it as it is, or dequantize first)",
+                            file=ref.path, tensor=name)
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     pairs = [(alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms]
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
@@ -135,7 +139,7 @@ def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sou
             raise PlanError(f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
                             "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
                             file=t.path, tensor=name)
-    vocab = VOCAB_TENSOR.search(name) is not None
+    vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
     vec_shape = vecs[0].info.shape
     for other in vecs:  # a chat model may add tokens (rows) to its base's vocabulary: only the rows may differ
         shape = other.info.shape
