@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from .dtypes import is_float
 from .errors import VerifyError
 from .exec.messages import SegmentResult
 from .io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, read_json_object
@@ -92,7 +93,7 @@ class Tally:
                 "cp_norm": cp_norm,
                 "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                 "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
-                "nan_count": s.nan if measured else None, "inf_count": s.inf if measured else None,
+                "nan_count": s.nan if is_float(t.out_dtype) else None, "inf_count": s.inf if is_float(t.out_dtype) else None,
                 "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
                 "node": ",".join(sorted({p[3] for p in e.parts.values()})),
                 "seconds": sum(p[1] for p in e.parts.values()),

@@ -488,6 +488,45 @@ def test_out_dot_is_the_current_folder(demo, tmp_path, monkeypatch):
     assert verify(empty) == [] and not partial(empty).exists()
 
 
+@pytest.mark.parametrize("case", ["extract", "excluded", "rows past the base", "copied as stored"])
+def test_nonfinite_outputs_are_counted_whatever_made_them(tmp_path, case, capsys):
+    """An Inf that rounding to float16 makes (an extracted difference, an excluded or extra-row CP value converted),
+    or a NaN/Inf CP holds in a tensor copied as stored: counted in the manifest and refused by
+    --fail-on-nonfinite, as an overflow in a merge is."""
+    from safetensors.torch import save_file
+
+    from chatvec_dist.manifest import read_manifest
+
+    def checkpoint(name: str, w: torch.Tensor, v: torch.Tensor, lm_head: torch.Tensor) -> Path:
+        tensors = {"w": w, "v": v, "lm_head.weight": lm_head}
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        return tmp_path / name
+
+    base = checkpoint("base", w=torch.tensor([-40000.0, 0.0, 1.0]), v=torch.ones(4), lm_head=torch.zeros(2, 2))
+    chat = checkpoint("chat", w=torch.tensor([40000.0, 0.0, 1.0]), v=torch.ones(4), lm_head=torch.zeros(2, 2))
+    v = {"excluded": [1e6, -1e6, 1.0, 2.0], "copied as stored": [float("nan"), float("inf"), 1.0, 2.0]}.get(case, [1.0] * 4)
+    extra_row = 1e5 if case == "rows past the base" else 1.0
+    cp = checkpoint("cp", w=torch.zeros(3), v=torch.tensor(v), lm_head=torch.tensor([[0.0, 0.0], [0.0, 0.0], [extra_row, 1.0]]))
+    merge = ["merge", "--cp", str(cp), "--exclude", "^(v|w)$"]  # w: chat − base overflows float16 (extract's case)
+    tensor, counts, argv = {
+        "extract": ("w", (0, 1), ["extract", "--dtype", "float16"]),
+        "excluded": ("v", (0, 2), [*merge, "--dtype", "float16"]),
+        "rows past the base": ("lm_head.weight", (0, 1), [*merge, "--dtype", "float16", "--vocab", "overlap"]),
+        "copied as stored": ("v", (1, 1), merge),
+    }[case]
+    argv = [*argv, "--base", str(base), "--chat", str(chat), "--backend", "local", "--no-progress"]
+    out = tmp_path / "counted"
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
+    assert (rows[tensor]["nan_count"], rows[tensor]["inf_count"]) == counts
+    assert sum((r["nan_count"] or 0) + (r["inf_count"] or 0) for r in rows.values()) == sum(counts)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "refused"), "--fail-on-nonfinite"]) == 2
+    assert f"{counts[0]} NaN and {counts[1]} Inf in the output" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
     """NaN/Inf in an input: counted per tensor in the manifest; with --fail-on-nonfinite, nothing is committed."""
     from safetensors.torch import load_file, save_file

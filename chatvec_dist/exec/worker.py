@@ -9,9 +9,10 @@ import time
 import torch
 import xxhash
 
-from ..dtypes import ITEMSIZE
+from ..dtypes import ITEMSIZE, is_float
 from ..io.hub import local_copy
 from ..io.ranges import FileHandles, read_into, write_at
+from ..kernels.cpu import nonfinite
 from ..kernels.stats import Stats
 from ..planning.layout import Piece, Placed, Unit
 from ..planning.planner import PlannedTensor, Src
@@ -86,7 +87,7 @@ class UnitRunner:
             itemsize = ITEMSIZE[t.out_dtype]
             if _written_as_read(t):
                 out = inputs[t.cp][:count].view(torch.uint8)
-                stats = Stats()
+                stats = nonfinite(inputs[t.cp][:count]) if is_float(t.out_dtype) else Stats()
             else:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None

@@ -43,10 +43,13 @@ def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float,
                 acc.add_(tmp)
         if terms:
             stats.delta_sq += float(torch.dot(acc, acc))
+        # update_sq: of the output as written (rounded), minus CP; an output value that rounding made ±Inf makes
+        # it non-finite too, so the exact count below runs whenever the output holds a NaN or an Inf.
         if cp is None:
             out[s:e].copy_(acc)
-            stats.update_sq = stats.delta_sq
-            finite = math.isfinite(stats.delta_sq)
+            tmp.copy_(out[s:e])
+            update_sq = float(torch.dot(tmp, tmp))
+            finite = math.isfinite(update_sq)
         else:
             c = cp_buf[: e - s]
             c.copy_(cp[s:e])
@@ -55,12 +58,13 @@ def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float,
             if terms:
                 acc.add_(c)
                 out[s:e].copy_(acc)
-                tmp.copy_(out[s:e])
-                tmp.sub_(c)
-                stats.update_sq += float(torch.dot(tmp, tmp))
             else:
                 out[s:e].copy_(c)
-            finite = math.isfinite(cp_sq) and math.isfinite(stats.update_sq)
+            tmp.copy_(out[s:e])
+            tmp.sub_(c)
+            update_sq = float(torch.dot(tmp, tmp))
+            finite = math.isfinite(cp_sq) and math.isfinite(update_sq)
+        stats.update_sq += update_sq
         if not finite:  # rare: count exactly, and write NaN as the canonical quiet NaN (as the GPU kernel does)
             chunk = out[s:e]
             nan = torch.isnan(chunk)
@@ -70,3 +74,13 @@ def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float,
                 bits, canonical = CANONICAL_NAN[chunk.dtype]
                 chunk.view(bits)[nan] = canonical
     return stats
+
+
+def nonfinite(x: torch.Tensor) -> Stats:
+    """NaN and Inf counts of a float tensor copied as stored (no arithmetic): one summing pass in the common case."""
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if math.isfinite(float(total)):
+        return Stats()
+    if x.element_size() == 1:
+        x = x.float()  # float8 (exact): torch has no isinf for it
+    return Stats(nan=int(torch.isnan(x).sum()), inf=int(torch.isinf(x).sum()))
