@@ -22,7 +22,7 @@ from .io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, read_json_object
 from .io.header import read_header
 from .io.ranges import FileHandles, read_into
 from .kernels.stats import Stats
-from .planning.layout import Layout
+from .planning.layout import SHARD_METADATA, Layout
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -170,11 +170,14 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
                 problems.append(f"{path}: {unsafe}")
             if row["shard"] not in headers:
                 try:
-                    headers[row["shard"]] = read_header(path)[0]
+                    headers[row["shard"]], metadata = read_header(path)
                 except Exception as e:
                     headers[row["shard"]] = None
                     problems.append(f"{path}: unreadable shard ({e}); none of its {tensors_in[row['shard']]} "
                                     "tensors can be checked")
+                else:
+                    if metadata != SHARD_METADATA:  # transformers reads "format" to decide how to load the shard
+                        problems.append(f"{path}: header metadata {metadata} differs from {SHARD_METADATA}")
             if headers[row["shard"]] is None:
                 continue  # reported once for the shard, not again for each of its tensors
             info = headers[row["shard"]].get(row["tensor"])

@@ -256,6 +256,24 @@ def test_verify_catches_one_flipped_byte(merged, tmp_path, capsys):
     assert verify(merged) == []
 
 
+def test_verify_catches_a_changed_header_metadata(merged, tmp_path):
+    """Every one-bit change inside a shard's `__metadata__` ({"format": "pt"}, which transformers reads) is caught."""
+    copy = tmp_path / "copy"
+    shutil.copytree(merged, copy)
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    original = shard.read_bytes()
+    start = original.index(b'"__metadata__"')
+    end = original.index(b"}", start) + 1
+    for i in range(start, end):
+        for bit in (0x01, 0x20):
+            data = bytearray(original)
+            data[i] ^= bit
+            shard.write_bytes(bytes(data))
+            assert verify(copy), (i, bytes(data[start:end]))
+    shard.write_bytes(original)
+    assert verify(copy) == []
+
+
 def test_extract_then_apply_equals_merge(llamas, merged, tmp_path):
     vec = tmp_path / "vector"
     assert main(["extract", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--out", str(vec),
