@@ -143,6 +143,23 @@ def test_a_scalar_with_a_vocabulary_name_is_an_ordinary_tensor(tmp_path):
     assert (bias.rule, bias.reason, bias.shape, bias.numel) == ("merge", "", (), 1)
 
 
+def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(demo, tmp_path, capsys):
+    """model.safetensors and an index (with its shards) in one folder: transformers loads model.safetensors, so
+    that is what gets merged; the ambiguity is said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cp = tmp_path / "cp"
+    shutil.copytree(demo["cp"], cp)  # sharded, with its index
+    single = {k: v for shard in sorted(cp.glob("model-*.safetensors")) for k, v in load_file(shard).items()}
+    save_file(single, cp / "model.safetensors", metadata={"format": "pt"})
+    planned = job.plan(_recipe(dict(demo, cp=cp)))
+    assert {p.tensor.cp.path for p in _tensors(planned)} == {str(cp / "model.safetensors")}
+    assert f"{cp} holds both model.safetensors and model.safetensors.index.json: reading model.safetensors" in \
+        capsys.readouterr().err
+
+
 def test_equal_vocab_defaults_to_full(tmp_path):
     g = torch.Generator().manual_seed(0)
     cfg = llama_config(64)

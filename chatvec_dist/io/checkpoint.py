@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,14 @@ def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None
     except OSError as e:
         raise SourceError(f"cannot list: {e.strerror}", file=str(directory)) from None
     index = directory / INDEX_NAME
-    if _is_file(index):
+    if _is_file(directory / SINGLE_NAME):  # first, as transformers loads it: the merge is of the model it loads
+        if _is_file(index):
+            print(f"chatvec: warning: {directory} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
+                  "as transformers does (remove the one that is stale)", file=sys.stderr)
+        files, names = [SINGLE_NAME], None
+    elif _is_file(index):
         names = _weight_map(index, directory, bound)
         files = sorted(set(names.values()))
-    elif _is_file(directory / SINGLE_NAME):
-        files, names = [SINGLE_NAME], None
     else:
         files, names = [p.name for p in entries if p.name.endswith(".safetensors") and _is_file(p)], None
     if not files:
