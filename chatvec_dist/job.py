@@ -308,15 +308,15 @@ def _sources_meta(sources: Sources) -> dict:
 
 
 def _digest(planned: Planned, output: int) -> str:
-    """Identifies one output's job: this version, the recipe, all layouts and units, and every input file's size
-    and mtime."""
+    """Identifies one output's job: this version, the recipe, all layouts and units, and every input file's size,
+    mtime and ctime (a file rewritten in place with its size and mtime put back still changes its ctime)."""
     tp = planned.targets[output]
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
     h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(recipe),
                              [t.layout for t in planned.targets], planned.units, planned.block_bytes)).encode())
     for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs}):
         st = os.stat(path)
-        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode())
     h.update(os.path.abspath(tp.target.out).encode())
     return h.hexdigest()
 

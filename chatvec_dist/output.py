@@ -166,7 +166,8 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
         elif _read_digest(plan_file) != digest:
-            raise OutputError("a partial output of a different (or unknown) job is here (pass --restart to discard it)",
+            raise OutputError("a partial output of a different job (or of inputs changed since) is here (pass --restart "
+                              "to discard it)",
                               file=str(work))
     path = work
     try:

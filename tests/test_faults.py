@@ -378,11 +378,31 @@ def test_a_garbled_journal_line_is_redone_and_a_garbled_plan_is_a_clear_error(de
     good = plan.read_bytes()
     plan.write_bytes(b"\0" * 16)  # a crash while the plan was written
     line = assert_one_line_error(cli(argv), str(partial(out)))
-    assert "a partial output of a different (or unknown) job is here (pass --restart to discard it)" in line
+    assert "a partial output of a different job (or of inputs changed since) is here (pass --restart" in line
     plan.write_bytes(good)
     with open(partial(out) / "journal.jsonl", "ab") as f:
         f.write(b'{"unit": 99, "segm\xc3')  # cut inside a UTF-8 sequence
     assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
+
+
+def test_an_input_rewritten_with_its_size_and_mtime_put_back_is_not_resumed(demo, tmp_path, monkeypatch, capsys):
+    """`cp -p` or `rsync -a` of a changed file keeps its size and mtime: its ctime still tells, so the units already
+    done from the old bytes are not reused."""
+    models = {k: tmp_path / k for k in ("base", "chat", "cp")}
+    for k, d in models.items():
+        shutil.copytree(demo["models"][k], d)
+    out = tmp_path / "out"
+    argv = merge_argv(models, out)
+    fail_the_commit_at_its_rename(argv, monkeypatch, capsys)
+    shard = sorted(models["cp"].glob("*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)  # the last tensor's last bytes: other values, same size
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main(argv) == 2
+    assert "a partial output of a different job (or of inputs changed since)" in capsys.readouterr().err
+    assert main(argv + ["--restart"]) == 0 and verify(out) == []
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(demo, tmp_path):
