@@ -1,7 +1,9 @@
 """Planning from headers alone: rules, vocabulary policies, tied embeddings, shards, offsets, units."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -231,6 +233,17 @@ def test_layout_shards_offsets_and_units(demo):
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     assert set(covered) == set(range(len(lay.tensors)))
     assert [u.id for u in units] == list(range(len(units)))
+
+
+def test_a_unit_size_that_makes_too_many_units_is_refused_with_one_that_works(demo, monkeypatch):
+    """A few bytes per unit on a large model would swamp the driver: refused, naming a size that fits."""
+    from chatvec_dist.planning import layout as layout_module
+
+    monkeypatch.setattr(layout_module, "MAX_UNITS", 100)
+    with pytest.raises(PlanError, match=r"units: use --unit-size (\d+)(KiB)? or more") as e:
+        job.plan(dataclasses.replace(_recipe(demo), unit_bytes=64))
+    size = int(re.search(r"--unit-size (\d+)", str(e.value)).group(1)) * (1024 if "KiB" in str(e.value) else 1)
+    assert len(job.plan(dataclasses.replace(_recipe(demo), unit_bytes=size)).units) <= 100 + 20  # + tensor ends
 
 
 def test_units_are_shared_by_targets_of_different_vocabularies(demo):

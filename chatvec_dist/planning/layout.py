@@ -9,6 +9,7 @@ from ..io.header import OutEntry, encode_header
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
+MAX_UNITS = 1_000_000  # work units per job: a 1 TB model still gets units of 1 MiB
 HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
 
@@ -106,6 +107,12 @@ def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
     digest never depends on how the work was cut or who did it.
     """
     check_unit_bytes(unit_bytes)
+    total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
+    if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
+        smallest = 1 << max(3, (total // MAX_UNITS).bit_length())
+        raise PlanError(f"unit size {unit_bytes} bytes cuts {total / 1e9:.3g} GB of output into more than {MAX_UNITS:,} "
+                        f"units: use --unit-size {smallest // 1024 if smallest >= 1024 else smallest}"
+                        f"{'KiB' if smallest >= 1024 else ''} or more (default 64MiB)")
     units: list[Unit] = []
     pieces: list[Piece] = []
     filled = 0
