@@ -267,6 +267,35 @@ def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
         signal.signal(signal.SIGTERM, pytest_sigterm)
 
 
+def test_an_abandoned_workers_error_is_not_printed_after_the_run_failed(tmp_path):
+    """Two workers fail (no CUDA under --device cuda); the run stops at the first error. Ray printed the second,
+    unfetched, as a traceback once its reference was dropped: after chatvec's one-line error, its last line."""
+    script = tmp_path / "abandon.py"
+    script.write_text("""
+import gc, sys, time
+from chatvec_dist.exec.ray_backend import init_ray
+ray = init_ray(None)
+
+@ray.remote(num_cpus=0)
+class Worker:
+    def ready(self):
+        raise ValueError("no CUDA here")
+
+first, second = Worker.remote(), Worker.remote()
+refs = [first.ready.remote(), second.ready.remote()]
+try:
+    ray.get(refs[0])
+except Exception:
+    print("chatvec: error: the first worker failed", file=sys.stderr)
+del refs
+gc.collect()
+time.sleep(3)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=START_S)
+    assert done.returncode == 0 and done.stderr.strip().splitlines() == ["chatvec: error: the first worker failed"], \
+        done.stderr
+
+
 def test_interrupt_stops_promptly(big, tmp_path):
     out = tmp_path / "out"
     argv = merge_argv(big["models"], out, "--unit-size", "8KiB")  # 1689 queued units

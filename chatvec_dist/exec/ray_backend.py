@@ -42,6 +42,9 @@ def init_ray(address: str | None):
         # the variable keeps it on loopback (Ray otherwise binds to the external interface).
         address = "local"
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Every result the run needs is fetched; a worker's error left unfetched belongs to work abandoned after the
+    # run already failed, and Ray would print its traceback after chatvec's one-line error.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     import ray
 
     _check_reachable(address)  # also where this process already joined a Ray: the address given must work
