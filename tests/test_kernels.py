@@ -78,6 +78,23 @@ def test_reference_merge_rows_keeps_new_rows():
     assert torch.allclose(out[:8].double(), cp[:8].double() + chat.double() - base.double(), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_nonfinite_counts_of_a_copy_are_exact(dtype):
+    """A tensor copied as stored: its NaN/Inf counted exactly; a finite one whose sum overflows counts none."""
+    from chatvec_dist.kernels.cpu import nonfinite
+
+    huge = nonfinite(torch.full((1000,), torch.finfo(dtype).max, dtype=torch.float64).to(dtype))
+    assert (huge.nan, huge.inf) == (0, 0)
+    x = torch.randn(5000, dtype=torch.float64).to(dtype)
+    assert (nonfinite(x).nan, nonfinite(x).inf) == (0, 0)
+    x[[3, 700]] = float("nan")
+    if dtype != torch.float8_e4m3fn:  # it has no Inf
+        x[[5, 6, 4999]] = torch.tensor([float("inf"), -float("inf"), float("inf")], dtype=torch.float64).to(dtype)
+    stats = nonfinite(x)
+    assert (stats.nan, stats.inf) == (2, 0 if dtype == torch.float8_e4m3fn else 3)
+
+
 def test_stats_norms_and_nonfinite_counts():
     n = CHUNK * 2 + 10
     cp, base = _rand(n, torch.float32, 1), _rand(n, torch.float32, 2)

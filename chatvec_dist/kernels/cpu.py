@@ -77,10 +77,10 @@ def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float,
 
 
 def nonfinite(x: torch.Tensor) -> Stats:
-    """NaN and Inf counts of a float tensor copied as stored (no arithmetic): one summing pass in the common case."""
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if math.isfinite(float(total)):
-        return Stats()
+    """NaN and Inf counts of a float tensor copied as stored (no arithmetic). One sum in its own dtype (~30 GB/s)
+    says whether any is there: a NaN or an Inf makes it non-finite; an overflow only sends it to the exact count."""
     if x.element_size() == 1:
-        x = x.float()  # float8 (exact): torch has no isinf for it
+        x = x.float()  # float8 (exact): torch has no sum or isinf of its own for it
+    if math.isfinite(float(x.sum())):
+        return Stats()
     return Stats(nan=int(torch.isnan(x).sum()), inf=int(torch.isinf(x).sum()))
