@@ -174,6 +174,7 @@ def test_one_worker_per_gpu_lands_on_gpu_nodes(models, reference_out, tmp_path):
         assert 1 <= len({w.split(":")[1] for w in workers}) <= 2  # actor processes that did work (one per GPU) ...
         assert "on ray × 2," in stderr  # ... of the two started (the second may start after the first did all)
         assert "chatvec: warning: a Ray worker given a GPU computes on the CPU: torch sees no CUDA device" in stderr
+        assert "pass --device cpu to use a worker per CPU" in stderr
         assert shards(out) == shards(reference_out)
         proc = driver(models, tmp_path / "cuda", c.address, "--device", "cuda")
         _, stderr = proc.communicate(timeout=300)

@@ -152,6 +152,7 @@ def test_auto_computes_on_the_cpu_where_the_gpu_kernel_cannot_run(llamas, merged
     assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--backend", "local")) == 0
     err = capsys.readouterr().err
     assert err.count("chatvec: warning: computing on the CPU: the GPU kernel cannot run on cuda:0 (") == 1, err
+    assert "; pass --device cpu to use a thread per core" in err
     assert "on local × 2," in err and shard_bytes(out) == shard_bytes(merged)
     assert main(merge_args(llamas, tmp_path / "cuda", "cp", "--backend", "local", "--device", "cuda")) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -178,6 +178,31 @@ def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tm
     assert uploaded and not copied & set(uploaded)  # read, written straight from the host buffer, never uploaded
 
 
+def test_a_gpu_worker_tries_the_kernel_when_it_starts(monkeypatch):
+    """The kernel is launched once as a GPU worker starts, so a toolchain that cannot build Triton's launcher fails
+    there, where `auto` can still choose the CPU (and `cuda` stops), naming the cause (first line) and the point
+    (last line)."""
+    from chatvec_dist.errors import ChatvecError
+    from chatvec_dist.exec import compute
+    from chatvec_dist.kernels import triton_merge
+
+    calls = []
+    monkeypatch.setattr(triton_merge, "combine_triton", lambda *args: calls.append(args))
+    compute.TritonCompute(torch.device("cpu"))
+    assert len(calls) == 1
+
+    def no_compiler(device):
+        raise RuntimeError("Failed to build Triton's launcher\n  cc -O3 main.c\nerror: no C compiler found")
+
+    monkeypatch.setattr(compute, "TritonCompute", no_compiler)
+    fallback = compute.make_compute(torch.device("cuda", 0), strict=False)
+    assert isinstance(fallback, compute.CpuCompute)
+    assert fallback.fallback == ("the GPU kernel cannot run on cuda:0 (RuntimeError: Failed to build Triton's "
+                                 "launcher … error: no C compiler found)")
+    with pytest.raises(ChatvecError, match=r"^--device cuda, but the GPU kernel cannot run on cuda:0 \(RuntimeError"):
+        compute.make_compute(torch.device("cuda", 0), strict=True)
+
+
 def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
     """The interpreter runs Python, not PTX: compile every launch shape for sm_90 (no GPU needed), specialized as
     Triton's launcher does, and check what bit identity on hardware depends on: no FMA contraction, no flushed

@@ -99,8 +99,13 @@ def make_compute(device: torch.device, strict: bool) -> CpuCompute | TritonCompu
     try:
         return TritonCompute(device)
     except Exception as e:  # ImportError, Triton's compile or launcher build, CUDA errors
-        last = (str(e).strip().splitlines() or [""])[-1]  # a compiler's error ends with its point
-        reason = f"the GPU kernel cannot run on {device} ({type(e).__name__}: {last})"
+        reason = f"the GPU kernel cannot run on {device} ({type(e).__name__}: {_gist(e)})"
         if strict:
             raise ChatvecError(f"--device cuda, but {reason}") from e
         return CpuCompute(reason)
+
+
+def _gist(e: Exception) -> str:
+    """An error's first line (CUDA's cause) and, when it differs, its last (a compiler's point)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"

@@ -48,7 +48,8 @@ class LocalBackend:
             try:
                 runner = UnitRunner(self.ctx, device=device, strict=self.strict)
                 if runner.compute.fallback and warned.acquire(blocking=False):
-                    print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}", file=sys.stderr)
+                    print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
+                          "use a thread per core", file=sys.stderr)
                 while not stop.is_set():
                     try:
                         unit = todo.get_nowait()

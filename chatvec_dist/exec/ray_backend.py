@@ -226,7 +226,8 @@ class RayBackend:
         if self.use_gpus and device == "cpu" and not self.warned:
             self.warned = True
             why = fallback or "torch sees no CUDA device there (a CPU build of torch?)"
-            print(f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}", file=sys.stderr)
+            print(f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}; pass --device cpu to use "
+                  "a worker per CPU", file=sys.stderr)
 
     def _flush(self, finished: dict) -> list[Unit]:
         """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage); return the
