@@ -22,8 +22,8 @@ from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest, read_manifest
-from .output import (JOURNAL_NAME, Journal, check_destination, commit, discard_if_unused, exclusive, lock_path,
-                     open_partial, partial_path, replaced_path, tidy_committed)
+from .output import (JOURNAL_NAME, Journal, check_destination, check_work_area, commit, discard_if_unused, exclusive,
+                     lock_path, open_partial, partial_path, replaced_path, tidy_committed)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
 from .recipe import with_absolute_paths
@@ -129,12 +129,17 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
 def _check_apart(outs: list[Path], names: list[str]) -> None:
     """No two targets may share an output, nest one in the other, or meet in each other's work area or lock."""
     def claimed(out: Path) -> list[Path]:
-        out = out.resolve()
+        """The paths a run writes, as it names them: the folders above resolved, the last name as given."""
+        try:
+            out = out.parent.resolve() / out.name
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
         return [out, partial_path(out), replaced_path(out), lock_path(out)]
 
     for i, j in itertools.combinations(range(len(outs)), 2):
-        if any(a == b or a.is_relative_to(b) or b.is_relative_to(a) for a in claimed(outs[i]) for b in claimed(outs[j])):
-            what = "both write to this output directory" if outs[i].resolve() == outs[j].resolve() else \
+        mine, theirs = claimed(outs[i]), claimed(outs[j])
+        if any(a == b or a.is_relative_to(b) or b.is_relative_to(a) for a in mine for b in theirs):
+            what = "both write to this output directory" if mine[0] == theirs[0] else \
                 f"have overlapping outputs: {outs[i]} and {outs[j]} (one inside the other, or in the other's " \
                 "OUT.partial work area beside it)"
             raise OutputError(f"targets '{names[i]}' and '{names[j]}' {what}", file=str(outs[j]))
@@ -144,25 +149,27 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], optio
     """Resume or start the outputs not committed yet (all units stay as planned for every target); each
     (index, output, job digest, whether it may replace what is there)."""
     planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _, _ in fresh])
+    for _, out, _, _ in fresh:  # all, before any work area is made: a refused one leaves none of the others
+        check_work_area(out)
     works, tallies, done = [], [], set(u.id for u in planned.units)
-    for i, (tp, (_, out, digest, _)) in enumerate(zip(planned.targets, fresh)):
-        work, journaled = open_partial(out, tp.layout, digest, options.restart, i)
-        tally = Tally(tp.layout, planned.block_bytes)
-        valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
-        done &= set(valid)
-        works.append((work, valid))
-        tallies.append(tally)
-    for (work, valid), tally in zip(works, tallies):
-        for uid in done:
-            r = valid[uid]
-            for seg in r.segments:
-                tally.add(seg, r.worker, r.node, r.seconds / max(1, len(r.segments)))
-    todo = [u for u in planned.units if u.id not in done]
-    if done:
-        print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
     try:
+        for i, (tp, (_, out, digest, _)) in enumerate(zip(planned.targets, fresh)):
+            work, journaled = open_partial(out, tp.layout, digest, options.restart, i)
+            tally = Tally(tp.layout, planned.block_bytes)
+            valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
+            done &= set(valid)
+            works.append((work, valid))
+            tallies.append(tally)
+        for (work, valid), tally in zip(works, tallies):
+            for uid in done:
+                r = valid[uid]
+                for seg in r.segments:
+                    tally.add(seg, r.worker, r.node, r.seconds / max(1, len(r.segments)))
+        todo = [u for u in planned.units if u.id not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
         speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
-    except BaseException:  # a failed start (no GPU, no cluster) or an interrupt before any unit: nothing to keep
+    except BaseException:  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit: nothing to keep
         for work, _ in works:
             discard_if_unused(work)
         raise

@@ -162,7 +162,7 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     work = partial_path(out)
     plan_file = work / PLAN_NAME
     if work.exists() or work.is_symlink():
-        _check_work_area(work)
+        check_work_area(out)
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
         elif _read_digest(plan_file) != digest:
@@ -184,9 +184,12 @@ def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: 
     return work, Journal.load(work / JOURNAL_NAME, output)
 
 
-def _check_work_area(work: Path) -> None:
+def check_work_area(out: Path) -> None:
     """What is at OUT.partial may be reused or deleted only if chatvec made it: a folder holding its plan file
     (written first), or an empty one (a crash before that)."""
+    work = partial_path(out)
+    if not (work.exists() or work.is_symlink()):
+        return
     ours = work.is_dir() and not work.is_symlink() and (
         (work / PLAN_NAME).exists() or (work / (PLAN_NAME + ".tmp")).exists() or not any(work.iterdir()))
     if not ours:

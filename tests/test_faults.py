@@ -373,6 +373,9 @@ def test_a_folder_or_file_of_the_users_where_the_work_area_goes_is_kept(demo, tm
         assert f"{partial(target)}: this is where the output's work area goes, and it is not one chatvec made" in err
     assert (partial(out) / "thesis.txt").read_text() == "precious" and (tmp_path / "also.partial").read_text() == "a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["also.partial", "keep.partial"]
+    batch = merge_argv(dict(demo["models"], cp=f"aa={demo['models']['cp']}"), tmp_path, "--cp", f"also={demo['models']['cp']}")
+    assert main(batch) == 2  # 'aa' is fine, 'also' is refused: no work area is made for either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["also.partial", "keep.partial"]
 
 
 def fail_the_commit_at_its_rename(argv: list[str], monkeypatch, capsys) -> None:
@@ -487,6 +490,23 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     assert main(merge_argv(models, root / "other", "--restart")) == 2  # --restart replaces only this job's outputs
     assert "output exists (pass --overwrite" in capsys.readouterr().err
     assert (root / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_is_a_link_is_checked_by_the_names_a_run_writes(demo, tmp_path, capsys):
+    """`a` a (dangling) link elsewhere and a second target at `a.partial`: the run writes a.partial beside the
+    link, so they collide (the check followed the link and let both start); a symlink loop is a clear error."""
+    models = demo["models"]
+    (tmp_path / "a").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", f"a={models['cp']}",
+            "--cp", f"b={models['cp']}", "--out", str(tmp_path), *RUN, "--print-recipe"]
+    assert main(argv) == 0
+    recipe = capsys.readouterr().out
+    for second, message in (("a.partial", "have overlapping outputs"), ("loop/b", "output path cannot be resolved")):
+        (tmp_path / "r.yaml").write_text(recipe.replace(str(tmp_path / "b"), str(tmp_path / second)))
+        assert main(["run", str(tmp_path / "r.yaml"), *RUN]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "loop", "r.yaml"]
 
 
 def test_restart_decides_what_it_may_replace_under_the_lock(demo, tmp_path, monkeypatch, capsys):
