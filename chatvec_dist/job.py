@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import sys
 import time
@@ -99,7 +100,8 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
     planned = plan(recipe)
     outs = [Path(os.path.abspath(p.target.out)) for p in planned.targets]  # `.` or `a/..` too: a named folder
     _check_apart(outs, [p.target.name for p in planned.targets])
-    digests = [_digest(planned, o) for o in range(len(outs))]
+    inputs = _input_stats(planned)
+    digests = [_digest(planned, o, inputs) for o in range(len(outs))]
 
     def decide() -> tuple[list[int], list[bool]]:
         """The outputs to (re)do and whether each may replace what is there (--restart redoes this job's own)."""
@@ -122,7 +124,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
             print(f"already committed by an earlier run of this job (--restart redoes it): "
                   f"{', '.join(map(str, done))}", file=sys.stderr)
         if fresh:
-            _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], options)
+            _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], inputs, options)
     return outs
 
 
@@ -145,7 +147,8 @@ def _check_apart(outs: list[Path], names: list[str]) -> None:
             raise OutputError(f"targets '{names[i]}' and '{names[j]}' {what}", file=str(outs[j]))
 
 
-def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], options: RunOptions) -> None:
+def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], inputs: dict[str, list[int]],
+               options: RunOptions) -> None:
     """Resume or start the outputs not committed yet (all units stay as planned for every target); each
     (index, output, job digest, whether it may replace what is there)."""
     planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _, _ in fresh])
@@ -154,7 +157,7 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], optio
     works, tallies, done = [], [], set(u.id for u in planned.units)
     try:
         for i, (tp, (_, out, digest, _)) in enumerate(zip(planned.targets, fresh)):
-            work, journaled = open_partial(out, tp.layout, digest, options.restart, i)
+            work, journaled = open_partial(out, tp.layout, digest, inputs, options.restart, i)
             tally = Tally(tp.layout, planned.block_bytes)
             valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
             done &= set(valid)
@@ -314,16 +317,19 @@ def _sources_meta(sources: Sources) -> dict:
             "vectors": [{"alpha": a, "chat": p.source, "base": m.source if m else None} for a, p, m in sources.terms]}
 
 
-def _digest(planned: Planned, output: int) -> str:
-    """Identifies one output's job: this version, the recipe, all layouts and units, and every input file's size,
-    mtime and ctime (a file rewritten in place with its size and mtime put back still changes its ctime)."""
+def _input_stats(planned: Planned) -> dict[str, list[int]]:
+    """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
+    changes its ctime): part of the job, so a partial output is never resumed on inputs that changed."""
+    paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
+    return {path: [st.st_size, st.st_mtime_ns, st.st_ctime_ns] for path in paths for st in [os.stat(path)]}
+
+
+def _digest(planned: Planned, output: int, inputs: dict[str, list[int]]) -> str:
+    """Identifies one output's job: this version, the recipe, all layouts and units, and the inputs' stats."""
     tp = planned.targets[output]
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
     h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(recipe),
                              [t.layout for t in planned.targets], planned.units, planned.block_bytes)).encode())
-    for path in sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs}):
-        st = os.stat(path)
-        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode())
+    h.update(json.dumps(inputs, sort_keys=True).encode())
     h.update(os.path.abspath(tp.target.out).encode())
     return h.hexdigest()
-

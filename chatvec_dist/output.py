@@ -157,23 +157,23 @@ class Journal:
         return results
 
 
-def open_partial(out: Path, layout: Layout, digest: str, restart: bool, output: int) -> tuple[Path, dict[int, UnitResult]]:
-    """Create (or reuse, when it belongs to the same plan) the work area; return it and journaled results."""
+def open_partial(out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool,
+                 output: int) -> tuple[Path, dict[int, UnitResult]]:
+    """Create (or reuse, when it belongs to the same job) the work area; return it and journaled results.
+    `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs."""
     work = partial_path(out)
     plan_file = work / PLAN_NAME
     if work.exists() or work.is_symlink():
         check_work_area(out)
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
-        elif _read_digest(plan_file) != digest:
-            raise OutputError("a partial output of a different job (or of inputs changed since) is here (pass --restart "
-                              "to discard it)",
-                              file=str(work))
+        elif (found := _read_plan(plan_file)).get("digest") != digest:
+            raise OutputError(_why_not_resumable(found.get("inputs"), inputs), file=str(work))
     path = work
     try:
         work.mkdir(parents=True, exist_ok=True)
-        if _read_digest(plan_file) != digest:  # first: a work area without it is not chatvec's (see _check_work_area)
-            _write_atomically(plan_file, json.dumps({"digest": digest}).encode())
+        if _read_plan(plan_file).get("digest") != digest:  # first: a work area without it is not chatvec's
+            _write_atomically(plan_file, json.dumps({"digest": digest, "inputs": inputs}).encode())
         for shard in layout.shards:  # headers and sizes come from the plan: rewritten, whatever a crash left
             path = work / shard.name
             with open(path, "r+b" if path.exists() else "wb") as f:
@@ -207,13 +207,25 @@ def discard_if_unused(work: Path) -> None:
         pass  # left as it is: the next run reuses or replaces it
 
 
-def _read_digest(plan_file: Path) -> str | None:
-    """The job digest a work area was made for; None if missing or unreadable (a crash while writing it)."""
+def _read_plan(plan_file: Path) -> dict:
+    """What a work area was made for ({"digest", "inputs"}); empty if missing or unreadable (a crash writing it)."""
     try:
         found = json.loads(plan_file.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
-        return None
-    return found.get("digest") if isinstance(found, dict) else None
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _why_not_resumable(then: object, now: dict[str, list[int]]) -> str:
+    """Why a partial output is not this job's: an input that changed since it was made (named), or another job."""
+    for path, stats in now.items():
+        old = then.get(path) if isinstance(then, dict) else None
+        if isinstance(old, list) and len(old) == len(stats) and old != stats:
+            field = next(name for name, a, b in zip(("size", "mtime", "ctime"), old, stats) if a != b)
+            how = "; chmod, chown, a new hard link or a rewrite change it" if field == "ctime" else ""
+            return (f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "
+                    "the old bytes (pass --restart to redo them)")
+    return "a partial output of a different (or unknown) job is here (pass --restart to discard it)"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

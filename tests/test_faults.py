@@ -410,7 +410,7 @@ def test_a_garbled_journal_line_is_redone_and_a_garbled_plan_is_a_clear_error(de
     good = plan.read_bytes()
     plan.write_bytes(b"\0" * 16)  # a crash while the plan was written
     line = assert_one_line_error(cli(argv), str(partial(out)))
-    assert "a partial output of a different job (or of inputs changed since) is here (pass --restart" in line
+    assert "a partial output of a different (or unknown) job is here (pass --restart to discard it)" in line
     plan.write_bytes(good)
     with open(partial(out) / "journal.jsonl", "ab") as f:
         f.write(b'{"unit": 99, "segm\xc3')  # cut inside a UTF-8 sequence
@@ -433,7 +433,9 @@ def test_an_input_rewritten_with_its_size_and_mtime_put_back_is_not_resumed(demo
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert main(argv) == 2
-    assert "a partial output of a different job (or of inputs changed since)" in capsys.readouterr().err
+    assert (f"{partial(out)}: a partial output is here from before {shard} changed (ctime; chmod, chown, a new hard "
+            "link or a rewrite change it): its finished units may hold the old bytes (pass --restart to redo them)"
+            ) in capsys.readouterr().err
     assert main(argv + ["--restart"]) == 0 and verify(out) == []
 
 
