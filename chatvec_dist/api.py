@@ -1,8 +1,9 @@
 """The Python API: the same operations as the CLI, sharing its recipe objects."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from .errors import ChatvecError
 from .spec import MiB, Recipe, RunOptions, Target, Vector
@@ -10,22 +11,33 @@ from .spec import MiB, Recipe, RunOptions, Target, Vector
 if TYPE_CHECKING:
     from .job import Planned
 
+PathText = Union[str, "os.PathLike[str]"]
 
-def make_recipe(base: str | list[str | None] | None, chat: str | list[str], cp: str | dict[str, str], out: str,
-                alpha: float | list[float] = 1.0, *, vocab: str = "auto", exclude: tuple[str, ...] = (),
-                dtype: str | None = None, max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB,
+
+def make_recipe(base: PathText | list[PathText | None] | None, chat: PathText | list[PathText],
+                cp: PathText | dict[str, PathText], out: PathText, alpha: float | list[float] = 1.0, *,
+                vocab: str = "auto", exclude: str | tuple[str, ...] = (), dtype: str | None = None,
+                max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB,
                 chat_template_from_chat: bool = False) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
-    `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value)."""
-    chats = [chat] if isinstance(chat, str) else list(chat)
-    bases = [base] if base is None or isinstance(base, str) else list(base)
+    `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
+    Paths are text or `pathlib.Path`; `exclude` is one regex or several."""
+    chats = list(chat) if isinstance(chat, (list, tuple)) else [chat]  # each then checked by Vector
+    bases = list(base) if isinstance(base, (list, tuple)) else [base]
+    if len(bases) != len(chats):
+        raise ChatvecError(f"{len(bases)} base(s) for {len(chats)} chat model(s): give one base per chat model")
     alphas = (alpha,) * len(chats) if isinstance(alpha, (int, float)) else tuple(alpha)
     if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
         raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
-    vectors = tuple(Vector(c, b) for c, b in zip(chats, bases, strict=True))
+    vectors = tuple(Vector(c, b) for c, b in zip(chats, bases))
+    out = os.fspath(out)
     cps = cp if isinstance(cp, dict) else {Path(out).name: cp}
-    targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name), tuple(map(float, alphas)),
-                           vocab, tuple(exclude), dtype) for name, path in cps.items())
+    for name in cps if isinstance(cp, dict) else ():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+            raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name),
+                           tuple(map(float, alphas)), vocab, exclude, dtype) for name, path in cps.items())
     return Recipe(vectors, targets, max_shard_size=max_shard_size, unit_bytes=unit_bytes,
                   chat_template_from_chat=chat_template_from_chat)
 
@@ -47,7 +59,7 @@ def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[
     return job.run(recipe, options or RunOptions())
 
 
-def merge(base: str | list[str], chat: str | list[str], cp: str | dict[str, str], out: str,
+def merge(base: PathText | list[PathText], chat: PathText | list[PathText], cp: PathText | dict[str, PathText], out: PathText,
           alpha: float | list[float] = 1.0, *, options: RunOptions | None = None, **recipe_options) -> list[Path]:
     """`out = cp + Σ alpha_i (chat_i − base_i)`, like `chatvec merge`."""
     return run(make_recipe(base, chat, cp, out, alpha, **recipe_options), options)

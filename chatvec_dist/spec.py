@@ -1,8 +1,12 @@
 """The recipe (what to compute) and the run options (how), as frozen dataclasses."""
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass
+
+from .dtypes import OUTPUT_DTYPES
 
 MiB = 1024 * 1024
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -27,6 +31,9 @@ class Vector:
     chat: str
     base: str | None
 
+    def __post_init__(self) -> None:
+        _paths(self, "chat", "base")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -40,6 +47,19 @@ class Target:
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # output dtype name; default: CP's (float32 for an extracted vector)
 
+    def __post_init__(self) -> None:
+        _paths(self, "cp", "out")
+        where = f"target {self.name!r}"
+        _check(isinstance(self.name, str) and isinstance(self.out, str), f"{where}: name and out must be text")
+        _check(isinstance(self.alphas, tuple) and all(_real(a) for a in self.alphas),
+               f"{where}: alphas {list(self.alphas) if isinstance(self.alphas, tuple) else self.alphas!r} must be "
+               "finite numbers (a tuple)")
+        _check(self.vocab in VOCAB_POLICIES, f"{where}: vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}")
+        _check(isinstance(self.exclude, tuple) and all(isinstance(x, str) for x in self.exclude),
+               f"{where}: exclude {self.exclude!r} must be a tuple of regexes (text)")
+        _check(self.dtype is None or self.dtype in OUTPUT_DTYPES,
+               f"{where}: dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -50,6 +70,17 @@ class Recipe:
     max_shard_size: int = 5 * 10**9
     unit_bytes: int = 64 * MiB
     chat_template_from_chat: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.vectors, tuple) and all(isinstance(v, Vector) for v in self.vectors),
+               "a recipe's vectors must be a tuple of Vector")
+        _check(isinstance(self.targets, tuple) and all(isinstance(t, Target) for t in self.targets),
+               "a recipe's targets must be a tuple of Target")
+        for name in ("max_shard_size", "unit_bytes"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                   f"{name} {value!r}: give a positive number of bytes (an int; parse_size('64MiB') reads text)")
+        _check(isinstance(self.chat_template_from_chat, bool), "chat_template_from_chat must be True or False")
 
     @property
     def kind(self) -> str:
@@ -81,6 +112,12 @@ class RunOptions:
     def __post_init__(self) -> None:
         from .errors import ChatvecError
 
+        _check(self.workers is None or isinstance(self.workers, int) and not isinstance(self.workers, bool),
+               f"workers {self.workers!r}: give a whole number (or none)")
+        _check(_real(self.cpus_per_worker), f"cpus per worker {self.cpus_per_worker!r}: give a number")
+        _check(self.address is None or isinstance(self.address, str), f"address {self.address!r}: give text")
+        for flag in ("overwrite", "restart", "progress", "fail_on_nonfinite"):
+            _check(isinstance(getattr(self, flag), bool), f"{flag} {getattr(self, flag)!r}: give True or False")
         if self.backend not in BACKENDS:
             raise ChatvecError(f"backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
         if self.device not in DEVICES:
@@ -89,3 +126,24 @@ class RunOptions:
             raise ChatvecError(f"workers {self.workers}: give at least 1 (or none: one per CPU or GPU)")
         if not self.cpus_per_worker > 0:
             raise ChatvecError(f"cpus per worker {self.cpus_per_worker}: must be positive")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        from .errors import ChatvecError
+
+        raise ChatvecError(message)
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _paths(obj: object, *names: str) -> None:
+    """Path-like fields kept as text (a pathlib.Path is welcome); anything else is refused before any work."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(obj, name, os.fspath(value))
+        elif not (value is None and name in ("base", "cp") or isinstance(value, str)):
+            _check(False, f"{type(obj).__name__}.{name} {value!r}: give a path or a Hub id as text (or a pathlib.Path)")

@@ -271,6 +271,29 @@ def test_python_api(llamas, tmp_path):
         chatvec_dist.RunOptions(backend="Ray")
 
 
+def test_python_api_takes_paths_and_refuses_misuse_before_any_work(llamas, tmp_path):
+    """pathlib.Path works wherever a path goes (it failed at the commit, after all the work); a single exclude
+    regex is one pattern, not its letters; wrong types are one ChatvecError before anything is read or written."""
+    out = chatvec_dist.merge(llamas["base"], llamas["chat"], llamas["cp"], tmp_path / "out", 0.5,
+                             exclude="lm_head", options=chatvec_dist.RunOptions(backend="local", progress=False))
+    rows = {r["tensor"]: r for r in read_manifest(out[0])[0].to_pylist()}
+    assert {n for n, r in rows.items() if r["reason"] == "excluded"} == {"lm_head.weight"}
+    assert verify(out[0]) == [] and out == [tmp_path / "out"]
+    misuse = [
+        lambda: chatvec_dist.make_recipe([str(llamas["base"])] * 2, [str(llamas["chat"])], str(llamas["cp"]), "o"),
+        lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], llamas["cp"], "o", unit_bytes="64MiB"),
+        lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], {"../x": llamas["cp"]}, "o"),
+        lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], llamas["cp"], "o", chat_template_from_chat="no"),
+        lambda: chatvec_dist.make_recipe(llamas["base"], 42, llamas["cp"], "o"),
+        lambda: chatvec_dist.RunOptions(workers="8"),
+        lambda: chatvec_dist.RunOptions(overwrite="yes"),
+    ]
+    for call in misuse:
+        with pytest.raises(chatvec_dist.ChatvecError):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, monkeypatch):
     """Pieces are worked strip by strip; a strip boundary must not change a byte or a block's digest, in a batch
     whose outputs differ in dtype (bf16 and float32) and vocabulary."""

@@ -473,7 +473,7 @@ def float_vs_int_dtype(c: Case) -> None:
 @case
 def alpha_not_finite(c: Case) -> None:
     c.extra = ["--alpha", "nan"]
-    c.expect = ["alphas [nan] must be finite"]
+    c.expect = ["alphas [nan] must be finite numbers"]
 
 
 @case

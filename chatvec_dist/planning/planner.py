@@ -1,14 +1,13 @@
 """Pair tensors across checkpoints and decide, for each output tensor, what happens to it."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
-from ..spec import VOCAB_POLICIES, Target
+from ..spec import Target
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|"
@@ -70,13 +69,8 @@ class Sources:
 
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
-    """Decide every output tensor's rule for one target, validating names, shapes and dtypes. Raises PlanError."""
-    if not all(math.isfinite(a) for a in target.alphas):
-        raise PlanError(f"target '{target.name}': alphas {list(target.alphas)} must be finite numbers")
-    if target.vocab not in VOCAB_POLICIES:
-        raise PlanError(f"unknown vocabulary policy {target.vocab!r} (choose from {', '.join(VOCAB_POLICIES)})")
-    if target.dtype is not None and target.dtype not in OUTPUT_DTYPES:
-        raise PlanError(f"unknown output dtype {target.dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
+    """Decide every output tensor's rule for one target, validating names, shapes and dtypes (the target's own
+    fields were checked when it was made). Raises PlanError."""
     try:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
