@@ -152,6 +152,29 @@ def test_restart_discards_partial_output(models, reference_out, cluster, tmp_pat
     assert shards(out) == shards(reference_out)
 
 
+def test_a_merge_started_before_the_worker_nodes_join_waits_for_them(models, reference_out, tmp_path):
+    """Right after `ray up` only the head (no CPU for work) is there: the driver waits for nodes, then sizes its
+    pool on them (it ran one CPU worker before, and never used the GPU nodes that joined)."""
+    from ray.cluster_utils import Cluster
+
+    common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
+    c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 0, "include_dashboard": False})
+    try:
+        out = tmp_path / "out"
+        proc = driver(models, out, c.address)
+        waiting = proc.stderr.readline()
+        assert "waiting for the Ray cluster's worker nodes to join" in waiting, waiting
+        gpu_node = c.add_node(**common, num_cpus=2, num_gpus=2)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "on ray × 2," in stderr  # one worker per (declared) GPU: `auto` saw the GPUs once they came
+        table, _ = read_manifest(out)
+        assert {n for cell in table.column("node").to_pylist() for n in cell.split(",")} == {gpu_node.node_id}
+        assert shards(out) == shards(reference_out)
+    finally:
+        c.shutdown()
+
+
 def test_one_worker_per_gpu_lands_on_gpu_nodes(models, reference_out, tmp_path):
     """Placement with declared (fake) GPUs: `--device auto` asks one GPU per actor, so actors go to GPU nodes
     only; inside, with no CUDA device present, they compute on the CPU and the bytes are the same."""

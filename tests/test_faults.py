@@ -20,7 +20,7 @@ import torch
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
-from chatvec_dist.errors import OutputError
+from chatvec_dist.errors import ChatvecError, OutputError
 from chatvec_dist.manifest import verify
 from conftest import slow_units_env
 
@@ -294,6 +294,25 @@ time.sleep(3)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=START_S)
     assert done.returncode == 0 and done.stderr.strip().splitlines() == ["chatvec: error: the first worker failed"], \
         done.stderr
+
+
+def test_a_cluster_that_refuses_the_driver_is_a_one_line_error(monkeypatch, capsys):
+    """ray.init failing to join (here: a token-auth cluster joined without the token) is one line naming the
+    usual causes, exit 2 — it was ~20 lines of Ray's retries and a traceback."""
+    import ray
+
+    from chatvec_dist.exec import ray_backend
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to GCS: InvalidAuthToken\n(20 more lines)")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray_backend, "_check_reachable", lambda address: None)
+    with pytest.raises(ChatvecError) as e:
+        ray_backend.init_ray("10.0.0.1:6379")
+    assert str(e.value).startswith("cannot join the Ray cluster at 10.0.0.1:6379 (ConnectionError: Failed to connect "
+                                   "to GCS: InvalidAuthToken); a cluster with token authentication needs RAY_AUTH_MODE=token")
 
 
 def test_interrupt_stops_promptly(big, tmp_path):

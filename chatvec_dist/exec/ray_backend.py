@@ -32,6 +32,7 @@ PIPELINE = {"cpu": 1, "cuda": 2}
 QUEUED = 1  # units queued on an actor behind its running ones: backpressure without idle gaps
 MAX_ATTEMPTS = 4  # per unit
 STALL_SECONDS = 600.0  # no result and no worker for this long: give up
+NODES_WAIT_SECONDS = 600.0  # a cluster with no room for any worker: wait this long for its nodes to join
 
 
 def init_ray(address: str | None):
@@ -50,8 +51,16 @@ def init_ray(address: str | None):
     _check_reachable(address)  # also where this process already joined a Ray: the address given must work
     if not ray.is_initialized():
         with _signals_deferred():  # Ctrl-C halfway through ray.init would leave Ray's processes orphaned
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                     configure_logging=False)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                         configure_logging=False)
+            except Exception as e:  # Ray's own errors vary by version: one line naming the usual causes
+                first = (str(e).strip().splitlines() or [""])[0]
+                what = "start an embedded Ray" if address == "local" else f"join the Ray cluster at {address}"
+                hint = "" if address == "local" else (
+                    "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here too "
+                    "(RAY_AUTH_TOKEN or ~/.ray/auth_token), one without needs RAY_AUTH_MODE=disabled")
+                raise ChatvecError(f"cannot {what} ({type(e).__name__}: {first}){hint}") from None
     return ray
 
 
@@ -144,12 +153,11 @@ class RayBackend:
     def __init__(self, ctx: WorkContext, workers: int | None, address: str | None, cpus_per_worker: float = 1.0,
                  device: str = "auto") -> None:
         self.ray = init_ray(address)
-        resources = self.ray.cluster_resources()
+        joined = bool(address or os.environ.get("RAY_ADDRESS"))  # an embedded Ray never grows: no wait there
+        resources = self._resources(device, cpus_per_worker, NODES_WAIT_SECONDS if joined else 0.0)
         gpus = int(resources.get("GPU", 0))
         use_gpus = device == "cuda" or (device == "auto" and gpus > 0)
-        if use_gpus and not gpus:
-            raise ChatvecError("--device cuda, but the Ray cluster has no GPUs")
-        slots = gpus if use_gpus else int(resources.get("CPU", 1) // cpus_per_worker)
+        slots = gpus if use_gpus else int(resources.get("CPU", 0) // cpus_per_worker)
         self.workers = max(1, workers or slots)
         if self.workers > slots:  # an autoscaling cluster may grow; any other waits on the ones that fit
             room = f"{gpus} GPU(s)" if use_gpus else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
@@ -170,6 +178,28 @@ class RayBackend:
         self.sync_seconds = 0.0  # wall time of the last fsync of every worker's files
         for _ in range(self.workers):
             self._start_actor()
+
+    def _resources(self, device: str, cpus_per_worker: float, wait: float) -> dict:
+        """The cluster's resources once it can hold a worker, waiting up to `wait` seconds: a cluster just brought
+        up (`ray up`) has a head with no CPU for work until its worker nodes join, and sizing the pool then would
+        run one worker, on the CPU."""
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            resources = self.ray.cluster_resources()
+            gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+            if gpus >= 1 or (device != "cuda" and cpus >= cpus_per_worker):
+                return resources
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait:.0f} s for its worker nodes" if wait else ""
+                if device == "cuda":
+                    raise ChatvecError(f"--device cuda, but the Ray cluster has no GPUs{waited}")
+                raise ChatvecError(f"the Ray cluster has no node with {cpus_per_worker:g} CPU(s) or a GPU for a "
+                                   f"worker{waited}")
+            if not said:
+                said = True
+                print("chatvec: waiting for the Ray cluster's worker nodes to join (none can take a worker yet)",
+                      file=sys.stderr)
+            time.sleep(1.0)
 
     def _start_actor(self) -> None:
         actor = self._actor_class.remote(self._ctx_ref, self.device)
