@@ -151,7 +151,7 @@ def test_a_partly_cached_repo_fetches_the_rest(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
     ckpt = open_source("org/partial")
     assert len(ckpt.tensors) == 21 and ckpt.source["commit"] == "f" * 40
-    assert fetched == [("org/partial", ["consolidated*.safetensors"])]
+    assert fetched == [("org/partial", ["consolidated*.safetensors", "*/*"])]
     assert open_source("org/cp").source["commit"] == commits["cp"] and len(fetched) == 1  # complete: no fetch
 
 
@@ -170,12 +170,12 @@ def test_a_repo_with_only_consolidated_weights_still_fetches_them(hub, tmp_path,
         if local_files_only:
             return real(repo_id, local_files_only=True, **kwargs)
         asked.append(kwargs.get("ignore_patterns"))
-        if kwargs.get("ignore_patterns") is None:  # the Hub repo holds one consolidated file
+        if kwargs.get("ignore_patterns") == ["*/*"]:  # the Hub repo holds one consolidated file
             shutil.copyfile(models["cp"] / "model-00001-of-00002.safetensors", snapshot / "consolidated.safetensors")
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_online)
-    assert open_source("org/native").tensors and asked == [["consolidated*.safetensors"], None]
+    assert open_source("org/native").tensors and asked == [["consolidated*.safetensors", "*/*"], ["*/*"]]
 
 
 
@@ -215,3 +215,16 @@ def test_a_cached_snapshot_lacking_its_remote_code_is_topped_up(hub, tmp_path, m
     assert fetched == [("org/custom", "c" * 40)] and set(code) <= set(ckpt.source["files"])  # the cached commit's
     assert open_source("org/custom") and len(fetched) == 1  # complete now: no second fetch
     assert capsys.readouterr().err == ""
+
+
+def test_a_fetch_takes_the_top_level_files_only():
+    """A repo's subfolders (training checkpoints, ONNX, quantized copies) are never read: never downloaded."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from chatvec_dist.io.hub import ALLOW_PATTERNS, IGNORE_PATTERNS
+
+    names = ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json", "modeling_x.py",
+             "consolidated.safetensors", "checkpoint-500/model.safetensors", "onnx/model.safetensors",
+             "gptq-4bit/config.json", "original/params.json"]
+    kept = list(filter_repo_objects(names, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+    assert kept == ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json", "modeling_x.py"]

@@ -11,7 +11,8 @@ from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint, read_json_ob
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
-IGNORE_PATTERNS = ["consolidated*.safetensors"]  # Mistral's copy of the sharded weights: fetched only if alone
+TOP_LEVEL_ONLY = ["*/*"]  # checkpoint-500/, onnx/, gptq-4bit/...: never read (the patterns' * matches "/" too)
+IGNORE_PATTERNS = ["consolidated*.safetensors", *TOP_LEVEL_ONLY]  # Mistral's copy of the shards: only if alone
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MODULE_REF = re.compile(r"^([A-Za-z_]\w*)\.\w+$")  # auto_map's "modeling_x.ClassName" (this repo's code)
 
@@ -90,7 +91,8 @@ def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
                                           ignore_patterns=IGNORE_PATTERNS, local_files_only=local_files_only))
         if local_files_only or any(snapshot.glob("*.safetensors")):
             return snapshot
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))  # consolidated only
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                      ignore_patterns=TOP_LEVEL_ONLY))  # consolidated only
     except LocalEntryNotFoundError as e:
         if local_files_only:
             return None
