@@ -10,6 +10,7 @@ import yaml
 
 from .dtypes import OUTPUT_DTYPES
 from .errors import ChatvecError
+from .io.header import shown
 from .planning.layout import check_max_shard_size, check_unit_bytes
 from .spec import VOCAB_POLICIES, Recipe, Target, Vector, parse_size
 
@@ -33,6 +34,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"cannot read: {e.strerror}", file=str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"not valid YAML: {' '.join(str(e).split())}", file=str(path)) from None
+    except RecursionError:
+        raise RecipeError("nested too deeply to be a recipe", file=str(path)) from None
     return _Reader(str(path)).recipe(root)
 
 
@@ -80,12 +83,14 @@ class _Reader:
         return items
 
     def scalar(self, node: yaml.Node, field: str, kinds: tuple[type, ...], optional: bool = False):
+        names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
+        if not isinstance(node, yaml.ScalarNode):  # never built: aliases could make it any size
+            raise self.fail(node, field, f"expected {names}, got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
         value = self._loader.construct_object(node, deep=True)
         if value is None and optional:
             return None
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
-            raise self.fail(node, field, f"expected {names}, got {value!r}")
+            raise self.fail(node, field, f"expected {names}, got {shown(value)}")
         return value
 
     def number(self, node: yaml.Node, field: str) -> float:
@@ -93,10 +98,10 @@ class _Reader:
         value = self.scalar(node, field, (int, float, str))
         try:
             number = float(value)
-        except ValueError:
-            raise self.fail(node, field, f"expected a number, got {value!r}") from None
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
+            raise self.fail(node, field, f"expected a finite number, got {shown(value)}") from None
         if not math.isfinite(number):
-            raise self.fail(node, field, f"{value!r} is not a finite number")
+            raise self.fail(node, field, f"{shown(value)} is not a finite number")
         return number
 
     def sequence(self, node: yaml.Node, field: str) -> list[yaml.Node]:

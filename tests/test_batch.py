@@ -154,6 +154,12 @@ def load_recipe_text(tmp_path: Path, text: str):
     ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: .nan}\n", "targets[0].alphas", 5),
     ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [x]}\n", "targets[0].alphas", 5),
     ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    out: p\n", "targets[0].out", 8),
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [1" + "0" * 400 + "]}\n",
+     "targets[0].alphas", 5),  # an integer beyond any float: was an OverflowError traceback
+    # a "billion laughs" of aliases where one regex goes: refused unbuilt (it was built: memory exhausted)
+    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    exclude:\n    - ["
+     + ", ".join(f"&{k} [{', '.join([f'*{p}' if p else 'x'] * 9)}]" for p, k in zip(["", *"abcdefgh"], "abcdefghi"))
+     + "]\n", "targets[0].exclude", 9),
 ])
 def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
     path = tmp_path / "bad.yaml"
@@ -161,6 +167,13 @@ def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert f"{path}:{line}" in str(e.value) and f"'{field}'" in str(e.value)
+
+
+def test_a_recipe_nested_too_deeply_is_a_one_line_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(path)
 
 
 def test_recipe_alphas_in_yaml_1_1_exponent_form_are_numbers(tmp_path):
