@@ -210,12 +210,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from .audit import plot, report
         from .manifest import read_manifest
-        from .recipe import dump_recipe, recipe_from_dict, with_absolute_paths
+        from .recipe import as_recorded, dump_recipe, recipe_from_dict
 
         if args.recipe:  # paths made absolute: the file runs from any folder
             meta = read_manifest(args.out)[1]
-            recipe = recipe_from_dict(meta["recipe"], str(args.out))
-            print(dump_recipe(with_absolute_paths(recipe, meta.get("cwd") or os.getcwd())), end="")
+            print(dump_recipe(as_recorded(recipe_from_dict(meta["recipe"], str(args.out)), meta)), end="")
             return EXIT_OK
         print(report(args.out))
         if args.plot:

@@ -53,6 +53,29 @@ def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
     return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
 
+def as_recorded(recipe: Recipe, meta: dict) -> Recipe:
+    """The recipe an output stores, ready to run from any folder: paths made absolute against the folder it ran
+    in (`with_absolute_paths`), except that a source recorded as a Hub repo stays its id (even if a folder of that
+    name turned up there) and a local one gone from there keeps its recorded path (never read as a Hub id)."""
+    sources = meta.get("sources") if isinstance(meta.get("sources"), dict) else {}
+    resolved = with_absolute_paths(recipe, meta.get("cwd") or os.getcwd())
+
+    def recorded(spec: str | None, now: str | None, src: object) -> str | None:
+        if spec is None or not isinstance(src, dict):
+            return now
+        if "repo" in src:
+            return spec
+        return now if os.path.isabs(now) or not isinstance(src.get("path"), str) else src["path"]
+
+    terms = sources.get("vectors") if isinstance(sources.get("vectors"), list) else []
+    terms = [t if isinstance(t, dict) else {} for t in terms] + [{}] * len(recipe.vectors)
+    vectors = tuple(Vector(recorded(v.chat, r.chat, t.get("chat")), recorded(v.base, r.base, t.get("base")))
+                    for v, r, t in zip(recipe.vectors, resolved.vectors, terms))
+    targets = tuple(dataclasses.replace(r, cp=recorded(t.cp, r.cp, sources.get("cp"))) if t.name == meta.get("target")
+                    else r for t, r in zip(recipe.targets, resolved.targets))
+    return dataclasses.replace(resolved, vectors=vectors, targets=targets)
+
+
 def recipe_from_dict(data: dict, origin: str = "<recipe>") -> Recipe:
     """A recipe from plain data (as stored in a manifest), validated like a file."""
     return _Reader(origin).recipe(yaml.compose(yaml.safe_dump(data), Loader=yaml.SafeLoader))

@@ -135,6 +135,21 @@ def test_a_stored_recipe_runs_again_from_any_folder(llamas, tmp_path, monkeypatc
     assert shard_bytes(work / "out") == before and verify(work / "out") == []
 
 
+def test_a_stored_recipe_keeps_each_source_what_it_was(llamas, tmp_path, monkeypatch, capsys):
+    """`inspect --recipe` after the inputs' folder moved: the local source keeps its recorded absolute path (it
+    was printed relative, and `run` would have read `models/cp` as a Hub repo id)."""
+    work = tmp_path / "work"
+    shutil.copytree(llamas["cp"], work / "models" / "cp")
+    monkeypatch.chdir(work)
+    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", "models/cp",
+                 "--out", "out", "--backend", "local", "--no-progress"]) == 0
+    (work / "models").rename(work / "moved")
+    capsys.readouterr()
+    assert main(["inspect", "out", "--recipe"]) == 0
+    recipe = load_recipe_text(tmp_path, capsys.readouterr().out)
+    assert recipe.targets[0].cp == str((work / "models" / "cp").resolve())
+
+
 def load_recipe_text(tmp_path: Path, text: str):
     path = tmp_path / "again.yaml"
     path.write_text(text)
