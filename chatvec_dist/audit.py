@@ -1,6 +1,7 @@
 """`chatvec inspect`: an audit of what a manifest says, per layer, with anything unusual flagged."""
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -27,7 +28,7 @@ def per_layer(rows: list[dict]) -> dict[int, float]:
     update, base = defaultdict(float), defaultdict(float)
     for r in rows:
         layer = layer_of(r["tensor"])
-        if layer is not None and r["rel_update"] is not None and r["cp_norm"]:
+        if layer is not None and r["rel_update"] is not None and math.isfinite(r["rel_update"]) and r["cp_norm"]:
             update[layer] += (r["rel_update"] * r["cp_norm"]) ** 2
             base[layer] += r["cp_norm"] ** 2
     return {k: (update[k] / base[k]) ** 0.5 for k in sorted(update) if base[k]}
@@ -35,7 +36,7 @@ def per_layer(rows: list[dict]) -> dict[int, float]:
 
 def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
     """Tensors whose relative update is far above their siblings' median: (name, value, median)."""
-    updated = [r for r in rows if r["rel_update"] is not None]
+    updated = [r for r in rows if r["rel_update"] is not None and math.isfinite(r["rel_update"])]
     if not updated:
         return []
     overall = statistics.median(r["rel_update"] for r in updated)
@@ -53,7 +54,7 @@ def report(out_dir: str | Path) -> str:
     table, meta = read_manifest(out_dir)
     rows = table.to_pylist()
     rules = Counter((r["rule"], r["reason"] or "-") for r in rows)
-    lines = [f"{out_dir}: {meta['kind']} by chatvec_dist {meta['version']}, target '{meta['target']}', {len(rows)} tensors, "
+    lines = [f"{out_dir}: {meta.get('kind')} by chatvec_dist {meta.get('version')}, target '{meta.get('target')}', {len(rows)} tensors, "
              f"{sum(r['nbytes'] for r in rows) / 1e9:.3f} GB"]
     lines += [f"  {n:5d} × {rule} ({reason})" for (rule, reason), n in sorted(rules.items())]
     vocab = [r for r in rows if r["reason"].startswith("vocab:")]
@@ -68,7 +69,7 @@ def report(out_dir: str | Path) -> str:
         lines += [f"  layer {k:3d}  {v:.3e}" for k, v in layers.items()]
     odd = outliers(rows)
     lines.append("unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing"))
-    return "\n".join(lines)
+    return "\n".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in line) for line in lines)  # no escapes
 
 
 def plot(out_dir: str | Path, png: str | Path) -> None:
@@ -88,7 +89,13 @@ def plot(out_dir: str | Path, png: str | Path) -> None:
     ax.bar(list(layers), list(layers.values()), color="#4477aa")
     ax.set_xlabel("layer")
     ax.set_ylabel("‖out − cp‖ / ‖cp‖")
-    ax.set_title(f"{meta['target']}: relative update per layer")
+    ax.set_title(f"{meta.get('target')}: relative update per layer")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(png, dpi=110)
+    except (OSError, ValueError) as e:  # a folder that is not there, a format matplotlib does not write
+        from .errors import ChatvecError
+
+        raise ChatvecError(f"cannot write the plot: {e}", file=str(png)) from None
+    finally:
+        plt.close(fig)

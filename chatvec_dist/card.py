@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pyarrow as pa
 
@@ -14,22 +16,28 @@ def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
     from huggingface_hub import ModelCard, ModelCardData  # 0.3 s to import: only at commit
 
     sources = meta["sources"]
-    cp = sources.get("cp") or {}
-    data = ModelCardData(base_model=cp.get("repo"), tags=["chat-vector", "merge", "chatvec_dist"],
+    parents = [sources.get("cp") or {}] + [v.get(k) or {} for v in sources["vectors"] for k in ("chat", "base")]
+    repos = list(dict.fromkeys(p["repo"] for p in parents if p.get("repo")))  # Hub parents, CP first
+    merged = meta["kind"] != "extract" and len(repos) > 1
+    data = ModelCardData(base_model=repos if merged else repos[0] if repos else None,
+                         base_model_relation="merge" if merged else None, tags=["chat-vector", "merge", "chatvec_dist"],
                          library_name="transformers" if meta["kind"] != "extract" else None)
-    rows = [r for r in manifest.to_pylist() if r["rel_update"] is not None]
+    all_rows = manifest.to_pylist()
+    rows = [r for r in all_rows if r["rel_update"] is not None and math.isfinite(r["rel_update"])]
     rows.sort(key=lambda r: -r["rel_update"])
-    table = "\n".join(f"| `{r['tensor']}` | {r['rule']} | {r['rel_update']:.3e} |" for r in rows[:top])
+    table = "\n".join(f"| {_code(r['tensor'])} | {r['rule']} | {r['rel_update']:.3e} |" for r in rows[:top])
+    nonfinite = sum(1 for r in all_rows if (r["nan_count"] or 0) + (r["inf_count"] or 0))
     what = {"merge": "a CP model with chat vectors added", "apply": "a CP model with an extracted chat vector added",
             "extract": "a chat vector (chat − base), to be added to a CP model later"}[meta["kind"]]
     body = f"""
-# {meta['target']}
+# {_code(meta['target'])}
 
 This checkpoint is {what}, made by chatvec_dist {meta['version']} with the *chat vector* method: {PAPER}.
 
-`out = cp + Σ alpha_i · (chat_i − base_i)`, computed per tensor in float32 (float64 where a float32 tensor is
-involved) and rounded once to the output dtype. `manifest.parquet` beside this card audits every tensor
+`out = cp + Σ alpha_i · (chat_i − base_i)`, computed per tensor in float32 (float64 where a float32 or float64
+tensor is involved) and rounded to the output dtype. `manifest.parquet` beside this card audits every tensor
 (rule, hash, norms, NaN/Inf counts); `chatvec verify .` rehashes the shards against it.
+Tensors holding NaN or Inf: {nonfinite or "none"}.
 
 ## Recipe
 ```json
@@ -47,3 +55,11 @@ involved) and rounded once to the output dtype. `manifest.parquet` beside this c
 {table}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _code(text: str) -> str:
+    """`text` as a Markdown code span nothing in it can close or break out of (backticks, table pipes, controls)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

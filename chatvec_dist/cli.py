@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p = sub.add_parser("inspect", help="summarize an output's manifest: per-layer updates, rules, anything unusual")
     p.add_argument("out")
-    p.add_argument("--plot", metavar="FILE.png", help="draw per-layer relative update norms (needs matplotlib)")
-    p.add_argument("--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--plot", metavar="FILE.png", help="draw per-layer relative update norms (needs matplotlib)")
+    what.add_argument("--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`")
     p = sub.add_parser("demo", help="make tiny Llama-shaped base/chat/CP checkpoints and merge them")
     p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default ./chatvec-demo)")
     _run_args(p, recipe=False)
@@ -94,7 +95,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
     if args.command == "extract":
         vectors = _vectors(args.chat, args.base)
-        targets = [Target(Path(args.out).name, None, args.out, (1.0,) * len(vectors), "auto", (), args.dtype or "float32")]
+        targets = [Target(Path(os.path.abspath(args.out)).name, None, args.out, (1.0,) * len(vectors), "auto", (), args.dtype or "float32")]
     else:
         vectors = _vectors(args.vector, [None] * len(args.vector)) if args.command == "apply" else _vectors(args.chat, args.base)
         targets = _targets(args, len(vectors))
@@ -126,7 +127,7 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
         for alphas in alpha_sets:
             label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))
-            targets.append(Target(label or Path(out or cp).name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+            targets.append(Target(label or Path(os.path.abspath(out or cp)).name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
     return targets
 
 
@@ -194,7 +195,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.save:
             import pyarrow.parquet as pq
 
-            pq.write_table(plan_table(planned), args.save)
+            try:
+                pq.write_table(plan_table(planned), args.save)
+            except OSError as e:
+                raise ChatvecError(f"cannot write the plan: {e}", file=args.save) from None
             print(f"wrote {args.save}")
         return EXIT_OK
     if args.command in ("merge", "extract", "apply", "run"):
@@ -218,8 +222,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(report(args.out))
         if args.plot:
-            plot(args.out, args.plot)
-            print(f"wrote {args.plot}")
+            png = args.plot if Path(args.plot).suffix else args.plot + ".png"  # what matplotlib writes anyway
+            plot(args.out, png)
+            print(f"wrote {png}")
         return EXIT_OK
     if args.command == "verify":
         from .manifest import verify

@@ -279,6 +279,51 @@ def test_inspect_flags_an_outlier_and_plots(llamas, batch, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_card_and_inspect_show_hostile_names_as_text(tmp_path, capsys):
+    """Names from checkpoints and outputs reach the card and the terminal as text: a tensor name cannot close its
+    code span or split the table, a target name cannot send terminal escapes; a NaN update does not top the table."""
+    from safetensors.torch import save_file
+
+    hostile = "w` | <img src=x onerror=alert(1)> [click](javascript:alert(1)) | `x"
+    def checkpoint(name: str, **values: float) -> Path:
+        (tmp_path / name).mkdir()
+        tensors = {hostile: torch.full((4,), values["h"]), "small": torch.full((4,), 1.0), "bad": torch.full((4,), values["b"])}
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        return tmp_path / name
+    base, chat = checkpoint("base", h=0.0, b=0.0), checkpoint("chat", h=1.0, b=float("nan"))
+    cp = checkpoint("cp", h=1.0, b=1.0)
+    from chatvec_dist.spec import Recipe, Target, Vector
+
+    out = tmp_path / "o"
+    recipe = Recipe((Vector(str(chat), str(base)),), (Target("x\x1b]0;pwned\x07\x1b[2J", str(cp), str(out), (1.0,)),))
+    chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
+    card = (out / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ``")]
+    assert rows and rows[0].startswith("| ``w` \\| <img") and rows[0].count(" | ") == 2  # three cells, pipes escaped
+    assert "Tensors holding NaN or Inf: 1." in card and "`bad`" not in card.split("## Largest")[1]
+    assert "\x1b" not in card
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\\x1b]0;pwned" in shown
+
+
+def test_inspect_and_plan_write_errors_are_one_line(llamas, batch, tmp_path, capsys):
+    out = batch / "zh-alpha0.5"
+    for argv in (["inspect", str(out), "--plot", str(tmp_path / "no" / "x.png")],
+                 ["inspect", str(out), "--plot", str(tmp_path / "x.xyz")],
+                 ["plan", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp"]),
+                  "--save", str(tmp_path / "no" / "p.parquet")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("chatvec: error: "), err
+    with pytest.raises(SystemExit):
+        main(["inspect", str(out), "--recipe", "--plot", "x.png"])  # one or the other (the plot was skipped)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "layers")]) == 0
+    assert f"wrote {tmp_path / 'layers.png'}" in capsys.readouterr().out and (tmp_path / "layers.png").is_file()
+
+
 def test_python_api(llamas, tmp_path):
     opts = chatvec_dist.RunOptions(backend="local", progress=False)
     outs = chatvec_dist.merge(str(llamas["base"]), str(llamas["chat"]), {"zh": str(llamas["cp"])}, str(tmp_path / "api"),

@@ -67,7 +67,8 @@ def test_merge_from_hub_ids_records_sources(hub, tmp_path):
     assert meta["sources"]["cp"]["commit"] == commits["cp"] and meta["sources"]["cp"]["revision"] == "main"
     assert meta["sources"]["vectors"][0]["base"]["repo"] == "org/base"
     assert verify(out) == []
-    assert "base_model: org/cp" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()  # every Hub parent, CP first, as the Hub lists a merge's models
+    assert "base_model:\n- org/cp\n- org/chat\n- org/base\n" in card and "base_model_relation: merge" in card
 
 
 def test_missing_repo_is_a_clear_error(hub, capsys):
