@@ -101,12 +101,19 @@ class Tally:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
                     rows_sha256=rows_digest(table))
+        meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
 
 def rows_digest(table: pa.Table) -> str:
     """A checksum of the manifest's rows, stored in its metadata, so an edited manifest is detected."""
     return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def meta_digest(meta: dict) -> str:
+    """A checksum of the manifest's metadata (recipe, sources, rows' checksum), stored beside it."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_manifest(table: pa.Table, path: Path) -> None:
@@ -153,6 +160,9 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
     except DamagedManifest as e:
         return [str(e)]
     problems = []
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):  # absent: written before it existed
+        problems.append(f"{out_dir / MANIFEST_NAME}: manifest metadata (recipe, sources) does not match its checksum "
+                        "(edited after the fact?)")
     if meta.get("rows_sha256") != rows_digest(table):
         problems.append(f"{out_dir / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)")
     block = int(meta["hash"]["block_bytes"])

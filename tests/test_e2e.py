@@ -275,6 +275,20 @@ def test_verify_catches_a_changed_header_metadata(merged, tmp_path):
     assert verify(copy) == []
 
 
+def test_verify_catches_an_edited_manifest_metadata(merged, tmp_path):
+    """The recipe or sources edited inside the manifest's metadata: caught (only its rows had a checksum)."""
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "copy"
+    shutil.copytree(merged, copy)
+    table = pq.read_table(copy / "manifest.parquet")
+    meta = json.loads(table.schema.metadata[b"chatvec"])
+    meta["recipe"]["targets"][0]["alphas"] = [0.25]
+    pq.write_table(table.replace_schema_metadata({b"chatvec": json.dumps(meta).encode()}), copy / "manifest.parquet")
+    assert verify(copy) == [f"{copy / 'manifest.parquet'}: manifest metadata (recipe, sources) does not match its "
+                            "checksum (edited after the fact?)"]
+
+
 def test_extract_then_apply_equals_merge(llamas, merged, tmp_path):
     vec = tmp_path / "vector"
     assert main(["extract", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--out", str(vec),
