@@ -58,7 +58,7 @@ def start_cluster(nodes: int, cpus: int, head_cpus: int, object_store_mib: int):
 
     common = {"node_ip_address": "127.0.0.1", "object_store_memory": object_store_mib * MiB}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **common, "num_cpus": head_cpus, "include_dashboard": False, "_system_config": HEALTH_CHECKS})
+        **common, "num_cpus": head_cpus, "include_dashboard": False, "_system_config": dict(HEALTH_CHECKS)})
     for _ in range(nodes):
         cluster.add_node(**common, num_cpus=cpus)
     cluster.wait_for_nodes()

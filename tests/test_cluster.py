@@ -69,7 +69,7 @@ def start_cluster():
 
     common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
     c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 0, "include_dashboard": False,
-                                                      "_system_config": HEALTH_CHECKS})
+                                                      "_system_config": dict(HEALTH_CHECKS)})
     nodes = [c.add_node(**common, num_cpus=1) for _ in range(3)]
     c.wait_for_nodes()
     return c, nodes
