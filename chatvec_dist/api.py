@@ -1,6 +1,7 @@
 """The Python API: the same operations as the CLI, sharing its recipe objects."""
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -26,8 +27,8 @@ def make_recipe(base: PathText | list[PathText | None] | None, chat: PathText | 
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
         raise ChatvecError(f"{len(bases)} base(s) for {len(chats)} chat model(s): give one base per chat model")
-    alphas = (alpha,) * len(chats) if isinstance(alpha, (int, float)) else tuple(alpha)
-    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+    alphas = (alpha,) * len(chats) if isinstance(alpha, numbers.Real) else tuple(alpha)
+    if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in alphas):  # numpy's too
         raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
     vectors = tuple(Vector(c, b) for c, b in zip(chats, bases))
     out = os.fspath(out)

@@ -347,7 +347,9 @@ def test_python_api(llamas, tmp_path):
 def test_python_api_takes_paths_and_refuses_misuse_before_any_work(llamas, tmp_path):
     """pathlib.Path works wherever a path goes (it failed at the commit, after all the work); a single exclude
     regex is one pattern, not its letters; wrong types are one ChatvecError before anything is read or written."""
-    out = chatvec_dist.merge(llamas["base"], llamas["chat"], llamas["cp"], tmp_path / "out", 0.5,
+    import numpy as np
+
+    out = chatvec_dist.merge(llamas["base"], llamas["chat"], llamas["cp"], tmp_path / "out", np.float32(0.5),
                              exclude="lm_head", options=chatvec_dist.RunOptions(backend="local", progress=False))
     rows = {r["tensor"]: r for r in read_manifest(out[0])[0].to_pylist()}
     assert {n for n, r in rows.items() if r["reason"] == "excluded"} == {"lm_head.weight"}
