@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from .errors import ChatvecError
-from .spec import MiB, Recipe, RunOptions, Target, Vector
+from .spec import MiB, Recipe, RunOptions, Target, Vector, is_plain_name
 
 if TYPE_CHECKING:
     from .job import Planned
@@ -34,7 +34,7 @@ def make_recipe(base: PathText | list[PathText | None] | None, chat: PathText | 
     out = os.fspath(out)
     cps = cp if isinstance(cp, dict) else {Path(out).name: cp}
     for name in cps if isinstance(cp, dict) else ():
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+        if not is_plain_name(name):
             raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name),

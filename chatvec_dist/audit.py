@@ -7,6 +7,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .errors import printable
 from .manifest import read_manifest
 
 LAYER = re.compile(r"\.(\d+)\.")
@@ -69,7 +70,7 @@ def report(out_dir: str | Path) -> str:
         lines += [f"  layer {k:3d}  {v:.3e}" for k, v in layers.items()]
     odd = outliers(rows)
     lines.append("unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing"))
-    return "\n".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in line) for line in lines)  # no escapes
+    return "\n".join(printable(line) for line in lines)  # names from the manifest: no terminal escapes
 
 
 def plot(out_dir: str | Path, png: str | Path) -> None:

@@ -7,6 +7,8 @@ import re
 
 import pyarrow as pa
 
+from .errors import printable
+
 PAPER = ("Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instruction Following and Model "
          "Alignment in New Languages*, ACL 2024 (arXiv:2310.04799)")
 
@@ -59,7 +61,7 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.
 
 def _code(text: str) -> str:
     """`text` as a Markdown code span nothing in it can close or break out of (backticks, table pipes, controls)."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace("|", "\\|")
+    text = printable(text).replace("|", "\\|")
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
     return f"{fence}{pad}{text}{pad}{fence}"

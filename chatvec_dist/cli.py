@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from .errors import ChatvecError
-from .spec import BACKENDS, DEVICES, MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, parse_size
+from .spec import BACKENDS, DEVICES, MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, is_plain_name, parse_size
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process stopped by SIGPIPE
@@ -136,7 +136,7 @@ def _named_cps(specs: list[str]) -> list[tuple[str | None, str]]:
     cps: list[tuple[str | None, str]] = []
     for spec in specs:
         name, cp = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (None, spec)
-        if name is not None and (not name or not name.isprintable() or name in (".", "..") or any(c in name for c in "/\\")):
+        if name is not None and not is_plain_name(name):
             raise ChatvecError(f"--cp {spec!r}: the name before '=' must be a plain file name (it names the output)")
         cps.append((name, cp))
     if len(cps) > 1:

@@ -17,11 +17,15 @@ class ChatvecError(Exception):
             where.append(self.file)
         if self.tensor:
             where.append(f"tensor '{self.tensor}'")
-        text = f"{': '.join(where)}: {self.what}" if where else self.what
-        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # always one line
+        return printable(f"{': '.join(where)}: {self.what}" if where else self.what)  # always one line
 
     def __reduce__(self):  # keep keyword fields across pickling (Ray ships errors between processes)
         return (_rebuild, (type(self), self.what, self.file, self.tensor))
+
+
+def printable(text: str) -> str:
+    """`text` with every control or unprintable character written as its escape: one line, no terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _rebuild(cls: type, what: str, file: str | None, tensor: str | None) -> ChatvecError:

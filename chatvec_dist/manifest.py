@@ -84,6 +84,7 @@ class Tally:
                 raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
             measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
             cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
+            counted = is_float(t.out_dtype)  # NaN/Inf: every float tensor, copies as stored too
             rows.append({
                 "target": target, "tensor": t.name, "rule": t.rule, "reason": t.reason, "shape": list(t.shape),
                 "dtype_out": t.out_dtype, "dtype_cp": t.cp.dtype if t.cp else None,
@@ -93,7 +94,7 @@ class Tally:
                 "cp_norm": cp_norm,
                 "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                 "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
-                "nan_count": s.nan if is_float(t.out_dtype) else None, "inf_count": s.inf if is_float(t.out_dtype) else None,
+                "nan_count": s.nan if counted else None, "inf_count": s.inf if counted else None,
                 "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
                 "node": ",".join(sorted({p[3] for p in e.parts.values()})),
                 "seconds": sum(p[1] for p in e.parts.values()),

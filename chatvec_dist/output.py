@@ -160,11 +160,11 @@ class Journal:
 def open_partial(out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool,
                  output: int) -> tuple[Path, dict[int, UnitResult]]:
     """Create (or reuse, when it belongs to the same job) the work area; return it and journaled results.
-    `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs."""
+    `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs.
+    What is at OUT.partial must have passed `check_work_area` (the caller checks every target's first)."""
     work = partial_path(out)
     plan_file = work / PLAN_NAME
-    if work.exists() or work.is_symlink():
-        check_work_area(out)
+    if work.exists():
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
             shutil.rmtree(work)
         elif (found := _read_plan(plan_file)).get("digest") != digest:

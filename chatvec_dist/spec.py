@@ -128,6 +128,11 @@ class RunOptions:
             raise ChatvecError(f"cpus per worker {self.cpus_per_worker}: must be positive")
 
 
+def is_plain_name(name: object) -> bool:
+    """A target name that can name a folder under the output root: one printable path component."""
+    return isinstance(name, str) and name.isprintable() and name not in ("", ".", "..") and not any(c in name for c in "/\\")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         from .errors import ChatvecError

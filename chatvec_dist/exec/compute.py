@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import ChatvecError
-
 from ..kernels.cpu import Scratch, combine
 from ..kernels.stats import Stats
 from ..planning.planner import Src
