@@ -197,13 +197,20 @@ def merge(paths: dict[str, Path], out: Path, device: str, backend: str = "local"
            "--cp", str(paths["cp"]), "--out", str(out), "--overwrite", "--restart", "--no-progress", "--device", device,
            "--backend", backend] + (["--workers", str(workers)] if workers else [])
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=MERGE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a hung merge costs one row, not the rest of a lent GPU's time
+        shutil.rmtree(out, ignore_errors=True)
+        return float("nan"), f"FAILED (still running after {MERGE_TIMEOUT_S} s, stopped)"
     seconds = time.perf_counter() - t0
     last = (done.stderr.strip().splitlines() or [""])[-1]
     if done.returncode:
         shutil.rmtree(out, ignore_errors=True)
         return float("nan"), f"FAILED (exit {done.returncode}): {last}"
     return seconds, last
+
+
+MERGE_TIMEOUT_S = 150
 
 
 def floor_seconds(paths: dict[str, Path], out_bytes: int, scratch: Path) -> float:

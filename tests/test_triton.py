@@ -1,5 +1,5 @@
-"""The Triton kernel, run by Triton's interpreter on CPU tensors (no GPU here): bit for bit against the
-float64 reference and the CPU kernel, every dtype combination."""
+"""The Triton kernel, bit for bit against the float64 reference and the CPU kernel, every dtype combination: on
+the GPU where there is one, else run by Triton's interpreter on CPU tensors (as in CI)."""
 from __future__ import annotations
 
 import itertools
@@ -17,6 +17,11 @@ from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 N = 2500  # the interpreter is slow: small tensors, more than one block
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest sets TRITON_INTERPRET without one
+
+
+def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEVICE)
 
 
 def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -33,10 +38,10 @@ def both(out_dtype, cp, terms):
         [NAMES[x.dtype] for _, p, m in terms for x in (p, m) if x is not None]
     compute = compute_dtype(dtypes)
     n = terms[0][1].numel() if cp is None else cp.numel()
-    gpu, cpu = torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=out_dtype)
-    stats = torch.zeros(5, dtype=torch.float64)
-    combine_triton(gpu, cp, terms, compute, stats)
-    return gpu, stats, cpu, combine(cpu, cp, terms, compute, Scratch())
+    gpu, cpu = torch.empty(n, dtype=out_dtype, device=DEVICE), torch.empty(n, dtype=out_dtype)
+    stats = torch.zeros(5, dtype=torch.float64, device=DEVICE)
+    combine_triton(gpu, on_device(cp), [(a, on_device(p), on_device(m)) for a, p, m in terms], compute, stats)
+    return gpu.cpu(), stats.cpu(), cpu, combine(cpu, cp, terms, compute, Scratch())
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
@@ -116,23 +121,24 @@ def test_reused_scratch_gives_fresh_stats_for_a_smaller_call():
     """Partials rows are reused across calls: a smaller call (a copy: no vectors) must not see stale rows."""
     from chatvec_dist.kernels.triton_merge import TritonScratch
 
-    scratch, stats = TritonScratch(), torch.zeros(5, dtype=torch.float64)
-    cp, base, chat = rand(3 * N, torch.bfloat16, 1), rand(3 * N, torch.bfloat16, 2), rand(3 * N, torch.bfloat16, 3)
-    combine_triton(torch.empty(3 * N, dtype=torch.bfloat16), cp, [(1.0, chat, base)], torch.float32, stats, scratch)
+    scratch, stats = TritonScratch(), torch.zeros(5, dtype=torch.float64, device=DEVICE)
+    cp, base, chat = (rand(3 * N, torch.bfloat16, seed).to(DEVICE) for seed in (1, 2, 3))
+    combine_triton(torch.empty(3 * N, dtype=torch.bfloat16, device=DEVICE), cp, [(1.0, chat, base)], torch.float32,
+                   stats, scratch)
     assert (stats[:3] > 0).all()
     stats.zero_()
-    out = torch.empty(N, dtype=torch.bfloat16)
+    out = torch.empty(N, dtype=torch.bfloat16, device=DEVICE)
     combine_triton(out, cp[:N], [], torch.float32, stats, scratch)
     assert torch.equal(out, cp[:N])
     assert stats[0].item() == pytest.approx(float(cp[:N].double().square().sum()), rel=1e-6)
     assert stats[1:].tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tmp_path, monkeypatch):
+def test_the_gpu_worker_pipeline_gives_the_cpu_paths_bytes(llamas, tmp_path, monkeypatch):
     """TritonCompute — device buffers, uploads of only what the kernel reads, the kernel, the copy back, whole
-    pieces, hash and write block by block — run on CPU tensors (interpreted): a batch with a float32 output and an
-    extended vocabulary whose skipped embeddings are copies gives the CPU path's bytes, hashes and stats. (Streams,
-    pinned memory and overlap need a GPU: benchmarks/gpu.py.)"""
+    pieces, hash and write block by block — on the GPU, or on CPU tensors (interpreted): a batch with a float32
+    output and an extended vocabulary whose skipped embeddings are copies gives the CPU path's bytes, hashes and
+    stats. (Overlap is measured by benchmarks/gpu.py.)"""
     import dataclasses
 
     import chatvec_dist
@@ -158,7 +164,7 @@ def test_the_gpu_worker_pipeline_on_the_cpu_gives_the_cpu_paths_bytes(llamas, tm
 
     options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
     chatvec_dist.run(recipe(str(tmp_path / "cpu")), options)
-    monkeypatch.setattr(worker, "make_compute", lambda device, strict: Recorded(torch.device("cpu")))
+    monkeypatch.setattr(worker, "make_compute", lambda device, strict: Recorded(DEVICE))
     chatvec_dist.run(recipe(str(tmp_path / "triton")), options)  # two threads: launches take turns (_LAUNCH)
 
     for name in ("zh", "ko"):
@@ -188,7 +194,7 @@ def test_a_gpu_worker_tries_the_kernel_when_it_starts(monkeypatch):
 
     calls = []
     monkeypatch.setattr(triton_merge, "combine_triton", lambda *args: calls.append(args))
-    compute.TritonCompute(torch.device("cpu"))
+    compute.TritonCompute(DEVICE)
     assert len(calls) == 1
 
     def no_compiler(device):
