@@ -247,7 +247,7 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
                 raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
             print(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker", file=sys.stderr)
             suspect = backend.run(lost, on_result)
-        return throughput(stages, time.perf_counter() - started, backend)
+        return throughput(stages, started, time.perf_counter(), backend)
     finally:
         bar.close()
         for j in journals:
@@ -267,14 +267,17 @@ def _backend(ctx: WorkContext, options: RunOptions):
     raise ValueError(f"unknown backend {options.backend!r}")
 
 
-def throughput(stages: Stages, wall: float, backend) -> str:
-    """One line: bytes moved per wall second, then where the workers spent their time (seconds summed over workers)."""
+def throughput(stages: Stages, started: float, ended: float, backend) -> str:
+    """One line: bytes moved per wall second, the start-up (until the first worker was ready: Ray, CUDA, the
+    kernel's compile), then where the workers spent their time (seconds summed over workers)."""
     def rate(nbytes: int, seconds: float) -> str:
         return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "—"
 
-    moved = stages.bytes_read + stages.bytes_written
+    moved, wall = stages.bytes_read + stages.bytes_written, ended - started
+    startup = (backend.first_ready or ended) - started
     return (f"{moved / 1e9:.2f} GB in {wall:.1f} s ({rate(moved, wall)}) on {backend.name} × {backend.workers}, "
-            f"start-up and fsync included; worker-seconds: read {stages.read:.2f} ({rate(stages.bytes_read, stages.read)}), "
+            f"start-up {startup:.2f} s and fsync included; "
+            f"worker-seconds: read {stages.read:.2f} ({rate(stages.bytes_read, stages.read)}), "
             f"compute {stages.compute:.2f}, hash {stages.hash:.2f}, "
             f"write {stages.write:.2f} ({rate(stages.bytes_written, stages.write)}); fsync {backend.sync_seconds:.2f} s")
 

@@ -418,7 +418,7 @@ def test_a_batch_reads_each_input_byte_once_and_writes_each_output_byte_once(lla
 
     seen = []
     real = job.throughput
-    monkeypatch.setattr(job, "throughput", lambda stages, wall, backend: seen.append(stages) or real(stages, wall, backend))
+    monkeypatch.setattr(job, "throughput", lambda stages, *rest: seen.append(stages) or real(stages, *rest))
     root = tmp_path / "root"
     assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", f"zh={llamas['cp']}",
                  "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap", "--out", str(root),

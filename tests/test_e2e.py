@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,10 +101,14 @@ def test_manifest_audits_every_tensor(llamas, merged):
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == 96
 
 
-def test_same_bytes_for_any_worker_count_and_backend(llamas, merged, ray_local, tmp_path):
+def test_same_bytes_for_any_worker_count_and_backend(llamas, merged, ray_local, tmp_path, capsys):
+    """…and each says how long its start-up took (until the first worker was ready), within its wall time."""
     runs = {"ray1": ["--workers", "1"], "local2": ["--backend", "local", "--workers", "2"]}
     for name, extra in runs.items():
+        capsys.readouterr()
         assert main(merge_args(llamas, tmp_path / name, "cp", "--unit-size", "2KiB", *extra)) == 0
+        line = re.search(r"GB in ([\d.]+) s .* start-up ([\d.]+) s and fsync included", capsys.readouterr().err)
+        assert line and 0 <= float(line[2]) <= float(line[1]) + 0.05, name  # both rounded
         assert shard_bytes(tmp_path / name) == shard_bytes(merged)
         a, _ = read_manifest(tmp_path / name)
         b, _ = read_manifest(merged)

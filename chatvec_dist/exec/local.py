@@ -27,6 +27,7 @@ class LocalBackend:
         self.devices = [f"cuda:{i % gpus}" for i in range(self.workers)] if gpus else [device] * self.workers
         self.strict = device == "cuda"  # `auto` computes on the CPU where the GPU kernel cannot run (with a warning)
         self.sync_seconds = 0.0  # wall time of the slowest worker's final fsync in the last run
+        self.first_ready: float | None = None  # perf_counter() when the first worker was ready for units
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; threads share this process, so no finished unit is ever in doubt (returns []).
@@ -41,12 +42,14 @@ class LocalBackend:
             todo.put(unit)
         stop = threading.Event()
         syncs: list[float] = []
+        readies: list[float] = []
         warned = threading.Lock()
 
         def work(device: str) -> None:
             runner = None
             try:
                 runner = UnitRunner(self.ctx, device=device, strict=self.strict)
+                readies.append(time.perf_counter())
                 if runner.compute.fallback and warned.acquire(blocking=False):
                     print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
                           "use a thread per core", file=sys.stderr)
@@ -85,6 +88,7 @@ class LocalBackend:
                 t.join()
             torch.set_num_threads(intra_op)
         self.sync_seconds = max(syncs, default=0.0)
+        self.first_ready = min(readies, default=None)
         while not done.empty():  # an error closing a runner (fsync) after the last unit
             _, error = done.get()
             if error is not None:

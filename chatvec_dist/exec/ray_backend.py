@@ -176,6 +176,7 @@ class RayBackend:
         self.actors: list = []
         self.replacements = 0
         self.sync_seconds = 0.0  # wall time of the last fsync of every worker's files
+        self.first_ready: float | None = None  # perf_counter() when the first actor was ready for units
         for _ in range(self.workers):
             self._start_actor()
 
@@ -231,6 +232,7 @@ class RayBackend:
                     try:
                         self._check_device(*self._get(ref))
                         self.actors.append(actor)
+                        self.first_ready = self.first_ready or time.perf_counter()
                     except ray.exceptions.RayActorError:
                         self._replace(actor)
                     continue
