@@ -71,6 +71,16 @@ def test_extract_without_cp():
     assert stats.cp_sq == 0.0
 
 
+def test_signed_zeros_follow_the_formula():
+    """−0 − (+0) = −0 and −0 + (−0) = −0 (IEEE): a merge and an extraction keep the sign, in the reference too
+    (an accumulator started at zeros would make them +0)."""
+    zero, neg = torch.zeros(4, dtype=torch.bfloat16), -torch.zeros(4, dtype=torch.bfloat16)
+    for cp, alpha, want in ((neg, 1.0, 0x8000), (neg, 0.3, 0x8000), (zero, 1.0, 0), (None, 1.0, 0x8000)):
+        out, _ = _run(torch.bfloat16, cp, [(alpha, neg, zero)])
+        for got in (out, reference(cp, [(alpha, neg, zero)], torch.bfloat16)):
+            assert got.view(torch.int16).tolist() == [want - 0x10000 if want else 0] * 4, (cp, alpha)
+
+
 def test_reference_merge_rows_keeps_new_rows():
     cp, base, chat = _rand(12, torch.float32, 1), _rand(8, torch.float32, 2), _rand(8, torch.float32, 3)
     out = reference(cp, [(1.0, chat, base)], torch.float32, merge_elems=8)

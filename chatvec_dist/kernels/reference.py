@@ -12,12 +12,13 @@ def reference(cp: torch.Tensor | None, terms: list[Term], out_dtype: torch.dtype
     base = cp.double().flatten() if cp is not None else None
     numel = base.numel() if base is not None else terms[0][1].numel()
     k = numel if merge_elems is None else merge_elems
-    delta = torch.zeros(k, dtype=torch.float64)
+    delta = None  # not zeros: 0 + (−0) would be +0, where the formula gives −0
     for alpha, plus, minus in terms:
         d = plus.double().flatten()[:k]
         if minus is not None:
             d = d - minus.double().flatten()[:k]
-        delta += alpha * d
+        delta = alpha * d if delta is None else delta + alpha * d
     out = base.clone() if base is not None else torch.zeros(numel, dtype=torch.float64)
-    out[:k] += delta
+    if delta is not None:
+        out[:k] = delta if base is None else out[:k] + delta
     return out.to(out_dtype)
