@@ -17,7 +17,7 @@ from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 N = 2500  # the interpreter is slow: small tensors, more than one block
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest sets TRITON_INTERPRET without one
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # interpreted: conftest
 
 
 def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -103,6 +103,16 @@ def test_extract_and_copy_and_bfloat16_rounding_edges():
     assert torch.equal(bits(cpu)[~nan], bits(edges.to(torch.bfloat16))[~nan])  # torch's own rounding elsewhere
     assert bool((bits(cpu)[nan] == 0x7FC0).all())  # canonical quiet NaN
     assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == (300, 600)
+
+
+def test_signed_zeros_follow_the_formula():
+    """−0 − (+0) = −0, and −0 + (−0) = −0: as the CPU kernel and the float64 reference."""
+    zero, neg = torch.zeros(N, dtype=torch.bfloat16), -torch.zeros(N, dtype=torch.bfloat16)
+    for cp, alpha in ((neg, 1.0), (neg, 0.3), (zero, 1.0), (None, 1.0)):
+        gpu, _, cpu, _ = both(torch.bfloat16, cp, [(alpha, neg, zero)])
+        ref = reference(cp, [(alpha, neg, zero)], torch.bfloat16)
+        assert torch.equal(bits(gpu), bits(cpu)) and torch.equal(bits(gpu), bits(ref))
+        assert bits(gpu)[0].item() == (0 if cp is zero else -0x8000)
 
 
 @pytest.mark.parametrize("out_dt", DTYPES)
