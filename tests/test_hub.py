@@ -134,7 +134,8 @@ def test_a_partly_cached_repo_fetches_the_rest(hub, tmp_path, monkeypatch):
     only_config.mkdir()
     shutil.copyfile(models["cp"] / "config.json", only_config / "config.json")
     snapshot = cache_repo(cache, "org/partial", only_config, "f" * 40)
-    unusable = r"org/partial: the cached snapshot is unusable and fetching added nothing \(offline\?\): .*no safetensors files"
+    unusable = (r"org/partial: the cached snapshot is unusable and fetching did not mend it \(offline, or a damaged "
+                r"file that the cache still holds: delete it there to have it downloaded again\): .*no safetensors files")
     with pytest.raises(SourceError, match=unusable):
         open_source("org/partial")  # offline: nothing more to fetch, and the error says why
 

@@ -38,7 +38,9 @@ def open_source(spec: str) -> Checkpoint:
     except ChatvecError as e:
         if unusable is None:
             raise
-        raise SourceError(f"the cached snapshot is unusable and fetching added nothing (offline?): {e}", file=repo_id) from None
+        raise SourceError(f"the cached snapshot is unusable and fetching did not mend it (offline, or a damaged file "
+                          f"that the cache still holds: delete it there to have it downloaded again): {e}",
+                          file=repo_id) from None
 
 
 def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
