@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -150,15 +151,16 @@ def test_more_workers_than_the_cluster_holds_is_said_and_still_finishes(llamas, 
 
 def test_auto_computes_on_the_cpu_where_the_gpu_kernel_cannot_run(llamas, merged, tmp_path, monkeypatch, capsys):
     """torch reports a GPU the kernel cannot use (here: a CPU build of torch told it has one): `--device auto`
-    says so once and computes on the CPU (same bytes); `--device cuda` fails, naming why."""
+    says so once and computes on the CPU, a thread per core as `--device cpu` would (same bytes); `--device cuda`
+    fails, naming why."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # sized for GPUs, that would be 8 threads
     out = tmp_path / "auto"
     assert main(merge_args(llamas, out, "cp", "--unit-size", "2KiB", "--backend", "local")) == 0
     err = capsys.readouterr().err
-    assert err.count("chatvec: warning: computing on the CPU: the GPU kernel cannot run on cuda:0 (") == 1, err
-    assert "; pass --device cpu to use a thread per core" in err
-    assert "on local × 2," in err and shard_bytes(out) == shard_bytes(merged)
+    warning = "chatvec: warning: computing on the CPU, a thread per core: the GPU kernel cannot run on cuda:0 ("
+    assert err.count(warning) == 1 and err.count("warning") == 1, err
+    assert f"on local × {os.cpu_count()}," in err and shard_bytes(out) == shard_bytes(merged)
     assert main(merge_args(llamas, tmp_path / "cuda", "cp", "--backend", "local", "--device", "cuda")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("chatvec: error: --device cuda, but the GPU kernel cannot run on cuda:0 ("), err
@@ -496,10 +498,14 @@ def test_local_backend_threads_default_to_cpus_or_spread_over_gpus(monkeypatch):
     thread i on GPU i mod count, so that a multi-GPU box uses every GPU."""
     from chatvec_dist.exec.local import LocalBackend
 
+    from chatvec_dist.exec import local
+
     assert LocalBackend(None, None, "auto").devices == ["auto"] * os.cpu_count()
     assert LocalBackend(None, 3, "cpu").devices == ["cpu"] * 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert LocalBackend(None, None, "auto").devices == ["cpu"] * os.cpu_count()  # the kernel cannot run here
+    monkeypatch.setattr(local, "make_compute", lambda device, strict: types.SimpleNamespace(fallback=None))
     assert LocalBackend(None, None, "auto").devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert LocalBackend(None, 3, "cuda").devices == ["cuda:0", "cuda:1", "cuda:0"]
     assert LocalBackend(None, None, "cpu").devices == ["cpu"] * os.cpu_count()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..planning.layout import Unit
+from .compute import make_compute
 from .messages import UnitResult, WorkContext
 from .ray_backend import PIPELINE
 from .worker import UnitRunner
@@ -20,9 +21,13 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, ctx: WorkContext, workers: int | None, device: str = "auto") -> None:
-        """`workers` threads (default: one per CPU; on GPUs, PIPELINE["cuda"] per GPU, spread over them)."""
+        """`workers` threads (default: one per CPU; on GPUs, PIPELINE["cuda"] per GPU, spread over them). With
+        `auto`, the GPU kernel is tried first: where it cannot run, the threads compute on the CPU, one per CPU."""
         self.ctx = ctx
         gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+        if gpus and device == "auto" and (why := make_compute(torch.device("cuda", 0), strict=False).fallback):
+            print(f"chatvec: warning: computing on the CPU, a thread per core: {why}", file=sys.stderr)
+            gpus, device = 0, "cpu"
         self.workers = max(1, workers or (PIPELINE["cuda"] * gpus if gpus else os.cpu_count() or 1))
         self.devices = [f"cuda:{i % gpus}" for i in range(self.workers)] if gpus else [device] * self.workers
         self.strict = device == "cuda"  # `auto` computes on the CPU where the GPU kernel cannot run (with a warning)
@@ -50,7 +55,7 @@ class LocalBackend:
             try:
                 runner = UnitRunner(self.ctx, device=device, strict=self.strict)
                 readies.append(time.perf_counter())
-                if runner.compute.fallback and warned.acquire(blocking=False):
+                if runner.compute.fallback and warned.acquire(blocking=False):  # a GPU beside the one tried
                     print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
                           "use a thread per core", file=sys.stderr)
                 while not stop.is_set():
