@@ -253,7 +253,8 @@ def shard_hashes(out: Path) -> dict[str, str] | None:
 
 
 def end_to_end(root: Path, gb: float, device: str) -> tuple[int, list[tuple], bool]:
-    """The ~`gb` merge: the I/O floor, then chatvec on the GPU (local threads, Ray if installed) and on the CPU."""
+    """The ~`gb` merge: the I/O floor, then chatvec on the GPU (local threads, `auto`'s choice, Ray if installed)
+    and on the CPU."""
     paths = make_model(root, gb / 4, device)
     out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
     moved = 4 * out_bytes
@@ -263,7 +264,8 @@ def end_to_end(root: Path, gb: float, device: str) -> tuple[int, list[tuple], bo
     floor = floor_seconds(paths, out_bytes, root / "floor.bin")
     runs = [("I/O floor (read inputs + write output, fsync)", floor, None, "")]
     cases = [(f"chatvec --device {device}, local, 2 threads (default)", "out-cuda", (device, "local", None)),
-             (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4))]
+             (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4)),
+             ("chatvec --device auto (the default), local", "out-auto", ("auto", "local", None))]  # picks the GPU?
     if importlib.util.find_spec("ray") is not None:
         cases.append((f"chatvec --device {device}, Ray (start-up included)", "out-cuda-ray", (device, "ray", None)))
     else:
