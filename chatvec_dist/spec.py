@@ -51,9 +51,9 @@ class Target:
         _paths(self, "cp", "out")
         where = f"target {self.name!r}"
         _check(isinstance(self.name, str) and isinstance(self.out, str), f"{where}: name and out must be text")
-        _check(isinstance(self.alphas, tuple) and all(_real(a) for a in self.alphas),
+        _check(isinstance(self.alphas, tuple) and all(_real(a) and abs(a) <= FLOAT32_MAX for a in self.alphas),
                f"{where}: alphas {list(self.alphas) if isinstance(self.alphas, tuple) else self.alphas!r} must be "
-               "finite numbers (a tuple)")
+               "finite numbers within float32's range, |alpha| ≤ 3.4e38 (a tuple)")
         _check(self.vocab in VOCAB_POLICIES, f"{where}: vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}")
         _check(isinstance(self.exclude, tuple) and all(isinstance(x, str) for x in self.exclude),
                f"{where}: exclude {self.exclude!r} must be a tuple of regexes (text)")
@@ -138,6 +138,9 @@ def _check(ok: bool, message: str) -> None:
         from .errors import ChatvecError
 
         raise ChatvecError(message)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # kernels scale in float32: a larger alpha would be Inf there
 
 
 def _real(x: object) -> bool:

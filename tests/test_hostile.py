@@ -477,6 +477,13 @@ def alpha_not_finite(c: Case) -> None:
 
 
 @case
+def alpha_beyond_float32(c: Case) -> None:
+    """The kernels scale in float32, where 1e39 is Inf (outputs ±Inf, and Inf·0 = NaN in a kernel's idle lanes)."""
+    c.extra = ["--alpha", "1e39"]
+    c.expect = ["alphas [1e+39] must be finite numbers within float32's range, |alpha| ≤ 3.4e38"]
+
+
+@case
 def exclude_matching_nothing(c: Case) -> None:
     c.extra = ["--exclude", "no_such_tensor"]
     c.expect = ["'no_such_tensor' matches no tensor"]

@@ -100,9 +100,11 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
     if ACC_OUT:  # more vectors follow in another launch
         tl.store(acc_ptr + offs, acc, mask=mask)
     else:
-        row = partials_ptr + pid * 5  # this program's cp², Δ², (out − cp)², NaN, Inf (zeros where not computed)
-        live = tl.where(mask, acc, 0)  # lanes past n hold 0·alpha: NaN for an alpha beyond float32's range
-        tl.store(row + 1, tl.sum(live * live, axis=0).to(tl.float64))
+        # This program's cp², Δ², (out − cp)², NaN, Inf (zeros where not computed). Lanes past n add nothing: every
+        # input loads 0 there and alphas are finite in float32 (spec.FLOAT32_MAX). (Masked, the kernel ran at 88 % of
+        # a D2D copy on an H200, against 92–93 % without.)
+        row = partials_ptr + pid * 5
+        tl.store(row + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
         cp_sq = tl.zeros([], dtype=tl.float64)
         if HAS_CP:
             c = _load(cp_ptr, offs, mask, COMPUTE)
@@ -114,7 +116,7 @@ def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
         tl.store(row + 0, cp_sq)
         o = _round_out(acc, OUT_KIND)
         tl.store(out_ptr + offs, o, mask=mask)
-        r = tl.where(mask, _widen(o, COMPUTE), 0)  # exact: the compute dtype holds every output value
+        r = _widen(o, COMPUTE)  # exact: the compute dtype holds every output value
         tl.store(row + 3, tl.sum((r != r).to(tl.float64), axis=0))
         tl.store(row + 4, tl.sum(((r == float("inf")) | (r == float("-inf"))).to(tl.float64), axis=0))
         if HAS_CP:
