@@ -180,6 +180,26 @@ def test_ray_workers_without_a_gpu_are_told_to_use_the_cpu(ray_local):
             ray_local.kill(actor, no_restart=True)
 
 
+def test_a_gpu_actor_sees_only_its_own_gpu_where_ray_leaves_all_visible(ray_local, monkeypatch):
+    """RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (clusters shared with other frameworks; Ray Jobs set it for
+    their drivers): Ray then leaves every GPU visible, and each actor would use GPU 0. The actor narrows
+    CUDA_VISIBLE_DEVICES to the GPUs Ray gave it, as Ray would; without the flag it leaves Ray's setting alone."""
+    from chatvec_dist.exec import ray_backend
+
+    assert ray_backend.own_gpus({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, [3]) == "3"
+    assert ray_backend.own_gpus({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "True"}, [2, 5]) == "2,5"
+    for env, ids in (({}, [3]), ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "0"}, [3]),
+                     ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, [])):  # Ray's reading; a CPU actor
+        assert ray_backend.own_gpus(env, ids) is None
+    monkeypatch.setattr(ray_local, "get_gpu_ids", lambda: [1])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    ray_backend._Worker(None, "auto")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # Ray's own setting stands
+    monkeypatch.setenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
+    ray_backend._Worker(None, "auto")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
 def _wait_until_dead(ray, actor, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import ChatvecError
@@ -112,6 +112,14 @@ def _signals_deferred():
             raise KeyboardInterrupt
 
 
+def own_gpus(env: Mapping[str, str], gpu_ids: list) -> str | None:
+    """CUDA_VISIBLE_DEVICES for an actor whose GPUs Ray left visible to every process (it does so where
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES is true, read as Ray reads it): its own, as Ray would have set it;
+    else None. Without this, every actor on such a node would take torch's current device, GPU 0."""
+    noset = env.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "").lower() in ("1", "true")
+    return ",".join(str(i) for i in gpu_ids) if noset and gpu_ids else None
+
+
 class _Worker:
     """A Ray actor: PIPELINE threads, each with its own runner (buffers, stream)."""
 
@@ -120,6 +128,8 @@ class _Worker:
 
         self.ctx, self.device = ctx, device
         self.node = ray.get_runtime_context().get_node_id()
+        if (visible := own_gpus(os.environ, ray.get_gpu_ids())) is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA starts in this process (on first use)
         self._local = threading.local()
         self._runners: list[UnitRunner] = []
         self._lock = threading.Lock()
