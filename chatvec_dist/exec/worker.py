@@ -77,7 +77,8 @@ class UnitRunner:
         stages.bytes_read += sum(t.numel() * t.element_size() for t in inputs.values())
         clock = stages.lap("read", clock)
         computed = [p.tensor for _, p in columns if not _written_as_read(p.tensor)]
-        staged = self.compute.upload({s: inputs[s][:n] for s, n in input_needs(piece, computed).items()})  # not copies
+        needs = input_needs(piece, computed)  # what the kernel reads: not the straight copies' bytes
+        staged = self.compute.upload({s: inputs[s][:n] for s, n in needs.items()})
         results = []
         for o, placed in columns:
             t = placed.tensor
