@@ -5,6 +5,7 @@ Reports bytes read and written (from the plan) and wall time, on the checkpoints
 
     python benchmarks/batch.py [--data benchmarks/data/medium] [--backend local]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,22 @@ def planned_io(args: list[str]) -> tuple[float, float]:
 def timed(args: list[str], out: Path, backend: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "chatvec_dist.cli", "merge", *args, "--out", str(out), "--no-progress",
-                    "--backend", backend], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatvec_dist.cli",
+            "merge",
+            *args,
+            "--out",
+            str(out),
+            "--no-progress",
+            "--backend",
+            backend,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -52,13 +67,17 @@ def main() -> int:
     t_single = sum(timed(s, out / f"single{i}", a.backend) for i, s in enumerate(singles))
     shutil.rmtree(out, ignore_errors=True)
     model = wrote_b / 4
-    print(f"\n## Batch of 4 outputs (2 CP targets × alphas 0.5, 1.0) vs 4 separate merges — {a.backend} backend, "
-          f"{os.cpu_count()} cores, {model:.2f} GB per model")
+    print(
+        f"\n## Batch of 4 outputs (2 CP targets × alphas 0.5, 1.0) vs 4 separate merges — {a.backend} backend, "
+        f"{os.cpu_count()} cores, {model:.2f} GB per model"
+    )
     print("| how | GB read | GB written | model-sized transfers | wall s |\n|---|---:|---:|---:|---:|")
     print(f"| one batch | {read_b:.2f} | {wrote_b:.2f} | {(read_b + wrote_b) / model:.1f} | {t_batch:.1f} |")
     print(f"| 4 separate runs | {read_s:.2f} | {wrote_b:.2f} | {(read_s + wrote_b) / model:.1f} | {t_single:.1f} |")
-    print("(The two CP targets name the same directory here, so the batch reads it once: 3 + 4 transfers; with "
-          "distinct CPs it is 2 + 2N.)")
+    print(
+        "(The two CP targets name the same directory here, so the batch reads it once: 3 + 4 transfers; with "
+        "distinct CPs it is 2 + 2N.)"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ Every case runs as a subprocess (start-up included); wall times are medians over
 sampled every 50 ms over the whole process tree (driver, Ray's gcs/raylet and actors, ...). Results go to stdout
 and are appended to benchmarks/RESULTS.md. See benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,49 @@ DATA_VERSION = 1  # bump when the generator changes, so that stale data is regen
 
 # Llama shapes. medium ≈ TinyLlama-1.1B; large ≈ 4 × medium (peak memory must not grow with it); 7b = Llama-2-7B.
 SIZES = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=4096, shard_bytes=6 * 10**6),
-    "medium": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                   num_key_value_heads=4, vocab_size=32000, shard_bytes=10**9),
-    "large": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=23, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=32000, shard_bytes=2 * 10**9),  # 4.3 B: ≈ 4 × medium
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, shard_bytes=2 * 10**9),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        shard_bytes=6 * 10**6,
+    ),
+    "medium": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        shard_bytes=10**9,
+    ),
+    "large": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=23,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        shard_bytes=2 * 10**9,
+    ),  # 4.3 B: ≈ 4 × medium
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        shard_bytes=2 * 10**9,
+    ),
 }
 CHECKPOINTS = ("base", "chat", "cp")
 BUF = 64 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------- data
+
 
 def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """LlamaForCausalLM's tensor names and shapes, in the usual file order."""
@@ -58,11 +88,17 @@ def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h)}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i),
-                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -93,9 +129,19 @@ def model_config(size: str) -> dict:
     """A transformers LlamaConfig as JSON (the keys of chatvec_dist.demo.llama_config, copied here so that data
     generation does not depend on the code under test)."""
     spec = {k: v for k, v in SIZES[size].items() if k != "shard_bytes"}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **spec}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **spec,
+    }
 
 
 def safetensors_header(names: list[str], shapes: dict) -> bytes:
@@ -137,7 +183,8 @@ def make_checkpoint(directory: Path, cfg: dict, shards: list[list[str]], shapes:
                 weight_map[n] = fname
                 total += numel(shapes[n]) * 2
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return total
 
 
@@ -152,12 +199,18 @@ def ensure_data(root: Path, size: str) -> dict:
     if spec_path.is_file():
         have = json.loads(spec_path.read_text())
         if {k: have.get(k) for k in want} == want and all(
-                Path(p).is_file() and os.path.getsize(p) == s for p, s in have["files"].items()):
-            print(f"reusing {where}/ ({have['params'] / 1e9:.3f} B params, {have['weight_bytes'] / 1e9:.2f} GB per checkpoint)")
+            Path(p).is_file() and os.path.getsize(p) == s for p, s in have["files"].items()
+        ):
+            print(
+                f"reusing {where}/ ({have['params'] / 1e9:.3f} B params, {have['weight_bytes'] / 1e9:.2f} GB per checkpoint)"
+            )
             return have
     shutil.rmtree(where, ignore_errors=True)
     params = sum(numel(s) for s in shapes.values())
-    print(f"generating {size} checkpoints in {where}/ ({params / 1e9:.3f} B params, {len(shards)} shards each) ...", flush=True)
+    print(
+        f"generating {size} checkpoints in {where}/ ({params / 1e9:.3f} B params, {len(shards)} shards each) ...",
+        flush=True,
+    )
     t0 = time.perf_counter()
     weight_bytes = 0
     for seed, name in enumerate(CHECKPOINTS):
@@ -185,7 +238,7 @@ def _children_map() -> dict[int, list[int]]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         kids.setdefault(ppid, []).append(int(d))
     return kids
 
@@ -215,7 +268,7 @@ def _cpu(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / TICK
     except (OSError, IndexError, ValueError):
         return 0.0
@@ -300,7 +353,9 @@ def drop_caches() -> bool:
         return False
 
 
-def timed_run(cmd: list[str], cold: bool, log: Path, env: dict | None = None, cwd: Path | None = None, quiet: float = 0) -> dict:
+def timed_run(
+    cmd: list[str], cold: bool, log: Path, env: dict | None = None, cwd: Path | None = None, quiet: float = 0
+) -> dict:
     """Run `cmd` once; wall time, CPU and memory of its process tree. Raises on failure, showing the log tail."""
     os.sync()
     if cold:
@@ -312,8 +367,9 @@ def timed_run(cmd: list[str], cold: bool, log: Path, env: dict | None = None, cw
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or REPO, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or REPO, env=env, start_new_session=True
+        )
         mon = TreeMemory(proc.pid)
         mon.start()
         rc = proc.wait()
@@ -328,12 +384,23 @@ def timed_run(cmd: list[str], cold: bool, log: Path, env: dict | None = None, cw
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
-    return {"wall": wall, "cpu": cpu, "rss": mon.peak_rss, "pss": mon.peak_pss, "max_proc_rss": mon.max_proc_rss,
-            "procs": mon.max_procs, "load": max(load0, os.getloadavg()[0]),
-            "other_cpu": max(0.0, busy - cpu), "busy_before": idle, "stages": stages(log.read_text(errors="replace"))}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "rss": mon.peak_rss,
+        "pss": mon.peak_pss,
+        "max_proc_rss": mon.max_proc_rss,
+        "procs": mon.max_procs,
+        "load": max(load0, os.getloadavg()[0]),
+        "other_cpu": max(0.0, busy - cpu),
+        "busy_before": idle,
+        "stages": stages(log.read_text(errors="replace")),
+    }
 
 
-STAGES_LINE = re.compile(r"worker-seconds: read ([\d.]+) .*compute ([\d.]+), hash ([\d.]+), write ([\d.]+) .*fsync ([\d.]+) s")
+STAGES_LINE = re.compile(
+    r"worker-seconds: read ([\d.]+) .*compute ([\d.]+), hash ([\d.]+), write ([\d.]+) .*fsync ([\d.]+) s"
+)
 
 
 def stages(log: str) -> dict[str, float]:
@@ -389,9 +456,9 @@ def time_write(path: Path, nbytes: int, cold: bool) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------ peers
 
+
 def peer_streaming(base: str, chat: str, cp: str, out: str) -> None:
     """The plain streaming script: safe_open the three, float32 math per tensor, save_file per CP shard."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -432,14 +499,17 @@ PEERS = {"streaming": peer_streaming, "transformers": peer_transformers}
 
 def mergekit_config(where: Path, base: str, chat: str, cp: str) -> Path:
     cfg = where / "mergekit.yml"
-    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
-                   f"  - model: {chat}\n    parameters:\n      weight: 1.0\n"
-                   f"  - model: {cp}\n    parameters:\n      weight: 1.0\n"
-                   f"dtype: bfloat16\n")
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+        f"  - model: {chat}\n    parameters:\n      weight: 1.0\n"
+        f"  - model: {cp}\n    parameters:\n      weight: 1.0\n"
+        f"dtype: bfloat16\n"
+    )
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------ report
+
 
 def plot(report: Report, in_bytes: int, out_bytes: int, title: str, path: Path) -> bool:
     """A PNG: GB/s of each tool (whole process), and of each stage (the floor's parts; chatvec's worker stages)."""
@@ -450,13 +520,19 @@ def plot(report: Report, in_bytes: int, out_bytes: int, title: str, path: Path) 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    tools = [(r["case"].replace("**", ""), report.io_bytes / r["median"] / 1e9) for r in report.rows if r["io"] and r["median"] > 0]
+    tools = [
+        (r["case"].replace("**", ""), report.io_bytes / r["median"] / 1e9)
+        for r in report.rows
+        if r["io"] and r["median"] > 0
+    ]
     parts = {r["case"]: r["median"] for r in report.rows}
     stage_rows = []
-    for label, nbytes, key in (("floor: read inputs (cat)", in_bytes, "↳ read inputs, `cat > /dev/null`"),
-                               ("floor: read inputs (python)", in_bytes, "↳ read inputs, python readinto 64 MiB"),
-                               ("floor: write output", out_bytes, "↳ write one output's bytes from a buffer"),
-                               ("floor: fsync output", out_bytes, "↳ fsync of that write (chatvec fsyncs its output)")):
+    for label, nbytes, key in (
+        ("floor: read inputs (cat)", in_bytes, "↳ read inputs, `cat > /dev/null`"),
+        ("floor: read inputs (python)", in_bytes, "↳ read inputs, python readinto 64 MiB"),
+        ("floor: write output", out_bytes, "↳ write one output's bytes from a buffer"),
+        ("floor: fsync output", out_bytes, "↳ fsync of that write (chatvec fsyncs its output)"),
+    ):
         if parts.get(key):
             stage_rows.append((label, nbytes / parts[key] / 1e9))
     for r in report.rows:
@@ -464,15 +540,26 @@ def plot(report: Report, in_bytes: int, out_bytes: int, title: str, path: Path) 
         if not st:
             continue
         who = r["case"].replace("chatvec merge, ", "")
-        for stage, nbytes in (("read", in_bytes), ("compute", in_bytes + out_bytes), ("hash", out_bytes), ("write", out_bytes),
-                              ("fsync", out_bytes)):
+        for stage, nbytes in (
+            ("read", in_bytes),
+            ("compute", in_bytes + out_bytes),
+            ("hash", out_bytes),
+            ("write", out_bytes),
+            ("fsync", out_bytes),
+        ):
             if st[stage] > 0:
                 stage_rows.append((f"{who}: {stage}", nbytes / st[stage] / 1e9))
     fig, axes = plt.subplots(2, 1, figsize=(10, 0.32 * (len(tools) + len(stage_rows)) + 2.5))
-    for ax, rows, what in ((axes[0], tools, "per tool: (bytes read + written) / wall of the whole process"),
-                           (axes[1], stage_rows, "per stage: bytes / seconds in it (chatvec: worker-seconds, summed over workers)")):
+    for ax, rows, what in (
+        (axes[0], tools, "per tool: (bytes read + written) / wall of the whole process"),
+        (axes[1], stage_rows, "per stage: bytes / seconds in it (chatvec: worker-seconds, summed over workers)"),
+    ):
         names, values = [n for n, _ in rows][::-1], [v for _, v in rows][::-1]
-        ax.barh(names, values, color=["#c44" if n.startswith("floor") or n.startswith("I/O floor") else "#48a" for n in names])
+        ax.barh(
+            names,
+            values,
+            color=["#c44" if n.startswith("floor") or n.startswith("I/O floor") else "#48a" for n in names],
+        )
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
         ax.set_xlabel("GB/s")
@@ -508,8 +595,12 @@ def machine() -> str:
 
 def git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "chatvec_dist"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "chatvec_dist"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return rev + ("+uncommitted changes in chatvec_dist/" if dirty else "")
     except OSError:
         return "?"
@@ -525,7 +616,9 @@ class Report:
         self.floor = 0.0
         self.rows: list[dict] = []
 
-    def add(self, case: str, walls: list[float], mem: list[dict] | None = None, io: bool = True, note: str = "") -> None:
+    def add(
+        self, case: str, walls: list[float], mem: list[dict] | None = None, io: bool = True, note: str = ""
+    ) -> None:
         m = {k: max(r[k] for r in mem) for k in ("rss", "pss", "max_proc_rss", "procs", "load")} if mem else {}
         if mem:
             m["cpu"] = statistics.median(r["cpu"] for r in mem)
@@ -533,11 +626,15 @@ class Report:
             if staged:
                 m["stages"] = {k: statistics.median(r[k] for r in staged) for k in staged[0]}
             m["other_cpu"] = max(r["other_cpu"] / r["wall"] for r in mem)
-        self.rows.append({"case": case, "walls": walls, "median": statistics.median(walls), "io": io, "mem": m, "note": note})
+        self.rows.append(
+            {"case": case, "walls": walls, "median": statistics.median(walls), "io": io, "mem": m, "note": note}
+        )
 
     def table(self) -> str:
-        head = ("| case | wall s (median) | runs | GB/s | × floor | CPU s | other load | peak RSS, tree | peak PSS, tree | max RSS, one process |\n"
-                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        head = (
+            "| case | wall s (median) | runs | GB/s | × floor | CPU s | other load | peak RSS, tree | peak PSS, tree | max RSS, one process |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        )
         lines = []
         for r in self.rows:
             med = r["median"]
@@ -548,8 +645,10 @@ class Report:
             case = r["case"] + (f" ({r['note']})" if r["note"] else "")
             cpu = f"{m['cpu']:.1f}" if "cpu" in m else "—"
             other = f"{m['other_cpu']:.2f}" if "other_cpu" in m else "—"
-            lines.append(f"| {case} | {med:.2f} | {runs} | {gbs} | {ratio} | {cpu} | {other} | {fmt_bytes(m.get('rss', 0))} | "
-                         f"{fmt_bytes(m.get('pss', 0))} | {fmt_bytes(m.get('max_proc_rss', 0))} |")
+            lines.append(
+                f"| {case} | {med:.2f} | {runs} | {gbs} | {ratio} | {cpu} | {other} | {fmt_bytes(m.get('rss', 0))} | "
+                f"{fmt_bytes(m.get('pss', 0))} | {fmt_bytes(m.get('max_proc_rss', 0))} |"
+            )
         return head + "\n".join(lines) + "\n"
 
 
@@ -560,12 +659,16 @@ TARGET_RSS = 1.5e9  # per process
 
 def targets(reports: dict[str, Report]) -> str:
     """The issue's targets, from reports of one run: size-dependent cost, fixed cost, peak RSS per process."""
+
     def row(rep: Report, prefix: str) -> dict | None:
         return next((r for r in rep.rows if r["case"].startswith(prefix)), None)
 
     tiny = reports["tiny"]
-    out = ["\n### Targets, from the sections above (one run)\n",
-           "| target | case | measured | goal | |", "|---|---|---:|---:|---|"]
+    out = [
+        "\n### Targets, from the sections above (one run)\n",
+        "| target | case | measured | goal | |",
+        "|---|---|---:|---:|---|",
+    ]
     for size, rep in reports.items():
         if size == "tiny":
             continue
@@ -574,45 +677,75 @@ def targets(reports: dict[str, Report]) -> str:
             small = row(tiny, r["case"]) if r["case"].startswith("chatvec merge") else None
             if small and dfloor > 0:
                 ratio = (r["median"] - small["median"]) / dfloor
-                out.append(f"| size-dependent cost, {size} − tiny: ({r['median']:.2f} − {small['median']:.2f}) s / "
-                           f"({rep.floor:.2f} − {tiny.floor:.2f}) s | {r['case']} | {ratio:.2f} × | ≤ {TARGET_RATIO} × | "
-                           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'} |")
+                out.append(
+                    f"| size-dependent cost, {size} − tiny: ({r['median']:.2f} − {small['median']:.2f}) s / "
+                    f"({rep.floor:.2f} − {tiny.floor:.2f}) s | {r['case']} | {ratio:.2f} × | ≤ {TARGET_RATIO} × | "
+                    f"{'met' if ratio <= TARGET_RATIO else 'NOT met'} |"
+                )
     ray, init = row(tiny, "chatvec merge, Ray"), row(tiny, "start-up only: `python -c 'import torch, ray")
     if ray and init:
         extra = ray["median"] - init["median"]
-        out.append(f"| fixed cost: tiny merge − `import torch, ray; ray.init()` ({ray['median']:.2f} − {init['median']:.2f} s) | "
-                   f"{ray['case']} | {extra:.2f} s | ≤ {TARGET_FIXED_S} s | {'met' if extra <= TARGET_FIXED_S else 'NOT met'} |")
+        out.append(
+            f"| fixed cost: tiny merge − `import torch, ray; ray.init()` ({ray['median']:.2f} − {init['median']:.2f} s) | "
+            f"{ray['case']} | {extra:.2f} s | ≤ {TARGET_FIXED_S} s | {'met' if extra <= TARGET_FIXED_S else 'NOT met'} |"
+        )
     for size, rep in reports.items():
         for r in rep.rows:
             rss = r["mem"].get("max_proc_rss")
             if rss and r["case"].startswith("chatvec merge"):
-                out.append(f"| peak RSS of one process, {size} | {r['case']} | {fmt_bytes(rss)} | ≤ {fmt_bytes(TARGET_RSS)} | "
-                           f"{'met' if rss <= TARGET_RSS else 'NOT met'} |")
+                out.append(
+                    f"| peak RSS of one process, {size} | {r['case']} | {fmt_bytes(rss)} | ≤ {fmt_bytes(TARGET_RSS)} | "
+                    f"{'met' if rss <= TARGET_RSS else 'NOT met'} |"
+                )
     return "\n".join(out) + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- main
+
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_peer":  # internal: run one peer in this (child) process
         PEERS[sys.argv[2]](*sys.argv[3:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}, or several comma-separated: with tiny and a "
-                    "larger one, the size-dependent and fixed-cost targets are computed from the same run (tiny,medium)")
-    ap.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic checkpoints live (default benchmarks/data)")
+    ap.add_argument(
+        "--size",
+        default="tiny",
+        help=f"one of {', '.join(SIZES)}, or several comma-separated: with tiny and a "
+        "larger one, the size-dependent and fixed-cost targets are computed from the same run (tiny,medium)",
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=HERE / "data",
+        help="where the synthetic checkpoints live (default benchmarks/data)",
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (needs root)")
     ap.add_argument("--no-peers", action="store_true", help="skip the streaming script, transformers and mergekit")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up-only cases")
     ap.add_argument("--cases", help="comma-separated subset of: ray,local,local1,streaming,transformers,mergekit")
-    ap.add_argument("--snapshot", metavar="REV", help="benchmark chatvec_dist as committed at REV (e.g. HEAD), "
-                    "exported with `git archive` and put first on PYTHONPATH, instead of the working tree")
-    ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
-                    help="before each run wait up to S seconds for the machine to be idle (default 120; 0: don't)")
-    ap.add_argument("--retries", type=int, default=4, metavar="N",
-                    help=f"per case, up to N extra runs replacing runs during which the rest of the machine used more "
-                         f"than {NOISY} cores (default 4)")
+    ap.add_argument(
+        "--snapshot",
+        metavar="REV",
+        help="benchmark chatvec_dist as committed at REV (e.g. HEAD), "
+        "exported with `git archive` and put first on PYTHONPATH, instead of the working tree",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120,
+        metavar="S",
+        help="before each run wait up to S seconds for the machine to be idle (default 120; 0: don't)",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        metavar="N",
+        help=f"per case, up to N extra runs replacing runs during which the rest of the machine used more "
+        f"than {NOISY} cores (default 4)",
+    )
     ap.add_argument("--mergekit", metavar="PATH", help="the mergekit-yaml executable (default: the one on PATH)")
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
@@ -626,6 +759,7 @@ def main() -> int:
         print("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): the 'cold' figures are hot-cache figures")
         notes.append("--cold asked, but /proc/sys/vm/drop_caches is not writable here: figures are hot-cache")
         args.cold = False
+
     def bench_size(size: str, notes: list[str]) -> tuple[Report, str]:
         """Every case on one model size; returns the report and its RESULTS.md section."""
         spec = ensure_data(args.data, size)
@@ -640,8 +774,10 @@ def main() -> int:
         logs.mkdir(exist_ok=True)
         report = Report(io_bytes)
         mode = "cold" if args.cold else "hot"
-        print(f"size {size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
-              f"{mode} cache; {args.repeat} run(s) per case")
+        print(
+            f"size {size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
+            f"{mode} cache; {args.repeat} run(s) per case"
+        )
 
         # The I/O floor.
         if not args.cold:
@@ -656,8 +792,11 @@ def main() -> int:
             py, cat = time_read(inputs, args.cold)
             w, s = time_write(where / "floor-write.tmp", out_bytes, args.cold)
             other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
-            print(f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
-                  f"other load {other:.2f}", flush=True)
+            print(
+                f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
+                f"other load {other:.2f}",
+                flush=True,
+            )
             if other > NOISY and attempts <= args.repeat + args.retries:
                 floor_noisy += 1
                 continue
@@ -681,8 +820,14 @@ def main() -> int:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 shutil.rmtree(out_dir.with_name("out.partial"), ignore_errors=True)
                 try:
-                    r = timed_run(cmd, args.cold, logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
-                                  env=run_env, cwd=run_cwd, quiet=args.quiet_wait)
+                    r = timed_run(
+                        cmd,
+                        args.cold,
+                        logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
+                        env=run_env,
+                        cwd=run_cwd,
+                        quiet=args.quiet_wait,
+                    )
                 except RuntimeError as e:
                     print(f"  {label}: FAILED\n{e}", flush=True)
                     notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
@@ -694,42 +839,75 @@ def main() -> int:
                     flag = " [noisy: discarded, retrying]"
                 else:
                     walls.append(r["wall"]), mems.append(r)
-                print(f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
-                      f"{r['procs']} processes", flush=True)
+                print(
+                    f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
+                    f"{r['procs']} processes",
+                    flush=True,
+                )
             if noisy:
-                notes.append(f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
-                             + ", ".join(f"{w:.2f} s" for w in noisy))
+                notes.append(
+                    f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
+                    + ", ".join(f"{w:.2f} s" for w in noisy)
+                )
             if walls:
                 report.add(label, walls, mems, io=io)
 
         run_env, run_cwd, code = None, where, "working tree"
         if args.snapshot:
-            rev = subprocess.run(["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True,
-                                 check=True).stdout.strip()
+            rev = subprocess.run(
+                ["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
             snap = (args.data / f"snapshot-{rev}").resolve()
             if not (snap / "chatvec_dist").is_dir():
                 snap.mkdir(parents=True, exist_ok=True)
-                archive = subprocess.run(["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True).stdout
+                archive = subprocess.run(
+                    ["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True
+                ).stdout
                 subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
-            run_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]))
+            run_env = dict(
+                os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])])
+            )
             code = f"git {rev} (snapshot)"
             chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
-            probe = subprocess.run([sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"], env=run_env,
-                                   cwd=run_cwd, capture_output=True, text=True).stdout.strip()
+            probe = subprocess.run(
+                [sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"],
+                env=run_env,
+                cwd=run_cwd,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             if not probe.startswith(str(snap)):
                 raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
         else:
             code = f"git {git_rev()}"
             chatvec = shutil.which("chatvec")
             chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
-        merge = [*chatvec, "merge", "--base", dirs["base"], "--chat", dirs["chat"], "--cp", dirs["cp"], "--out", str(out_dir),
-                 "--overwrite", "--no-progress"]
-        wanted = set(args.cases.split(",")) if args.cases else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
+        merge = [
+            *chatvec,
+            "merge",
+            "--base",
+            dirs["base"],
+            "--chat",
+            dirs["chat"],
+            "--cp",
+            dirs["cp"],
+            "--out",
+            str(out_dir),
+            "--overwrite",
+            "--no-progress",
+        ]
+        wanted = (
+            set(args.cases.split(","))
+            if args.cases
+            else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
+        )
         ncpu = os.cpu_count() or 1
         try:
             if "ray" in wanted:
                 case(f"chatvec merge, Ray backend × {ncpu}", merge)
-                verify = subprocess.run([*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd)
+                verify = subprocess.run(
+                    [*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd
+                )
                 print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
                 if verify.returncode != 0:
                     notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
@@ -740,25 +918,37 @@ def main() -> int:
             if not args.no_startup:
                 py = sys.executable
                 case("start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
-                case("start-up only: `python -c 'import torch, ray; ray.init()'`", [py, "-c", "import torch, ray; ray.init()"], io=False)
+                case(
+                    "start-up only: `python -c 'import torch, ray; ray.init()'`",
+                    [py, "-c", "import torch, ray; ray.init()"],
+                    io=False,
+                )
                 case("start-up only: `chatvec --help`", [*chatvec, "--help"], io=False)
             if not args.no_peers:
                 me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
                 if "streaming" in wanted:
-                    case("peer: plain streaming script (safe_open, fp32, save_file)",
-                         [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+                    case(
+                        "peer: plain streaming script (safe_open, fp32, save_file)",
+                        [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)],
+                    )
                 if "transformers" in wanted:
                     try:
                         import transformers  # noqa: F401
-                        case("peer: transformers (load 3 models, add, save_pretrained)",
-                             [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)])
+
+                        case(
+                            "peer: transformers (load 3 models, add, save_pretrained)",
+                            [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)],
+                        )
                     except ImportError:
                         notes.append("transformers not installed: its case was skipped")
                 if "mergekit" in wanted:
                     mk = args.mergekit or shutil.which("mergekit-yaml")
                     if mk:
                         cfg = mergekit_config(where, dirs["base"], dirs["chat"], dirs["cp"])
-                        case("peer: mergekit-yaml task_arithmetic (bf16)", [mk, str(cfg), str(out_dir), "--no-copy-tokenizer"])
+                        case(
+                            "peer: mergekit-yaml task_arithmetic (bf16)",
+                            [mk, str(cfg), str(out_dir), "--no-copy-tokenizer"],
+                        )
                     else:
                         notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
         finally:
@@ -767,23 +957,30 @@ def main() -> int:
         table = report.table()
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         cfg = spec["config"]
-        desc = (f"`--size {size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
-                f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
-                f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
-                f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB")
-        text = (f"\n## {stamp} — {size}, {mode} cache, {args.repeat} run(s) per case\n\n"
-                f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
-                f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
-                f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
-                f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
-                f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
-                f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
-                f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
-                f"(libraries, Ray's object store) once per process, PSS splits them.\n"
-                + "".join(f"- Note: {n}\n" for n in notes) + "\n" + table)
+        desc = (
+            f"`--size {size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
+            f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
+            f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB"
+        )
+        text = (
+            f"\n## {stamp} — {size}, {mode} cache, {args.repeat} run(s) per case\n\n"
+            f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
+            f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
+            f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
+            f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
+            f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
+            f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
+            f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
+            f"(libraries, Ray's object store) once per process, PSS splits them.\n"
+            + "".join(f"- Note: {n}\n" for n in notes)
+            + "\n"
+            + table
+        )
         png = args.results.with_name(f"bench-{size}-{mode}.png")
-        if not args.no_results and plot(report, in_bytes, out_bytes, f"{size} ({spec['params'] / 1e9:.2f} B params), {mode} cache, "
-                                       f"{machine()}", png):
+        if not args.no_results and plot(
+            report, in_bytes, out_bytes, f"{size} ({spec['params'] / 1e9:.2f} B params), {mode} cache, {machine()}", png
+        ):
             text += f"\n![GB/s per tool and per stage]({png.name})\n"
         print(text)
         return report, text

@@ -15,6 +15,7 @@
 Runs from a checkout without `pip install` (a lent GPU machine may lack Ray and have no network: the Ray run is
 then skipped). Each section is printed as soon as it is measured, so a failure late loses nothing before it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,10 @@ def launch_sweep(n: int, device: str) -> list[tuple]:
     from chatvec_dist.kernels import triton_merge
 
     default = triton_merge.BLOCK, triton_merge.NUM_WARPS
-    print(f"\n| BLOCK | num_warps | kernel GB/s at {n:,} elements | D2D copy GB/s | kernel / copy |\n|---|---|---|---|---|",
-          flush=True)
+    print(
+        f"\n| BLOCK | num_warps | kernel GB/s at {n:,} elements | D2D copy GB/s | kernel / copy |\n|---|---|---|---|---|",
+        flush=True,
+    )
     rows = []
     try:
         for block in (1024, 2048, 4096):  # 8192 spills registers (ptxas, sm_90)
@@ -142,15 +145,23 @@ def identity_check(n: int = 1 << 22, device: str = "cuda") -> bool:
                 chat = (base.float() + 0.01 * scale * torch.randn(n, generator=g)).bfloat16()
                 compute = torch.float32 if out_dtype.itemsize == 2 else torch.float64
                 gpu = torch.empty(n, dtype=out_dtype, device=device)
-                combine_triton(gpu, cp.to(device), [(alpha, chat.to(device), base.to(device))], compute,
-                               torch.zeros(5, dtype=torch.float64, device=device))
+                combine_triton(
+                    gpu,
+                    cp.to(device),
+                    [(alpha, chat.to(device), base.to(device))],
+                    compute,
+                    torch.zeros(5, dtype=torch.float64, device=device),
+                )
                 cpu = torch.empty(n, dtype=out_dtype)
                 combine(cpu, cp, [(alpha, chat, base)], compute, Scratch())
                 same_cpu = torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
                 ref = reference(cp, [(alpha, chat, base)], out_dtype)
                 off_ref = int((cpu.view(torch.uint8) != ref.view(torch.uint8)).view(n, -1).any(1).sum())
-                print(f"identity scale={scale:g} {out_dtype} alpha={alpha}: gpu==cpu {same_cpu}; cpu != float64 "
-                      f"ref in {off_ref} of {n:,} (16-bit outputs: rounded through float32, ≤ 1 ulp)", flush=True)
+                print(
+                    f"identity scale={scale:g} {out_dtype} alpha={alpha}: gpu==cpu {same_cpu}; cpu != float64 "
+                    f"ref in {off_ref} of {n:,} (16-bit outputs: rounded through float32, ≤ 1 ulp)",
+                    flush=True,
+                )
                 ok &= same_cpu
     return ok
 
@@ -185,9 +196,15 @@ def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> di
         for layer in range(layers):
             torch.manual_seed(layer)  # base weights; chat and cp add updates of their own (seeded apart)
             own = torch.Generator(device).manual_seed(1_000_003 * k + layer)
-            shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-                      "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-                      "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+            shapes = {
+                "self_attn.q_proj": (hidden, hidden),
+                "self_attn.k_proj": (hidden, hidden),
+                "self_attn.v_proj": (hidden, hidden),
+                "self_attn.o_proj": (hidden, hidden),
+                "mlp.gate_proj": (inter, hidden),
+                "mlp.up_proj": (inter, hidden),
+                "mlp.down_proj": (hidden, inter),
+            }
             tensors = {}
             for sub, shape in shapes.items():
                 w = torch.randn(shape, device=device) * 0.02
@@ -203,12 +220,31 @@ def make_model(root: Path, gb_per_checkpoint: float, device: str = "cuda") -> di
     return paths
 
 
-def merge(paths: dict[str, Path], out: Path, device: str, backend: str = "local",
-          workers: int | None = None) -> tuple[float, str]:
+def merge(
+    paths: dict[str, Path], out: Path, device: str, backend: str = "local", workers: int | None = None
+) -> tuple[float, str]:
     """(wall seconds, the merge's last stderr line: its throughput summary, or why it failed)."""
-    cmd = [sys.executable, "-m", "chatvec_dist.cli", "merge", "--base", str(paths["base"]), "--chat", str(paths["chat"]),
-           "--cp", str(paths["cp"]), "--out", str(out), "--overwrite", "--restart", "--no-progress", "--device", device,
-           "--backend", backend] + (["--workers", str(workers)] if workers else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatvec_dist.cli",
+        "merge",
+        "--base",
+        str(paths["base"]),
+        "--chat",
+        str(paths["chat"]),
+        "--cp",
+        str(paths["cp"]),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--restart",
+        "--no-progress",
+        "--device",
+        device,
+        "--backend",
+        backend,
+    ] + (["--workers", str(workers)] if workers else [])
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=MERGE_TIMEOUT_S)
@@ -259,13 +295,18 @@ def end_to_end(root: Path, gb: float, device: str) -> tuple[int, list[tuple], bo
     out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
     moved = 4 * out_bytes
     merge(paths, root / "warm", "cpu")  # warms the page cache
-    print(f"\n| end to end, {moved / 1e9:.1f} GB moved (hot cache) | wall s | GB/s | × floor | chatvec's summary |"
-          "\n|---|---|---|---|---|", flush=True)
+    print(
+        f"\n| end to end, {moved / 1e9:.1f} GB moved (hot cache) | wall s | GB/s | × floor | chatvec's summary |"
+        "\n|---|---|---|---|---|",
+        flush=True,
+    )
     floor = floor_seconds(paths, out_bytes, root / "floor.bin")
     runs = [("I/O floor (read inputs + write output, fsync)", floor, None, "")]
-    cases = [(f"chatvec --device {device}, local, 2 threads (default)", "out-cuda", (device, "local", None)),
-             (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4)),
-             ("chatvec --device auto (the default), local", "out-auto", ("auto", "local", None))]  # picks the GPU?
+    cases = [
+        (f"chatvec --device {device}, local, 2 threads (default)", "out-cuda", (device, "local", None)),
+        (f"chatvec --device {device}, local, 4 threads", "out-cuda4", (device, "local", 4)),
+        ("chatvec --device auto (the default), local", "out-auto", ("auto", "local", None)),
+    ]  # picks the GPU?
     if importlib.util.find_spec("ray") is not None:
         cases.append((f"chatvec --device {device}, Ray (start-up included)", "out-cuda-ray", (device, "ray", None)))
     else:
@@ -305,11 +346,16 @@ def main() -> int:
         return 2
     import triton
 
-    print(f"## GPU benchmark — {name}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}\n", flush=True)
+    print(
+        f"## GPU benchmark — {name}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}\n",
+        flush=True,
+    )
     fixed = per_call_us(device)
-    print(f"fixed cost per call (4,096 elements, back to back): kernel {fixed[0]:.1f} µs, torch copy {fixed[1]:.1f} µs\n",
-          flush=True)
+    print(
+        f"fixed cost per call (4,096 elements, back to back): kernel {fixed[0]:.1f} µs, torch copy {fixed[1]:.1f} µs\n",
+        flush=True,
+    )
     rows = kernel_rows([1 << 12] if args.dry_run else [1 << 20, 1 << 24, 1 << 26, 1 << 28], device)
     sweep = launch_sweep(1 << 12 if args.dry_run else 1 << 28, device)
     identical = identity_check(1 << 12 if args.dry_run else 1 << 22, device)
@@ -320,8 +366,10 @@ def main() -> int:
         print(f"kernel at {n:,} elements: {k:.1f} GB/s, {k / c:.0%} of a device-to-device copy ({c:.1f} GB/s)")
     print(f"fixed cost per call: kernel {fixed[0]:.1f} µs, torch copy {fixed[1]:.1f} µs")
     best = max(sweep, key=lambda r: r[2])
-    print(f"fastest launch shape: BLOCK {best[0]}, num_warps {best[1]} ({best[2]:.1f} GB/s; default "
-          f"{next(r[2] for r in sweep if r[4]):.1f})")
+    print(
+        f"fastest launch shape: BLOCK {best[0]}, num_warps {best[1]} ({best[2]:.1f} GB/s; default "
+        f"{next(r[2] for r in sweep if r[4]):.1f})"
+    )
     print(f"kernel bits == CPU kernel bits: {identical}")
     if e2e:
         moved, runs, same = e2e

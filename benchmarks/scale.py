@@ -7,6 +7,7 @@ machine, 4 nodes oversubscribe the CPUs: read the trend, and the per-unit costs,
 
     python benchmarks/scale.py [--mb 200] [--nodes 1 2 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint  # no
 def make_models(root: Path, mb: int) -> dict[str, Path]:
     hidden, inter = 1024, 2816
     layers = max(1, int(mb * 1e6 / 2 / (4 * hidden * hidden + 3 * hidden * inter)))
-    cfg = llama_config(8192, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=16)
+    cfg = llama_config(
+        8192,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     paths = {}
     g = torch.Generator().manual_seed(0)
     base = None
@@ -39,7 +46,10 @@ def make_models(root: Path, mb: int) -> dict[str, Path]:
         if (d / "model.safetensors.index.json").exists():
             continue
         base = base or llama_tensors(cfg, g)
-        tensors = {n: (t + (0.002 if name != "base" else 0) * torch.randn(t.shape, generator=g)).bfloat16() for n, t in base.items()}
+        tensors = {
+            n: (t + (0.002 if name != "base" else 0) * torch.randn(t.shape, generator=g)).bfloat16()
+            for n, t in base.items()
+        }
         save_checkpoint(d, tensors, cfg, shards=4)
     return paths
 
@@ -48,10 +58,30 @@ def run_driver(paths: dict[str, Path], out: Path, address: str, unit: str) -> tu
     """(wall s, driver CPU s, peak RSS of a child process MiB) of one `chatvec merge` driver process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "chatvec_dist.cli", "merge", "--base", str(paths["base"]), "--chat",
-                    str(paths["chat"]), "--cp", str(paths["cp"]), "--out", str(out), "--overwrite", "--restart",
-                    "--no-progress", "--unit-size", unit], check=True, env=dict(os.environ, RAY_ADDRESS=address),
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatvec_dist.cli",
+            "merge",
+            "--base",
+            str(paths["base"]),
+            "--chat",
+            str(paths["chat"]),
+            "--cp",
+            str(paths["cp"]),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--restart",
+            "--no-progress",
+            "--unit-size",
+            unit,
+        ],
+        check=True,
+        env=dict(os.environ, RAY_ADDRESS=address),
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -82,17 +112,38 @@ def main() -> int:
             c.wait_for_nodes()
             run_driver(paths, root / "out", c.address, "16MiB")  # warm caches and workers' imports
             wall, cpu, rss = run_driver(paths, root / "out", c.address, "16MiB")
-            tiny_args = ["plan", "--base", str(paths["base"]), "--chat", str(paths["chat"]), "--cp", str(paths["cp"]),
-                         "--unit-size", "64KiB"]
+            tiny_args = [
+                "plan",
+                "--base",
+                str(paths["base"]),
+                "--chat",
+                str(paths["chat"]),
+                "--cp",
+                str(paths["cp"]),
+                "--unit-size",
+                "64KiB",
+            ]
             units = len(job.plan(recipe_from_args(build_parser().parse_args(tiny_args))).units)
             t_tiny, cpu_tiny, _ = run_driver(paths, root / "out", c.address, "64KiB")
-            rows.append((nodes, wall, moved / wall / 1e9, cpu, rss, units, (t_tiny - wall) / units * 1e3,
-                         cpu_tiny / units * 1e3))
+            rows.append(
+                (
+                    nodes,
+                    wall,
+                    moved / wall / 1e9,
+                    cpu,
+                    rss,
+                    units,
+                    (t_tiny - wall) / units * 1e3,
+                    cpu_tiny / units * 1e3,
+                )
+            )
         finally:
             c.shutdown()
     print(f"\n## Scale-out on a loopback cluster — {os.cpu_count()} cores, {moved / 1e9:.2f} GB moved per merge")
-    print("| worker nodes | wall s | GB/s | driver CPU s | peak RSS of a child process MiB | units (64 KiB) | "
-          "extra wall ms/unit | driver CPU ms/unit |\n|---|---|---|---|---|---|---|---|")  # RSS: max over child processes (Ray nodes too)
+    print(
+        "| worker nodes | wall s | GB/s | driver CPU s | peak RSS of a child process MiB | units (64 KiB) | "
+        "extra wall ms/unit | driver CPU ms/unit |\n|---|---|---|---|---|---|---|---|"
+    )  # RSS: max over child processes (Ray nodes too)
     for r in rows:
         print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.2f} | {r[3]:.1f} | {r[4]} | {r[5]} | {r[6]:.2f} | {r[7]:.2f} |")
     return 0

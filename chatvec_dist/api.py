@@ -1,4 +1,5 @@
 """The Python API: the same operations as the CLI, sharing its recipe objects."""
+
 from __future__ import annotations
 
 import numbers
@@ -15,11 +16,20 @@ if TYPE_CHECKING:
 PathText = Union[str, "os.PathLike[str]"]
 
 
-def make_recipe(base: PathText | list[PathText | None] | None, chat: PathText | list[PathText],
-                cp: PathText | dict[str, PathText], out: PathText, alpha: float | list[float] = 1.0, *,
-                vocab: str = "auto", exclude: str | tuple[str, ...] = (), dtype: str | None = None,
-                max_shard_size: int = 5 * 10**9, unit_bytes: int = 64 * MiB,
-                chat_template_from_chat: bool = False) -> Recipe:
+def make_recipe(
+    base: PathText | list[PathText | None] | None,
+    chat: PathText | list[PathText],
+    cp: PathText | dict[str, PathText],
+    out: PathText,
+    alpha: float | list[float] = 1.0,
+    *,
+    vocab: str = "auto",
+    exclude: str | tuple[str, ...] = (),
+    dtype: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    unit_bytes: int = 64 * MiB,
+    chat_template_from_chat: bool = False,
+) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
     Paths are text or `pathlib.Path`; `exclude` is one regex or several."""
@@ -37,10 +47,25 @@ def make_recipe(base: PathText | list[PathText | None] | None, chat: PathText | 
         if not is_plain_name(name):
             raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    targets = tuple(Target(name, path, out if not isinstance(cp, dict) else str(Path(out) / name),
-                           tuple(map(float, alphas)), vocab, exclude, dtype) for name, path in cps.items())
-    return Recipe(vectors, targets, max_shard_size=max_shard_size, unit_bytes=unit_bytes,
-                  chat_template_from_chat=chat_template_from_chat)
+    targets = tuple(
+        Target(
+            name,
+            path,
+            out if not isinstance(cp, dict) else str(Path(out) / name),
+            tuple(map(float, alphas)),
+            vocab,
+            exclude,
+            dtype,
+        )
+        for name, path in cps.items()
+    )
+    return Recipe(
+        vectors,
+        targets,
+        max_shard_size=max_shard_size,
+        unit_bytes=unit_bytes,
+        chat_template_from_chat=chat_template_from_chat,
+    )
 
 
 def plan(recipe: Recipe) -> Planned:
@@ -60,8 +85,16 @@ def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[
     return job.run(recipe, options or RunOptions())
 
 
-def merge(base: PathText | list[PathText], chat: PathText | list[PathText], cp: PathText | dict[str, PathText], out: PathText,
-          alpha: float | list[float] = 1.0, *, options: RunOptions | None = None, **recipe_options) -> list[Path]:
+def merge(
+    base: PathText | list[PathText],
+    chat: PathText | list[PathText],
+    cp: PathText | dict[str, PathText],
+    out: PathText,
+    alpha: float | list[float] = 1.0,
+    *,
+    options: RunOptions | None = None,
+    **recipe_options,
+) -> list[Path]:
     """`out = cp + Σ alpha_i (chat_i − base_i)`, like `chatvec merge`."""
     return run(make_recipe(base, chat, cp, out, alpha, **recipe_options), options)
 

@@ -1,4 +1,5 @@
 """`chatvec inspect`: an audit of what a manifest says, per layer, with anything unusual flagged."""
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,11 @@ def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
     found = []
     for members in groups.values():  # siblings across layers where there are enough, else the whole model
         median = statistics.median(r["rel_update"] for r in members) if len(members) >= 3 else overall
-        found += [(r["tensor"], r["rel_update"], median) for r in members if median > 0 and r["rel_update"] > OUTLIER_FACTOR * median]
+        found += [
+            (r["tensor"], r["rel_update"], median)
+            for r in members
+            if median > 0 and r["rel_update"] > OUTLIER_FACTOR * median
+        ]
     return found
 
 
@@ -55,21 +60,27 @@ def report(out_dir: str | Path) -> str:
     table, meta = read_manifest(out_dir)
     rows = table.to_pylist()
     rules = Counter((r["rule"], r["reason"] or "-") for r in rows)
-    lines = [f"{out_dir}: {meta.get('kind')} by chatvec_dist {meta.get('version')}, target '{meta.get('target')}', {len(rows)} tensors, "
-             f"{sum(r['nbytes'] for r in rows) / 1e9:.3f} GB"]
+    lines = [
+        f"{out_dir}: {meta.get('kind')} by chatvec_dist {meta.get('version')}, target '{meta.get('target')}', {len(rows)} tensors, "
+        f"{sum(r['nbytes'] for r in rows) / 1e9:.3f} GB"
+    ]
     lines += [f"  {n:5d} × {rule} ({reason})" for (rule, reason), n in sorted(rules.items())]
     vocab = [r for r in rows if r["reason"].startswith("vocab:")]
     if vocab:
         lines.append("vocabulary: " + ", ".join(f"{r['tensor']} {r['shape']} → {r['reason']}" for r in vocab))
     nonfinite = [r for r in rows if (r["nan_count"] or 0) + (r["inf_count"] or 0)]
-    lines.append("non-finite values: " + (", ".join(f"{r['tensor']} ({r['nan_count']} NaN, {r['inf_count']} Inf)"
-                                                     for r in nonfinite) or "none"))
+    lines.append(
+        "non-finite values: "
+        + (", ".join(f"{r['tensor']} ({r['nan_count']} NaN, {r['inf_count']} Inf)" for r in nonfinite) or "none")
+    )
     layers = per_layer(rows)
     if layers:
         lines.append("per-layer ‖out − cp‖ / ‖cp‖:")
         lines += [f"  layer {k:3d}  {v:.3e}" for k, v in layers.items()]
     odd = outliers(rows)
-    lines.append("unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing"))
+    lines.append(
+        "unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing")
+    )
     return "\n".join(printable(line) for line in lines)  # names from the manifest: no terminal escapes
 
 

@@ -1,4 +1,5 @@
 """The model card (README.md) of an output: recipe, sources, the paper, the largest updates."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,10 @@ import pyarrow as pa
 
 from .errors import printable
 
-PAPER = ("Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instruction Following and Model "
-         "Alignment in New Languages*, ACL 2024 (arXiv:2310.04799)")
+PAPER = (
+    "Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instruction Following and Model "
+    "Alignment in New Languages*, ACL 2024 (arXiv:2310.04799)"
+)
 
 
 def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
@@ -21,20 +24,26 @@ def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
     parents = [sources.get("cp") or {}] + [v.get(k) or {} for v in sources["vectors"] for k in ("chat", "base")]
     repos = list(dict.fromkeys(p["repo"] for p in parents if p.get("repo")))  # Hub parents, CP first
     merged = meta["kind"] != "extract" and len(repos) > 1
-    data = ModelCardData(base_model=repos if merged else repos[0] if repos else None,
-                         base_model_relation="merge" if merged else None, tags=["chat-vector", "merge", "chatvec_dist"],
-                         library_name="transformers" if meta["kind"] != "extract" else None)
+    data = ModelCardData(
+        base_model=repos if merged else repos[0] if repos else None,
+        base_model_relation="merge" if merged else None,
+        tags=["chat-vector", "merge", "chatvec_dist"],
+        library_name="transformers" if meta["kind"] != "extract" else None,
+    )
     all_rows = manifest.to_pylist()
     rows = [r for r in all_rows if r["rel_update"] is not None and math.isfinite(r["rel_update"])]
     rows.sort(key=lambda r: -r["rel_update"])
     table = "\n".join(f"| {_code(r['tensor'])} | {r['rule']} | {r['rel_update']:.3e} |" for r in rows[:top])
     nonfinite = sum(1 for r in all_rows if (r["nan_count"] or 0) + (r["inf_count"] or 0))
-    what = {"merge": "a CP model with chat vectors added", "apply": "a CP model with an extracted chat vector added",
-            "extract": "a chat vector (chat − base), to be added to a CP model later"}[meta["kind"]]
+    what = {
+        "merge": "a CP model with chat vectors added",
+        "apply": "a CP model with an extracted chat vector added",
+        "extract": "a chat vector (chat − base), to be added to a CP model later",
+    }[meta["kind"]]
     body = f"""
-# {_code(meta['target'])}
+# {_code(meta["target"])}
 
-This checkpoint is {what}, made by chatvec_dist {meta['version']} with the *chat vector* method: {PAPER}.
+This checkpoint is {what}, made by chatvec_dist {meta["version"]} with the *chat vector* method: {PAPER}.
 
 `out = cp + Σ alpha_i · (chat_i − base_i)`, computed per tensor in float32 (float64 where a float32 or float64
 tensor is involved) and rounded to the output dtype. `manifest.parquet` beside this card audits every tensor
@@ -43,7 +52,7 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.
 
 ## Recipe
 ```json
-{json.dumps(meta['recipe'], indent=2)}
+{json.dumps(meta["recipe"], indent=2)}
 ```
 
 ## Sources

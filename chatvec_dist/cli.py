@@ -1,4 +1,5 @@
 """`chatvec plan | merge | extract | apply | run | verify | inspect | demo`."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import threading
 from pathlib import Path
 
 from .errors import ChatvecError
-from .spec import BACKENDS, DEVICES, MiB, VOCAB_POLICIES, Recipe, RunOptions, Target, Vector, is_plain_name, parse_size
+from .spec import BACKENDS, DEVICES, VOCAB_POLICIES, MiB, Recipe, RunOptions, Target, Vector, is_plain_name, parse_size
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process stopped by SIGPIPE
@@ -26,19 +27,39 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
     if vector:
         p.add_argument("--vector", action="append", required=True, help="an extracted chat vector (repeatable)")
     else:
-        p.add_argument("--base", action="append", required=True, help="base checkpoint: directory or org/name[@rev] (repeatable)")
+        p.add_argument(
+            "--base", action="append", required=True, help="base checkpoint: directory or org/name[@rev] (repeatable)"
+        )
         p.add_argument("--chat", action="append", required=True, help="chat checkpoint paired with each --base")
     if cp:
-        p.add_argument("--cp", action="append", required=True, metavar="[NAME=]CP",
-                       help="a continually pre-trained checkpoint (repeatable: one output each under --out)")
-        p.add_argument("--alpha", action="append", metavar="A[,A...]",
-                       help="scale per vector (one value applies to all; default 1.0); a list sweeps: one output each")
-        p.add_argument("--vocab", choices=VOCAB_POLICIES, default="auto",
-                       help="extended vocabulary: skip keeps CP's embed/lm_head, overlap merges the shared rows, full needs equal shapes")
-        p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors")
+        p.add_argument(
+            "--cp",
+            action="append",
+            required=True,
+            metavar="[NAME=]CP",
+            help="a continually pre-trained checkpoint (repeatable: one output each under --out)",
+        )
+        p.add_argument(
+            "--alpha",
+            action="append",
+            metavar="A[,A...]",
+            help="scale per vector (one value applies to all; default 1.0); a list sweeps: one output each",
+        )
+        p.add_argument(
+            "--vocab",
+            choices=VOCAB_POLICIES,
+            default="auto",
+            help="extended vocabulary: skip keeps CP's embed/lm_head, overlap merges the shared rows, full needs equal shapes",
+        )
+        p.add_argument(
+            "--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors"
+        )
     p.add_argument("--out", required=out_required, help="output directory")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="output dtype (default: CP's)" if cp else "output dtype (default: float32)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="output dtype (default: CP's)" if cp else "output dtype (default: float32)",
+    )
     p.add_argument("--max-shard-size", type=size_arg, default=5 * 10**9, help="largest output shard (default 5GB)")
     p.add_argument("--unit-size", type=size_arg, default=64 * MiB, help="bytes of output per work unit (default 64MiB)")
 
@@ -49,14 +70,25 @@ def _run_args(p: argparse.ArgumentParser, recipe: bool = True) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="ray")
     p.add_argument("--workers", type=int, help="workers (default: one per CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves (default 1)")
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto: one worker per GPU where the cluster has GPUs, else CPU workers")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: one worker per GPU where the cluster has GPUs, else CPU workers",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--restart", action="store_true", help="start over: discard a partial output (and redo outputs this job already committed)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: discard a partial output (and redo outputs this job already committed)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--fail-on-nonfinite", action="store_true",
-                   help="refuse to commit an output with NaN/Inf values (by default they are counted in the manifest)")
+    p.add_argument(
+        "--fail-on-nonfinite",
+        action="store_true",
+        help="refuse to commit an output with NaN/Inf values (by default they are counted in the manifest)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="PLAN.parquet", help="also write the plan (one row per output tensor) as Parquet")
     p = sub.add_parser("merge", help="out = cp + Σ alpha·(chat − base)")
     _recipe_args(p, vector=False, cp=True)
-    p.add_argument("--chat-template-from-chat", action="store_true", help="copy the chat model's chat template where CP has none")
+    p.add_argument(
+        "--chat-template-from-chat", action="store_true", help="copy the chat model's chat template where CP has none"
+    )
     _run_args(p)
     p = sub.add_parser("extract", help="write the chat vector (chat − base) as its own checkpoint")
     _recipe_args(p, vector=False, cp=False)
@@ -84,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--plot", metavar="FILE.png", help="draw per-layer relative update norms (needs matplotlib)")
-    what.add_argument("--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`")
+    what.add_argument(
+        "--recipe", action="store_true", help="print the recipe that made this output, as a file for `chatvec run`"
+    )
     p = sub.add_parser("demo", help="make tiny Llama-shaped base/chat/CP checkpoints and merge them")
     p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default ./chatvec-demo)")
     _run_args(p, recipe=False)
@@ -95,12 +131,31 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
     if args.command == "extract":
         vectors = _vectors(args.chat, args.base)
-        targets = [Target(Path(os.path.abspath(args.out)).name, None, args.out, (1.0,) * len(vectors), "auto", (), args.dtype or "float32")]
+        targets = [
+            Target(
+                Path(os.path.abspath(args.out)).name,
+                None,
+                args.out,
+                (1.0,) * len(vectors),
+                "auto",
+                (),
+                args.dtype or "float32",
+            )
+        ]
     else:
-        vectors = _vectors(args.vector, [None] * len(args.vector)) if args.command == "apply" else _vectors(args.chat, args.base)
+        vectors = (
+            _vectors(args.vector, [None] * len(args.vector))
+            if args.command == "apply"
+            else _vectors(args.chat, args.base)
+        )
         targets = _targets(args, len(vectors))
-    return Recipe(vectors=tuple(vectors), targets=tuple(targets), max_shard_size=args.max_shard_size,
-                  unit_bytes=args.unit_size, chat_template_from_chat=getattr(args, "chat_template_from_chat", False))
+    return Recipe(
+        vectors=tuple(vectors),
+        targets=tuple(targets),
+        max_shard_size=args.max_shard_size,
+        unit_bytes=args.unit_size,
+        chat_template_from_chat=getattr(args, "chat_template_from_chat", False),
+    )
 
 
 def _vectors(chats: list[str], bases: list) -> list[Vector]:
@@ -125,9 +180,21 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     targets = []
     for cp_name, cp in cps:
         for alphas in alpha_sets:
-            label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None]))
+            label = "-".join(
+                filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep > 1 else None])
+            )
             out = (args.out or "") if single else str(Path(args.out or "") / (label or Path(cp).name))
-            targets.append(Target(label or Path(os.path.abspath(out or cp)).name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+            targets.append(
+                Target(
+                    label or Path(os.path.abspath(out or cp)).name,
+                    cp,
+                    out,
+                    alphas,
+                    args.vocab,
+                    tuple(args.exclude),
+                    args.dtype,
+                )
+            )
     return targets
 
 
@@ -143,8 +210,9 @@ def _named_cps(specs: list[str]) -> list[tuple[str | None, str]]:
         cps = [(name or Path(cp).name, cp) for name, cp in cps]
         for i, (name, cp) in enumerate(cps):
             if (clash := next((c for n, c in cps[:i] if n == name), None)) is not None:
-                raise ChatvecError(f"--cp {clash} and --cp {cp} would both be named '{name}': name them, "
-                                   f"e.g. --cp zh={clash}")
+                raise ChatvecError(
+                    f"--cp {clash} and --cp {cp} would both be named '{name}': name them, e.g. --cp zh={clash}"
+                )
     return cps
 
 
@@ -156,9 +224,17 @@ def _floats(text: str) -> list[float]:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(backend=args.backend, workers=args.workers, cpus_per_worker=args.cpus_per_worker, device=args.device,
-                      address=args.address, overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
-                      fail_on_nonfinite=args.fail_on_nonfinite)
+    return RunOptions(
+        backend=args.backend,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        device=args.device,
+        address=args.address,
+        overwrite=args.overwrite,
+        restart=args.restart,
+        progress=not args.no_progress,
+        fail_on_nonfinite=args.fail_on_nonfinite,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

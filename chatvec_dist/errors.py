@@ -1,4 +1,5 @@
 """Typed, picklable errors that name the file, the tensor and what is wrong."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """A job end to end: resolve sources → plan every target → lay out → execute shared units → commit each."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,13 +24,24 @@ from .io.checkpoint import Checkpoint
 from .io.hub import hub_files, open_source
 from .io.ranges import FileHandles
 from .manifest import Tally, read_digest, read_manifest
-from .output import (JOURNAL_NAME, Journal, check_destination, check_work_area, commit, discard_if_unused, exclusive,
-                     lock_path, open_partial, partial_path, replaced_path, tidy_committed)
+from .output import (
+    JOURNAL_NAME,
+    Journal,
+    check_destination,
+    check_work_area,
+    commit,
+    discard_if_unused,
+    exclusive,
+    lock_path,
+    open_partial,
+    partial_path,
+    replaced_path,
+    tidy_committed,
+)
 from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
 from .planning.planner import Sources, plan_tensors
 from .recipe import with_absolute_paths
 from .spec import Recipe, RunOptions, Target
-
 
 MAX_RECHECKS = 3
 
@@ -68,16 +80,22 @@ def plan(recipe: Recipe) -> Planned:
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
             raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
-        sources = Sources(source(target.cp) if target.cp is not None else None,
-                          tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)))
+        sources = Sources(
+            source(target.cp) if target.cp is not None else None,
+            tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
+        )
         tensors = plan_tensors(target, sources)
         if order is None:
             order = [t.name for t in tensors]
         by_name = {t.name: t for t in tensors}
         if set(by_name) != set(order):
             odd = sorted(set(by_name) ^ set(order))[0]
-            raise PlanError(f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
-                            f"(batched targets must share an architecture)", file=target.cp, tensor=odd)
+            raise PlanError(
+                f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
+                f"(batched targets must share an architecture)",
+                file=target.cp,
+                tensor=odd,
+            )
         plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes)
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
@@ -91,8 +109,11 @@ def _check_is_a_vector(ckpt: Checkpoint) -> None:
     except ChatvecError:
         return
     if kind != "extract":
-        raise PlanError(f"a chatvec {kind} output, not a chat vector: --vector takes what `chatvec extract` writes "
-                        "(or give --base and --chat to merge)", file=str(ckpt.directory))
+        raise PlanError(
+            f"a chatvec {kind} output, not a chat vector: --vector takes what `chatvec extract` writes "
+            "(or give --base and --chat to merge)",
+            file=str(ckpt.directory),
+        )
 
 
 def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
@@ -121,8 +142,10 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
             done = [outs[o] for o in range(len(outs)) if o not in fresh]
             for out in done:
                 tidy_committed(out)
-            print(f"already committed by an earlier run of this job (--restart redoes it): "
-                  f"{', '.join(map(str, done))}", file=sys.stderr)
+            print(
+                f"already committed by an earlier run of this job (--restart redoes it): {', '.join(map(str, done))}",
+                file=sys.stderr,
+            )
         if fresh:
             _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], inputs, options)
     return outs
@@ -130,6 +153,7 @@ def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
 
 def _check_apart(outs: list[Path], names: list[str]) -> None:
     """No two targets may share an output, nest one in the other, or meet in each other's work area or lock."""
+
     def claimed(out: Path) -> list[Path]:
         """The paths a run writes, as it names them: the folders above resolved, the last name as given."""
         try:
@@ -141,14 +165,18 @@ def _check_apart(outs: list[Path], names: list[str]) -> None:
     for i, j in itertools.combinations(range(len(outs)), 2):
         mine, theirs = claimed(outs[i]), claimed(outs[j])
         if any(a == b or a.is_relative_to(b) or b.is_relative_to(a) for a in mine for b in theirs):
-            what = "both write to this output directory" if mine[0] == theirs[0] else \
-                f"have overlapping outputs: {outs[i]} and {outs[j]} (one inside the other, or in the other's " \
+            what = (
+                "both write to this output directory"
+                if mine[0] == theirs[0]
+                else f"have overlapping outputs: {outs[i]} and {outs[j]} (one inside the other, or in the other's "
                 "OUT.partial work area beside it)"
+            )
             raise OutputError(f"targets '{names[i]}' and '{names[j]}' {what}", file=str(outs[j]))
 
 
-def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], inputs: dict[str, list[int]],
-               options: RunOptions) -> None:
+def _run_fresh(
+    planned: Planned, fresh: list[tuple[int, Path, str, bool]], inputs: dict[str, list[int]], options: RunOptions
+) -> None:
     """Resume or start the outputs not committed yet (all units stay as planned for every target); each
     (index, output, job digest, whether it may replace what is there)."""
     planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _, _ in fresh])
@@ -172,7 +200,9 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], input
         if done:
             print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
         speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
-    except BaseException:  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit: nothing to keep
+    except (
+        BaseException
+    ):  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit: nothing to keep
         for work, _ in works:
             discard_if_unused(work)
         raise
@@ -180,9 +210,12 @@ def _run_fresh(planned: Planned, fresh: list[tuple[int, Path, str, bool]], input
         for tp, tally in zip(planned.targets, tallies):
             for name, nan, inf in tally.nonfinite()[:1]:
                 src = next(p.tensor for p in tp.layout.tensors if p.tensor.name == name)
-                raise PlanError(f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
-                                f"(--fail-on-nonfinite); nothing was committed", file=src.cp.path if src.cp else None,
-                                tensor=name)
+                raise PlanError(
+                    f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
+                    f"(--fail-on-nonfinite); nothing was committed",
+                    file=src.cp.path if src.cp else None,
+                    tensor=name,
+                )
     for tp, (_, out, digest, replace), (work, _), tally in zip(planned.targets, fresh, works, tallies):
         _commit(planned, tp, out, work, tally, replace, digest)
     print(speed, file=sys.stderr)
@@ -196,30 +229,51 @@ def _committed(out: Path, digest: str) -> bool:
         return False
 
 
-def _commit(planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool, digest: str) -> None:
+def _commit(
+    planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool, digest: str
+) -> None:
     recipe, target = planned.recipe, tp.target
     kind = recipe.kind_of(target)
-    meta = {"version": __version__, "kind": kind, "target": target.name, "recipe": dataclasses.asdict(recipe),
-            "sources": _sources_meta(tp.sources), "job": digest, "cwd": os.getcwd()}
+    meta = {
+        "version": __version__,
+        "kind": kind,
+        "target": target.name,
+        "recipe": dataclasses.asdict(recipe),
+        "sources": _sources_meta(tp.sources),
+        "job": digest,
+        "cwd": os.getcwd(),
+    }
     manifest = tally.table(target.name, meta)
     side = tp.sources.cp or tp.sources.terms[0][1]
     chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
     out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None  # as planned
     config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
-    commit(work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite)
+    commit(
+        work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite
+    )
 
 
 def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> str:
     """Run the units not done yet, journaling each result; return a line on the throughput."""
     started = time.perf_counter()
-    ctx = WorkContext.of([tp.layout for tp in planned.targets], [str(w) for w in works], planned.block_bytes,
-                         hub_files([c for tp in planned.targets for c in tp.sources.checkpoints]))
+    ctx = WorkContext.of(
+        [tp.layout for tp in planned.targets],
+        [str(w) for w in works],
+        planned.block_bytes,
+        hub_files([c for tp in planned.targets for c in tp.sources.checkpoints]),
+    )
     backend = _backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
     names = ", ".join(Path(tp.target.out).name for tp in planned.targets)
-    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1000, disable=not options.progress,
-               desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})")
+    bar = tqdm(
+        total=sum(sizes.values()),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        disable=not options.progress,
+        desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})",
+    )
 
     results: dict[int, list[UnitResult]] = {}
     stages = Stages()
@@ -239,8 +293,14 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
     try:
         suspect = backend.run(todo, on_result)
         for attempt in range(MAX_RECHECKS + 1):  # units whose worker died after finishing them: redo those lost
-            lost = [u for u in suspect if not all(_still_valid(r, tp.layout, w, planned.block_bytes)
-                                                  for r, tp, w in zip(results[u.id], planned.targets, works))]
+            lost = [
+                u
+                for u in suspect
+                if not all(
+                    _still_valid(r, tp.layout, w, planned.block_bytes)
+                    for r, tp, w in zip(results[u.id], planned.targets, works)
+                )
+            ]
             if not lost:
                 break
             if attempt == MAX_RECHECKS:
@@ -270,16 +330,19 @@ def _backend(ctx: WorkContext, options: RunOptions):
 def throughput(stages: Stages, started: float, ended: float, backend) -> str:
     """One line: bytes moved per wall second, the start-up (until the first worker was ready: Ray, CUDA, the
     kernel's compile), then where the workers spent their time (seconds summed over workers)."""
+
     def rate(nbytes: int, seconds: float) -> str:
         return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "—"
 
     moved, wall = stages.bytes_read + stages.bytes_written, ended - started
     startup = (backend.first_ready or ended) - started
-    return (f"{moved / 1e9:.2f} GB in {wall:.1f} s ({rate(moved, wall)}) on {backend.name} × {backend.workers}, "
-            f"start-up {startup:.2f} s and fsync included; "
-            f"worker-seconds: read {stages.read:.2f} ({rate(stages.bytes_read, stages.read)}), "
-            f"compute {stages.compute:.2f}, hash {stages.hash:.2f}, "
-            f"write {stages.write:.2f} ({rate(stages.bytes_written, stages.write)}); fsync {backend.sync_seconds:.2f} s")
+    return (
+        f"{moved / 1e9:.2f} GB in {wall:.1f} s ({rate(moved, wall)}) on {backend.name} × {backend.workers}, "
+        f"start-up {startup:.2f} s and fsync included; "
+        f"worker-seconds: read {stages.read:.2f} ({rate(stages.bytes_read, stages.read)}), "
+        f"compute {stages.compute:.2f}, hash {stages.hash:.2f}, "
+        f"write {stages.write:.2f} ({rate(stages.bytes_written, stages.write)}); fsync {backend.sync_seconds:.2f} s"
+    )
 
 
 def unit_io_bytes(unit: Unit, planned: Planned) -> int:
@@ -316,8 +379,10 @@ def _input_dirs(planned: Planned) -> list[Path]:
 
 
 def _sources_meta(sources: Sources) -> dict:
-    return {"cp": sources.cp.source if sources.cp else None,
-            "vectors": [{"alpha": a, "chat": p.source, "base": m.source if m else None} for a, p, m in sources.terms]}
+    return {
+        "cp": sources.cp.source if sources.cp else None,
+        "vectors": [{"alpha": a, "chat": p.source, "base": m.source if m else None} for a, p, m in sources.terms],
+    }
 
 
 def _input_stats(planned: Planned) -> dict[str, list[int]]:
@@ -331,8 +396,18 @@ def _digest(planned: Planned, output: int, inputs: dict[str, list[int]]) -> str:
     """Identifies one output's job: this version, the recipe, all layouts and units, and the inputs' stats."""
     tp = planned.targets[output]
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
-    h = hashlib.sha256(repr((__version__, output, dataclasses.asdict(recipe),
-                             [t.layout for t in planned.targets], planned.units, planned.block_bytes)).encode())
+    h = hashlib.sha256(
+        repr(
+            (
+                __version__,
+                output,
+                dataclasses.asdict(recipe),
+                [t.layout for t in planned.targets],
+                planned.units,
+                planned.block_bytes,
+            )
+        ).encode()
+    )
     h.update(json.dumps(inputs, sort_keys=True).encode())
     h.update(os.path.abspath(tp.target.out).encode())
     return h.hexdigest()

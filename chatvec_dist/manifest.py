@@ -1,4 +1,5 @@
 """The manifest: one Arrow row per output tensor (plan + what execution measured), and verification."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,14 +30,30 @@ META_KEY = b"chatvec"
 SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")  # what the layout names shards; anything else is not opened
 HASH_ALGORITHM = "xxh3-128 of the concatenated xxh3-128 digests of each block_bytes block"
 
-SCHEMA = pa.schema([
-    ("target", pa.string()), ("tensor", pa.string()), ("rule", pa.string()), ("reason", pa.string()),
-    ("shape", pa.list_(pa.int64())), ("dtype_out", pa.string()), ("dtype_cp", pa.string()),
-    ("dtypes_vector", pa.list_(pa.string())), ("shard", pa.string()), ("offset", pa.int64()), ("nbytes", pa.int64()),
-    ("hash", pa.string()), ("cp_norm", pa.float64()), ("delta_norm", pa.float64()), ("rel_update", pa.float64()),
-    ("nan_count", pa.int64()), ("inf_count", pa.int64()), ("worker", pa.string()), ("node", pa.string()),
-    ("seconds", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("target", pa.string()),
+        ("tensor", pa.string()),
+        ("rule", pa.string()),
+        ("reason", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("dtype_out", pa.string()),
+        ("dtype_cp", pa.string()),
+        ("dtypes_vector", pa.list_(pa.string())),
+        ("shard", pa.string()),
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("hash", pa.string()),
+        ("cp_norm", pa.float64()),
+        ("delta_norm", pa.float64()),
+        ("rel_update", pa.float64()),
+        ("nan_count", pa.int64()),
+        ("inf_count", pa.int64()),
+        ("worker", pa.string()),
+        ("node", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
 
 
 def tensor_hash(blocks: list[bytes]) -> str:
@@ -85,23 +102,36 @@ class Tally:
             measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
             cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
             counted = is_float(t.out_dtype)  # NaN/Inf: every float tensor, copies as stored too
-            rows.append({
-                "target": target, "tensor": t.name, "rule": t.rule, "reason": t.reason, "shape": list(t.shape),
-                "dtype_out": t.out_dtype, "dtype_cp": t.cp.dtype if t.cp else None,
-                "dtypes_vector": [src.dtype for src in t.vector_srcs],
-                "shard": self.layout.shards[placed.shard].name, "offset": placed.offset, "nbytes": placed.nbytes,
-                "hash": tensor_hash([e.blocks[b] for b in range(expected)]),
-                "cp_norm": cp_norm,
-                "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
-                "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
-                "nan_count": s.nan if counted else None, "inf_count": s.inf if counted else None,
-                "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
-                "node": ",".join(sorted({p[3] for p in e.parts.values()})),
-                "seconds": sum(p[1] for p in e.parts.values()),
-            })
+            rows.append(
+                {
+                    "target": target,
+                    "tensor": t.name,
+                    "rule": t.rule,
+                    "reason": t.reason,
+                    "shape": list(t.shape),
+                    "dtype_out": t.out_dtype,
+                    "dtype_cp": t.cp.dtype if t.cp else None,
+                    "dtypes_vector": [src.dtype for src in t.vector_srcs],
+                    "shard": self.layout.shards[placed.shard].name,
+                    "offset": placed.offset,
+                    "nbytes": placed.nbytes,
+                    "hash": tensor_hash([e.blocks[b] for b in range(expected)]),
+                    "cp_norm": cp_norm,
+                    "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
+                    "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
+                    "nan_count": s.nan if counted else None,
+                    "inf_count": s.inf if counted else None,
+                    "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
+                    "node": ",".join(sorted({p[3] for p in e.parts.values()})),
+                    "seconds": sum(p[1] for p in e.parts.values()),
+                }
+            )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        meta = dict(metadata, hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
-                    rows_sha256=rows_digest(table))
+        meta = dict(
+            metadata,
+            hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
+            rows_sha256=rows_digest(table),
+        )
         meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
@@ -135,7 +165,11 @@ def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure
         raise DamagedManifest(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
-    block = meta.get("hash", {}).get("block_bytes") if isinstance(meta, dict) and isinstance(meta.get("hash"), dict) else None
+    block = (
+        meta.get("hash", {}).get("block_bytes")
+        if isinstance(meta, dict) and isinstance(meta.get("hash"), dict)
+        else None
+    )
     if not (isinstance(block, int) and block > 0 and isinstance(meta.get("rows_sha256"), str)):
         raise DamagedManifest("manifest metadata is malformed", file=str(path))
     return table.replace_schema_metadata(None), meta
@@ -149,8 +183,12 @@ def read_digest(files: FileHandles, path: str, offset: int, nbytes: int, buf: me
 
 def hash_range(files: FileHandles, path: str, offset: int, nbytes: int, block: int, buf: memoryview, name: str) -> str:
     """Hash `nbytes` at `offset` of `path` as the manifest does, reading block by block."""
-    return tensor_hash([read_digest(files, path, offset + start, min(block, nbytes - start), buf, name)
-                        for start in range(0, max(nbytes, 1), block)])
+    return tensor_hash(
+        [
+            read_digest(files, path, offset + start, min(block, nbytes - start), buf, name)
+            for start in range(0, max(nbytes, 1), block)
+        ]
+    )
 
 
 def verify(out_dir: str | os.PathLike) -> list[str]:
@@ -162,8 +200,10 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         return [str(e)]
     problems = []
     if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):  # absent: written before it existed
-        problems.append(f"{out_dir / MANIFEST_NAME}: manifest metadata (recipe, sources) does not match its checksum "
-                        "(edited after the fact?)")
+        problems.append(
+            f"{out_dir / MANIFEST_NAME}: manifest metadata (recipe, sources) does not match its checksum "
+            "(edited after the fact?)"
+        )
     if meta.get("rows_sha256") != rows_digest(table):
         problems.append(f"{out_dir / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)")
     block = int(meta["hash"]["block_bytes"])
@@ -184,8 +224,9 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
                     headers[row["shard"]], metadata = read_header(path)
                 except Exception as e:
                     headers[row["shard"]] = None
-                    problems.append(f"{path}: unreadable shard ({e}); none of its {tensors_in[row['shard']]} "
-                                    "tensors can be checked")
+                    problems.append(
+                        f"{path}: unreadable shard ({e}); none of its {tensors_in[row['shard']]} tensors can be checked"
+                    )
                 else:
                     if metadata != SHARD_METADATA:  # transformers reads "format" to decide how to load the shard
                         problems.append(f"{path}: header metadata {metadata} differs from {SHARD_METADATA}")
@@ -195,8 +236,15 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
             if info is None:
                 problems.append(f"{path}: tensor '{row['tensor']}' is missing")
                 continue
-            if (info.start, info.nbytes, info.dtype, list(info.shape)) != (row["offset"], row["nbytes"], row["dtype_out"], row["shape"]):
-                problems.append(f"{path}: tensor '{row['tensor']}' has a different place, dtype or shape than the manifest")
+            if (info.start, info.nbytes, info.dtype, list(info.shape)) != (
+                row["offset"],
+                row["nbytes"],
+                row["dtype_out"],
+                row["shape"],
+            ):
+                problems.append(
+                    f"{path}: tensor '{row['tensor']}' has a different place, dtype or shape than the manifest"
+                )
                 continue
             try:
                 digest = hash_range(files, path, row["offset"], row["nbytes"], block, buf, row["tensor"])

@@ -1,4 +1,5 @@
 """The output directory: a `.partial` work area with a journal, then an atomic commit by rename."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,14 @@ JOURNAL_NAME = "journal.jsonl"
 
 def side_files(directory: Path) -> list[Path]:
     """CP's files that go next to the output's weights (config, tokenizer, remote code, license), not its index."""
-    return sorted(p for p in directory.iterdir() if p.name not in (INDEX_NAME, PLAN_NAME) and p.is_file()
-                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS)
-                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NOT_SIDE_PATTERNS))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name not in (INDEX_NAME, PLAN_NAME)
+        and p.is_file()
+        and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS)
+        and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NOT_SIDE_PATTERNS)
+    )
 
 
 @contextlib.contextmanager
@@ -104,8 +110,11 @@ def _check_replaceable(out: Path) -> None:
     try:
         read_manifest(out)
     except ChatvecError:
-        raise OutputError(f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
-                          "replaces only those (or an empty directory); move it away yourself", file=str(out)) from None
+        raise OutputError(
+            f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
+            "replaces only those (or an empty directory); move it away yourself",
+            file=str(out),
+        ) from None
 
 
 class Journal:
@@ -122,8 +131,18 @@ class Journal:
             raise OutputError(f"cannot open the journal: {e.strerror}", file=str(path)) from None
 
     def append(self, r: UnitResult) -> None:
-        segs = [[s.index, [[b, d.hex()] for b, d in s.blocks], s.stats.cp_sq, s.stats.delta_sq, s.stats.update_sq,
-                 s.stats.nan, s.stats.inf] for s in r.segments]
+        segs = [
+            [
+                s.index,
+                [[b, d.hex()] for b, d in s.blocks],
+                s.stats.cp_sq,
+                s.stats.delta_sq,
+                s.stats.update_sq,
+                s.stats.nan,
+                s.stats.inf,
+            ]
+            for s in r.segments
+        ]
         line = json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds})
         try:
             self._file.write(line.encode() + b"\n")
@@ -149,16 +168,19 @@ class Journal:
         for line in lines:
             try:
                 d = json.loads(line.decode("utf-8"))
-                segs = [SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
-                        for i, blocks, c, dl, u, n, f in d["segments"]]
+                segs = [
+                    SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
+                    for i, blocks, c, dl, u, n, f in d["segments"]
+                ]
                 results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
             except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                 continue  # a line cut short or garbled by a crash: that unit is simply redone
         return results
 
 
-def open_partial(out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool,
-                 output: int) -> tuple[Path, dict[int, UnitResult]]:
+def open_partial(
+    out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool, output: int
+) -> tuple[Path, dict[int, UnitResult]]:
     """Create (or reuse, when it belongs to the same job) the work area; return it and journaled results.
     `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs.
     What is at OUT.partial must have passed `check_work_area` (the caller checks every target's first)."""
@@ -190,11 +212,17 @@ def check_work_area(out: Path) -> None:
     work = partial_path(out)
     if not (work.exists() or work.is_symlink()):
         return
-    ours = work.is_dir() and not work.is_symlink() and (
-        (work / PLAN_NAME).exists() or (work / (PLAN_NAME + ".tmp")).exists() or not any(work.iterdir()))
+    ours = (
+        work.is_dir()
+        and not work.is_symlink()
+        and ((work / PLAN_NAME).exists() or (work / (PLAN_NAME + ".tmp")).exists() or not any(work.iterdir()))
+    )
     if not ours:
-        raise OutputError(f"this is where the output's work area goes, and it is not one chatvec made (no {PLAN_NAME} "
-                          "in it): move it away", file=str(work))
+        raise OutputError(
+            f"this is where the output's work area goes, and it is not one chatvec made (no {PLAN_NAME} "
+            "in it): move it away",
+            file=str(work),
+        )
 
 
 def discard_if_unused(work: Path) -> None:
@@ -223,8 +251,10 @@ def _why_not_resumable(then: object, now: dict[str, list[int]]) -> str:
         if isinstance(old, list) and len(old) == len(stats) and old != stats:
             field = next(name for name, a, b in zip(("size", "mtime", "ctime"), old, stats) if a != b)
             how = "; chmod, chown, a new hard link or a rewrite change it" if field == "ctime" else ""
-            return (f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "
-                    "the old bytes (pass --restart to redo them)")
+            return (
+                f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "
+                "the old bytes (pass --restart to redo them)"
+            )
     return "a partial output of a different (or unknown) job is here (pass --restart to discard it)"
 
 
@@ -237,18 +267,37 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
-           chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
+def commit(
+    work: Path,
+    out: Path,
+    layout: Layout,
+    manifest: pa.Table,
+    side_dir: Path | None,
+    chat_template_dir: Path | None,
+    card: str,
+    config_dtype: str | None,
+    overwrite: bool,
+) -> None:
     """Write index, side files, manifest and card; fsync; rename the work area into place."""
     try:
         _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite)
     except OSError as e:  # disk full, permissions: the work area stays, resumable, never renamed into place
-        raise OutputError(f"commit failed ({e.strerror}); fix the cause and run the same command again",
-                          file=str(e.filename or work)) from None
+        raise OutputError(
+            f"commit failed ({e.strerror}); fix the cause and run the same command again", file=str(e.filename or work)
+        ) from None
 
 
-def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir: Path | None,
-            chat_template_dir: Path | None, card: str, config_dtype: str | None, overwrite: bool) -> None:
+def _commit(
+    work: Path,
+    out: Path,
+    layout: Layout,
+    manifest: pa.Table,
+    side_dir: Path | None,
+    chat_template_dir: Path | None,
+    card: str,
+    config_dtype: str | None,
+    overwrite: bool,
+) -> None:
     if side_dir is not None:
         for path in side_files(side_dir):
             shutil.copyfile(path, work / path.name)
@@ -287,8 +336,9 @@ def _commit(work: Path, out: Path, layout: Layout, manifest: pa.Table, side_dir:
 def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
     """Give the output the chat model's chat template where CP has none, and the chat model's end-of-sequence
     tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks)."""
-    if (cp_dir / "chat_template.jinja").is_file() or \
-            read_json_object(cp_dir / "tokenizer_config.json", OutputError).get("chat_template"):
+    if (cp_dir / "chat_template.jinja").is_file() or read_json_object(
+        cp_dir / "tokenizer_config.json", OutputError
+    ).get("chat_template"):
         return
     tok_path = work / "tokenizer_config.json"
     if (chat_dir / "chat_template.jinja").is_file():
@@ -304,9 +354,11 @@ def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
     vocab = read_json_object(work / "config.json", OutputError).get("vocab_size")
     ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     if ids and isinstance(vocab, int) and any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
-        print(f"chatvec: warning: the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
-              f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks",
-              file=sys.stderr)
+        print(
+            f"chatvec: warning: the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
+            f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks",
+            file=sys.stderr,
+        )
     elif ids:
         generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
         generation["eos_token_id"] = eos

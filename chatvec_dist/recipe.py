@@ -1,4 +1,5 @@
 """Recipe files (YAML): load with errors that name the field and line; dump any recipe back to a file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +43,16 @@ def load_recipe(path: str | Path) -> Recipe:
 def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
     """`recipe` with the relative paths it was given in `cwd` made absolute, so that it means the same from any
     folder: every output, and each source that is a folder there (anything else stays: a Hub id)."""
+
     def source(spec: str | None) -> str | None:
         if spec is None or os.path.isabs(spec) or not os.path.isdir(os.path.join(cwd, spec)):
             return spec
         return os.path.normpath(os.path.join(cwd, spec))
 
     vectors = tuple(Vector(source(v.chat), source(v.base)) for v in recipe.vectors)
-    targets = tuple(dataclasses.replace(t, cp=source(t.cp), out=os.path.normpath(os.path.join(cwd, t.out)))
-                    for t in recipe.targets)
+    targets = tuple(
+        dataclasses.replace(t, cp=source(t.cp), out=os.path.normpath(os.path.join(cwd, t.out))) for t in recipe.targets
+    )
     return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
 
@@ -69,10 +72,14 @@ def as_recorded(recipe: Recipe, meta: dict) -> Recipe:
 
     terms = sources.get("vectors") if isinstance(sources.get("vectors"), list) else []
     terms = [t if isinstance(t, dict) else {} for t in terms] + [{}] * len(recipe.vectors)
-    vectors = tuple(Vector(recorded(v.chat, r.chat, t.get("chat")), recorded(v.base, r.base, t.get("base")))
-                    for v, r, t in zip(recipe.vectors, resolved.vectors, terms))
-    targets = tuple(dataclasses.replace(r, cp=recorded(t.cp, r.cp, sources.get("cp"))) if t.name == meta.get("target")
-                    else r for t, r in zip(recipe.targets, resolved.targets))
+    vectors = tuple(
+        Vector(recorded(v.chat, r.chat, t.get("chat")), recorded(v.base, r.base, t.get("base")))
+        for v, r, t in zip(recipe.vectors, resolved.vectors, terms)
+    )
+    targets = tuple(
+        dataclasses.replace(r, cp=recorded(t.cp, r.cp, sources.get("cp"))) if t.name == meta.get("target") else r
+        for t, r in zip(recipe.targets, resolved.targets)
+    )
     return dataclasses.replace(resolved, vectors=vectors, targets=targets)
 
 
@@ -90,14 +97,19 @@ class _Reader:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
         return RecipeError(f"field '{field}': {what}", file=f"{self.origin}{line}")
 
-    def mapping(self, node: yaml.Node | None, field: str, allowed: set[str], required: set[str]) -> dict[str, yaml.Node]:
+    def mapping(
+        self, node: yaml.Node | None, field: str, allowed: set[str], required: set[str]
+    ) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node, field, "expected a mapping")
         items = {}
         for key, value in node.value:
             if not isinstance(key, yaml.ScalarNode) or key.value not in allowed:
-                raise self.fail(key, f"{field}.{getattr(key, 'value', '?')}" if field else str(key.value),
-                                f"unknown field (allowed: {', '.join(sorted(allowed))})")
+                raise self.fail(
+                    key,
+                    f"{field}.{getattr(key, 'value', '?')}" if field else str(key.value),
+                    f"unknown field (allowed: {', '.join(sorted(allowed))})",
+                )
             if key.value in items:
                 raise self.fail(key, f"{field}.{key.value}" if field else key.value, "given twice")
             items[key.value] = value
@@ -108,7 +120,9 @@ class _Reader:
     def scalar(self, node: yaml.Node, field: str, kinds: tuple[type, ...], optional: bool = False):
         names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
         if not isinstance(node, yaml.ScalarNode):  # never built: aliases could make it any size
-            raise self.fail(node, field, f"expected {names}, got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
+            raise self.fail(
+                node, field, f"expected {names}, got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}"
+            )
         value = self._loader.construct_object(node, deep=True)
         if value is None and optional:
             return None
@@ -142,9 +156,13 @@ class _Reader:
     def recipe(self, root: yaml.Node | None) -> Recipe:
         fields = {f.name for f in dataclasses.fields(Recipe)}
         items = self.mapping(root, "", fields, {"vectors", "targets"})
-        vectors = tuple(self.vector(n, f"vectors[{i}]") for i, n in enumerate(self.sequence(items["vectors"], "vectors")))
-        targets = tuple(self.target(n, f"targets[{i}]", len(vectors))
-                        for i, n in enumerate(self.sequence(items["targets"], "targets")))
+        vectors = tuple(
+            self.vector(n, f"vectors[{i}]") for i, n in enumerate(self.sequence(items["vectors"], "vectors"))
+        )
+        targets = tuple(
+            self.target(n, f"targets[{i}]", len(vectors))
+            for i, n in enumerate(self.sequence(items["targets"], "targets"))
+        )
         if not vectors or not targets:
             raise self.fail(root, "vectors" if not vectors else "targets", "needs at least one entry")
         options = {}
@@ -156,13 +174,17 @@ class _Reader:
                 except ChatvecError as e:
                     raise self.fail(items[name], name, e.what) from None
         if "chat_template_from_chat" in items:
-            options["chat_template_from_chat"] = self.scalar(items["chat_template_from_chat"], "chat_template_from_chat", (bool,))
+            options["chat_template_from_chat"] = self.scalar(
+                items["chat_template_from_chat"], "chat_template_from_chat", (bool,)
+            )
         return Recipe(vectors, targets, **options)
 
     def vector(self, node: yaml.Node, field: str) -> Vector:
         items = self.mapping(node, field, {"chat", "base"}, {"chat", "base"})
-        return Vector(self.scalar(items["chat"], f"{field}.chat", (str,)),
-                      self.scalar(items["base"], f"{field}.base", (str,), optional=True))
+        return Vector(
+            self.scalar(items["chat"], f"{field}.chat", (str,)),
+            self.scalar(items["base"], f"{field}.base", (str,), optional=True),
+        )
 
     def target(self, node: yaml.Node, field: str, n_vectors: int) -> Target:
         names = {f.name for f in dataclasses.fields(Target)}
@@ -186,6 +208,11 @@ class _Reader:
         dtype = get("dtype", (str,), True) if "dtype" in items else None
         if dtype is not None and dtype not in OUTPUT_DTYPES:
             raise self.fail(items["dtype"], f"{field}.dtype", f"{dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-        exclude = tuple(self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")) \
-            if "exclude" in items else ()
+        exclude = (
+            tuple(
+                self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")
+            )
+            if "exclude" in items
+            else ()
+        )
         return Target(get("name", (str,)), get("cp", (str,), True), get("out", (str,)), alphas, vocab, exclude, dtype)

@@ -1,4 +1,5 @@
 """The recipe (what to compute) and the run options (how), as frozen dataclasses."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,17 @@ from .dtypes import OUTPUT_DTYPES
 
 MiB = 1024 * 1024
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -19,6 +30,8 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
 VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,14 +64,22 @@ class Target:
         _paths(self, "cp", "out")
         where = f"target {self.name!r}"
         _check(isinstance(self.name, str) and isinstance(self.out, str), f"{where}: name and out must be text")
-        _check(isinstance(self.alphas, tuple) and all(_real(a) and abs(a) <= FLOAT32_MAX for a in self.alphas),
-               f"{where}: alphas {list(self.alphas) if isinstance(self.alphas, tuple) else self.alphas!r} must be "
-               "finite numbers within float32's range, |alpha| ≤ 3.4e38 (a tuple)")
-        _check(self.vocab in VOCAB_POLICIES, f"{where}: vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}")
-        _check(isinstance(self.exclude, tuple) and all(isinstance(x, str) for x in self.exclude),
-               f"{where}: exclude {self.exclude!r} must be a tuple of regexes (text)")
-        _check(self.dtype is None or self.dtype in OUTPUT_DTYPES,
-               f"{where}: dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)")
+        _check(
+            isinstance(self.alphas, tuple) and all(_real(a) and abs(a) <= FLOAT32_MAX for a in self.alphas),
+            f"{where}: alphas {list(self.alphas) if isinstance(self.alphas, tuple) else self.alphas!r} must be "
+            "finite numbers within float32's range, |alpha| ≤ 3.4e38 (a tuple)",
+        )
+        _check(
+            self.vocab in VOCAB_POLICIES, f"{where}: vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}"
+        )
+        _check(
+            isinstance(self.exclude, tuple) and all(isinstance(x, str) for x in self.exclude),
+            f"{where}: exclude {self.exclude!r} must be a tuple of regexes (text)",
+        )
+        _check(
+            self.dtype is None or self.dtype in OUTPUT_DTYPES,
+            f"{where}: dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)",
+        )
 
 
 @dataclass(frozen=True)
@@ -72,14 +93,20 @@ class Recipe:
     chat_template_from_chat: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.vectors, tuple) and all(isinstance(v, Vector) for v in self.vectors),
-               "a recipe's vectors must be a tuple of Vector")
-        _check(isinstance(self.targets, tuple) and all(isinstance(t, Target) for t in self.targets),
-               "a recipe's targets must be a tuple of Target")
+        _check(
+            isinstance(self.vectors, tuple) and all(isinstance(v, Vector) for v in self.vectors),
+            "a recipe's vectors must be a tuple of Vector",
+        )
+        _check(
+            isinstance(self.targets, tuple) and all(isinstance(t, Target) for t in self.targets),
+            "a recipe's targets must be a tuple of Target",
+        )
         for name in ("max_shard_size", "unit_bytes"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"{name} {value!r}: give a positive number of bytes (an int; parse_size('64MiB') reads text)")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} {value!r}: give a positive number of bytes (an int; parse_size('64MiB') reads text)",
+            )
         _check(isinstance(self.chat_template_from_chat, bool), "chat_template_from_chat must be True or False")
 
     @property
@@ -112,8 +139,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         from .errors import ChatvecError
 
-        _check(self.workers is None or isinstance(self.workers, int) and not isinstance(self.workers, bool),
-               f"workers {self.workers!r}: give a whole number (or none)")
+        _check(
+            self.workers is None or isinstance(self.workers, int) and not isinstance(self.workers, bool),
+            f"workers {self.workers!r}: give a whole number (or none)",
+        )
         _check(_real(self.cpus_per_worker), f"cpus per worker {self.cpus_per_worker!r}: give a number")
         _check(self.address is None or isinstance(self.address, str), f"address {self.address!r}: give text")
         for flag in ("overwrite", "restart", "progress", "fail_on_nonfinite"):
@@ -130,7 +159,12 @@ class RunOptions:
 
 def is_plain_name(name: object) -> bool:
     """A target name that can name a folder under the output root: one printable path component."""
-    return isinstance(name, str) and name.isprintable() and name not in ("", ".", "..") and not any(c in name for c in "/\\")
+    return (
+        isinstance(name, str)
+        and name.isprintable()
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\")
+    )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,4 +1,5 @@
 """The safetensors dtype names as torch dtypes, and the dtype the arithmetic runs in (workers only)."""
+
 from __future__ import annotations
 
 import torch

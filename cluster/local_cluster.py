@@ -17,6 +17,7 @@ The head gets fast health checks (500 ms period, 2 s timeout, 5 failures), so a 
 `--kill-node-after` is declared dead in a few seconds instead of ~16 s, and a node merely slow on a busy machine
 is not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,21 +34,35 @@ HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 2000,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="local_cluster.py", description=__doc__,
+        prog="local_cluster.py",
+        description=__doc__,
         epilog="Everything after `--` is the command to run with RAY_ADDRESS set; without one, wait until Ctrl-C.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head (default 2)")
     p.add_argument("--cpus", type=int, default=1, help="CPUs per worker node (default 1)")
-    p.add_argument("--head-cpus", type=int, default=0,
-                   help="CPUs on the head node (default 0: actors land on the worker nodes only)")
+    p.add_argument(
+        "--head-cpus",
+        type=int,
+        default=0,
+        help="CPUs on the head node (default 0: actors land on the worker nodes only)",
+    )
     p.add_argument("--object-store-mib", type=int, default=150, help="object store per node, MiB (default 150)")
-    p.add_argument("--auth", choices=("disabled", "token"), default=os.environ.get("RAY_AUTH_MODE") or "disabled",
-                   help="RAY_AUTH_MODE for the cluster and the command (default: $RAY_AUTH_MODE, else disabled; "
-                        "token reads ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+    p.add_argument(
+        "--auth",
+        choices=("disabled", "token"),
+        default=os.environ.get("RAY_AUTH_MODE") or "disabled",
+        help="RAY_AUTH_MODE for the cluster and the command (default: $RAY_AUTH_MODE, else disabled; "
+        "token reads ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)",
+    )
     p.add_argument("--address-file", help="also write the address to this file once the cluster is up")
-    p.add_argument("--kill-node-after", type=float, metavar="SECONDS",
-                   help="fault injection: remove one worker node without grace this long after the command starts "
-                        "(the driver's start-up, several seconds, counts: watch the progress bar to pick it)")
+    p.add_argument(
+        "--kill-node-after",
+        type=float,
+        metavar="SECONDS",
+        help="fault injection: remove one worker node without grace this long after the command starts "
+        "(the driver's start-up, several seconds, counts: watch the progress bar to pick it)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     return p
 
@@ -57,8 +72,15 @@ def start_cluster(nodes: int, cpus: int, head_cpus: int, object_store_mib: int):
     from ray.cluster_utils import Cluster
 
     common = {"node_ip_address": "127.0.0.1", "object_store_memory": object_store_mib * MiB}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **common, "num_cpus": head_cpus, "include_dashboard": False, "_system_config": dict(HEALTH_CHECKS)})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **common,
+            "num_cpus": head_cpus,
+            "include_dashboard": False,
+            "_system_config": dict(HEALTH_CHECKS),
+        },
+    )
     for _ in range(nodes):
         cluster.add_node(**common, num_cpus=cpus)
     cluster.wait_for_nodes()
@@ -94,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     cluster = start_cluster(args.nodes, args.cpus, args.head_cpus, args.object_store_mib)
     address = cluster.address
     total = args.nodes * args.cpus + args.head_cpus
-    print(f"local_cluster: head + {args.nodes} worker node(s) × {args.cpus} CPU ({total} CPUs) up at {address} "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(
+        f"local_cluster: head + {args.nodes} worker node(s) × {args.cpus} CPU ({total} CPUs) up at {address} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
     print(address, flush=True)
     if args.address_file:
         with open(args.address_file, "w") as f:
@@ -106,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     killers: list[threading.Thread] = []
     try:
         if not command:
-            print("local_cluster: in another shell:\n"
-                  f"  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE={args.auth} RAY_ADDRESS={address}\n"
-                  "  chatvec merge --base ... --chat ... --cp ... --out ...\n"
-                  "local_cluster: Ctrl-C to stop", file=sys.stderr, flush=True)
+            print(
+                "local_cluster: in another shell:\n"
+                f"  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE={args.auth} RAY_ADDRESS={address}\n"
+                "  chatvec merge --base ... --chat ... --cp ... --out ...\n"
+                "local_cluster: Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            )
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # also when started with SIGINT ignored (`&`)
                 signal.signal(sig, _interrupt)
             if args.kill_node_after is not None:
@@ -137,8 +167,14 @@ def _child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if this script was started with SIGINT ignored
 
 
-def run_command(command: list[str], env: dict, cluster, kill_node_after: float | None, done: threading.Event,
-                killers: list[threading.Thread]) -> int:
+def run_command(
+    command: list[str],
+    env: dict,
+    cluster,
+    kill_node_after: float | None,
+    done: threading.Event,
+    killers: list[threading.Thread],
+) -> int:
     """Run `command` in its own process group; Ctrl-C / SIGTERM are passed on once, a second time kills it."""
     try:
         proc = subprocess.Popen(command, env=env, preexec_fn=_child_setup)

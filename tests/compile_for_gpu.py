@@ -6,6 +6,7 @@ constexprs come from the launcher itself (`triton_merge.launches`) on small CPU 
 launcher would specialize them (16-byte aligned pointers and sizes divisible by 16, or not: each call is also
 compiled on views one element off).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,6 +37,7 @@ ALPHAS = {"a0", "a1", "a2", "a3"}  # the kernel's do_not_specialize
 
 def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, off: int):
     """The call's tensors; `off` elements into their storage (off 1: pointers not 16-byte aligned, n odd)."""
+
     def zeros(dtype):
         return torch.zeros(4096 + off, dtype=dtype)[off:]
 
@@ -54,13 +56,23 @@ def ptx_facts(out, cp, terms, compute) -> list[dict]:
             signature[name] = kind
             if spec:
                 attrs[(i,)] = BaseBackend.parse_attr(spec)
-        source = ASTSource(triton_merge._merge_kernel, signature, attrs=attrs,
-                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        source = ASTSource(
+            triton_merge._merge_kernel,
+            signature,
+            attrs=attrs,
+            constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        )
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_merge.launch_options())
         ptx = kernel.asm["ptx"]
-        facts.append({"fma": len(re.findall(r"\bfma\.", ptx)), "ftz": ".ftz" in ptx,
-                      "f32_params": len(re.findall(r"\.param \.f32", ptx)), "cubin_bytes": len(kernel.asm["cubin"]),
-                      "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx))})
+        facts.append(
+            {
+                "fma": len(re.findall(r"\bfma\.", ptx)),
+                "ftz": ".ftz" in ptx,
+                "f32_params": len(re.findall(r"\.param \.f32", ptx)),
+                "cubin_bytes": len(kernel.asm["cubin"]),
+                "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+            }
+        )
     return facts
 
 

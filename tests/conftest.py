@@ -1,4 +1,5 @@
 """Shared fixtures: Ray on 127.0.0.1 (one session-scoped instance), tiny real Llama checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ def slow_units_env(seconds: float, env: dict | None = None) -> dict[str, str]:
     """The environment for a merge subprocess whose every unit (Ray workers' too) takes at least `seconds` more:
     see tests/slow_units/sitecustomize.py."""
     env = dict(os.environ if env is None else env, CHATVEC_TEST_UNIT_SECONDS=str(seconds))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "slow_units"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).parent / "slow_units"), env.get("PYTHONPATH")) if p
+    )
     return env
 
 
@@ -33,14 +36,29 @@ def ray_local():
     ray.shutdown()
 
 
-def make_llama(directory: Path, seed: int, vocab: int = 96, dtype: torch.dtype = torch.bfloat16, tie: bool = False,
-               base: dict | None = None, noise: float = 0.02) -> dict[str, torch.Tensor]:
+def make_llama(
+    directory: Path,
+    seed: int,
+    vocab: int = 96,
+    dtype: torch.dtype = torch.bfloat16,
+    tie: bool = False,
+    base: dict | None = None,
+    noise: float = 0.02,
+) -> dict[str, torch.Tensor]:
     """A tiny LlamaForCausalLM saved with transformers; perturbs `base` weights if given. Returns its state."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tie)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     model = LlamaForCausalLM(config).to(dtype)
     if base is not None:
         with torch.no_grad():

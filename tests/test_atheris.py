@@ -2,6 +2,7 @@
 
 Longer campaigns: `python tests/test_atheris.py -runs=1000000 -max_len=4096 [corpus_dir]`.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,11 @@ def one_input(data: bytes) -> None:
         pass
 
 
-SEEDS = [b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,1],"data_offsets":[0,8]},'
-         b'"b":{"dtype":"BF16","shape":[],"data_offsets":[8,10]}}\0' + bytes(10),
-         b'{"x":{"dtype":"I64","shape":[0],"data_offsets":[0,0]}}\0']
+SEEDS = [
+    b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,1],"data_offsets":[0,8]},'
+    b'"b":{"dtype":"BF16","shape":[],"data_offsets":[8,10]}}\0' + bytes(10),
+    b'{"x":{"dtype":"I64","shape":[0],"data_offsets":[0,0]}}\0',
+]
 
 
 def test_atheris_header_fuzz_smoke(tmp_path) -> None:
@@ -39,9 +42,14 @@ def test_atheris_header_fuzz_smoke(tmp_path) -> None:
     corpus.mkdir()
     for i, seed in enumerate(SEEDS):
         (corpus / f"seed{i}").write_bytes(seed)
-    done = subprocess.run([sys.executable, __file__, "-runs=20000", "-max_len=2048", "-seed=1", str(corpus)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,  # crash files land in tmp_path
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    done = subprocess.run(
+        [sys.executable, __file__, "-runs=20000", "-max_len=2048", "-seed=1", str(corpus)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # crash files land in tmp_path
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

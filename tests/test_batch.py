@@ -1,4 +1,5 @@
 """Batches: many targets and alpha sweeps in one pass, recipe files, the audit view, the Python API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,29 +10,57 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_e2e import expected_weights, load_all, logits, shard_bytes
 
 import chatvec_dist
 from chatvec_dist import job
-from chatvec_dist.cli import main, recipe_from_args, build_parser
+from chatvec_dist.cli import build_parser, main, recipe_from_args
 from chatvec_dist.kernels.reference import reference
 from chatvec_dist.manifest import read_manifest, verify
 from chatvec_dist.recipe import RecipeError, load_recipe
-from test_e2e import expected_weights, load_all, logits, shard_bytes
 
 
 @pytest.fixture(scope="module")
 def batch(llamas, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch") / "root"
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", f"zh={llamas['cp']}",
-                 "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap", "--out", str(root),
-                 "--backend", "local", "--unit-size", "4KiB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--cp",
+                f"zh={llamas['cp']}",
+                "--cp",
+                f"ko={llamas['cp_ext']}",
+                "--alpha",
+                "0.5,1.0",
+                "--vocab",
+                "overlap",
+                "--out",
+                str(root),
+                "--backend",
+                "local",
+                "--unit-size",
+                "4KiB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def test_one_output_per_target_and_alpha(llamas, batch):
     assert sorted(p.name for p in batch.iterdir()) == ["ko-alpha0.5", "ko-alpha1", "zh-alpha0.5", "zh-alpha1"]
-    for name, cp, alpha in (("zh-alpha0.5", "cp", 0.5), ("zh-alpha1", "cp", 1.0), ("ko-alpha0.5", "cp_ext", 0.5),
-                            ("ko-alpha1", "cp_ext", 1.0)):
+    for name, cp, alpha in (
+        ("zh-alpha0.5", "cp", 0.5),
+        ("zh-alpha1", "cp", 1.0),
+        ("ko-alpha0.5", "cp_ext", 0.5),
+        ("ko-alpha1", "cp_ext", 1.0),
+    ):
         out = batch / name
         expected = expected_weights(llamas, cp, merge_rows=True, alpha=alpha)
         got = load_all(out)
@@ -40,45 +69,96 @@ def test_one_output_per_target_and_alpha(llamas, batch):
             assert torch.equal(got[tensor].view(torch.int16), t.view(torch.int16)), (name, tensor)
         table, meta = read_manifest(out)
         assert meta["target"] == name and table.column("target").to_pylist() == [name] * table.num_rows
-        assert [t["name"] for t in meta["recipe"]["targets"]] == ["zh-alpha0.5", "zh-alpha1", "ko-alpha0.5", "ko-alpha1"]
+        assert [t["name"] for t in meta["recipe"]["targets"]] == [
+            "zh-alpha0.5",
+            "zh-alpha1",
+            "ko-alpha0.5",
+            "ko-alpha1",
+        ]
         assert verify(out) == [] and (out / "README.md").is_file() and (out / "model.safetensors.index.json").is_file()
     assert torch.equal(logits(batch / "ko-alpha1"), logits(llamas["cp_ext"], expected_weights(llamas, "cp_ext", True)))
 
 
 def test_batch_equals_separate_runs(llamas, batch, tmp_path):
     single = tmp_path / "single"
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp_ext"]),
-                 "--alpha", "0.5", "--vocab", "overlap", "--out", str(single), "--backend", "local",
-                 "--unit-size", "4KiB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--cp",
+                str(llamas["cp_ext"]),
+                "--alpha",
+                "0.5",
+                "--vocab",
+                "overlap",
+                "--out",
+                str(single),
+                "--backend",
+                "local",
+                "--unit-size",
+                "4KiB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert shard_bytes(single) == shard_bytes(batch / "ko-alpha0.5")
 
 
 def test_batch_reads_base_and_chat_once(llamas):
     """N outputs cost base + chat + each distinct CP once, not 4N model-sized transfers."""
+
     def planned(*extra: str):
         args = build_parser().parse_args(["plan", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), *extra])
         return job.plan(recipe_from_args(args))
 
     def read_bytes(p) -> int:
-        return sum(job.unit_io_bytes(u, p) for u in p.units) - sum(x.nbytes for tp in p.targets for x in tp.layout.tensors)
+        return sum(job.unit_io_bytes(u, p) for u in p.units) - sum(
+            x.nbytes for tp in p.targets for x in tp.layout.tensors
+        )
 
     size = {n: sum(f.stat().st_size for f in llamas[n].glob("*.safetensors")) for n in ("base", "chat", "cp", "cp_ext")}
-    both = planned("--cp", f"zh={llamas['cp']}", "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap")
+    both = planned(
+        "--cp", f"zh={llamas['cp']}", "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap"
+    )
     headers = 4 * 4 * 2048  # rough upper bound on header bytes not counted as tensor data
     expected = size["base"] + size["chat"] + size["cp"] + size["cp_ext"]
     assert expected - headers < read_bytes(both) <= expected
-    separate = sum(read_bytes(planned("--cp", str(llamas[c]), "--alpha", a, "--vocab", "overlap"))
-                   for c in ("cp", "cp_ext") for a in ("0.5", "1.0"))
+    separate = sum(
+        read_bytes(planned("--cp", str(llamas[c]), "--alpha", a, "--vocab", "overlap"))
+        for c in ("cp", "cp_ext")
+        for a in ("0.5", "1.0")
+    )
     assert separate > 2.4 * read_bytes(both)
 
 
 def test_unnamed_cps_in_a_sweep_get_outputs_of_their_own(llamas, tmp_path):
-    args = build_parser().parse_args(["merge", "--base", "b", "--chat", "c", "--cp", str(llamas["cp"]),
-                                      "--cp", str(llamas["cp_ext"]), "--alpha", "0.5,1", "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        [
+            "merge",
+            "--base",
+            "b",
+            "--chat",
+            "c",
+            "--cp",
+            str(llamas["cp"]),
+            "--cp",
+            str(llamas["cp_ext"]),
+            "--alpha",
+            "0.5,1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     outs = [Path(t.out).name for t in recipe_from_args(args).targets]
     assert outs == ["cp-alpha0.5", "cp-alpha1", "cp_ext-alpha0.5", "cp_ext-alpha1"]
-    args = build_parser().parse_args(["merge", "--base", "b", "--chat", "c", "--cp", "org/m@v1", "--cp", "org/m@v2",
-                                      "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["merge", "--base", "b", "--chat", "c", "--cp", "org/m@v1", "--cp", "org/m@v2", "--out", str(tmp_path)]
+    )
     assert [Path(t.out).name for t in recipe_from_args(args).targets] == ["m@v1", "m@v2"]  # revisions apart
 
 
@@ -96,8 +176,21 @@ def test_an_extracted_vector_from_a_recipe_says_float32_in_its_config(llamas, tm
 
 def test_print_recipe_then_run_gives_the_same_output(llamas, tmp_path, capsys):
     out = tmp_path / "viarecipe"
-    args = ["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp"]),
-            "--out", str(out), "--unit-size", "4KiB", "--exclude", "norm"]
+    args = [
+        "merge",
+        "--base",
+        str(llamas["base"]),
+        "--chat",
+        str(llamas["chat"]),
+        "--cp",
+        str(llamas["cp"]),
+        "--out",
+        str(out),
+        "--unit-size",
+        "4KiB",
+        "--exclude",
+        "norm",
+    ]
     assert main([*args, "--print-recipe"]) == 0
     text = capsys.readouterr().out
     assert not out.exists() and text.startswith("# chatvec recipe")
@@ -107,8 +200,23 @@ def test_print_recipe_then_run_gives_the_same_output(llamas, tmp_path, capsys):
     assert recipe.targets[0].exclude == ("norm",) and recipe.unit_bytes == 4096
     assert main(["run", str(recipe_file), "--backend", "local", "--no-progress"]) == 0
     direct = tmp_path / "direct"
-    assert main([*args[:-4], "--out", str(direct), "--unit-size", "4KiB", "--exclude", "norm", "--backend", "local",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                *args[:-4],
+                "--out",
+                str(direct),
+                "--unit-size",
+                "4KiB",
+                "--exclude",
+                "norm",
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert shard_bytes(out) == shard_bytes(direct)
     capsys.readouterr()
     assert main(["inspect", str(out), "--recipe"]) == 0
@@ -121,8 +229,25 @@ def test_a_stored_recipe_runs_again_from_any_folder(llamas, tmp_path, monkeypatc
     work = tmp_path / "work"
     shutil.copytree(llamas["cp"], work / "models" / "cp")
     monkeypatch.chdir(work)
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", "models/cp",
-                 "--out", "out", "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--cp",
+                "models/cp",
+                "--out",
+                "out",
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", "out", "--recipe"]) == 0
     recipe = load_recipe_text(tmp_path, capsys.readouterr().out)
@@ -141,8 +266,25 @@ def test_a_stored_recipe_keeps_each_source_what_it_was(llamas, tmp_path, monkeyp
     work = tmp_path / "work"
     shutil.copytree(llamas["cp"], work / "models" / "cp")
     monkeypatch.chdir(work)
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", "models/cp",
-                 "--out", "out", "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--cp",
+                "models/cp",
+                "--out",
+                "out",
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (work / "models").rename(work / "moved")
     capsys.readouterr()
     assert main(["inspect", "out", "--recipe"]) == 0
@@ -156,26 +298,76 @@ def load_recipe_text(tmp_path: Path, text: str):
     return load_recipe(path)
 
 
-@pytest.mark.parametrize("text,field,line", [
-    ("vectors: []\ntargets: []\n", "vectors", 1),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alpha: 2\n", "targets[0].alpha", 8),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alphas: [1, 2]\n", "targets[0].alphas", 8),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    vocab: most\n", "targets[0].vocab", 8),
-    ("vectors:\n  - chat: 3\n    base: b\ntargets: []\n", "vectors[0].chat", 2),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    out: o\n", "targets[0].cp", 5),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: lots\n", "unit_bytes", 6),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: 3\n", "unit_bytes", 6),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nmax_shard_size: -5\n", "max_shard_size", 6),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: .nan}\n", "targets[0].alphas", 5),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [x]}\n", "targets[0].alphas", 5),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    out: p\n", "targets[0].out", 8),
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [1" + "0" * 400 + "]}\n",
-     "targets[0].alphas", 5),  # an integer beyond any float: was an OverflowError traceback
-    # a "billion laughs" of aliases where one regex goes: refused unbuilt (it was built: memory exhausted)
-    ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    exclude:\n    - ["
-     + ", ".join(f"&{k} [{', '.join([f'*{p}' if p else 'x'] * 9)}]" for p, k in zip(["", *"abcdefgh"], "abcdefghi"))
-     + "]\n", "targets[0].exclude", 9),
-])
+@pytest.mark.parametrize(
+    "text,field,line",
+    [
+        ("vectors: []\ntargets: []\n", "vectors", 1),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alpha: 2\n",
+            "targets[0].alpha",
+            8,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    alphas: [1, 2]\n",
+            "targets[0].alphas",
+            8,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    vocab: most\n",
+            "targets[0].vocab",
+            8,
+        ),
+        ("vectors:\n  - chat: 3\n    base: b\ntargets: []\n", "vectors[0].chat", 2),
+        ("vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    out: o\n", "targets[0].cp", 5),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: lots\n",
+            "unit_bytes",
+            6,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nunit_bytes: 3\n",
+            "unit_bytes",
+            6,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o}\nmax_shard_size: -5\n",
+            "max_shard_size",
+            6,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: .nan}\n",
+            "targets[0].alphas",
+            5,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [x]}\n",
+            "targets[0].alphas",
+            5,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    out: p\n",
+            "targets[0].out",
+            8,
+        ),
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - {name: t, cp: c, out: o, alphas: [1"
+            + "0" * 400
+            + "]}\n",
+            "targets[0].alphas",
+            5,
+        ),  # an integer beyond any float: was an OverflowError traceback
+        # a "billion laughs" of aliases where one regex goes: refused unbuilt (it was built: memory exhausted)
+        (
+            "vectors:\n  - chat: c\n    base: b\ntargets:\n  - name: t\n    cp: c\n    out: o\n    exclude:\n    - ["
+            + ", ".join(
+                f"&{k} [{', '.join([f'*{p}' if p else 'x'] * 9)}]" for p, k in zip(["", *"abcdefgh"], "abcdefghi")
+            )
+            + "]\n",
+            "targets[0].exclude",
+            9,
+        ),
+    ],
+)
 def test_recipe_errors_name_field_and_line(tmp_path, text, field, line):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -202,8 +394,10 @@ def test_two_targets_with_one_output_are_named(llamas, tmp_path):
     from chatvec_dist.spec import Recipe, Target, Vector
 
     out = str(tmp_path / "same")
-    recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),),
-                    (Target("zh", str(llamas["cp"]), out, (1.0,)), Target("ko", str(llamas["cp"]), out + "/.", (0.5,))))
+    recipe = Recipe(
+        (Vector(str(llamas["chat"]), str(llamas["base"])),),
+        (Target("zh", str(llamas["cp"]), out, (1.0,)), Target("ko", str(llamas["cp"]), out + "/.", (0.5,))),
+    )
     with pytest.raises(OutputError, match=r"targets 'zh' and 'ko' both write"):
         chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
     assert not (tmp_path / "same").exists()
@@ -211,8 +405,23 @@ def test_two_targets_with_one_output_are_named(llamas, tmp_path):
 
 def test_apply_refuses_a_merged_model_as_its_vector(llamas, batch, tmp_path, capsys):
     out = tmp_path / "applied"
-    assert main(["apply", "--vector", str(batch / "zh-alpha0.5"), "--cp", str(llamas["cp"]), "--out", str(out),
-                 "--backend", "local", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--vector",
+                str(batch / "zh-alpha0.5"),
+                "--cp",
+                str(llamas["cp"]),
+                "--out",
+                str(out),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{batch / 'zh-alpha0.5'}: a chatvec merge output, not a chat vector" in err and not out.exists()
 
@@ -222,13 +431,32 @@ def test_a_recipe_mixing_extract_and_merge_labels_each_output_by_what_it_is(llam
     extracted vector is an extract output."""
     from chatvec_dist.spec import Recipe, Target, Vector
 
-    recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),),
-                    (Target("vec", None, str(tmp_path / "vec"), (1.0,)),
-                     Target("model", str(llamas["cp"]), str(tmp_path / "model"), (1.0,))))
+    recipe = Recipe(
+        (Vector(str(llamas["chat"]), str(llamas["base"])),),
+        (
+            Target("vec", None, str(tmp_path / "vec"), (1.0,)),
+            Target("model", str(llamas["cp"]), str(tmp_path / "model"), (1.0,)),
+        ),
+    )
     chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", progress=False))
     assert [read_manifest(tmp_path / n)[1]["kind"] for n in ("vec", "model")] == ["extract", "merge"]
-    assert main(["apply", "--vector", str(tmp_path / "model"), "--cp", str(llamas["cp"]), "--out",
-                 str(tmp_path / "wrong"), "--backend", "local", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--vector",
+                str(tmp_path / "model"),
+                "--cp",
+                str(llamas["cp"]),
+                "--out",
+                str(tmp_path / "wrong"),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "a chatvec merge output, not a chat vector" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
 
 
@@ -238,9 +466,23 @@ def test_plan_into_a_closed_pipe_is_a_quiet_exit(llamas):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for most users
-    proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", "plan", "--base", str(llamas["base"]), "--chat",
-                             str(llamas["chat"]), "--cp", str(llamas["cp"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatvec_dist.cli",
+            "plan",
+            "--base",
+            str(llamas["base"]),
+            "--chat",
+            str(llamas["chat"]),
+            "--cp",
+            str(llamas["cp"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     proc.stdout.close()  # before the child has imported anything: its first print meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""
@@ -257,15 +499,34 @@ def test_recipe_yaml_syntax_error_is_a_clean_exit(tmp_path, capsys):
 def test_inspect_flags_an_outlier_and_plots(llamas, batch, tmp_path, capsys):
     chat = tmp_path / "chat"
     tensors = load_all(llamas["chat"])
-    tensors["model.layers.1.mlp.up_proj.weight"] = (tensors["model.layers.1.mlp.up_proj.weight"].float() * 40).bfloat16()
+    tensors["model.layers.1.mlp.up_proj.weight"] = (
+        tensors["model.layers.1.mlp.up_proj.weight"].float() * 40
+    ).bfloat16()
     from safetensors.torch import save_file
 
     chat.mkdir()
     save_file(tensors, chat / "model.safetensors", metadata={"format": "pt"})
     (chat / "config.json").write_text((llamas["chat"] / "config.json").read_text())
     out = tmp_path / "odd"
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(chat), "--cp", str(llamas["cp"]), "--out", str(out),
-                 "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(chat),
+                "--cp",
+                str(llamas["cp"]),
+                "--out",
+                str(out),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
@@ -285,11 +546,17 @@ def test_card_and_inspect_show_hostile_names_as_text(tmp_path, capsys):
     from safetensors.torch import save_file
 
     hostile = "w` | <img src=x onerror=alert(1)> [click](javascript:alert(1)) | `x"
+
     def checkpoint(name: str, **values: float) -> Path:
         (tmp_path / name).mkdir()
-        tensors = {hostile: torch.full((4,), values["h"]), "small": torch.full((4,), 1.0), "bad": torch.full((4,), values["b"])}
+        tensors = {
+            hostile: torch.full((4,), values["h"]),
+            "small": torch.full((4,), 1.0),
+            "bad": torch.full((4,), values["b"]),
+        }
         save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
         return tmp_path / name
+
     base, chat = checkpoint("base", h=0.0, b=0.0), checkpoint("chat", h=1.0, b=float("nan"))
     cp = checkpoint("cp", h=1.0, b=1.0)
     from chatvec_dist.spec import Recipe, Target, Vector
@@ -310,10 +577,21 @@ def test_card_and_inspect_show_hostile_names_as_text(tmp_path, capsys):
 
 def test_inspect_and_plan_write_errors_are_one_line(llamas, batch, tmp_path, capsys):
     out = batch / "zh-alpha0.5"
-    for argv in (["inspect", str(out), "--plot", str(tmp_path / "no" / "x.png")],
-                 ["inspect", str(out), "--plot", str(tmp_path / "x.xyz")],
-                 ["plan", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", str(llamas["cp"]),
-                  "--save", str(tmp_path / "no" / "p.parquet")]):
+    for argv in (
+        ["inspect", str(out), "--plot", str(tmp_path / "no" / "x.png")],
+        ["inspect", str(out), "--plot", str(tmp_path / "x.xyz")],
+        [
+            "plan",
+            "--base",
+            str(llamas["base"]),
+            "--chat",
+            str(llamas["chat"]),
+            "--cp",
+            str(llamas["cp"]),
+            "--save",
+            str(tmp_path / "no" / "p.parquet"),
+        ],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("chatvec: error: "), err
@@ -326,8 +604,15 @@ def test_inspect_and_plan_write_errors_are_one_line(llamas, batch, tmp_path, cap
 
 def test_python_api(llamas, tmp_path):
     opts = chatvec_dist.RunOptions(backend="local", progress=False)
-    outs = chatvec_dist.merge(str(llamas["base"]), str(llamas["chat"]), {"zh": str(llamas["cp"])}, str(tmp_path / "api"),
-                              alpha=0.5, options=opts, unit_bytes=4096)
+    outs = chatvec_dist.merge(
+        str(llamas["base"]),
+        str(llamas["chat"]),
+        {"zh": str(llamas["cp"])},
+        str(tmp_path / "api"),
+        alpha=0.5,
+        options=opts,
+        unit_bytes=4096,
+    )
     assert outs == [tmp_path / "api" / "zh"]
     assert chatvec_dist.verify(outs[0]) == []
     recipe = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]), str(llamas["cp"]), "unused", 0.5)
@@ -349,8 +634,15 @@ def test_python_api_takes_paths_and_refuses_misuse_before_any_work(llamas, tmp_p
     regex is one pattern, not its letters; wrong types are one ChatvecError before anything is read or written."""
     import numpy as np
 
-    out = chatvec_dist.merge(llamas["base"], llamas["chat"], llamas["cp"], tmp_path / "out", np.float32(0.5),
-                             exclude="lm_head", options=chatvec_dist.RunOptions(backend="local", progress=False))
+    out = chatvec_dist.merge(
+        llamas["base"],
+        llamas["chat"],
+        llamas["cp"],
+        tmp_path / "out",
+        np.float32(0.5),
+        exclude="lm_head",
+        options=chatvec_dist.RunOptions(backend="local", progress=False),
+    )
     rows = {r["tensor"]: r for r in read_manifest(out[0])[0].to_pylist()}
     assert {n for n, r in rows.items() if r["reason"] == "excluded"} == {"lm_head.weight"}
     assert verify(out[0]) == [] and out == [tmp_path / "out"]
@@ -358,7 +650,9 @@ def test_python_api_takes_paths_and_refuses_misuse_before_any_work(llamas, tmp_p
         lambda: chatvec_dist.make_recipe([str(llamas["base"])] * 2, [str(llamas["chat"])], str(llamas["cp"]), "o"),
         lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], llamas["cp"], "o", unit_bytes="64MiB"),
         lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], {"../x": llamas["cp"]}, "o"),
-        lambda: chatvec_dist.make_recipe(llamas["base"], llamas["chat"], llamas["cp"], "o", chat_template_from_chat="no"),
+        lambda: chatvec_dist.make_recipe(
+            llamas["base"], llamas["chat"], llamas["cp"], "o", chat_template_from_chat="no"
+        ),
         lambda: chatvec_dist.make_recipe(llamas["base"], 42, llamas["cp"], "o"),
         lambda: chatvec_dist.RunOptions(workers="8"),
         lambda: chatvec_dist.RunOptions(overwrite="yes"),
@@ -380,9 +674,15 @@ def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, m
 
     def run(name: str, strip_bytes: int) -> Path:
         monkeypatch.setattr(CpuCompute, "strip_bytes", strip_bytes)
-        base = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]),
-                                        {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])},
-                                        str(tmp_path / name), 0.5, vocab="overlap", unit_bytes=16 * 1024)
+        base = chatvec_dist.make_recipe(
+            str(llamas["base"]),
+            str(llamas["chat"]),
+            {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])},
+            str(tmp_path / name),
+            0.5,
+            vocab="overlap",
+            unit_bytes=16 * 1024,
+        )
         zh, ko = base.targets
         recipe = Recipe(base.vectors, (zh, dataclasses.replace(ko, dtype="float32")), unit_bytes=16 * 1024)
         chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", workers=2, progress=False))
@@ -420,9 +720,33 @@ def test_a_batch_reads_each_input_byte_once_and_writes_each_output_byte_once(lla
     real = job.throughput
     monkeypatch.setattr(job, "throughput", lambda stages, *rest: seen.append(stages) or real(stages, *rest))
     root = tmp_path / "root"
-    assert main(["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--cp", f"zh={llamas['cp']}",
-                 "--cp", f"ko={llamas['cp_ext']}", "--alpha", "0.5,1.0", "--vocab", "overlap", "--out", str(root),
-                 "--backend", "local", "--unit-size", "4KiB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--cp",
+                f"zh={llamas['cp']}",
+                "--cp",
+                f"ko={llamas['cp_ext']}",
+                "--alpha",
+                "0.5,1.0",
+                "--vocab",
+                "overlap",
+                "--out",
+                str(root),
+                "--backend",
+                "local",
+                "--unit-size",
+                "4KiB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (stages,) = seen
     assert stages.bytes_read == sum(tensor_bytes(llamas[k]) for k in ("base", "chat", "cp", "cp_ext"))
     assert stages.bytes_written == sum(tensor_bytes(out) for out in root.iterdir())

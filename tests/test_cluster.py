@@ -1,4 +1,5 @@
 """A real multi-node Ray cluster on 127.0.0.1: spread workers, a node lost mid-run, a driver killed mid-run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import slow_units_env
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.manifest import read_manifest, verify
-from conftest import slow_units_env
 
 pytestmark = pytest.mark.slow
 # a removed node is found dead in seconds; a node merely slow on a loaded machine (up to ~10 s) is not
@@ -68,22 +69,44 @@ def start_cluster():
     from ray.cluster_utils import Cluster
 
     common = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
-    c = Cluster(initialize_head=True, head_node_args={**common, "num_cpus": 0, "include_dashboard": False,
-                                                      "_system_config": dict(HEALTH_CHECKS)})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={**common, "num_cpus": 0, "include_dashboard": False, "_system_config": dict(HEALTH_CHECKS)},
+    )
     nodes = [c.add_node(**common, num_cpus=1) for _ in range(3)]
     c.wait_for_nodes()
     return c, nodes
 
 
 def args(models: dict, out: Path, *extra: str) -> list[str]:
-    return ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
-            "--out", str(out), "--unit-size", "8KiB", "--max-shard-size", "6MB", "--no-progress", *extra]
+    return [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--chat",
+        str(models["chat"]),
+        "--cp",
+        str(models["cp"]),
+        "--out",
+        str(out),
+        "--unit-size",
+        "8KiB",
+        "--max-shard-size",
+        "6MB",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def driver(models: dict, out: Path, address: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS=address)
-    return subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", *args(models, out, *extra)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatvec_dist.cli", *args(models, out, *extra)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_units(out: Path, count: int, proc: subprocess.Popen, nodes: int = 1, timeout: float = 300) -> set[str]:

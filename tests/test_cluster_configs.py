@@ -1,5 +1,6 @@
 """cluster/: the launcher YAML and the KubeRay manifest parse and carry what cluster/README.md relies on;
 local_cluster.py parses its arguments and prints --help. No Ray is started here."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,8 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-SHARED = "/fsx"      # ray-cluster.yaml: the shared filesystem, at the same path on every node
-MOUNT = "/models"    # kuberay.yaml: the RWX volume, at the same path in every pod
+SHARED = "/fsx"  # ray-cluster.yaml: the shared filesystem, at the same path on every node
+MOUNT = "/models"  # kuberay.yaml: the RWX volume, at the same path in every pod
 
 
 def _ray_version_pinned(text: str) -> str:
@@ -57,6 +58,7 @@ def _pod_specs(manifests: list[dict]) -> dict[str, dict]:
 
 
 # ---- ray-cluster.yaml (Ray cluster launcher, AWS) ----
+
 
 def test_launcher_names_head_and_gpu_workers(launcher):
     assert launcher["cluster_name"] == "chatvec"
@@ -119,6 +121,7 @@ def test_launcher_validates_against_rays_schema(launcher):
 
 # ---- kuberay.yaml (PVC + staging pod + RayJob) ----
 
+
 def test_kuberay_pvc_is_read_write_many(manifests):
     (pvc,) = [d for d in manifests if d["kind"] == "PersistentVolumeClaim"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -133,7 +136,11 @@ def test_kuberay_every_pod_mounts_the_claim_at_the_same_path(manifests):
     images = set()
     for name, spec in specs.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
-        claimed = [n for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
+        claimed = [
+            n
+            for n, v in volumes.items()
+            if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+        ]
         assert claimed, name
         (container,) = spec["containers"]
         images.add(container["image"])
@@ -194,6 +201,7 @@ def test_dockerfile_uses_the_same_ray(rayjob):
 
 # ---- local_cluster.py ----
 
+
 def _local_cluster():
     spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
     module = importlib.util.module_from_spec(spec)
@@ -202,8 +210,9 @@ def _local_cluster():
 
 
 def test_local_cluster_help_runs():
-    r = subprocess.run([sys.executable, str(CLUSTER / "local_cluster.py"), "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(CLUSTER / "local_cluster.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     for flag in ("--nodes", "--cpus", "--head-cpus", "--address-file", "--kill-node-after", "--auth"):
         assert flag in r.stdout

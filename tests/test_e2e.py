@@ -1,4 +1,5 @@
 """End to end through the CLI: real transformers checkpoints, real Ray actors, outputs that load and run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,19 @@ def load_all(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_args(d: dict, out: Path, cp: str = "cp", *extra: str) -> list[str]:
-    return ["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d[cp]), "--out", str(out),
-            "--no-progress", *extra]
+    return [
+        "merge",
+        "--base",
+        str(d["base"]),
+        "--chat",
+        str(d["chat"]),
+        "--cp",
+        str(d[cp]),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def shard_bytes(out: Path) -> dict[str, str]:
@@ -188,8 +200,11 @@ def test_a_gpu_actor_sees_only_its_own_gpu_where_ray_leaves_all_visible(ray_loca
 
     assert ray_backend.own_gpus({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, [3]) == "3"
     assert ray_backend.own_gpus({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "True"}, [2, 5]) == "2,5"
-    for env, ids in (({}, [3]), ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "0"}, [3]),
-                     ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, [])):  # Ray's reading; a CPU actor
+    for env, ids in (
+        ({}, [3]),
+        ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "0"}, [3]),
+        ({"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}, []),
+    ):  # Ray's reading; a CPU actor
         assert ray_backend.own_gpus(env, ids) is None
     monkeypatch.setattr(ray_local, "get_gpu_ids", lambda: [1])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
@@ -239,13 +254,19 @@ def test_chat_model_with_added_tokens(llamas, tmp_path, policy):
     assert main(merge_args(d, out, "cp", "--vocab", policy, "--backend", "local")) == 0
     got, cp, base, chat = load_all(out), load_all(llamas["cp"]), load_all(llamas["base"]), load_all(llamas["cp_ext"])
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        want = cp[name] if policy == "auto" else reference(cp[name], [(1.0, chat[name][:96], base[name])], cp[name].dtype)
+        want = (
+            cp[name] if policy == "auto" else reference(cp[name], [(1.0, chat[name][:96], base[name])], cp[name].dtype)
+        )
         assert got[name].shape == (96, 32) and torch.equal(got[name], want.view(96, 32)), name
     name = "model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(got[name], reference(cp[name], [(1.0, chat[name], base[name])], cp[name].dtype).view(cp[name].shape))
+    assert torch.equal(
+        got[name], reference(cp[name], [(1.0, chat[name], base[name])], cp[name].dtype).view(cp[name].shape)
+    )
     rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
-    assert (rows["lm_head.weight"]["rule"], rows["lm_head.weight"]["reason"]) == \
-        {"auto": ("copy", "vocab:skip"), "overlap": ("merge", "vocab:overlap")}[policy]
+    assert (rows["lm_head.weight"]["rule"], rows["lm_head.weight"]["reason"]) == {
+        "auto": ("copy", "vocab:skip"),
+        "overlap": ("merge", "vocab:overlap"),
+    }[policy]
 
 
 def test_side_files_remote_code_and_license_go_with_the_output(llamas, tmp_path):
@@ -253,17 +274,33 @@ def test_side_files_remote_code_and_license_go_with_the_output(llamas, tmp_path)
     output needs them all to load; weights, pickles and notes stay behind, and the index is the output's own."""
     cp = tmp_path / "cp"
     shutil.copytree(llamas["cp"], cp)
-    extra = {"configuration_my.py": "X = 1\n", "modeling_my.py": "Y = 2\n", "qwen.tiktoken": "YQ== 0\n",
-             "LICENSE": "terms\n", "notes.md": "not a side file\n", "pytorch_model.bin": "pickle",
-             "pytorch_model.bin.index.json": "{}", "adapter_config.json": "{}"}
+    extra = {
+        "configuration_my.py": "X = 1\n",
+        "modeling_my.py": "Y = 2\n",
+        "qwen.tiktoken": "YQ== 0\n",
+        "LICENSE": "terms\n",
+        "notes.md": "not a side file\n",
+        "pytorch_model.bin": "pickle",
+        "pytorch_model.bin.index.json": "{}",
+        "adapter_config.json": "{}",
+    }
     for name, text in extra.items():
         (cp / name).write_text(text)
     out = tmp_path / "out"
     assert main(merge_args(dict(llamas, cp=cp), out, "cp", "--backend", "local")) == 0
-    for name in ("configuration_my.py", "modeling_my.py", "qwen.tiktoken", "LICENSE", "config.json", "generation_config.json"):
+    for name in (
+        "configuration_my.py",
+        "modeling_my.py",
+        "qwen.tiktoken",
+        "LICENSE",
+        "config.json",
+        "generation_config.json",
+    ):
         assert (out / name).read_bytes() == (cp / name).read_bytes(), name
-    assert not any((out / name).exists() for name in ("notes.md", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                                                      "adapter_config.json"))
+    assert not any(
+        (out / name).exists()
+        for name in ("notes.md", "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json")
+    )
     assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == set(load_all(out))
 
 
@@ -312,30 +349,85 @@ def test_verify_catches_an_edited_manifest_metadata(merged, tmp_path):
     meta = json.loads(table.schema.metadata[b"chatvec"])
     meta["recipe"]["targets"][0]["alphas"] = [0.25]
     pq.write_table(table.replace_schema_metadata({b"chatvec": json.dumps(meta).encode()}), copy / "manifest.parquet")
-    assert verify(copy) == [f"{copy / 'manifest.parquet'}: manifest metadata (recipe, sources) does not match its "
-                            "checksum (edited after the fact?)"]
+    assert verify(copy) == [
+        f"{copy / 'manifest.parquet'}: manifest metadata (recipe, sources) does not match its "
+        "checksum (edited after the fact?)"
+    ]
 
 
 def test_extract_then_apply_equals_merge(llamas, merged, tmp_path):
     vec = tmp_path / "vector"
-    assert main(["extract", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--out", str(vec),
-                 "--no-progress", "--backend", "local"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--base",
+                str(llamas["base"]),
+                "--chat",
+                str(llamas["chat"]),
+                "--out",
+                str(vec),
+                "--no-progress",
+                "--backend",
+                "local",
+            ]
+        )
+        == 0
+    )
     v, base, chat = load_all(vec), load_all(llamas["base"]), load_all(llamas["chat"])
     for name, t in v.items():
         assert t.dtype == torch.float32
         assert torch.equal(t, chat[name].float() - base[name].float())
     assert read_manifest(vec)[1]["kind"] == "extract"
     out = tmp_path / "applied"
-    assert main(["apply", "--vector", str(vec), "--cp", str(llamas["cp"]), "--out", str(out), "--no-progress",
-                 "--backend", "local", "--unit-size", "2KiB"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                "--vector",
+                str(vec),
+                "--cp",
+                str(llamas["cp"]),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--backend",
+                "local",
+                "--unit-size",
+                "2KiB",
+            ]
+        )
+        == 0
+    )
     assert shard_bytes(out) == shard_bytes(merged)
 
 
 def test_several_vectors_and_output_dtype(llamas, tmp_path):
     out = tmp_path / "two"
-    args = ["merge", "--base", str(llamas["base"]), "--chat", str(llamas["chat"]), "--base", str(llamas["base"]),
-            "--chat", str(llamas["cp"]), "--alpha", "0.5", "--alpha", "-0.25", "--cp", str(llamas["cp"]),
-            "--out", str(out), "--dtype", "float32", "--backend", "local", "--no-progress"]
+    args = [
+        "merge",
+        "--base",
+        str(llamas["base"]),
+        "--chat",
+        str(llamas["chat"]),
+        "--base",
+        str(llamas["base"]),
+        "--chat",
+        str(llamas["cp"]),
+        "--alpha",
+        "0.5",
+        "--alpha",
+        "-0.25",
+        "--cp",
+        str(llamas["cp"]),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+        "--backend",
+        "local",
+        "--no-progress",
+    ]
     assert main(args) == 0
     base, chat, cp = load_all(llamas["base"]), load_all(llamas["chat"]), load_all(llamas["cp"])
     got = load_all(out)
@@ -377,8 +469,9 @@ def test_chat_template_from_chat(llamas, tmp_path):
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text()) == cp_generation
 
 
-def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabulary(llamas, tmp_path, monkeypatch,
-                                                                                     capsys):
+def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabulary(
+    llamas, tmp_path, monkeypatch, capsys
+):
     import errno
 
     from chatvec_dist import output
@@ -388,7 +481,9 @@ def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabular
     (chat / "chat_template.jinja").write_text("{{ messages }}")
     generation = json.loads((chat / "generation_config.json").read_text())
     (chat / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [2, 7]}))
-    argv = merge_args(dict(llamas, chat=chat), tmp_path / "out", "cp", "--backend", "local", "--chat-template-from-chat")
+    argv = merge_args(
+        dict(llamas, chat=chat), tmp_path / "out", "cp", "--backend", "local", "--chat-template-from-chat"
+    )
     real = output.write_manifest
 
     def disk_full(*args):
@@ -402,8 +497,14 @@ def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabular
 
     (chat / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [2, 96]}))  # an added token
     capsys.readouterr()
-    assert main(merge_args(dict(llamas, chat=chat), tmp_path / "out2", "cp", "--backend", "local",
-                           "--chat-template-from-chat")) == 0
+    assert (
+        main(
+            merge_args(
+                dict(llamas, chat=chat), tmp_path / "out2", "cp", "--backend", "local", "--chat-template-from-chat"
+            )
+        )
+        == 0
+    )
     assert "end-of-sequence ids [2, 96] are not all in the output's vocabulary (96 tokens)" in capsys.readouterr().err
     cp_generation = json.loads((llamas["cp"] / "generation_config.json").read_text())
     assert json.loads((tmp_path / "out2" / "generation_config.json").read_text()) == cp_generation
@@ -478,8 +579,13 @@ def test_interrupted_run_resumes_and_keeps_verified_units(llamas, merged, tmp_pa
 
 def test_demo_command_runs_on_embedded_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "chatvec_dist.cli", "demo", "--dir", str(tmp_path / "demo"), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatvec_dist.cli", "demo", "--dir", str(tmp_path / "demo"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified against manifest.parquet" in proc.stdout
     assert verify(tmp_path / "demo" / "merged") == []
@@ -516,9 +622,8 @@ def test_units_lost_with_a_dead_worker_are_redone(llamas, merged, tmp_path, monk
 def test_local_backend_threads_default_to_cpus_or_spread_over_gpus(monkeypatch):
     """Without a GPU: one thread per CPU. With GPUs (faked here: none on this machine): two threads per GPU,
     thread i on GPU i mod count, so that a multi-GPU box uses every GPU."""
-    from chatvec_dist.exec.local import LocalBackend
-
     from chatvec_dist.exec import local
+    from chatvec_dist.exec.local import LocalBackend
 
     assert LocalBackend(None, None, "auto").devices == ["auto"] * os.cpu_count()
     assert LocalBackend(None, 3, "cpu").devices == ["cpu"] * 3

@@ -1,5 +1,6 @@
 """Faults during a merge, through the real CLI in a subprocess: disk full (RLIMIT_FSIZE), SIGINT/SIGTERM, and
 the commit's fsync-then-rename. Every failure must be one line, leave no output, and be resumable."""
+
 from __future__ import annotations
 
 import errno
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import slow_units_env
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import ChatvecError, OutputError
 from chatvec_dist.manifest import verify
-from conftest import slow_units_env
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
 INTERRUPTED = "chatvec: interrupted; run the same command again to resume"
@@ -31,8 +32,19 @@ HANG_S = 10  # a merge told to stop must be gone by then (the whole uninterrupte
 
 
 def merge_argv(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
-            "--out", str(out), *RUN, *extra]
+    return [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--chat",
+        str(models["chat"]),
+        "--cp",
+        str(models["cp"]),
+        "--out",
+        str(out),
+        *RUN,
+        *extra,
+    ]
 
 
 def cli(argv: list[str], fsize_limit: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -42,8 +54,13 @@ def cli(argv: list[str], fsize_limit: int | None = None, timeout: float = 120) -
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    return subprocess.run([sys.executable, "-m", "chatvec_dist.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=limit if fsize_limit is not None else None)
+    return subprocess.run(
+        [sys.executable, "-m", "chatvec_dist.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if fsize_limit is not None else None,
+    )
 
 
 def partial(out: Path) -> Path:
@@ -81,6 +98,7 @@ def assert_rerun_completes(argv: list[str], out: Path, reference: dict[str, str]
 
 
 # --- disk full ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
@@ -150,6 +168,7 @@ def test_disk_full_while_appending_the_journal(demo, tmp_path):
 
 # --- SIGINT / SIGTERM ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> dict:
     """A Llama-shaped model of ~14 MB (bf16) per checkpoint: a merge runs for a few seconds, most of it startup."""
@@ -160,8 +179,9 @@ def big(tmp_path_factory) -> dict:
     models = {}
     for name in ("base", "chat", "cp"):
         tensors = base if name == "base" else {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-        models[name] = save_checkpoint(root / name, {n: t.to(torch.bfloat16).contiguous() for n, t in tensors.items()},
-                                       config)
+        models[name] = save_checkpoint(
+            root / name, {n: t.to(torch.bfloat16).contiguous() for n, t in tensors.items()}, config
+        )
     ref = root / "ref"
     assert main(merge_argv(models, ref)) == 0
     return {"models": models, "ref": shard_hashes(ref)}
@@ -170,8 +190,13 @@ def big(tmp_path_factory) -> dict:
 def interrupt(argv: list[str], out: Path, signum: int) -> subprocess.CompletedProcess:
     """Start the merge, wait until its journal holds a finished unit, send `signum`, wait for the exit.
     Each unit takes 50 ms more (tests/slow_units), so the signal lands mid-run however late this process sends it."""
-    proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=slow_units_env(0.05))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatvec_dist.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=slow_units_env(0.05),
+    )
     journal = partial(out) / "journal.jsonl"
     deadline = time.monotonic() + START_S
     try:
@@ -244,14 +269,18 @@ def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
             steps.append("ray.init returned")
             if fail:
                 raise ConnectionError("no cluster")
+
         return init
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     pytest_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # as the CLI has it (and never kill pytest)
     try:
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        for signals, fail, finished in [((signal.SIGINT,), False, True), ((signal.SIGTERM,), True, True),
-                                        ((signal.SIGINT, signal.SIGTERM), False, False)]:
+        for signals, fail, finished in [
+            ((signal.SIGINT,), False, True),
+            ((signal.SIGTERM,), True, True),
+            ((signal.SIGINT, signal.SIGTERM), False, False),
+        ]:
             steps.clear()
             monkeypatch.setattr(ray, "init", init_sending(*signals, fail=fail))
             with pytest.raises(KeyboardInterrupt):
@@ -292,8 +321,9 @@ gc.collect()
 time.sleep(3)
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=START_S)
-    assert done.returncode == 0 and done.stderr.strip().splitlines() == ["chatvec: error: the first worker failed"], \
+    assert done.returncode == 0 and done.stderr.strip().splitlines() == ["chatvec: error: the first worker failed"], (
         done.stderr
+    )
 
 
 def test_a_cluster_that_refuses_the_driver_is_a_one_line_error(monkeypatch, capsys):
@@ -311,8 +341,10 @@ def test_a_cluster_that_refuses_the_driver_is_a_one_line_error(monkeypatch, caps
     monkeypatch.setattr(ray_backend, "_check_reachable", lambda address: None)
     with pytest.raises(ChatvecError) as e:
         ray_backend.init_ray("10.0.0.1:6379")
-    assert str(e.value).startswith("cannot join the Ray cluster at 10.0.0.1:6379 (ConnectionError: Failed to connect "
-                                   "to GCS: InvalidAuthToken); a cluster with token authentication needs RAY_AUTH_MODE=token")
+    assert str(e.value).startswith(
+        "cannot join the Ray cluster at 10.0.0.1:6379 (ConnectionError: Failed to connect "
+        "to GCS: InvalidAuthToken); a cluster with token authentication needs RAY_AUTH_MODE=token"
+    )
 
 
 def test_interrupt_stops_promptly(big, tmp_path):
@@ -326,6 +358,7 @@ def test_interrupt_stops_promptly(big, tmp_path):
 
 
 # --- commit ------------------------------------------------------------------------------------
+
 
 def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -357,7 +390,7 @@ def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
     before = {path for kind, path in events[: renames[0]] if kind == "fsync"}
     assert {str(work.resolve() / n) for n in names} <= before  # every output file durable before the rename
     assert ("fsync", str(work.resolve())) in events[: renames[0]]  # and the directory's entries
-    assert ("fsync", str(out.parent.resolve())) in events[renames[0]:]  # and the rename itself, after
+    assert ("fsync", str(out.parent.resolve())) in events[renames[0] :]  # and the rename itself, after
 
     assert main(merge_argv(demo["models"], out, "--max-shard-size", "40KB", "--overwrite")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no out.partial, no out.old left behind
@@ -390,9 +423,13 @@ def test_a_folder_or_file_of_the_users_where_the_work_area_goes_is_kept(demo, tm
         assert main(merge_argv(demo["models"], target, *(["--restart"] if restart else []))) == 2
         err = capsys.readouterr().err
         assert f"{partial(target)}: this is where the output's work area goes, and it is not one chatvec made" in err
-    assert (partial(out) / "thesis.txt").read_text() == "precious" and (tmp_path / "also.partial").read_text() == "a file"
+    assert (partial(out) / "thesis.txt").read_text() == "precious" and (
+        tmp_path / "also.partial"
+    ).read_text() == "a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["also.partial", "keep.partial"]
-    batch = merge_argv(dict(demo["models"], cp=f"aa={demo['models']['cp']}"), tmp_path, "--cp", f"also={demo['models']['cp']}")
+    batch = merge_argv(
+        dict(demo["models"], cp=f"aa={demo['models']['cp']}"), tmp_path, "--cp", f"also={demo['models']['cp']}"
+    )
     assert main(batch) == 2  # 'aa' is fine, 'also' is refused: no work area is made for either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["also.partial", "keep.partial"]
 
@@ -452,9 +489,10 @@ def test_an_input_rewritten_with_its_size_and_mtime_put_back_is_not_resumed(demo
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert main(argv) == 2
-    assert (f"{partial(out)}: a partial output is here from before {shard} changed (ctime; chmod, chown, a new hard "
-            "link or a rewrite change it): its finished units may hold the old bytes (pass --restart to redo them)"
-            ) in capsys.readouterr().err
+    assert (
+        f"{partial(out)}: a partial output is here from before {shard} changed (ctime; chmod, chown, a new hard "
+        "link or a rewrite change it): its finished units may hold the old bytes (pass --restart to redo them)"
+    ) in capsys.readouterr().err
     assert main(argv + ["--restart"]) == 0 and verify(out) == []
 
 
@@ -480,8 +518,9 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     def disk_full_at_the_second(work, out, *args):
         commits.append(out)
         if len(commits) == 2:
-            raise OutputError("commit failed (No space left on device); fix the cause and run the same command again",
-                              file=str(work))
+            raise OutputError(
+                "commit failed (No space left on device); fix the cause and run the same command again", file=str(work)
+            )
         return real(work, out, *args)
 
     monkeypatch.setattr(job, "commit", disk_full_at_the_second)
@@ -519,8 +558,21 @@ def test_an_output_that_is_a_link_is_checked_by_the_names_a_run_writes(demo, tmp
     models = demo["models"]
     (tmp_path / "a").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", f"a={models['cp']}",
-            "--cp", f"b={models['cp']}", "--out", str(tmp_path), *RUN, "--print-recipe"]
+    argv = [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--chat",
+        str(models["chat"]),
+        "--cp",
+        f"a={models['cp']}",
+        "--cp",
+        f"b={models['cp']}",
+        "--out",
+        str(tmp_path),
+        *RUN,
+        "--print-recipe",
+    ]
     assert main(argv) == 0
     recipe = capsys.readouterr().out
     for second, message in (("a.partial", "have overlapping outputs"), ("loop/b", "output path cannot be resolved")):
@@ -557,8 +609,20 @@ def test_restart_decides_what_it_may_replace_under_the_lock(demo, tmp_path, monk
 def test_targets_in_each_others_way_are_refused_before_anything_is_written(demo, tmp_path, second, capsys):
     """One target's output inside another's, or where its work area or lock goes, is refused up front."""
     models = demo["models"]
-    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", f"a={models['cp']}",
-            "--cp", f"b={models['cp']}", "--out", str(tmp_path), *RUN]
+    argv = [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--chat",
+        str(models["chat"]),
+        "--cp",
+        f"a={models['cp']}",
+        "--cp",
+        f"b={models['cp']}",
+        "--out",
+        str(tmp_path),
+        *RUN,
+    ]
     recipe = tmp_path / "r.yaml"
     assert main(argv + ["--print-recipe"]) == 0
     text = capsys.readouterr().out.replace(str(tmp_path / "b"), str(tmp_path / second))
@@ -595,9 +659,13 @@ def test_nonfinite_outputs_are_counted_whatever_made_them(tmp_path, case, capsys
 
     base = checkpoint("base", w=torch.tensor([-40000.0, 0.0, 1.0]), v=torch.ones(4), lm_head=torch.zeros(2, 2))
     chat = checkpoint("chat", w=torch.tensor([40000.0, 0.0, 1.0]), v=torch.ones(4), lm_head=torch.zeros(2, 2))
-    v = {"excluded": [1e6, -1e6, 1.0, 2.0], "copied as stored": [float("nan"), float("inf"), 1.0, 2.0]}.get(case, [1.0] * 4)
+    v = {"excluded": [1e6, -1e6, 1.0, 2.0], "copied as stored": [float("nan"), float("inf"), 1.0, 2.0]}.get(
+        case, [1.0] * 4
+    )
     extra_row = 1e5 if case == "rows past the base" else 1.0
-    cp = checkpoint("cp", w=torch.zeros(3), v=torch.tensor(v), lm_head=torch.tensor([[0.0, 0.0], [0.0, 0.0], [extra_row, 1.0]]))
+    cp = checkpoint(
+        "cp", w=torch.zeros(3), v=torch.tensor(v), lm_head=torch.tensor([[0.0, 0.0], [0.0, 0.0], [extra_row, 1.0]])
+    )
     merge = ["merge", "--cp", str(cp), "--exclude", "^(v|w)$"]  # w: chat − base overflows float16 (extract's case)
     tensor, counts, argv = {
         "extract": ("w", (0, 1), ["extract", "--dtype", "float16"]),
@@ -630,12 +698,25 @@ def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
     bad = tensors["model.layers.1.mlp.up_proj.weight"]
     bad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=bad.dtype)
     save_file(tensors, models["chat"] / "model.safetensors", metadata={"format": "pt"})
-    argv = ["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
-            "--backend", "local", "--no-progress"]
+    argv = [
+        "merge",
+        "--base",
+        str(models["base"]),
+        "--chat",
+        str(models["chat"]),
+        "--cp",
+        str(models["cp"]),
+        "--backend",
+        "local",
+        "--no-progress",
+    ]
     out = tmp_path / "counted"
     assert main([*argv, "--out", str(out)]) == 0
     rows = {r["tensor"]: r for r in read_manifest(out)[0].to_pylist()}
-    assert (rows["model.layers.1.mlp.up_proj.weight"]["nan_count"], rows["model.layers.1.mlp.up_proj.weight"]["inf_count"]) == (1, 2)
+    assert (
+        rows["model.layers.1.mlp.up_proj.weight"]["nan_count"],
+        rows["model.layers.1.mlp.up_proj.weight"]["inf_count"],
+    ) == (1, 2)
     assert sum(r["nan_count"] or 0 for r in rows.values()) == 1
     refused = tmp_path / "refused"
     capsys.readouterr()

@@ -1,4 +1,5 @@
 """Property fuzzing of the parsers: any bytes give a result or a ChatvecError (HeaderError for headers), nothing else."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,8 @@ NAMES = ["a.weight", "b.bias", "c"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 ints = st.integers(-4, 64) | st.integers(-(2**64), 2**64) | st.sampled_from([0, 1, 2**48, 2**63 - 1, 2**64])
 dtypes = st.sampled_from(sorted(ITEMSIZE)) | st.sampled_from(["", "F31", "bf16", None, 2, ["F32"], {"F32": 1}])
 shapes = st.lists(ints, max_size=MAX_DIMS + 1) | json_values
@@ -143,6 +145,7 @@ def test_valid_headers_parse() -> None:
 
 # --- the index, beside a valid shard -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("fuzz_ckpt")
@@ -160,11 +163,29 @@ def check_open(directory: Path) -> None:
     assert set(ckpt.tensors) <= set(NAMES) and ckpt.tensors
 
 
-index_paths = st.sampled_from([SHARD, "./" + SHARD, "other.txt", "missing.safetensors", "../" + SHARD, "/etc/passwd",
-                               "sub/" + SHARD, ".", "", "a\\b", "x" * 300, "a\0b", SHARD + "\n"]) | st.text(max_size=12)
+index_paths = st.sampled_from(
+    [
+        SHARD,
+        "./" + SHARD,
+        "other.txt",
+        "missing.safetensors",
+        "../" + SHARD,
+        "/etc/passwd",
+        "sub/" + SHARD,
+        ".",
+        "",
+        "a\\b",
+        "x" * 300,
+        "a\0b",
+        SHARD + "\n",
+    ]
+) | st.text(max_size=12)
 weight_maps = st.dictionaries(st.sampled_from(NAMES) | st.text(max_size=8), index_paths | json_values, max_size=5)
-index_docs = (st.fixed_dictionaries({"weight_map": weight_maps}, optional={"metadata": json_values})
-              | st.fixed_dictionaries({"weight_map": json_values}) | json_values)
+index_docs = (
+    st.fixed_dictionaries({"weight_map": weight_maps}, optional={"metadata": json_values})
+    | st.fixed_dictionaries({"weight_map": json_values})
+    | json_values
+)
 
 
 @FUZZ

@@ -1,4 +1,5 @@
 """Broken and hostile checkpoints through the CLI: exit 2, one line naming the file (and tensor), no output."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models, save_checkpoint
 from chatvec_dist.io.checkpoint import INDEX_NAME
 from chatvec_dist.io.header import MAX_HEADER_BYTES
-from chatvec_dist.manifest import MANIFEST_NAME, read_manifest
+from chatvec_dist.manifest import read_manifest
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 NORM = "model.norm.weight"
@@ -40,8 +41,19 @@ class Case:
     expect: list[str] = field(default_factory=list)
 
     def argv(self) -> list[str]:
-        return ["merge", "--base", str(self.base), "--chat", str(self.chat), "--cp", str(self.cp),
-                "--out", str(self.out), *RUN, *self.extra]
+        return [
+            "merge",
+            "--base",
+            str(self.base),
+            "--chat",
+            str(self.chat),
+            "--cp",
+            str(self.cp),
+            "--out",
+            str(self.out),
+            *RUN,
+            *self.extra,
+        ]
 
 
 CASES: dict[str, Callable[[Case], None]] = {}
@@ -53,6 +65,7 @@ def case(fn: Callable[[Case], None]) -> Callable[[Case], None]:
 
 
 # --- raw safetensors surgery -------------------------------------------------------------------
+
 
 def split(path: Path) -> tuple[dict, bytes]:
     blob = path.read_bytes()
@@ -106,6 +119,7 @@ class Evil:
 
 
 # --- shard headers -----------------------------------------------------------------------------
+
 
 @case
 def truncated_shard(c: Case) -> None:
@@ -223,6 +237,7 @@ def offsets_past_end(c: Case) -> None:
     def fn(h: dict, data: bytes) -> None:
         b, e = h[Q]["data_offsets"]
         h[Q]["data_offsets"] = [len(data), len(data) + e - b]
+
     edit(path, fn)
     c.expect = [str(path), Q, "past the end"]
 
@@ -367,6 +382,7 @@ def config_not_object(c: Case) -> None:
 
 # --- the index ---------------------------------------------------------------------------------
 
+
 @case
 def index_parent_path(c: Case) -> None:
     shutil.copyfile(c.cp / SHARD1, c.root / "x.safetensors")  # it exists: refused for where it is, not for missing
@@ -436,6 +452,7 @@ def index_duplicate_keys(c: Case) -> None:
 
 # --- checkpoints that do not fit together ------------------------------------------------------
 
+
 @case
 def base_chat_different_names(c: Case) -> None:
     edit(c.chat / "model.safetensors", lambda h, d: h.__setitem__("model.norm_x.weight", h.pop(NORM)))
@@ -452,6 +469,7 @@ def shape_mismatch_outside_vocab(c: Case) -> None:
 def cp_vocab_smaller(c: Case) -> None:
     def shrink(t: dict[str, torch.Tensor]) -> None:
         t[EMBED] = t[EMBED][:200].clone()
+
     resave(c.cp, shrink, shards=2)
     c.expect = [str(c.cp), EMBED, "smaller"]
 
@@ -469,6 +487,7 @@ def float_vs_int_dtype(c: Case) -> None:
 
 
 # --- options ---------------------------------------------------------------------------------
+
 
 @case
 def alpha_not_finite(c: Case) -> None:
@@ -543,6 +562,7 @@ def overwrite_of_a_folder_that_is_not_an_output(c: Case) -> None:
 
 # --- sources and destinations ------------------------------------------------------------------
 
+
 @case
 def pickle_only_checkpoint(c: Case) -> None:
     marker = c.root / "pwned"
@@ -587,6 +607,7 @@ def output_inside_input(c: Case) -> None:
 
 # --- the battery -------------------------------------------------------------------------------
 
+
 def _demo(root: Path) -> Case:
     paths = make_demo_models(root)
     return Case(root, paths["base"], paths["chat"], paths["cp"], root / "out")
@@ -618,18 +639,25 @@ def test_hostile_input_is_refused(name: str, tmp_path: Path, capsys) -> None:
 
 def test_int_in_cp_float_in_base_is_refused(tmp_path: Path, capsys) -> None:
     c = _demo(tmp_path)
-    edit(c.cp / "model-00001-of-00002.safetensors", lambda h, d: h[NORM].__setitem__("dtype", "I16")
-         if NORM in h else None)
-    edit(c.cp / "model-00002-of-00002.safetensors", lambda h, d: h[NORM].__setitem__("dtype", "I16")
-         if NORM in h else None)
+    edit(
+        c.cp / "model-00001-of-00002.safetensors",
+        lambda h, d: h[NORM].__setitem__("dtype", "I16") if NORM in h else None,
+    )
+    edit(
+        c.cp / "model-00002-of-00002.safetensors",
+        lambda h, d: h[NORM].__setitem__("dtype", "I16") if NORM in h else None,
+    )
     assert main(c.argv()) == 2
     assert NORM in capsys.readouterr().err
 
 
 def test_int_tensor_is_copied_from_cp(tmp_path: Path) -> None:
     c = _demo(tmp_path)
-    ids = {"base": torch.arange(16, dtype=torch.int64), "chat": torch.arange(16, dtype=torch.int64) * 3,
-           "cp": torch.arange(16, dtype=torch.int64) * 7 - 5}
+    ids = {
+        "base": torch.arange(16, dtype=torch.int64),
+        "chat": torch.arange(16, dtype=torch.int64) * 3,
+        "cp": torch.arange(16, dtype=torch.int64) * 7 - 5,
+    }
     for name, shards in (("base", 1), ("chat", 1), ("cp", 2)):
         resave(getattr(c, name), lambda t, v=ids[name]: t.__setitem__("model.position_ids", v), shards=shards)
     assert main(c.argv()) == 0

@@ -1,4 +1,5 @@
 """Hub sources: `org/name[@revision]` resolved offline from a real Hugging Face cache layout."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from chatvec_dist.cli import main
+from chatvec_dist.demo import make_demo_models
 from chatvec_dist.errors import SourceError
 from chatvec_dist.io.hub import open_source
 from chatvec_dist.manifest import read_manifest, verify
-from chatvec_dist.demo import make_demo_models
 
 
 def cache_repo(cache: Path, repo_id: str, src: Path, commit: str, branch: str = "main") -> Path:
@@ -61,8 +62,25 @@ def test_repo_id_resolves_offline_with_commit_and_sha256(hub):
 def test_merge_from_hub_ids_records_sources(hub, tmp_path):
     cache, models, commits = hub
     out = tmp_path / "out"
-    assert main(["merge", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp@main", "--out", str(out),
-                 "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                "org/base",
+                "--chat",
+                "org/chat",
+                "--cp",
+                "org/cp@main",
+                "--out",
+                str(out),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = read_manifest(out)[1]
     assert meta["sources"]["cp"]["commit"] == commits["cp"] and meta["sources"]["cp"]["revision"] == "main"
     assert meta["sources"]["vectors"][0]["base"]["repo"] == "org/base"
@@ -113,13 +131,47 @@ def test_a_node_without_the_drivers_cache_fetches_into_its_own(hub, tmp_path, mo
 
     monkeypatch.setattr(job, "_execute", on_another_node)
     out = tmp_path / "out"
-    assert main(["merge", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp", "--out", str(out),
-                 "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                "org/base",
+                "--chat",
+                "org/chat",
+                "--cp",
+                "org/cp",
+                "--out",
+                str(out),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert verify(out) == []
     reference = tmp_path / "reference"
     monkeypatch.setattr(job, "_execute", real_execute)
-    assert main(["merge", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"]),
-                 "--out", str(reference), "--backend", "local", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(models["base"]),
+                "--chat",
+                str(models["chat"]),
+                "--cp",
+                str(models["cp"]),
+                "--out",
+                str(reference),
+                "--backend",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     same = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
     assert same(out) == same(reference)
 
@@ -134,8 +186,10 @@ def test_a_partly_cached_repo_fetches_the_rest(hub, tmp_path, monkeypatch):
     only_config.mkdir()
     shutil.copyfile(models["cp"] / "config.json", only_config / "config.json")
     snapshot = cache_repo(cache, "org/partial", only_config, "f" * 40)
-    unusable = (r"org/partial: the cached snapshot is unusable and fetching did not mend it \(offline, or a damaged "
-                r"file that the cache still holds: delete it there to have it downloaded again\): .*no safetensors files")
+    unusable = (
+        r"org/partial: the cached snapshot is unusable and fetching did not mend it \(offline, or a damaged "
+        r"file that the cache still holds: delete it there to have it downloaded again\): .*no safetensors files"
+    )
     with pytest.raises(SourceError, match=unusable):
         open_source("org/partial")  # offline: nothing more to fetch, and the error says why
 
@@ -180,7 +234,6 @@ def test_a_repo_with_only_consolidated_weights_still_fetches_them(hub, tmp_path,
     assert open_source("org/native").tensors and asked == [["consolidated*.safetensors", "*/*"], ["*/*"]]
 
 
-
 def test_a_cached_snapshot_lacking_its_remote_code_is_topped_up(hub, tmp_path, monkeypatch, capsys):
     """A snapshot cached complete by a tool that skipped *.py: the module files its auto_map names are fetched
     (offline: the weights are used, with a warning naming what the output will lack)."""
@@ -192,15 +245,22 @@ def test_a_cached_snapshot_lacking_its_remote_code_is_topped_up(hub, tmp_path, m
     src = tmp_path / "no-code"
     shutil.copytree(models["cp"], src)
     config = json.loads((src / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM", "AutoConfig": "org/other--configuration_y.Y"}
+    config["auto_map"] = {
+        "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+        "AutoConfig": "org/other--configuration_y.Y",
+    }
     (src / "config.json").write_text(json.dumps(config))
-    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}})
+    )
     snapshot = cache_repo(cache, "org/custom", src, "c" * 40)
     code = {"modeling_x.py": "# modeling\n", "tokenization_x.py": "# tokenizer\n"}
 
     ckpt = open_source("org/custom")  # offline
     assert len(ckpt.tensors) == 21
-    assert "lacks modeling_x.py, tokenization_x.py, named by its auto_map (the Hub has no such" in capsys.readouterr().err
+    assert (
+        "lacks modeling_x.py, tokenization_x.py, named by its auto_map (the Hub has no such" in capsys.readouterr().err
+    )
 
     real, fetched = huggingface_hub.snapshot_download, []
 
@@ -225,8 +285,16 @@ def test_a_fetch_takes_the_top_level_files_only():
 
     from chatvec_dist.io.hub import ALLOW_PATTERNS, IGNORE_PATTERNS
 
-    names = ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json", "modeling_x.py",
-             "consolidated.safetensors", "checkpoint-500/model.safetensors", "onnx/model.safetensors",
-             "gptq-4bit/config.json", "original/params.json"]
+    names = [
+        "model-00001-of-00002.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "modeling_x.py",
+        "consolidated.safetensors",
+        "checkpoint-500/model.safetensors",
+        "onnx/model.safetensors",
+        "gptq-4bit/config.json",
+        "original/params.json",
+    ]
     kept = list(filter_repo_objects(names, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
     assert kept == ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json", "modeling_x.py"]

@@ -1,4 +1,5 @@
 """The CPU kernel against the independent float64 reference, bit for bit, every dtype combination."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,9 +8,9 @@ import math
 import pytest
 import torch
 
-from chatvec_dist.torch_dtypes import compute_dtype
 from chatvec_dist.kernels.cpu import CHUNK, Scratch, combine
 from chatvec_dist.kernels.reference import reference
+from chatvec_dist.torch_dtypes import compute_dtype
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -21,7 +22,11 @@ def _rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Te
 
 
 def _run(out_dtype, cp, terms):
-    dtypes = [NAMES[out_dtype]] + ([NAMES[cp.dtype]] if cp is not None else []) + [NAMES[t.dtype] for _, p, m in terms for t in (p, m) if t is not None]
+    dtypes = (
+        [NAMES[out_dtype]]
+        + ([NAMES[cp.dtype]] if cp is not None else [])
+        + [NAMES[t.dtype] for _, p, m in terms for t in (p, m) if t is not None]
+    )
     out = torch.empty(terms[0][1].numel() if cp is None else cp.numel(), dtype=out_dtype)
     stats = combine(out, cp, terms, compute_dtype(dtypes), Scratch())
     return out, stats
@@ -36,15 +41,19 @@ def test_merge_matches_float64_reference_bit_for_bit(cp_dt, vec_dt, out_dt, alph
     out, _ = _run(out_dt, cp, [(alpha, chat, base)])
     expected = reference(cp, [(alpha, chat, base)], out_dt)
     assert out.dtype == out_dt and out.shape == (n,)
-    assert torch.equal(out.view(torch.uint8 if out_dt.itemsize == 1 else {2: torch.int16, 4: torch.int32}[out_dt.itemsize]),
-                       expected.view({2: torch.int16, 4: torch.int32}[out_dt.itemsize]))
+    assert torch.equal(
+        out.view(torch.uint8 if out_dt.itemsize == 1 else {2: torch.int16, 4: torch.int32}[out_dt.itemsize]),
+        expected.view({2: torch.int16, 4: torch.int32}[out_dt.itemsize]),
+    )
 
 
 def test_mixed_base_and_chat_dtypes_and_several_vectors():
     n = 5000
     cp = _rand(n, torch.bfloat16, 1)
-    terms = [(1.0, _rand(n, torch.float16, 2), _rand(n, torch.bfloat16, 3)),
-             (0.5, _rand(n, torch.bfloat16, 4), _rand(n, torch.bfloat16, 5))]
+    terms = [
+        (1.0, _rand(n, torch.float16, 2), _rand(n, torch.bfloat16, 3)),
+        (0.5, _rand(n, torch.bfloat16, 4), _rand(n, torch.bfloat16, 5)),
+    ]
     out, _ = _run(torch.bfloat16, cp, terms)
     assert torch.equal(out.view(torch.int16), reference(cp, terms, torch.bfloat16).view(torch.int16))
 
@@ -55,8 +64,9 @@ def test_arbitrary_alpha_is_within_one_rounding_of_float64():
     cp, base, chat = _rand(n, torch.bfloat16, 1), _rand(n, torch.bfloat16, 2), _rand(n, torch.bfloat16, 3)
     out, _ = _run(torch.bfloat16, cp, [(0.3, chat, base)])
     ref = reference(cp, [(0.3, chat, base)], torch.bfloat16)
-    ulp = torch.where(ref == 0, torch.tensor(2.0**-133, dtype=torch.float64),
-                      2.0 ** (torch.floor(torch.log2(ref.double().abs())) - 7))  # bf16 spacing at |ref|
+    ulp = torch.where(
+        ref == 0, torch.tensor(2.0**-133, dtype=torch.float64), 2.0 ** (torch.floor(torch.log2(ref.double().abs())) - 7)
+    )  # bf16 spacing at |ref|
     f32_err = 2.0**-22 * (cp.double().abs() + 0.3 * (chat.double() - base.double()).abs())  # cancellation in float32
     assert bool(((out.double() - ref.double()).abs() <= ulp + f32_err).all())
     assert float((out != ref).float().mean()) < 1e-2  # double rounding: rare ties
@@ -88,8 +98,9 @@ def test_reference_merge_rows_keeps_new_rows():
     assert torch.allclose(out[:8].double(), cp[:8].double() + chat.double() - base.double(), atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
-                                   torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+)
 def test_nonfinite_counts_of_a_copy_are_exact(dtype):
     """A tensor copied as stored: its NaN/Inf counted exactly; a finite one whose sum overflows counts none."""
     from chatvec_dist.kernels.cpu import nonfinite
@@ -120,7 +131,9 @@ def test_stats_norms_and_nonfinite_counts():
     clean_cp, clean_base = _rand(n, torch.float32, 1), _rand(n, torch.float32, 2)
     _, clean = _run(torch.float32, clean_cp, [(1.0, clean_base + 0.1, clean_base)])
     assert math.isclose(math.sqrt(clean.cp_sq), float(clean_cp.double().norm()), rel_tol=1e-5)
-    assert math.isclose(math.sqrt(clean.delta_sq), float(((clean_base + 0.1).double() - clean_base.double()).norm()), rel_tol=1e-5)
+    assert math.isclose(
+        math.sqrt(clean.delta_sq), float(((clean_base + 0.1).double() - clean_base.double()).norm()), rel_tol=1e-5
+    )
     assert math.isclose(math.sqrt(clean.update_sq), math.sqrt(clean.delta_sq), rel_tol=1e-3)
     assert (clean.nan, clean.inf) == (0, 0)
     assert d.numel() == n - 3

@@ -1,4 +1,5 @@
 """Planning from headers alone: rules, vocabulary policies, tied embeddings, shards, offsets, units."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def _recipe(d, **kw) -> Recipe:
-    return Recipe(vectors=(Vector(str(d["chat"]), str(d["base"])),), targets=(Target("t", str(d["cp"]), "unused", (1.0,), **kw),))
+    return Recipe(
+        vectors=(Vector(str(d["chat"]), str(d["base"])),), targets=(Target("t", str(d["cp"]), "unused", (1.0,), **kw),)
+    )
 
 
 def _tensors(planned):
@@ -76,25 +79,44 @@ def test_cp_with_fewer_rows_than_base_is_an_error(demo):
 
 def test_extracting_from_a_chat_model_with_added_tokens_keeps_the_shared_rows(demo):
     """chat 320 rows, base 256: the vector has base's 256 rows; the other way round there is nothing to keep."""
-    extract = Recipe(vectors=(Vector(str(demo["cp"]), str(demo["base"])),), targets=(Target("v", None, "unused", (1.0,)),))
+    extract = Recipe(
+        vectors=(Vector(str(demo["cp"]), str(demo["base"])),), targets=(Target("v", None, "unused", (1.0,)),)
+    )
     t = next(p.tensor for p in _tensors(job.plan(extract)) if p.tensor.name == "lm_head.weight")
     assert (t.rule, t.reason, t.shape, t.merge_elems) == ("merge", "vocab:overlap", (256, 64), 256 * 64)
-    cli = recipe_from_args(build_parser().parse_args(["extract", "--chat", str(demo["cp"]), "--base", str(demo["base"]),
-                                                      "--out", "unused"]))
+    cli = recipe_from_args(
+        build_parser().parse_args(
+            ["extract", "--chat", str(demo["cp"]), "--base", str(demo["base"]), "--out", "unused"]
+        )
+    )
     t = next(p.tensor for p in _tensors(job.plan(cli)) if p.tensor.name == "lm_head.weight")
     assert (t.rule, t.reason, t.shape) == ("merge", "vocab:overlap", (256, 64))  # `chatvec extract` alike
-    backwards = Recipe(vectors=(Vector(str(demo["base"]), str(demo["cp"])),), targets=(Target("v", None, "unused", (1.0,)),))
+    backwards = Recipe(
+        vectors=(Vector(str(demo["base"]), str(demo["cp"])),), targets=(Target("v", None, "unused", (1.0,)),)
+    )
     with pytest.raises(PlanError, match="an extracted vector has no CP rows to keep") as e:
         job.plan(backwards)
     assert e.value.tensor in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-@pytest.mark.parametrize("name,vocab", [
-    ("model.embed_tokens.weight", True), ("lm_head.weight", True), ("transformer.wte.weight", True),
-    ("gpt_neox.embed_in.weight", True), ("embed_out.weight", True), ("transformer.output_layer.weight", True),
-    ("backbone.embeddings.weight", True), ("lm_head.bias", True), ("output.weight", True),
-    ("transformer.word_embeddings.weight", True), ("model.layers.0.mlp.up_proj.weight", False),
-    ("embeddings.position_embeddings.weight", False), ("model.layers.0.self_attn.o_proj.weight", False)])
+@pytest.mark.parametrize(
+    "name,vocab",
+    [
+        ("model.embed_tokens.weight", True),
+        ("lm_head.weight", True),
+        ("transformer.wte.weight", True),
+        ("gpt_neox.embed_in.weight", True),
+        ("embed_out.weight", True),
+        ("transformer.output_layer.weight", True),
+        ("backbone.embeddings.weight", True),
+        ("lm_head.bias", True),
+        ("output.weight", True),
+        ("transformer.word_embeddings.weight", True),
+        ("model.layers.0.mlp.up_proj.weight", False),
+        ("embeddings.position_embeddings.weight", False),
+        ("model.layers.0.self_attn.o_proj.weight", False),
+    ],
+)
 def test_vocabulary_tensors_of_common_architectures_are_recognized(name, vocab):
     from chatvec_dist.planning.planner import VOCAB_TENSOR
 
@@ -108,7 +130,9 @@ def test_float8_weights_are_refused_with_the_reason(tmp_path):
     for name in ("base", "chat", "cp"):
         tensors = llama_tensors(cfg, g)
         if name == "chat":
-            tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+            tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(
+                torch.float8_e4m3fn
+            )
         save_checkpoint(tmp_path / name, tensors, cfg)
     with pytest.raises(PlanError, match="F8_E4M3 weights are stored with separate scales") as e:
         job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")}))
@@ -140,8 +164,11 @@ def test_a_scalar_with_a_vocabulary_name_is_an_ordinary_tensor(tmp_path):
         tensors = llama_tensors(cfg, g)
         tensors["lm_head.bias"] = torch.randn((), generator=g).to(torch.bfloat16)
         save_checkpoint(tmp_path / which, tensors, cfg)
-    bias = next(p.tensor for p in _tensors(job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")})))
-                if p.tensor.name == "lm_head.bias")
+    bias = next(
+        p.tensor
+        for p in _tensors(job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")})))
+        if p.tensor.name == "lm_head.bias"
+    )
     assert (bias.rule, bias.reason, bias.shape, bias.numel) == ("merge", "", (), 1)
 
 
@@ -158,8 +185,10 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(demo, tm
     save_file(single, cp / "model.safetensors", metadata={"format": "pt"})
     planned = job.plan(_recipe(dict(demo, cp=cp)))
     assert {p.tensor.cp.path for p in _tensors(planned)} == {str(cp / "model.safetensors")}
-    assert f"{cp} holds both model.safetensors and model.safetensors.index.json: reading model.safetensors" in \
-        capsys.readouterr().err
+    assert (
+        f"{cp} holds both model.safetensors and model.safetensors.index.json: reading model.safetensors"
+        in capsys.readouterr().err
+    )
 
 
 def test_equal_vocab_defaults_to_full(tmp_path):
@@ -191,6 +220,7 @@ def test_exclude_keeps_cp_values_and_need_not_exist_in_base(tmp_path, demo):
     tensors = {n: torch.zeros(1) for n in ["extra.bias"]}
     # CP gets a tensor base/chat lack: an error, unless excluded.
     from safetensors.torch import load_file
+
     cp = {}
     for f in sorted(demo["cp"].glob("*.safetensors")):
         cp |= load_file(f)
@@ -264,18 +294,52 @@ def test_plan_cli_prints_summary_without_running(demo, capsys, tmp_path):
     from chatvec_dist.cli import main
 
     out = tmp_path / "never"
-    assert main(["plan", "--base", str(demo["base"]), "--chat", str(demo["chat"]), "--cp", str(demo["cp"]),
-                 "--out", str(out), "--vocab", "overlap"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--base",
+                str(demo["base"]),
+                "--chat",
+                str(demo["chat"]),
+                "--cp",
+                str(demo["cp"]),
+                "--out",
+                str(out),
+                "--vocab",
+                "overlap",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "21 tensors (19 merge, 2 merge_rows)" in text and "vocab:overlap" in text
     assert not out.exists() and not Path(str(out) + ".partial").exists()
     import pyarrow.parquet as pq
 
     saved = tmp_path / "plan.parquet"
-    assert main(["plan", "--base", str(demo["base"]), "--chat", str(demo["chat"]), "--cp", str(demo["cp"]),
-                 "--save", str(saved)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--base",
+                str(demo["base"]),
+                "--chat",
+                str(demo["chat"]),
+                "--cp",
+                str(demo["cp"]),
+                "--save",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     rows = {r["tensor"]: r for r in pq.read_table(saved).to_pylist()}
-    assert len(rows) == 21 and rows["lm_head.weight"]["rule"] == "copy" and rows["lm_head.weight"]["reason"] == "vocab:skip"
+    assert (
+        len(rows) == 21
+        and rows["lm_head.weight"]["rule"] == "copy"
+        and rows["lm_head.weight"]["reason"] == "vocab:skip"
+    )
     assert rows["model.norm.weight"]["nbytes"] == 128 and rows["model.norm.weight"]["dtype_out"] == "BF16"
 
 
@@ -285,15 +349,22 @@ def test_the_driver_plans_and_audits_without_torch(demo, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "from chatvec_dist.cli import main\n"
-            "import chatvec_dist.job, chatvec_dist.exec.ray_backend, chatvec_dist.output, chatvec_dist.manifest\n"
-            "import chatvec_dist.io.hub, chatvec_dist.card, chatvec_dist.recipe\n"
-            f"assert main(['plan', '--base', {str(demo['base'])!r}, '--chat', {str(demo['chat'])!r}, "
-            f"'--cp', {str(demo['cp'])!r}, '--out', {str(tmp_path / 'o')!r}]) == 0\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    code = (
+        "import sys\n"
+        "from chatvec_dist.cli import main\n"
+        "import chatvec_dist.job, chatvec_dist.exec.ray_backend, chatvec_dist.output, chatvec_dist.manifest\n"
+        "import chatvec_dist.io.hub, chatvec_dist.card, chatvec_dist.recipe\n"
+        f"assert main(['plan', '--base', {str(demo['base'])!r}, '--chat', {str(demo['chat'])!r}, "
+        f"'--cp', {str(demo['cp'])!r}, '--out', {str(tmp_path / 'o')!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
 """Handing units to workers: a contiguous run each, stealing the back half of the longest run, retries."""
+
 from __future__ import annotations
 
 from chatvec_dist.exec.runs import Runs

@@ -1,5 +1,6 @@
 """The Triton kernel, bit for bit against the float64 reference and the CPU kernel, every dtype combination: on
 the GPU where there is one, else run by Triton's interpreter on CPU tensors (as in CI)."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,10 +10,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from chatvec_dist.torch_dtypes import compute_dtype  # noqa: E402
 from chatvec_dist.kernels.cpu import Scratch, combine  # noqa: E402
 from chatvec_dist.kernels.reference import reference  # noqa: E402
 from chatvec_dist.kernels.triton_merge import combine_triton  # noqa: E402
+from chatvec_dist.torch_dtypes import compute_dtype  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
@@ -34,8 +35,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def both(out_dtype, cp, terms):
-    dtypes = [NAMES[out_dtype]] + ([NAMES[cp.dtype]] if cp is not None else []) + \
-        [NAMES[x.dtype] for _, p, m in terms for x in (p, m) if x is not None]
+    dtypes = (
+        [NAMES[out_dtype]]
+        + ([NAMES[cp.dtype]] if cp is not None else [])
+        + [NAMES[x.dtype] for _, p, m in terms for x in (p, m) if x is not None]
+    )
     compute = compute_dtype(dtypes)
     n = terms[0][1].numel() if cp is None else cp.numel()
     gpu, cpu = torch.empty(n, dtype=out_dtype, device=DEVICE), torch.empty(n, dtype=out_dtype)
@@ -58,8 +62,9 @@ def test_every_dtype_combination_matches_reference_and_cpu(cp_dt, vec_dt, out_dt
     assert stats[2].item() == pytest.approx(cpu_stats.update_sq, rel=1e-4)
 
 
-@pytest.mark.parametrize("cp_dt,vec_dt", [(torch.float64, torch.float64), (torch.float32, torch.bfloat16),
-                                           (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize(
+    "cp_dt,vec_dt", [(torch.float64, torch.float64), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64)]
+)
 def test_float64_outputs_match_reference_and_cpu(cp_dt, vec_dt):
     """A checkpoint stored in float64 merges on the GPU too: float64 arithmetic, values beyond float32's range
     kept (and not counted as Inf), NaN written canonically."""
@@ -72,7 +77,11 @@ def test_float64_outputs_match_reference_and_cpu(cp_dt, vec_dt):
     assert torch.equal(bits(gpu), bits(cpu))
     finite = ~torch.isnan(cpu)
     assert torch.equal(bits(gpu)[finite], bits(reference(cp, terms, torch.float64))[finite])
-    assert (int(stats[3]), int(stats[4])) == (cpu_stats.nan, cpu_stats.inf) == ((1, 1) if cp_dt == torch.float64 else (0, 0))
+    assert (
+        (int(stats[3]), int(stats[4]))
+        == (cpu_stats.nan, cpu_stats.inf)
+        == ((1, 1) if cp_dt == torch.float64 else (0, 0))
+    )
 
 
 def test_inexact_alpha_gives_the_cpu_kernels_bits():
@@ -83,8 +92,10 @@ def test_inexact_alpha_gives_the_cpu_kernels_bits():
 
 def test_more_vectors_than_one_launch_holds_chain_in_cpu_order():
     cp = rand(N, torch.bfloat16, 0)
-    terms = [(0.1 * (i + 1), rand(N, torch.bfloat16, 2 * i + 1), rand(N, torch.bfloat16, 2 * i + 2) if i % 2 else None)
-             for i in range(6)]
+    terms = [
+        (0.1 * (i + 1), rand(N, torch.bfloat16, 2 * i + 1), rand(N, torch.bfloat16, 2 * i + 2) if i % 2 else None)
+        for i in range(6)
+    ]
     gpu, stats, cpu, cpu_stats = both(torch.bfloat16, cp, terms)
     assert torch.equal(bits(gpu), bits(cpu))
     assert stats[1].item() == pytest.approx(cpu_stats.delta_sq, rel=1e-5)
@@ -95,8 +106,10 @@ def test_extract_and_copy_and_bfloat16_rounding_edges():
     gpu, _, cpu, _ = both(torch.float32, None, [(1.0, chat, base)])
     assert torch.equal(gpu, cpu) and torch.equal(gpu, reference(None, [(1.0, chat, base)], torch.float32))
     # Exact ties and specials: round to nearest even, NaN stays NaN, overflow goes to Inf.
-    edges = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, float("inf"), float("nan"), 0.0, -0.0,
-                          1e-40, 2**-133], dtype=torch.float32).repeat(300)
+    edges = torch.tensor(
+        [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, float("inf"), float("nan"), 0.0, -0.0, 1e-40, 2**-133],
+        dtype=torch.float32,
+    ).repeat(300)
     gpu, stats, cpu, cpu_stats = both(torch.bfloat16, edges, [])
     assert torch.equal(bits(gpu), bits(cpu))
     nan = torch.isnan(edges)
@@ -133,8 +146,9 @@ def test_reused_scratch_gives_fresh_stats_for_a_smaller_call():
 
     scratch, stats = TritonScratch(), torch.zeros(5, dtype=torch.float64, device=DEVICE)
     cp, base, chat = (rand(3 * N, torch.bfloat16, seed).to(DEVICE) for seed in (1, 2, 3))
-    combine_triton(torch.empty(3 * N, dtype=torch.bfloat16, device=DEVICE), cp, [(1.0, chat, base)], torch.float32,
-                   stats, scratch)
+    combine_triton(
+        torch.empty(3 * N, dtype=torch.bfloat16, device=DEVICE), cp, [(1.0, chat, base)], torch.float32, stats, scratch
+    )
     assert (stats[:3] > 0).all()
     stats.zero_()
     out = torch.empty(N, dtype=torch.bfloat16, device=DEVICE)
@@ -151,12 +165,13 @@ def test_the_gpu_worker_pipeline_gives_the_cpu_paths_bytes(llamas, tmp_path, mon
     stats. (Overlap is measured by benchmarks/gpu.py.)"""
     import dataclasses
 
+    from test_e2e import shard_bytes
+
     import chatvec_dist
     from chatvec_dist.exec import worker
     from chatvec_dist.exec.compute import TritonCompute
     from chatvec_dist.manifest import read_manifest, verify
     from chatvec_dist.spec import Recipe
-    from test_e2e import shard_bytes
 
     uploaded = []
 
@@ -166,9 +181,15 @@ def test_the_gpu_worker_pipeline_gives_the_cpu_paths_bytes(llamas, tmp_path, mon
             return super().upload(inputs)
 
     def recipe(out: str) -> Recipe:
-        base = chatvec_dist.make_recipe(str(llamas["base"]), str(llamas["chat"]),
-                                        {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])}, out, 0.5,
-                                        vocab="skip", unit_bytes=8192)
+        base = chatvec_dist.make_recipe(
+            str(llamas["base"]),
+            str(llamas["chat"]),
+            {"zh": str(llamas["cp"]), "ko": str(llamas["cp_ext"])},
+            out,
+            0.5,
+            vocab="skip",
+            unit_bytes=8192,
+        )
         zh, ko = base.targets
         return Recipe(base.vectors, (dataclasses.replace(zh, dtype="float32"), ko), unit_bytes=8192)
 
@@ -186,7 +207,11 @@ def test_the_gpu_worker_pipeline_gives_the_cpu_paths_bytes(llamas, tmp_path, mon
             for norm in ("cp_norm", "delta_norm", "rel_update"):
                 got, expected = r[norm], want[r["tensor"]][norm]  # None where not measured (a copy)
                 assert (got is None) == (expected is None), (name, r["tensor"], norm)
-                assert expected is None or got == pytest.approx(expected, rel=1e-5, abs=1e-12), (name, r["tensor"], norm)
+                assert expected is None or got == pytest.approx(expected, rel=1e-5, abs=1e-12), (
+                    name,
+                    r["tensor"],
+                    norm,
+                )
     planned = chatvec_dist.plan(recipe(str(tmp_path / "plan")))
     rules = {p.tensor.name: p.tensor for tp in planned.targets for p in tp.layout.tensors if tp.target.name == "ko"}
     copied = {rules[n].cp for n in ("model.embed_tokens.weight", "lm_head.weight")}
@@ -213,8 +238,10 @@ def test_a_gpu_worker_tries_the_kernel_when_it_starts(monkeypatch):
     monkeypatch.setattr(compute, "TritonCompute", no_compiler)
     fallback = compute.make_compute(torch.device("cuda", 0), strict=False)
     assert isinstance(fallback, compute.CpuCompute)
-    assert fallback.fallback == ("the GPU kernel cannot run on cuda:0 (RuntimeError: Failed to build Triton's "
-                                 "launcher … error: no C compiler found)")
+    assert fallback.fallback == (
+        "the GPU kernel cannot run on cuda:0 (RuntimeError: Failed to build Triton's "
+        "launcher … error: no C compiler found)"
+    )
     with pytest.raises(ChatvecError, match=r"^--device cuda, but the GPU kernel cannot run on cuda:0 \(RuntimeError"):
         compute.make_compute(torch.device("cuda", 0), strict=True)
 
@@ -235,8 +262,9 @@ def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():
     here = Path(__file__).resolve().parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(here / "compile_for_gpu.py")], capture_output=True, text=True,
-                          timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, str(here / "compile_for_gpu.py")], capture_output=True, text=True, timeout=600, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     calls = json.loads(done.stdout)  # per call: the launches on aligned tensors, then on views one element off
     assert [[len(launches) for launches in c] for c in calls] == [[1, 1]] * 5 + [[2, 2]] + [[1, 1]]
@@ -258,10 +286,18 @@ def test_the_prepared_gpu_benchmark_runs_end_to_end_as_a_dry_run(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo / "tests" / "without_ray")}
-    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--dry-run", "--data", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "gpu.py"), "--dry-run", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = done.stdout[done.stdout.index("## Summary"):]
+    summary = done.stdout[done.stdout.index("## Summary") :]
     assert "kernel bits == CPU kernel bits: True" in summary and "output bytes cuda == cpu: True" in summary
     assert "(Ray is not installed here: the Ray run is skipped)" in done.stdout
-    assert done.stdout.count("chatvec --device cpu, local") == 6 and "FAILED" not in done.stdout  # 3 runs, table + summary
+    assert (
+        done.stdout.count("chatvec --device cpu, local") == 6 and "FAILED" not in done.stdout
+    )  # 3 runs, table + summary

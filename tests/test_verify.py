@@ -1,4 +1,5 @@
 """`chatvec verify OUT` against damaged outputs: every kind of damage is found and named (tensor or shard)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,25 @@ def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify")
     d = make_demo_models(root / "models")
     out = root / "out"
-    assert main(["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d["cp"]), "--out", str(out),
-                 "--max-shard-size", "100KB", *RUN]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(d["base"]),
+                "--chat",
+                str(d["chat"]),
+                "--cp",
+                str(d["cp"]),
+                "--out",
+                str(out),
+                "--max-shard-size",
+                "100KB",
+                *RUN,
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*.safetensors"))) >= 3
     return out
 
@@ -133,7 +151,9 @@ def test_manifest_that_is_not_parquet(out, capsys):
     with pytest.raises(VerifyError):
         read_manifest(out)
     code, lines, err = run_verify(out, capsys)
-    assert code == 1 and lines == [f"{path}: manifest is unreadable (ArrowInvalid)", f"{out}: 1 problem(s)"] and err == ""
+    assert (
+        code == 1 and lines == [f"{path}: manifest is unreadable (ArrowInvalid)", f"{out}: 1 problem(s)"] and err == ""
+    )
 
 
 def test_any_flipped_manifest_byte_is_a_problem_or_harmless(pristine, tmp_path):

@@ -1,4 +1,5 @@
 """Where the arithmetic runs: the CPU kernel in place, or the Triton kernel on a GPU with async copies."""
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,9 @@ def pick_device(requested: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ChatvecError("--device cuda, but this worker has no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device(requested) if requested.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
+    return (
+        torch.device(requested) if requested.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
+    )
 
 
 class CpuCompute:

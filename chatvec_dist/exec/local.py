@@ -1,4 +1,5 @@
 """The local backend: the worker function on threads in this process (tests, debugging)."""
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,11 @@ class LocalBackend:
                 runner = UnitRunner(self.ctx, device=device, strict=self.strict)
                 readies.append(time.perf_counter())
                 if runner.compute.fallback and warned.acquire(blocking=False):  # a GPU beside the one tried
-                    print(f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
-                          "use a thread per core", file=sys.stderr)
+                    print(
+                        f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
+                        "use a thread per core",
+                        file=sys.stderr,
+                    )
                 while not stop.is_set():
                     try:
                         unit = todo.get_nowait()
@@ -75,8 +79,10 @@ class LocalBackend:
                     except BaseException as e:
                         done.put((None, e))
 
-        threads = [threading.Thread(target=work, args=(d,), name=f"chatvec-{i}", daemon=True)
-                   for i, d in enumerate(self.devices)]
+        threads = [
+            threading.Thread(target=work, args=(d,), name=f"chatvec-{i}", daemon=True)
+            for i, d in enumerate(self.devices)
+        ]
         intra_op = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel over units, not inside ops: torch's idle OpenMP threads spin (measured)
         for t in threads:

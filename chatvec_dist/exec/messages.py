@@ -1,5 +1,6 @@
 """What the driver and the workers exchange: the work context, each unit's results, and which elements of a
 piece each output needs. No torch here: the driver never imports it on the Ray backend."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,10 +28,17 @@ class WorkContext:
     hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
 
     @classmethod
-    def of(cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int,
-           hub_files: dict[str, tuple[str, str, str]]) -> "WorkContext":
-        return cls([OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
-                    for lay, d in zip(layouts, work_dirs)], block_bytes, hub_files)
+    def of(
+        cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int, hub_files: dict[str, tuple[str, str, str]]
+    ) -> WorkContext:
+        return cls(
+            [
+                OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
+                for lay, d in zip(layouts, work_dirs)
+            ],
+            block_bytes,
+            hub_files,
+        )
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class Stages:
     bytes_read: int = 0
     bytes_written: int = 0
 
-    def add(self, other: "Stages") -> None:
+    def add(self, other: Stages) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 

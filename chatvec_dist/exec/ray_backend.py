@@ -4,6 +4,7 @@ Each actor works through its own contiguous run of units (`Runs`).
 Units are retried by the driver, not by Ray: a unit whose actor died (process killed, node lost) goes back
 to the front of that actor's run, which the other actors take, and the actor is replaced. `pwrite` at planned offsets makes a rerun idempotent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,14 +53,24 @@ def init_ray(address: str | None):
     if not ray.is_initialized():
         with _signals_deferred():  # Ctrl-C halfway through ray.init would leave Ray's processes orphaned
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                         configure_logging=False)
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level="WARNING",
+                    configure_logging=False,
+                )
             except Exception as e:  # Ray's own errors vary by version: one line naming the usual causes
                 first = (str(e).strip().splitlines() or [""])[0]
                 what = "start an embedded Ray" if address == "local" else f"join the Ray cluster at {address}"
-                hint = "" if address == "local" else (
-                    "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here too "
-                    "(RAY_AUTH_TOKEN or ~/.ray/auth_token), one without needs RAY_AUTH_MODE=disabled")
+                hint = (
+                    ""
+                    if address == "local"
+                    else (
+                        "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here too "
+                        "(RAY_AUTH_TOKEN or ~/.ray/auth_token), one without needs RAY_AUTH_MODE=disabled"
+                    )
+                )
                 raise ChatvecError(f"cannot {what} ({type(e).__name__}: {first}){hint}") from None
     return ray
 
@@ -72,8 +83,10 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ChatvecError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
-                           "running there, and the port open?)") from None
+        raise ChatvecError(
+            f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
+            "running there, and the port open?)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -160,8 +173,14 @@ class _Worker:
 class RayBackend:
     name = "ray"
 
-    def __init__(self, ctx: WorkContext, workers: int | None, address: str | None, cpus_per_worker: float = 1.0,
-                 device: str = "auto") -> None:
+    def __init__(
+        self,
+        ctx: WorkContext,
+        workers: int | None,
+        address: str | None,
+        cpus_per_worker: float = 1.0,
+        device: str = "auto",
+    ) -> None:
         self.ray = init_ray(address)
         joined = bool(address or os.environ.get("RAY_ADDRESS"))  # an embedded Ray never grows: no wait there
         resources = self._resources(device, cpus_per_worker, NODES_WAIT_SECONDS if joined else 0.0)
@@ -170,17 +189,29 @@ class RayBackend:
         slots = gpus if use_gpus else int(resources.get("CPU", 0) // cpus_per_worker)
         self.workers = max(1, workers or slots)
         if self.workers > slots:  # an autoscaling cluster may grow; any other waits on the ones that fit
-            room = f"{gpus} GPU(s)" if use_gpus else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
-            print(f"chatvec: warning: {self.workers} workers asked, but the Ray cluster has room for {slots} now "
-                  f"({room}); the others start only if it grows", file=sys.stderr)
+            room = (
+                f"{gpus} GPU(s)"
+                if use_gpus
+                else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
+            )
+            print(
+                f"chatvec: warning: {self.workers} workers asked, but the Ray cluster has room for {slots} now "
+                f"({room}); the others start only if it grows",
+                file=sys.stderr,
+            )
         self.device = device if use_gpus else "cpu"  # a CPU actor on a GPU node sees the GPUs: never use them
         self.use_gpus = use_gpus
         self.warned = False
         threads = PIPELINE["cuda" if use_gpus else "cpu"]
         self.per_actor = threads + QUEUED
-        self._actor_class = self.ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpus else 0,
-                                            max_concurrency=threads, max_restarts=0, max_task_retries=0,
-                                            scheduling_strategy="SPREAD")(_Worker)
+        self._actor_class = self.ray.remote(
+            num_cpus=cpus_per_worker,
+            num_gpus=1 if use_gpus else 0,
+            max_concurrency=threads,
+            max_restarts=0,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )(_Worker)
         self._ctx_ref = self.ray.put(ctx)
         self._starting: dict = {}  # ready() ref -> actor
         self.actors: list = []
@@ -204,12 +235,15 @@ class RayBackend:
                 waited = f" after waiting {wait:.0f} s for its worker nodes" if wait else ""
                 if device == "cuda":
                     raise ChatvecError(f"--device cuda, but the Ray cluster has no GPUs{waited}")
-                raise ChatvecError(f"the Ray cluster has no node with {cpus_per_worker:g} CPU(s) or a GPU for a "
-                                   f"worker{waited}")
+                raise ChatvecError(
+                    f"the Ray cluster has no node with {cpus_per_worker:g} CPU(s) or a GPU for a worker{waited}"
+                )
             if not said:
                 said = True
-                print("chatvec: waiting for the Ray cluster's worker nodes to join (none can take a worker yet)",
-                      file=sys.stderr)
+                print(
+                    "chatvec: waiting for the Ray cluster's worker nodes to join (none can take a worker yet)",
+                    file=sys.stderr,
+                )
             time.sleep(1.0)
 
     def _start_actor(self) -> None:
@@ -253,7 +287,9 @@ class RayBackend:
                 except ray.exceptions.RayActorError as e:  # the worker process or its node died
                     attempts[unit.id] += 1
                     if attempts[unit.id] >= MAX_ATTEMPTS:
-                        raise ChatvecError(f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}") from None
+                        raise ChatvecError(
+                            f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}"
+                        ) from None
                     runs.retry(unit, actor)
                     suspect += finished.pop(actor, [])
                     if actor in self.actors:
@@ -268,8 +304,11 @@ class RayBackend:
         if self.use_gpus and device == "cpu" and not self.warned:
             self.warned = True
             why = fallback or "torch sees no CUDA device there (a CPU build of torch?)"
-            print(f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}; pass --device cpu to use "
-                  "a worker per CPU", file=sys.stderr)
+            print(
+                f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}; pass --device cpu to use "
+                "a worker per CPU",
+                file=sys.stderr,
+            )
 
     def _flush(self, finished: dict) -> list[Unit]:
         """fsync on every live worker, so that the driver's commit sees all bytes (NFS-style storage); return the

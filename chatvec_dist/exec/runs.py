@@ -6,6 +6,7 @@ same file at once, and since a worker stays on its node, a node's inputs stay in
 fetched per node are only those of its workers' runs. A worker whose run is empty takes the back half of the
 longest run left (all of the units nobody owns yet, at first), so work stays balanced to the last unit.
 """
+
 from __future__ import annotations
 
 from collections import deque

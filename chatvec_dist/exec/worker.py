@@ -1,4 +1,5 @@
 """UnitRunner: the one worker function. Read each input range once, combine for every output, hash, pwrite."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,9 @@ def _written_as_read(t: PlannedTensor) -> bool:
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
-    def __init__(self, ctx: WorkContext, node: str | None = None, device: str = "auto", strict: bool | None = None) -> None:
+    def __init__(
+        self, ctx: WorkContext, node: str | None = None, device: str = "auto", strict: bool | None = None
+    ) -> None:
         """`device`: auto, cpu, cuda or cuda:N; `strict`: fail rather than compute on the CPU where the GPU kernel
         cannot run (default: unless `auto`)."""
         self.ctx = ctx
@@ -107,15 +110,25 @@ class UnitRunner:
             size = ITEMSIZE[src.dtype]
             buf = self._buffer(("in", slot), count * size)
             path = self._local_paths.get(src.path) or self._local_paths.setdefault(
-                src.path, local_copy(src.path, self.ctx.hub_files))
-            read_into(self.files.get(path), memoryview(buf.numpy()), src.start + piece.first * size, path, tensors[0].name)
+                src.path, local_copy(src.path, self.ctx.hub_files)
+            )
+            read_into(
+                self.files.get(path), memoryview(buf.numpy()), src.start + piece.first * size, path, tensors[0].name
+            )
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
 
-    def _combine(self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor],
-                 out: torch.Tensor) -> Stats:
-        terms = [(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
-                 for alpha, plus, minus in t.terms] if merged else []
+    def _combine(
+        self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor
+    ) -> Stats:
+        terms = (
+            [
+                (alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
+                for alpha, plus, minus in t.terms
+            ]
+            if merged
+            else []
+        )
         dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
         stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
@@ -123,8 +136,9 @@ class UnitRunner:
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
         return stats
 
-    def _hash_and_write(self, out: torch.Tensor, start: int, path: str, offset: int, stages: Stages,
-                        clock: float) -> tuple[tuple[int, bytes], ...]:
+    def _hash_and_write(
+        self, out: torch.Tensor, start: int, path: str, offset: int, stages: Stages, clock: float
+    ) -> tuple[tuple[int, bytes], ...]:
         """xxh3-128 of each hash block of the tensor that this output range covers (it starts on a block), each
         block written right after it is hashed, while it is still in cache: one pass over the output's bytes."""
         block, data = self.ctx.block_bytes, memoryview(out.numpy())

@@ -1,4 +1,5 @@
 """A checkpoint: a directory of safetensors files (sharded with an index, or not), checked up front."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
-from .header import TensorInfo, reject_duplicate_keys, shown, is_safe_name, read_header
+from .header import TensorInfo, is_safe_name, read_header, reject_duplicate_keys, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model needs next to its weights: config, tokenizer, chat template, remote code (`auto_map`), license.
-SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.vocab", "*.py", "LICENSE*", "NOTICE*",
-                 "USE_POLICY*")
+SIDE_PATTERNS = (
+    "*.json",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "*.vocab",
+    "*.py",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
+)
 # ... but not a LoRA adapter's config (transformers with peft would load the adapter's base instead) nor the
 # index of pickled weights that are not copied.
 NOT_SIDE_PATTERNS = ("adapter_config.json", "*.bin.index.json", "*.pt.index.json")
@@ -61,7 +72,9 @@ def read_json_object(path: Path, error: type[ChatvecError] = SourceError, limit:
     return value
 
 
-def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None = None, source: dict | None = None) -> Checkpoint:
+def open_checkpoint(
+    directory: str | os.PathLike, root: str | os.PathLike | None = None, source: dict | None = None
+) -> Checkpoint:
     """Open a local checkpoint directory. `root` bounds where its files may resolve (default: the directory).
     Paths are kept absolute: a plan (and its job digest) means the same whichever folder it was made in."""
     directory = Path(os.path.abspath(directory))
@@ -75,8 +88,11 @@ def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None
     index = directory / INDEX_NAME
     if _is_file(directory / SINGLE_NAME):  # first, as transformers loads it: the merge is of the model it loads
         if _is_file(index):
-            print(f"chatvec: warning: {directory} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
-                  "as transformers does (remove the one that is stale)", file=sys.stderr)
+            print(
+                f"chatvec: warning: {directory} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
+                "as transformers does (remove the one that is stale)",
+                file=sys.stderr,
+            )
         files, names = [SINGLE_NAME], None
     elif _is_file(index):
         names = _weight_map(index, directory, bound)
@@ -88,7 +104,9 @@ def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None
         if pickles:
             raise SourceError(
                 f"only pickle checkpoints found ({', '.join(pickles[:3])}); chatvec_dist never unpickles files: "
-                "convert them to safetensors first", file=str(directory))
+                "convert them to safetensors first",
+                file=str(directory),
+            )
         raise SourceError("no safetensors files found", file=str(directory))
     tensors: dict[str, TensorRef] = {}
     for name in files:
@@ -104,12 +122,16 @@ def open_checkpoint(directory: str | os.PathLike, root: str | os.PathLike | None
     if names is not None:
         for tname, fname in names.items():
             if tname not in tensors:
-                raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname)
+                raise HeaderError(
+                    f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname
+                )
         tensors = {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
     for entry in entries:  # side files (config, tokenizer) are read and copied too: none may lead outside
         if entry.is_symlink():
             _inside(entry, bound, str(entry))
-    ckpt = Checkpoint(directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())})
+    ckpt = Checkpoint(
+        directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())}
+    )
     ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
     return ckpt
 
@@ -128,9 +150,17 @@ def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
         raise HeaderError("index has no weight_map object", file=str(index))
     for tname, fname in wm.items():
         if not is_safe_name(tname):
-            raise HeaderError(f"weight_map names a tensor {shown(tname)} that is empty or has control characters", file=str(index))
-        if (not isinstance(fname, str) or not fname or not fname.isprintable() or os.path.isabs(fname)
-                or ".." in Path(fname).parts or "\\" in fname):
+            raise HeaderError(
+                f"weight_map names a tensor {shown(tname)} that is empty or has control characters", file=str(index)
+            )
+        if (
+            not isinstance(fname, str)
+            or not fname
+            or not fname.isprintable()
+            or os.path.isabs(fname)
+            or ".." in Path(fname).parts
+            or "\\" in fname
+        ):
             raise HeaderError(f"weight_map names an unsafe path {shown(fname)}", file=str(index), tensor=tname)
         if not _is_file(directory / fname):
             raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)

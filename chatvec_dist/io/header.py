@@ -1,4 +1,5 @@
 """Safetensors headers: parsed by hand (8-byte length + JSON) with every bound checked, and written."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def parse_header_bytes(blob: bytes, file_size: int, path: str = "<bytes>") -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def parse_header_bytes(
+    blob: bytes, file_size: int, path: str = "<bytes>"
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a header given its first bytes and the file's size; return (tensors, metadata)."""
     if file_size < 8 or len(blob) < 8:
         raise HeaderError("file is shorter than the 8-byte header length", file=path)
@@ -79,7 +82,11 @@ def parse_header_bytes(blob: bytes, file_size: int, path: str = "<bytes>") -> tu
     for t in tensors:
         if t.start != cursor:
             gap = "overlaps the previous tensor" if t.start < cursor else "leaves a gap after the previous tensor"
-            raise HeaderError(f"data {gap} (starts at {t.start - data_start}, expected {cursor - data_start})", file=path, tensor=t.name)
+            raise HeaderError(
+                f"data {gap} (starts at {t.start - data_start}, expected {cursor - data_start})",
+                file=path,
+                tensor=t.name,
+            )
         cursor = t.end
     if cursor != file_size:
         raise HeaderError(f"tensor data ends at byte {cursor} but the file has {file_size} bytes", file=path)
@@ -102,10 +109,18 @@ def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) 
     if not 0 <= begin <= end:
         raise HeaderError(f"data_offsets {shown(offsets)} are not ordered", file=path, tensor=name)
     if end > data_size:
-        raise HeaderError(f"data_offsets {shown(offsets)} run past the end of the file (data section has {data_size} bytes)", file=path, tensor=name)
+        raise HeaderError(
+            f"data_offsets {shown(offsets)} run past the end of the file (data section has {data_size} bytes)",
+            file=path,
+            tensor=name,
+        )
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != expected:
-        raise HeaderError(f"holds {end - begin} bytes but shape {shown(shape)} of {dtype} needs {shown(expected)}", file=path, tensor=name)
+        raise HeaderError(
+            f"holds {end - begin} bytes but shape {shown(shape)} of {dtype} needs {shown(expected)}",
+            file=path,
+            tensor=name,
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 

@@ -1,4 +1,5 @@
 """Sources: a local directory, or a Hub repo id (`org/name[@revision]`) resolved offline-first."""
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,11 @@ def open_source(spec: str) -> Checkpoint:
     except ChatvecError as e:
         if unusable is None:
             raise
-        raise SourceError(f"the cached snapshot is unusable and fetching did not mend it (offline, or a damaged file "
-                          f"that the cache still holds: delete it there to have it downloaded again): {e}",
-                          file=repo_id) from None
+        raise SourceError(
+            f"the cached snapshot is unusable and fetching did not mend it (offline, or a damaged file "
+            f"that the cache still holds: delete it there to have it downloaded again): {e}",
+            file=repo_id,
+        ) from None
 
 
 def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
@@ -53,8 +56,11 @@ def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
     except ChatvecError as e:
         ckpt, why = cached, f"fetching failed: {e.what}"
     if missing := missing_remote_code(ckpt.directory):
-        print(f"chatvec: warning: {repo_id}: the snapshot lacks {', '.join(missing)}, named by its auto_map ({why}); "
-              "the output will lack them too", file=sys.stderr)
+        print(
+            f"chatvec: warning: {repo_id}: the snapshot lacks {', '.join(missing)}, named by its auto_map ({why}); "
+            "the output will lack them too",
+            file=sys.stderr,
+        )
     return ckpt
 
 
@@ -82,19 +88,28 @@ def _open_snapshot(snapshot: Path, repo_id: str, revision: str) -> Checkpoint:
     return open_checkpoint(snapshot, root=repo_root, source=source)
 
 
-def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
-              unusable: ChatvecError | None = None) -> Path | None:
+def _snapshot(
+    repo_id: str, revision: str | None, *, local_files_only: bool, unusable: ChatvecError | None = None
+) -> Path | None:
     """The snapshot folder: from the cache only (None if not there), or downloading what it lacks."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                          ignore_patterns=IGNORE_PATTERNS, local_files_only=local_files_only))
+        snapshot = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=ALLOW_PATTERNS,
+                ignore_patterns=IGNORE_PATTERNS,
+                local_files_only=local_files_only,
+            )
+        )
         if local_files_only or any(snapshot.glob("*.safetensors")):
             return snapshot
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                      ignore_patterns=TOP_LEVEL_ONLY))  # consolidated only
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=TOP_LEVEL_ONLY)
+        )  # consolidated only
     except LocalEntryNotFoundError as e:
         if local_files_only:
             return None
@@ -103,8 +118,11 @@ def _snapshot(repo_id: str, revision: str | None, *, local_files_only: bool,
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
     if local_files_only:
         raise SourceError(f"cannot resolve from the local Hugging Face cache: {error}", file=repo_id)
-    cached = ("no such local directory, not in the local Hugging Face cache" if unusable is None
-              else f"the cached snapshot is unusable ({unusable})")
+    cached = (
+        "no such local directory, not in the local Hugging Face cache"
+        if unusable is None
+        else f"the cached snapshot is unusable ({unusable})"
+    )
     raise SourceError(f"{cached} and not downloadable: {error}", file=repo_id)
 
 
@@ -128,4 +146,6 @@ def local_copy(path: str, hub: dict[str, tuple[str, str, str]]) -> str:
     try:
         return hf_hub_download(repo, name, revision=commit)
     except Exception as e:
-        raise SourceError(f"cannot fetch {name}@{commit} into this node's cache: {type(e).__name__}: {e}", file=repo) from None
+        raise SourceError(
+            f"cannot fetch {name}@{commit} into this node's cache: {type(e).__name__}: {e}", file=repo
+        ) from None

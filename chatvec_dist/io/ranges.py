@@ -1,4 +1,5 @@
 """Exact byte ranges: `preadv` into caller-owned buffers, `pwrite` at planned offsets."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,9 @@ def read_into(fd: int, buf: memoryview, offset: int, path: str, tensor: str) -> 
         except OSError as e:
             raise ChatvecError(f"read failed: {e.strerror}", file=path, tensor=tensor) from None
         if n == 0:
-            raise ChatvecError(f"file ends at byte {offset + done}, before this tensor's data (truncated?)", file=path, tensor=tensor)
+            raise ChatvecError(
+                f"file ends at byte {offset + done}, before this tensor's data (truncated?)", file=path, tensor=tensor
+            )
         done += n
 
 

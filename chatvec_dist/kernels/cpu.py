@@ -1,14 +1,20 @@
 """The CPU kernel: one pass over memory in cache-sized chunks, into reused buffers, with the stats."""
+
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
-CANONICAL_NAN = {torch.bfloat16: (torch.int16, 0x7FC0), torch.float16: (torch.int16, 0x7E00),
-                 torch.float32: (torch.int32, 0x7FC00000), torch.float64: (torch.int64, 0x7FF8000000000000)}
+CANONICAL_NAN = {
+    torch.bfloat16: (torch.int16, 0x7FC0),
+    torch.float16: (torch.int16, 0x7E00),
+    torch.float32: (torch.int32, 0x7FC00000),
+    torch.float64: (torch.int64, 0x7FF8000000000000),
+}
 
 
 class Scratch:
@@ -23,8 +29,13 @@ class Scratch:
         return self._bufs[dtype]
 
 
-def combine(out: torch.Tensor, cp: torch.Tensor | None, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
-            compute: torch.dtype, scratch: Scratch) -> Stats:
+def combine(
+    out: torch.Tensor,
+    cp: torch.Tensor | None,
+    terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+    compute: torch.dtype,
+    scratch: Scratch,
+) -> Stats:
     """`out = round(cp + Σ alpha·(plus − minus))`, all 1-D of equal length, computed in `compute` per chunk."""
     acc_buf, tmp_buf, cp_buf = scratch.get(compute)
     stats = Stats()

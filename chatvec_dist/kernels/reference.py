@@ -1,5 +1,6 @@
 """The float64 reference: what every kernel must reproduce after rounding to the output dtype (as torch converts
 float64: through float32 to a 16-bit dtype, see the README on exactness)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,9 @@ import torch
 Term = tuple[float, torch.Tensor, "torch.Tensor | None"]
 
 
-def reference(cp: torch.Tensor | None, terms: list[Term], out_dtype: torch.dtype, merge_elems: int | None = None) -> torch.Tensor:
+def reference(
+    cp: torch.Tensor | None, terms: list[Term], out_dtype: torch.dtype, merge_elems: int | None = None
+) -> torch.Tensor:
     """`cp + Σ alpha·(plus − minus)` in float64 on the first `merge_elems` flat elements, then rounded."""
     base = cp.double().flatten() if cp is not None else None
     numel = base.numel() if base is not None else terms[0][1].numel()

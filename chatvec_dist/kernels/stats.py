@@ -1,4 +1,5 @@
 """What a kernel reports besides the bytes: norms and non-finite counts (no torch: the driver sums them)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ class Stats:
     nan: int = 0
     inf: int = 0
 
-    def add(self, other: "Stats") -> None:
+    def add(self, other: Stats) -> None:
         self.cp_sq += other.cp_sq
         self.delta_sq += other.delta_sq
         self.update_sq += other.update_sq

@@ -8,6 +8,7 @@ the same bits. Each program also stores its block's sums of squares and NaN/Inf 
 summed once per call into a float64 stats buffer: no two programs touch the same address (no atomics to
 contend on), and the stats come out the same on every run.
 """
+
 from __future__ import annotations
 
 import struct
@@ -65,8 +66,17 @@ def _load(ptr, offs, mask, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _term(acc, plus_ptr, minus_ptr, alpha_bits, offs, mask, HAS_MINUS: tl.constexpr, FIRST: tl.constexpr,
-          COMPUTE: tl.constexpr):
+def _term(
+    acc,
+    plus_ptr,
+    minus_ptr,
+    alpha_bits,
+    offs,
+    mask,
+    HAS_MINUS: tl.constexpr,
+    FIRST: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     d = _load(plus_ptr, offs, mask, COMPUTE)
     if HAS_MINUS:
         d = d - _load(minus_ptr, offs, mask, COMPUTE)
@@ -79,10 +89,33 @@ def _term(acc, plus_ptr, minus_ptr, alpha_bits, offs, mask, HAS_MINUS: tl.conste
 
 
 @triton.jit(do_not_specialize=["a0", "a1", "a2", "a3"])  # alphas: a double's bits (n == 1 is not special)
-def _merge_kernel(out_ptr, cp_ptr, acc_ptr, partials_ptr,
-                  p0, m0, a0, p1, m1, a1, p2, m2, a2, p3, m3, a3, n,
-                  N_TERMS: tl.constexpr, MINUS: tl.constexpr, HAS_CP: tl.constexpr, ACC_IN: tl.constexpr,
-                  ACC_OUT: tl.constexpr, COMPUTE: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_kernel(
+    out_ptr,
+    cp_ptr,
+    acc_ptr,
+    partials_ptr,
+    p0,
+    m0,
+    a0,
+    p1,
+    m1,
+    a1,
+    p2,
+    m2,
+    a2,
+    p3,
+    m3,
+    a3,
+    n,
+    N_TERMS: tl.constexpr,
+    MINUS: tl.constexpr,
+    HAS_CP: tl.constexpr,
+    ACC_IN: tl.constexpr,
+    ACC_OUT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -149,8 +182,14 @@ class TritonScratch:
 Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
 
 
-def launches(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype, acc: torch.Tensor,
-             partials: torch.Tensor) -> list[tuple[list, dict]]:
+def launches(
+    out: torch.Tensor,
+    cp: torch.Tensor | None,
+    terms: Terms,
+    compute: torch.dtype,
+    acc: torch.Tensor,
+    partials: torch.Tensor,
+) -> list[tuple[list, dict]]:
     """The kernel's launches for one call, in order: (positional arguments, constexprs) of each."""
     groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
     calls = []
@@ -165,9 +204,21 @@ def launches(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: 
                 minus_bits |= (minus is not None) << i
             else:
                 args += [out, out, _bits(1.0)]
-        calls.append((args + [out.numel()], dict(
-            N_TERMS=len(group), MINUS=minus_bits, HAS_CP=cp is not None and last, ACC_IN=g > 0, ACC_OUT=not last,
-            COMPUTE=_TL[compute], OUT_KIND=_OUT_KIND[out.dtype], BLOCK=BLOCK)))
+        calls.append(
+            (
+                args + [out.numel()],
+                dict(
+                    N_TERMS=len(group),
+                    MINUS=minus_bits,
+                    HAS_CP=cp is not None and last,
+                    ACC_IN=g > 0,
+                    ACC_OUT=not last,
+                    COMPUTE=_TL[compute],
+                    OUT_KIND=_OUT_KIND[out.dtype],
+                    BLOCK=BLOCK,
+                ),
+            )
+        )
     return calls
 
 
@@ -176,8 +227,14 @@ def launch_options() -> dict:
     return {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 
-def combine_triton(out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype, stats: torch.Tensor,
-                   scratch: TritonScratch | None = None) -> None:
+def combine_triton(
+    out: torch.Tensor,
+    cp: torch.Tensor | None,
+    terms: Terms,
+    compute: torch.dtype,
+    stats: torch.Tensor,
+    scratch: TritonScratch | None = None,
+) -> None:
     """The CPU kernel's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats` (float64)."""
     n = out.numel()
     if n == 0:

@@ -1,4 +1,5 @@
 """Where every output byte goes (shards, offsets) and how the work is cut, fixed before any work starts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ def check_max_shard_size(max_shard_size: int) -> None:
 
 def check_unit_bytes(unit_bytes: int) -> None:
     if unit_bytes < 8 or unit_bytes % 8 or unit_bytes % block_bytes(unit_bytes):
-        raise PlanError(f"unit size {unit_bytes} bytes: must be a multiple of 8 bytes up to 1 MiB, "
-                        f"and a whole number of MiB above (e.g. 256KiB, 64MiB)")
+        raise PlanError(
+            f"unit size {unit_bytes} bytes: must be a multiple of 8 bytes up to 1 MiB, "
+            f"and a whole number of MiB above (e.g. 256KiB, 64MiB)"
+        )
 
 
 def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
@@ -110,9 +113,11 @@ def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
     total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
     if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
         smallest = 1 << max(3, (total // MAX_UNITS).bit_length())
-        raise PlanError(f"unit size {unit_bytes} bytes cuts {total / 1e9:.3g} GB of output into more than {MAX_UNITS:,} "
-                        f"units: use --unit-size {smallest // 1024 if smallest >= 1024 else smallest}"
-                        f"{'KiB' if smallest >= 1024 else ''} or more (default 64MiB)")
+        raise PlanError(
+            f"unit size {unit_bytes} bytes cuts {total / 1e9:.3g} GB of output into more than {MAX_UNITS:,} "
+            f"units: use --unit-size {smallest // 1024 if smallest >= 1024 else smallest}"
+            f"{'KiB' if smallest >= 1024 else ''} or more (default 64MiB)"
+        )
     units: list[Unit] = []
     pieces: list[Piece] = []
     filled = 0
@@ -138,8 +143,10 @@ def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
         for first in range(0, numel, per):
             last = min(numel, first + per)
             pieces.append(Piece(index, first, last))
-            filled = max(min(p.nbytes, last * ITEMSIZE[p.tensor.out_dtype]) - first * ITEMSIZE[p.tensor.out_dtype]
-                         for p in column)
+            filled = max(
+                min(p.nbytes, last * ITEMSIZE[p.tensor.out_dtype]) - first * ITEMSIZE[p.tensor.out_dtype]
+                for p in column
+            )
             if last - first == per:
                 flush()
     flush()

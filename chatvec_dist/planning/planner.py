@@ -1,4 +1,5 @@
 """Pair tensors across checkpoints and decide, for each output tensor, what happens to it."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,10 @@ from ..io.checkpoint import Checkpoint, TensorRef
 from ..spec import Target
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
-VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|"
-                          r"output_layer)\.weight$|(?:^|\.)lm_head\.(?:weight|bias)$|^output\.weight$")
+VOCAB_TENSOR = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|"
+    r"output_layer)\.weight$|(?:^|\.)lm_head\.(?:weight|bias)$|^output\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,11 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
-    return [_plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
-            for name, ref in reference.tensors.items() if not (sources.cp is None and name in keep_cp)]
+    return [
+        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
+        for name, ref in reference.tensors.items()
+        if not (sources.cp is None and name in keep_cp)
+    ]
 
 
 def _all_names(sources: Sources) -> set[str]:
@@ -101,79 +107,119 @@ def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]
                 continue
             have = set(ckpt.tensors) - excluded
             for name in sorted(wanted - have):
-                raise PlanError(f"missing here but present in {reference.directory} (use --exclude to keep CP's value)",
-                                file=str(ckpt.directory), tensor=name)
+                raise PlanError(
+                    f"missing here but present in {reference.directory} (use --exclude to keep CP's value)",
+                    file=str(ckpt.directory),
+                    tensor=name,
+                )
             for name in sorted(have - wanted):
-                raise PlanError(f"present here but missing in {reference.directory} (use --exclude to leave it out)",
-                                file=str(ckpt.directory), tensor=name)
+                raise PlanError(
+                    f"present here but missing in {reference.directory} (use --exclude to leave it out)",
+                    file=str(ckpt.directory),
+                    tensor=name,
+                )
 
 
-def _plan_one(name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources,
-              excluded: set[str]) -> PlannedTensor:
+def _plan_one(
+    name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources, excluded: set[str]
+) -> PlannedTensor:
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
     for _, plus, minus in sources.terms:
         for other in (plus.tensors.get(name), minus.tensors.get(name) if minus else None):
             if other is not None and is_float(other.info.dtype) != is_float(info.dtype):
-                raise PlanError(f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
-                                file=other.path, tensor=name)
+                raise PlanError(
+                    f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
+                    file=other.path,
+                    tensor=name,
+                )
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
     if name in excluded:
         if info.dtype.startswith("F8") and dtype != info.dtype:
-            raise PlanError(f"an excluded {info.dtype} tensor cannot be converted to {dtype}: float8 weights are stored "
-                            "with separate scales (leave --dtype out to keep it as it is, or dequantize first)",
-                            file=ref.path, tensor=name)
+            raise PlanError(
+                f"an excluded {info.dtype} tensor cannot be converted to {dtype}: float8 weights are stored "
+                "with separate scales (leave --dtype out to keep it as it is, or dequantize first)",
+                file=ref.path,
+                tensor=name,
+            )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
-    pairs = [(alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms]
+    pairs = [
+        (alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms
+    ]
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
     for t in [ref, *vecs]:
         if t.info.dtype.startswith("F8"):
-            raise PlanError(f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
-                            "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
-                            file=t.path, tensor=name)
+            raise PlanError(
+                f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
+                "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
+                file=t.path,
+                tensor=name,
+            )
     vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
     vec_shape = vecs[0].info.shape
     for other in vecs:  # a chat model may add tokens (rows) to its base's vocabulary: only the rows may differ
         shape = other.info.shape
         if shape[1:] != vec_shape[1:] or len(shape) != len(vec_shape) or (shape != vec_shape and not vocab):
             where = " outside the vocabulary dimension" if vocab else ""
-            raise PlanError(f"shape {list(shape)} differs from {list(vec_shape)} in {vecs[0].path}{where}",
-                            file=other.path, tensor=name)
-    terms = tuple((alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
-                  for alpha, p, m in pairs)
+            raise PlanError(
+                f"shape {list(shape)} differs from {list(vec_shape)} in {vecs[0].path}{where}",
+                file=other.path,
+                tensor=name,
+            )
+    terms = tuple(
+        (alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
+        for alpha, p, m in pairs
+    )
     if not vocab:
         if vec_shape != info.shape:
-            raise PlanError(f"shape {list(info.shape)} differs from {list(vec_shape)} in {vecs[0].path}",
-                            file=ref.path, tensor=name)
+            raise PlanError(
+                f"shape {list(info.shape)} differs from {list(vec_shape)} in {vecs[0].path}", file=ref.path, tensor=name
+            )
         return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
     return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs)
 
 
-def _plan_vocab(name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple,
-                vecs: list[TensorRef]) -> PlannedTensor:
+def _plan_vocab(
+    name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple, vecs: list[TensorRef]
+) -> PlannedTensor:
     """embed_tokens / lm_head: rows are tokens. Vectors combine over the rows every chat and base have (a chat
     model's added tokens have no base row); CP's rows past those keep CP's values (`overlap`) or all do (`skip`)."""
     shape = ref.info.shape
     fewest = min(vecs, key=lambda v: v.info.shape[0])
     rows = fewest.info.shape[0]
     if len(shape) != len(fewest.info.shape) or shape[1:] != fewest.info.shape[1:]:
-        raise PlanError(f"shape {list(shape)} differs from {list(fewest.info.shape)} in {fewest.path} outside the "
-                        "vocabulary dimension", file=ref.path, tensor=name)
+        raise PlanError(
+            f"shape {list(shape)} differs from {list(fewest.info.shape)} in {fewest.path} outside the "
+            "vocabulary dimension",
+            file=ref.path,
+            tensor=name,
+        )
     if shape[0] < rows:
-        raise PlanError(f"vocabulary of {shape[0]} rows is smaller than the {rows} rows of {fewest.path}",
-                        file=ref.path, tensor=name)
+        raise PlanError(
+            f"vocabulary of {shape[0]} rows is smaller than the {rows} rows of {fewest.path}",
+            file=ref.path,
+            tensor=name,
+        )
     equal = all(v.info.shape == shape for v in vecs)
     if policy == "auto":  # an extracted vector keeps the rows chat and base share
         policy = "full" if equal else "skip" if cp is not None else "overlap"
     if policy == "full" and not equal:
         other = next(v for v in vecs if v.info.shape != shape)
-        raise PlanError(f"--vocab full needs equal shapes, but this has {shape[0]} rows and {other.path} "
-                        f"{other.info.shape[0]} (use --vocab skip or overlap)", file=ref.path, tensor=name)
+        raise PlanError(
+            f"--vocab full needs equal shapes, but this has {shape[0]} rows and {other.path} "
+            f"{other.info.shape[0]} (use --vocab skip or overlap)",
+            file=ref.path,
+            tensor=name,
+        )
     if cp is None and (policy == "skip" or rows < shape[0]):
-        raise PlanError(f"an extracted vector has no CP rows to keep: {fewest.path} has {rows} rows and {ref.path} "
-                        f"{shape[0]} (merge directly with --vocab skip or overlap)", file=ref.path, tensor=name)
+        raise PlanError(
+            f"an extracted vector has no CP rows to keep: {fewest.path} has {rows} rows and {ref.path} "
+            f"{shape[0]} (merge directly with --vocab skip or overlap)",
+            file=ref.path,
+            tensor=name,
+        )
     reason = f"vocab:{policy}"
     if policy == "skip":
         return PlannedTensor(name, "copy", reason, shape, dtype, cp, (), 0)

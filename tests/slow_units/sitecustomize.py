@@ -5,6 +5,7 @@ subprocess, and the Ray workers it starts, which inherit the environment) sleeps
 the run cannot finish between the test's seeing its first finished unit and its acting. The code under test is
 otherwise unchanged: `UnitRunner.run` is wrapped once `chatvec_dist.exec.worker` is imported.
 """
+
 import importlib.abc
 import importlib.util
 import os
