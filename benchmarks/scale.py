@@ -97,7 +97,7 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     from chatvec_dist import job
-    from chatvec_dist.cli import build_parser, recipe_from_args
+    from chatvec_dist.cli.main import build_parser, recipe_from_args
 
     root = Path(args.data)
     paths = make_models(root, args.mb)

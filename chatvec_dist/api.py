@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from .errors import ChatvecError
-from .spec import MiB, Recipe, RunOptions, Target, Vector, is_plain_name
+from .recipe.spec import MiB, Recipe, RunOptions, Target, Vector, is_plain_name
 
 if TYPE_CHECKING:
-    from .job import Planned
+    from .planning.plan import Planned
 
 PathText = Union[str, "os.PathLike[str]"]
 
@@ -78,7 +78,7 @@ def plan(recipe: Recipe) -> Planned:
 def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[Path]:
     """Run a recipe (or a recipe file); return the output directories."""
     from . import job
-    from .recipe import load_recipe
+    from .recipe.file import load_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -101,6 +101,6 @@ def merge(
 
 def verify(out: str | Path) -> list[str]:
     """Rehash an output against its manifest; the problems found (empty: verified)."""
-    from .manifest import verify as _verify
+    from .output.verify import verify as _verify
 
     return _verify(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .spec import Recipe, RunOptions, Target, Vector
+from .recipe.spec import Recipe, RunOptions, Target, Vector
 
 TINY = {
     "hidden_size": 64,
@@ -108,7 +108,8 @@ def make_demo_models(
 
 def run_demo(root: Path, options: RunOptions) -> int:
     from . import job
-    from .manifest import read_manifest, verify
+    from .output.manifest import read_manifest
+    from .output.verify import verify
     from .planning.table import summary
 
     paths = make_demo_models(root)

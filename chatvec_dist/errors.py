@@ -51,3 +51,8 @@ class OutputError(ChatvecError):
 
 class VerifyError(ChatvecError):
     """An output does not match its manifest."""
+
+
+class RunError(ChatvecError):
+    """A run that started failed on the way (a stalled cluster, workers that keep dying, a full disk): the input
+    was fine, and the same command resumes once the cause is fixed."""

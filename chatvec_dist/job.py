@@ -10,110 +10,39 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import __version__
-from .card import model_card
-from .dtypes import CONFIG_NAMES, ITEMSIZE, OUTPUT_DTYPES
+from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError
-from .exec.messages import Stages, UnitResult, WorkContext, input_needs, span
-from .io.checkpoint import Checkpoint
-from .io.hub import hub_files, open_source
+from .exec.messages import Stages, UnitResult, WorkContext
 from .io.ranges import FileHandles
-from .manifest import Tally, read_digest, read_manifest
-from .output import (
+from .io.sources import hub_files
+from .output.card import model_card
+from .output.commit import commit, tidy_committed
+from .output.journal import Journal
+from .output.manifest import Tally, read_manifest
+from .output.verify import read_digest
+from .output.workarea import (
     JOURNAL_NAME,
-    Journal,
     check_destination,
     check_work_area,
-    commit,
     discard_if_unused,
     exclusive,
     lock_path,
     open_partial,
     partial_path,
     replaced_path,
-    tidy_committed,
 )
-from .planning.layout import Layout, Unit, block_bytes, cut_units, layout
-from .planning.planner import Sources, plan_tensors
-from .recipe import with_absolute_paths
-from .spec import Recipe, RunOptions, Target
+from .planning.layout import Layout, Unit
+from .planning.plan import Planned, TargetPlan, plan, unit_io_bytes
+from .planning.planner import Sources
+from .recipe.file import with_absolute_paths
+from .recipe.spec import Recipe, RunOptions
 
 MAX_RECHECKS = 3
-
-
-@dataclass(frozen=True)
-class TargetPlan:
-    target: Target
-    sources: Sources
-    layout: Layout
-
-
-@dataclass(frozen=True)
-class Planned:
-    recipe: Recipe
-    targets: list[TargetPlan]
-    units: list[Unit]
-    block_bytes: int
-
-
-def plan(recipe: Recipe) -> Planned:
-    """Open every source once and lay out every target; reads headers only."""
-    if not recipe.vectors or not recipe.targets:
-        raise PlanError("a recipe needs at least one vector and one target")
-    opened: dict[str, Checkpoint] = {}
-
-    def source(spec: str) -> Checkpoint:
-        if spec not in opened:
-            opened[spec] = open_source(spec)
-        return opened[spec]
-
-    vectors = [(source(v.chat), source(v.base) if v.base is not None else None) for v in recipe.vectors]
-    for chat, base in vectors:
-        if base is None:
-            _check_is_a_vector(chat)
-    plans, order = [], None
-    for target in recipe.targets:
-        if len(target.alphas) != len(vectors):
-            raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
-        sources = Sources(
-            source(target.cp) if target.cp is not None else None,
-            tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
-        )
-        tensors = plan_tensors(target, sources)
-        if order is None:
-            order = [t.name for t in tensors]
-        by_name = {t.name: t for t in tensors}
-        if set(by_name) != set(order):
-            odd = sorted(set(by_name) ^ set(order))[0]
-            raise PlanError(
-                f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
-                f"(batched targets must share an architecture)",
-                file=target.cp,
-                tensor=odd,
-            )
-        plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
-    units = cut_units([p.layout for p in plans], recipe.unit_bytes)
-    return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
-
-
-def _check_is_a_vector(ckpt: Checkpoint) -> None:
-    """`apply --vector` takes what `chatvec extract` wrote; a chatvec merge output is refused (a model is not a
-    difference of models). A checkpoint without a manifest is taken on trust (a vector made by another tool)."""
-    try:
-        kind = read_manifest(ckpt.directory)[1].get("kind")
-    except ChatvecError:
-        return
-    if kind != "extract":
-        raise PlanError(
-            f"a chatvec {kind} output, not a chat vector: --vector takes what `chatvec extract` writes "
-            "(or give --base and --chat to merge)",
-            file=str(ckpt.directory),
-        )
 
 
 def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
@@ -343,16 +272,6 @@ def throughput(stages: Stages, started: float, ended: float, backend) -> str:
         f"compute {stages.compute:.2f}, hash {stages.hash:.2f}, "
         f"write {stages.write:.2f} ({rate(stages.bytes_written, stages.write)}); fsync {backend.sync_seconds:.2f} s"
     )
-
-
-def unit_io_bytes(unit: Unit, planned: Planned) -> int:
-    """Bytes a unit reads and writes: what the progress bar and GB/s count."""
-    total = 0
-    for piece in unit.pieces:
-        tensors = [tp.layout.tensors[piece.index].tensor for tp in planned.targets]
-        total += sum(count * ITEMSIZE[src.dtype] for src, count in input_needs(piece, tensors).items())
-        total += sum(span(t, piece)[0] * ITEMSIZE[t.out_dtype] for t in tensors)
-    return total
 
 
 def _still_valid(result: UnitResult, lay: Layout, work: Path, block: int) -> bool:

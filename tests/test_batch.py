@@ -14,10 +14,11 @@ from test_e2e import expected_weights, load_all, logits, shard_bytes
 
 import chatvec_dist
 from chatvec_dist import job
-from chatvec_dist.cli import build_parser, main, recipe_from_args
+from chatvec_dist.cli.main import build_parser, main, recipe_from_args
 from chatvec_dist.kernels.reference import reference
-from chatvec_dist.manifest import read_manifest, verify
-from chatvec_dist.recipe import RecipeError, load_recipe
+from chatvec_dist.output.manifest import read_manifest
+from chatvec_dist.output.verify import verify
+from chatvec_dist.recipe.file import RecipeError, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_unnamed_cps_in_a_sweep_get_outputs_of_their_own(llamas, tmp_path):
 
 def test_an_extracted_vector_from_a_recipe_says_float32_in_its_config(llamas, tmp_path):
     """A recipe's extraction target with `dtype: null` writes float32 tensors; config.json must say so too."""
-    from chatvec_dist.spec import Recipe, Target, Vector
+    from chatvec_dist.recipe.spec import Recipe, Target, Vector
 
     out = tmp_path / "vec"
     recipe = Recipe((Vector(str(llamas["chat"]), str(llamas["base"])),), (Target("vec", None, str(out), (1.0,)),))
@@ -391,7 +392,7 @@ def test_recipe_alphas_in_yaml_1_1_exponent_form_are_numbers(tmp_path):
 
 def test_two_targets_with_one_output_are_named(llamas, tmp_path):
     from chatvec_dist.errors import OutputError
-    from chatvec_dist.spec import Recipe, Target, Vector
+    from chatvec_dist.recipe.spec import Recipe, Target, Vector
 
     out = str(tmp_path / "same")
     recipe = Recipe(
@@ -429,7 +430,7 @@ def test_apply_refuses_a_merged_model_as_its_vector(llamas, batch, tmp_path, cap
 def test_a_recipe_mixing_extract_and_merge_labels_each_output_by_what_it_is(llamas, tmp_path, capsys):
     """The merged model of a recipe that also extracts is a merge output (apply refuses it as a vector); the
     extracted vector is an extract output."""
-    from chatvec_dist.spec import Recipe, Target, Vector
+    from chatvec_dist.recipe.spec import Recipe, Target, Vector
 
     recipe = Recipe(
         (Vector(str(llamas["chat"]), str(llamas["base"])),),
@@ -559,7 +560,7 @@ def test_card_and_inspect_show_hostile_names_as_text(tmp_path, capsys):
 
     base, chat = checkpoint("base", h=0.0, b=0.0), checkpoint("chat", h=1.0, b=float("nan"))
     cp = checkpoint("cp", h=1.0, b=1.0)
-    from chatvec_dist.spec import Recipe, Target, Vector
+    from chatvec_dist.recipe.spec import Recipe, Target, Vector
 
     out = tmp_path / "o"
     recipe = Recipe((Vector(str(chat), str(base)),), (Target("x\x1b]0;pwned\x07\x1b[2J", str(cp), str(out), (1.0,)),))
@@ -668,7 +669,7 @@ def test_strips_within_pieces_give_the_same_bytes_and_hashes(llamas, tmp_path, m
     whose outputs differ in dtype (bf16 and float32) and vocabulary."""
     from chatvec_dist.exec.compute import CpuCompute
     from chatvec_dist.planning import layout
-    from chatvec_dist.spec import Recipe
+    from chatvec_dist.recipe.spec import Recipe
 
     monkeypatch.setattr(layout, "HASH_BLOCK_BYTES", 1024)  # many blocks per 16 KiB piece
 

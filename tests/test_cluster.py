@@ -18,7 +18,8 @@ from conftest import slow_units_env
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
-from chatvec_dist.manifest import read_manifest, verify
+from chatvec_dist.output.manifest import read_manifest
+from chatvec_dist.output.verify import verify
 
 pytestmark = pytest.mark.slow
 # a removed node is found dead in seconds; a node merely slow on a loaded machine (up to ~10 s) is not

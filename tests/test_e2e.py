@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from chatvec_dist.cli import main
 from chatvec_dist.kernels.reference import reference
-from chatvec_dist.manifest import read_manifest, verify
+from chatvec_dist.output.manifest import read_manifest
+from chatvec_dist.output.verify import verify
 
 
 def load_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -474,7 +475,7 @@ def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabular
 ):
     import errno
 
-    from chatvec_dist import output
+    from chatvec_dist.output import commit as output
 
     chat = tmp_path / "chat"
     shutil.copytree(llamas["chat"], chat)

@@ -23,7 +23,7 @@ from conftest import slow_units_env
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import ChatvecError, OutputError
-from chatvec_dist.manifest import verify
+from chatvec_dist.output.verify import verify
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
 INTERRUPTED = "chatvec: interrupted; run the same command again to resume"
@@ -255,7 +255,7 @@ def test_a_signal_during_ray_init_waits_for_it_to_finish(monkeypatch):
     (exit 15, mid-init): it is kept from doing so."""
     import ray
 
-    from chatvec_dist.cli import _interrupt
+    from chatvec_dist.cli.main import _interrupt
     from chatvec_dist.exec.ray_backend import init_ray
 
     steps = []
@@ -497,7 +497,7 @@ def test_an_input_rewritten_with_its_size_and_mtime_put_back_is_not_resumed(demo
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(demo, tmp_path):
-    from chatvec_dist.output import exclusive
+    from chatvec_dist.output.workarea import exclusive
 
     out = tmp_path / "out"
     argv = merge_argv(demo["models"], out)
@@ -649,7 +649,7 @@ def test_nonfinite_outputs_are_counted_whatever_made_them(tmp_path, case, capsys
     --fail-on-nonfinite, as an overflow in a merge is."""
     from safetensors.torch import save_file
 
-    from chatvec_dist.manifest import read_manifest
+    from chatvec_dist.output.manifest import read_manifest
 
     def checkpoint(name: str, w: torch.Tensor, v: torch.Tensor, lm_head: torch.Tensor) -> Path:
         tensors = {"w": w, "v": v, "lm_head.weight": lm_head}
@@ -691,7 +691,7 @@ def test_nonfinite_inputs_are_counted_or_refused(tmp_path, capsys):
 
     from chatvec_dist.cli import main
     from chatvec_dist.demo import make_demo_models
-    from chatvec_dist.manifest import read_manifest
+    from chatvec_dist.output.manifest import read_manifest
 
     models = make_demo_models(tmp_path / "m")
     tensors = load_file(models["chat"] / "model.safetensors")

@@ -19,7 +19,7 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models, save_checkpoint
 from chatvec_dist.io.checkpoint import INDEX_NAME
 from chatvec_dist.io.header import MAX_HEADER_BYTES
-from chatvec_dist.manifest import read_manifest
+from chatvec_dist.output.manifest import read_manifest
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 NORM = "model.norm.weight"

@@ -12,8 +12,9 @@ import pytest
 from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.errors import SourceError
-from chatvec_dist.io.hub import open_source
-from chatvec_dist.manifest import read_manifest, verify
+from chatvec_dist.io.sources import open_source
+from chatvec_dist.output.manifest import read_manifest
+from chatvec_dist.output.verify import verify
 
 
 def cache_repo(cache: Path, repo_id: str, src: Path, commit: str, branch: str = "main") -> Path:
@@ -283,7 +284,7 @@ def test_a_fetch_takes_the_top_level_files_only():
     """A repo's subfolders (training checkpoints, ONNX, quantized copies) are never read: never downloaded."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from chatvec_dist.io.hub import ALLOW_PATTERNS, IGNORE_PATTERNS
+    from chatvec_dist.io.sources import ALLOW_PATTERNS, IGNORE_PATTERNS
 
     names = [
         "model-00001-of-00002.safetensors",

@@ -12,12 +12,12 @@ import torch
 from safetensors import safe_open
 
 from chatvec_dist import job
-from chatvec_dist.cli import build_parser, recipe_from_args
+from chatvec_dist.cli.main import build_parser, recipe_from_args
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io.header import read_header
 from chatvec_dist.planning.layout import cut_units, layout
-from chatvec_dist.spec import Recipe, Target, Vector
+from chatvec_dist.recipe.spec import Recipe, Target, Vector
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +352,8 @@ def test_the_driver_plans_and_audits_without_torch(demo, tmp_path):
     code = (
         "import sys\n"
         "from chatvec_dist.cli import main\n"
-        "import chatvec_dist.job, chatvec_dist.exec.ray_backend, chatvec_dist.output, chatvec_dist.manifest\n"
-        "import chatvec_dist.io.hub, chatvec_dist.card, chatvec_dist.recipe\n"
+        "import chatvec_dist.job, chatvec_dist.exec.ray_backend, chatvec_dist.output.commit, chatvec_dist.output.verify\n"
+        "import chatvec_dist.io.sources, chatvec_dist.output.card, chatvec_dist.output.inspection, chatvec_dist.recipe.file\n"
         f"assert main(['plan', '--base', {str(demo['base'])!r}, '--chat', {str(demo['chat'])!r}, "
         f"'--cp', {str(demo['cp'])!r}, '--out', {str(tmp_path / 'o')!r}]) == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

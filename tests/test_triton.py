@@ -170,8 +170,9 @@ def test_the_gpu_worker_pipeline_gives_the_cpu_paths_bytes(llamas, tmp_path, mon
     import chatvec_dist
     from chatvec_dist.exec import worker
     from chatvec_dist.exec.compute import TritonCompute
-    from chatvec_dist.manifest import read_manifest, verify
-    from chatvec_dist.spec import Recipe
+    from chatvec_dist.output.manifest import read_manifest
+    from chatvec_dist.output.verify import verify
+    from chatvec_dist.recipe.spec import Recipe
 
     uploaded = []
 

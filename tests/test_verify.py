@@ -13,7 +13,8 @@ import pytest
 from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.errors import VerifyError
-from chatvec_dist.manifest import MANIFEST_NAME, META_KEY, read_manifest, verify
+from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, read_manifest
+from chatvec_dist.output.verify import verify
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
 TENSOR = "model.layers.1.mlp.up_proj.weight"
@@ -233,7 +234,7 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_when_opened(out, capsys, m
     """Between verify's lstat and its open a shard may become a FIFO: the open itself refuses it (never blocks)."""
     import os
 
-    from chatvec_dist import manifest
+    from chatvec_dist.output import verify as manifest
 
     monkeypatch.setattr(manifest, "_unsafe_shard", lambda out_dir, shard: None)  # the check saw a regular file
     path = shards(out)[0]

@@ -9,8 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ..kernels.stats import Stats
-from ..planning.layout import Layout, Piece, Placed
-from ..planning.planner import PlannedTensor, Src
+from ..planning.layout import Layout, Placed
 
 
 @dataclass(frozen=True)
@@ -81,23 +80,3 @@ class UnitResult:
     node: str
     seconds: float
     stages: Stages = dataclasses.field(default_factory=Stages)  # not journaled: a resumed unit reports zeros
-
-
-def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
-    """(elements of the piece inside this output's tensor, of those how many get the vectors)."""
-    count = max(0, min(piece.last, t.numel) - piece.first)
-    return count, max(0, min(count, t.merge_elems - piece.first))
-
-
-def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
-    """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
-    need: dict[Src, int] = {}
-    for t in tensors:
-        count, merged = span(t, piece)
-        if t.cp is not None:
-            need[t.cp] = max(need.get(t.cp, 0), count)
-        for _, plus, minus in t.terms:
-            for src in (plus, minus):
-                if src is not None:
-                    need[src] = max(need.get(src, 0), merged)
-    return need

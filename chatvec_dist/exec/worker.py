@@ -11,15 +11,16 @@ import torch
 import xxhash
 
 from ..dtypes import ITEMSIZE, is_float
-from ..io.hub import local_copy
 from ..io.ranges import FileHandles, read_into, write_at
+from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
 from ..kernels.stats import Stats
 from ..planning.layout import Piece, Placed, Unit
+from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from .compute import make_compute, pick_device
-from .messages import SegmentResult, Stages, UnitResult, WorkContext, input_needs, span
+from .messages import SegmentResult, Stages, UnitResult, WorkContext
 
 
 def _written_as_read(t: PlannedTensor) -> bool:

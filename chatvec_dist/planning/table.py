@@ -10,7 +10,7 @@ import pyarrow as pa
 from .layout import Layout
 
 if TYPE_CHECKING:
-    from ..job import Planned
+    from .plan import Planned
 
 
 def plan_table(planned: Planned) -> pa.Table:
@@ -39,7 +39,7 @@ def _target_table(target: str, layout: Layout) -> pa.Table:
 
 
 def summary(planned: Planned) -> str:
-    from ..job import unit_io_bytes
+    from .plan import unit_io_bytes
 
     io = sum(unit_io_bytes(u, planned) for u in planned.units)
     written = sum(p.nbytes for tp in planned.targets for p in tp.layout.tensors)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from .dtypes import OUTPUT_DTYPES
-from .errors import ChatvecError
-from .io.header import shown
-from .planning.layout import check_max_shard_size, check_unit_bytes
+from ..dtypes import OUTPUT_DTYPES
+from ..errors import ChatvecError
+from ..io.header import shown
+from ..planning.layout import check_max_shard_size, check_unit_bytes
 from .spec import VOCAB_POLICIES, Recipe, Target, Vector, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"

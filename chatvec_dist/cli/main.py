@@ -9,8 +9,20 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import ChatvecError
-from .spec import BACKENDS, DEVICES, VOCAB_POLICIES, MiB, Recipe, RunOptions, Target, Vector, is_plain_name, parse_size
+from ..errors import ChatvecError
+from ..log import show_on_stderr
+from ..recipe.spec import (
+    BACKENDS,
+    DEVICES,
+    VOCAB_POLICIES,
+    MiB,
+    Recipe,
+    RunOptions,
+    Target,
+    Vector,
+    is_plain_name,
+    parse_size,
+)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process stopped by SIGPIPE
@@ -239,6 +251,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_on_stderr()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C: journal kept, resumable
     try:
@@ -261,10 +274,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import job
+    from .. import job
 
     if args.command == "plan":
-        from .planning.table import plan_table, summary
+        from ..planning.table import plan_table, summary
 
         planned = job.plan(recipe_from_args(args))
         print(summary(planned))
@@ -278,7 +291,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {args.save}")
         return EXIT_OK
     if args.command in ("merge", "extract", "apply", "run"):
-        from .recipe import dump_recipe, load_recipe
+        from ..recipe.file import dump_recipe, load_recipe
 
         recipe = load_recipe(args.recipe) if args.command == "run" else recipe_from_args(args)
         if args.print_recipe:
@@ -288,9 +301,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
         return EXIT_OK
     if args.command == "inspect":
-        from .audit import plot, report
-        from .manifest import read_manifest
-        from .recipe import as_recorded, dump_recipe, recipe_from_dict
+        from ..output.inspection import plot, report
+        from ..output.manifest import read_manifest
+        from ..recipe.file import as_recorded, dump_recipe, recipe_from_dict
 
         if args.recipe:  # paths made absolute: the file runs from any folder
             meta = read_manifest(args.out)[1]
@@ -303,17 +316,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {png}")
         return EXIT_OK
     if args.command == "verify":
-        from .manifest import verify
+        from ..output.verify import verify
 
         problems = verify(args.out)
         for line in problems:
             print(line)
         print(f"{args.out}: {'verified' if not problems else f'{len(problems)} problem(s)'}")
         return EXIT_MISMATCH if problems else EXIT_OK
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(Path(args.dir), _options(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import re
 
 import pyarrow as pa
 
-from .errors import printable
+from ..errors import printable
 
 PAPER = (
     "Huang et al., *Chat Vector: A Simple Approach to Equip LLMs with Instruction Following and Model "

@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .dtypes import OUTPUT_DTYPES
+from ..dtypes import OUTPUT_DTYPES
 
 MiB = 1024 * 1024
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -137,7 +137,7 @@ class RunOptions:
     fail_on_nonfinite: bool = False  # NaN/Inf in any output tensor: an error instead of counts in the manifest
 
     def __post_init__(self) -> None:
-        from .errors import ChatvecError
+        from ..errors import ChatvecError
 
         _check(
             self.workers is None or isinstance(self.workers, int) and not isinstance(self.workers, bool),
@@ -169,7 +169,7 @@ def is_plain_name(name: object) -> bool:
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        from .errors import ChatvecError
+        from ..errors import ChatvecError
 
         raise ChatvecError(message)
 

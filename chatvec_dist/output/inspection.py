@@ -8,7 +8,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .errors import printable
+from ..errors import printable
 from .manifest import read_manifest
 
 LAYER = re.compile(r"\.(\d+)\.")
@@ -92,7 +92,7 @@ def plot(out_dir: str | Path, png: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import ChatvecError
+        from ..errors import ChatvecError
 
         raise ChatvecError("--plot needs matplotlib: pip install 'chatvec-dist[plot]'") from None
     table, meta = read_manifest(out_dir)
@@ -106,7 +106,7 @@ def plot(out_dir: str | Path, png: str | Path) -> None:
     try:
         fig.savefig(png, dpi=110)
     except (OSError, ValueError) as e:  # a folder that is not there, a format matplotlib does not write
-        from .errors import ChatvecError
+        from ..errors import ChatvecError
 
         raise ChatvecError(f"cannot write the plot: {e}", file=str(png)) from None
     finally:

@@ -1,0 +1,36 @@
+"""The `chatvec` logger: library code logs here; the CLI shows it on stderr as `chatvec: …` lines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("chatvec")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (pytest and tools swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"chatvec: {level}{record.getMessage()}"
+
+
+def show_on_stderr(level: int = logging.INFO) -> None:
+    """Print the logger's records from `level` up as `chatvec: [warning: ]message` (once per process)."""
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Format())
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

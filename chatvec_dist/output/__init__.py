@@ -1,0 +1,1 @@
+"""The output directory: work area, journal, commit, manifest, verify, card and inspect."""

@@ -1,0 +1,158 @@
+"""The commit: side files, index, manifest and card written into the work area, fsynced, renamed into place."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..errors import OutputError
+from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
+from ..planning.layout import Layout
+from .manifest import MANIFEST_NAME, write_manifest
+from .workarea import JOURNAL_NAME, PLAN_NAME, check_replaceable, replaced_path
+
+
+def side_files(directory: Path) -> list[Path]:
+    """CP's files that go next to the output's weights (config, tokenizer, remote code, license), not its index."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name not in (INDEX_NAME, PLAN_NAME)
+        and p.is_file()
+        and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS)
+        and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NOT_SIDE_PATTERNS)
+    )
+
+
+def commit(
+    work: Path,
+    out: Path,
+    layout: Layout,
+    manifest: pa.Table,
+    side_dir: Path | None,
+    chat_template_dir: Path | None,
+    card: str,
+    config_dtype: str | None,
+    overwrite: bool,
+) -> None:
+    """Write index, side files, manifest and card; fsync; rename the work area into place."""
+    try:
+        _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite)
+    except OSError as e:  # disk full, permissions: the work area stays, resumable, never renamed into place
+        raise OutputError(
+            f"commit failed ({e.strerror}); fix the cause and run the same command again", file=str(e.filename or work)
+        ) from None
+
+
+def _commit(
+    work: Path,
+    out: Path,
+    layout: Layout,
+    manifest: pa.Table,
+    side_dir: Path | None,
+    chat_template_dir: Path | None,
+    card: str,
+    config_dtype: str | None,
+    overwrite: bool,
+) -> None:
+    if side_dir is not None:
+        for path in side_files(side_dir):
+            shutil.copyfile(path, work / path.name)
+    if config_dtype and (work / "config.json").is_file():
+        config = read_json_object(work / "config.json", OutputError)
+        _set_dtype(config, config_dtype)
+        (work / "config.json").write_text(json.dumps(config, indent=2))
+    if chat_template_dir is not None and side_dir is not None:
+        _copy_chat_template(chat_template_dir, side_dir, work)
+    weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
+    total = sum(p.nbytes for p in layout.tensors)
+    (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_manifest(manifest, work / MANIFEST_NAME)
+    (work / "README.md").write_text(card, encoding="utf-8")
+    for path in work.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(work)
+    if out.exists():
+        if not overwrite:
+            raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
+        check_replaceable(out)  # again: whatever is there now is what gets deleted
+        old = replaced_path(out)
+        _remove(old)  # what an interrupted overwrite left (under this run's lock)
+        out.rename(old)
+        work.rename(out)
+        _remove(old)
+    else:
+        work.rename(out)
+    (out / JOURNAL_NAME).unlink(missing_ok=True)  # only now: until the rename, a failed commit can resume
+    (out / PLAN_NAME).unlink(missing_ok=True)
+    _fsync_dir(out)
+    _fsync_dir(out.parent)
+
+
+def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
+    """Give the output the chat model's chat template where CP has none, and the chat model's end-of-sequence
+    tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks)."""
+    if (cp_dir / "chat_template.jinja").is_file() or read_json_object(
+        cp_dir / "tokenizer_config.json", OutputError
+    ).get("chat_template"):
+        return
+    tok_path = work / "tokenizer_config.json"
+    if (chat_dir / "chat_template.jinja").is_file():
+        shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
+    else:
+        template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
+        if not template:
+            return
+        tok = read_json_object(tok_path, OutputError)
+        tok["chat_template"] = template
+        tok_path.write_text(json.dumps(tok, indent=2))
+    eos = read_json_object(chat_dir / "generation_config.json", OutputError).get("eos_token_id")
+    vocab = read_json_object(work / "config.json", OutputError).get("vocab_size")
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    if ids and isinstance(vocab, int) and any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+        print(
+            f"chatvec: warning: the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
+            f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks",
+            file=sys.stderr,
+        )
+    elif ids:
+        generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
+        generation["eos_token_id"] = eos
+        (work / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def tidy_committed(out: Path) -> None:
+    """Remove what a crash between a commit's rename and its last step left in the committed output."""
+    for name in (JOURNAL_NAME, PLAN_NAME):
+        (out / name).unlink(missing_ok=True)
+    _remove(replaced_path(out.absolute()))
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
+    """The output dtype in a config and in its sub-configs that name one (`text_config` of a multimodal model)."""
+    config["torch_dtype"] = config["dtype"] = dtype
+    for sub in config.values():
+        if isinstance(sub, dict) and ("torch_dtype" in sub or "dtype" in sub):
+            _set_dtype(sub, dtype)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

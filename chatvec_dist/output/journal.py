@@ -1,0 +1,71 @@
+"""The journal: one output's finished units, appended as results arrive and read back to resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import OutputError
+from ..exec.messages import SegmentResult, UnitResult
+from ..kernels.stats import Stats
+
+
+class Journal:
+    """One output's finished units, one JSON line each, appended as results arrive; read back to resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "a+b")
+            self._file.seek(0)
+            data = self._file.read()
+            self._file.truncate(data.rfind(b"\n") + 1)  # drop a last line a crash cut short
+        except OSError as e:
+            raise OutputError(f"cannot open the journal: {e.strerror}", file=str(path)) from None
+
+    def append(self, r: UnitResult) -> None:
+        segs = [
+            [
+                s.index,
+                [[b, d.hex()] for b, d in s.blocks],
+                s.stats.cp_sq,
+                s.stats.delta_sq,
+                s.stats.update_sq,
+                s.stats.nan,
+                s.stats.inf,
+            ]
+            for s in r.segments
+        ]
+        line = json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds})
+        try:
+            self._file.write(line.encode() + b"\n")
+            self._file.flush()
+        except OSError as e:
+            raise OutputError(f"cannot append to the journal: {e.strerror}", file=str(self.path)) from None
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what could not be flushed is a unit to redo, never a wrong one
+
+    @staticmethod
+    def load(path: Path, output: int) -> dict[int, UnitResult]:
+        results: dict[int, UnitResult] = {}
+        if not path.is_file():
+            return results
+        try:
+            lines = path.read_bytes().splitlines()
+        except OSError as e:
+            raise OutputError(f"cannot read the journal: {e.strerror}", file=str(path)) from None
+        for line in lines:
+            try:
+                d = json.loads(line.decode("utf-8"))
+                segs = [
+                    SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
+                    for i, blocks, c, dl, u, n, f in d["segments"]
+                ]
+                results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                continue  # a line cut short or garbled by a crash: that unit is simply redone
+        return results

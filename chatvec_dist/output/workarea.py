@@ -1,0 +1,189 @@
+"""The output directory: a `.partial` work area with a journal, then an atomic commit by rename."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ChatvecError, OutputError
+from ..exec.messages import UnitResult
+from ..planning.layout import Layout
+from .journal import Journal
+from .manifest import MANIFEST_NAME, read_manifest
+
+PLAN_NAME = "plan.json"
+JOURNAL_NAME = "journal.jsonl"
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock (a hidden file beside it) for a whole run: a second run on the same output is refused,
+    rather than let one commit the other's half-written shards."""
+    out = out.absolute()
+    lock = lock_path(out)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take_lock(lock, out)
+    except OSError as e:
+        raise OutputError(f"cannot lock the output: {e.strerror}", file=str(lock)) from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a run that opened it retries on the new file
+        os.close(fd)
+
+
+def _take_lock(lock: Path, out: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another chatvec run is writing this output (it holds {lock})", file=str(out)) from None
+        except BaseException:
+            os.close(fd)
+            if not lock.exists():
+                continue  # the holder removed the file as we opened it: take the new one
+            raise
+        os.close(fd)  # the holder removed and a third run re-made it as we opened it: take the new one
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+def replaced_path(out: Path) -> Path:
+    """Where `--overwrite` moves the old output while the new one is renamed into place (then deletes it)."""
+    return out.with_name(f".{out.name}.replaced")
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwriting) or that lies inside, or contains, an input."""
+    try:
+        real = out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
+    for src in inputs:
+        src = src.resolve()
+        for mine in (real, partial_path(real), replaced_path(real)):  # the last two get deleted
+            if mine == src or mine.is_relative_to(src) or src.is_relative_to(mine):
+                raise OutputError(f"output overlaps the input checkpoint {src}", file=str(out))
+    if out.exists() and not overwrite:
+        raise OutputError("output exists (pass --overwrite to replace it)", file=str(out))
+    if out.exists():
+        check_replaceable(out)
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to let --overwrite delete anything but an empty directory or a chatvec output (its manifest says so)."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    try:
+        read_manifest(out)
+    except ChatvecError:
+        raise OutputError(
+            f"output exists and is not a chatvec output (no readable {MANIFEST_NAME}): --overwrite "
+            "replaces only those (or an empty directory); move it away yourself",
+            file=str(out),
+        ) from None
+
+
+def open_partial(
+    out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool, output: int
+) -> tuple[Path, dict[int, UnitResult]]:
+    """Create (or reuse, when it belongs to the same job) the work area; return it and journaled results.
+    `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs.
+    What is at OUT.partial must have passed `check_work_area` (the caller checks every target's first)."""
+    work = partial_path(out)
+    plan_file = work / PLAN_NAME
+    if work.exists():
+        if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
+            shutil.rmtree(work)
+        elif (found := _read_plan(plan_file)).get("digest") != digest:
+            raise OutputError(_why_not_resumable(found.get("inputs"), inputs), file=str(work))
+    path = work
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        if _read_plan(plan_file).get("digest") != digest:  # first: a work area without it is not chatvec's
+            _write_atomically(plan_file, json.dumps({"digest": digest, "inputs": inputs}).encode())
+        for shard in layout.shards:  # headers and sizes come from the plan: rewritten, whatever a crash left
+            path = work / shard.name
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                f.write(shard.header)
+                f.truncate(shard.size)
+    except OSError as e:
+        raise OutputError(f"cannot create the output shards: {e.strerror}", file=str(path)) from None
+    return work, Journal.load(work / JOURNAL_NAME, output)
+
+
+def check_work_area(out: Path) -> None:
+    """What is at OUT.partial may be reused or deleted only if chatvec made it: a folder holding its plan file
+    (written first), or an empty one (a crash before that)."""
+    work = partial_path(out)
+    if not (work.exists() or work.is_symlink()):
+        return
+    ours = (
+        work.is_dir()
+        and not work.is_symlink()
+        and ((work / PLAN_NAME).exists() or (work / (PLAN_NAME + ".tmp")).exists() or not any(work.iterdir()))
+    )
+    if not ours:
+        raise OutputError(
+            f"this is where the output's work area goes, and it is not one chatvec made (no {PLAN_NAME} "
+            "in it): move it away",
+            file=str(work),
+        )
+
+
+def discard_if_unused(work: Path) -> None:
+    """Remove a work area whose journal holds no finished unit (a run that failed to start): nothing to resume."""
+    journal = work / JOURNAL_NAME
+    try:
+        if not journal.exists() or journal.stat().st_size == 0:
+            shutil.rmtree(work)
+    except OSError:
+        pass  # left as it is: the next run reuses or replaces it
+
+
+def _read_plan(plan_file: Path) -> dict:
+    """What a work area was made for ({"digest", "inputs"}); empty if missing or unreadable (a crash writing it)."""
+    try:
+        found = json.loads(plan_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _why_not_resumable(then: object, now: dict[str, list[int]]) -> str:
+    """Why a partial output is not this job's: an input that changed since it was made (named), or another job."""
+    for path, stats in now.items():
+        old = then.get(path) if isinstance(then, dict) else None
+        if isinstance(old, list) and len(old) == len(stats) and old != stats:
+            field = next(name for name, a, b in zip(("size", "mtime", "ctime"), old, stats) if a != b)
+            how = "; chmod, chown, a new hard link or a rewrite change it" if field == "ctime" else ""
+            return (
+                f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "
+                "the old bytes (pass --restart to redo them)"
+            )
+    return "a partial output of a different (or unknown) job is here (pass --restart to discard it)"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

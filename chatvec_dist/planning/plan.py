@@ -1,0 +1,114 @@
+"""A whole job's plan: every target planned and laid out from the headers, and the units that serve them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dtypes import ITEMSIZE
+from ..errors import ChatvecError, PlanError
+from ..io.checkpoint import Checkpoint
+from ..io.sources import open_source
+from ..output.manifest import read_manifest
+from ..recipe.spec import Recipe, Target
+from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
+from .planner import PlannedTensor, Sources, Src, plan_tensors
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    target: Target
+    sources: Sources
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Planned:
+    recipe: Recipe
+    targets: list[TargetPlan]
+    units: list[Unit]
+    block_bytes: int
+
+
+def plan(recipe: Recipe) -> Planned:
+    """Open every source once and lay out every target; reads headers only."""
+    if not recipe.vectors or not recipe.targets:
+        raise PlanError("a recipe needs at least one vector and one target")
+    opened: dict[str, Checkpoint] = {}
+
+    def source(spec: str) -> Checkpoint:
+        if spec not in opened:
+            opened[spec] = open_source(spec)
+        return opened[spec]
+
+    vectors = [(source(v.chat), source(v.base) if v.base is not None else None) for v in recipe.vectors]
+    for chat, base in vectors:
+        if base is None:
+            _check_is_a_vector(chat)
+    plans, order = [], None
+    for target in recipe.targets:
+        if len(target.alphas) != len(vectors):
+            raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
+        sources = Sources(
+            source(target.cp) if target.cp is not None else None,
+            tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
+        )
+        tensors = plan_tensors(target, sources)
+        if order is None:
+            order = [t.name for t in tensors]
+        by_name = {t.name: t for t in tensors}
+        if set(by_name) != set(order):
+            odd = sorted(set(by_name) ^ set(order))[0]
+            raise PlanError(
+                f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
+                f"(batched targets must share an architecture)",
+                file=target.cp,
+                tensor=odd,
+            )
+        plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
+    units = cut_units([p.layout for p in plans], recipe.unit_bytes)
+    return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _check_is_a_vector(ckpt: Checkpoint) -> None:
+    """`apply --vector` takes what `chatvec extract` wrote; a chatvec merge output is refused (a model is not a
+    difference of models). A checkpoint without a manifest is taken on trust (a vector made by another tool)."""
+    try:
+        kind = read_manifest(ckpt.directory)[1].get("kind")
+    except ChatvecError:
+        return
+    if kind != "extract":
+        raise PlanError(
+            f"a chatvec {kind} output, not a chat vector: --vector takes what `chatvec extract` writes "
+            "(or give --base and --chat to merge)",
+            file=str(ckpt.directory),
+        )
+
+
+def unit_io_bytes(unit: Unit, planned: Planned) -> int:
+    """Bytes a unit reads and writes: what the progress bar and GB/s count."""
+    total = 0
+    for piece in unit.pieces:
+        tensors = [tp.layout.tensors[piece.index].tensor for tp in planned.targets]
+        total += sum(count * ITEMSIZE[src.dtype] for src, count in input_needs(piece, tensors).items())
+        total += sum(span(t, piece)[0] * ITEMSIZE[t.out_dtype] for t in tensors)
+    return total
+
+
+def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
+    """(elements of the piece inside this output's tensor, of those how many get the vectors)."""
+    count = max(0, min(piece.last, t.numel) - piece.first)
+    return count, max(0, min(count, t.merge_elems - piece.first))
+
+
+def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
+    """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
+    need: dict[Src, int] = {}
+    for t in tensors:
+        count, merged = span(t, piece)
+        if t.cp is not None:
+            need[t.cp] = max(need.get(t.cp, 0), count)
+        for _, plus, minus in t.terms:
+            for src in (plus, minus):
+                if src is not None:
+                    need[src] = max(need.get(src, 0), merged)
+    return need

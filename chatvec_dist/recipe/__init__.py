@@ -1,0 +1,1 @@
+"""What to compute: the recipe dataclasses (defaults and validation) and recipe files."""
