@@ -173,8 +173,8 @@ def _commit(
         "cwd": os.getcwd(),
     }
     manifest = tally.table(target.name, meta)
-    side = tp.sources.cp or tp.sources.terms[0][1]
-    chat_dir = tp.sources.terms[0][1].directory if recipe.chat_template_from_chat else None
+    side = tp.sources.cp or tp.sources.terms[0].plus
+    chat_dir = tp.sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
     out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None  # as planned
     config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
     commit(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import ChatvecError
 from ..kernels.cpu import Scratch, combine
 from ..kernels.stats import Stats
 from ..planning.planner import Src
-
-Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
+from ..term import Term
 
 
 def pick_device(requested: str) -> torch.device:
@@ -37,7 +38,7 @@ class CpuCompute:
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         return inputs
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype) -> Stats:
+    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
         return combine(out, cp, terms, compute, self.scratch)
 
 
@@ -78,7 +79,7 @@ class TritonCompute:
                 out[src] = dev.view(host.dtype)
         return out
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Terms, compute: torch.dtype) -> Stats:
+    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
         """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats."""
         with torch.cuda.stream(self.stream):
             self.stats.zero_()

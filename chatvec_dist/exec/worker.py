@@ -18,6 +18,7 @@ from ..kernels.stats import Stats
 from ..planning.layout import Piece, Placed, Unit
 from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
+from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from .compute import make_compute, pick_device
 from .messages import SegmentResult, Stages, UnitResult, WorkContext
@@ -122,14 +123,10 @@ class UnitRunner:
     def _combine(
         self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor
     ) -> Stats:
-        terms = (
-            [
-                (alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
-                for alpha, plus, minus in t.terms
-            ]
-            if merged
-            else []
-        )
+        terms = [
+            Term(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
+            for alpha, plus, minus in (t.terms if merged else ())
+        ]
         dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
         stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)

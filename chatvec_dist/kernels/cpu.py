@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from ..term import Term
 from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
@@ -32,7 +34,7 @@ class Scratch:
 def combine(
     out: torch.Tensor,
     cp: torch.Tensor | None,
-    terms: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+    terms: Sequence[Term],
     compute: torch.dtype,
     scratch: Scratch,
 ) -> Stats:

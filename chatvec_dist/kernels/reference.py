@@ -3,17 +3,19 @@ float64: through float32 to a 16-bit dtype, see the README on exactness)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-Term = tuple[float, torch.Tensor, "torch.Tensor | None"]
+from ..term import Term
 
 
 def reference(
-    cp: torch.Tensor | None, terms: list[Term], out_dtype: torch.dtype, merge_elems: int | None = None
+    cp: torch.Tensor | None, terms: Sequence[Term], out_dtype: torch.dtype, merge_elems: int | None = None
 ) -> torch.Tensor:
     """`cp + Σ alpha·(plus − minus)` in float64 on the first `merge_elems` flat elements, then rounded."""
     base = cp.double().flatten() if cp is not None else None
-    numel = base.numel() if base is not None else terms[0][1].numel()
+    numel = base.numel() if base is not None else Term(*terms[0]).plus.numel()
     k = numel if merge_elems is None else merge_elems
     delta = None  # not zeros: 0 + (−0) would be +0, where the formula gives −0
     for alpha, plus, minus in terms:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ..term import Term
 
 MAX_TERMS = 4
 BLOCK = 2048  # elements per program
@@ -179,13 +182,10 @@ class TritonScratch:
         return buf[:numel]
 
 
-Terms = list[tuple[float, torch.Tensor, "torch.Tensor | None"]]
-
-
 def launches(
     out: torch.Tensor,
     cp: torch.Tensor | None,
-    terms: Terms,
+    terms: Sequence[Term],
     compute: torch.dtype,
     acc: torch.Tensor,
     partials: torch.Tensor,
@@ -230,7 +230,7 @@ def launch_options() -> dict:
 def combine_triton(
     out: torch.Tensor,
     cp: torch.Tensor | None,
-    terms: Terms,
+    terms: Sequence[Term],
     compute: torch.dtype,
     stats: torch.Tensor,
     scratch: TritonScratch | None = None,

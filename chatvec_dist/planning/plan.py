@@ -10,6 +10,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.sources import open_source
 from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
+from ..term import Term
 from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 
@@ -50,7 +51,7 @@ def plan(recipe: Recipe) -> Planned:
             raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
         sources = Sources(
             source(target.cp) if target.cp is not None else None,
-            tuple((a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
+            tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
         )
         tensors = plan_tensors(target, sources)
         if order is None:

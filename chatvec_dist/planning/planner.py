@@ -9,6 +9,7 @@ from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..recipe.spec import Target
+from ..term import Term
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
 VOCAB_TENSOR = re.compile(
@@ -36,7 +37,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     out_dtype: str
     cp: Src | None
-    terms: tuple[tuple[float, Src, Src | None], ...]
+    terms: tuple[Term, ...]  # of Src
     merge_elems: int
 
     @property
@@ -62,7 +63,7 @@ class Sources:
     """The opened checkpoints of a recipe: CP (None when extracting) and each term's plus/minus."""
 
     cp: Checkpoint | None
-    terms: tuple[tuple[float, Checkpoint, Checkpoint | None], ...]
+    terms: tuple[Term, ...]  # of Checkpoint
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -78,7 +79,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
         raise PlanError(f"invalid exclude pattern: {e}") from None
-    reference = sources.cp if sources.cp is not None else sources.terms[0][2] or sources.terms[0][1]
+    reference = sources.cp if sources.cp is not None else sources.terms[0].minus or sources.terms[0].plus
     out_dtype = OUTPUT_DTYPES.get(target.dtype or "", "F32" if sources.cp is None else None)
     names = _all_names(sources)
     for pattern in excludes:
@@ -108,13 +109,13 @@ def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]
             have = set(ckpt.tensors) - excluded
             for name in sorted(wanted - have):
                 raise PlanError(
-                    f"missing here but present in {reference.directory} (use --exclude to keep CP's value)",
+                    f"missing here but present in {reference.directory}: the checkpoints must share an architecture",
                     file=str(ckpt.directory),
                     tensor=name,
                 )
             for name in sorted(have - wanted):
                 raise PlanError(
-                    f"present here but missing in {reference.directory} (use --exclude to leave it out)",
+                    f"present here but missing in {reference.directory}: the checkpoints must share an architecture",
                     file=str(ckpt.directory),
                     tensor=name,
                 )
@@ -125,14 +126,11 @@ def _plan_one(
 ) -> PlannedTensor:
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
-    for _, plus, minus in sources.terms:
-        for other in (plus.tensors.get(name), minus.tensors.get(name) if minus else None):
-            if other is not None and is_float(other.info.dtype) != is_float(info.dtype):
-                raise PlanError(
-                    f"dtype {other.info.dtype} cannot be combined with {info.dtype} in {ref.path}",
-                    file=other.path,
-                    tensor=name,
-                )
+    pairs = [
+        Term(alpha, plus.tensors.get(name), minus.tensors.get(name) if minus else None)
+        for alpha, plus, minus in sources.terms
+    ]
+    _check_floats_match(name, ref, pairs)
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
@@ -145,11 +143,40 @@ def _plan_one(
                 tensor=name,
             )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
-    pairs = [
-        (alpha, plus.tensors[name], minus.tensors[name] if minus else None) for alpha, plus, minus in sources.terms
-    ]
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
-    for t in [ref, *vecs]:
+    _check_not_float8(name, [ref, *vecs])
+    vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
+    _check_vector_shapes(name, vecs, vocab)
+    terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
+    if vocab:
+        return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs)
+    if vecs[0].info.shape != info.shape:
+        raise PlanError(
+            f"shape {list(info.shape)} differs from {list(vecs[0].info.shape)} in {vecs[0].path}",
+            file=ref.path,
+            tensor=name,
+        )
+    return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
+
+
+def _src(ref: TensorRef) -> Src:
+    return Src(ref.path, ref.info.start, ref.info.dtype)
+
+
+def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:
+    """A tensor that is float in one checkpoint must be float in all (an int buffer is copied, never combined)."""
+    for _, plus, minus in pairs:
+        for other in (plus, minus):
+            if other is not None and is_float(other.info.dtype) != is_float(ref.info.dtype):
+                raise PlanError(
+                    f"dtype {other.info.dtype} cannot be combined with {ref.info.dtype} in {ref.path}",
+                    file=other.path,
+                    tensor=name,
+                )
+
+
+def _check_not_float8(name: str, refs: list[TensorRef]) -> None:
+    for t in refs:
         if t.info.dtype.startswith("F8"):
             raise PlanError(
                 f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
@@ -157,9 +184,12 @@ def _plan_one(
                 file=t.path,
                 tensor=name,
             )
-    vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
+
+
+def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: bool) -> None:
+    """Chat and base shapes agree; a chat model may add tokens (rows) to its base's vocabulary, nothing else."""
     vec_shape = vecs[0].info.shape
-    for other in vecs:  # a chat model may add tokens (rows) to its base's vocabulary: only the rows may differ
+    for other in vecs:
         shape = other.info.shape
         if shape[1:] != vec_shape[1:] or len(shape) != len(vec_shape) or (shape != vec_shape and not vocab):
             where = " outside the vocabulary dimension" if vocab else ""
@@ -168,21 +198,10 @@ def _plan_one(
                 file=other.path,
                 tensor=name,
             )
-    terms = tuple(
-        (alpha, Src(p.path, p.info.start, p.info.dtype), Src(m.path, m.info.start, m.info.dtype) if m else None)
-        for alpha, p, m in pairs
-    )
-    if not vocab:
-        if vec_shape != info.shape:
-            raise PlanError(
-                f"shape {list(info.shape)} differs from {list(vec_shape)} in {vecs[0].path}", file=ref.path, tensor=name
-            )
-        return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
-    return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs)
 
 
 def _plan_vocab(
-    name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple, vecs: list[TensorRef]
+    name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple[Term, ...], vecs: list[TensorRef]
 ) -> PlannedTensor:
     """embed_tokens / lm_head: rows are tokens. Vectors combine over the rows every chat and base have (a chat
     model's added tokens have no base row); CP's rows past those keep CP's values (`overlap`) or all do (`skip`)."""
