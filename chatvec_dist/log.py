@@ -1,4 +1,4 @@
-"""The `chatvec` logger: library code logs here; the CLI shows it on stderr as `chatvec: …` lines."""
+"""The `chatvec` logger: library code logs here; the CLI shows it on stderr (warnings as `chatvec: warning: …`)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ class _StderrHandler(logging.StreamHandler):
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"chatvec: {level}{record.getMessage()}"
+        if record.levelno < logging.WARNING:  # progress notes: `resuming: …`, the throughput line
+            return record.getMessage()
+        return f"chatvec: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def show_on_stderr(level: int = logging.INFO) -> None:
-    """Print the logger's records from `level` up as `chatvec: [warning: ]message` (once per process)."""
+    """Print the logger's records from `level` up on stderr, once per process."""
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(_Format())

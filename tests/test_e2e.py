@@ -623,7 +623,7 @@ def test_units_lost_with_a_dead_worker_are_redone(llamas, merged, tmp_path, monk
 def test_local_backend_threads_default_to_cpus_or_spread_over_gpus(monkeypatch):
     """Without a GPU: one thread per CPU. With GPUs (faked here: none on this machine): two threads per GPU,
     thread i on GPU i mod count, so that a multi-GPU box uses every GPU."""
-    from chatvec_dist.exec import local
+    from chatvec_dist.exec import device
     from chatvec_dist.exec.local import LocalBackend
 
     assert LocalBackend(None, None, "auto").devices == ["auto"] * os.cpu_count()
@@ -631,7 +631,7 @@ def test_local_backend_threads_default_to_cpus_or_spread_over_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert LocalBackend(None, None, "auto").devices == ["cpu"] * os.cpu_count()  # the kernel cannot run here
-    monkeypatch.setattr(local, "make_compute", lambda device, strict: types.SimpleNamespace(fallback=None))
+    monkeypatch.setattr(device, "make_compute", lambda where, strict: types.SimpleNamespace(fallback=None))
     assert LocalBackend(None, None, "auto").devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert LocalBackend(None, 3, "cuda").devices == ["cuda:0", "cuda:1", "cuda:0"]
     assert LocalBackend(None, None, "cpu").devices == ["cpu"] * os.cpu_count()

@@ -225,7 +225,7 @@ def test_a_gpu_worker_tries_the_kernel_when_it_starts(monkeypatch):
     there, where `auto` can still choose the CPU (and `cuda` stops), naming the cause (first line) and the point
     (last line)."""
     from chatvec_dist.errors import ChatvecError
-    from chatvec_dist.exec import compute
+    from chatvec_dist.exec import compute, device
     from chatvec_dist.kernels import triton_merge
 
     calls = []
@@ -237,14 +237,14 @@ def test_a_gpu_worker_tries_the_kernel_when_it_starts(monkeypatch):
         raise RuntimeError("Failed to build Triton's launcher\n  cc -O3 main.c\nerror: no C compiler found")
 
     monkeypatch.setattr(compute, "TritonCompute", no_compiler)
-    fallback = compute.make_compute(torch.device("cuda", 0), strict=False)
+    fallback = device.make_compute(torch.device("cuda", 0), strict=False)
     assert isinstance(fallback, compute.CpuCompute)
     assert fallback.fallback == (
         "the GPU kernel cannot run on cuda:0 (RuntimeError: Failed to build Triton's "
         "launcher … error: no C compiler found)"
     )
     with pytest.raises(ChatvecError, match=r"^--device cuda, but the GPU kernel cannot run on cuda:0 \(RuntimeError"):
-        compute.make_compute(torch.device("cuda", 0), strict=True)
+        device.make_compute(torch.device("cuda", 0), strict=True)
 
 
 def test_compiled_for_an_h100_the_kernel_rounds_as_the_cpu_does():

@@ -6,22 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ChatvecError
 from ..kernels.cpu import Scratch, combine
 from ..kernels.stats import Stats
 from ..planning.planner import Src
 from ..term import Term
-
-
-def pick_device(requested: str) -> torch.device:
-    """`auto`: the GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, if any, else the CPU; `cuda:N`: that GPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ChatvecError("--device cuda, but this worker has no CUDA device (torch.cuda.is_available() is False)")
-    return (
-        torch.device(requested) if requested.startswith("cuda:") else torch.device("cuda", torch.cuda.current_device())
-    )
 
 
 class CpuCompute:
@@ -91,24 +79,3 @@ class TritonCompute:
             self.stream.synchronize()
         cp_sq, delta_sq, update_sq, nan, inf = host.tolist()
         return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
-
-
-def make_compute(device: torch.device, strict: bool) -> CpuCompute | TritonCompute:
-    """The GPU kernel on a CUDA device, else the CPU kernel. Where the GPU kernel cannot run (no Triton, no C
-    compiler for its launcher, an unsupported GPU): an error if `strict` (--device cuda), else the CPU kernel,
-    with the reason in its `fallback` (--device auto)."""
-    if device.type != "cuda":
-        return CpuCompute()
-    try:
-        return TritonCompute(device)
-    except Exception as e:  # ImportError, Triton's compile or launcher build, CUDA errors
-        reason = f"the GPU kernel cannot run on {device} ({type(e).__name__}: {_gist(e)})"
-        if strict:
-            raise ChatvecError(f"--device cuda, but {reason}") from e
-        return CpuCompute(reason)
-
-
-def _gist(e: Exception) -> str:
-    """An error's first line (CUDA's cause) and, when it differs, its last (a compiler's point)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
-    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"

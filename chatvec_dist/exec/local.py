@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 
+from ..log import logger
 from ..planning.layout import Unit
-from .compute import make_compute
+from .device import local_devices
 from .messages import UnitResult, WorkContext
-from .ray_backend import PIPELINE
 from .worker import UnitRunner
 
 
@@ -22,18 +20,13 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, ctx: WorkContext, workers: int | None, device: str = "auto") -> None:
-        """`workers` threads (default: one per CPU; on GPUs, PIPELINE["cuda"] per GPU, spread over them). With
-        `auto`, the GPU kernel is tried first: where it cannot run, the threads compute on the CPU, one per CPU."""
+        """`workers` threads, each on its device (`device.local_devices`)."""
         self.ctx = ctx
-        gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
-        if gpus and device == "auto" and (why := make_compute(torch.device("cuda", 0), strict=False).fallback):
-            print(f"chatvec: warning: computing on the CPU, a thread per core: {why}", file=sys.stderr)
-            gpus, device = 0, "cpu"
-        self.workers = max(1, workers or (PIPELINE["cuda"] * gpus if gpus else os.cpu_count() or 1))
-        self.devices = [f"cuda:{i % gpus}" for i in range(self.workers)] if gpus else [device] * self.workers
+        self.devices = local_devices(device, workers)
+        self.workers = len(self.devices)
         self.strict = device == "cuda"  # `auto` computes on the CPU where the GPU kernel cannot run (with a warning)
-        self.sync_seconds = 0.0  # wall time of the slowest worker's final fsync in the last run
-        self.first_ready: float | None = None  # perf_counter() when the first worker was ready for units
+        self.sync_seconds = 0.0
+        self.first_ready: float | None = None
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; threads share this process, so no finished unit is ever in doubt (returns []).
@@ -41,46 +34,10 @@ class LocalBackend:
         Plain threads and queues, not an executor: Ctrl-C in the main thread stops the workers after their
         current unit, and nothing waits on a lock the interrupt may have left held.
         """
-        todo: queue.SimpleQueue = queue.SimpleQueue()
-        done: queue.SimpleQueue = queue.SimpleQueue()
         units = list(units)
-        for unit in units:
-            todo.put(unit)
-        stop = threading.Event()
-        syncs: list[float] = []
-        readies: list[float] = []
-        warned = threading.Lock()
-
-        def work(device: str) -> None:
-            runner = None
-            try:
-                runner = UnitRunner(self.ctx, device=device, strict=self.strict)
-                readies.append(time.perf_counter())
-                if runner.compute.fallback and warned.acquire(blocking=False):  # a GPU beside the one tried
-                    print(
-                        f"chatvec: warning: computing on the CPU: {runner.compute.fallback}; pass --device cpu to "
-                        "use a thread per core",
-                        file=sys.stderr,
-                    )
-                while not stop.is_set():
-                    try:
-                        unit = todo.get_nowait()
-                    except queue.Empty:
-                        return
-                    done.put((runner.run(unit), None))
-            except BaseException as e:  # handed to the main thread, which raises it
-                done.put((None, e))
-            finally:
-                if runner is not None:
-                    try:
-                        t0 = time.perf_counter()
-                        runner.close()
-                        syncs.append(time.perf_counter() - t0)
-                    except BaseException as e:
-                        done.put((None, e))
-
+        run = _Run(units)
         threads = [
-            threading.Thread(target=work, args=(d,), name=f"chatvec-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(run, d), name=f"chatvec-{i}", daemon=True)
             for i, d in enumerate(self.devices)
         ]
         intra_op = torch.get_num_threads()
@@ -89,22 +46,73 @@ class LocalBackend:
             t.start()
         try:
             for _ in units:
-                result, error = done.get()
-                if error is not None:
-                    raise error
-                on_result(result)
+                on_result(run.next_result())
         finally:
-            stop.set()
+            run.stop.set()
             for t in threads:
                 t.join()
             torch.set_num_threads(intra_op)
-        self.sync_seconds = max(syncs, default=0.0)
-        self.first_ready = min(readies, default=None)
-        while not done.empty():  # an error closing a runner (fsync) after the last unit
-            _, error = done.get()
-            if error is not None:
-                raise error
+        self.sync_seconds = max(run.syncs, default=0.0)
+        self.first_ready = min(run.readies, default=None)
+        run.raise_late_error()
         return []
+
+    def _work(self, run: _Run, device: str) -> None:
+        """One thread: a runner on `device` takes units until none is left, then fsyncs its files."""
+        runner = None
+        try:
+            runner = UnitRunner(self.ctx, device=device, strict=self.strict)
+            run.readies.append(time.perf_counter())
+            if runner.compute.fallback and run.warned.acquire(blocking=False):  # a GPU beside the one tried
+                logger.warning(
+                    f"computing on the CPU: {runner.compute.fallback}; pass --device cpu to use a thread per core"
+                )
+            while not run.stop.is_set() and (unit := run.take()) is not None:
+                run.done.put((runner.run(unit), None))
+        except BaseException as e:  # handed to the main thread, which raises it
+            run.done.put((None, e))
+        finally:
+            if runner is not None:
+                try:
+                    t0 = time.perf_counter()
+                    runner.close()
+                    run.syncs.append(time.perf_counter() - t0)
+                except BaseException as e:
+                    run.done.put((None, e))
 
     def close(self) -> None:
         pass
+
+
+class _Run:
+    """What the threads of one `run` share: the units to take, the results (or errors) they hand back."""
+
+    def __init__(self, units: list[Unit]) -> None:
+        self.todo: queue.SimpleQueue[Unit] = queue.SimpleQueue()
+        for unit in units:
+            self.todo.put(unit)
+        self.done: queue.SimpleQueue[tuple[UnitResult | None, BaseException | None]] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.warned = threading.Lock()
+        self.syncs: list[float] = []
+        self.readies: list[float] = []
+
+    def take(self) -> Unit | None:
+        try:
+            return self.todo.get_nowait()
+        except queue.Empty:
+            return None
+
+    def next_result(self) -> UnitResult:
+        result, error = self.done.get()
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    def raise_late_error(self) -> None:
+        """An error closing a runner (its fsync) after the last unit."""
+        while not self.done.empty():
+            _, error = self.done.get()
+            if error is not None:
+                raise error

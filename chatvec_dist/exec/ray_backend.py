@@ -11,25 +11,25 @@ import contextlib
 import os
 import signal
 import socket
-import sys
+import stat
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ChatvecError
+from ..errors import ChatvecError, RunError
+from ..log import logger
 from ..planning.layout import Unit
+from .device import PIPELINE, cluster_device
 from .messages import UnitResult, WorkContext
 from .runs import Runs
 
 if TYPE_CHECKING:
     from .worker import UnitRunner
 
-# Threads per actor. A CPU actor owns one core and works strip by strip in cache: a second thread only
-# contends for the same core and the output files' locks (measured: slower). A GPU actor runs two, so that
-# one unit's reads overlap another's copies and kernel.
-PIPELINE = {"cpu": 1, "cuda": 2}
 QUEUED = 1  # units queued on an actor behind its running ones: backpressure without idle gaps
 MAX_ATTEMPTS = 4  # per unit
 STALL_SECONDS = 600.0  # no result and no worker for this long: give up
@@ -51,6 +51,8 @@ def init_ray(address: str | None):
 
     _check_reachable(address)  # also where this process already joined a Ray: the address given must work
     if not ray.is_initialized():
+        if address == "local":
+            logger.info("starting an embedded Ray on 127.0.0.1 (a few seconds; --backend local skips Ray)")
         with _signals_deferred():  # Ctrl-C halfway through ray.init would leave Ray's processes orphaned
             try:
                 ray.init(
@@ -72,7 +74,28 @@ def init_ray(address: str | None):
                     )
                 )
                 raise ChatvecError(f"cannot {what} ({type(e).__name__}: {first}){hint}") from None
+        protect_token(Path.home() / ".ray" / "auth_token")
     return ray
+
+
+def protect_token(path: Path) -> None:
+    """Ray writes its token file (~/.ray/auth_token) readable by every user of the machine: make it the owner's
+    alone, or say why that cannot be done."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return  # token auth is off
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 == 0:
+        return
+    if st.st_uid != os.getuid():
+        logger.warning(f"{path} is readable by other users and belongs to another user: `chmod 600` it")
+        return
+    try:
+        os.chmod(path, 0o600)
+    except OSError as e:
+        logger.warning(
+            f"{path} is readable by other users and could not be made private ({e.strerror}): `chmod 600` it"
+        )
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -185,28 +208,26 @@ class RayBackend:
         joined = bool(address or os.environ.get("RAY_ADDRESS"))  # an embedded Ray never grows: no wait there
         resources = self._resources(device, cpus_per_worker, NODES_WAIT_SECONDS if joined else 0.0)
         gpus = int(resources.get("GPU", 0))
-        use_gpus = device == "cuda" or (device == "auto" and gpus > 0)
-        slots = gpus if use_gpus else int(resources.get("CPU", 0) // cpus_per_worker)
+        self.device = cluster_device(device, gpus)
+        self.use_gpus = self.device != "cpu"
+        slots = gpus if self.use_gpus else int(resources.get("CPU", 0) // cpus_per_worker)
         self.workers = max(1, workers or slots)
         if self.workers > slots:  # an autoscaling cluster may grow; any other waits on the ones that fit
             room = (
                 f"{gpus} GPU(s)"
-                if use_gpus
+                if self.use_gpus
                 else f"{resources.get('CPU', 0):g} CPU(s) at {cpus_per_worker:g} per worker"
             )
-            print(
-                f"chatvec: warning: {self.workers} workers asked, but the Ray cluster has room for {slots} now "
-                f"({room}); the others start only if it grows",
-                file=sys.stderr,
+            logger.warning(
+                f"{self.workers} workers asked, but the Ray cluster has room for {slots} now ({room}); the others "
+                "start only if it grows"
             )
-        self.device = device if use_gpus else "cpu"  # a CPU actor on a GPU node sees the GPUs: never use them
-        self.use_gpus = use_gpus
         self.warned = False
-        threads = PIPELINE["cuda" if use_gpus else "cpu"]
+        threads = PIPELINE["cuda" if self.use_gpus else "cpu"]
         self.per_actor = threads + QUEUED
         self._actor_class = self.ray.remote(
             num_cpus=cpus_per_worker,
-            num_gpus=1 if use_gpus else 0,
+            num_gpus=1 if self.use_gpus else 0,
             max_concurrency=threads,
             max_restarts=0,
             max_task_retries=0,
@@ -216,8 +237,8 @@ class RayBackend:
         self._starting: dict = {}  # ready() ref -> actor
         self.actors: list = []
         self.replacements = 0
-        self.sync_seconds = 0.0  # wall time of the last fsync of every worker's files
-        self.first_ready: float | None = None  # perf_counter() when the first actor was ready for units
+        self.sync_seconds = 0.0
+        self.first_ready: float | None = None
         for _ in range(self.workers):
             self._start_actor()
 
@@ -240,10 +261,7 @@ class RayBackend:
                 )
             if not said:
                 said = True
-                print(
-                    "chatvec: waiting for the Ray cluster's worker nodes to join (none can take a worker yet)",
-                    file=sys.stderr,
-                )
+                logger.info("waiting for the Ray cluster's worker nodes to join (none can take a worker yet)")
             time.sleep(1.0)
 
     def _start_actor(self) -> None:
@@ -252,62 +270,64 @@ class RayBackend:
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
         """Run every unit; return those finished by workers that died later (their writes may be lost)."""
-        ray = self.ray
-        runs = Runs(list(units))
-        finished: dict = {}  # actor -> units it finished
-        suspect: list[Unit] = []
-        in_flight: dict = {}  # run() ref -> (actor, unit)
-        load: Counter = Counter()
-        attempts: Counter = Counter()
+        state = _Dispatch(Runs(list(units)))
         last_progress = time.monotonic()
-        while len(runs) or in_flight:
-            for actor in self.actors:
-                while load[actor] < self.per_actor and (unit := runs.take(actor)) is not None:
-                    in_flight[actor.run.remote(unit)] = (actor, unit)
-                    load[actor] += 1
-            waiting = list(in_flight) + list(self._starting)
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=5.0) if waiting else ([], [])
+        while len(state.runs) or state.in_flight:
+            self._hand_out(state)
+            waiting = list(state.in_flight) + list(self._starting)
+            ready, _ = self.ray.wait(waiting, num_returns=1, timeout=5.0) if waiting else ([], [])
             if not ready and time.monotonic() - last_progress > STALL_SECONDS:
-                raise ChatvecError(f"no progress for {STALL_SECONDS:.0f} s: no Ray worker could be started or reached")
+                raise RunError(f"no progress for {STALL_SECONDS:.0f} s: no Ray worker could be started or reached")
             for ref in ready:
                 last_progress = time.monotonic()
                 if ref in self._starting:
-                    actor = self._starting.pop(ref)
-                    try:
-                        self._check_device(*self._get(ref))
-                        self.actors.append(actor)
-                        self.first_ready = self.first_ready or time.perf_counter()
-                    except ray.exceptions.RayActorError:
-                        self._replace(actor)
-                    continue
-                actor, unit = in_flight.pop(ref)
-                load[actor] -= 1
-                try:
-                    result = self._get(ref)
-                except ray.exceptions.RayActorError as e:  # the worker process or its node died
-                    attempts[unit.id] += 1
-                    if attempts[unit.id] >= MAX_ATTEMPTS:
-                        raise ChatvecError(
-                            f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}"
-                        ) from None
-                    runs.retry(unit, actor)
-                    suspect += finished.pop(actor, [])
-                    if actor in self.actors:
-                        self._replace(actor)
-                    continue
-                finished.setdefault(actor, []).append(unit)
-                on_result(result)
-        return suspect + self._flush(finished)
+                    self._started(ref)
+                else:
+                    self._finished(ref, state, on_result)
+        return state.suspect + self._flush(state.finished)
+
+    def _hand_out(self, state: _Dispatch) -> None:
+        """Keep each actor's queue full: its own run first, then half of the longest run left."""
+        for actor in self.actors:
+            while state.load[actor] < self.per_actor and (unit := state.runs.take(actor)) is not None:
+                state.in_flight[actor.run.remote(unit)] = (actor, unit)
+                state.load[actor] += 1
+
+    def _started(self, ref) -> None:
+        actor = self._starting.pop(ref)
+        try:
+            self._check_device(*self._get(ref))
+        except self.ray.exceptions.RayActorError:
+            self._replace(actor)
+            return
+        self.actors.append(actor)
+        self.first_ready = self.first_ready or time.perf_counter()
+
+    def _finished(self, ref, state: _Dispatch, on_result: Callable[[UnitResult], None]) -> None:
+        """A unit's result; if its worker died, the unit goes back to be taken by another."""
+        actor, unit = state.in_flight.pop(ref)
+        state.load[actor] -= 1
+        try:
+            result = self._get(ref)
+        except self.ray.exceptions.RayActorError as e:  # the worker process or its node died
+            state.attempts[unit.id] += 1
+            if state.attempts[unit.id] >= MAX_ATTEMPTS:
+                raise RunError(f"unit {unit.id} failed {MAX_ATTEMPTS} times; last: {type(e).__name__}") from None
+            state.runs.retry(unit, actor)
+            state.suspect += state.finished.pop(actor, [])
+            if actor in self.actors:
+                self._replace(actor)
+            return
+        state.finished.setdefault(actor, []).append(unit)
+        on_result(result)
 
     def _check_device(self, device: str, fallback: str | None) -> None:
         """Say (once) that a worker given a GPU computes on the CPU: that is slower, and usually not meant."""
         if self.use_gpus and device == "cpu" and not self.warned:
             self.warned = True
             why = fallback or "torch sees no CUDA device there (a CPU build of torch?)"
-            print(
-                f"chatvec: warning: a Ray worker given a GPU computes on the CPU: {why}; pass --device cpu to use "
-                "a worker per CPU",
-                file=sys.stderr,
+            logger.warning(
+                f"a Ray worker given a GPU computes on the CPU: {why}; pass --device cpu to use a worker per CPU"
             )
 
     def _flush(self, finished: dict) -> list[Unit]:
@@ -341,10 +361,22 @@ class RayBackend:
         self.ray.kill(actor, no_restart=True)
         self.replacements += 1
         if self.replacements > 4 * self.workers:
-            raise ChatvecError(f"{self.replacements} Ray workers died; giving up")
+            raise RunError(f"{self.replacements} Ray workers died; giving up")
         self._start_actor()
 
     def close(self) -> None:
         for a in self.actors + list(self._starting.values()):
             self.ray.kill(a, no_restart=True)
         self.actors, self._starting = [], {}
+
+
+@dataclass
+class _Dispatch:
+    """One `run`'s bookkeeping: units not handed out, those in flight, each actor's load and finished units."""
+
+    runs: Runs
+    in_flight: dict = field(default_factory=dict)  # run() ref -> (actor, unit)
+    load: Counter = field(default_factory=Counter)
+    attempts: Counter = field(default_factory=Counter)
+    finished: dict = field(default_factory=dict)  # actor -> units it finished
+    suspect: list[Unit] = field(default_factory=list)  # finished by actors that died later

@@ -20,7 +20,7 @@ from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
-from .compute import make_compute, pick_device
+from .device import make_compute, pick_device
 from .messages import SegmentResult, Stages, UnitResult, WorkContext
 
 
