@@ -82,7 +82,7 @@ def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return job.run(recipe, options or RunOptions())
+    return [output.path for output in job.run(recipe, options or RunOptions())]
 
 
 def merge(

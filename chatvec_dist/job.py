@@ -1,4 +1,4 @@
-"""A job end to end: resolve sources → plan every target → lay out → execute shared units → commit each."""
+"""A job end to end: plan → lock every output → execute the units they share → commit each output."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import __version__
 from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
-from .errors import ChatvecError, OutputError, PlanError
+from .errors import ChatvecError, OutputError, PlanError, RunError
+from .exec.backend import Backend, make_backend
 from .exec.messages import Stages, UnitResult, WorkContext
 from .io.ranges import FileHandles
 from .io.sources import hub_files
+from .log import logger
 from .output.card import model_card
 from .output.commit import commit, tidy_committed
 from .output.journal import Journal
@@ -43,44 +45,115 @@ from .recipe.file import with_absolute_paths
 from .recipe.spec import Recipe, RunOptions
 
 MAX_RECHECKS = 3
+InputStats = dict[str, list[int]]  # input file → [size, mtime_ns, ctime_ns]
 
 
-def run(recipe: Recipe, options: RunOptions = RunOptions()) -> list[Path]:
-    """Execute a recipe and commit every target's output directory; return their paths."""
+@dataclass
+class Output:
+    """One target's output directory, and what this run does with it."""
+
+    plan: TargetPlan
+    path: Path  # absolute: `.` or `a/..` name a folder too
+    digest: str  # this output's job: version, recipe, plan and input files
+    replace: bool = False  # may replace what is at `path` (--overwrite, or this job's own committed output)
+    written: bool = False  # committed by this run (False: this job's output was already there)
+    work: Path | None = None
+    journaled: dict[int, UnitResult] = field(default_factory=dict)  # finished units whose bytes still verify
+    tally: Tally | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.target.name
+
+    def is_committed(self) -> bool:
+        """Whether `path` holds this very job's committed output (same recipe, plan and input files)."""
+        try:
+            return read_manifest(self.path)[1].get("job") == self.digest
+        except ChatvecError:
+            return False
+
+    def open(self, planned: Planned, inputs: InputStats, restart: bool, index: int) -> None:
+        """Make (or reuse) the work area; keep the journaled units whose bytes still verify."""
+        layout = self.plan.layout
+        self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
+        self.tally = Tally(layout, planned.block_bytes)
+        self.journaled = {
+            uid: r for uid, r in journaled.items() if _still_valid(r, layout, self.work, planned.block_bytes)
+        }
+
+    def record(self, result: UnitResult) -> None:
+        """Add a unit's segments (this output's only) to the manifest's tally."""
+        assert self.tally is not None
+        share = result.seconds / max(1, len(result.segments))
+        for seg in result.segments:
+            self.tally.add(seg, result.worker, result.node, share)
+
+    def commit(self, planned: Planned) -> None:
+        """Write index, side files, manifest and card, and rename the work area into place."""
+        assert self.work is not None and self.tally is not None
+        recipe, target, sources = planned.recipe, self.plan.target, self.plan.sources
+        meta = {
+            "version": __version__,
+            "kind": recipe.kind_of(target),
+            "target": target.name,
+            "recipe": dataclasses.asdict(recipe),
+            "sources": _sources_meta(sources),
+            "job": self.digest,
+            "cwd": os.getcwd(),
+        }
+        manifest = self.tally.table(target.name, meta)
+        side = sources.cp or sources.terms[0].plus
+        chat_dir = sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
+        out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None
+        config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
+        card = model_card(meta, manifest)
+        commit(
+            self.work, self.path, self.plan.layout, manifest, side.directory, chat_dir, card, config_dtype, self.replace
+        )
+        self.written = True
+
+
+def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
+    """Execute a recipe and commit every target's output directory; outputs this job had already committed are
+    left as they are (`written` False) unless `options.restart`."""
+    options = options or RunOptions()
     planned = plan(recipe)
-    outs = [Path(os.path.abspath(p.target.out)) for p in planned.targets]  # `.` or `a/..` too: a named folder
-    _check_apart(outs, [p.target.name for p in planned.targets])
     inputs = _input_stats(planned)
-    digests = [_digest(planned, o, inputs) for o in range(len(outs))]
-
-    def decide() -> tuple[list[int], list[bool]]:
-        """The outputs to (re)do and whether each may replace what is there (--restart redoes this job's own)."""
-        committed = [_committed(out, digest) for out, digest in zip(outs, digests)]
-        fresh = [o for o in range(len(outs)) if options.restart or not committed[o]]
-        replace = [options.overwrite or committed[o] for o in range(len(outs))]
-        for o in fresh:
-            check_destination(outs[o], _input_dirs(planned), replace[o])
-        return fresh, replace
-
-    decide()  # refuse early, before any lock file is made
+    outputs = [
+        Output(tp, Path(os.path.abspath(tp.target.out)), digest)
+        for tp, digest in zip(planned.targets, _digests(planned, inputs))
+    ]
+    _check_apart(outputs)
+    _to_do(outputs, planned, options)  # refuse early, before any lock file is made
     with contextlib.ExitStack() as locks:
-        for out in outs:
-            locks.enter_context(exclusive(out))
-        fresh, replace = decide()  # again, under the locks: another run may have committed there meanwhile
-        if len(fresh) < len(outs):  # a rerun after a failure between two targets' commits: the same bytes are there
-            done = [outs[o] for o in range(len(outs)) if o not in fresh]
-            for out in done:
-                tidy_committed(out)
-            print(
-                f"already committed by an earlier run of this job (--restart redoes it): {', '.join(map(str, done))}",
-                file=sys.stderr,
-            )
+        for output in outputs:
+            locks.enter_context(exclusive(output.path))
+        fresh = _to_do(outputs, planned, options)  # again, under the locks: another run may have committed meanwhile
+        done = [o for o in outputs if o not in fresh]
+        if done:  # a rerun after a failure between two targets' commits: the same bytes are there
+            for output in done:
+                tidy_committed(output.path)
+            paths = ", ".join(str(o.path) for o in done)
+            logger.info(f"already committed by an earlier run of this job (--restart redoes it): {paths}")
         if fresh:
-            _run_fresh(planned, [(o, outs[o], digests[o], replace[o]) for o in fresh], inputs, options)
-    return outs
+            _run_fresh(planned, fresh, inputs, options)
+    return outputs
 
 
-def _check_apart(outs: list[Path], names: list[str]) -> None:
+def _to_do(outputs: list[Output], planned: Planned, options: RunOptions) -> list[Output]:
+    """The outputs to (re)do, each checked for where it goes; --restart redoes this job's own."""
+    inputs = [c.directory for tp in planned.targets for c in tp.sources.checkpoints]
+    fresh = []
+    for output in outputs:
+        committed = output.is_committed()
+        output.replace = options.overwrite or committed
+        if options.restart or not committed:
+            check_destination(output.path, inputs, output.replace)
+            fresh.append(output)
+    return fresh
+
+
+def _check_apart(outputs: list[Output]) -> None:
     """No two targets may share an output, nest one in the other, or meet in each other's work area or lock."""
 
     def claimed(out: Path) -> list[Path]:
@@ -91,110 +164,81 @@ def _check_apart(outs: list[Path], names: list[str]) -> None:
             raise OutputError(f"output path cannot be resolved ({e})", file=str(out)) from None
         return [out, partial_path(out), replaced_path(out), lock_path(out)]
 
-    for i, j in itertools.combinations(range(len(outs)), 2):
-        mine, theirs = claimed(outs[i]), claimed(outs[j])
+    for first, second in itertools.combinations(outputs, 2):
+        mine, theirs = claimed(first.path), claimed(second.path)
         if any(a == b or a.is_relative_to(b) or b.is_relative_to(a) for a in mine for b in theirs):
             what = (
                 "both write to this output directory"
                 if mine[0] == theirs[0]
-                else f"have overlapping outputs: {outs[i]} and {outs[j]} (one inside the other, or in the other's "
-                "OUT.partial work area beside it)"
+                else f"have overlapping outputs: {first.path} and {second.path} (one inside the other, or in the "
+                "other's OUT.partial work area beside it)"
             )
-            raise OutputError(f"targets '{names[i]}' and '{names[j]}' {what}", file=str(outs[j]))
+            raise OutputError(f"targets '{first.name}' and '{second.name}' {what}", file=str(second.path))
 
 
-def _run_fresh(
-    planned: Planned, fresh: list[tuple[int, Path, str, bool]], inputs: dict[str, list[int]], options: RunOptions
-) -> None:
-    """Resume or start the outputs not committed yet (all units stay as planned for every target); each
-    (index, output, job digest, whether it may replace what is there)."""
-    planned = dataclasses.replace(planned, targets=[planned.targets[o] for o, _, _, _ in fresh])
-    for _, out, _, _ in fresh:  # all, before any work area is made: a refused one leaves none of the others
-        check_work_area(out)
-    works, tallies, done = [], [], set(u.id for u in planned.units)
+def _run_fresh(planned: Planned, fresh: list[Output], inputs: InputStats, options: RunOptions) -> None:
+    """Resume or start the outputs not committed yet (all units stay as planned for every target), then commit."""
+    planned = dataclasses.replace(planned, targets=[o.plan for o in fresh])
+    for output in fresh:  # all, before any work area is made: a refused one leaves none of the others
+        check_work_area(output.path)
     try:
-        for i, (tp, (_, out, digest, _)) in enumerate(zip(planned.targets, fresh)):
-            work, journaled = open_partial(out, tp.layout, digest, inputs, options.restart, i)
-            tally = Tally(tp.layout, planned.block_bytes)
-            valid = {uid: r for uid, r in journaled.items() if _still_valid(r, tp.layout, work, planned.block_bytes)}
-            done &= set(valid)
-            works.append((work, valid))
-            tallies.append(tally)
-        for (work, valid), tally in zip(works, tallies):
-            for uid in done:
-                r = valid[uid]
-                for seg in r.segments:
-                    tally.add(seg, r.worker, r.node, r.seconds / max(1, len(r.segments)))
+        done = _open_all(planned, fresh, inputs, options.restart)
         todo = [u for u in planned.units if u.id not in done]
-        if done:
-            print(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run", file=sys.stderr)
-        speed = _execute(planned, [w for w, _ in works], todo, tallies, options)
-    except (
-        BaseException
-    ):  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit: nothing to keep
-        for work, _ in works:
-            discard_if_unused(work)
+        speed = _execute(planned, fresh, todo, options)
+    except BaseException:  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit
+        for output in fresh:
+            if output.work is not None:
+                discard_if_unused(output.work)
         raise
     if options.fail_on_nonfinite:
-        for tp, tally in zip(planned.targets, tallies):
-            for name, nan, inf in tally.nonfinite()[:1]:
-                src = next(p.tensor for p in tp.layout.tensors if p.tensor.name == name)
-                raise PlanError(
-                    f"{nan} NaN and {inf} Inf in the output of target '{tp.target.name}' "
-                    f"(--fail-on-nonfinite); nothing was committed",
-                    file=src.cp.path if src.cp else None,
-                    tensor=name,
-                )
-    for tp, (_, out, digest, replace), (work, _), tally in zip(planned.targets, fresh, works, tallies):
-        _commit(planned, tp, out, work, tally, replace, digest)
-    print(speed, file=sys.stderr)
+        _refuse_nonfinite(fresh)
+    for output in fresh:
+        output.commit(planned)
+    logger.info(speed)
 
 
-def _committed(out: Path, digest: str) -> bool:
-    """Whether `out` is this very job's committed output (same recipe, plan and input files)."""
-    try:
-        return read_manifest(out)[1].get("job") == digest
-    except ChatvecError:
-        return False
+def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, restart: bool) -> set[int]:
+    """Open every output's work area; return the units that every output still has from an earlier run."""
+    for index, output in enumerate(outputs):
+        output.open(planned, inputs, restart, index)
+    done = set.intersection(*(set(o.journaled) for o in outputs))
+    for output in outputs:
+        for uid in done:
+            output.record(output.journaled[uid])
+    if done:
+        logger.info(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run")
+    return done
 
 
-def _commit(
-    planned: Planned, tp: TargetPlan, out: Path, work: Path, tally: Tally, overwrite: bool, digest: str
-) -> None:
-    recipe, target = planned.recipe, tp.target
-    kind = recipe.kind_of(target)
-    meta = {
-        "version": __version__,
-        "kind": kind,
-        "target": target.name,
-        "recipe": dataclasses.asdict(recipe),
-        "sources": _sources_meta(tp.sources),
-        "job": digest,
-        "cwd": os.getcwd(),
-    }
-    manifest = tally.table(target.name, meta)
-    side = tp.sources.cp or tp.sources.terms[0].plus
-    chat_dir = tp.sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
-    out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None  # as planned
-    config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
-    commit(
-        work, out, tp.layout, manifest, side.directory, chat_dir, model_card(meta, manifest), config_dtype, overwrite
-    )
+def _refuse_nonfinite(outputs: list[Output]) -> None:
+    """--fail-on-nonfinite: the first output tensor holding NaN or Inf stops the run before any commit."""
+    for output in outputs:
+        assert output.tally is not None
+        for name, nan, inf in output.tally.nonfinite()[:1]:
+            src = next(p.tensor for p in output.plan.layout.tensors if p.tensor.name == name)
+            raise PlanError(
+                f"{nan} NaN and {inf} Inf in the output of target '{output.name}' (--fail-on-nonfinite); "
+                "nothing was committed",
+                file=src.cp.path if src.cp else None,
+                tensor=name,
+            )
 
 
-def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: list[Tally], options: RunOptions) -> str:
+def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options: RunOptions) -> str:
     """Run the units not done yet, journaling each result; return a line on the throughput."""
     started = time.perf_counter()
+    works = [o.work for o in outputs]
+    assert all(w is not None for w in works)
     ctx = WorkContext.of(
-        [tp.layout for tp in planned.targets],
+        [o.plan.layout for o in outputs],
         [str(w) for w in works],
         planned.block_bytes,
-        hub_files([c for tp in planned.targets for c in tp.sources.checkpoints]),
+        hub_files([c for o in outputs for c in o.plan.sources.checkpoints]),
     )
-    backend = _backend(ctx, options)
-    journals = [Journal(w / JOURNAL_NAME) for w in works]
+    backend = make_backend(ctx, options)
+    journals = [Journal(w / JOURNAL_NAME) for w in works if w is not None]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
-    names = ", ".join(Path(tp.target.out).name for tp in planned.targets)
+    names = ", ".join(Path(o.plan.target.out).name for o in outputs)
     bar = tqdm(
         total=sum(sizes.values()),
         unit="B",
@@ -203,39 +247,22 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
         disable=not options.progress,
         desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})",
     )
-
-    results: dict[int, list[UnitResult]] = {}
+    results: dict[int, list[UnitResult]] = {}  # per unit: each output's share, to recheck
     stages = Stages()
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        share = result.seconds / max(1, len(result.segments))
         results[result.unit] = []
-        for o, (tally, journal) in enumerate(zip(tallies, journals)):
-            mine = dataclasses.replace(result, segments=[s for s in result.segments if s.output == o])
-            for seg in mine.segments:
-                tally.add(seg, result.worker, result.node, share)
+        for index, (output, journal) in enumerate(zip(outputs, journals)):
+            mine = dataclasses.replace(result, segments=[s for s in result.segments if s.output == index])
+            output.record(mine)
             journal.append(mine)
             results[result.unit].append(mine)
         bar.update(sizes[result.unit])
 
     try:
         suspect = backend.run(todo, on_result)
-        for attempt in range(MAX_RECHECKS + 1):  # units whose worker died after finishing them: redo those lost
-            lost = [
-                u
-                for u in suspect
-                if not all(
-                    _still_valid(r, tp.layout, w, planned.block_bytes)
-                    for r, tp, w in zip(results[u.id], planned.targets, works)
-                )
-            ]
-            if not lost:
-                break
-            if attempt == MAX_RECHECKS:
-                raise ChatvecError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
-            print(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker", file=sys.stderr)
-            suspect = backend.run(lost, on_result)
+        _redo_lost(planned, outputs, backend, suspect, results, on_result)
         return throughput(stages, started, time.perf_counter(), backend)
     finally:
         bar.close()
@@ -244,19 +271,25 @@ def _execute(planned: Planned, works: list[Path], todo: list[Unit], tallies: lis
         backend.close()
 
 
-def _backend(ctx: WorkContext, options: RunOptions):
-    if options.backend == "local":
-        from .exec.local import LocalBackend
+def _redo_lost(planned, outputs, backend, suspect, results, on_result) -> None:
+    """Units finished by workers that died before their fsync: recheck their bytes, redo those lost."""
+    for attempt in range(MAX_RECHECKS + 1):
+        lost = [
+            u
+            for u in suspect
+            if not all(
+                _still_valid(r, o.plan.layout, o.work, planned.block_bytes) for r, o in zip(results[u.id], outputs)
+            )
+        ]
+        if not lost:
+            return
+        if attempt == MAX_RECHECKS:
+            raise RunError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
+        logger.info(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker")
+        suspect = backend.run(lost, on_result)
 
-        return LocalBackend(ctx, options.workers, options.device)
-    if options.backend == "ray":
-        from .exec.ray_backend import RayBackend
 
-        return RayBackend(ctx, options.workers, options.address, options.cpus_per_worker, options.device)
-    raise ValueError(f"unknown backend {options.backend!r}")
-
-
-def throughput(stages: Stages, started: float, ended: float, backend) -> str:
+def throughput(stages: Stages, started: float, ended: float, backend: Backend) -> str:
     """One line: bytes moved per wall second, the start-up (until the first worker was ready: Ray, CUDA, the
     kernel's compile), then where the workers spent their time (seconds summed over workers)."""
 
@@ -293,10 +326,6 @@ def _still_valid(result: UnitResult, lay: Layout, work: Path, block: int) -> boo
         files.close()
 
 
-def _input_dirs(planned: Planned) -> list[Path]:
-    return [c.directory for tp in planned.targets for c in tp.sources.checkpoints]
-
-
 def _sources_meta(sources: Sources) -> dict:
     return {
         "cp": sources.cp.source if sources.cp else None,
@@ -304,22 +333,21 @@ def _sources_meta(sources: Sources) -> dict:
     }
 
 
-def _input_stats(planned: Planned) -> dict[str, list[int]]:
+def _input_stats(planned: Planned) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
     changes its ctime): part of the job, so a partial output is never resumed on inputs that changed."""
     paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
     return {path: [st.st_size, st.st_mtime_ns, st.st_ctime_ns] for path in paths for st in [os.stat(path)]}
 
 
-def _digest(planned: Planned, output: int, inputs: dict[str, list[int]]) -> str:
-    """Identifies one output's job: this version, the recipe, all layouts and units, and the inputs' stats."""
-    tp = planned.targets[output]
+def _digests(planned: Planned, inputs: InputStats) -> list[str]:
+    """Each output's job: this version, the recipe, all layouts and units, the inputs' stats (hashed once for
+    all outputs), then the output's own place."""
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
-    h = hashlib.sha256(
+    shared = hashlib.sha256(
         repr(
             (
                 __version__,
-                output,
                 dataclasses.asdict(recipe),
                 [t.layout for t in planned.targets],
                 planned.units,
@@ -327,6 +355,10 @@ def _digest(planned: Planned, output: int, inputs: dict[str, list[int]]) -> str:
             )
         ).encode()
     )
-    h.update(json.dumps(inputs, sort_keys=True).encode())
-    h.update(os.path.abspath(tp.target.out).encode())
-    return h.hexdigest()
+    shared.update(json.dumps(inputs, sort_keys=True).encode())
+    digests = []
+    for index, tp in enumerate(planned.targets):
+        h = shared.copy()
+        h.update(f"{index}:{os.path.abspath(tp.target.out)}".encode())
+        digests.append(h.hexdigest())
+    return digests

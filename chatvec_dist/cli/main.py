@@ -297,8 +297,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.print_recipe:
             print(dump_recipe(recipe), end="")
             return EXIT_OK
-        for out in job.run(recipe, _options(args)):
-            print(f"wrote {out}")
+        for output in job.run(recipe, _options(args)):
+            print(
+                f"wrote {output.path}" if output.written else f"kept {output.path} (already committed; nothing written)"
+            )
         return EXIT_OK
     if args.command == "inspect":
         from ..output.inspection import plot, report
