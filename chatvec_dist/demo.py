@@ -19,6 +19,32 @@ TINY = {
     "num_key_value_heads": 2,
     "vocab_size": 256,
 }
+MAX_POSITIONS = 128
+# The demo tokenizer: word level; ids 0-2 are Llama's unk/bos/eos, then the chat template's tokens.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+END_OF_TURN_ID = SPECIAL_TOKENS.index("<|end|>")
+# The base's words (249 with the punctuation, so that the base has 256 tokens) ...
+ENGLISH = """. , ? ! ' the of and to a in is you that it he was for on are as with his they i at be this have from or
+one had by word but not what all were we when your can said there use an each which she do how their if will up other
+about out many then them these so some her would make like him into time has look two more write go see number no way
+could people my than first water been call who its now find long down day did get come made may part over new sound
+take only little work know place year live me back give most very after thing our just name good man think say great
+where help through much before line right too mean old any same tell boy follow came want show also around form three
+small set put end does another well large must big even such because turn here why ask went men read need land
+different home us move try kind hand again change off play animal house point page letter mother answer found study
+still learn should world high every near add food between own below country plant last school father keep tree never
+start city earth eye light thought head under story saw left few while along might close something seem next hard open
+begin life always those both paper together got group often run hello sea short""".split()  # noqa: SIM905
+# ... and the 64 words of the new language that CP was 'continually pre-trained' on (Indonesian).
+NEW_LANGUAGE = """saya kamu dia kami mereka ini itu dan atau tidak ya apa siapa di ke dari untuk dengan yang ada makan minum
+rumah jalan buku hari malam pagi baik besar kecil baru lama orang anak ibu bapak teman kota negara bahasa kata tahu mau
+bisa harus sudah belum akan sedang terima kasih selamat tolong maaf satu dua tiga empat lima enam tujuh delapan
+sembilan""".split()  # noqa: SIM905
+# Zephyr-style: <s><|user|> text <|end|> <|assistant|>
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def llama_config(vocab_size: int, dtype: str = "bfloat16", **overrides) -> dict:
@@ -27,7 +53,7 @@ def llama_config(vocab_size: int, dtype: str = "bfloat16", **overrides) -> dict:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
-        "max_position_embeddings": 128,
+        "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
@@ -85,10 +111,74 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: d
     return directory
 
 
+def demo_tokens(vocab_size: int) -> list[str]:
+    """The demo vocabulary's first `vocab_size` tokens: the specials, English, then the new language's words."""
+    tokens = [*SPECIAL_TOKENS, *ENGLISH, *NEW_LANGUAGE]
+    return tokens[:vocab_size] + [f"kata{k}" for k in range(len(tokens), vocab_size)]
+
+
+def tokenizer_json(tokens: list[str]) -> dict:
+    """A word-level tokenizer.json (the `tokenizers` library's format), lower-casing, split on spaces and
+    punctuation; the special tokens are matched whole."""
+    specials = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(SPECIAL_TOKENS)
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": specials,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": "<unk>"},
+    }
+
+
+def save_tokenizer(directory: Path, tokens: list[str], chat_template: str | None = None) -> None:
+    """Write tokenizer.json, tokenizer_config.json (with the chat template, if any) and special_tokens_map.json."""
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": MAX_POSITIONS,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids, which generate() refuses
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokens), indent=2, ensure_ascii=False))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def save_generation_config(directory: Path, eos_token_id: int | list[int]) -> None:
+    """Write generation_config.json: what generate() stops at."""
+    (directory / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": eos_token_id, "pad_token_id": 2}, indent=2)
+    )
+
+
 def make_demo_models(
-    root: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, cp_extra_vocab: int = 64
+    root: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    cp_extra_vocab: int = 64,
+    with_tokenizers: bool = False,
 ) -> dict[str, Path]:
-    """base; chat = base + an update; CP = base continually 'pre-trained' with `cp_extra_vocab` new tokens."""
+    """base; chat = base + an update; CP = base continually 'pre-trained' on a new language, with `cp_extra_vocab`
+    new tokens. `with_tokenizers` (as `chatvec demo` does) also gives each a word-level tokenizer as large as its
+    embeddings and a generation config, and chat a chat template."""
     g = torch.Generator().manual_seed(seed)
     name = str(dtype).removeprefix("torch.")
     config = llama_config(TINY["vocab_size"], name)
@@ -99,11 +189,23 @@ def make_demo_models(
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
         cp[n] = torch.cat([cp[n], 0.05 * torch.randn(cp_extra_vocab, config["hidden_size"], generator=g)])
     cast = lambda d: {n: t.to(dtype).contiguous() for n, t in d.items()}  # noqa: E731
-    return {
+    paths = {
         "base": save_checkpoint(root / "base", cast(base), config),
         "chat": save_checkpoint(root / "chat", cast(chat), config),
         "cp": save_checkpoint(root / "cp", cast(cp), cp_config, shards=2),
     }
+    if with_tokenizers:
+        add_tokenizers(paths)
+    return paths
+
+
+def add_tokenizers(paths: dict[str, Path]) -> None:
+    """Give each model a tokenizer as large as its embeddings and a generation config; chat's has a chat template,
+    and its turns end with <|end|> too."""
+    for which, path in paths.items():
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        save_tokenizer(path, demo_tokens(vocab), CHAT_TEMPLATE if which == "chat" else None)
+        save_generation_config(path, [2, END_OF_TURN_ID] if which == "chat" else 2)
 
 
 def run_demo(root: Path, options: RunOptions) -> int:
