@@ -1,9 +1,11 @@
-"""`chatvec demo`: tiny random Llama-shaped base/chat/CP checkpoints, merged on an embedded Ray."""
+"""`chatvec demo`: tiny random Llama-shaped base/chat/CP models with tokenizers, merged on an embedded Ray, then
+loaded and run with transformers."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+PROMPT = "Hello! Can you tell me a short story about the sea?"
+MAX_NEW_TOKENS = 20
 
 
 def llama_config(vocab_size: int, dtype: str = "bfloat16", **overrides) -> dict:
@@ -209,26 +213,93 @@ def add_tokenizers(paths: dict[str, Path]) -> None:
 
 
 def run_demo(root: Path, options: RunOptions) -> int:
+    """Make the demo models, merge them (with the chat model's chat template), verify, and run the output."""
     from . import job
-    from .output.manifest import read_manifest
     from .output.verify import verify
     from .planning.table import summary
 
-    paths = make_demo_models(root)
-    print(f"made tiny Llama-shaped checkpoints under {root}/: base, chat, and cp with 64 extra tokens")
+    paths = make_demo_models(root, with_tokenizers=True)
+    _print_models(root)
     out = root / "merged"
     recipe = Recipe(
         vectors=(Vector(str(paths["chat"]), str(paths["base"])),),
         targets=(Target("merged", str(paths["cp"]), str(out), (1.0,)),),
-        unit_bytes=16 * 1024,
-    )  # small units, so that every worker gets some
+        unit_bytes=16 * 1024,  # small units, so that every worker gets some
+        chat_template_from_chat=True,
+    )
+    print("\nmerging out = cp + 1.0 × (chat − base), with chat's chat template (chat_template_from_chat):")
     print(summary(job.plan(recipe)))
     job.run(recipe, dataclasses.replace(options, overwrite=True, restart=True))
-    table, _ = read_manifest(out)
-    print(f"{'tensor':<48} {'rule':<6} {'reason':<10} {'‖out−cp‖/‖cp‖':>14}")
-    for row in table.to_pylist():
-        rel = f"{row['rel_update']:.3e}" if row["rel_update"] is not None else "-"
-        print(f"{row['tensor']:<48} {row['rule']:<6} {row['reason']:<10} {rel:>14}")
+    _print_result(out)
     problems = verify(out)
-    print(f"wrote {out}: {table.num_rows} tensors, {'verified against manifest.parquet' if not problems else problems}")
-    return 0 if not problems else 1
+    if problems:
+        print(f"{out}: {len(problems)} problem(s) against manifest.parquet: {problems}")
+        return 1
+    print(f"{out}: verified against manifest.parquet")
+    generate(out)
+    return 0
+
+
+def _print_models(root: Path) -> None:
+    h = TINY["hidden_size"]
+    base = len(SPECIAL_TOKENS) + len(ENGLISH)
+    print(f"made tiny random Llama-shaped models under {root}/ ({TINY['num_hidden_layers']} layers, hidden {h}):")
+    print(f"  base  {base} tokens: English words, <s> </s> and the chat tokens <|user|> <|assistant|> <|end|>")
+    print("  chat  base + a chat update, with a chat template")
+    print(
+        f"  cp    base continually pre-trained on a new language: +{len(NEW_LANGUAGE)} tokens "
+        f"({' '.join(NEW_LANGUAGE[:4])} …), {base + len(NEW_LANGUAGE)} rows in 2 shards, no chat template"
+    )
+
+
+def _print_result(out: Path) -> None:
+    """The manifest, one line per (rule, reason): how many tensors, which, how far each moved from CP."""
+    from .output.manifest import read_manifest
+
+    table, _ = read_manifest(out)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in table.to_pylist():
+        groups[row["rule"], row["reason"] or ""].append(row)
+    print(f"result: {table.num_rows} tensors (manifest.parquet)")
+    for (rule, reason), rows in sorted(groups.items()):
+        rel = [r["rel_update"] for r in rows if r["rel_update"] is not None]
+        moved = f"‖out−cp‖/‖cp‖ {min(rel):.1e} to {max(rel):.1e}" if rel else "kept from CP"
+        names = ", ".join(r["tensor"] for r in rows) if len(rows) <= 2 else f"{rows[0]['tensor']}, …"
+        print(f"  {len(rows):>3} {rule + (f' ({reason})' if reason else ''):<18} {moved:<32} {names}")
+
+
+def how_to(out: Path) -> list[str]:
+    """The Python that loads the merged model with transformers and chats with it: what `generate` runs."""
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"tok, model = AutoTokenizer.from_pretrained({str(out)!r}), AutoModelForCausalLM.from_pretrained({str(out)!r})",
+        f"inputs = tok.apply_chat_template([{{'role': 'user', 'content': {PROMPT!r}}}], add_generation_prompt=True, "
+        "return_dict=True, return_tensors='pt')",
+        f"print(tok.decode(model.generate(**inputs, max_new_tokens={MAX_NEW_TOKENS}, do_sample=False)[0]))",
+    ]
+
+
+def generate(out: Path) -> None:
+    """Load the merged model with transformers, apply its chat template to one message and generate greedily."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils.logging import disable_progress_bar
+    except ImportError:
+        print("generation skipped: transformers is not installed (pip install 'chatvec-dist[demo]' to run the output)")
+        return
+    disable_progress_bar()  # transformers' bar for loading 21 tiny tensors
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    messages = [{"role": "user", "content": PROMPT}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0]
+    prompt_len = inputs["input_ids"].shape[1]
+    print(f"\ntransformers loaded {out.name}/ ({len(tok)} tokens, chat's chat template) and generated greedily.")
+    print(
+        "The weights are random, so the reply is noise; the point: the output is a complete model "
+        "(weights, tokenizer, chat template) that transformers loads and runs."
+    )
+    print(f"  prompt: {tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)}")
+    print(f"  reply:  {tok.decode(ids[prompt_len:])}")
+    print("by hand:")
+    for line in how_to(out):
+        print(f"  {line}")

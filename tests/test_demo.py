@@ -1,14 +1,19 @@
-"""The demo models: tokenizers as large as their embeddings, and a chat template for the chat model."""
+"""`chatvec demo`: models with tokenizers and a chat template; a merged output that transformers loads and runs."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 
 import pytest
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatvec_dist.demo import CHAT_TEMPLATE, END_OF_TURN_ID, make_demo_models
+from chatvec_dist.cli import main
+from chatvec_dist.demo import CHAT_TEMPLATE, END_OF_TURN_ID, PROMPT, how_to, make_demo_models
+from chatvec_dist.output.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +48,42 @@ def test_demo_tokenizer_file_is_what_the_tokenizers_library_writes(models):
     for name in ("base", "cp"):
         written = json.loads((models[name] / "tokenizer.json").read_text())
         assert json.loads(Tokenizer.from_file(str(models[name] / "tokenizer.json")).to_str()) == written
+
+
+def _lines_after(text: str, prefix: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    return lines[start:]
+
+
+def test_demo_merges_with_the_chat_template_and_generates_with_transformers(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path), "--backend", "local", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert verify(merged) == []
+    assert f"{merged}: verified against manifest.parquet" in out
+    assert len(out.splitlines()) <= 25  # short enough to read
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert len(tok) == 320 and tok.chat_template == CHAT_TEMPLATE
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [2, END_OF_TURN_ID]
+    prompt, reply = (line.split(": ", 1)[1] for line in _lines_after(out, "  prompt: ")[:2])
+    assert prompt == f"<s><|user|> {PROMPT} <|end|> <|assistant|>"
+    assert len(reply.split()) >= 1 and "noise" in out
+    assert _lines_after(out, "by hand:")[1:] == [f"  {line}" for line in how_to(merged)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec("\n".join(how_to(merged)), {})  # the how-to runs as printed, and makes the same reply
+    assert printed.getvalue().rstrip("\n").endswith(reply)
+
+
+def test_demo_without_transformers_merges_and_says_generation_was_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it fails
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    assert main(["demo", "--dir", str(tmp_path), "--backend", "local", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "verified against manifest.parquet" in out and verify(tmp_path / "merged") == []
+    skipped = [line for line in out.splitlines() if "generation skipped" in line]
+    assert len(skipped) == 1 and "pip install 'chatvec-dist[demo]'" in skipped[0]
+    assert "reply:" not in out
+    merged_config = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    assert merged_config["chat_template"] == CHAT_TEMPLATE and (tmp_path / "merged" / "tokenizer.json").is_file()
