@@ -590,6 +590,7 @@ def test_demo_command_runs_on_embedded_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified against manifest.parquet" in proc.stdout
     assert verify(tmp_path / "demo" / "merged") == []
+    assert "  prompt: <s><|user|> " in proc.stdout and "  reply: " in proc.stdout  # transformers ran the output
 
 
 def test_units_lost_with_a_dead_worker_are_redone(llamas, merged, tmp_path, monkeypatch):
