@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -105,7 +106,7 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: d
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         return directory
     names = list(tensors)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k in range(shards):
         part = names[k::shards]
         fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
@@ -290,7 +291,7 @@ def generate(out: Path) -> None:
     disable_progress_bar()  # transformers' bar for loading 21 tiny tensors
     tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     messages = [{"role": "user", "content": PROMPT}]
-    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    inputs: Any = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0]
     prompt_len = inputs["input_ids"].shape[1]
     print(f"\ntransformers loaded {out.name}/ ({len(tok)} tokens, chat's chat template) and generated greedily.")

@@ -11,7 +11,7 @@ logger = logging.getLogger("chatvec")
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (pytest and tools swap it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

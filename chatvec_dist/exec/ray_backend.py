@@ -8,6 +8,7 @@ to the front of that actor's run, which the other actors take, and the actor is 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -59,7 +60,7 @@ def init_ray(address: str | None):
                     address=address,
                     include_dashboard=False,
                     log_to_driver=False,
-                    logging_level="WARNING",
+                    logging_level=logging.WARNING,
                     configure_logging=False,
                 )
             except Exception as e:  # Ray's own errors vary by version: one line naming the usual causes

@@ -26,7 +26,7 @@ from .messages import SegmentResult, Stages, UnitResult, WorkContext
 
 def _written_as_read(t: PlannedTensor) -> bool:
     """A copy in CP's own dtype: its bytes go from the input buffer straight to the output file."""
-    return t.rule == "copy" and t.cp.dtype == t.out_dtype
+    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype
 
 
 class UnitRunner:
@@ -92,6 +92,7 @@ class UnitRunner:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
             if _written_as_read(t):
+                assert t.cp is not None
                 out = inputs[t.cp][:count].view(torch.uint8)
                 stats = nonfinite(inputs[t.cp][:count]) if is_float(t.out_dtype) else Stats()
             else:
@@ -114,9 +115,7 @@ class UnitRunner:
             path = self._local_paths.get(src.path) or self._local_paths.setdefault(
                 src.path, local_copy(src.path, self.ctx.hub_files)
             )
-            read_into(
-                self.files.get(path), memoryview(buf.numpy()), src.start + piece.first * size, path, tensors[0].name
-            )
+            read_into(self.files.get(path), buf.numpy().data, src.start + piece.first * size, path, tensors[0].name)
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
 
@@ -131,6 +130,7 @@ class UnitRunner:
         compute = compute_dtype(dtypes)
         stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values
+            assert cp is not None
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
         return stats
 
@@ -139,7 +139,7 @@ class UnitRunner:
     ) -> tuple[tuple[int, bytes], ...]:
         """xxh3-128 of each hash block of the tensor that this output range covers (it starts on a block), each
         block written right after it is hashed, while it is still in cache: one pass over the output's bytes."""
-        block, data = self.ctx.block_bytes, memoryview(out.numpy())
+        block, data = self.ctx.block_bytes, out.numpy().data
         fd = self.files.get(path, os.O_WRONLY)
         digests = []
         for k, i in enumerate(range(0, max(len(data), 1), block)):

@@ -27,7 +27,11 @@ class Scratch:
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if dtype not in self._bufs:
-            self._bufs[dtype] = tuple(torch.empty(CHUNK, dtype=dtype) for _ in range(3))
+            self._bufs[dtype] = (
+                torch.empty(CHUNK, dtype=dtype),
+                torch.empty(CHUNK, dtype=dtype),
+                torch.empty(CHUNK, dtype=dtype),
+            )
         return self._bufs[dtype]
 
 

@@ -195,7 +195,7 @@ def launches(
     calls = []
     for g, group in enumerate(groups):
         last = g == len(groups) - 1
-        args = [out, cp if cp is not None and last else out, acc, partials]
+        args: list[object] = [out, cp if cp is not None and last else out, acc, partials]
         minus_bits = 0
         for i in range(MAX_TERMS):
             if i < len(group):
