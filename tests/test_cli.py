@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,25 @@ def test_alphas_of_a_target_say_what_to_give():
     with pytest.raises(chatvec_dist.ChatvecError, match=r"alphas 'x': give numbers, one per vector .*alphas=\(0.5,\)"):
         Target("t", "cp", "o", "x")
     assert Target("t", "cp", "o", [0.5]).alphas == (0.5,)  # a list is the tuple it means
+
+
+def test_one_alpha_rule_in_every_front_end(demo, tmp_path, capsys):
+    """One value for every vector, or one per vector: the same rule and words from the CLI, API and a file."""
+    rule = "3 values for 2 vectors: give one value (for every vector) or one per vector"
+    two = {"base": ["b", "b2"], "chat": ["c", "c2"]}
+    assert chatvec_dist.make_recipe(**two, cp="p", out="o", alpha=[0.5]).targets[0].alphas == (0.5, 0.5)
+    with pytest.raises(chatvec_dist.ChatvecError, match=f"^alpha: {re.escape(rule)}"):
+        chatvec_dist.make_recipe(**two, cp="p", out="o", alpha=[1, 2, 3])
+    path = tmp_path / "r.yaml"
+    text = "vectors: [{chat: c, base: b}, {chat: c2, base: b2}]\ntargets:\n  - {name: t, cp: p, out: o, alphas: %s}\n"
+    path.write_text(text % "[0.5]")
+    assert load_recipe(path).targets[0].alphas == (0.5, 0.5)
+    path.write_text(text % "[1, 2, 3]")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:3: field 'targets[0].alphas': {rule}")):
+        load_recipe(path)
+    argv = ["plan", "--base", "b", "--chat", "c", "--base", "b2", "--chat", "c2", "--cp", "p"]
+    assert main([*argv, "--alpha", "1", "--alpha", "2", "--alpha", "3"]) == 2
+    assert one_error_line(capsys) == f"chatvec: error: --alpha: {rule}"
 
 
 # --- exit statuses ---------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ from ..errors import ChatvecError
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
+BACKENDS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+ALPHA = 1.0  # each vector's scale unless one is given
+EXTRACT_DTYPE = "float32"  # an extracted vector's dtype unless one is given (it has no CP's to keep)
+FLOAT32_MAX = 3.4028234663852886e38  # kernels scale in float32: a larger alpha would be Inf there
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "b": 1,
@@ -63,12 +69,13 @@ def broadcast_alphas(values: Sequence[T], n_vectors: int, name: str = "alphas") 
     """One alpha for every vector, or one per vector (the rule of every front end: CLI, API, recipe file)."""
     if len(values) == 1:
         return tuple(values) * n_vectors
-    if len(values) != n_vectors:
-        raise RecipeError(
-            f"{name}: {len(values)} values for {n_vectors} vector{'s' * (n_vectors != 1)}: give one value "
-            "(for every vector) or one per vector",
-            field="alphas",
-        )
+    plural = "s" * (n_vectors != 1)
+    _check(
+        len(values) == n_vectors,
+        name,
+        "alphas",
+        f"{len(values)} values for {n_vectors} vector{plural}: give one value (for every vector) or one per vector",
+    )
     return tuple(values)
 
 
@@ -78,14 +85,6 @@ def output_under(root: str | os.PathLike[str] | None, name: str) -> str:
     root = os.fspath(root) if root is not None else ""
     _check(root != "", f"target {name!r}", "out", "no output root: give the folder the outputs go under")
     return os.path.join(root, name)
-
-
-VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
-BACKENDS = ("ray", "local")
-DEVICES = ("auto", "cpu", "cuda")
-ALPHA = 1.0  # each vector's scale unless one is given
-EXTRACT_DTYPE = "float32"  # an extracted vector's dtype unless one is given (it has no CP's to keep)
-FLOAT32_MAX = 3.4028234663852886e38  # kernels scale in float32: a larger alpha would be Inf there
 
 
 @dataclass(frozen=True)
