@@ -66,6 +66,7 @@ def test_version(capsys):
 
 
 def test_every_option_and_positional_has_help_and_every_command_an_example():
+    assert all(action.help for action in build_parser()._actions)
     for name, parser in subcommands().items():
         for action in parser._actions:
             assert action.help, (name, action.dest)
