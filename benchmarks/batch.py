@@ -22,7 +22,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def planned_io(args: list[str]) -> tuple[float, float]:
     from chatvec_dist import job
-    from chatvec_dist.cli.main import build_parser, recipe_from_args
+    from chatvec_dist.cli.args import recipe_from_args
+    from chatvec_dist.cli.parser import build_parser
 
     planned = job.plan(recipe_from_args(build_parser().parse_args(["plan", *args])))
     written = sum(p.nbytes for tp in planned.targets for p in tp.layout.tensors)

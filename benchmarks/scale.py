@@ -97,7 +97,8 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     from chatvec_dist import job
-    from chatvec_dist.cli.main import build_parser, recipe_from_args
+    from chatvec_dist.cli.args import recipe_from_args
+    from chatvec_dist.cli.parser import build_parser
 
     root = Path(args.data)
     paths = make_models(root, args.mb)

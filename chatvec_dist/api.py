@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from .errors import ChatvecError
-from .recipe.spec import MiB, Recipe, RunOptions, Target, Vector, is_plain_name
+from .recipe.spec import ALPHA, Recipe, RunOptions, Target, Vector, broadcast_alphas, is_plain_name, output_under
 
 if TYPE_CHECKING:
     from .planning.plan import Planned
@@ -21,14 +21,14 @@ def make_recipe(
     chat: PathText | list[PathText],
     cp: PathText | dict[str, PathText],
     out: PathText,
-    alpha: float | list[float] = 1.0,
+    alpha: float | list[float] = ALPHA,
     *,
-    vocab: str = "auto",
-    exclude: str | tuple[str, ...] = (),
-    dtype: str | None = None,
-    max_shard_size: int = 5 * 10**9,
-    unit_bytes: int = 64 * MiB,
-    chat_template_from_chat: bool = False,
+    vocab: str = Target.vocab,
+    exclude: str | tuple[str, ...] = Target.exclude,
+    dtype: str | None = Target.dtype,
+    max_shard_size: int = Recipe.max_shard_size,
+    unit_bytes: int = Recipe.unit_bytes,
+    chat_template_from_chat: bool = Recipe.chat_template_from_chat,
 ) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
@@ -37,28 +37,18 @@ def make_recipe(
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
         raise ChatvecError(f"{len(bases)} base(s) for {len(chats)} chat model(s): give one base per chat model")
-    alphas = (alpha,) * len(chats) if isinstance(alpha, numbers.Real) else tuple(alpha)
-    if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in alphas):  # numpy's too
-        raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
     vectors = tuple(Vector(c, b) for c, b in zip(chats, bases))
-    out = os.fspath(out)
-    cps = cp if isinstance(cp, dict) else {Path(out).name: cp}
-    for name in cps if isinstance(cp, dict) else ():
-        if not is_plain_name(name):
-            raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
+    alphas = _alphas(alpha, len(vectors))
+    if isinstance(cp, dict):
+        for name in cp:
+            if not is_plain_name(name):
+                raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
+        outs = {name: output_under(out, name) for name in cp}
+    else:
+        outs = {Path(out).name: out}
+        cp = {Path(out).name: cp}
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    targets = tuple(
-        Target(
-            name,
-            path,
-            out if not isinstance(cp, dict) else str(Path(out) / name),
-            tuple(map(float, alphas)),
-            vocab,
-            exclude,
-            dtype,
-        )
-        for name, path in cps.items()
-    )
+    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype) for name, path in cp.items())
     return Recipe(
         vectors,
         targets,
@@ -66,6 +56,14 @@ def make_recipe(
         unit_bytes=unit_bytes,
         chat_template_from_chat=chat_template_from_chat,
     )
+
+
+def _alphas(alpha: object, n_vectors: int) -> tuple[float, ...]:
+    """`alpha` as one float per vector: a number (for every vector) or a list of them (one per vector)."""
+    values = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha]
+    if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in values):  # numpy's too
+        raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
+    return broadcast_alphas([float(a) for a in values], n_vectors, "alpha")
 
 
 def plan(recipe: Recipe) -> Planned:
@@ -82,6 +80,7 @@ def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    recipe.check_runnable()
     return [output.path for output in job.run(recipe, options or RunOptions())]
 
 

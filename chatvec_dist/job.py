@@ -117,6 +117,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
     """Execute a recipe and commit every target's output directory; outputs this job had already committed are
     left as they are (`written` False) unless `options.restart`."""
     options = options or RunOptions()
+    recipe.check_runnable()
     planned = plan(recipe)
     inputs = _input_stats(planned)
     outputs = [

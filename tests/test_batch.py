@@ -14,7 +14,9 @@ from test_e2e import expected_weights, load_all, logits, shard_bytes
 
 import chatvec_dist
 from chatvec_dist import job
-from chatvec_dist.cli.main import build_parser, main, recipe_from_args
+from chatvec_dist.cli import main
+from chatvec_dist.cli.args import recipe_from_args
+from chatvec_dist.cli.parser import build_parser
 from chatvec_dist.kernels.reference import reference
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.verify import verify

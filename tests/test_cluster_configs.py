@@ -179,7 +179,7 @@ def test_kuberay_rayjob_runs_chatvec_over_the_volume(rayjob):
     assert opts["--address"] == "auto"
     for flag in ("--base", "--chat", "--cp", "--out"):
         assert opts[flag].startswith(f"{MOUNT}/"), flag
-    from chatvec_dist.cli.main import build_parser  # the entrypoint is a valid chatvec command line
+    from chatvec_dist.cli.parser import build_parser  # the entrypoint is a valid chatvec command line
 
     args = build_parser().parse_args(argv[1:])
     assert args.command == "merge" and args.address == "auto"

@@ -299,3 +299,37 @@ def test_a_fetch_takes_the_top_level_files_only():
     ]
     kept = list(filter_repo_objects(names, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
     assert kept == ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json", "modeling_x.py"]
+
+
+def test_a_mistyped_path_under_a_local_folder_is_not_tried_on_the_hub(hub, tmp_path, monkeypatch, capsys):
+    """`models/llama-zh` when `models/` is here but not `models/llama-zh`: a typo, said so (never a Hub fetch)."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()  # the cache holds org/cp: without this folder, the Hub id resolves
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("the Hub was tried"))
+    with pytest.raises(
+        SourceError, match=r"^org/cp: no such directory; org/ exists here, so this is not read as a Hub"
+    ):
+        open_source("org/cp")
+    argv = ["plan", "--base", "org/base", "--chat", "org/chat", "--cp", "org/cp"]
+    assert main(argv) == 2
+    assert "org/ exists here, so this is not read as a Hub id" in capsys.readouterr().err
+
+
+def test_a_snapshot_lacking_its_remote_code_warns_through_the_logger(hub, tmp_path, monkeypatch, capsys):
+    """The warning is a `chatvec` log record: a library user silences it as any logger, the CLI shows it."""
+    import json
+    import logging
+
+    cache, models, commits = hub
+    src = tmp_path / "no-code"
+    shutil.copytree(models["cp"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_x.X"}}))
+    cache_repo(cache, "org/custom", src, "c" * 40)
+    monkeypatch.setattr(logging.getLogger("chatvec"), "level", logging.ERROR)
+    assert open_source("org/custom").tensors and capsys.readouterr().err == ""
+    monkeypatch.setattr(logging.getLogger("chatvec"), "level", logging.INFO)
+    assert main(["plan", "--base", "org/base", "--chat", "org/chat", "--cp", "org/custom"]) == 0
+    assert "chatvec: warning: org/custom: the snapshot lacks modeling_x.py" in capsys.readouterr().err

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from chatvec_dist import job
-from chatvec_dist.cli.main import build_parser, recipe_from_args
+from chatvec_dist.cli.args import recipe_from_args
+from chatvec_dist.cli.parser import build_parser
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io.header import read_header

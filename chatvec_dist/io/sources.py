@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 from ..errors import ChatvecError, SourceError
+from ..log import logger
 from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint, read_json_object
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -23,6 +23,10 @@ def open_source(spec: str) -> Checkpoint:
     missing) when the cache lacks it or holds part of it (e.g. just `config.json`, left by `AutoConfig`)."""
     if os.path.exists(spec) or not REPO_ID.match(spec):
         return open_checkpoint(spec)
+    if os.path.isdir(folder := spec.split("/", 1)[0]):  # `models/llama-zh` mistyped: not a Hub id to try
+        raise SourceError(
+            f"no such directory; {folder}/ exists here, so this is not read as a Hub id (check the name)", file=spec
+        )
     repo_id, _, revision = spec.partition("@")
     unusable = None
     cached = _snapshot(repo_id, revision or None, local_files_only=True)
@@ -56,10 +60,9 @@ def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
     except ChatvecError as e:
         ckpt, why = cached, f"fetching failed: {e.what}"
     if missing := missing_remote_code(ckpt.directory):
-        print(
-            f"chatvec: warning: {repo_id}: the snapshot lacks {', '.join(missing)}, named by its auto_map ({why}); "
-            "the output will lack them too",
-            file=sys.stderr,
+        logger.warning(
+            f"{repo_id}: the snapshot lacks {', '.join(missing)}, named by its auto_map ({why}); "
+            "the output will lack them too"
         )
     return ckpt
 

@@ -7,9 +7,14 @@ import re
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import printable
+from ..errors import ChatvecError, printable
+from ..recipe.spec import human_bytes
 from .manifest import read_manifest
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LAYER = re.compile(r"\.(\d+)\.")
 OUTLIER_FACTOR = 10.0  # an update this many times its siblings' median is flagged
@@ -37,7 +42,7 @@ def per_layer(rows: list[dict]) -> dict[int, float]:
 
 
 def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """Tensors whose relative update is far above their siblings' median: (name, value, median)."""
+    """Tensors whose relative update is far above their siblings' median: (name, value, median), by name."""
     updated = [r for r in rows if r["rel_update"] is not None and math.isfinite(r["rel_update"])]
     if not updated:
         return []
@@ -53,16 +58,17 @@ def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
             for r in members
             if median > 0 and r["rel_update"] > OUTLIER_FACTOR * median
         ]
-    return found
+    return sorted(found)
 
 
 def report(out_dir: str | Path) -> str:
+    """The audit `chatvec inspect` prints; tensors listed by name."""
     table, meta = read_manifest(out_dir)
-    rows = table.to_pylist()
+    rows = sorted(table.to_pylist(), key=lambda r: r["tensor"])
     rules = Counter((r["rule"], r["reason"] or "-") for r in rows)
     lines = [
-        f"{out_dir}: {meta.get('kind')} by chatvec_dist {meta.get('version')}, target '{meta.get('target')}', {len(rows)} tensors, "
-        f"{sum(r['nbytes'] for r in rows) / 1e9:.3f} GB"
+        f"{out_dir}: {meta.get('kind')} by chatvec_dist {meta.get('version')}, target '{meta.get('target')}', "
+        f"{len(rows)} tensors, {human_bytes(sum(r['nbytes'] for r in rows))}"
     ]
     lines += [f"  {n:5d} × {rule} ({reason})" for (rule, reason), n in sorted(rules.items())]
     vocab = [r for r in rows if r["reason"].startswith("vocab:")]
@@ -86,28 +92,28 @@ def report(out_dir: str | Path) -> str:
 
 def plot(out_dir: str | Path, png: str | Path) -> None:
     """Per-layer relative update norms as a PNG (needs matplotlib: pip install 'chatvec-dist[plot]')."""
+    fig = figure(out_dir)
     try:
-        import matplotlib
+        fig.savefig(png, dpi=110)
+    except (OSError, ValueError) as e:  # a folder that is not there, a format matplotlib does not write
+        raise ChatvecError(f"cannot write the plot: {e}", file=str(png)) from None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def figure(out_dir: str | Path) -> Figure:
+    """The bar chart `plot` saves: one bar per layer, at whole-number ticks."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        from ..errors import ChatvecError
-
         raise ChatvecError("--plot needs matplotlib: pip install 'chatvec-dist[plot]'") from None
     table, meta = read_manifest(out_dir)
     layers = per_layer(table.to_pylist())
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig = Figure(figsize=(8, 3.5))  # not pyplot's: no global state, no GUI backend
+    ax = fig.subplots()
     ax.bar(list(layers), list(layers.values()), color="#4477aa")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are numbered: no 2.5
     ax.set_xlabel("layer")
     ax.set_ylabel("‖out − cp‖ / ‖cp‖")
     ax.set_title(f"{meta.get('target')}: relative update per layer")
     fig.tight_layout()
-    try:
-        fig.savefig(png, dpi=110)
-    except (OSError, ValueError) as e:  # a folder that is not there, a format matplotlib does not write
-        from ..errors import ChatvecError
-
-        raise ChatvecError(f"cannot write the plot: {e}", file=str(png)) from None
-    finally:
-        plt.close(fig)
+    return fig

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from ..recipe.spec import human_bytes
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -43,17 +44,18 @@ def summary(planned: Planned) -> str:
 
     io = sum(unit_io_bytes(u, planned) for u in planned.units)
     written = sum(p.nbytes for tp in planned.targets for p in tp.layout.tensors)
+    recipe = planned.recipe
     lines = [
-        f"{planned.recipe.kind}: {len(planned.recipe.vectors)} vector(s), {len(planned.targets)} target(s); "
-        f"{(io - written) / 1e9:.3f} GB read, {written / 1e9:.3f} GB written; "
-        f"{len(planned.units)} units of up to {planned.recipe.unit_bytes / 2**20:g} MiB"
+        f"{recipe.kind}: {counted(len(recipe.vectors), 'vector')}, {counted(len(planned.targets), 'target')}; "
+        f"{human_bytes(io - written)} read, {human_bytes(written)} written; "
+        f"{counted(len(planned.units), 'unit')} of up to {human_bytes(recipe.unit_bytes, binary=True)}"
     ]
     for tp in planned.targets:
         lay, t = tp.layout, tp.target
         rules = Counter(p.tensor.rule for p in lay.tensors)
         lines.append(
-            f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {len(lay.tensors)} tensors "
-            f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {len(lay.shards)} shard(s)"
+            f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {counted(len(lay.tensors), 'tensor')} "
+            f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {counted(len(lay.shards), 'shard')}"
         )
         for p in lay.tensors:
             if p.tensor.reason and p.tensor.reason != "non-float":
@@ -62,3 +64,8 @@ def summary(planned: Planned) -> str:
                     f"merged elements {p.tensor.merge_elems})"
                 )
     return "\n".join(lines)
+
+
+def counted(n: int, word: str) -> str:
+    """`1 unit`, `3 units`."""
+    return f"{n} {word}{'s' * (n != 1)}"

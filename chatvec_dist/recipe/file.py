@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 
 import yaml
 
-from ..dtypes import OUTPUT_DTYPES
-from ..errors import ChatvecError
 from ..io.header import shown
-from ..planning.layout import check_max_shard_size, check_unit_bytes
-from .spec import VOCAB_POLICIES, Recipe, Target, Vector, parse_size
+from .spec import ALPHA, Recipe, RecipeError, Target, Vector, broadcast_alphas, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
-
-
-class RecipeError(ChatvecError):
-    """A recipe file is malformed; names the field and line."""
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -51,7 +43,8 @@ def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
 
     vectors = tuple(Vector(source(v.chat), source(v.base)) for v in recipe.vectors)
     targets = tuple(
-        dataclasses.replace(t, cp=source(t.cp), out=os.path.normpath(os.path.join(cwd, t.out))) for t in recipe.targets
+        dataclasses.replace(t, cp=source(t.cp), out=t.out and os.path.normpath(os.path.join(cwd, t.out)))
+        for t in recipe.targets
     )
     return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
@@ -131,15 +124,12 @@ class _Reader:
         return value
 
     def number(self, node: yaml.Node, field: str) -> float:
-        """A finite number; `1e-1` too (YAML 1.1 reads it as a string)."""
+        """A number; `1e-1` too (YAML 1.1 reads it as a string). Whether it is a usable alpha is Target's rule."""
         value = self.scalar(node, field, (int, float, str))
         try:
-            number = float(value)
+            return float(value)
         except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
             raise self.fail(node, field, f"expected a finite number, got {shown(value)}") from None
-        if not math.isfinite(number):
-            raise self.fail(node, field, f"{shown(value)} is not a finite number")
-        return number
 
     def sequence(self, node: yaml.Node, field: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):
@@ -165,54 +155,49 @@ class _Reader:
         )
         if not vectors or not targets:
             raise self.fail(root, "vectors" if not vectors else "targets", "needs at least one entry")
-        options = {}
-        for name, check in (("max_shard_size", check_max_shard_size), ("unit_bytes", check_unit_bytes)):
-            if name in items:
-                options[name] = self.size(items[name], name)
-                try:
-                    check(options[name])
-                except ChatvecError as e:
-                    raise self.fail(items[name], name, e.what) from None
+        options = {name: self.size(items[name], name) for name in ("max_shard_size", "unit_bytes") if name in items}
         if "chat_template_from_chat" in items:
             options["chat_template_from_chat"] = self.scalar(
                 items["chat_template_from_chat"], "chat_template_from_chat", (bool,)
             )
-        return Recipe(vectors, targets, **options)
+        return self.build(Recipe, items, "", root, vectors, targets, **options)
+
+    def build(self, cls: type, items: dict[str, yaml.Node], field: str, node: yaml.Node | None, *args, **kwargs):
+        """`cls(*args, **kwargs)`, its refusal of a value told as the field and line that gave it."""
+        try:
+            return cls(*args, **kwargs)
+        except RecipeError as e:
+            where = f"{field}.{e.field}" if field else e.field
+            raise self.fail(items.get(e.field, node), where, e.detail) from None
 
     def vector(self, node: yaml.Node, field: str) -> Vector:
         items = self.mapping(node, field, {"chat", "base"}, {"chat", "base"})
-        return Vector(
-            self.scalar(items["chat"], f"{field}.chat", (str,)),
-            self.scalar(items["base"], f"{field}.base", (str,), optional=True),
-        )
+        chat = self.scalar(items["chat"], f"{field}.chat", (str,))
+        base = self.scalar(items["base"], f"{field}.base", (str,), optional=True)
+        return self.build(Vector, items, field, node, chat, base)
 
     def target(self, node: yaml.Node, field: str, n_vectors: int) -> Target:
         names = {f.name for f in dataclasses.fields(Target)}
         items = self.mapping(node, field, names, {"name", "cp", "out"})
-
-        def get(key: str, kinds: tuple[type, ...], optional: bool = False):
-            return self.scalar(items[key], f"{field}.{key}", kinds, optional)
-
-        alphas: tuple[float, ...] = (1.0,) * n_vectors
+        values = {
+            key: self.scalar(items[key], f"{field}.{key}", (str,), optional=key in ("cp", "dtype"))
+            for key in ("name", "cp", "out", "vocab", "dtype")
+            if key in items
+        }
         if "alphas" in items:
-            node_a = items["alphas"]
-            raw = [node_a] if isinstance(node_a, yaml.ScalarNode) else self.sequence(node_a, f"{field}.alphas")
-            alphas = tuple(self.number(n, f"{field}.alphas") for n in raw)
-            if len(alphas) == 1:
-                alphas *= n_vectors
-            if len(alphas) != n_vectors:
-                raise self.fail(node_a, f"{field}.alphas", f"{len(alphas)} values for {n_vectors} vectors")
-        vocab = get("vocab", (str,)) if "vocab" in items else "auto"
-        if vocab not in VOCAB_POLICIES:
-            raise self.fail(items["vocab"], f"{field}.vocab", f"{vocab!r} is not one of {', '.join(VOCAB_POLICIES)}")
-        dtype = get("dtype", (str,), True) if "dtype" in items else None
-        if dtype is not None and dtype not in OUTPUT_DTYPES:
-            raise self.fail(items["dtype"], f"{field}.dtype", f"{dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-        exclude = (
-            tuple(
+            values["alphas"] = self.alphas(items["alphas"], f"{field}.alphas", n_vectors)
+        else:
+            values["alphas"] = broadcast_alphas((ALPHA,), n_vectors)
+        if "exclude" in items:
+            values["exclude"] = tuple(
                 self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")
             )
-            if "exclude" in items
-            else ()
-        )
-        return Target(get("name", (str,)), get("cp", (str,), True), get("out", (str,)), alphas, vocab, exclude, dtype)
+        return self.build(Target, items, field, node, **values)
+
+    def alphas(self, node: yaml.Node, field: str, n_vectors: int) -> tuple[float, ...]:
+        """One number (for every vector) or a list of them (one per vector)."""
+        raw = [node] if isinstance(node, yaml.ScalarNode) else self.sequence(node, field)
+        try:
+            return broadcast_alphas([self.number(n, field) for n in raw], n_vectors)
+        except RecipeError as e:
+            raise self.fail(node, field, e.detail) from None

@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..dtypes import OUTPUT_DTYPES
+from ..errors import ChatvecError
 
+T = TypeVar("T")
 MiB = 1024 * 1024
+VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
+BACKENDS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+ALPHA = 1.0  # each vector's scale unless one is given
+EXTRACT_DTYPE = "float32"  # an extracted vector's dtype unless one is given (it has no CP's to keep)
+FLOAT32_MAX = 3.4028234663852886e38  # kernels scale in float32: a larger alpha would be Inf there
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "b": 1,
@@ -32,9 +42,49 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
-VOCAB_POLICIES = ("auto", "skip", "overlap", "full")
-BACKENDS = ("ray", "local")
-DEVICES = ("auto", "cpu", "cuda")
+def human_bytes(n: int, binary: bool = False) -> str:
+    """`n` bytes as people write them: `12.3 MB`, `1.5 GB`; binary units (`16 KiB`, `64 MiB`) for unit sizes."""
+    step, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "KB", "MB", "GB", "TB"))
+    value, unit = float(n), units[0]
+    for bigger in units[1:]:
+        if round(abs(value), 1) < step:
+            break
+        value, unit = value / step, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+class RecipeError(ChatvecError):
+    """A recipe value that cannot be used. `field` names it and `detail` says what is wrong with it, so that a
+    recipe file's reader can name the field and line instead of the dataclass."""
+
+    def __init__(
+        self, what: str, *, file: str | None = None, tensor: str | None = None, field: str = "", detail: str = ""
+    ) -> None:
+        super().__init__(what, file=file, tensor=tensor)
+        self.field = field
+        self.detail = detail or what
+
+
+def broadcast_alphas(values: Sequence[T], n_vectors: int, name: str = "alphas") -> tuple[T, ...]:
+    """One alpha for every vector, or one per vector (the rule of every front end: CLI, API, recipe file)."""
+    if len(values) == 1:
+        return tuple(values) * n_vectors
+    plural = "s" * (n_vectors != 1)
+    _check(
+        len(values) == n_vectors,
+        name,
+        "alphas",
+        f"{len(values)} values for {n_vectors} vector{plural}: give one value (for every vector) or one per vector",
+    )
+    return tuple(values)
+
+
+def output_under(root: str | os.PathLike[str] | None, name: str) -> str:
+    """The output folder of target `name` in a batch: `root/name` (an empty or missing root is refused: it
+    would put the outputs in the current folder)."""
+    root = os.fspath(root) if root is not None else ""
+    _check(root != "", f"target {name!r}", "out", "no output root: give the folder the outputs go under")
+    return os.path.join(root, name)
 
 
 @dataclass(frozen=True)
@@ -45,40 +95,56 @@ class Vector:
     base: str | None
 
     def __post_init__(self) -> None:
-        _paths(self, "chat", "base")
+        _paths(self, "vector", chat="a checkpoint folder or a Hub id", base="a checkpoint folder or a Hub id")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One output model: `out = cp + Σ alphas[i] · vector_i`, or, without `cp`, the vectors themselves (extract)."""
+    """One output model: `out = cp + Σ alphas[i] · vector_i`, or, without `cp`, the vectors themselves (extract).
+    `out` None plans without an output (`chatvec plan`); running needs one."""
 
     name: str
     cp: str | None
-    out: str
+    out: str | None
     alphas: tuple[float, ...]
     vocab: str = "auto"
     exclude: tuple[str, ...] = ()
-    dtype: str | None = None  # output dtype name; default: CP's (float32 for an extracted vector)
+    dtype: str | None = None  # output dtype name; default: CP's (EXTRACT_DTYPE for an extracted vector)
 
     def __post_init__(self) -> None:
-        _paths(self, "cp", "out")
         where = f"target {self.name!r}"
-        _check(isinstance(self.name, str) and isinstance(self.out, str), f"{where}: name and out must be text")
+        _check(isinstance(self.name, str), where, "name", "give the name as text")
+        _paths(self, where, cp="a checkpoint folder or a Hub id", out="an output folder")
+        _as_tuple(self, "alphas", "exclude")
         _check(
-            isinstance(self.alphas, tuple) and all(_real(a) and abs(a) <= FLOAT32_MAX for a in self.alphas),
-            f"{where}: alphas {list(self.alphas) if isinstance(self.alphas, tuple) else self.alphas!r} must be "
-            "finite numbers within float32's range, |alpha| ≤ 3.4e38 (a tuple)",
+            isinstance(self.alphas, tuple) and all(_number(a) for a in self.alphas),
+            where,
+            "alphas",
+            f"alphas {self.alphas!r}: give numbers, one per vector (or one for all), e.g. alphas=(0.5,)",
         )
         _check(
-            self.vocab in VOCAB_POLICIES, f"{where}: vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}"
+            all(math.isfinite(a) and abs(a) <= FLOAT32_MAX for a in self.alphas),
+            where,
+            "alphas",
+            f"alphas {list(self.alphas)} must be finite numbers within float32's range, |alpha| ≤ 3.4e38",
+        )
+        _check(
+            self.vocab in VOCAB_POLICIES,
+            where,
+            "vocab",
+            f"vocab {self.vocab!r}: choose one of {', '.join(VOCAB_POLICIES)}",
         )
         _check(
             isinstance(self.exclude, tuple) and all(isinstance(x, str) for x in self.exclude),
-            f"{where}: exclude {self.exclude!r} must be a tuple of regexes (text)",
+            where,
+            "exclude",
+            f"exclude {self.exclude!r}: give regexes as text, e.g. exclude=('lm_head',)",
         )
         _check(
             self.dtype is None or self.dtype in OUTPUT_DTYPES,
-            f"{where}: dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)",
+            where,
+            "dtype",
+            f"dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)",
         )
 
 
@@ -93,21 +159,54 @@ class Recipe:
     chat_template_from_chat: bool = False
 
     def __post_init__(self) -> None:
+        _as_tuple(self, "vectors", "targets")
         _check(
             isinstance(self.vectors, tuple) and all(isinstance(v, Vector) for v in self.vectors),
+            "",
+            "vectors",
             "a recipe's vectors must be a tuple of Vector",
         )
         _check(
             isinstance(self.targets, tuple) and all(isinstance(t, Target) for t in self.targets),
+            "",
+            "targets",
             "a recipe's targets must be a tuple of Target",
         )
-        for name in ("max_shard_size", "unit_bytes"):
+        for t in self.targets:
+            _check(
+                len(t.alphas) == len(self.vectors),
+                f"target {t.name!r}",
+                "alphas",
+                f"{len(t.alphas)} alphas for {len(self.vectors)} vectors: give one per vector",
+            )
+        self._check_sizes()
+        _check(
+            isinstance(self.chat_template_from_chat, bool),
+            "",
+            "chat_template_from_chat",
+            "chat_template_from_chat must be True or False",
+        )
+
+    def _check_sizes(self) -> None:
+        from ..planning.layout import check_max_shard_size, check_unit_bytes  # the layout's rules (no cycle here)
+
+        for name, rule in (("max_shard_size", check_max_shard_size), ("unit_bytes", check_unit_bytes)):
             value = getattr(self, name)
             _check(
                 isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                "",
+                name,
                 f"{name} {value!r}: give a positive number of bytes (an int; parse_size('64MiB') reads text)",
             )
-        _check(isinstance(self.chat_template_from_chat, bool), "chat_template_from_chat must be True or False")
+            try:
+                rule(value)
+            except ChatvecError as e:
+                raise RecipeError(e.what, field=name) from None
+
+    def check_runnable(self) -> None:
+        """Refuse a recipe planned without outputs (a target's `out` is None) before it is run."""
+        for t in self.targets:
+            _check(t.out is not None, f"target {t.name!r}", "out", "no output folder (out): give one to run it")
 
     @property
     def kind(self) -> str:
@@ -137,24 +236,41 @@ class RunOptions:
     fail_on_nonfinite: bool = False  # NaN/Inf in any output tensor: an error instead of counts in the manifest
 
     def __post_init__(self) -> None:
-        from ..errors import ChatvecError
-
         _check(
             self.workers is None or isinstance(self.workers, int) and not isinstance(self.workers, bool),
+            "",
+            "workers",
             f"workers {self.workers!r}: give a whole number (or none)",
         )
-        _check(_real(self.cpus_per_worker), f"cpus per worker {self.cpus_per_worker!r}: give a number")
-        _check(self.address is None or isinstance(self.address, str), f"address {self.address!r}: give text")
+        _check(
+            _real(self.cpus_per_worker),
+            "",
+            "cpus_per_worker",
+            f"cpus per worker {self.cpus_per_worker!r}: give a number",
+        )
+        _check(
+            self.address is None or isinstance(self.address, str), "", "address", f"address {self.address!r}: give text"
+        )
         for flag in ("overwrite", "restart", "progress", "fail_on_nonfinite"):
-            _check(isinstance(getattr(self, flag), bool), f"{flag} {getattr(self, flag)!r}: give True or False")
-        if self.backend not in BACKENDS:
-            raise ChatvecError(f"backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
-        if self.device not in DEVICES:
-            raise ChatvecError(f"device {self.device!r}: choose {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
-        if self.workers is not None and self.workers < 1:
-            raise ChatvecError(f"workers {self.workers}: give at least 1 (or none: one per CPU or GPU)")
-        if not self.cpus_per_worker > 0:
-            raise ChatvecError(f"cpus per worker {self.cpus_per_worker}: must be positive")
+            _check(
+                isinstance(getattr(self, flag), bool), "", flag, f"{flag} {getattr(self, flag)!r}: give True or False"
+            )
+        _check(self.backend in BACKENDS, "", "backend", f"backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
+        _check(
+            self.device in DEVICES,
+            "",
+            "device",
+            f"device {self.device!r}: choose {', '.join(DEVICES[:-1])} or {DEVICES[-1]}",
+        )
+        _check(
+            self.workers is None or self.workers >= 1,
+            "",
+            "workers",
+            f"workers {self.workers}: give at least 1 (or none: one per CPU or GPU)",
+        )
+        _check(
+            self.cpus_per_worker > 0, "", "cpus_per_worker", f"cpus per worker {self.cpus_per_worker}: must be positive"
+        )
 
 
 def is_plain_name(name: object) -> bool:
@@ -167,25 +283,36 @@ def is_plain_name(name: object) -> bool:
     )
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, where: str, field: str, detail: str) -> None:
+    """Refuse `field` with `detail`; the message starts with `where` (which target, say) where there is one."""
     if not ok:
-        from ..errors import ChatvecError
-
-        raise ChatvecError(message)
+        raise RecipeError(f"{where}: {detail}" if where else detail, field=field, detail=detail)
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # kernels scale in float32: a larger alpha would be Inf there
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return _number(x) and math.isfinite(x)
 
 
-def _paths(obj: object, *names: str) -> None:
-    """Path-like fields kept as text (a pathlib.Path is welcome); anything else is refused before any work."""
+def _as_tuple(obj: object, *names: str) -> None:
+    """List fields taken as the tuples they are stored as."""
     for name in names:
+        if isinstance(getattr(obj, name), list):
+            object.__setattr__(obj, name, tuple(getattr(obj, name)))
+
+
+def _paths(obj: object, where: str, **wanted: str) -> None:
+    """Path-like fields kept as text (a pathlib.Path is welcome); None only where optional; never empty (an empty
+    path would mean the current folder to the OS). `wanted`: each field's name → what it should be."""
+    for name, what in wanted.items():
         value = getattr(obj, name)
         if isinstance(value, os.PathLike):
-            object.__setattr__(obj, name, os.fspath(value))
-        elif not (value is None and name in ("base", "cp") or isinstance(value, str)):
-            _check(False, f"{type(obj).__name__}.{name} {value!r}: give a path or a Hub id as text (or a pathlib.Path)")
+            value = os.fspath(value)
+            object.__setattr__(obj, name, value)
+        if value is None and name in ("base", "cp", "out"):
+            continue
+        _check(isinstance(value, str), where, name, f"{name} {value!r}: give {what} as text (or a pathlib.Path)")
+        _check(value != "", where, name, f"{name} is empty: give {what}")

@@ -1,0 +1,114 @@
+"""A command line's meaning: the Recipe (what to compute) and RunOptions (how), by the dataclasses' rules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import ChatvecError
+from ..recipe.spec import (
+    ALPHA,
+    EXTRACT_DTYPE,
+    Recipe,
+    RunOptions,
+    Target,
+    Vector,
+    broadcast_alphas,
+    is_plain_name,
+    output_under,
+)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
+    if args.command == "extract":
+        vectors = _vectors(args.chat, args.base)
+        name = Path(os.path.abspath(args.out)).name
+        alphas = broadcast_alphas((ALPHA,), len(vectors))
+        targets = [Target(name, None, args.out, alphas, dtype=args.dtype or EXTRACT_DTYPE)]
+    else:
+        vectors = (
+            _vectors(args.vector, [None] * len(args.vector))
+            if args.command == "apply"
+            else _vectors(args.chat, args.base)
+        )
+        targets = _targets(args, len(vectors))
+    return Recipe(
+        vectors=tuple(vectors),
+        targets=tuple(targets),
+        max_shard_size=args.max_shard_size,
+        unit_bytes=args.unit_size,
+        chat_template_from_chat=getattr(args, "chat_template_from_chat", Recipe.chat_template_from_chat),
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        backend=args.backend,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        device=args.device,
+        address=args.address,
+        overwrite=args.overwrite,
+        restart=args.restart,
+        progress=not args.no_progress,
+        fail_on_nonfinite=args.fail_on_nonfinite,
+    )
+
+
+def _vectors(chats: list[str], bases: list) -> list[Vector]:
+    if len(chats) != len(bases):
+        raise ChatvecError(f"{len(bases)} --base but {len(chats)} --chat: give them in pairs")
+    return [Vector(c, b) for c, b in zip(chats, bases)]
+
+
+def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
+    """`--cp [NAME=]DIR` (repeatable) × the alpha sweep; several outputs go under `--out` as a root (`plan`
+    without --out: none)."""
+    alpha_sets = _alpha_sets(args.alpha or [], n_vectors)
+    sweep = len(alpha_sets) > 1
+    cps = _named_cps(args.cp)
+    single = len(cps) == 1 and not sweep
+    targets = []
+    for cp_name, cp in cps:
+        for alphas in alpha_sets:
+            label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep else None]))
+            out = args.out if single or args.out is None else output_under(args.out, label or Path(cp).name)
+            name = label or Path(os.path.abspath(out or cp)).name
+            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+    return targets
+
+
+def _alpha_sets(texts: list[str], n_vectors: int) -> list[tuple[float, ...]]:
+    """Each --alpha is one vector's value, or a comma-separated sweep of them: one alpha set per sweep step."""
+    per_vector = broadcast_alphas([_floats(t) for t in texts] or [[ALPHA]], n_vectors, "--alpha")
+    steps = max(len(a) for a in per_vector)
+    if any(len(a) not in (1, steps) for a in per_vector):
+        raise ChatvecError("--alpha sweeps of different lengths: give each vector one value or the same number")
+    return [tuple(a[j] if len(a) > 1 else a[0] for a in per_vector) for j in range(steps)]
+
+
+def _named_cps(specs: list[str]) -> list[tuple[str | None, str]]:
+    """`[NAME=]DIR` of each --cp; several CPs get their folder's name where unnamed (names must differ)."""
+    cps: list[tuple[str | None, str]] = []
+    for spec in specs:
+        name, cp = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (None, spec)
+        if name is not None and not is_plain_name(name):
+            raise ChatvecError(f"--cp {spec!r}: the name before '=' must be a plain file name (it names the output)")
+        cps.append((name, cp))
+    if len(cps) > 1:
+        cps = [(name or Path(cp).name, cp) for name, cp in cps]
+        for i, (name, cp) in enumerate(cps):
+            if (clash := next((c for n, c in cps[:i] if n == name), None)) is not None:
+                raise ChatvecError(
+                    f"--cp {clash} and --cp {cp} would both be named '{name}': name them, e.g. --cp zh={clash}"
+                )
+    return cps
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ChatvecError(f"--alpha {text!r} is not a number or a comma-separated list of numbers") from None
