@@ -20,6 +20,7 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.errors import RunError
 from chatvec_dist.output import commit as commit_module
+from chatvec_dist.output.digests import DIGESTS_NAME
 from chatvec_dist.output.manifest import MANIFEST_NAME, read_manifest
 from chatvec_dist.output.verify import verify
 from chatvec_dist.recipe.spec import RunOptions
@@ -162,4 +163,4 @@ def test_an_oserror_during_the_commit_is_a_run_error(models, tmp_path, monkeypat
     assert not out.exists()
     monkeypatch.undo()
     job.run(recipe, options)
-    assert verify(out) == []
+    assert verify(out) == [] and (out / DIGESTS_NAME).is_file()

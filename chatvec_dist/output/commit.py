@@ -1,4 +1,5 @@
-"""The commit: side files, index, manifest and card written into the work area, fsynced, renamed into place."""
+"""The commit: side files, index, manifest, card and file digests written into the work area, fsynced, renamed
+into place."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..errors import OutputError, RunError
+from ..errors import ChatvecError, OutputError, RunError
 from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
 from ..log import logger
 from ..planning.layout import Layout
+from .digests import DIGESTS_NAME, encode_digests, file_digests
 from .manifest import MANIFEST_NAME, write_manifest
 from .workarea import JOURNAL_NAME, PLAN_NAME, check_replaceable, replaced_path
 
@@ -45,7 +47,7 @@ def commit(
     config_dtype: str | None,
     overwrite: bool,
 ) -> None:
-    """Write index, side files, manifest and card; fsync; rename the work area into place.
+    """Write index, side files, manifest, card and file digests; fsync; rename the work area into place.
     A failure on the way (disk full, permissions) is a RunError naming the path being written: the work area
     stays, resumable, never renamed into place."""
     try:
@@ -96,6 +98,7 @@ def _commit(
     with _writing(work / MANIFEST_NAME):
         write_manifest(manifest, work / MANIFEST_NAME)
     _write(work / "README.md", card)
+    _write_digests(work, layout)  # last: it lists every other file
     for path in work.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -112,6 +115,18 @@ def _copy(src: Path, dst: Path) -> None:
     data = src.read_bytes()
     with _writing(dst):
         dst.write_bytes(data)
+
+
+def _write_digests(work: Path, layout: Layout) -> None:
+    """Record the size and sha256 of every file of the output (of each shard's header bytes: the manifest
+    hashes its tensor data)."""
+    headers = {shard.name: len(shard.header) for shard in layout.shards}
+    try:
+        files = file_digests(work, headers, set(WORK_ONLY))
+    except ChatvecError as e:  # a file of the work area that cannot be read back
+        raise RunError(f"commit failed ({e.what}); fix the cause and run the same command again", file=e.file) from None
+    with _writing(work / DIGESTS_NAME):
+        (work / DIGESTS_NAME).write_bytes(encode_digests(files))
 
 
 def _rename_into_place(work: Path, out: Path, overwrite: bool) -> None:
