@@ -329,6 +329,30 @@ def huge_integer_dim(c: Case) -> None:
     c.expect = [str(path)]
 
 
+def add_empty_tensor(path: Path, shape: list[int]) -> None:
+    """Give a shard one more tensor, of zero elements (it holds no bytes) and the given shape."""
+
+    def fn(h: dict, data: bytes) -> None:
+        h["model.zz_empty"] = {"dtype": "BF16", "shape": shape, "data_offsets": [len(data), len(data)]}
+
+    edit(path, fn)
+
+
+@case
+def zero_elements_dim_beyond_int64(c: Case) -> None:
+    """[0, 2**63] holds no element, yet no int64 (the manifest's, torch's) can hold its second dimension."""
+    path = c.base / "model.safetensors"
+    add_empty_tensor(path, [0, 2**63])
+    c.expect = [str(path), "model.zz_empty", "absurd shape [0, 9223372036854775808]"]
+
+
+@case
+def zero_elements_strides_beyond_int64(c: Case) -> None:
+    path = c.base / "model.safetensors"
+    add_empty_tensor(path, [0, 2**40, 2**40])
+    c.expect = [str(path), "model.zz_empty", "absurd shape"]
+
+
 @case
 def pickle_bytes_as_safetensors(c: Case) -> None:
     marker = c.root / "pwned"
@@ -635,6 +659,39 @@ def test_hostile_input_is_refused(name: str, tmp_path: Path, capsys) -> None:
         assert sorted(os.listdir(c.out)) == preexisting  # untouched
     assert not c.out.with_name(c.out.name + ".partial").exists()  # a run that could not start leaves nothing
     assert not (tmp_path / "pwned").exists()  # nothing was unpickled
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_plan_refuses_a_dim_beyond_int64(tmp_path: Path, capsys, save: bool) -> None:
+    """`chatvec plan` (and `--save`, which writes the shapes as int64) refuses it at parse time, in one line."""
+    c = _demo(tmp_path)
+    path = c.chat / "model.safetensors"
+    add_empty_tensor(path, [0, 2**63])
+    plan = tmp_path / "plan.parquet"
+    argv = ["plan", "--base", str(c.base), "--chat", str(c.chat), "--cp", str(c.cp)]
+    assert main(argv + (["--save", str(plan)] if save else [])) == 2
+    stdout, stderr = capsys.readouterr()
+    assert stdout == "" and "Traceback" not in stderr
+    assert stderr.splitlines() == [
+        f"chatvec: error: {path}: tensor 'model.zz_empty': absurd shape [0, 9223372036854775808]"
+    ]
+    assert not plan.exists()
+
+
+def test_zero_element_tensors_of_sane_shapes_still_merge(tmp_path: Path) -> None:
+    """The bound is on the dimensions, not on zero-element tensors: an ordinary empty one such as [0, 64] merges."""
+    c = _demo(tmp_path)
+    for d in (c.base, c.chat):
+        add_empty_tensor(d / "model.safetensors", [0, 64])
+    add_empty_tensor(c.cp / SHARD1, [0, 64])
+    index = c.cp / INDEX_NAME
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["model.zz_empty"] = SHARD1
+    index.write_text(json.dumps(doc))
+    assert main(c.argv()) == 0
+    table, _ = read_manifest(c.out)
+    row = next(r for r in table.to_pylist() if r["tensor"] == "model.zz_empty")
+    assert row["shape"] == [0, 64] and row["nbytes"] == 0
 
 
 def test_int_in_cp_float_in_base_is_refused(tmp_path: Path, capsys) -> None:

@@ -85,20 +85,33 @@ def open_checkpoint(
         entries = sorted(directory.iterdir())
     except OSError as e:
         raise SourceError(f"cannot list: {e.strerror}", file=str(directory)) from None
+    files, names = _weight_files(directory, entries, bound)
+    tensors = _tensors(directory, files, names, bound)
+    for entry in entries:  # side files (config, tokenizer) are read and copied too: none may lead outside
+        if entry.is_symlink():
+            _inside(entry, bound, str(entry))
+    ckpt = Checkpoint(
+        directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())}
+    )
+    ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
+    return ckpt
+
+
+def _weight_files(directory: Path, entries: list[Path], bound: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files to read, and the index's weight map (None without an index)."""
     index = directory / INDEX_NAME
     if _is_file(directory / SINGLE_NAME):  # first, as transformers loads it: the merge is of the model it loads
         if _is_file(index):
-            print(
+            print(  # printed, not logged: job.plan's callers (tests too) read it on stderr without the CLI
                 f"chatvec: warning: {directory} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
                 "as transformers does (remove the one that is stale)",
                 file=sys.stderr,
             )
-        files, names = [SINGLE_NAME], None
-    elif _is_file(index):
+        return [SINGLE_NAME], None
+    if _is_file(index):
         names = _weight_map(index, directory, bound)
-        files = sorted(set(names.values()))
-    else:
-        files, names = [p.name for p in entries if p.name.endswith(".safetensors") and _is_file(p)], None
+        return sorted(set(names.values())), names
+    files = [p.name for p in entries if p.name.endswith(".safetensors") and _is_file(p)]
     if not files:
         pickles = sorted(p.name for p in entries if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -108,6 +121,12 @@ def open_checkpoint(
                 file=str(directory),
             )
         raise SourceError("no safetensors files found", file=str(directory))
+    return files, None
+
+
+def _tensors(directory: Path, files: list[str], names: dict[str, str] | None, bound: Path) -> dict[str, TensorRef]:
+    """Every tensor of `files` (those the index places there, with an index), in file order."""
+    index = directory / INDEX_NAME
     tensors: dict[str, TensorRef] = {}
     for name in files:
         path = _inside(directory / name, bound, str(index if names is not None else directory / name))
@@ -119,21 +138,12 @@ def open_checkpoint(
                 tensors[tname] = TensorRef(str(path), info)
             elif names.get(tname) == name:
                 tensors[tname] = TensorRef(str(path), info)
-    if names is not None:
-        for tname, fname in names.items():
-            if tname not in tensors:
-                raise HeaderError(
-                    f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname
-                )
-        tensors = {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
-    for entry in entries:  # side files (config, tokenizer) are read and copied too: none may lead outside
-        if entry.is_symlink():
-            _inside(entry, bound, str(entry))
-    ckpt = Checkpoint(
-        directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())}
-    )
-    ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
-    return ckpt
+    if names is None:
+        return tensors
+    for tname, fname in names.items():
+        if tname not in tensors:
+            raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname)
+    return {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
 
 
 def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ from .ranges import open_regular
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 48
+MAX_DIM = (1 << 63) - 1  # every dimension must fit an int64 (the manifest's, torch's and numpy's shapes)
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,7 @@ def parse_header_bytes(
         raise HeaderError(f"header length {n} runs past the end of the file ({file_size} bytes)", file=path)
     if len(blob) < 8 + n:
         raise HeaderError("header is truncated", file=path)
-    try:
-        raw = json.loads(blob[8 : 8 + n].decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
-    except HeaderError as e:
-        raise HeaderError(e.what, file=path) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HeaderError(f"header is not valid JSON ({type(e).__name__})", file=path) from None
-    if not isinstance(raw, dict):
-        raise HeaderError("header is not a JSON object", file=path)
+    raw = _json_object(blob[8 : 8 + n], path)
     metadata = raw.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -75,8 +69,26 @@ def parse_header_bytes(
         if not is_safe_name(name):
             raise HeaderError(f"tensor name {shown(name)} is empty or has control characters", file=path)
     data_start = 8 + n
-    data_size = file_size - data_start
-    tensors = [_entry(name, spec, data_start, data_size, path) for name, spec in raw.items()]
+    tensors = [_entry(name, spec, data_start, file_size - data_start, path) for name, spec in raw.items()]
+    _check_contiguous(tensors, data_start, file_size, path)
+    return {t.name: t for t in tensors}, metadata
+
+
+def _json_object(text: bytes, path: str) -> dict:
+    """The header's JSON, which must be an object without duplicate keys."""
+    try:
+        raw = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except HeaderError as e:
+        raise HeaderError(e.what, file=path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise HeaderError(f"header is not valid JSON ({type(e).__name__})", file=path) from None
+    if not isinstance(raw, dict):
+        raise HeaderError("header is not a JSON object", file=path)
+    return raw
+
+
+def _check_contiguous(tensors: list[TensorInfo], data_start: int, file_size: int, path: str) -> None:
+    """Tensor data must tile the data section: no overlap, no gap, nothing after the last tensor (sorts `tensors`)."""
     tensors.sort(key=lambda t: (t.start, t.end))
     cursor = data_start
     for t in tensors:
@@ -90,7 +102,6 @@ def parse_header_bytes(
         cursor = t.end
     if cursor != file_size:
         raise HeaderError(f"tensor data ends at byte {cursor} but the file has {file_size} bytes", file=path)
-    return {t.name: t for t in tensors}, metadata
 
 
 def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) -> TensorInfo:
@@ -101,7 +112,7 @@ def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) 
         raise HeaderError(f"unknown dtype {shown(dtype)}", file=path, tensor=name)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
         raise HeaderError(f"invalid shape {shown(shape)}", file=path, tensor=name)
-    if math.prod(shape) > MAX_ELEMENTS:
+    if not _sane_shape(shape):
         raise HeaderError(f"absurd shape {shown(shape)}", file=path, tensor=name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise HeaderError(f"invalid data_offsets {shown(offsets)}", file=path, tensor=name)
@@ -122,6 +133,20 @@ def _entry(name: str, spec: object, data_start: int, data_size: int, path: str) 
             tensor=name,
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _sane_shape(shape: list[int]) -> bool:
+    """Every dimension fits an int64 and the product of the nonzero ones stays within MAX_ELEMENTS, checked one
+    dimension at a time (never a huge product): a zero-element [0, 2**63] would otherwise pass, and a loader's
+    strides of [0, 2**40, 2**40] overflow."""
+    extent = 1
+    for d in shape:
+        if d > MAX_DIM:
+            return False
+        extent *= max(d, 1)
+        if extent > MAX_ELEMENTS:
+            return False
+    return True
 
 
 def _is_int(x: object) -> bool:

@@ -1,21 +1,27 @@
-"""The commit: side files, index, manifest and card written into the work area, fsynced, renamed into place."""
+"""The commit: side files, index, manifest, card and file digests written into the work area, fsynced, renamed
+into place."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
-from ..errors import OutputError
+from ..errors import ChatvecError, OutputError, RunError
 from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
+from ..log import logger
 from ..planning.layout import Layout
+from .digests import DIGESTS_NAME, encode_digests, file_digests
 from .manifest import MANIFEST_NAME, write_manifest
 from .workarea import JOURNAL_NAME, PLAN_NAME, check_replaceable, replaced_path
+
+WORK_ONLY = (JOURNAL_NAME, PLAN_NAME, PLAN_NAME + ".tmp")  # the work area's own files: never part of the output
 
 
 def side_files(directory: Path) -> list[Path]:
@@ -41,13 +47,29 @@ def commit(
     config_dtype: str | None,
     overwrite: bool,
 ) -> None:
-    """Write index, side files, manifest and card; fsync; rename the work area into place."""
+    """Write index, side files, manifest, card and file digests; fsync; rename the work area into place.
+    A failure on the way (disk full, permissions) is a RunError naming the path being written: the work area
+    stays, resumable, never renamed into place."""
     try:
         _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite)
-    except OSError as e:  # disk full, permissions: the work area stays, resumable, never renamed into place
-        raise OutputError(
+    except OSError as e:
+        raise RunError(
             f"commit failed ({e.strerror}); fix the cause and run the same command again", file=str(e.filename or work)
         ) from None
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` names it (a disk-full copy names its source, a failed write nothing)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def _write(path: Path, text: str) -> None:
+    with _writing(path):
+        path.write_text(text, encoding="utf-8")
 
 
 def _commit(
@@ -63,37 +85,62 @@ def _commit(
 ) -> None:
     if side_dir is not None:
         for path in side_files(side_dir):
-            shutil.copyfile(path, work / path.name)
+            _copy(path, work / path.name)
     if config_dtype and (work / "config.json").is_file():
         config = read_json_object(work / "config.json", OutputError)
         _set_dtype(config, config_dtype)
-        (work / "config.json").write_text(json.dumps(config, indent=2))
+        _write(work / "config.json", json.dumps(config, indent=2))
     if chat_template_dir is not None and side_dir is not None:
         _copy_chat_template(chat_template_dir, side_dir, work)
     weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
     total = sum(p.nbytes for p in layout.tensors)
-    (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    write_manifest(manifest, work / MANIFEST_NAME)
-    (work / "README.md").write_text(card, encoding="utf-8")
+    _write(work / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with _writing(work / MANIFEST_NAME):
+        write_manifest(manifest, work / MANIFEST_NAME)
+    _write(work / "README.md", card)
+    _write_digests(work, layout)  # last: it lists every other file
     for path in work.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(work)
+    _rename_into_place(work, out, overwrite)
+    for name in WORK_ONLY:  # only now: until the rename, a failed commit can resume
+        (out / name).unlink(missing_ok=True)
+    _fsync_dir(out)
+    _fsync_dir(out.parent)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a side file: an error reading names the input, one writing (disk full) the output file."""
+    data = src.read_bytes()
+    with _writing(dst):
+        dst.write_bytes(data)
+
+
+def _write_digests(work: Path, layout: Layout) -> None:
+    """Record the size and sha256 of every file of the output (of each shard's header bytes: the manifest
+    hashes its tensor data)."""
+    headers = {shard.name: len(shard.header) for shard in layout.shards}
+    try:
+        files = file_digests(work, headers, set(WORK_ONLY))
+    except ChatvecError as e:  # a file of the work area that cannot be read back
+        raise RunError(f"commit failed ({e.what}); fix the cause and run the same command again", file=e.file) from None
+    with _writing(work / DIGESTS_NAME):
+        (work / DIGESTS_NAME).write_bytes(encode_digests(files))
+
+
+def _rename_into_place(work: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
             raise OutputError("output appeared while merging (pass --overwrite to replace it)", file=str(out))
         check_replaceable(out)  # again: whatever is there now is what gets deleted
         old = replaced_path(out)
         _remove(old)  # what an interrupted overwrite left (under this run's lock)
-        out.rename(old)
+        out.rename(old)  # a crash from here to the next rename: the next run's lock puts it back (workarea.py)
         work.rename(out)
         _remove(old)
     else:
         work.rename(out)
-    (out / JOURNAL_NAME).unlink(missing_ok=True)  # only now: until the rename, a failed commit can resume
-    (out / PLAN_NAME).unlink(missing_ok=True)
-    _fsync_dir(out)
-    _fsync_dir(out.parent)
 
 
 def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
@@ -105,27 +152,26 @@ def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
         return
     tok_path = work / "tokenizer_config.json"
     if (chat_dir / "chat_template.jinja").is_file():
-        shutil.copyfile(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
+        _copy(chat_dir / "chat_template.jinja", work / "chat_template.jinja")
     else:
         template = read_json_object(chat_dir / "tokenizer_config.json", OutputError).get("chat_template")
         if not template:
             return
         tok = read_json_object(tok_path, OutputError)
         tok["chat_template"] = template
-        tok_path.write_text(json.dumps(tok, indent=2))
+        _write(tok_path, json.dumps(tok, indent=2))
     eos = read_json_object(chat_dir / "generation_config.json", OutputError).get("eos_token_id")
     vocab = read_json_object(work / "config.json", OutputError).get("vocab_size")
     ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     if ids and isinstance(vocab, int) and any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
-        print(
-            f"chatvec: warning: the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
-            f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks",
-            file=sys.stderr,
+        logger.warning(
+            f"the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "
+            f"({vocab} tokens): its generation config keeps CP's, and the chat template may name tokens CP lacks"
         )
     elif ids:
         generation = read_json_object(work / "generation_config.json", OutputError)  # {} when absent
         generation["eos_token_id"] = eos
-        (work / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        _write(work / "generation_config.json", json.dumps(generation, indent=2))
 
 
 def _remove(path: Path) -> None:
@@ -137,7 +183,7 @@ def _remove(path: Path) -> None:
 
 def tidy_committed(out: Path) -> None:
     """Remove what a crash between a commit's rename and its last step left in the committed output."""
-    for name in (JOURNAL_NAME, PLAN_NAME):
+    for name in WORK_ONLY:
         (out / name).unlink(missing_ok=True)
     _remove(replaced_path(out.absolute()))
 

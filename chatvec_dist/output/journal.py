@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._file = open(path, "a+b")
+            self._file = open(path, "a+b")  # noqa: SIM115 (appended to until close)
             self._file.seek(0)
             data = self._file.read()
             self._file.truncate(data.rfind(b"\n") + 1)  # drop a last line a crash cut short
@@ -44,10 +45,8 @@ class Journal:
             raise OutputError(f"cannot append to the journal: {e.strerror}", file=str(self.path)) from None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # what could not be flushed is a unit to redo, never a wrong one
             self._file.close()
-        except OSError:
-            pass  # what could not be flushed is a unit to redo, never a wrong one
 
     @staticmethod
     def load(path: Path, output: int) -> dict[int, UnitResult]:

@@ -150,6 +150,8 @@ class DamagedManifest(VerifyError):
 
 def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
     path = Path(out_dir) / MANIFEST_NAME
+    if not os.path.lexists(out_dir):
+        raise VerifyError("no such folder", file=str(out_dir))
     if not path.is_file():
         raise VerifyError("no manifest here: not a chatvec output", file=str(path))
     try:
@@ -158,6 +160,8 @@ def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure
         raise DamagedManifest(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
+    if not table.schema.remove_metadata().equals(SCHEMA):  # a column renamed or retyped (a flipped bit)
+        raise DamagedManifest("manifest columns are not chatvec's (damaged?)", file=str(path))
     block = (
         meta.get("hash", {}).get("block_bytes")
         if isinstance(meta, dict) and isinstance(meta.get("hash"), dict)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ChatvecError, OutputError
 from ..exec.messages import UnitResult
+from ..log import logger
 from ..planning.layout import Layout
 from .journal import Journal
 from .manifest import MANIFEST_NAME, read_manifest
@@ -32,10 +33,27 @@ def exclusive(out: Path) -> Iterator[None]:
     except OSError as e:
         raise OutputError(f"cannot lock the output: {e.strerror}", file=str(lock)) from None
     try:
+        _restore_replaced(out)
         yield
     finally:
         lock.unlink(missing_ok=True)  # while still held: a run that opened it retries on the new file
         os.close(fd)
+
+
+def _restore_replaced(out: Path) -> None:
+    """Put back an output that an interrupted `--overwrite` moved aside (a crash between its two renames, old
+    output to `.OUT.replaced`, work area to OUT): the state before that commit, which the same command resumes
+    (replacing it, only with --overwrite). Under the lock: no other run is between those renames."""
+    old = replaced_path(out)
+    if out.exists() or out.is_symlink() or not old.is_dir() or old.is_symlink():
+        return
+    try:
+        old.rename(out)
+    except OSError as e:
+        raise OutputError(
+            f"cannot restore the output an interrupted --overwrite moved here: {e.strerror}", file=str(old)
+        ) from None
+    logger.warning(f"restored {out} from {old.name}, where an interrupted --overwrite had moved it")
 
 
 def _take_lock(lock: Path, out: Path) -> int:
@@ -70,7 +88,12 @@ def partial_path(out: Path) -> Path:
 
 
 def check_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output that exists (unless overwriting) or that lies inside, or contains, an input."""
+    """Refuse an output that exists (unless overwriting), a link to nothing (the commit's rename would fail on
+    it, after all the work) or one that lies inside, or contains, an input."""
+    if out.is_symlink() and not out.exists():
+        raise OutputError(
+            f"output is a symbolic link to nothing ({os.readlink(out)}): remove it, or name a folder", file=str(out)
+        )
     try:
         real = out.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
