@@ -132,7 +132,7 @@ def test_disk_full_while_copying_side_files_names_the_output_file(models, tmp_pa
     proc = subprocess.run(
         [sys.executable, "-m", "chatvec_dist.cli", *argv], capture_output=True, text=True, timeout=120, preexec_fn=limit
     )
-    assert proc.returncode in (2, 3), proc.stderr  # 2 until the CLI gives a RunError its own exit code (3)
+    assert proc.returncode == 3, proc.stderr  # a failed run
     lines = [line for line in proc.stderr.splitlines() if line.startswith("chatvec: error: ")]
     work = tmp_path / "out.partial"
     assert lines == [

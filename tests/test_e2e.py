@@ -491,7 +491,7 @@ def test_chat_eos_survives_a_resumed_commit_and_is_refused_outside_the_vocabular
         raise OSError(errno.ENOSPC, "No space left on device", "manifest.parquet")
 
     monkeypatch.setattr(output, "write_manifest", disk_full)  # the template was copied, then the commit failed
-    assert main(argv) == 2
+    assert main(argv) == 3  # a failed run, not bad input
     monkeypatch.setattr(output, "write_manifest", real)
     assert main(argv) == 0
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 7]

@@ -439,7 +439,7 @@ def fail_the_commit_at_its_rename(argv: list[str], monkeypatch, capsys) -> None:
         raise OSError(errno.EIO, "Input/output error", str(self))
 
     monkeypatch.setattr(Path, "rename", rename)
-    assert main(argv) == 2
+    assert main(argv) == 3  # a failed run, not bad input
     monkeypatch.undo()
     assert "commit failed (Input/output error); fix the cause and run the same command again" in capsys.readouterr().err
 
