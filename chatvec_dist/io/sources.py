@@ -37,7 +37,7 @@ def open_source(spec: str) -> Checkpoint:
             unusable = e
         else:
             return _top_up(ckpt, repo_id, revision) if missing_remote_code(ckpt.directory) else ckpt
-    fetched = _snapshot(repo_id, revision or None, local_files_only=False, unusable=unusable)
+    fetched = _fetch(repo_id, revision or None, unusable)
     try:
         return _open_snapshot(fetched, repo_id, revision)
     except ChatvecError as e:
@@ -55,7 +55,7 @@ def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
     go on without it, saying so (the weights are complete; the output will lack the code too)."""
     try:  # the cached commit's missing files, not whatever the branch points to now
         commit = str(cached.source["commit"])
-        ckpt = _open_snapshot(_snapshot(repo_id, commit, local_files_only=False), repo_id, revision)
+        ckpt = _open_snapshot(_fetch(repo_id, commit), repo_id, revision)
         why = "the Hub has no such files (or is offline)"
     except ChatvecError as e:
         ckpt, why = cached, f"fetching failed: {e.what}"
@@ -89,6 +89,13 @@ def _open_snapshot(snapshot: Path, repo_id: str, revision: str) -> Checkpoint:
             files[str(path.relative_to(snapshot))] = {"sha256": blob} if SHA256.match(blob) else {"blob": blob}
     source = {"repo": repo_id, "revision": revision or "main", "commit": snapshot.name, "files": files}
     return open_checkpoint(snapshot, root=repo_root, source=source)
+
+
+def _fetch(repo_id: str, revision: str | None, unusable: ChatvecError | None = None) -> Path:
+    """The snapshot folder, downloading what the cache lacks."""
+    snapshot = _snapshot(repo_id, revision, local_files_only=False, unusable=unusable)
+    assert snapshot is not None  # None only from a cache-only look-up
+    return snapshot
 
 
 def _snapshot(
@@ -134,8 +141,10 @@ def hub_files(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, str]]:
     found = {}
     for ckpt in checkpoints:
         if "repo" in ckpt.source:
-            for name in ckpt.source["files"]:
-                found[str(ckpt.directory / name)] = (ckpt.source["repo"], ckpt.source["commit"], name)
+            repo, commit, files = str(ckpt.source["repo"]), str(ckpt.source["commit"]), ckpt.source["files"]
+            assert isinstance(files, dict)
+            for name in files:
+                found[str(ckpt.directory / name)] = (repo, commit, name)
     return found
 
 
