@@ -473,7 +473,7 @@ def peer_streaming(base: str, chat: str, cp: str, out: str) -> None:
     for fname in sorted(set(index.values())):
         res = {}
         with safe_open(str(Path(cp) / fname), "pt") as f:
-            for n in f.keys():
+            for n in f:
                 t = f.get_tensor(n)
                 res[n] = (t.float() + (hc[n].get_tensor(n).float() - hb[n].get_tensor(n).float())).to(t.dtype)
         save_file(res, str(Path(out) / fname), metadata={"format": "pt"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Union, cast
 
 from .errors import ChatvecError
 from .recipe.spec import ALPHA, Recipe, RunOptions, Target, Vector, broadcast_alphas, is_plain_name, output_under
@@ -37,7 +37,7 @@ def make_recipe(
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
         raise ChatvecError(f"{len(bases)} base(s) for {len(chats)} chat model(s): give one base per chat model")
-    vectors = tuple(Vector(c, b) for c, b in zip(chats, bases))
+    vectors = tuple(Vector(cast(str, c), cast("str | None", b)) for c, b in zip(chats, bases))  # checked there
     alphas = _alphas(alpha, len(vectors))
     if isinstance(cp, dict):
         for name in cp:
@@ -45,10 +45,11 @@ def make_recipe(
                 raise ChatvecError(f"target name {name!r}: give a plain name (its output goes to {out}/NAME)")
         outs = {name: output_under(out, name) for name in cp}
     else:
-        outs = {Path(out).name: out}
+        outs = {Path(out).name: cast(str, out)}
         cp = {Path(out).name: cp}
+    cps = cast(dict[str, str], cp)  # each path checked by Target
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype) for name, path in cp.items())
+    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype) for name, path in cps.items())
     return Recipe(
         vectors,
         targets,
@@ -63,7 +64,7 @@ def _alphas(alpha: object, n_vectors: int) -> tuple[float, ...]:
     values = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha]
     if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in values):  # numpy's too
         raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
-    return broadcast_alphas([float(a) for a in values], n_vectors, "alpha")
+    return broadcast_alphas([float(cast(float, a)) for a in values], n_vectors, "alpha")
 
 
 def plan(recipe: Recipe) -> Planned:
@@ -85,7 +86,7 @@ def run(recipe: Recipe | str | Path, options: RunOptions | None = None) -> list[
 
 
 def merge(
-    base: PathText | list[PathText],
+    base: PathText | list[PathText | None] | None,
     chat: PathText | list[PathText],
     cp: PathText | dict[str, PathText],
     out: PathText,

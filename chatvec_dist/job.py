@@ -120,10 +120,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
     recipe.check_runnable()
     planned = plan(recipe)
     inputs = _input_stats(planned)
-    outputs = [
-        Output(tp, Path(os.path.abspath(tp.target.out)), digest)
-        for tp, digest in zip(planned.targets, _digests(planned, inputs))
-    ]
+    outputs = [Output(tp, _out_path(tp), digest) for tp, digest in zip(planned.targets, _digests(planned, inputs))]
     _check_apart(outputs)
     _to_do(outputs, planned, options)  # refuse early, before any lock file is made
     with contextlib.ExitStack() as locks:
@@ -152,6 +149,12 @@ def _to_do(outputs: list[Output], planned: Planned, options: RunOptions) -> list
             check_destination(output.path, inputs, output.replace)
             fresh.append(output)
     return fresh
+
+
+def _out_path(tp: TargetPlan) -> Path:
+    """A target's output folder as an absolute path: `.` or `a/..` name a folder too."""
+    assert tp.target.out is not None  # Recipe.check_runnable
+    return Path(os.path.abspath(tp.target.out))
 
 
 def _check_apart(outputs: list[Output]) -> None:
@@ -239,7 +242,7 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     backend = make_backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works if w is not None]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
-    names = ", ".join(Path(o.plan.target.out).name for o in outputs)
+    names = ", ".join(o.path.name for o in outputs)
     bar = tqdm(
         total=sum(sizes.values()),
         unit="B",
@@ -360,6 +363,6 @@ def _digests(planned: Planned, inputs: InputStats) -> list[str]:
     digests = []
     for index, tp in enumerate(planned.targets):
         h = shared.copy()
-        h.update(f"{index}:{os.path.abspath(tp.target.out)}".encode())
+        h.update(f"{index}:{_out_path(tp)}".encode())
         digests.append(h.hexdigest())
     return digests

@@ -35,6 +35,19 @@ class Scratch:
         return self._bufs[dtype]
 
 
+def _delta(acc: torch.Tensor, tmp: torch.Tensor, terms: Sequence[Term], s: int, e: int) -> None:
+    """acc = Σ alpha·(plus − minus) over elements [s, e), in acc's dtype (tmp: scratch of the same size)."""
+    for i, (alpha, plus, minus) in enumerate(terms):
+        dst = acc if i == 0 else tmp
+        dst.copy_(plus[s:e])
+        if minus is not None:
+            dst.sub_(minus[s:e])
+        if alpha != 1.0:
+            dst.mul_(alpha)
+        if i:
+            acc.add_(tmp)
+
+
 def combine(
     out: torch.Tensor,
     cp: torch.Tensor | None,
@@ -49,15 +62,7 @@ def combine(
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         acc, tmp = acc_buf[: e - s], tmp_buf[: e - s]
-        for i, (alpha, plus, minus) in enumerate(terms):
-            dst = acc if i == 0 else tmp
-            dst.copy_(plus[s:e])
-            if minus is not None:
-                dst.sub_(minus[s:e])
-            if alpha != 1.0:
-                dst.mul_(alpha)
-            if i:
-                acc.add_(tmp)
+        _delta(acc, tmp, terms, s, e)
         if terms:
             stats.delta_sq += float(torch.dot(acc, acc))
         # update_sq: of the output as written (rounded), minus CP; an output value that rounding made ±Inf makes

@@ -32,7 +32,8 @@ def layer_of(name: str) -> int | None:
 
 def per_layer(rows: list[dict]) -> dict[int, float]:
     """‖out − cp‖ / ‖cp‖ of each layer as a whole (squares summed over its tensors)."""
-    update, base = defaultdict(float), defaultdict(float)
+    update: defaultdict[int, float] = defaultdict(float)
+    base: defaultdict[int, float] = defaultdict(float)
     for r in rows:
         layer = layer_of(r["tensor"])
         if layer is not None and r["rel_update"] is not None and math.isfinite(r["rel_update"]) and r["cp_norm"]:

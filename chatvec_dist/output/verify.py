@@ -103,8 +103,8 @@ def _tensor_problems(out_dir: Path, table: pa.Table, block: int) -> list[str]:
         for row in rows:
             if row["shard"] not in headers:
                 headers[row["shard"]] = _shard_header(out_dir, row["shard"], tensors_in[row["shard"]], problems)
-            if headers[row["shard"]] is not None:
-                problems += _tensor_problem(out_dir, headers[row["shard"]], row, files, block, buf)
+            if (header := headers[row["shard"]]) is not None:
+                problems += _tensor_problem(out_dir, header, row, files, block, buf)
     finally:
         files.close()
     return problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import overload
 
 import yaml
 
@@ -36,6 +37,10 @@ def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
     """`recipe` with the relative paths it was given in `cwd` made absolute, so that it means the same from any
     folder: every output, and each source that is a folder there (anything else stays: a Hub id)."""
 
+    @overload
+    def source(spec: str) -> str: ...
+    @overload
+    def source(spec: None) -> None: ...
     def source(spec: str | None) -> str | None:
         if spec is None or os.path.isabs(spec) or not os.path.isdir(os.path.join(cwd, spec)):
             return spec
@@ -53,20 +58,20 @@ def as_recorded(recipe: Recipe, meta: dict) -> Recipe:
     """The recipe an output stores, ready to run from any folder: paths made absolute against the folder it ran
     in (`with_absolute_paths`), except that a source recorded as a Hub repo stays its id (even if a folder of that
     name turned up there) and a local one gone from there keeps its recorded path (never read as a Hub id)."""
-    sources = meta.get("sources") if isinstance(meta.get("sources"), dict) else {}
+    sources: dict = meta["sources"] if isinstance(meta.get("sources"), dict) else {}
     resolved = with_absolute_paths(recipe, meta.get("cwd") or os.getcwd())
 
     def recorded(spec: str | None, now: str | None, src: object) -> str | None:
-        if spec is None or not isinstance(src, dict):
+        if spec is None or now is None or not isinstance(src, dict):
             return now
         if "repo" in src:
             return spec
         return now if os.path.isabs(now) or not isinstance(src.get("path"), str) else src["path"]
 
-    terms = sources.get("vectors") if isinstance(sources.get("vectors"), list) else []
+    terms: list = sources["vectors"] if isinstance(sources.get("vectors"), list) else []
     terms = [t if isinstance(t, dict) else {} for t in terms] + [{}] * len(recipe.vectors)
     vectors = tuple(
-        Vector(recorded(v.chat, r.chat, t.get("chat")), recorded(v.base, r.base, t.get("base")))
+        Vector(recorded(v.chat, r.chat, t.get("chat")) or v.chat, recorded(v.base, r.base, t.get("base")))
         for v, r, t in zip(recipe.vectors, resolved.vectors, terms)
     )
     targets = tuple(
@@ -155,7 +160,9 @@ class _Reader:
         )
         if not vectors or not targets:
             raise self.fail(root, "vectors" if not vectors else "targets", "needs at least one entry")
-        options = {name: self.size(items[name], name) for name in ("max_shard_size", "unit_bytes") if name in items}
+        options: dict[str, object] = {
+            name: self.size(items[name], name) for name in ("max_shard_size", "unit_bytes") if name in items
+        }
         if "chat_template_from_chat" in items:
             options["chat_template_from_chat"] = self.scalar(
                 items["chat_template_from_chat"], "chat_template_from_chat", (bool,)
@@ -179,7 +186,7 @@ class _Reader:
     def target(self, node: yaml.Node, field: str, n_vectors: int) -> Target:
         names = {f.name for f in dataclasses.fields(Target)}
         items = self.mapping(node, field, names, {"name", "cp", "out"})
-        values = {
+        values: dict[str, object] = {
             key: self.scalar(items[key], f"{field}.{key}", (str,), optional=key in ("cp", "dtype"))
             for key in ("name", "cp", "out", "vocab", "dtype")
             if key in items

@@ -294,7 +294,7 @@ def _number(x: object) -> bool:
 
 
 def _real(x: object) -> bool:
-    return _number(x) and math.isfinite(x)
+    return _number(x) and math.isfinite(x)  # type: ignore[arg-type]
 
 
 def _as_tuple(obj: object, *names: str) -> None:
