@@ -35,6 +35,7 @@ QUEUED = 1  # units queued on an actor behind its running ones: backpressure wit
 MAX_ATTEMPTS = 4  # per unit
 STALL_SECONDS = 600.0  # no result and no worker for this long: give up
 NODES_WAIT_SECONDS = 600.0  # a cluster with no room for any worker: wait this long for its nodes to join
+HEAD_LOST_SECONDS = 15.0  # the GCS unreachable this long: the head is gone (Ray itself kills the driver at 60 s)
 
 
 def init_ray(address: str | None):
@@ -100,17 +101,39 @@ def protect_token(path: Path) -> None:
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """A `host:port` address must accept a connection: fail in seconds, not after Ray's minutes of retries."""
+    """A `host:port` address must be a Ray GCS (a gRPC server): fail in seconds, not after Ray's minutes of
+    retries, nor hang for good on a port that accepts connections but is something else."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
         return  # "local", "auto", ray://: Ray's own handling
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            grpc = _answers_http2(conn)
     except OSError as e:
         raise ChatvecError(
             f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
             "running there, and the port open?)"
         ) from None
+    if not grpc:
+        raise ChatvecError(
+            f"{address} accepts connections but is not a Ray cluster's GCS (no gRPC answer within {timeout:g} s): "
+            "a mistyped port? `ray start --head` prints the address to use"
+        )
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server on `conn` opens an HTTP/2 session (as gRPC does): its first frame is a SETTINGS frame."""
+    conn.sendall(HTTP2_PREFACE)
+    head = b""
+    try:
+        while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+            head += chunk
+    except TimeoutError:
+        return False
+    return len(head) == 9 and head[3] == 4  # the frame type byte: 4 is SETTINGS
 
 
 @contextlib.contextmanager
@@ -240,6 +263,7 @@ class RayBackend:
         self.replacements = 0
         self.sync_seconds = 0.0
         self.first_ready: float | None = None
+        self._head = _Head(self.ray.get_runtime_context().gcs_address)
         for _ in range(self.workers):
             self._start_actor()
 
@@ -277,6 +301,7 @@ class RayBackend:
             self._hand_out(state)
             waiting = list(state.in_flight) + list(self._starting)
             ready, _ = self.ray.wait(waiting, num_returns=1, timeout=5.0) if waiting else ([], [])
+            self._head.check()
             if not ready and time.monotonic() - last_progress > STALL_SECONDS:
                 raise RunError(f"no progress for {STALL_SECONDS:.0f} s: no Ray worker could be started or reached")
             for ref in ready:
@@ -366,6 +391,8 @@ class RayBackend:
         self._start_actor()
 
     def close(self) -> None:
+        if self._head.lost:
+            return  # nothing to tell a cluster that is gone (each call would wait for its GCS)
         for a in self.actors + list(self._starting.values()):
             self.ray.kill(a, no_restart=True)
         self.actors, self._starting = [], {}
@@ -381,3 +408,30 @@ class _Dispatch:
     attempts: Counter = field(default_factory=Counter)
     finished: dict = field(default_factory=dict)  # actor -> units it finished
     suspect: list[Unit] = field(default_factory=list)  # finished by actors that died later
+
+
+class _Head:
+    """Watches the cluster's GCS, so that a lost head ends the run with a clear error before Ray ends the process."""
+
+    def __init__(self, gcs_address: str) -> None:
+        host, _, port = gcs_address.rpartition(":")
+        self.where = (host.strip("[]"), int(port))
+        self.address = gcs_address
+        self.seen = self.checked = time.monotonic()
+        self.lost = False
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return
+        self.checked = now
+        try:
+            socket.create_connection(self.where, timeout=1.0).close()
+            self.seen = now
+        except OSError:
+            if now - self.seen > HEAD_LOST_SECONDS:
+                self.lost = True
+                raise RunError(
+                    f"lost the Ray cluster's head: its GCS at {self.address} has not answered for "
+                    f"{HEAD_LOST_SECONDS:.0f} s; run the same command again to resume once the cluster is back"
+                ) from None
