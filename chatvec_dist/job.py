@@ -23,7 +23,7 @@ from .io.ranges import FileHandles
 from .io.sources import hub_files
 from .log import logger
 from .output.card import model_card
-from .output.commit import commit, tidy_committed
+from .output.commit import check_side_files, commit, tidy_committed
 from .output.journal import Journal
 from .output.manifest import Tally, read_manifest
 from .output.verify import read_digest
@@ -88,6 +88,13 @@ class Output:
         for seg in result.segments:
             self.tally.add(seg, result.worker, result.node, share)
 
+    def side_dirs(self, recipe: Recipe) -> tuple[Path, Path | None]:
+        """Where the output's side files come from (CP's folder; the first chat model's when extracting), and the
+        chat model's folder where its chat template is asked for."""
+        sources = self.plan.sources
+        side = sources.cp or sources.terms[0].plus
+        return side.directory, sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
+
     def commit(self, planned: Planned) -> None:
         """Write index, side files, manifest and card, and rename the work area into place."""
         assert self.work is not None and self.tally is not None
@@ -102,14 +109,11 @@ class Output:
             "cwd": os.getcwd(),
         }
         manifest = self.tally.table(target.name, meta)
-        side = sources.cp or sources.terms[0].plus
-        chat_dir = sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
+        side_dir, chat_dir = self.side_dirs(recipe)
         out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None
         config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
         card = model_card(meta, manifest)
-        commit(
-            self.work, self.path, self.plan.layout, manifest, side.directory, chat_dir, card, config_dtype, self.replace
-        )
+        commit(self.work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, self.replace)
         self.written = True
 
 
@@ -122,6 +126,8 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
     inputs = _input_stats(planned)
     outputs = [Output(tp, _out_path(tp), digest) for tp, digest in zip(planned.targets, _digests(planned, inputs))]
     _check_apart(outputs)
+    for output in outputs:
+        check_side_files(*output.side_dirs(recipe))
     _to_do(outputs, planned, options)  # refuse early, before any lock file is made
     with contextlib.ExitStack() as locks:
         for output in outputs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ChatvecError
+from ..errors import ChatvecError, printable
 from .args import options_from_args, recipe_from_args
 from .parser import EXIT_MISMATCH, EXIT_OK
 
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe), end="")
         return EXIT_OK
     for output in job.run(recipe, options_from_args(args)):
-        print(f"wrote {output.path}" if output.written else f"kept {output.path} (already committed; nothing written)")
+        where = printable(str(output.path))  # a hostile name's control characters, escaped
+        print(f"wrote {where}" if output.written else f"kept {where} (already committed; nothing written)")
     return EXIT_OK
 
 

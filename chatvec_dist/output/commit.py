@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..errors import ChatvecError, OutputError, RunError
+from ..errors import ChatvecError, OutputError, RunError, SourceError
 from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
 from ..log import logger
 from ..planning.layout import Layout
@@ -34,6 +34,15 @@ def side_files(directory: Path) -> list[Path]:
         and any(fnmatch.fnmatch(p.name, pattern) for pattern in SIDE_PATTERNS)
         and not any(fnmatch.fnmatch(p.name, pattern) for pattern in NOT_SIDE_PATTERNS)
     )
+
+
+def check_side_files(side_dir: Path, chat_template_dir: Path | None) -> None:
+    """Read now every JSON file the commit will parse (CP's config, tokenizer and generation config; the chat
+    model's with --chat-template-from-chat), so that a broken one stops the job before its first unit."""
+    names = ["config.json", "tokenizer_config.json", "generation_config.json"]
+    for directory in [side_dir] + ([chat_template_dir] if chat_template_dir is not None else []):
+        for name in names:
+            read_json_object(directory / name, SourceError)
 
 
 def commit(
