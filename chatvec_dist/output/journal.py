@@ -25,18 +25,7 @@ class Journal:
             raise OutputError(f"cannot open the journal: {e.strerror}", file=str(path)) from None
 
     def append(self, r: UnitResult) -> None:
-        segs = [
-            [
-                s.index,
-                [[b, d.hex()] for b, d in s.blocks],
-                s.stats.cp_sq,
-                s.stats.delta_sq,
-                s.stats.update_sq,
-                s.stats.nan,
-                s.stats.inf,
-            ]
-            for s in r.segments
-        ]
+        segs = [_segment_record(s) for s in r.segments]
         line = json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds})
         try:
             self._file.write(line.encode() + b"\n")
@@ -60,11 +49,21 @@ class Journal:
         for line in lines:
             try:
                 d = json.loads(line.decode("utf-8"))
-                segs = [
-                    SegmentResult(output, i, tuple((b, bytes.fromhex(h)) for b, h in blocks), Stats(c, dl, u, n, f))
-                    for i, blocks, c, dl, u, n, f in d["segments"]
-                ]
+                segs = [_segment(record, output) for record in d["segments"]]
                 results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
             except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                 continue  # a line cut short or garbled by a crash: that unit is simply redone
         return results
+
+
+# A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf].
+def _segment_record(s: SegmentResult) -> list:
+    stats = s.stats
+    blocks = [[b, d.hex()] for b, d in s.blocks]
+    return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf]
+
+
+def _segment(record: list, output: int) -> SegmentResult:
+    index, blocks, cp_sq, delta_sq, update_sq, nan, inf = record
+    digests = tuple((b, bytes.fromhex(h)) for b, h in blocks)
+    return SegmentResult(output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf))

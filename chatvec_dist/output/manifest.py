@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,11 +54,20 @@ def tensor_hash(blocks: list[bytes]) -> str:
     return xxhash.xxh3_128_hexdigest(b"".join(blocks))
 
 
+class Part(NamedTuple):
+    """What one piece of a tensor reported."""
+
+    stats: Stats
+    seconds: float
+    worker: str
+    node: str
+
+
 @dataclass
 class _Entry:
     blocks: dict[int, bytes] = field(default_factory=dict)
     # per piece (keyed by its first block), so that a piece computed again replaces, never adds
-    parts: dict[int, tuple[Stats, float, str, str]] = field(default_factory=dict)
+    parts: dict[int, Part] = field(default_factory=dict)
 
 
 class Tally:
@@ -71,14 +81,14 @@ class Tally:
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
         e = self.entries[seg.index]
         e.blocks.update(seg.blocks)
-        e.parts[seg.blocks[0][0]] = (seg.stats, seconds, worker, node)
+        e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
         """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
         found = []
         for placed, e in zip(self.layout.tensors, self.entries):
-            nan = sum(p[0].nan for p in e.parts.values())
-            inf = sum(p[0].inf for p in e.parts.values())
+            nan = sum(p.stats.nan for p in e.parts.values())
+            inf = sum(p.stats.inf for p in e.parts.values())
             if nan or inf:
                 found.append((placed.tensor.name, nan, inf))
         return found
@@ -87,8 +97,8 @@ class Tally:
         rows = []
         for placed, e in zip(self.layout.tensors, self.entries):
             t, s = placed.tensor, Stats()
-            for stats, _, _, _ in e.parts.values():
-                s.add(stats)
+            for part in e.parts.values():
+                s.add(part.stats)
             expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
             if sorted(e.blocks) != list(range(expected)):
                 raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
@@ -114,9 +124,9 @@ class Tally:
                     "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
                     "nan_count": s.nan if counted else None,
                     "inf_count": s.inf if counted else None,
-                    "worker": ",".join(sorted({p[2] for p in e.parts.values()})),
-                    "node": ",".join(sorted({p[3] for p in e.parts.values()})),
-                    "seconds": sum(p[1] for p in e.parts.values()),
+                    "worker": ",".join(sorted({p.worker for p in e.parts.values()})),
+                    "node": ",".join(sorted({p.node for p in e.parts.values()})),
+                    "seconds": sum(p.seconds for p in e.parts.values()),
                 }
             )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
