@@ -474,7 +474,7 @@ def peer_streaming(base: str, chat: str, cp: str, out: str) -> None:
     for fname in sorted(set(index.values())):
         res = {}
         with safe_open(str(Path(cp) / fname), "pt") as f:
-            for n in f:
+            for n in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 t = f.get_tensor(n)
                 res[n] = (t.float() + (hc[n].get_tensor(n).float() - hb[n].get_tensor(n).float())).to(t.dtype)
         save_file(res, str(Path(out) / fname), metadata={"format": "pt"})
@@ -891,7 +891,7 @@ def run_case(run: SizeRun, label: str, cmd: list[str], io: bool = True) -> None:
             )
         except RuntimeError as e:
             print(f"  {label}: FAILED\n{e}", flush=True)
-            run.notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
+            run.notes.append(f"{label}: run {k} failed ({str(e).strip().splitlines()[-1][:200]})")
             break
         flag = ""
         if r["other_cpu"] / r["wall"] > NOISY and k <= args.repeat + args.retries:
