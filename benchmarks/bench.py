@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Keep every Ray we start (here or in children) on 127.0.0.1 and without token auth.
@@ -473,7 +474,7 @@ def peer_streaming(base: str, chat: str, cp: str, out: str) -> None:
     for fname in sorted(set(index.values())):
         res = {}
         with safe_open(str(Path(cp) / fname), "pt") as f:
-            for n in f:
+            for n in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 t = f.get_tensor(n)
                 res[n] = (t.float() + (hc[n].get_tensor(n).float() - hb[n].get_tensor(n).float())).to(t.dtype)
         save_file(res, str(Path(out) / fname), metadata={"format": "pt"})
@@ -700,13 +701,340 @@ def targets(reports: dict[str, Report]) -> str:
     return "\n".join(out) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------- cases
+
+CASES = ("ray", "local", "local1", "streaming", "transformers", "mergekit")
+
+
+@dataclass
+class SizeRun:
+    """One model size's benchmark: the options, its data, the chatvec under test, and the report and notes."""
+
+    args: argparse.Namespace
+    size: str
+    spec: dict
+    notes: list[str]
+    report: Report = field(init=False)
+    env: dict | None = None  # the children's environment (None: this process's)
+    chatvec: list[str] = field(default_factory=list)  # the command that runs chatvec
+    code: str = ""  # which chatvec_dist is measured, for the results
+
+    def __post_init__(self) -> None:
+        self.report = Report(self.in_bytes + self.out_bytes)
+
+    @property
+    def where(self) -> Path:
+        return self.args.data / self.size
+
+    @property
+    def dirs(self) -> dict[str, str]:
+        return {n: str(self.where / n) for n in CHECKPOINTS}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.where / "out"
+
+    @property
+    def logs(self) -> Path:
+        return self.where / "logs"
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.spec["files"])
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(self.spec["files"].values())
+
+    @property
+    def out_bytes(self) -> int:
+        return self.in_bytes // 3
+
+    @property
+    def mode(self) -> str:
+        return "cold" if self.args.cold else "hot"
+
+    def merge(self, *extra: str) -> list[str]:
+        """`chatvec merge` of this size's base/chat/cp into out_dir, plus `extra` options."""
+        d = self.dirs
+        merge = [*self.chatvec, "merge", "--base", d["base"], "--chat", d["chat"], "--cp", d["cp"]]
+        return [*merge, "--out", str(self.out_dir), "--overwrite", "--no-progress", *extra]
+
+    def peer(self, name: str) -> list[str]:
+        """This script running peer `name` on this size's checkpoints, into out_dir."""
+        d = self.dirs
+        me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
+        return [*me, name, d["base"], d["chat"], d["cp"], str(self.out_dir)]
+
+
+def start_size(args: argparse.Namespace, size: str, notes: list[str]) -> SizeRun:
+    """Make (or reuse) the data of one size and say what will be measured."""
+    spec = ensure_data(args.data, size)
+    run = SizeRun(args, size, spec, notes)
+    run.logs.mkdir(exist_ok=True)
+    print(
+        f"size {size}: {spec['params'] / 1e9:.3f} B params; reads {run.in_bytes / 1e9:.2f} GB, writes {run.out_bytes / 1e9:.2f} GB; "
+        f"{run.mode} cache; {args.repeat} run(s) per case"
+    )
+    return run
+
+
+def floor_round(run: SizeRun) -> tuple[float, float, float, float, float]:
+    """One round of the I/O floor: seconds of (python read, cat read, write, fsync), and the other load."""
+    if run.args.quiet_wait:
+        wait_quiet(run.args.quiet_wait)
+    b0, c0, t0 = busy_cpu(), own_cpu(), time.perf_counter()
+    py, cat = time_read(run.inputs, run.args.cold)
+    w, s = time_write(run.where / "floor-write.tmp", run.out_bytes, run.args.cold)
+    other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
+    print(
+        f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
+        f"other load {other:.2f}",
+        flush=True,
+    )
+    return py, cat, w, s, other
+
+
+def measure_floor(run: SizeRun) -> None:
+    """The I/O floor rounds (noisy ones retried), added to the report with their parts."""
+    args = run.args
+    if not args.cold:
+        read_all(run.inputs)  # warm the page cache
+    reads_py, reads_cat, writes, fsyncs = [], [], [], []
+    floor_noisy, attempts = 0, 0
+    while len(writes) < args.repeat:
+        attempts += 1
+        py, cat, w, s, other = floor_round(run)
+        if other > NOISY and attempts <= args.repeat + args.retries:
+            floor_noisy += 1
+            continue
+        reads_py.append(py), reads_cat.append(cat), writes.append(w), fsyncs.append(s)
+    if floor_noisy:
+        run.notes.append(f"I/O floor: {floor_noisy} round(s) discarded as noisy (other load > {NOISY})")
+    floor_runs = [min(py, cat) + w for py, cat, w in zip(reads_py, reads_cat, writes)]
+    report = run.report
+    report.floor = statistics.median(floor_runs)
+    report.add("**I/O floor**: read inputs once + write one output", floor_runs)
+    report.add("↳ read inputs, python readinto 64 MiB", reads_py, io=False)
+    report.add("↳ read inputs, `cat > /dev/null`", reads_cat, io=False)
+    report.add("↳ write one output's bytes from a buffer", writes, io=False)
+    report.add("↳ fsync of that write (chatvec fsyncs its output)", fsyncs, io=False)
+    if not args.cold:
+        read_all(run.inputs)  # re-warm after the floor writes
+
+
+def export_snapshot(data: Path, rev: str) -> Path:
+    """chatvec_dist as committed at `rev`, exported (once) under data/snapshot-<rev>/."""
+    snap = (data / f"snapshot-{rev}").resolve()
+    if not (snap / "chatvec_dist").is_dir():
+        snap.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
+    return snap
+
+
+def use_snapshot(run: SizeRun) -> None:
+    """Run chatvec from a `git archive` export of --snapshot, first on the children's PYTHONPATH."""
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", run.args.snapshot], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    snap = export_snapshot(run.args.data, rev)
+    run.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    run.code = f"git {rev} (snapshot)"
+    run.chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"],
+        env=run.env,
+        cwd=run.where,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not probe.startswith(str(snap)):
+        raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
+
+
+def choose_code(run: SizeRun) -> None:
+    """Which chatvec_dist the cases run: the --snapshot export, or the working tree's."""
+    if run.args.snapshot:
+        use_snapshot(run)
+        return
+    run.code = f"git {git_rev()}"
+    chatvec = shutil.which("chatvec")
+    run.chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
+
+
+def log_name(label: str, k: int) -> str:
+    return f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log"
+
+
+def print_run(label: str, r: dict, flag: str) -> None:
+    print(
+        f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
+        f"{r['procs']} processes",
+        flush=True,
+    )
+
+
+def run_case(run: SizeRun, label: str, cmd: list[str], io: bool = True) -> None:
+    """Time `cmd` --repeat times (noisy runs retried) and add its row; a failed run ends the case with a note."""
+    args = run.args
+    walls, mems, noisy, k = [], [], [], 0
+    while len(walls) < args.repeat:
+        k += 1
+        shutil.rmtree(run.out_dir, ignore_errors=True)
+        shutil.rmtree(run.out_dir.with_name("out.partial"), ignore_errors=True)
+        try:
+            r = timed_run(
+                cmd, args.cold, run.logs / log_name(label, k), env=run.env, cwd=run.where, quiet=args.quiet_wait
+            )
+        except RuntimeError as e:
+            print(f"  {label}: FAILED\n{e}", flush=True)
+            run.notes.append(f"{label}: run {k} failed ({str(e).strip().splitlines()[-1][:200]})")
+            break
+        flag = ""
+        if r["other_cpu"] / r["wall"] > NOISY and k <= args.repeat + args.retries:
+            noisy.append(r["wall"])
+            flag = " [noisy: discarded, retrying]"
+        else:
+            walls.append(r["wall"]), mems.append(r)
+        print_run(label, r, flag)
+    if noisy:
+        run.notes.append(
+            f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
+            + ", ".join(f"{w:.2f} s" for w in noisy)
+        )
+    if walls:
+        run.report.add(label, walls, mems, io=io)
+
+
+def case_ray(run: SizeRun) -> None:
+    """chatvec merge on the Ray backend, then `chatvec verify` of its output."""
+    run_case(run, f"chatvec merge, Ray backend × {os.cpu_count() or 1}", run.merge())
+    verify = subprocess.run(
+        [*run.chatvec, "verify", str(run.out_dir)], capture_output=True, text=True, env=run.env, cwd=run.where
+    )
+    print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
+    if verify.returncode != 0:
+        run.notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
+
+
+def case_local(run: SizeRun) -> None:
+    run_case(run, f"chatvec merge, local backend × {os.cpu_count() or 1} threads", run.merge("--backend", "local"))
+
+
+def case_local1(run: SizeRun) -> None:
+    run_case(run, "chatvec merge, local backend × 1 thread", run.merge("--backend", "local", "--workers", "1"))
+
+
+def cases_startup(run: SizeRun) -> None:
+    """Start-up only: import torch; import torch and start Ray; chatvec --help."""
+    py = sys.executable
+    run_case(run, "start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
+    run_case(
+        run,
+        "start-up only: `python -c 'import torch, ray; ray.init()'`",
+        [py, "-c", "import torch, ray; ray.init()"],
+        io=False,
+    )
+    run_case(run, "start-up only: `chatvec --help`", [*run.chatvec, "--help"], io=False)
+
+
+def case_streaming(run: SizeRun) -> None:
+    run_case(run, "peer: plain streaming script (safe_open, fp32, save_file)", run.peer("streaming"))
+
+
+def case_transformers(run: SizeRun) -> None:
+    """The transformers peer, skipped with a note when transformers is not installed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        run.notes.append("transformers not installed: its case was skipped")
+    else:
+        run_case(run, "peer: transformers (load 3 models, add, save_pretrained)", run.peer("transformers"))
+
+
+def case_mergekit(run: SizeRun) -> None:
+    """mergekit's task_arithmetic, skipped with a note when mergekit-yaml is not found."""
+    mk = run.args.mergekit or shutil.which("mergekit-yaml")
+    if not mk:
+        run.notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
+        return
+    d = run.dirs
+    cfg = mergekit_config(run.where, d["base"], d["chat"], d["cp"])
+    run_case(run, "peer: mergekit-yaml task_arithmetic (bf16)", [mk, str(cfg), str(run.out_dir), "--no-copy-tokenizer"])
+
+
+def run_cases(run: SizeRun) -> None:
+    """The cases asked for, in table order: chatvec merges, start-up only, peers; the output is removed after."""
+    wanted = set(run.args.cases.split(",")) if run.args.cases else set(CASES)
+    try:
+        for name, case in (("ray", case_ray), ("local", case_local), ("local1", case_local1)):
+            if name in wanted:
+                case(run)
+        if not run.args.no_startup:
+            cases_startup(run)
+        if not run.args.no_peers:
+            for name, case in (("streaming", case_streaming), ("transformers", case_transformers)):
+                if name in wanted:
+                    case(run)
+            if "mergekit" in wanted:
+                case_mergekit(run)
+    finally:
+        shutil.rmtree(run.out_dir, ignore_errors=True)
+
+
+def section(run: SizeRun) -> str:
+    """The RESULTS.md section of one size: heading, setup, notes, table, and the chart when one was drawn."""
+    args, spec, size, mode = run.args, run.spec, run.size, run.mode
+    in_bytes, out_bytes = run.in_bytes, run.out_bytes
+    table = run.report.table()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cfg = spec["config"]
+    desc = (
+        f"`--size {size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+        f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
+        f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
+        f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB"
+    )
+    text = (
+        f"\n## {stamp} — {size}, {mode} cache, {args.repeat} run(s) per case\n\n"
+        f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {run.code}; Python {platform.python_version()}\n"
+        f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
+        f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
+        f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
+        f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
+        f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
+        f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
+        f"(libraries, Ray's object store) once per process, PSS splits them.\n"
+        + "".join(f"- Note: {n}\n" for n in run.notes)
+        + "\n"
+        + table
+    )
+    png = args.results.with_name(f"bench-{size}-{mode}.png")
+    if not args.no_results and plot(
+        run.report, in_bytes, out_bytes, f"{size} ({spec['params'] / 1e9:.2f} B params), {mode} cache, {machine()}", png
+    ):
+        text += f"\n![GB/s per tool and per stage]({png.name})\n"
+    return text
+
+
+def bench_size(args: argparse.Namespace, size: str, notes: list[str]) -> tuple[Report, str]:
+    """Every case on one model size; returns the report and its RESULTS.md section."""
+    run = start_size(args, size, notes)
+    measure_floor(run)
+    choose_code(run)
+    run_cases(run)
+    text = section(run)
+    print(text)
+    return run.report, text
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "_peer":  # internal: run one peer in this (child) process
-        PEERS[sys.argv[2]](*sys.argv[3:7])
-        return 0
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--size",
@@ -724,7 +1052,7 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (needs root)")
     ap.add_argument("--no-peers", action="store_true", help="skip the streaming script, transformers and mergekit")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up-only cases")
-    ap.add_argument("--cases", help="comma-separated subset of: ray,local,local1,streaming,transformers,mergekit")
+    ap.add_argument("--cases", help=f"comma-separated subset of: {','.join(CASES)}")
     ap.add_argument(
         "--snapshot",
         metavar="REV",
@@ -753,253 +1081,42 @@ def main() -> int:
     for size in args.size.split(","):
         if size not in SIZES:
             ap.error(f"--size: unknown size {size!r} (choose from {', '.join(SIZES)})")
+    return args
 
-    notes: list[str] = []
+
+def check_cold(args: argparse.Namespace) -> list[str]:
+    """With --cold where the page cache cannot be dropped: warn, fall back to hot, and return the note."""
     if args.cold and not drop_caches():
         print("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): the 'cold' figures are hot-cache figures")
-        notes.append("--cold asked, but /proc/sys/vm/drop_caches is not writable here: figures are hot-cache")
         args.cold = False
+        return ["--cold asked, but /proc/sys/vm/drop_caches is not writable here: figures are hot-cache"]
+    return []
 
-    def bench_size(size: str, notes: list[str]) -> tuple[Report, str]:
-        """Every case on one model size; returns the report and its RESULTS.md section."""
-        spec = ensure_data(args.data, size)
-        where = args.data / size
-        dirs = {n: str(where / n) for n in CHECKPOINTS}
-        inputs = list(spec["files"])
-        in_bytes = sum(spec["files"].values())
-        out_bytes = in_bytes // 3
-        io_bytes = in_bytes + out_bytes
-        out_dir = where / "out"
-        logs = where / "logs"
-        logs.mkdir(exist_ok=True)
-        report = Report(io_bytes)
-        mode = "cold" if args.cold else "hot"
-        print(
-            f"size {size}: {spec['params'] / 1e9:.3f} B params; reads {in_bytes / 1e9:.2f} GB, writes {out_bytes / 1e9:.2f} GB; "
-            f"{mode} cache; {args.repeat} run(s) per case"
-        )
 
-        # The I/O floor.
-        if not args.cold:
-            read_all(inputs)  # warm the page cache
-        reads_py, reads_cat, writes, fsyncs = [], [], [], []
-        floor_noisy, attempts = 0, 0
-        while len(writes) < args.repeat:
-            attempts += 1
-            if args.quiet_wait:
-                wait_quiet(args.quiet_wait)
-            b0, c0, t0 = busy_cpu(), own_cpu(), time.perf_counter()
-            py, cat = time_read(inputs, args.cold)
-            w, s = time_write(where / "floor-write.tmp", out_bytes, args.cold)
-            other = max(0.0, busy_cpu() - b0 - (own_cpu() - c0)) / (time.perf_counter() - t0)
-            print(
-                f"  I/O floor round: read {py:.2f} s (python) / {cat:.2f} s (cat), write {w:.2f} s + fsync {s:.2f} s, "
-                f"other load {other:.2f}",
-                flush=True,
-            )
-            if other > NOISY and attempts <= args.repeat + args.retries:
-                floor_noisy += 1
-                continue
-            reads_py.append(py), reads_cat.append(cat), writes.append(w), fsyncs.append(s)
-        if floor_noisy:
-            notes.append(f"I/O floor: {floor_noisy} round(s) discarded as noisy (other load > {NOISY})")
-        floor_runs = [min(py, cat) + w for py, cat, w in zip(reads_py, reads_cat, writes)]
-        report.floor = statistics.median(floor_runs)
-        report.add("**I/O floor**: read inputs once + write one output", floor_runs)
-        report.add("↳ read inputs, python readinto 64 MiB", reads_py, io=False)
-        report.add("↳ read inputs, `cat > /dev/null`", reads_cat, io=False)
-        report.add("↳ write one output's bytes from a buffer", writes, io=False)
-        report.add("↳ fsync of that write (chatvec fsyncs its output)", fsyncs, io=False)
-        if not args.cold:
-            read_all(inputs)  # re-warm after the floor writes
+def append_results(path: Path, text: str) -> None:
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nWritten by `python benchmarks/bench.py`; newest last.\n")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+    print(f"appended to {path}")
 
-        def case(label: str, cmd: list[str], io: bool = True) -> None:
-            walls, mems, noisy, k = [], [], [], 0
-            while len(walls) < args.repeat:
-                k += 1
-                shutil.rmtree(out_dir, ignore_errors=True)
-                shutil.rmtree(out_dir.with_name("out.partial"), ignore_errors=True)
-                try:
-                    r = timed_run(
-                        cmd,
-                        args.cold,
-                        logs / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')[:60]}-{k}.log",
-                        env=run_env,
-                        cwd=run_cwd,
-                        quiet=args.quiet_wait,
-                    )
-                except RuntimeError as e:
-                    print(f"  {label}: FAILED\n{e}", flush=True)
-                    notes.append(f"{label}: run {k + 1} failed ({str(e).strip().splitlines()[-1][:200]})")
-                    break
-                load = r["other_cpu"] / r["wall"]
-                flag = ""
-                if load > NOISY and k <= args.repeat + args.retries:
-                    noisy.append(r["wall"])
-                    flag = " [noisy: discarded, retrying]"
-                else:
-                    walls.append(r["wall"]), mems.append(r)
-                print(
-                    f"  {label}: {r['wall']:.2f} s{flag}, CPU {r['cpu']:.1f} s, other CPU {r['other_cpu']:.1f} s (busy before {r['busy_before']:.2f}), peak tree RSS {fmt_bytes(r['rss'])}, PSS {fmt_bytes(r['pss'])}, "
-                    f"{r['procs']} processes",
-                    flush=True,
-                )
-            if noisy:
-                notes.append(
-                    f"{label}: {len(noisy)} run(s) discarded as noisy (other load > {NOISY}): "
-                    + ", ".join(f"{w:.2f} s" for w in noisy)
-                )
-            if walls:
-                report.add(label, walls, mems, io=io)
 
-        run_env, run_cwd, code = None, where, "working tree"
-        if args.snapshot:
-            rev = subprocess.run(
-                ["git", "rev-parse", "--short", args.snapshot], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout.strip()
-            snap = (args.data / f"snapshot-{rev}").resolve()
-            if not (snap / "chatvec_dist").is_dir():
-                snap.mkdir(parents=True, exist_ok=True)
-                archive = subprocess.run(
-                    ["git", "archive", rev, "chatvec_dist"], cwd=REPO, capture_output=True, check=True
-                ).stdout
-                subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
-            run_env = dict(
-                os.environ, PYTHONPATH=os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])])
-            )
-            code = f"git {rev} (snapshot)"
-            chatvec = [sys.executable, "-m", "chatvec_dist.cli"]
-            probe = subprocess.run(
-                [sys.executable, "-c", "import chatvec_dist; print(chatvec_dist.__file__)"],
-                env=run_env,
-                cwd=run_cwd,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            if not probe.startswith(str(snap)):
-                raise SystemExit(f"snapshot not picked up: chatvec_dist comes from {probe}")
-        else:
-            code = f"git {git_rev()}"
-            chatvec = shutil.which("chatvec")
-            chatvec = [chatvec] if chatvec else [sys.executable, "-m", "chatvec_dist.cli"]
-        merge = [
-            *chatvec,
-            "merge",
-            "--base",
-            dirs["base"],
-            "--chat",
-            dirs["chat"],
-            "--cp",
-            dirs["cp"],
-            "--out",
-            str(out_dir),
-            "--overwrite",
-            "--no-progress",
-        ]
-        wanted = (
-            set(args.cases.split(","))
-            if args.cases
-            else {"ray", "local", "local1", "streaming", "transformers", "mergekit"}
-        )
-        ncpu = os.cpu_count() or 1
-        try:
-            if "ray" in wanted:
-                case(f"chatvec merge, Ray backend × {ncpu}", merge)
-                verify = subprocess.run(
-                    [*chatvec, "verify", str(out_dir)], capture_output=True, text=True, env=run_env, cwd=run_cwd
-                )
-                print("  " + (verify.stdout.strip().splitlines() or ["?"])[-1])
-                if verify.returncode != 0:
-                    notes.append(f"`chatvec verify` of the Ray output failed: {verify.stdout[-500:]}")
-            if "local" in wanted:
-                case(f"chatvec merge, local backend × {ncpu} threads", [*merge, "--backend", "local"])
-            if "local1" in wanted:
-                case("chatvec merge, local backend × 1 thread", [*merge, "--backend", "local", "--workers", "1"])
-            if not args.no_startup:
-                py = sys.executable
-                case("start-up only: `python -c 'import torch'`", [py, "-c", "import torch"], io=False)
-                case(
-                    "start-up only: `python -c 'import torch, ray; ray.init()'`",
-                    [py, "-c", "import torch, ray; ray.init()"],
-                    io=False,
-                )
-                case("start-up only: `chatvec --help`", [*chatvec, "--help"], io=False)
-            if not args.no_peers:
-                me = [sys.executable, str(Path(__file__).resolve()), "_peer"]
-                if "streaming" in wanted:
-                    case(
-                        "peer: plain streaming script (safe_open, fp32, save_file)",
-                        [*me, "streaming", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)],
-                    )
-                if "transformers" in wanted:
-                    try:
-                        import transformers  # noqa: F401
-
-                        case(
-                            "peer: transformers (load 3 models, add, save_pretrained)",
-                            [*me, "transformers", dirs["base"], dirs["chat"], dirs["cp"], str(out_dir)],
-                        )
-                    except ImportError:
-                        notes.append("transformers not installed: its case was skipped")
-                if "mergekit" in wanted:
-                    mk = args.mergekit or shutil.which("mergekit-yaml")
-                    if mk:
-                        cfg = mergekit_config(where, dirs["base"], dirs["chat"], dirs["cp"])
-                        case(
-                            "peer: mergekit-yaml task_arithmetic (bf16)",
-                            [mk, str(cfg), str(out_dir), "--no-copy-tokenizer"],
-                        )
-                    else:
-                        notes.append("mergekit not installed (`mergekit-yaml` not on PATH): its case was skipped")
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-
-        table = report.table()
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        cfg = spec["config"]
-        desc = (
-            f"`--size {size}`: hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
-            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, "
-            f"vocab {cfg['vocab_size']}; {spec['params'] / 1e9:.3f} B params, bf16, {len(spec['shards'])} shards, "
-            f"{in_bytes / 3 / 1e9:.3f} GB per checkpoint; reads {in_bytes / 1e9:.2f} GB + writes {out_bytes / 1e9:.2f} GB"
-        )
-        text = (
-            f"\n## {stamp} — {size}, {mode} cache, {args.repeat} run(s) per case\n\n"
-            f"- Machine: {machine()}\n- Model: {desc}\n- chatvec: {code}; Python {platform.python_version()}\n"
-            f"- Whole process, start-up included. GB/s = (bytes read + written) / wall; × floor = wall / I/O floor "
-            f"(floor = median over rounds of: the faster read of all inputs + one output's write without fsync).\n"
-            f"- CPU s = user + system seconds of the case's process tree (median); other load = CPU seconds that the rest "
-            f"of the machine (other processes, kernel threads: page-cache writeback counts here) used per wall second "
-            f"during the case, worst kept run — runs above {NOISY} were retried (up to --retries extra runs per case) and are listed in the notes.\n"
-            f"- Memory sampled every 50 ms (PSS every 500 ms) over the process tree; RSS sums count shared pages "
-            f"(libraries, Ray's object store) once per process, PSS splits them.\n"
-            + "".join(f"- Note: {n}\n" for n in notes)
-            + "\n"
-            + table
-        )
-        png = args.results.with_name(f"bench-{size}-{mode}.png")
-        if not args.no_results and plot(
-            report, in_bytes, out_bytes, f"{size} ({spec['params'] / 1e9:.2f} B params), {mode} cache, {machine()}", png
-        ):
-            text += f"\n![GB/s per tool and per stage]({png.name})\n"
-        print(text)
-        return report, text
-
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_peer":  # internal: run one peer in this (child) process
+        PEERS[sys.argv[2]](*sys.argv[3:7])
+        return 0
+    args = parse_args()
+    notes = check_cold(args)
     sections, reports = [], {}
     for size in args.size.split(","):
-        reports[size], text = bench_size(size, list(notes))
+        reports[size], text = bench_size(args, size, list(notes))
         sections.append(text)
     if "tiny" in reports and len(reports) > 1:
         text = targets(reports)
         print(text)
         sections.append(text)
-    text = "".join(sections)
     if not args.no_results:
-        if not args.results.exists():
-            args.results.write_text("# Benchmark results\n\nWritten by `python benchmarks/bench.py`; newest last.\n")
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(text)
-        print(f"appended to {args.results}")
+        append_results(args.results, "".join(sections))
     return 0
 
 
