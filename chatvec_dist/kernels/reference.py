@@ -1,5 +1,5 @@
 """The float64 reference: what every kernel must reproduce after rounding to the output dtype (as torch converts
-float64: through float32 to a 16-bit dtype, see the README on exactness)."""
+float64: through float32 to a 16-bit dtype, see docs/exactness.md)."""
 
 from __future__ import annotations
 
