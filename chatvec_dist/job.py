@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +78,12 @@ class Output:
         layout = self.plan.layout
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
-        self.journaled = {
-            uid: r for uid, r in journaled.items() if _still_valid(r, layout, self.work, planned.block_bytes)
-        }
+        self.journaled = {uid: r for uid, r in journaled.items() if self.holds(r, planned.block_bytes)}
+
+    def holds(self, result: UnitResult, block: int) -> bool:
+        """Whether this output's shards hold the bytes a unit reported (they may be lost with a worker)."""
+        assert self.work is not None
+        return _still_valid(result, self.plan.layout, self.work, block)
 
     def record(self, result: UnitResult) -> None:
         """Add a unit's segments (this output's only) to the manifest's tally."""
@@ -249,13 +253,8 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     journals = [Journal(w / JOURNAL_NAME) for w in works if w is not None]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
     names = ", ".join(o.path.name for o in outputs)
-    bar = tqdm(
-        total=sum(sizes.values()),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        disable=not options.progress,
-        desc=f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})",
+    progress = _Progress(
+        sum(sizes.values()), f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})", options.progress
     )
     results: dict[int, list[UnitResult]] = {}  # per unit: each output's share, to recheck
     stages = Stages()
@@ -268,29 +267,49 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
             output.record(mine)
             journal.append(mine)
             results[result.unit].append(mine)
-        bar.update(sizes[result.unit])
+        progress.update(sizes[result.unit])
 
     try:
         suspect = backend.run(todo, on_result)
         _redo_lost(planned, outputs, backend, suspect, results, on_result)
         return throughput(stages, started, time.perf_counter(), backend)
     finally:
-        bar.close()
+        progress.close()
         for j in journals:
             j.close()
         backend.close()
 
 
-def _redo_lost(planned, outputs, backend, suspect, results, on_result) -> None:
+class _Progress:
+    """The progress bar, shown from the first finished unit: its rate and ETA leave out the start-up."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.bar: tqdm | None = None
+
+    def update(self, nbytes: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.total, unit="B", unit_scale=True, unit_divisor=1000, disable=not self.enabled, desc=self.desc
+            )
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _redo_lost(
+    planned: Planned,
+    outputs: list[Output],
+    backend: Backend,
+    suspect: list[Unit],
+    results: dict[int, list[UnitResult]],
+    on_result: Callable[[UnitResult], None],
+) -> None:
     """Units finished by workers that died before their fsync: recheck their bytes, redo those lost."""
     for attempt in range(MAX_RECHECKS + 1):
-        lost = [
-            u
-            for u in suspect
-            if not all(
-                _still_valid(r, o.plan.layout, o.work, planned.block_bytes) for r, o in zip(results[u.id], outputs)
-            )
-        ]
+        lost = [u for u in suspect if not all(o.holds(r, planned.block_bytes) for r, o in zip(results[u.id], outputs))]
         if not lost:
             return
         if attempt == MAX_RECHECKS:
