@@ -103,11 +103,12 @@ def check_unit_bytes(unit_bytes: int) -> None:
         )
 
 
-def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
+def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -> list[Unit]:
     """Cut the tensors shared by all outputs into units of about `unit_bytes` of output each.
 
     Small tensors are grouped; large ones are split at hash-block boundaries of every output, so a block's
-    digest never depends on how the work was cut or who did it.
+    digest never depends on how the work was cut or who did it. With `at_shards` (outputs in an object store,
+    one multipart upload per shard), no unit spans two shards of any output.
     """
     check_unit_bytes(unit_bytes)
     total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
@@ -129,6 +130,8 @@ def cut_units(layouts: list[Layout], unit_bytes: int) -> list[Unit]:
         pieces, filled = [], 0
 
     for index, column in enumerate(zip(*(lay.tensors for lay in layouts))):
+        if at_shards and index and any(p.shard != lay.tensors[index - 1].shard for p, lay in zip(column, layouts)):
+            flush()
         numel = max(p.tensor.numel for p in column)
         itemsize = min(ITEMSIZE[p.tensor.out_dtype] for p in column)
         size = max(p.nbytes for p in column)
