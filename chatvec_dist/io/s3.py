@@ -136,11 +136,11 @@ def _make_client(patient: bool) -> Any:
         raise SourceError(f"cannot make an S3 client: {type(e).__name__}: {e}") from None
 
 
-def head(url: str, patient: bool = False) -> ObjectInfo:
-    """Size, ETag and version id of one object."""
+def head(url: str) -> ObjectInfo:
+    """Size, ETag and version id of one object (the driver's look-up: quick retries)."""
     bucket, key = parse(url)
     try:
-        r = client(patient).head_object(Bucket=bucket, Key=key)
+        r = client(False).head_object(Bucket=bucket, Key=key)
     except Exception as e:
         raise failure(e, url) from None
     traffic.add(0, 1)
