@@ -364,9 +364,19 @@ def _sources_meta(sources: Sources) -> dict:
 
 def _input_stats(planned: Planned) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
-    changes its ctime): part of the job, so a partial output is never resumed on inputs that changed."""
+    changes its ctime), or an s3:// object's size, ETag and version id (a HEAD): part of the job, so a partial
+    output is never resumed on inputs that changed."""
+    from .io import s3  # here, not above: this function is all of job.py that the S3 work touches
+
     paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
-    return {path: [st.st_size, st.st_mtime_ns, st.st_ctime_ns] for path in paths for st in [os.stat(path)]}
+    stats: InputStats = {}
+    for path in paths:
+        if s3.is_url(path):
+            stats[path] = s3.identity(path)
+        else:
+            st = os.stat(path)
+            stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return stats
 
 
 def _digests(planned: Planned, inputs: InputStats) -> list[str]:

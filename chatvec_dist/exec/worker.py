@@ -11,6 +11,7 @@ import torch
 import xxhash
 
 from ..dtypes import ITEMSIZE, is_float
+from ..io import s3
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
@@ -115,7 +116,11 @@ class UnitRunner:
             path = self._local_paths.get(src.path) or self._local_paths.setdefault(
                 src.path, local_copy(src.path, self.ctx.hub_files)
             )
-            read_into(self.files.get(path), buf.numpy().data, src.start + piece.first * size, path, tensors[0].name)
+            offset = src.start + piece.first * size
+            if s3.is_url(path):  # ranged GETs, each process with its own client and credentials
+                s3.read_into(path, offset, buf.numpy().data, tensors[0].name)
+            else:
+                read_into(self.files.get(path), buf.numpy().data, offset, path, tensors[0].name)
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
 

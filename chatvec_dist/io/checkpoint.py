@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,50 +100,68 @@ def open_checkpoint(
 
 def _weight_files(directory: Path, entries: list[Path], bound: Path) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files to read, and the index's weight map (None without an index)."""
-    index = directory / INDEX_NAME
-    if _is_file(directory / SINGLE_NAME):  # first, as transformers loads it: the merge is of the model it loads
-        if _is_file(index):
+    files = pick_weights([p.name for p in entries if _is_file(p)], str(directory))
+    if files is not None:
+        return files, None
+    names = _weight_map(directory / INDEX_NAME, directory, bound)
+    return sorted(set(names.values())), names
+
+
+def pick_weights(names: list[str], where: str) -> list[str] | None:
+    """Which of a folder's files hold its weights: model.safetensors (first, as transformers loads it: the merge is
+    of the model it loads), else None (the index says), else every *.safetensors; pickles only are refused."""
+    if SINGLE_NAME in names:
+        if INDEX_NAME in names:
             print(  # printed, not logged: job.plan's callers (tests too) read it on stderr without the CLI
-                f"chatvec: warning: {directory} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
+                f"chatvec: warning: {where} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
                 "as transformers does (remove the one that is stale)",
                 file=sys.stderr,
             )
-        return [SINGLE_NAME], None
-    if _is_file(index):
-        names = _weight_map(index, directory, bound)
-        return sorted(set(names.values())), names
-    files = [p.name for p in entries if p.name.endswith(".safetensors") and _is_file(p)]
+        return [SINGLE_NAME]
+    if INDEX_NAME in names:
+        return None
+    files = sorted(n for n in names if n.endswith(".safetensors"))
     if not files:
-        pickles = sorted(p.name for p in entries if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(n for n in names if os.path.splitext(n)[1] in PICKLE_SUFFIXES)
         if pickles:
             raise SourceError(
                 f"only pickle checkpoints found ({', '.join(pickles[:3])}); chatvec_dist never unpickles files: "
                 "convert them to safetensors first",
-                file=str(directory),
+                file=where,
             )
-        raise SourceError("no safetensors files found", file=str(directory))
-    return files, None
+        raise SourceError("no safetensors files found", file=where)
+    return files
 
 
 def _tensors(directory: Path, files: list[str], names: dict[str, str] | None, bound: Path) -> dict[str, TensorRef]:
     """Every tensor of `files` (those the index places there, with an index), in file order."""
-    index = directory / INDEX_NAME
+    cited = str(directory / INDEX_NAME) if names is not None else None
+    shards = [(name, str(_inside(directory / name, bound, cited or str(directory / name)))) for name in files]
+    return collect_tensors(shards, lambda path: read_header(path)[0], names, str(directory / INDEX_NAME))
+
+
+def collect_tensors(
+    shards: list[tuple[str, str]],
+    header: Callable[[str], dict[str, TensorInfo]],
+    names: dict[str, str] | None,
+    index: str,
+) -> dict[str, TensorRef]:
+    """Every tensor of `shards` ((name, path) each; `header` reads a path's), those the index `names` places there
+    where there is one, in file order; `index` is the index file, cited when it names what a shard lacks."""
     tensors: dict[str, TensorRef] = {}
-    for name in files:
-        path = _inside(directory / name, bound, str(index if names is not None else directory / name))
-        header, _ = read_header(path)
-        for tname, info in header.items():
+    for name, path in shards:
+        for tname, info in header(path).items():
             if names is None:
                 if tname in tensors:
-                    raise HeaderError(f"tensor also present in {tensors[tname].path}", file=str(path), tensor=tname)
-                tensors[tname] = TensorRef(str(path), info)
+                    raise HeaderError(f"tensor also present in {tensors[tname].path}", file=path, tensor=tname)
+                tensors[tname] = TensorRef(path, info)
             elif names.get(tname) == name:
-                tensors[tname] = TensorRef(str(path), info)
+                tensors[tname] = TensorRef(path, info)
     if names is None:
         return tensors
     for tname, fname in names.items():
         if tname not in tensors:
-            raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=str(index), tensor=tname)
+            raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=index, tensor=tname)
     return {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
 
 
@@ -150,18 +169,33 @@ def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
     try:
         if index.stat().st_size > MAX_INDEX_BYTES:
             raise HeaderError(f"index is larger than {MAX_INDEX_BYTES} bytes", file=str(index))
-        doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys)
-    except HeaderError as e:
-        raise HeaderError(e.what, file=str(index)) from None
-    except (OSError, ValueError, RecursionError) as e:
+        text = index.read_bytes()
+    except OSError as e:
         raise HeaderError(f"index is not valid JSON ({type(e).__name__})", file=str(index)) from None
+    wm = parse_weight_map(text, str(index))
+    for tname, fname in wm.items():
+        if not _is_file(directory / fname):
+            raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)
+        _inside(directory / fname, bound, str(index), tname)
+    return wm
+
+
+def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
+    """An index's weight_map (tensor → shard file): every name printable, every file a relative path that stays
+    inside the checkpoint (no absolute path, `..`, backslash or URL)."""
+    try:
+        doc = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except HeaderError as e:
+        raise HeaderError(e.what, file=index) from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise HeaderError(f"index is not valid JSON ({type(e).__name__})", file=index) from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
-        raise HeaderError("index has no weight_map object", file=str(index))
+        raise HeaderError("index has no weight_map object", file=index)
     for tname, fname in wm.items():
         if not is_safe_name(tname):
             raise HeaderError(
-                f"weight_map names a tensor {shown(tname)} that is empty or has control characters", file=str(index)
+                f"weight_map names a tensor {shown(tname)} that is empty or has control characters", file=index
             )
         if (
             not isinstance(fname, str)
@@ -170,11 +204,9 @@ def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
             or os.path.isabs(fname)
             or ".." in Path(fname).parts
             or "\\" in fname
+            or "://" in fname
         ):
-            raise HeaderError(f"weight_map names an unsafe path {shown(fname)}", file=str(index), tensor=tname)
-        if not _is_file(directory / fname):
-            raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)
-        _inside(directory / fname, bound, str(index), tname)
+            raise HeaderError(f"weight_map names an unsafe path {shown(fname)}", file=index, tensor=tname)
     return wm
 
 

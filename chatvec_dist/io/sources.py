@@ -1,4 +1,5 @@
-"""Sources: a local directory, or a Hub repo id (`org/name[@revision]`) resolved offline-first."""
+"""Sources: a local directory, an `s3://bucket/prefix` folder, or a Hub repo id (`org/name[@revision]`) resolved
+offline-first."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from ..errors import ChatvecError, SourceError
 from ..log import logger
+from . import s3
 from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint, read_json_object
+from .s3_checkpoint import open_s3_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
@@ -19,8 +22,11 @@ MODULE_REF = re.compile(r"^([A-Za-z_]\w*)\.\w+$")  # auto_map's "modeling_x.Clas
 
 
 def open_source(spec: str) -> Checkpoint:
-    """Open `spec`: an existing local directory, else a Hub repo id from the HF cache, fetched (only what is
-    missing) when the cache lacks it or holds part of it (e.g. just `config.json`, left by `AutoConfig`)."""
+    """Open `spec`: an `s3://` URL, an existing local directory, else a Hub repo id from the HF cache, fetched
+    (only what is missing) when the cache lacks it or holds part of it (e.g. just `config.json`, left by
+    `AutoConfig`)."""
+    if s3.is_url(spec):
+        return open_s3_checkpoint(spec)
     if os.path.exists(spec) or not REPO_ID.match(spec):
         return open_checkpoint(spec)
     if os.path.isdir(folder := spec.split("/", 1)[0]):  # `models/llama-zh` mistyped: not a Hub id to try

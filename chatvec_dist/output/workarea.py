@@ -190,11 +190,13 @@ def _read_plan(plan_file: Path) -> dict:
 
 
 def _why_not_resumable(then: object, now: dict[str, list[int]]) -> str:
-    """Why a partial output is not this job's: an input that changed since it was made (named), or another job."""
+    """Why a partial output is not this job's: an input that changed since it was made (named, with the first of
+    its fields that differs: size/mtime/ctime of a file, size/etag/version of an s3:// object), or another job."""
     for path, stats in now.items():
         old = then.get(path) if isinstance(then, dict) else None
         if isinstance(old, list) and len(old) == len(stats) and old != stats:
-            field = next(name for name, a, b in zip(("size", "mtime", "ctime"), old, stats) if a != b)
+            fields = ("size", "etag", "version") if path.startswith("s3://") else ("size", "mtime", "ctime")
+            field = next(name for name, a, b in zip(fields, old, stats) if a != b)
             how = "; chmod, chown, a new hard link or a rewrite change it" if field == "ctime" else ""
             return (
                 f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "

@@ -1,0 +1,135 @@
+"""A checkpoint "folder" in S3 (`s3://bucket/prefix`), opened from its listing, index and shard headers only.
+
+No tensor data is downloaded here: each tensor's path is its shard's full `s3://` URL, read later by the workers
+with ranged GETs. The side files (config, tokenizer, ...) are downloaded into a local temporary folder, the
+checkpoint's `directory`, kept as long as the checkpoint is (and removed at exit at the latest)."""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+import struct
+import tempfile
+import weakref
+from pathlib import Path
+
+from ..errors import HeaderError, SourceError
+from . import s3
+from .checkpoint import (
+    INDEX_NAME,
+    MAX_INDEX_BYTES,
+    NOT_SIDE_PATTERNS,
+    SIDE_PATTERNS,
+    Checkpoint,
+    collect_tensors,
+    parse_weight_map,
+    pick_weights,
+)
+from .header import MAX_HEADER_BYTES, TensorInfo, parse_header_bytes, shown
+
+MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
+EXTRA_FILES = ("manifest.parquet",)  # a chatvec output's manifest: `apply --vector` checks what it holds
+
+
+def open_s3_checkpoint(url: str) -> Checkpoint:
+    """Open `s3://bucket/prefix` as a checkpoint folder: listing, index, headers (ranged GETs), side files."""
+    url = url.rstrip("/")
+    s3.parse(url, key_required=False)
+    listing = s3.list_names(url)
+    if not listing:
+        raise SourceError("no objects under this prefix (no such checkpoint folder)", file=url)
+    files = pick_weights(sorted(listing), url)
+    names = None
+    if files is None:
+        names = _weight_map(url, listing)
+        files = sorted(set(names.values()))
+    objects = {name: _info(url, name, listing) for name in files}
+    shards = [(name, s3.join(url, name)) for name in files]
+    sizes = {s3.join(url, name): info for name, info in objects.items()}
+    tensors = collect_tensors(shards, lambda u: _header(u, sizes[u]), names, s3.join(url, INDEX_NAME))
+    directory = Path(tempfile.mkdtemp(prefix="chatvec-s3-"))
+    try:
+        objects |= _download_side_files(url, listing, directory)
+        ckpt = Checkpoint(directory, tensors, [u for _, u in shards], _source(url, objects))
+        ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    weakref.finalize(ckpt, shutil.rmtree, str(directory), True)  # at exit at the latest
+    return ckpt
+
+
+def _weight_map(url: str, listing: dict[str, s3.ObjectInfo]) -> dict[str, str]:
+    """The index's weight map; every shard it names must be an object under the prefix."""
+    index = s3.join(url, INDEX_NAME)
+    if listing[INDEX_NAME].size > MAX_INDEX_BYTES:
+        raise HeaderError(f"index is larger than {MAX_INDEX_BYTES} bytes", file=index)
+    wm = parse_weight_map(s3.read_bytes(index, MAX_INDEX_BYTES)[0], index)
+    for tname, fname in wm.items():
+        if fname not in listing and not _exists(s3.join(url, fname)):
+            raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=index, tensor=tname)
+    return wm
+
+
+def _exists(url: str) -> bool:
+    """Whether a shard below the prefix's top level (`sub/x.safetensors`) exists."""
+    try:
+        s3.head(url)
+    except s3.MissingObject:
+        return False
+    return True
+
+
+def _info(url: str, name: str, listing: dict[str, s3.ObjectInfo]) -> s3.ObjectInfo:
+    """Size, ETag and version of one object (a HEAD: the listing has no version ids)."""
+    info = s3.head(s3.join(url, name))
+    listed = listing.get(name)
+    if listed is not None and listed.etag != info.etag:
+        raise SourceError(
+            "the object changed while the checkpoint was being opened: run again", file=s3.join(url, name)
+        )
+    return info
+
+
+def _header(url: str, info: s3.ObjectInfo) -> dict[str, TensorInfo]:
+    """A shard's header from two ranged GETs (the 8-byte length, then the JSON), checked by the same bounded
+    parser as a local file's; the ETag pins both reads to the object that was listed."""
+    head = s3.read_range(url, 0, min(8, info.size), info.etag) if info.size else b""
+    if len(head) == 8:
+        (n,) = struct.unpack("<Q", head)
+        if n <= MAX_HEADER_BYTES and 8 + n <= info.size:
+            head += s3.read_range(url, 8, n, info.etag)
+    return parse_header_bytes(head, info.size, url)[0]
+
+
+def _download_side_files(url: str, listing: dict[str, s3.ObjectInfo], directory: Path) -> dict[str, s3.ObjectInfo]:
+    """Config, tokenizer, chat template, remote code, license (as for a local folder), and a chatvec manifest."""
+    fetched = {}
+    for name in sorted(listing):
+        if not _is_side(name):
+            continue
+        if not name.isprintable() or name in (".", ".."):
+            raise SourceError(f"object name {shown(name)} cannot be a local file name", file=s3.join(url, name))
+        data, fetched[name] = s3.read_bytes(s3.join(url, name), MAX_SIDE_BYTES)
+        (directory / name).write_bytes(data)
+    return fetched
+
+
+def _is_side(name: str) -> bool:
+    if name == INDEX_NAME:
+        return False
+    if name in EXTRA_FILES:
+        return True
+    return any(fnmatch.fnmatch(name, p) for p in SIDE_PATTERNS) and not any(
+        fnmatch.fnmatch(name, p) for p in NOT_SIDE_PATTERNS
+    )
+
+
+def _source(url: str, objects: dict[str, s3.ObjectInfo]) -> dict[str, object]:
+    """Where the checkpoint came from, for the manifest and card: the URL and each object's identity."""
+    return {
+        "url": url,
+        "objects": {
+            name: {"etag": info.etag, "size": info.size, "version": info.version} for name, info in objects.items()
+        },
+    }
