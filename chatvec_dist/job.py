@@ -46,7 +46,7 @@ from .recipe.file import with_absolute_paths
 from .recipe.spec import Recipe, RunOptions
 
 MAX_RECHECKS = 3
-InputStats = dict[str, list[int]]  # input file → [size, mtime_ns, ctime_ns]
+InputStats = dict[str, list[int | str | None]]  # local file: [size, mtime_ns, ctime_ns]; object: [size, etag, version]
 
 
 @dataclass
@@ -206,6 +206,7 @@ def _run_fresh(planned: Planned, fresh: list[Output], inputs: InputStats, option
         raise
     if options.fail_on_nonfinite:
         _refuse_nonfinite(fresh)
+    _check_inputs_unchanged(planned, inputs)
     for output in fresh:
         output.commit(planned)
     logger.info(speed)
@@ -222,6 +223,23 @@ def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, resta
     if done:
         logger.info(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run")
     return done
+
+
+def _check_inputs_unchanged(planned: Planned, inputs: InputStats) -> None:
+    """Every input file or object is still the one the run started from: one rewritten in place meanwhile (same
+    size) would be committed as a mix of old and new bytes."""
+    for path, now in _input_stats(planned).items():
+        if now != inputs.get(path):
+            raise RunError(
+                f"changed during the run ({_what_changed(inputs.get(path), now)}): nothing was committed, and the "
+                "finished units may hold its old bytes; run again with --restart",
+                file=path,
+            )
+
+
+def _what_changed(then: list | None, now: list) -> str:
+    fields = ("size", "etag", "version") if now and isinstance(now[1], str) else ("size", "mtime", "ctime")
+    return next((name for name, a, b in zip(fields, then or [], now) if a != b), "identity")
 
 
 def _refuse_nonfinite(outputs: list[Output]) -> None:

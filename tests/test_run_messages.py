@@ -62,3 +62,33 @@ def test_the_output_name_is_printed_escaped(demo, tmp_path, capsys):
     printed = capsys.readouterr().out.strip()
     assert "\x1b" not in printed and printed == f"wrote {tmp_path}/a\\x1b[31mred"
     assert out.is_dir()
+
+
+def test_a_cp_shard_rewritten_in_place_during_the_run_is_not_committed(demo, tmp_path, monkeypatch, capsys):
+    """The same bytes written back over a CP shard (same size) while units run: it may be a mix of two versions,
+    so nothing is committed (it was, with exit 0, and verify passed); exit 3, naming the file."""
+    from chatvec_dist.exec import worker
+
+    cp = tmp_path / "cp"
+    shutil.copytree(demo["cp"], cp)
+    shard = sorted(cp.glob("*.safetensors"))[0]
+    real_run, seen = worker.UnitRunner.run, []
+
+    def rewrite_after_the_first_unit(self, unit):
+        result = real_run(self, unit)
+        if not seen:
+            seen.append(unit.id)
+            shard.write_bytes(shard.read_bytes())  # same size, new mtime and ctime
+        return result
+
+    monkeypatch.setattr(worker.UnitRunner, "run", rewrite_after_the_first_unit)
+    out = tmp_path / "out"
+    assert main(merge_argv(dict(demo, cp=cp), out, "--workers", "1")) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"chatvec: error: {shard}: changed during the run (mtime): nothing was committed, and the finished units "
+        "may hold its old bytes; run again with --restart"
+    ), err
+    assert not out.exists() and Path(f"{out}.partial").is_dir()
+    monkeypatch.undo()
+    assert main(merge_argv(dict(demo, cp=cp), out, "--restart")) == 0 and out.is_dir()

@@ -124,7 +124,7 @@ def check_replaceable(out: Path) -> None:
 
 
 def open_partial(
-    out: Path, layout: Layout, digest: str, inputs: dict[str, list[int]], restart: bool, output: int
+    out: Path, layout: Layout, digest: str, inputs: dict[str, list[int | str | None]], restart: bool, output: int
 ) -> tuple[Path, dict[int, UnitResult]]:
     """Create (or reuse, when it belongs to the same job) the work area; return it and journaled results.
     `inputs`: each input file's [size, mtime, ctime], kept to say which one changed if a rerun differs.
@@ -189,7 +189,7 @@ def _read_plan(plan_file: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def _why_not_resumable(then: object, now: dict[str, list[int]]) -> str:
+def _why_not_resumable(then: object, now: dict[str, list[int | str | None]]) -> str:
     """Why a partial output is not this job's: an input that changed since it was made (named, with the first of
     its fields that differs: size/mtime/ctime of a file, size/etag/version of an s3:// object), or another job."""
     for path, stats in now.items():
