@@ -25,6 +25,7 @@ class WorkContext:
     outputs: list[OutputContext]
     block_bytes: int
     hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
+    etags: dict[str, str] = dataclasses.field(default_factory=dict)  # s3:// input → the ETag planned with
 
     @classmethod
     def of(

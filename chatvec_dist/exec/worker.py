@@ -118,7 +118,7 @@ class UnitRunner:
             )
             offset = src.start + piece.first * size
             if s3.is_url(path):  # ranged GETs, each process with its own client and credentials
-                s3.read_into(path, offset, buf.numpy().data, tensors[0].name)
+                s3.read_into(path, offset, buf.numpy().data, tensors[0].name, self.ctx.etags.get(path))
             else:
                 read_into(self.files.get(path), buf.numpy().data, offset, path, tensors[0].name)
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])

@@ -189,18 +189,18 @@ def read_range(url: str, offset: int, length: int, etag: str | None = None) -> b
     return bytes(buf[:n])
 
 
-def read_into(url: str, offset: int, buf: memoryview, tensor: str | None = None) -> None:
+def read_into(url: str, offset: int, buf: memoryview, tensor: str | None = None, etag: str | None = None) -> None:
     """Fill `buf` from `offset` with ranged GETs streamed into it (no copy of the whole range); a large range as
-    several concurrent GETs of PART_BYTES."""
+    several concurrent GETs of PART_BYTES. With `etag`, of that object only (one replaced since is an error)."""
     where = parse(url)
     view = memoryview(buf).cast("B")
     parts = [(i, min(i + PART_BYTES, len(view))) for i in range(0, len(view), PART_BYTES)]
     try:
         if len(parts) <= 1:
-            _get_part(where, url, offset, view, None, True)
+            _get_part(where, url, offset, view, etag, True)
             return
         with ThreadPoolExecutor(min(PARTS_IN_FLIGHT, len(parts)), thread_name_prefix="s3-read") as pool:
-            for done in [pool.submit(_get_part, where, url, offset + a, view[a:b], None, True) for a, b in parts]:
+            for done in [pool.submit(_get_part, where, url, offset + a, view[a:b], etag, True) for a, b in parts]:
                 done.result()
     except SourceError as e:
         raise type(e)(e.what, file=url, tensor=tensor) from None

@@ -133,3 +133,14 @@ def _source(url: str, objects: dict[str, s3.ObjectInfo]) -> dict[str, object]:
             name: {"etag": info.etag, "size": info.size, "version": info.version} for name, info in objects.items()
         },
     }
+
+
+def object_etags(checkpoints: list[Checkpoint]) -> dict[str, str]:
+    """For s3:// checkpoints: each object's URL → the ETag it was planned with (workers read that version only)."""
+    found: dict[str, str] = {}
+    for ckpt in checkpoints:
+        objects = ckpt.source.get("objects")
+        if isinstance(objects, dict):
+            url = str(ckpt.source["url"])
+            found |= {s3.join(url, name): str(info["etag"]) for name, info in objects.items()}
+    return found
