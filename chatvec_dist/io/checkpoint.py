@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
+from ..log import logger
 from .header import TensorInfo, is_safe_name, read_header, reject_duplicate_keys, shown
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,7 +49,6 @@ class Checkpoint:
 
     directory: Path
     tensors: dict[str, TensorRef]
-    files: list[str]
     source: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -91,9 +90,7 @@ def open_checkpoint(
     for entry in entries:  # side files (config, tokenizer) are read and copied too: none may lead outside
         if entry.is_symlink():
             _inside(entry, bound, str(entry))
-    ckpt = Checkpoint(
-        directory, tensors, [str(directory / f) for f in files], source or {"path": str(directory.resolve())}
-    )
+    ckpt = Checkpoint(directory, tensors, source or {"path": str(directory.resolve())})
     ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
     return ckpt
 
@@ -112,10 +109,9 @@ def pick_weights(names: list[str], where: str) -> list[str] | None:
     of the model it loads), else None (the index says), else every *.safetensors; pickles only are refused."""
     if SINGLE_NAME in names:
         if INDEX_NAME in names:
-            print(  # printed, not logged: job.plan's callers (tests too) read it on stderr without the CLI
-                f"chatvec: warning: {where} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, "
-                "as transformers does (remove the one that is stale)",
-                file=sys.stderr,
+            logger.warning(
+                f"{where} holds both {SINGLE_NAME} and {INDEX_NAME}: reading {SINGLE_NAME}, as transformers does "
+                "(remove the one that is stale)"
             )
         return [SINGLE_NAME]
     if INDEX_NAME in names:

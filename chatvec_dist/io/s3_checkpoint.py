@@ -50,7 +50,7 @@ def open_s3_checkpoint(url: str) -> Checkpoint:
     directory = Path(tempfile.mkdtemp(prefix="chatvec-s3-"))
     try:
         objects |= _download_side_files(url, listing, directory)
-        ckpt = Checkpoint(directory, tensors, [u for _, u in shards], _source(url, objects))
+        ckpt = Checkpoint(directory, tensors, _source(url, objects))
         ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
