@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import stat
+from collections import OrderedDict
 
 from ..errors import ChatvecError
 
@@ -13,6 +16,12 @@ def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
+        if e.errno == errno.EMFILE:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            raise ChatvecError(
+                f"cannot open: too many open files (this process may open {soft}: raise it with `ulimit -n`)",
+                file=path,
+            ) from None
         raise ChatvecError(f"cannot open: {e.strerror}", file=path) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -21,30 +30,52 @@ def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
 
 
 class FileHandles:
-    """Open file descriptors, cached per path, for one worker."""
+    """Open file descriptors for one worker, cached per path, at most `limit` at once (the least recently used is
+    closed first: a checkpoint of 270 shards, read and written by many threads, stays under the process's limit)."""
 
-    def __init__(self) -> None:
-        self._fds: dict[tuple[str, int], int] = {}
+    def __init__(self, limit: int | None = None) -> None:
+        self._fds: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._written: set[str] = set()  # closed after writes: fsynced again by `sync`
+        self.limit = limit or per_worker_limit()
 
     def get(self, path: str, flags: int = os.O_RDONLY) -> int:
         key = (path, flags)
-        if key not in self._fds:
-            self._fds[key] = open_regular(path, flags)
+        if key in self._fds:
+            self._fds.move_to_end(key)
+            return self._fds[key]
+        while len(self._fds) >= self.limit:
+            (old, old_flags), fd = self._fds.popitem(last=False)
+            if old_flags & (os.O_WRONLY | os.O_RDWR):
+                self._written.add(old)
+            os.close(fd)
+        self._fds[key] = open_regular(path, flags)
         return self._fds[key]
 
     def sync(self) -> None:
-        """fsync every file opened for writing (on a shared filesystem: push it to the server)."""
-        for (path, flags), fd in self._fds.items():
+        """fsync every file written (on a shared filesystem: push it to the server)."""
+        for path in sorted(self._written):
+            self.get(path, os.O_WRONLY)
+        for (path, flags), fd in list(self._fds.items()):
             if flags & (os.O_WRONLY | os.O_RDWR):
                 try:
                     os.fsync(fd)
                 except OSError as e:
                     raise ChatvecError(f"fsync failed: {e.strerror}", file=path) from None
+        self._written.clear()
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def per_worker_limit() -> int:
+    """Descriptors one worker may keep open: a share of the process's soft limit (RLIMIT_NOFILE) that leaves room
+    for four workers per core, Ray's own and Python's."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(4, min(256, soft // (4 * (os.cpu_count() or 1) + 8)))
 
 
 def read_into(fd: int, buf: memoryview, offset: int, path: str, tensor: str) -> None:
