@@ -169,7 +169,11 @@ def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
     except OSError as e:
         raise HeaderError(f"index is not valid JSON ({type(e).__name__})", file=str(index)) from None
     wm = parse_weight_map(text, str(index))
+    checked: set[str] = set()  # each shard once: filesystem look-ups per file, not per tensor (NFS, Lustre)
     for tname, fname in wm.items():
+        if fname in checked:
+            continue
+        checked.add(fname)
         if not _is_file(directory / fname):
             raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)
         _inside(directory / fname, bound, str(index), tname)
