@@ -24,3 +24,28 @@ def test_planning_looks_up_each_file_a_few_times_not_each_tensor(tmp_path, monke
     planned = chatvec_dist.plan(recipe)
     assert len(planned.targets[0].layout.tensors) == len(tensors) == 543
     assert len(calls) < 3 * 22 * 20, len(calls)  # three checkpoints of 20 shards and 2 more files: ≈ 13 each
+
+
+def test_the_driver_keeps_16_bytes_per_output_block_not_a_dict_entry(tmp_path):
+    """A 671B output in bf16 is 1.3 M blocks of 1 MiB per output: the tally holds each digest in 16 bytes."""
+    import tracemalloc
+
+    from chatvec_dist.exec.messages import SegmentResult
+    from chatvec_dist.kernels.stats import Stats
+    from chatvec_dist.output.manifest import Tally
+    from chatvec_dist.planning.layout import layout
+    from chatvec_dist.planning.planner import PlannedTensor, Src
+
+    block, blocks = 4096, 20_000
+    t = PlannedTensor("t", "merge", "", (block * blocks // 2,), "BF16", Src("x", 0, "BF16"), (), 0)
+    lay = layout([t], max_shard_size=10**12)
+    tracemalloc.start()
+    tally = Tally(lay, block)
+    for b in range(0, blocks, 100):
+        tally.add(
+            SegmentResult(0, 0, tuple((k, k.to_bytes(16, "little")) for k in range(b, b + 100)), Stats()), "w", "n", 0.0
+        )
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 24 * blocks + 100_000, held  # a dict of blocks took ~200 bytes each
+    assert tally.table("t", {}).column("hash").to_pylist()[0]  # and the tensor's hash is made from them

@@ -63,11 +63,22 @@ class Part(NamedTuple):
     node: str
 
 
+DIGEST = 16  # bytes of an xxh3-128 digest
+
+
 @dataclass
 class _Entry:
-    blocks: dict[int, bytes] = field(default_factory=dict)
+    """One output tensor's block digests, in block order (16 bytes per block: the driver's memory grows with the
+    output's size by 16 bytes per block, not a dict entry per block), and what its pieces reported."""
+
+    digests: bytearray
+    seen: bytearray  # 1 for each block reported
     # per piece (keyed by its first block), so that a piece computed again replaces, never adds
     parts: dict[int, Part] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, nblocks: int) -> _Entry:
+        return cls(bytearray(DIGEST * nblocks), bytearray(nblocks))
 
 
 class Tally:
@@ -76,11 +87,13 @@ class Tally:
     def __init__(self, layout: Layout, block_bytes: int) -> None:
         self.layout = layout
         self.block_bytes = block_bytes
-        self.entries = [_Entry() for _ in layout.tensors]
+        self.entries = [_Entry.of(max(1, math.ceil(p.nbytes / block_bytes))) for p in layout.tensors]
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
         e = self.entries[seg.index]
-        e.blocks.update(seg.blocks)
+        for b, digest in seg.blocks:
+            e.digests[b * DIGEST : (b + 1) * DIGEST] = digest
+            e.seen[b] = 1
         e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
@@ -100,8 +113,8 @@ class Tally:
             for part in e.parts.values():
                 s.add(part.stats)
             expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
-            if sorted(e.blocks) != list(range(expected)):
-                raise VerifyError(f"internal: {len(e.blocks)} of {expected} blocks were reported", tensor=t.name)
+            if len(e.seen) != expected or not all(e.seen):
+                raise VerifyError(f"internal: {sum(e.seen)} of {expected} blocks were reported", tensor=t.name)
             measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
             cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
             counted = is_float(t.out_dtype)  # NaN/Inf: every float tensor, copies as stored too
@@ -118,7 +131,7 @@ class Tally:
                     "shard": self.layout.shards[placed.shard].name,
                     "offset": placed.offset,
                     "nbytes": placed.nbytes,
-                    "hash": tensor_hash([e.blocks[b] for b in range(expected)]),
+                    "hash": tensor_hash([bytes(e.digests)]),
                     "cp_norm": cp_norm,
                     "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                     "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
