@@ -233,3 +233,34 @@ def test_local_cluster_refuses_bad_sizes_before_starting_ray(capsys):
     lc = _local_cluster()
     assert lc.main(["--nodes", "0"]) == 2
     assert "--nodes >= 1" in capsys.readouterr().err
+
+
+# ---- kuberay-s3.yaml (S3 in, S3 out, no shared volume) ----
+
+
+@pytest.fixture(scope="module")
+def s3_manifests() -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / "kuberay-s3.yaml").read_text()) if d]
+
+
+def test_kuberay_s3_needs_no_shared_volume_and_runs_chatvec_on_urls(s3_manifests, rayjob):
+    assert {d["kind"] for d in s3_manifests} == {"ServiceAccount", "RayJob"}
+    (job,) = [d for d in s3_manifests if d["kind"] == "RayJob"]
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
+    specs = _pod_specs(s3_manifests)
+    for name, spec in specs.items():
+        claims = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert not claims, f"{name}: no shared volume"
+        assert spec["serviceAccountName"] == "chatvec-s3", name
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env, "credentials never inline"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    from chatvec_dist.cli.parser import build_parser
+
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "merge" and args.address == "auto"
+    assert all(p.startswith("s3://") for p in [*args.base, *args.chat, *args.cp, args.out])
+    head = specs["head"]["containers"][0]
+    assert {"name": "CHATVEC_STAGING", "value": "/staging"} in head["env"]
+    assert {"name": "staging", "mountPath": "/staging"} in head["volumeMounts"]
