@@ -70,7 +70,7 @@ class Output:
     tally: Tally | None = None
     uploads: list[str] = field(default_factory=list)  # an s3:// output: each shard's multipart upload id
     parts: dict[int, dict[int, str]] = field(default_factory=dict)  # … and its parts uploaded: {number: ETag}
-    _listed: dict[int, dict[int, tuple[str, int]]] = field(default_factory=dict)  # … as ListParts showed them
+    _listed: dict[int, dict[int, set[tuple[str, int]]]] = field(default_factory=dict)  # … as ListParts shows them
 
     @property
     def name(self) -> str:
@@ -151,9 +151,10 @@ class Output:
         if {(p.shard, p.number, p.size) for p in result.parts} != planned:
             return False
         for part in result.parts:
-            if self._listed.get(part.shard, {}).get(part.number) != (part.etag, part.size):
-                self._listed[part.shard] = s3_sink.listed_parts(self.url, self.uploads[part.shard]) or {}
-                if self._listed[part.shard].get(part.number) != (part.etag, part.size):
+            if (part.etag, part.size) not in self._listed.get(part.shard, {}).get(part.number, ()):
+                url = s3.join(self.url, self.plan.layout.shards[part.shard].name)
+                self._listed[part.shard] = s3_sink.listed_parts(url, self.uploads[part.shard]) or {}
+                if (part.etag, part.size) not in self._listed[part.shard].get(part.number, ()):
                     return False
         return True
 

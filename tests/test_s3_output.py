@@ -218,3 +218,22 @@ def test_restart_or_another_machine_aborts_the_open_uploads(big, reference, tmp_
     assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
     assert "aborted " in capsys.readouterr().err
     assert weights(downloaded(url)) == reference and open_uploads() == []
+
+
+def test_a_journaled_unit_counts_only_if_listparts_shows_its_parts_as_journaled(big, reference, capsys):
+    url = fresh_url()
+    killed_midway(big, url, dict(os.environ))
+    work = partial_path(staging_path(url))
+    lines = [json.loads(line) for line in (work / "journal.jsonl").read_bytes().splitlines()]
+    lines[0]["parts"][0][2] = '"0123456789abcdef0123456789abcdef"'  # a part the store does not have
+    (work / "journal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
+    assert f"resuming: {len(lines) - 1} of " in capsys.readouterr().err
+    assert weights(downloaded(url)) == reference and open_uploads() == []
+    url = fresh_url()
+    killed_midway(big, url, dict(os.environ))
+    for key, upload_id in open_uploads():  # aborted elsewhere: every journaled unit is redone
+        s3_sink.abort(f"s3://{BUCKET}/{key}", upload_id)
+    assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
+    assert "resuming: " not in capsys.readouterr().err
+    assert weights(downloaded(url)) == reference and open_uploads() == []

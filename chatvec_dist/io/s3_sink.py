@@ -7,6 +7,7 @@ parts uploaded so far stay journaled, and the same command resumes.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from ..errors import ChatvecError, RunError
 from . import s3
@@ -38,16 +39,18 @@ def upload_part(url: str, upload_id: str, number: int, data: memoryview) -> str:
     return str(r["ETag"])
 
 
-def listed_parts(url: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
-    """The parts an upload holds, {number: (ETag, size)}; None if the upload is gone (completed or aborted)."""
+def listed_parts(url: str, upload_id: str) -> dict[int, set[tuple[str, int]]] | None:
+    """The parts an upload holds, {number: {(ETag, size)}}; None if the upload is gone (completed or aborted).
+    S3 lists the last upload of each number; SeaweedFS lists every upload of a number and completes the one whose
+    ETag it is given: either way, a part listed with the ETag a worker reported is the one completion assembles."""
     bucket, key = s3.parse(url)
-    found: dict[int, tuple[str, int]] = {}
+    found: dict[int, set[tuple[str, int]]] = {}
     try:
         pages = s3.client(True).get_paginator("list_parts").paginate(Bucket=bucket, Key=key, UploadId=upload_id)
         for page in pages:
             s3.traffic.add(0, 1)
             for part in page.get("Parts", ()):
-                found[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
+                found.setdefault(int(part["PartNumber"]), set()).add((str(part["ETag"]), int(part["Size"])))
     except Exception as e:
         if s3.error_code(e) in GONE:
             return None
@@ -140,7 +143,7 @@ class _Reader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def, override]
+    def readinto(self, buf: Any) -> int:
         n = min(len(buf), len(self.data) - self.at)
         buf[:n] = self.data[self.at : self.at + n]
         self.at += n
