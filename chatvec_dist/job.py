@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -19,14 +20,16 @@ from . import __version__
 from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
-from .exec.messages import Stages, UnitResult, WorkContext
+from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
+from .io import s3, s3_sink
 from .io.ranges import FileHandles
 from .io.sources import hub_files
 from .log import logger
 from .output.card import model_card
-from .output.commit import check_side_files, commit, tidy_committed
+from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
 from .output.journal import Journal
-from .output.manifest import Tally, read_manifest
+from .output.manifest import MANIFEST_NAME, Tally, read_manifest
+from .output.publish import publish
 from .output.verify import read_digest
 from .output.workarea import (
     JOURNAL_NAME,
@@ -37,7 +40,11 @@ from .output.workarea import (
     lock_path,
     open_partial,
     partial_path,
+    read_uploads,
     replaced_path,
+    staging_path,
+    work_area_digest,
+    write_uploads,
 )
 from .planning.layout import Layout, Unit
 from .planning.plan import Planned, TargetPlan, plan, unit_io_bytes
@@ -61,6 +68,9 @@ class Output:
     work: Path | None = None
     journaled: dict[int, UnitResult] = field(default_factory=dict)  # finished units whose bytes still verify
     tally: Tally | None = None
+    uploads: list[str] = field(default_factory=list)  # an s3:// output: each shard's multipart upload id
+    parts: dict[int, dict[int, str]] = field(default_factory=dict)  # … and its parts uploaded: {number: ETag}
+    _listed: dict[int, dict[int, set[tuple[str, int]]]] = field(default_factory=dict)  # … as ListParts shows them
 
     @property
     def name(self) -> str:
@@ -73,17 +83,90 @@ class Output:
         except ChatvecError:
             return False
 
+    @property
+    def url(self) -> str | None:
+        """An s3:// output's URL (its `path` is then the staging folder on this machine); None for a local one."""
+        return self.plan.target.out if self.plan.to_store else None
+
+    def check_destination(self, inputs: list[Path]) -> None:
+        """Refuse an output that exists (unless overwriting) or overlaps an input; under an s3:// prefix, objects
+        are replaced only with --overwrite and only if they are a chatvec output (a manifest is there), or if this
+        job's own commit put them there before it was interrupted."""
+        check_destination(self.path, inputs, self.replace or self.url is not None)  # staging: only a cache
+        if self.url is None or work_area_digest(self.path) == self.digest:
+            return
+        found = s3.list_names(self.url)
+        if found and not self.replace:
+            raise OutputError("output exists (pass --overwrite to replace it)", file=self.url)
+        if found and MANIFEST_NAME not in found:
+            raise OutputError(
+                f"output exists and is not a chatvec output (no {MANIFEST_NAME}): --overwrite replaces only "
+                "those; remove its objects yourself",
+                file=self.url,
+            )
+
     def open(self, planned: Planned, inputs: InputStats, restart: bool, index: int) -> None:
-        """Make (or reuse) the work area; keep the journaled units whose bytes still verify."""
+        """Make (or reuse) the work area (and an s3:// output's uploads); keep the journaled units whose bytes
+        still verify."""
         layout = self.plan.layout
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
+        self.parts, self._listed = {}, {}
+        if self.url is not None:
+            self._open_uploads()
         self.journaled = {uid: r for uid, r in journaled.items() if self.holds(r, planned.block_bytes)}
 
+    def _open_uploads(self) -> None:
+        """One multipart upload per shard, kept in the work area: those of an earlier run are reused where the
+        store still has them (their parts listed, to check journaled units by); uploads open under the prefix
+        with no work area here (a run on another machine, or a crash before uploads.json) are aborted."""
+        assert self.work is not None and self.url is not None
+        urls = [s3.join(self.url, shard.name) for shard in self.plan.layout.shards]
+        kept = read_uploads(self.work)
+        if [u for u, _ in kept] != urls:
+            if aborted := s3_sink.abort_all(self.url):
+                logger.warning(f"aborted {aborted} upload(s) left open under {self.url} with no journal here")
+            kept = []
+        uploads = []
+        for k, url in enumerate(urls):
+            listed = s3_sink.listed_parts(url, kept[k][1]) if kept else None
+            if listed is None:  # new, or gone (completed by an interrupted commit, aborted elsewhere)
+                uploads.append([url, s3_sink.create_upload(url)])
+                listed = {}
+            else:
+                uploads.append(kept[k])
+            self._listed[k] = listed
+        if uploads != kept:
+            write_uploads(self.work, uploads)
+        self.uploads = [upload_id for _, upload_id in uploads]
+
     def holds(self, result: UnitResult, block: int) -> bool:
-        """Whether this output's shards hold the bytes a unit reported (they may be lost with a worker)."""
+        """Whether this output holds the bytes a unit reported (they may be lost with a worker): in its shards, or
+        for an s3:// output in its uploads (ListParts shows every part planned, with the ETag and size reported)."""
         assert self.work is not None
-        return _still_valid(result, self.plan.layout, self.work, block)
+        if self.url is None:
+            return _still_valid(result, self.plan.layout, self.work, block)
+        assert self.plan.parts is not None
+        planned = {(p.shard, p.number, p.size) for p in self.plan.parts.get(result.unit, [])}
+        if {(p.shard, p.number, p.size) for p in result.parts} != planned:
+            return False
+        for part in result.parts:
+            if (part.etag, part.size) not in self._listed.get(part.shard, {}).get(part.number, ()):
+                url = s3.join(self.url, self.plan.layout.shards[part.shard].name)
+                self._listed[part.shard] = s3_sink.listed_parts(url, self.uploads[part.shard]) or {}
+                if (part.etag, part.size) not in self._listed[part.shard].get(part.number, ()):
+                    return False
+        return True
+
+    def context(self) -> OutputContext:
+        """What the workers need of this output: its shard files, or an s3:// output's URLs, uploads and parts."""
+        assert self.work is not None
+        shards = self.plan.layout.shards
+        if self.url is None:
+            return OutputContext(self.plan.layout.tensors, [str(self.work / s.name) for s in shards])
+        urls = [s3.join(self.url, s.name) for s in shards]
+        headers = [s.header for s in shards]
+        return OutputContext(self.plan.layout.tensors, urls, self.uploads, headers, self.plan.parts)
 
     def record(self, result: UnitResult) -> None:
         """Add a unit's segments (this output's only) to the manifest's tally."""
@@ -91,6 +174,8 @@ class Output:
         share = result.seconds / max(1, len(result.segments))
         for seg in result.segments:
             self.tally.add(seg, result.worker, result.node, share)
+        for part in result.parts:
+            self.parts.setdefault(part.shard, {})[part.number] = part.etag
 
     def side_dirs(self, recipe: Recipe) -> tuple[Path, Path | None]:
         """Where the output's side files come from (CP's folder; the first chat model's when extracting), and the
@@ -117,8 +202,17 @@ class Output:
         out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None
         config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
         card = model_card(meta, manifest)
-        commit(self.work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, self.replace)
+        replace = self.replace or self.url is not None  # the staging copy of an s3:// output: only a cache
+        publish = None if self.url is None else functools.partial(self._publish, self.replace)
+        commit(
+            self.work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, replace, publish
+        )
         self.written = True
+
+    def _publish(self, overwrite: bool) -> None:
+        """An s3:// output's objects: complete each shard's upload, put the other files, the index last."""
+        assert self.work is not None and self.url is not None
+        publish(self.work, self.url, self.plan.layout, self.uploads, self.parts, set(WORK_ONLY), overwrite)
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
@@ -156,15 +250,16 @@ def _to_do(outputs: list[Output], planned: Planned, options: RunOptions) -> list
         committed = output.is_committed()
         output.replace = options.overwrite or committed
         if options.restart or not committed:
-            check_destination(output.path, inputs, output.replace)
+            output.check_destination(inputs)
             fresh.append(output)
     return fresh
 
 
 def _out_path(tp: TargetPlan) -> Path:
-    """A target's output folder as an absolute path: `.` or `a/..` name a folder too."""
+    """A target's output folder as an absolute path: `.` or `a/..` name a folder too; an s3:// output's staging
+    folder on this machine."""
     assert tp.target.out is not None  # Recipe.check_runnable
-    return Path(os.path.abspath(tp.target.out))
+    return staging_path(tp.target.out) if tp.to_store else Path(os.path.abspath(tp.target.out))
 
 
 def _check_apart(outputs: list[Output]) -> None:
@@ -261,9 +356,8 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     started = time.perf_counter()
     works = [o.work for o in outputs]
     assert all(w is not None for w in works)
-    ctx = WorkContext.of(
-        [o.plan.layout for o in outputs],
-        [str(w) for w in works],
+    ctx = WorkContext(
+        [o.context() for o in outputs],
         planned.block_bytes,
         hub_files([c for o in outputs for c in o.plan.sources.checkpoints]),
     )
@@ -281,7 +375,11 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
         stages.add(result.stages)
         results[result.unit] = []
         for index, (output, journal) in enumerate(zip(outputs, journals)):
-            mine = dataclasses.replace(result, segments=[s for s in result.segments if s.output == index])
+            mine = dataclasses.replace(
+                result,
+                segments=[s for s in result.segments if s.output == index],
+                parts=[p for p in result.parts if p.output == index],
+            )
             output.record(mine)
             journal.append(mine)
             results[result.unit].append(mine)

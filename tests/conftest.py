@@ -44,15 +44,18 @@ def make_llama(
     tie: bool = False,
     base: dict | None = None,
     noise: float = 0.02,
+    hidden: int = 32,
+    layers: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """A tiny LlamaForCausalLM saved with transformers; perturbs `base` weights if given. Returns its state."""
+    """A tiny LlamaForCausalLM saved with transformers; perturbs `base` weights if given. Returns its state.
+    `hidden` and `layers` make a larger one (an object store's parts need units of 5 MiB and more)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab,

@@ -7,15 +7,25 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..kernels.stats import Stats
 from ..planning.layout import Layout, Placed
 
+if TYPE_CHECKING:
+    from ..planning.parts import Part
+
 
 @dataclass(frozen=True)
 class OutputContext:
+    """One output as a worker sees it: its placed tensors and shard files (local paths), or, for an s3:// output,
+    its shards' URLs, each shard's multipart upload id and header, and each unit's parts (by unit id)."""
+
     tensors: list[Placed]
     shard_paths: list[str]
+    uploads: list[str] | None = None
+    headers: list[bytes] | None = None
+    parts: dict[int, list[Part]] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,17 @@ class SegmentResult:
     stats: Stats
 
 
+@dataclass(frozen=True)
+class PartResult:
+    """A part a worker uploaded: part `number` of shard `shard`'s upload in output `output`, its ETag and size."""
+
+    output: int
+    shard: int
+    number: int
+    etag: str
+    size: int
+
+
 @dataclass
 class Stages:
     """Seconds a worker spent in each stage of its units, and the bytes read and written."""
@@ -81,3 +102,4 @@ class UnitResult:
     node: str
     seconds: float
     stages: Stages = dataclasses.field(default_factory=Stages)  # not journaled: a resumed unit reports zeros
+    parts: list[PartResult] = dataclasses.field(default_factory=list)  # its s3:// outputs' uploaded parts

@@ -1,4 +1,5 @@
-"""UnitRunner: the one worker function. Read each input range once, combine for every output, hash, pwrite."""
+"""UnitRunner: the one worker function. Read each input range once, combine for every output, hash, pwrite (or,
+for an s3:// output, copy into the unit's part buffer, uploaded as one part of the shard's multipart upload)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ import torch
 import xxhash
 
 from ..dtypes import ITEMSIZE, is_float
-from ..io import s3
+from ..io import s3, s3_sink
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
 from ..kernels.stats import Stats
 from ..planning.layout import Piece, Placed, Unit
+from ..planning.parts import Part
 from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from .device import make_compute, pick_device
-from .messages import SegmentResult, Stages, UnitResult, WorkContext
+from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 
 
 def _written_as_read(t: PlannedTensor) -> bool:
@@ -44,6 +46,8 @@ class UnitRunner:
         self.device = self.compute.device
         self._bufs: dict[object, torch.Tensor] = {}
         self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
+        self._part_bufs: dict[int, bytearray] = {}  # per s3:// output: the current unit's parts, reused
+        self._staged: dict[int, list[tuple[Part, memoryview]]] = {}  # per s3:// output: each part and its bytes
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.node = node or socket.gethostname()
 
@@ -57,8 +61,43 @@ class UnitRunner:
     def run(self, unit: Unit) -> UnitResult:
         t0 = time.perf_counter()
         stages = Stages()
+        self._stage_parts(unit)
         results = [r for piece in unit.pieces for r in self._piece(piece, stages)]
-        return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages)
+        parts = self._upload_parts(stages)
+        return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages, parts)
+
+    def _stage_parts(self, unit: Unit) -> None:
+        """Give each of the unit's parts (s3:// outputs) its place in the output's reused buffer; the first part of
+        a shard gets the shard's header."""
+        self._staged = {}
+        for o, out in enumerate(self.ctx.outputs):
+            if out.parts is None or out.headers is None:
+                continue
+            parts = out.parts.get(unit.id, [])
+            need = sum(p.size for p in parts)
+            if len(self._part_bufs.get(o, b"")) < need:
+                self._part_bufs[o] = bytearray(need)
+            view, at, staged = memoryview(self._part_bufs[o]), 0, []
+            for part in parts:
+                staged.append((part, view[at : at + part.size]))
+                at += part.size
+                if part.start == 0:
+                    header = out.headers[part.shard]
+                    staged[-1][1][: len(header)] = header
+            self._staged[o] = staged
+
+    def _upload_parts(self, stages: Stages) -> list[PartResult]:
+        """Upload the unit's parts of every s3:// output (an upload of the same number again replaces it)."""
+        clock, done = time.perf_counter(), []
+        for o, staged in self._staged.items():
+            out = self.ctx.outputs[o]
+            assert out.uploads is not None
+            for part, data in staged:
+                url = out.shard_paths[part.shard]
+                etag = s3_sink.upload_part(url, out.uploads[part.shard], part.number, data)
+                done.append(PartResult(o, part.shard, part.number, etag, part.size))
+        stages.lap("write", clock)
+        return done
 
     def _piece(self, piece: Piece, stages: Stages) -> list[SegmentResult]:
         """A piece, strip by strip: each strip is read, combined, hashed and written while it is in cache."""
@@ -101,8 +140,7 @@ class UnitRunner:
                 cp = staged[t.cp][:count] if t.cp is not None else None
                 stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
             clock = stages.lap("compute", clock)
-            path = self.ctx.outputs[o].shard_paths[placed.shard]
-            digests = self._hash_and_write(out, piece.first * itemsize, path, placed.offset, stages, clock)
+            digests = self._hash_and_write(o, placed, out, piece.first * itemsize, stages, clock)
             clock = time.perf_counter()
             results.append(SegmentResult(o, piece.index, digests, stats))
         return results
@@ -140,20 +178,35 @@ class UnitRunner:
         return stats
 
     def _hash_and_write(
-        self, out: torch.Tensor, start: int, path: str, offset: int, stages: Stages, clock: float
+        self, o: int, placed: Placed, out: torch.Tensor, start: int, stages: Stages, clock: float
     ) -> tuple[tuple[int, bytes], ...]:
         """xxh3-128 of each hash block of the tensor that this output range covers (it starts on a block), each
         block written right after it is hashed, while it is still in cache: one pass over the output's bytes."""
         block, data = self.ctx.block_bytes, out.numpy().data
-        fd = self.files.get(path, os.O_WRONLY)
+        path = self.ctx.outputs[o].shard_paths[placed.shard]
+        fd = self.files.get(path, os.O_WRONLY) if o not in self._staged else -1
         digests = []
         for k, i in enumerate(range(0, max(len(data), 1), block)):
             digests.append((start // block + k, xxhash.xxh3_128_digest(data[i : i + block])))
             clock = stages.lap("hash", clock)
-            write_at(fd, data[i : i + block], offset + start + i, path)
+            at = placed.offset + start + i
+            if fd < 0:
+                self._copy_to_part(o, placed.shard, at, data[i : i + block])
+            else:
+                write_at(fd, data[i : i + block], at, path)
             clock = stages.lap("write", clock)
         stages.bytes_written += len(data)
         return tuple(digests)
+
+    def _copy_to_part(self, o: int, shard: int, at: int, data: memoryview) -> None:
+        """Bytes for shard offset `at` of an s3:// output, into the part of the unit that holds that offset."""
+        if not len(data):
+            return
+        for part, view in self._staged[o]:
+            if part.shard == shard and part.start <= at and at + len(data) <= part.end:
+                view[at - part.start : at - part.start + len(data)] = data
+                return
+        raise AssertionError(f"bytes [{at}, {at + len(data)}) of shard {shard} are in no part of the unit")
 
     def close(self) -> None:
         """Make every write durable, then release the files."""

@@ -54,6 +54,10 @@ CODES = {
     "412": "the object changed while being read (its ETag differs): run again",
     "SlowDown": "the store kept throttling requests (SlowDown) after every retry: try again later, or fewer workers",
     "503": "the store kept answering 503 (unavailable or throttling) after every retry",
+    "NoSuchUpload": "no such multipart upload (aborted, or completed already): run again with --restart",
+    "EntityTooSmall": "a part of the upload is below the store's minimum size (5 MiB but the last)",
+    "InvalidPart": "a part of the upload is missing or its ETag differs (uploaded again since?): run again",
+    "InvalidPartOrder": "the upload's parts were not listed in number order",
 }
 
 
@@ -245,7 +249,7 @@ def _get(where: tuple[str, str], url: str, first: int, last: int, etag: str | No
             Bucket=bucket, Key=key, Range=f"bytes={first}-{last}", **({"IfMatch": etag} if etag else {})
         )
     except Exception as e:
-        if _code(e) in ("InvalidRange", "416"):
+        if error_code(e) in ("InvalidRange", "416"):
             return None, 0
         raise failure(e, url) from None
     traffic.add(0, 1)
@@ -280,7 +284,8 @@ def _fill(body: Any, view: memoryview) -> int:
     return done
 
 
-def _code(e: Exception) -> str:
+def error_code(e: Exception) -> str:
+    """The S3 error code of a botocore error (`NoSuchKey`, `404`, …); empty for any other error."""
     response = getattr(e, "response", None)
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
@@ -290,7 +295,7 @@ def failure(e: Exception, url: str) -> SourceError:
     server's own message (which may echo the request)."""
     if isinstance(e, SourceError):  # already said (no boto3, no usable client): as it is
         return e
-    error = MissingObject if _code(e) in ("NoSuchBucket", "NoSuchKey", "404", "NotFound") else SourceError
+    error = MissingObject if error_code(e) in ("NoSuchBucket", "NoSuchKey", "404", "NotFound") else SourceError
     return error(_described(e), file=url)
 
 
@@ -304,7 +309,7 @@ def _described(e: Exception) -> str:
     )
 
     if isinstance(e, ClientError):
-        code = _code(e)
+        code = error_code(e)
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return CODES.get(code) or f"S3 error {code or 'without a code'} (HTTP {status})"
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):

@@ -8,7 +8,7 @@ import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,9 +19,10 @@ from ..log import logger
 from ..planning.layout import Layout
 from .digests import DIGESTS_NAME, encode_digests, file_digests
 from .manifest import MANIFEST_NAME, write_manifest
-from .workarea import JOURNAL_NAME, PLAN_NAME, check_replaceable, replaced_path
+from .workarea import JOURNAL_NAME, PLAN_NAME, UPLOADS_NAME, check_replaceable, replaced_path
 
-WORK_ONLY = (JOURNAL_NAME, PLAN_NAME, PLAN_NAME + ".tmp")  # the work area's own files: never part of the output
+# The work area's own files: never part of the output.
+WORK_ONLY = (JOURNAL_NAME, PLAN_NAME, PLAN_NAME + ".tmp", UPLOADS_NAME, UPLOADS_NAME + ".tmp")
 
 
 def side_files(directory: Path) -> list[Path]:
@@ -55,12 +56,13 @@ def commit(
     card: str,
     config_dtype: str | None,
     overwrite: bool,
+    publish: Callable[[], None] | None = None,
 ) -> None:
-    """Write index, side files, manifest, card and file digests; fsync; rename the work area into place.
-    A failure on the way (disk full, permissions) is a RunError naming the path being written: the work area
-    stays, resumable, never renamed into place."""
+    """Write index, side files, manifest, card and file digests; fsync; `publish` (an s3:// output: upload them);
+    rename the work area into place. A failure on the way (disk full, permissions) is a RunError naming the path
+    being written: the work area stays, resumable, never renamed into place."""
     try:
-        _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite)
+        _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite, publish)
     except OSError as e:
         raise RunError(
             f"commit failed ({e.strerror}); fix the cause and run the same command again", file=str(e.filename or work)
@@ -91,6 +93,7 @@ def _commit(
     card: str,
     config_dtype: str | None,
     overwrite: bool,
+    publish: Callable[[], None] | None,
 ) -> None:
     if side_dir is not None:
         for path in side_files(side_dir):
@@ -112,6 +115,8 @@ def _commit(
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(work)
+    if publish is not None:
+        publish()
     _rename_into_place(work, out, overwrite)
     for name in WORK_ONLY:  # only now: until the rename, a failed commit can resume
         (out / name).unlink(missing_ok=True)

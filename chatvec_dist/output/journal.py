@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 from ..errors import OutputError
-from ..exec.messages import SegmentResult, UnitResult
+from ..exec.messages import PartResult, SegmentResult, UnitResult
 from ..kernels.stats import Stats
 
 
 class Journal:
-    """One output's finished units, one JSON line each, appended as results arrive; read back to resume."""
+    """One output's finished units, one JSON line each, appended as results arrive; read back to resume. A line
+    of an s3:// output also lists the unit's uploaded parts: [shard, part number, ETag, size]."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -26,7 +27,10 @@ class Journal:
 
     def append(self, r: UnitResult) -> None:
         segs = [_segment_record(s) for s in r.segments]
-        line = json.dumps({"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds})
+        record = {"unit": r.unit, "segments": segs, "worker": r.worker, "node": r.node, "seconds": r.seconds}
+        if r.parts:  # an s3:// output: the parts uploaded, to check (ListParts) and complete on resume
+            record["parts"] = [[p.shard, p.number, p.etag, p.size] for p in r.parts]
+        line = json.dumps(record)
         try:
             self._file.write(line.encode() + b"\n")
             self._file.flush()
@@ -50,7 +54,10 @@ class Journal:
             try:
                 d = json.loads(line.decode("utf-8"))
                 segs = [_segment(record, output) for record in d["segments"]]
-                results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"])
+                parts = [
+                    PartResult(output, shard, number, etag, size) for shard, number, etag, size in d.get("parts", ())
+                ]
+                results[d["unit"]] = UnitResult(d["unit"], segs, d["worker"], d["node"], d["seconds"], parts=parts)
             except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                 continue  # a line cut short or garbled by a crash: that unit is simply redone
         return results

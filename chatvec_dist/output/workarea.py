@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,17 @@ from .manifest import MANIFEST_NAME, read_manifest
 
 PLAN_NAME = "plan.json"
 JOURNAL_NAME = "journal.jsonl"
+UPLOADS_NAME = "uploads.json"  # an s3:// output's multipart uploads: [[shard URL, upload id], …]
+STAGING_ENV = "CHATVEC_STAGING"
+
+
+def staging_path(url: str) -> Path:
+    """Where an s3:// output's work area, journal, lock and commit live on the driver (S3 has no rename, no
+    append, no portable lock): $CHATVEC_STAGING (default ~/.cache/chatvec/s3) / sha256(url)[:16] / last name.
+    Its shards there are sparse files holding only their headers: the bytes go to S3 from the workers."""
+    root = os.environ.get(STAGING_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "chatvec", "s3")
+    name = url.rstrip("/").rpartition("/")[2]
+    return Path(os.path.abspath(root)) / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
 @contextlib.contextmanager
@@ -133,6 +145,7 @@ def open_partial(
     plan_file = work / PLAN_NAME
     if work.exists():
         if restart or not (work / JOURNAL_NAME).exists():  # nothing journaled: nothing to lose
+            abort_uploads(work)
             shutil.rmtree(work)
         elif (found := _read_plan(plan_file)).get("digest") != digest:
             raise OutputError(_why_not_resumable(found.get("inputs"), inputs), file=str(work))
@@ -175,9 +188,43 @@ def discard_if_unused(work: Path) -> None:
     journal = work / JOURNAL_NAME
     try:
         if not journal.exists() or journal.stat().st_size == 0:
+            abort_uploads(work)
             shutil.rmtree(work)
-    except OSError:
-        pass  # left as it is: the next run reuses or replaces it
+    except (OSError, ChatvecError):
+        pass  # left as it is: the next run reuses or replaces it (and aborts its uploads then)
+
+
+def read_uploads(work: Path) -> list[list[str]]:
+    """An s3:// output's multipart uploads, [[shard URL, upload id], …]; empty if none (or unreadable)."""
+    try:
+        found = json.loads((work / UPLOADS_NAME).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    ok = isinstance(found, list) and all(isinstance(u, list) and len(u) == 2 for u in found)
+    return found if ok else []
+
+
+def write_uploads(work: Path, uploads: list[list[str]]) -> None:
+    try:
+        _write_atomically(work / UPLOADS_NAME, json.dumps(uploads).encode())
+    except OSError as e:
+        raise OutputError(f"cannot write the upload ids: {e.strerror}", file=str(work / UPLOADS_NAME)) from None
+
+
+def abort_uploads(work: Path) -> None:
+    """Abort the multipart uploads of a work area about to be deleted: none is left open (a store bills them)."""
+    uploads = read_uploads(work)
+    if uploads:
+        from ..io import s3_sink  # boto3: only for an s3:// output
+
+        for url, upload_id in uploads:
+            s3_sink.abort(url, upload_id)
+        (work / UPLOADS_NAME).unlink(missing_ok=True)
+
+
+def work_area_digest(out: Path) -> str | None:
+    """The job a work area beside `out` was made for (None: no readable one)."""
+    return _read_plan(partial_path(out) / PLAN_NAME).get("digest")
 
 
 def _read_plan(plan_file: Path) -> dict:

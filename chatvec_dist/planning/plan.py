@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, PlanError
@@ -14,12 +16,21 @@ from ..term import Term
 from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 
+if TYPE_CHECKING:
+    from .parts import Part
+
 
 @dataclass(frozen=True)
 class TargetPlan:
     target: Target
     sources: Sources
     layout: Layout
+    parts: dict[int, list[Part]] | None = None  # an s3:// output's multipart layout: each unit's parts, by unit id
+
+    @property
+    def to_store(self) -> bool:
+        """Whether this output goes to an object store (s3://): written as one multipart upload per shard."""
+        return _to_store(self.target)
 
 
 @dataclass(frozen=True)
@@ -66,8 +77,26 @@ def plan(recipe: Recipe) -> Planned:
                 tensor=odd,
             )
         plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
-    units = cut_units([p.layout for p in plans], recipe.unit_bytes)
+    at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
+    units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
+    plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _to_store(target: Target) -> bool:
+    return target.out is not None and target.out.startswith("s3://")
+
+
+def _parts(tp: TargetPlan, units: list[Unit]) -> dict[int, list[Part]]:
+    """An s3:// output's parts, planned now: a layout the store cannot take is refused before any work, naming
+    the shard's URL."""
+    from .parts import plan_parts  # parts.py builds on this module
+
+    try:
+        return plan_parts(tp.layout, units)
+    except PlanError as e:
+        assert tp.target.out is not None
+        raise PlanError(e.what, file=tp.target.out.rstrip("/") + "/" + str(e.file)) from None
 
 
 def _check_is_a_vector(ckpt: Checkpoint) -> None:
