@@ -23,6 +23,7 @@ from .exec.backend import Backend, make_backend
 from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
 from .io import s3, s3_sink
 from .io.ranges import FileHandles
+from .io.s3_checkpoint import object_etags
 from .io.sources import hub_files
 from .log import logger
 from .output.card import model_card
@@ -356,11 +357,8 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     started = time.perf_counter()
     works = [o.work for o in outputs]
     assert all(w is not None for w in works)
-    ctx = WorkContext(
-        [o.context() for o in outputs],
-        planned.block_bytes,
-        hub_files([c for o in outputs for c in o.plan.sources.checkpoints]),
-    )
+    inputs = [c for o in outputs for c in o.plan.sources.checkpoints]
+    ctx = WorkContext([o.context() for o in outputs], planned.block_bytes, hub_files(inputs), object_etags(inputs))
     backend = make_backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works if w is not None]
     sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
@@ -482,8 +480,6 @@ def _input_stats(planned: Planned) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
     changes its ctime), or an s3:// object's size, ETag and version id (a HEAD): part of the job, so a partial
     output is never resumed on inputs that changed."""
-    from .io import s3  # here, not above: this function is all of job.py that the S3 work touches
-
     paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
     stats: InputStats = {}
     for path in paths:

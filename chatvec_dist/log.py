@@ -34,4 +34,3 @@ def show_on_stderr(level: int = logging.INFO) -> None:
         handler.setFormatter(_Format())
         logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False

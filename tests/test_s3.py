@@ -275,3 +275,38 @@ def test_an_object_replaced_after_a_failed_run_is_not_resumed(models, s3_server,
         "hold the old bytes (pass --restart to redo them)",
     )
     assert main([*argv, "--restart"]) == 0 and verify(out) == []
+
+
+def test_an_object_replaced_during_the_run_is_never_mixed_into_the_output(
+    models, s3_server, tmp_path, monkeypatch, capsys
+):
+    """Workers read each object at the ETag it was planned with: a CP object replaced after the first unit fails
+    the next read of it (or the check before the commit), and nothing is committed."""
+    from chatvec_dist.exec import worker
+
+    folder = tmp_path / "cp"
+    folder.mkdir()
+    for p in Path(models["cp"]).iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    url = upload_folder(s3_server, folder, "midrun", "cp")
+    real_run, replaced = worker.UnitRunner.run, []
+
+    def replace_after_the_first_unit(self, unit):
+        result = real_run(self, unit)
+        if not replaced:
+            replaced.append(unit.id)
+            shard = folder / "model.safetensors"
+            data = bytearray(shard.read_bytes())
+            data[-64:] = bytes(64)
+            shard.write_bytes(bytes(data))
+            upload_folder(s3_server, folder, "midrun", "cp")
+        return result
+
+    monkeypatch.setattr(worker.UnitRunner, "run", replace_after_the_first_unit)
+    out = tmp_path / "out"
+    argv = ["merge", *merge_args(models, "s3:base", "s3:chat", None), "--cp", url, "--out", str(out)]
+    code = main([*argv, "--backend", "local", "--workers", "1", "--unit-size", "16KiB", "--no-progress"])
+    assert replaced and code in (2, 3)
+    line = one_line_error(capsys, s3_server, f"{url}/model.safetensors")
+    assert "the object changed while being read (its ETag differs)" in line, line  # the pinned read
+    assert not out.exists()

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe), end="")
         return EXIT_OK
     for output in job.run(recipe, options_from_args(args)):
-        where = printable(str(output.path))  # a hostile name's control characters, escaped
+        where = printable(output.url or str(output.path))  # a hostile name's control characters, escaped
         print(f"wrote {where}" if output.written else f"kept {where} (already committed; nothing written)")
     return EXIT_OK
 

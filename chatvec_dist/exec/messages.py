@@ -4,13 +4,12 @@ piece each output needs. No torch here: the driver never imports it on the Ray b
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..kernels.stats import Stats
-from ..planning.layout import Layout, Placed
+from ..planning.layout import Placed
 
 if TYPE_CHECKING:
     from ..planning.parts import Part
@@ -36,19 +35,6 @@ class WorkContext:
     block_bytes: int
     hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
     etags: dict[str, str] = dataclasses.field(default_factory=dict)  # s3:// input → the ETag planned with
-
-    @classmethod
-    def of(
-        cls, layouts: list[Layout], work_dirs: list[str], block_bytes: int, hub_files: dict[str, tuple[str, str, str]]
-    ) -> WorkContext:
-        return cls(
-            [
-                OutputContext(lay.tensors, [os.path.join(d, s.name) for s in lay.shards])
-                for lay, d in zip(layouts, work_dirs)
-            ],
-            block_bytes,
-            hub_files,
-        )
 
 
 @dataclass(frozen=True)

