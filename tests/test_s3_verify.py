@@ -13,6 +13,7 @@ import boto3
 import pytest
 from s3server import upload_folder
 
+from chatvec_dist import api
 from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.io import s3
@@ -87,7 +88,7 @@ def test_an_uploaded_output_verifies_from_the_bucket_reading_each_byte_once(made
     headers = sum(e.get("header_bytes", 0) for e in json.loads((out / DIGESTS_NAME).read_text())["files"].values())
     # every byte once; twice only the shard headers, the manifest and the index (parsed, then hashed as files)
     assert fetched == sum(sizes.values()) + headers + sizes[MANIFEST_NAME] + sizes["model.safetensors.index.json"]
-    assert cli(capsys, s3_server, "verify", url) == (0, [f"{url}: verified"], [])
+    assert cli(capsys, s3_server, "verify", url) == (0, [f"{url}: verified"], []) and api.verify(url) == []
     assert cli(capsys, s3_server, "verify", url + "/") == (0, [f"{url}/: verified"], [])
 
 

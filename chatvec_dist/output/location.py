@@ -54,6 +54,8 @@ class OutputLocation(Protocol):
     def parquet(self, name: str) -> str | pa.NativeFile: ...
     def is_file(self, name: str) -> bool: ...
     def close(self) -> None: ...
+    def __enter__(self) -> OutputLocation: ...
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None: ...
 
 
 Where = Union[str, "os.PathLike[str]", OutputLocation]
@@ -61,14 +63,16 @@ Where = Union[str, "os.PathLike[str]", OutputLocation]
 
 def open_output(location: Where) -> OutputLocation:
     """An output location from a folder path or an `s3://` URL (a location is returned as it is)."""
-    if isinstance(location, (LocalOutput, S3Output)):
+    if not isinstance(location, (str, os.PathLike)):
         return location
     if isinstance(location, str) and s3.is_url(location):
         return S3Output(location)
-    return LocalOutput(location)  # type: ignore[arg-type]
+    return LocalOutput(location)
 
 
 class _Closing:
+    """A location as a context manager: closed (its open files) on leaving."""
+
     def close(self) -> None:
         pass
 
