@@ -273,3 +273,25 @@ def interleaved(rows: list[dict]) -> list[dict]:
     other = next(i for i, r in enumerate(rows) if r["shard"] != first["shard"])
     again = next(r for r in rows[other + 1 :] if r["shard"] == first["shard"])
     return [first, rows[other], again]
+
+
+def test_an_output_with_more_shards_than_free_descriptors_verifies(tmp_path):
+    """Each shard's file is closed once checked: a limit of open files below the shard count is no problem."""
+    import subprocess
+    import sys
+
+    d = make_demo_models(tmp_path / "models")
+    out = tmp_path / "out"
+    argv = ["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d["cp"]), "--out", str(out)]
+    assert main([*argv, "--max-shard-size", "8KB", *RUN]) == 0
+    shards_made = len(shards(out))
+    code = (
+        "import os, resource, sys; from chatvec_dist.output.verify import verify; "
+        "spare = int(sys.argv[2]); used = len(os.listdir('/proc/self/fd')); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (used + spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+        "print(verify(sys.argv[1]))"
+    )
+    spare = 8
+    assert shards_made > 2 * spare
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(spare)], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[]\n", "")

@@ -122,8 +122,11 @@ def _sha256(location: OutputLocation, name: str, nbytes: int) -> str:
     h = hashlib.sha256()
     chunk = min(location.chunk, max(nbytes, 1))
     buf = memoryview(bytearray(chunk))
-    for start in range(0, nbytes, chunk):
-        n = min(chunk, nbytes - start)
-        location.read_into(name, start, buf[:n])
-        h.update(buf[:n])
+    try:
+        for start in range(0, nbytes, chunk):
+            n = min(chunk, nbytes - start)
+            location.read_into(name, start, buf[:n])
+            h.update(buf[:n])
+    finally:
+        location.release(name)
     return h.hexdigest()

@@ -53,6 +53,7 @@ class OutputLocation(Protocol):
     def json_object(self, name: str, limit: int) -> dict: ...
     def parquet(self, name: str) -> str | pa.NativeFile: ...
     def is_file(self, name: str) -> bool: ...
+    def release(self, name: str) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> OutputLocation: ...
     def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None: ...
@@ -72,6 +73,9 @@ def open_output(location: Where) -> OutputLocation:
 
 class _Closing:
     """A location as a context manager: closed (its open files) on leaving."""
+
+    def release(self, name: str) -> None:
+        """Done reading `name` for now (a local file is closed: an output may have more files than descriptors)."""
 
     def close(self) -> None:
         pass
@@ -148,6 +152,12 @@ class LocalOutput(_Closing):
             if name not in self._fds:
                 self._fds[name] = open_regular(self.describe(name), os.O_RDONLY | os.O_NOFOLLOW)
             return self._fds[name]
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:

@@ -100,7 +100,10 @@ def _shard_problems(location: OutputLocation, rows: list[tuple[int, dict]], bloc
     if header is not None:
         window = max(1, location.chunk // block) * block
         buf = memoryview(bytearray(window))
-        found += [(i, line) for i, row in rows for line in _tensor_problem(location, header, row, block, buf)]
+        try:
+            found += [(i, line) for i, row in rows for line in _tensor_problem(location, header, row, block, buf)]
+        finally:
+            location.release(str(shard))
     return found
 
 
