@@ -100,7 +100,8 @@ def merge(
 
 
 def verify(out: str | Path) -> list[str]:
-    """Rehash an output against its manifest; the problems found (empty: verified)."""
+    """Rehash an output (a folder or an `s3://bucket/prefix`) against its manifest; the problems found (empty:
+    verified)."""
     from .output.verify import verify as _verify
 
     return _verify(out)

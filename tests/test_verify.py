@@ -242,3 +242,56 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_when_opened(out, capsys, m
     os.mkfifo(path)
     problems = verify(out)
     assert any(str(path) in p and "not a regular file" in p for p in problems), problems
+
+
+def test_problems_come_in_the_manifests_row_order_however_many_shards_are_read_at_once(out):
+    """Shards are checked in parallel; the lines still follow the manifest's rows, even rows that interleave
+    shards (here sorted by tensor name: the rows checksum then differs, one line before the tensors')."""
+    path = out / MANIFEST_NAME
+    table = pq.read_table(path)
+    pq.write_table(table.sort_by("tensor").replace_schema_metadata(table.schema.metadata), path)
+    manifest = read_manifest(out)[0].to_pylist()
+    damaged = interleaved(manifest)
+    for row in damaged:
+        shard = out / row["shard"]
+        data = bytearray(shard.read_bytes())
+        data[row["offset"]] ^= 0x01
+        shard.write_bytes(bytes(data))
+    expected = [
+        f"{out / r['shard']}: tensor '{r['tensor']}' content differs from the manifest"
+        for r in manifest
+        if r in damaged
+    ]
+    problems = verify(out, shards_in_flight=4)
+    assert problems[1:] == expected and "manifest rows do not match" in problems[0]
+    assert verify(out, shards_in_flight=1) == problems
+
+
+def interleaved(rows: list[dict]) -> list[dict]:
+    """Three rows, in row order, of shards A, B, then A again."""
+    first = rows[0]
+    other = next(i for i, r in enumerate(rows) if r["shard"] != first["shard"])
+    again = next(r for r in rows[other + 1 :] if r["shard"] == first["shard"])
+    return [first, rows[other], again]
+
+
+def test_an_output_with_more_shards_than_free_descriptors_verifies(tmp_path):
+    """Each shard's file is closed once checked: a limit of open files below the shard count is no problem."""
+    import subprocess
+    import sys
+
+    d = make_demo_models(tmp_path / "models")
+    out = tmp_path / "out"
+    argv = ["merge", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d["cp"]), "--out", str(out)]
+    assert main([*argv, "--max-shard-size", "8KB", *RUN]) == 0
+    shards_made = len(shards(out))
+    code = (
+        "import os, resource, sys; from chatvec_dist.output.verify import verify; "
+        "spare = int(sys.argv[2]); used = len(os.listdir('/proc/self/fd')); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (used + spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+        "print(verify(sys.argv[1]))"
+    )
+    spare = 8
+    assert shards_made > 2 * spare
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(spare)], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[]\n", "")

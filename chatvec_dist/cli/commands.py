@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Rehash an output against its manifest: each problem, then the verdict."""
+    """Rehash an output (a folder or an s3:// prefix) against its manifest: each problem, then the verdict."""
     from ..output.verify import verify as verify_output
 
     problems = verify_output(args.out)
@@ -56,7 +56,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    """The manifest's audit (and its plot), or the recipe that made the output."""
+    """The manifest's audit (and its plot), or the recipe that made the output (a folder or an s3:// prefix)."""
     from ..output.inspection import plot, report
 
     if args.recipe:

@@ -63,7 +63,7 @@ def outliers(rows: list[dict]) -> list[tuple[str, float, float]]:
 
 
 def report(out_dir: str | Path) -> str:
-    """The audit `chatvec inspect` prints; tensors listed by name."""
+    """The audit `chatvec inspect` prints (of a folder or an `s3://` prefix); tensors listed by name."""
     table, meta = read_manifest(out_dir)
     rows = sorted(table.to_pylist(), key=lambda r: r["tensor"])
     rules = Counter((r["rule"], r["reason"] or "-") for r in rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +18,7 @@ from ..errors import VerifyError
 from ..exec.messages import SegmentResult
 from ..kernels.stats import Stats
 from ..planning.layout import Layout
+from .location import Where, open_output
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -171,14 +171,17 @@ class DamagedManifest(VerifyError):
     """The manifest is there but cannot be read or trusted: for `verify`, a problem found, not a usage error."""
 
 
-def read_manifest(out_dir: str | os.PathLike) -> tuple[pa.Table, dict]:
-    path = Path(out_dir) / MANIFEST_NAME
-    if not os.path.lexists(out_dir):
-        raise VerifyError("no such folder", file=str(out_dir))
-    if not path.is_file():
-        raise VerifyError("no manifest here: not a chatvec output", file=str(path))
+def read_manifest(out: Where) -> tuple[pa.Table, dict]:
+    """The manifest's table and metadata, from an output folder or `s3://` prefix (or an open location)."""
+    location = open_output(out)
+    path = location.describe(MANIFEST_NAME)
+    if not location.exists():
+        raise VerifyError(location.absent, file=location.where)
+    if not location.is_file(MANIFEST_NAME):
+        raise VerifyError("no manifest here: not a chatvec output", file=path)
+    source = location.parquet(MANIFEST_NAME)  # a read that fails (the network, access) is an error, not damage
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(source)
         table.validate(full=True)  # e.g. strings that are not UTF-8: caught here, not when a row is read
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure

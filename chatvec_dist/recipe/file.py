@@ -10,6 +10,7 @@ from typing import overload
 import yaml
 
 from ..io.header import shown
+from ..io.s3 import is_url
 from .spec import ALPHA, Recipe, RecipeError, Target, Vector, broadcast_alphas, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
@@ -35,36 +36,38 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
     """`recipe` with the relative paths it was given in `cwd` made absolute, so that it means the same from any
-    folder: every output, and each source that is a folder there (anything else stays: a Hub id)."""
+    folder: every output, and each source that is a folder there (anything else stays: a Hub id). An `s3://` URL
+    stays as it is, source or output."""
 
     @overload
     def source(spec: str) -> str: ...
     @overload
     def source(spec: None) -> None: ...
     def source(spec: str | None) -> str | None:
-        if spec is None or os.path.isabs(spec) or not os.path.isdir(os.path.join(cwd, spec)):
+        if spec is None or os.path.isabs(spec) or is_url(spec) or not os.path.isdir(os.path.join(cwd, spec)):
             return spec
         return os.path.normpath(os.path.join(cwd, spec))
 
+    def output(out: str | None) -> str | None:
+        return out if not out or is_url(out) else os.path.normpath(os.path.join(cwd, out))
+
     vectors = tuple(Vector(source(v.chat), source(v.base)) for v in recipe.vectors)
-    targets = tuple(
-        dataclasses.replace(t, cp=source(t.cp), out=t.out and os.path.normpath(os.path.join(cwd, t.out)))
-        for t in recipe.targets
-    )
+    targets = tuple(dataclasses.replace(t, cp=source(t.cp), out=output(t.out)) for t in recipe.targets)
     return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
 
 def as_recorded(recipe: Recipe, meta: dict) -> Recipe:
     """The recipe an output stores, ready to run from any folder: paths made absolute against the folder it ran
     in (`with_absolute_paths`), except that a source recorded as a Hub repo stays its id (even if a folder of that
-    name turned up there) and a local one gone from there keeps its recorded path (never read as a Hub id)."""
+    name turned up there), one recorded as an `s3://` URL stays that URL, and a local one gone from there keeps its
+    recorded path (never read as a Hub id)."""
     sources: dict = meta["sources"] if isinstance(meta.get("sources"), dict) else {}
     resolved = with_absolute_paths(recipe, meta.get("cwd") or os.getcwd())
 
     def recorded(spec: str | None, now: str | None, src: object) -> str | None:
         if spec is None or now is None or not isinstance(src, dict):
             return now
-        if "repo" in src:
+        if "repo" in src or is_url(spec):
             return spec
         return now if os.path.isabs(now) or not isinstance(src.get("path"), str) else src["path"]
 
