@@ -29,7 +29,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import bench  # noqa: E402  (sets RAY_* for every child: loopback, no token auth)
 import s3server  # noqa: E402
 
-from chatvec_dist.io import s3  # noqa: E402
+from chatvec_dist.io import s3, s3_sink  # noqa: E402
 
 UNIT = 64 * 2**20
 
@@ -85,23 +85,22 @@ def time_read(urls: list[str], streams: int) -> float:
 
 
 def time_write(bucket: str, nbytes: int, streams: int) -> float:
-    """One multipart upload of `nbytes` from a buffer, parts of UNIT, `streams` at once, then completed."""
-    client, key = s3.client(True), "floor/output.bin"
+    """One multipart upload of `nbytes` from a buffer, parts of UNIT, `streams` at once (chatvec's own calls)."""
+    url = f"s3://{bucket}/floor/output.bin"
     data = memoryview(bytes(range(256)) * (UNIT // 256))
     t0 = time.perf_counter()
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    upload = s3_sink.create_upload(url)
     parts = [(k + 1, min(UNIT, nbytes - off)) for k, off in enumerate(range(0, nbytes, UNIT))]
 
-    def put(part: tuple[int, int]) -> dict:
+    def put(part: tuple[int, int]) -> tuple[int, str]:
         number, n = part
-        r = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=data[:n])
-        return {"PartNumber": number, "ETag": r["ETag"]}
+        return number, s3_sink.upload_part(url, upload, number, data[:n])
 
     with ThreadPoolExecutor(streams) as pool:
-        done = list(pool.map(put, parts))
-    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": done})
+        done = dict(pool.map(put, parts))
+    s3_sink.complete(url, upload, done)
     wall = time.perf_counter() - t0
-    client.delete_object(Bucket=bucket, Key=key)
+    s3_sink.delete(url)
     return wall
 
 
@@ -188,6 +187,42 @@ def section(results: list[dict], store: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart(results: list[dict], path: Path) -> bool:
+    """A PNG of the largest size: GB/s of the floor's parts and of each merge (whole process), and of each worker
+    stage (bytes / worker-seconds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    r = results[-1]
+    total, read, write = r["floor"]
+    rows = [("floor: GET every input", r["in"] / read), ("floor: multipart PUT", r["out"] / write)]
+    rows.append(("floor: both", (r["in"] + r["out"]) / total))
+    for backend, runs in r["runs"].items():
+        wall = statistics.median(x["wall"] for x in runs)
+        rows.append((f"chatvec {backend}: whole run", (r["in"] + r["out"]) / wall))
+        st = runs[len(runs) // 2]["stages"]
+        for stage, nbytes in (("GET", r["in"]), ("compute", r["in"] + r["out"]), ("PUT", r["out"])):
+            seconds = st.get({"GET": "read", "PUT": "write"}.get(stage, stage), 0)
+            if seconds > 0:
+                rows.append((f"chatvec {backend}: {stage} (per worker-second)", nbytes / seconds))
+    names, values = [n for n, _ in rows][::-1], [v / 1e9 for _, v in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    ax.barh(names, values, color=["#c44" if n.startswith("floor") else "#48a" for n in names])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("GB/s")
+    ax.set_title(f"s3 → s3, {r['size']}: floor and merge on the same store", fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="tiny,medium", help="model sizes of bench.py, comma-separated")
@@ -214,6 +249,8 @@ def main() -> int:
             if server is not None:
                 server.stop()
     text = section(results, store)
+    if not args.no_results and chart(results, HERE / f"s3-{results[-1]['size']}.png"):
+        text += f"\n![s3 → s3, {results[-1]['size']}](s3-{results[-1]['size']}.png)\n"
     print(text)
     if not args.no_results:
         bench.append_results(HERE / "RESULTS.md", text)
