@@ -49,3 +49,15 @@ def test_the_driver_keeps_16_bytes_per_output_block_not_a_dict_entry(tmp_path):
     tracemalloc.stop()
     assert held < 24 * blocks + 100_000, held  # a dict of blocks took ~200 bytes each
     assert tally.table("t", {}).column("hash").to_pylist()[0]  # and the tensor's hash is made from them
+
+
+def test_plan_says_what_a_run_will_need(tmp_path, capsys):
+    from chatvec_dist.cli import main
+    from chatvec_dist.demo import make_demo_models
+
+    models = make_demo_models(tmp_path / "demo")
+    argv = ["plan", "--base", str(models["base"]), "--chat", str(models["chat"]), "--cp", str(models["cp"])]
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("needs: 4 input files and 1 output shard (open files per worker are bounded), about "), last
+    assert "of driver memory for the manifest" in last and "(64 MiB each)" in last

@@ -63,7 +63,22 @@ def summary(planned: Planned) -> str:
                     f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
                     f"merged elements {p.tensor.merge_elems})"
                 )
-    return "\n".join(lines)
+    return "\n".join([*lines, needs(planned)])
+
+
+def needs(planned: Planned) -> str:
+    """What the run will hold: input files, the driver's tally (16 bytes per output block, ~0.5 KB per tensor), and
+    a worker's buffers (a unit's inputs and output; a unit per s3:// output for its parts)."""
+    files = {s.path for tp in planned.targets for p in tp.layout.tensors for s in p.tensor.srcs}
+    shards = sum(len(tp.layout.shards) for tp in planned.targets)
+    blocks = sum(-(-p.nbytes // planned.block_bytes) for tp in planned.targets for p in tp.layout.tensors)
+    tensors = sum(len(tp.layout.tensors) for tp in planned.targets)
+    driver = 16 * blocks + 512 * tensors
+    return (
+        f"needs: {counted(len(files), 'input file')} and {counted(shards, 'output shard')} (open files per worker "
+        f"are bounded), about {human_bytes(driver)} of driver memory for the manifest, and buffers of a few units "
+        f"per worker ({human_bytes(planned.recipe.unit_bytes, binary=True)} each)"
+    )
 
 
 def counted(n: int, word: str) -> str:
