@@ -32,7 +32,7 @@ from .header import TensorInfo, read_header, shown
 
 CONSOLIDATED = "consolidated*.safetensors"  # Mistral's copy of the shards: read only where nothing else is
 HEADER_READERS = 8  # shards whose headers are read at once
-RANGE_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 60.0  # per request to the Hub (its session has none)
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -105,7 +105,7 @@ def _resolve(repo_id: str, revision: str) -> HubRepo:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.file_download import repo_folder_name
 
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=HTTP_TIMEOUT_S)
     if not info.sha:
         raise SourceError("the Hub did not say which commit the revision is at", file=repo_id)
     files = {
@@ -174,7 +174,7 @@ def read_range(url: str, offset: int, length: int, size: int) -> bytes:
 
     headers = build_hf_headers() | {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
     data = bytearray()
-    with get_session().stream("GET", url, headers=headers, timeout=RANGE_TIMEOUT_S) as response:
+    with get_session().stream("GET", url, headers=headers, timeout=HTTP_TIMEOUT_S) as response:
         if response.status_code >= 400:
             response.read()
             hf_raise_for_status(response)
