@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
 from ..log import logger
-from .header import TensorInfo, is_safe_name, read_header, reject_duplicate_keys, shown
+from .header import (
+    MAX_HEADER_BYTES,
+    TensorInfo,
+    is_safe_name,
+    parse_header_bytes,
+    read_header,
+    reject_duplicate_keys,
+    shown,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +43,7 @@ SIDE_PATTERNS = (
 NOT_SIDE_PATTERNS = ("adapter_config.json", "*.bin.index.json", "*.pt.index.json")
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,26 @@ def open_checkpoint(
     ckpt = Checkpoint(directory, tensors, source or {"path": str(directory.resolve())})
     ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
     return ckpt
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a remote folder's file is a side file to fetch whole (config, tokenizer, ...; not the index)."""
+    if name == INDEX_NAME:
+        return False
+    return any(fnmatch.fnmatch(name, p) for p in SIDE_PATTERNS) and not any(
+        fnmatch.fnmatch(name, p) for p in NOT_SIDE_PATTERNS
+    )
+
+
+def header_from_ranges(read: Callable[[int, int], bytes], size: int, where: str) -> dict[str, TensorInfo]:
+    """A remote shard's header from two ranged reads (`read(offset, length)`: the 8-byte length, then the JSON),
+    checked by the same bounded parser as a local file's."""
+    head = read(0, min(8, size)) if size else b""
+    if len(head) == 8:
+        (n,) = struct.unpack("<Q", head)
+        if n <= MAX_HEADER_BYTES and 8 + n <= size:
+            head += read(8, n)
+    return parse_header_bytes(head, size, where)[0]
 
 
 def _weight_files(directory: Path, entries: list[Path], bound: Path) -> tuple[list[str], dict[str, str] | None]:

@@ -6,9 +6,7 @@ checkpoint's `directory`, kept as long as the checkpoint is (and removed at exit
 
 from __future__ import annotations
 
-import fnmatch
 import shutil
-import struct
 import tempfile
 import weakref
 from pathlib import Path
@@ -18,16 +16,16 @@ from . import s3
 from .checkpoint import (
     INDEX_NAME,
     MAX_INDEX_BYTES,
-    NOT_SIDE_PATTERNS,
-    SIDE_PATTERNS,
+    MAX_SIDE_BYTES,
     Checkpoint,
     collect_tensors,
+    header_from_ranges,
+    is_side_file,
     parse_weight_map,
     pick_weights,
 )
-from .header import MAX_HEADER_BYTES, TensorInfo, parse_header_bytes, shown
+from .header import TensorInfo, shown
 
-MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
 EXTRA_FILES = ("manifest.parquet",)  # a chatvec output's manifest: `apply --vector` checks what it holds
 
 
@@ -94,12 +92,7 @@ def _info(url: str, name: str, listing: dict[str, s3.ObjectInfo]) -> s3.ObjectIn
 def _header(url: str, info: s3.ObjectInfo) -> dict[str, TensorInfo]:
     """A shard's header from two ranged GETs (the 8-byte length, then the JSON), checked by the same bounded
     parser as a local file's; the ETag pins both reads to the object that was listed."""
-    head = s3.read_range(url, 0, min(8, info.size), info.etag) if info.size else b""
-    if len(head) == 8:
-        (n,) = struct.unpack("<Q", head)
-        if n <= MAX_HEADER_BYTES and 8 + n <= info.size:
-            head += s3.read_range(url, 8, n, info.etag)
-    return parse_header_bytes(head, info.size, url)[0]
+    return header_from_ranges(lambda offset, length: s3.read_range(url, offset, length, info.etag), info.size, url)
 
 
 def _download_side_files(url: str, listing: dict[str, s3.ObjectInfo], directory: Path) -> dict[str, s3.ObjectInfo]:
@@ -116,13 +109,7 @@ def _download_side_files(url: str, listing: dict[str, s3.ObjectInfo], directory:
 
 
 def _is_side(name: str) -> bool:
-    if name == INDEX_NAME:
-        return False
-    if name in EXTRA_FILES:
-        return True
-    return any(fnmatch.fnmatch(name, p) for p in SIDE_PATTERNS) and not any(
-        fnmatch.fnmatch(name, p) for p in NOT_SIDE_PATTERNS
-    )
+    return name in EXTRA_FILES or is_side_file(name)
 
 
 def _source(url: str, objects: dict[str, s3.ObjectInfo]) -> dict[str, object]:

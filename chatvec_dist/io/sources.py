@@ -1,5 +1,6 @@
 """Sources: a local directory, an `s3://bucket/prefix` folder, or a Hub repo id (`org/name[@revision]`) resolved
-offline-first."""
+offline-first: a snapshot the HF cache holds whole is read there; else the repo is opened on the Hub from its
+headers (io/hub_checkpoint.py), and each worker fetches the shards it reads into its own node's cache."""
 
 from __future__ import annotations
 
@@ -11,20 +12,21 @@ from ..errors import ChatvecError, SourceError
 from ..log import logger
 from . import s3
 from .checkpoint import SIDE_PATTERNS, Checkpoint, open_checkpoint, read_json_object
+from .hub_checkpoint import CONSOLIDATED, hub_error_text, open_hub_checkpoint
 from .s3_checkpoint import open_s3_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 ALLOW_PATTERNS = ["*.safetensors", *SIDE_PATTERNS]
 TOP_LEVEL_ONLY = ["*/*"]  # checkpoint-500/, onnx/, gptq-4bit/...: never read (the patterns' * matches "/" too)
-IGNORE_PATTERNS = ["consolidated*.safetensors", *TOP_LEVEL_ONLY]  # Mistral's copy of the shards: only if alone
+IGNORE_PATTERNS = [CONSOLIDATED, *TOP_LEVEL_ONLY]  # Mistral's copy of the shards: only if alone
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MODULE_REF = re.compile(r"^([A-Za-z_]\w*)\.\w+$")  # auto_map's "modeling_x.ClassName" (this repo's code)
 
 
 def open_source(spec: str) -> Checkpoint:
-    """Open `spec`: an `s3://` URL, an existing local directory, else a Hub repo id from the HF cache, fetched
-    (only what is missing) when the cache lacks it or holds part of it (e.g. just `config.json`, left by
-    `AutoConfig`)."""
+    """Open `spec`: an `s3://` URL, an existing local directory, else a Hub repo id: from the HF cache where it
+    holds the whole snapshot, else from the Hub's headers (the cache may hold part of it, e.g. just `config.json`,
+    left by `AutoConfig`: what it holds is read there). With HF_HUB_OFFLINE set, from the cache only."""
     if s3.is_url(spec):
         return open_s3_checkpoint(spec)
     if os.path.exists(spec) or not REPO_ID.match(spec):
@@ -43,6 +45,8 @@ def open_source(spec: str) -> Checkpoint:
             unusable = e
         else:
             return _top_up(ckpt, repo_id, revision) if missing_remote_code(ckpt.directory) else ckpt
+    if not _offline():
+        return open_hub_checkpoint(repo_id, revision)
     fetched = _fetch(repo_id, revision or None, unusable)
     try:
         return _open_snapshot(fetched, repo_id, revision)
@@ -54,6 +58,12 @@ def open_source(spec: str) -> Checkpoint:
             f"that the cache still holds: delete it there to have it downloaded again): {e}",
             file=repo_id,
         ) from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
 
 
 def _top_up(cached: Checkpoint, repo_id: str, revision: str) -> Checkpoint:
@@ -91,8 +101,8 @@ def _open_snapshot(snapshot: Path, repo_id: str, revision: str) -> Checkpoint:
     files = {}
     for path in sorted(snapshot.rglob("*")):
         if path.is_file():
-            blob = path.resolve().name
-            files[str(path.relative_to(snapshot))] = {"sha256": blob} if SHA256.match(blob) else {"blob": blob}
+            blob, size = path.resolve().name, path.stat().st_size
+            files[str(path.relative_to(snapshot))] = {"sha256" if SHA256.match(blob) else "blob": blob, "size": size}
     source = {"repo": repo_id, "revision": revision or "main", "commit": snapshot.name, "files": files}
     return open_checkpoint(snapshot, root=repo_root, source=source)
 
@@ -154,6 +164,19 @@ def hub_files(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, str]]:
     return found
 
 
+def hub_identities(checkpoints: list[Checkpoint]) -> dict[str, list]:
+    """For Hub checkpoints: each file's path → [size, blob, commit], its identity as an input of a job. The commit
+    fixes the bytes, whether or not this machine's cache holds the file yet (workers fetch it on first use)."""
+    found = {}
+    for ckpt in checkpoints:
+        if "repo" in ckpt.source:
+            commit, files = str(ckpt.source["commit"]), ckpt.source["files"]
+            assert isinstance(files, dict)
+            for name, f in files.items():
+                found[str(ckpt.directory / name)] = [f.get("size"), f.get("sha256") or f.get("blob"), commit]
+    return found
+
+
 def local_copy(path: str, hub: dict[str, tuple[str, str, str]]) -> str:
     """`path` if this node has it; else the same Hub file (pinned commit) fetched into this node's own cache."""
     if os.path.exists(path) or path not in hub:
@@ -165,5 +188,5 @@ def local_copy(path: str, hub: dict[str, tuple[str, str, str]]) -> str:
         return hf_hub_download(repo, name, revision=commit)
     except Exception as e:
         raise SourceError(
-            f"cannot fetch {name}@{commit} into this node's cache: {type(e).__name__}: {e}", file=repo
+            f"cannot fetch {name}@{commit} into this node's cache: {hub_error_text(e)}", file=repo
         ) from None
