@@ -24,7 +24,7 @@ from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
 from .io import s3, s3_sink
 from .io.ranges import FileHandles
 from .io.s3_checkpoint import object_etags
-from .io.sources import hub_files
+from .io.sources import hub_files, hub_identities
 from .log import logger
 from .output.card import model_card
 from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
@@ -478,13 +478,16 @@ def _sources_meta(sources: Sources) -> dict:
 
 def _input_stats(planned: Planned) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
-    changes its ctime), or an s3:// object's size, ETag and version id (a HEAD): part of the job, so a partial
-    output is never resumed on inputs that changed."""
+    changes its ctime), an s3:// object's size, ETag and version id (a HEAD), or a Hub file's size, sha256 and
+    commit: part of the job, so a partial output is never resumed on inputs that changed."""
     paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
+    hub = hub_identities([c for t in planned.targets for c in t.sources.checkpoints])
     stats: InputStats = {}
     for path in paths:
         if s3.is_url(path):
             stats[path] = s3.identity(path)
+        elif path in hub:  # fixed by its commit; workers fetch it into their node's cache on first use
+            stats[path] = hub[path]
         else:
             st = os.stat(path)
             stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]

@@ -162,11 +162,6 @@ def test_a_fully_fetched_repo_then_resolves_offline(fakehub, monkeypatch):
     assert ckpt.source["commit"] == commits["cp"] and len(ckpt.tensors) == 21
 
 
-@pytest.mark.xfail(
-    reason="needs job._input_stats to take Hub inputs' identities from io.sources.hub_identities (not os.stat)",
-    raises=FileNotFoundError,
-    strict=True,
-)
 def test_merge_from_hub_ids_fetches_each_shard_once_and_matches_local(fakehub, tmp_path):
     hub, models, commits, cache = fakehub
     merge(tmp_path / "from-hub", "org/base", "org/chat", "org/cp")

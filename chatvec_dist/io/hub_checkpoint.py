@@ -88,7 +88,7 @@ def open_hub_checkpoint(repo_id: str, revision: str) -> Checkpoint:
     index = str(repo.snapshot / INDEX_NAME)
     tensors = collect_tensors([(n, str(repo.snapshot / n)) for n in weights], headers.__getitem__, names, index)
     used = [*weights, *side, *([INDEX_NAME] if names is not None else [])]
-    source = {
+    source: dict[str, object] = {
         "repo": repo_id,
         "revision": revision or "main",
         "commit": repo.commit,
