@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 QUEUED = 1  # units queued on an actor behind its running ones: backpressure without idle gaps
 MAX_ATTEMPTS = 4  # per unit
-STALL_SECONDS = 600.0  # no result and no worker for this long: give up
+STALL_SECONDS = 600.0  # no live worker for this long (none could be started): give up
 NODES_WAIT_SECONDS = 600.0  # a cluster with no room for any worker: wait this long for its nodes to join
 HEAD_LOST_SECONDS = 15.0  # the GCS unreachable this long: the head is gone (Ray itself kills the driver at 60 s)
 
@@ -302,7 +302,9 @@ class RayBackend:
             waiting = list(state.in_flight) + list(self._starting)
             ready, _ = self.ray.wait(waiting, num_returns=1, timeout=5.0) if waiting else ([], [])
             self._head.check()
-            if not ready and time.monotonic() - last_progress > STALL_SECONDS:
+            if self.actors:  # live workers with units: a slow unit (a shard downloaded first) is not a stall
+                last_progress = time.monotonic()
+            elif not ready and time.monotonic() - last_progress > STALL_SECONDS:
                 raise RunError(f"no progress for {STALL_SECONDS:.0f} s: no Ray worker could be started or reached")
             for ref in ready:
                 last_progress = time.monotonic()
