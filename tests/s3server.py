@@ -322,24 +322,30 @@ class DroppingProxy(_RequestProxy):
     """Drops every `every`-th connection mid-request: a request with a body (an upload) after half of it, one
     without after the store answered, within `answer_bytes` of its answer (part of the headers or of a GET's
     body). The first request whose request line matches the regex `first` is forwarded whole and its answer
-    withheld entirely (the store acted on it: a completed upload, say). `dropped` counts the cuts by kind:
-    "upload" (the store never got the whole request) and "answer"; `lines` lists the request lines cut."""
+    withheld entirely (the store acted on it: a completed upload, say); the first try of every request line that
+    matches `uploads` is cut halfway through its body. `dropped` counts the cuts by kind: "upload" (the store
+    never got the whole request) and "answer"; `lines` lists the request lines cut."""
 
-    def __init__(self, port: int, every: int = 4, answer_bytes: int = 300_000, first: bytes | None = None) -> None:
+    def __init__(
+        self, port: int, every: int = 4, answer_bytes: int = 300_000, first: bytes | None = None, uploads: bytes = b"^$"
+    ) -> None:
         super().__init__(port)
-        self.every, self.answer_bytes, self.first = every, answer_bytes, first
+        self.every, self.answer_bytes, self.first, self.uploads = every, answer_bytes, first, uploads
         self.dropped = {"upload": 0, "answer": 0}
         self.lines: list[str] = []
 
     def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
         line = head.split(b"\r\n", 1)[0]
+        length = _content_length(head)
         with self.lock:
             targeted = self.first is not None and re.match(self.first, line) is not None
             if targeted:
                 self.first = None
-        length = _content_length(head)
+            first_try = re.match(self.uploads, line) is not None and line.decode("latin-1") not in self.lines
         if targeted:
             up, down = None, 0
+        elif first_try and length > 0:
+            up, down = length // 2, None
         elif count % self.every:
             up, down = None, None
         elif length > 0:
