@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -231,3 +232,190 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.listener.close()
+
+
+class _RequestProxy:
+    """A proxy to `port` that reads each connection's request head, then `_handle`s it. Forwarded requests get
+    `Connection: close` (one request a connection), so that every request passes through `_handle`, not only the
+    first of a kept-alive connection; `requests` counts them."""
+
+    HEAD_LIMIT = 64 * 1024
+
+    def __init__(self, port: int) -> None:
+        self.upstream, self.requests = port, 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server((HOST, 0))
+        self.endpoint = f"http://{HOST}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            head, rest = _read_head(client, self.HEAD_LIMIT)
+            if head:
+                with self.lock:
+                    self.requests += 1
+                    count = self.requests
+                self._handle(client, head, rest, count)
+        _close(client)
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        raise NotImplementedError
+
+    def _forward(self, client: socket.socket, head: bytes, rest: bytes, up: int | None, down: int | None) -> bool:
+        """Send the request upstream and the answer back, the request's body cut after `up` bytes and the answer
+        after `down` (None: whole); whether a cut happened (the connection was dropped there)."""
+        server = socket.create_connection((HOST, self.upstream))
+        try:
+            if up is not None and len(rest) >= up:
+                server.sendall(_closing(head) + rest[:up])
+                return True
+            server.sendall(_closing(head) + rest)
+            cuts = [False, False]
+            left = None if up is None else up - len(rest)
+            sending = threading.Thread(target=_pump, args=(client, server, left, cuts, 0), daemon=True)
+            sending.start()
+            _pump(server, client, down, cuts, 1)
+            sending.join(10)
+            return any(cuts)
+        finally:
+            _close(server)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class ThrottlingProxy(_RequestProxy):
+    """Answers every `every`-th request itself with `503 SlowDown` (S3's XML error, `Connection: close`), as a
+    store does past its request rate; forwards the others. `throttled` counts the 503s sent."""
+
+    def __init__(self, port: int, every: int = 3) -> None:
+        super().__init__(port)
+        self.every, self.throttled = every, 0
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        if count % self.every:
+            self._forward(client, head, rest, None, None)
+            return
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message><RequestId>%d</RequestId></Error>" % count
+        )
+        answer = (
+            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
+            b"x-amz-request-id: %d\r\nConnection: close\r\n\r\n" % (len(body), count)
+        )
+        client.sendall(answer + body)
+        with self.lock:
+            self.throttled += 1
+        _drain(client)  # a body sent without `Expect: 100-continue`: read, so that the close resets nothing
+
+
+class DroppingProxy(_RequestProxy):
+    """Drops every `every`-th connection mid-request: a request with a body (an upload) after half of it, one
+    without after the store answered, within `answer_bytes` of its answer (part of the headers or of a GET's
+    body). The first request whose request line matches the regex `first` is forwarded whole and its answer
+    withheld entirely (the store acted on it: a completed upload, say); the first try of every request line that
+    matches `uploads` is cut halfway through its body. `dropped` counts the cuts by kind: "upload" (the store
+    never got the whole request) and "answer"; `lines` lists the request lines cut."""
+
+    def __init__(
+        self, port: int, every: int = 4, answer_bytes: int = 300_000, first: bytes | None = None, uploads: bytes = b"^$"
+    ) -> None:
+        super().__init__(port)
+        self.every, self.answer_bytes, self.first, self.uploads = every, answer_bytes, first, uploads
+        self.dropped = {"upload": 0, "answer": 0}
+        self.lines: list[str] = []
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        line = head.split(b"\r\n", 1)[0]
+        length = _content_length(head)
+        with self.lock:
+            targeted = self.first is not None and re.match(self.first, line) is not None
+            if targeted:
+                self.first = None
+            first_try = re.match(self.uploads, line) is not None and line.decode("latin-1") not in self.lines
+        if targeted:
+            up, down = None, 0
+        elif first_try and length > 0:
+            up, down = length // 2, None
+        elif count % self.every:
+            up, down = None, None
+        elif length > 0:
+            up, down = length // 2, None
+        else:
+            up, down = None, (count * 7919) % self.answer_bytes  # spread over heads and bodies
+        if self._forward(client, head, rest, up, down):
+            with self.lock:
+                self.dropped["upload" if up is not None else "answer"] += 1
+                self.lines.append(line.decode("latin-1"))
+
+
+def _read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
+    """A request's head (through the blank line) and what came after it; (b"", b"") if the client sent none."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk or len(data) > limit:
+            return b"", b""
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+def _closing(head: bytes) -> bytes:
+    """The request head with `Connection: close` (the store closes after its answer: one request a connection)."""
+    lines = [x for x in head[:-4].split(b"\r\n") if not x.lower().startswith(b"connection:")]
+    return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+
+
+def _content_length(head: bytes) -> int:
+    """The request body's length (Content-Length; a chunked body counts as 1 MiB); -1 without a body."""
+    for x in head.split(b"\r\n")[1:]:
+        name, _, value = x.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip() or 0)
+        if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            return 1 << 20
+    return -1
+
+
+def _pump(src: socket.socket, dst: socket.socket, limit: int | None, cuts: list[bool], side: int) -> None:
+    """Copy `src` to `dst` until either ends or `limit` bytes went through (then `cuts[side]`: a cut; a limit of 0
+    waits for the first byte); then shut both down, which ends the other direction's copy too."""
+    sent = 0
+    with contextlib.suppress(OSError):
+        if limit == 0:  # once the answer starts (the store has acted on the request)
+            cuts[side] = bool(src.recv(1))
+        while limit != 0 and (limit is None or sent < limit):
+            data = src.recv(65536 if limit is None else min(65536, limit - sent))
+            if not data:
+                break
+            dst.sendall(data)
+            sent += len(data)
+        else:
+            cuts[side] = cuts[side] or limit != 0
+    for s in (src, dst):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read what the client still sends, until it pauses a second or closes."""
+    sock.settimeout(1.0)
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

@@ -16,14 +16,20 @@ GONE = ("NoSuchUpload", "404", "NotFound")  # an upload completed or aborted alr
 
 
 def create_upload(url: str) -> str:
-    """Start a multipart upload at `url`; its upload id."""
+    """Start a multipart upload at `url`; its upload id. A create that was retried may have made uploads whose
+    answer was lost: every other upload open at `url` is aborted then (a run makes one only where it has none)."""
     bucket, key = s3.parse(url)
     try:
         r = s3.client(True).create_multipart_upload(Bucket=bucket, Key=key)
     except Exception as e:
         raise _run_error(e, url) from None
     s3.traffic.add(0, 1)
-    return str(r["UploadId"])
+    upload_id = str(r["UploadId"])
+    if r.get("ResponseMetadata", {}).get("RetryAttempts"):
+        for other in open_uploads(url.rpartition("/")[0]).get(url, ()):
+            if other != upload_id:
+                abort(url, other)
+    return upload_id
 
 
 def upload_part(url: str, upload_id: str, number: int, data: memoryview) -> str:
