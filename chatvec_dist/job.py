@@ -21,7 +21,7 @@ from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
 from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
-from .io import s3, s3_sink
+from .io import s3
 from .io.ranges import FileHandles
 from .io.s3_checkpoint import object_etags
 from .io.sources import hub_files, hub_identities
@@ -29,8 +29,8 @@ from .log import logger
 from .output.card import model_card
 from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
 from .output.journal import Journal
-from .output.manifest import MANIFEST_NAME, Tally, read_manifest
-from .output.publish import publish
+from .output.manifest import Tally, read_manifest
+from .output.uploads import Uploads
 from .output.verify import read_digest
 from .output.workarea import (
     JOURNAL_NAME,
@@ -41,11 +41,8 @@ from .output.workarea import (
     lock_path,
     open_partial,
     partial_path,
-    read_uploads,
     replaced_path,
     staging_path,
-    work_area_digest,
-    write_uploads,
 )
 from .planning.layout import Layout, Unit
 from .planning.plan import Planned, TargetPlan, plan, unit_io_bytes
@@ -62,20 +59,28 @@ class Output:
     """One target's output directory, and what this run does with it."""
 
     plan: TargetPlan
-    path: Path  # absolute: `.` or `a/..` name a folder too
+    path: Path  # absolute (`.` or `a/..` name a folder too); an s3:// output's staging folder on this machine
     digest: str  # this output's job: version, recipe, plan and input files
     replace: bool = False  # may replace what is at `path` (--overwrite, or this job's own committed output)
     written: bool = False  # committed by this run (False: this job's output was already there)
     work: Path | None = None
     journaled: dict[int, UnitResult] = field(default_factory=dict)  # finished units whose bytes still verify
     tally: Tally | None = None
-    uploads: list[str] = field(default_factory=list)  # an s3:// output: each shard's multipart upload id
-    parts: dict[int, dict[int, str]] = field(default_factory=dict)  # … and its parts uploaded: {number: ETag}
-    _listed: dict[int, dict[int, set[tuple[str, int]]]] = field(default_factory=dict)  # … as ListParts shows them
+    uploads: Uploads | None = None  # an s3:// output's multipart uploads
+
+    def __post_init__(self) -> None:
+        if self.plan.to_store and self.uploads is None:
+            assert self.plan.target.out is not None
+            self.uploads = Uploads(self.plan.target.out, self.plan)
 
     @property
     def name(self) -> str:
         return self.plan.target.name
+
+    @property
+    def url(self) -> str | None:
+        """An s3:// output's URL; None for a local one."""
+        return self.uploads.url if self.uploads is not None else None
 
     def is_committed(self) -> bool:
         """Whether `path` holds this very job's committed output (same recipe, plan and input files)."""
@@ -84,27 +89,12 @@ class Output:
         except ChatvecError:
             return False
 
-    @property
-    def url(self) -> str | None:
-        """An s3:// output's URL (its `path` is then the staging folder on this machine); None for a local one."""
-        return self.plan.target.out if self.plan.to_store else None
-
     def check_destination(self, inputs: list[Path]) -> None:
-        """Refuse an output that exists (unless overwriting) or overlaps an input; under an s3:// prefix, objects
-        are replaced only with --overwrite and only if they are a chatvec output (a manifest is there), or if this
-        job's own commit put them there before it was interrupted."""
-        check_destination(self.path, inputs, self.replace or self.url is not None)  # staging: only a cache
-        if self.url is None or work_area_digest(self.path) == self.digest:
-            return
-        found = s3.list_names(self.url)
-        if found and not self.replace:
-            raise OutputError("output exists (pass --overwrite to replace it)", file=self.url)
-        if found and MANIFEST_NAME not in found:
-            raise OutputError(
-                f"output exists and is not a chatvec output (no {MANIFEST_NAME}): --overwrite replaces only "
-                "those; remove its objects yourself",
-                file=self.url,
-            )
+        """Refuse an output that exists (unless overwriting) or overlaps an input (an s3:// output: objects under
+        its prefix, see `Uploads.check_destination`)."""
+        check_destination(self.path, inputs, self.replace or self.uploads is not None)  # staging: only a cache
+        if self.uploads is not None:
+            self.uploads.check_destination(self.path, self.digest, self.replace)
 
     def open(self, planned: Planned, inputs: InputStats, restart: bool, index: int) -> None:
         """Make (or reuse) the work area (and an s3:// output's uploads); keep the journaled units whose bytes
@@ -112,62 +102,24 @@ class Output:
         layout = self.plan.layout
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
-        self.parts, self._listed = {}, {}
-        if self.url is not None:
-            self._open_uploads()
+        if self.uploads is not None:
+            self.uploads.open(self.work)
         self.journaled = {uid: r for uid, r in journaled.items() if self.holds(r, planned.block_bytes)}
-
-    def _open_uploads(self) -> None:
-        """One multipart upload per shard, kept in the work area: those of an earlier run are reused where the
-        store still has them (their parts listed, to check journaled units by); uploads open under the prefix
-        with no work area here (a run on another machine, or a crash before uploads.json) are aborted."""
-        assert self.work is not None and self.url is not None
-        urls = [s3.join(self.url, shard.name) for shard in self.plan.layout.shards]
-        kept = read_uploads(self.work)
-        if [u for u, _ in kept] != urls:
-            if aborted := s3_sink.abort_all(self.url):
-                logger.warning(f"aborted {aborted} upload(s) left open under {self.url} with no journal here")
-            kept = []
-        uploads = []
-        for k, url in enumerate(urls):
-            listed = s3_sink.listed_parts(url, kept[k][1]) if kept else None
-            if listed is None:  # new, or gone (completed by an interrupted commit, aborted elsewhere)
-                uploads.append([url, s3_sink.create_upload(url)])
-                listed = {}
-            else:
-                uploads.append(kept[k])
-            self._listed[k] = listed
-        if uploads != kept:
-            write_uploads(self.work, uploads)
-        self.uploads = [upload_id for _, upload_id in uploads]
 
     def holds(self, result: UnitResult, block: int) -> bool:
         """Whether this output holds the bytes a unit reported (they may be lost with a worker): in its shards, or
-        for an s3:// output in its uploads (ListParts shows every part planned, with the ETag and size reported)."""
+        for an s3:// output in its uploads."""
         assert self.work is not None
-        if self.url is None:
-            return _still_valid(result, self.plan.layout, self.work, block)
-        assert self.plan.parts is not None
-        planned = {(p.shard, p.number, p.size) for p in self.plan.parts.get(result.unit, [])}
-        if {(p.shard, p.number, p.size) for p in result.parts} != planned:
-            return False
-        for part in result.parts:
-            if (part.etag, part.size) not in self._listed.get(part.shard, {}).get(part.number, ()):
-                url = s3.join(self.url, self.plan.layout.shards[part.shard].name)
-                self._listed[part.shard] = s3_sink.listed_parts(url, self.uploads[part.shard]) or {}
-                if (part.etag, part.size) not in self._listed[part.shard].get(part.number, ()):
-                    return False
-        return True
+        if self.uploads is not None:
+            return self.uploads.holds(result)
+        return _still_valid(result, self.plan.layout, self.work, block)
 
     def context(self) -> OutputContext:
         """What the workers need of this output: its shard files, or an s3:// output's URLs, uploads and parts."""
         assert self.work is not None
-        shards = self.plan.layout.shards
-        if self.url is None:
-            return OutputContext(self.plan.layout.tensors, [str(self.work / s.name) for s in shards])
-        urls = [s3.join(self.url, s.name) for s in shards]
-        headers = [s.header for s in shards]
-        return OutputContext(self.plan.layout.tensors, urls, self.uploads, headers, self.plan.parts)
+        if self.uploads is not None:
+            return self.uploads.context()
+        return OutputContext(self.plan.layout.tensors, [str(self.work / s.name) for s in self.plan.layout.shards])
 
     def record(self, result: UnitResult) -> None:
         """Add a unit's segments (this output's only) to the manifest's tally."""
@@ -175,8 +127,8 @@ class Output:
         share = result.seconds / max(1, len(result.segments))
         for seg in result.segments:
             self.tally.add(seg, result.worker, result.node, share)
-        for part in result.parts:
-            self.parts.setdefault(part.shard, {})[part.number] = part.etag
+        if self.uploads is not None:
+            self.uploads.record(result)
 
     def side_dirs(self, recipe: Recipe) -> tuple[Path, Path | None]:
         """Where the output's side files come from (CP's folder; the first chat model's when extracting), and the
@@ -186,7 +138,8 @@ class Output:
         return side.directory, sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
 
     def commit(self, planned: Planned) -> None:
-        """Write index, side files, manifest and card, and rename the work area into place."""
+        """Write index, side files, manifest and card (an s3:// output: and upload them), and rename the work area
+        into place."""
         assert self.work is not None and self.tally is not None
         recipe, target, sources = planned.recipe, self.plan.target, self.plan.sources
         meta = {
@@ -203,17 +156,14 @@ class Output:
         out_dtype = OUTPUT_DTYPES[target.dtype] if target.dtype else "F32" if target.cp is None else None
         config_dtype = CONFIG_NAMES[out_dtype] if out_dtype else None
         card = model_card(meta, manifest)
-        replace = self.replace or self.url is not None  # the staging copy of an s3:// output: only a cache
-        publish = None if self.url is None else functools.partial(self._publish, self.replace)
+        replace = self.replace or self.uploads is not None  # the staging copy of an s3:// output: only a cache
+        publish = None
+        if self.uploads is not None:
+            publish = functools.partial(self.uploads.publish, self.work, set(WORK_ONLY), self.replace)
         commit(
             self.work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, replace, publish
         )
         self.written = True
-
-    def _publish(self, overwrite: bool) -> None:
-        """An s3:// output's objects: complete each shard's upload, put the other files, the index last."""
-        assert self.work is not None and self.url is not None
-        publish(self.work, self.url, self.plan.layout, self.uploads, self.parts, set(WORK_ONLY), overwrite)
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
