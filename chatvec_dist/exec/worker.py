@@ -32,6 +32,9 @@ def _written_as_read(t: PlannedTensor) -> bool:
     return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype
 
 
+WHOLE_PIECE = 1 << 62  # as a strip size: the piece in one strip
+
+
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
@@ -104,7 +107,10 @@ class UnitRunner:
         columns = [(o, out.tensors[piece.index]) for o, out in enumerate(self.ctx.outputs)]
         itemsize = min(ITEMSIZE[p.tensor.out_dtype] for _, p in columns)
         block = self.ctx.block_bytes
-        step = block * max(1, self.compute.strip_bytes // block) // itemsize  # whole hash blocks of every output
+        strip_bytes = self.compute.strip_bytes
+        if any(s3.is_url(src.path) for _, p in columns for src in p.tensor.srcs):
+            strip_bytes = WHOLE_PIECE  # an object: one ranged read per piece and source (in parallel parts)
+        step = block * max(1, strip_bytes // block) // itemsize  # whole hash blocks of every output
         segments: dict[int, SegmentResult] = {}
         for first in range(piece.first, max(piece.last, piece.first + 1), step):
             strip = Piece(piece.index, first, min(first + step, piece.last))
