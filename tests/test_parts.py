@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from chatvec_dist.dtypes import ITEMSIZE
 from chatvec_dist.errors import PlanError
-from chatvec_dist.planning.layout import cut_units, layout
-from chatvec_dist.planning.parts import MIN_PART, plan_parts
+from chatvec_dist.planning.layout import MIN_PART, cut_units, layout
+from chatvec_dist.planning.parts import plan_parts
 from chatvec_dist.planning.planner import PlannedTensor, Src
 
 MiB = 2**20
@@ -42,8 +43,64 @@ def test_units_cut_at_shards_only_when_asked():
 
 
 def test_a_part_below_five_mib_is_refused_naming_the_shard():
-    lay = layout(tensors([1, 1, 1]), max_shard_size=40 * MiB)
-    units = cut_units([lay], 1 * MiB, at_shards=True)
+    lay = layout(tensors([20]), max_shard_size=40 * MiB)
+    units = cut_units([lay], 1 * MiB, at_shards=True)  # a large tensor cut in 1 MiB pieces
     with pytest.raises(PlanError, match=r"part 1 would be \d+ bytes: .*5 MiB.*--unit-size 8MiB") as e:
         plan_parts(lay, units)
     assert e.value.file == lay.shards[0].name
+
+
+def plan_for_store(planned: list[PlannedTensor], unit_mib: int = 64, shard_mib: int = 5000):
+    """What `plan()` does for an s3:// output: tensors in byte order, units within shards, then the parts."""
+    order = sorted(planned, key=lambda t: -ITEMSIZE[t.out_dtype])
+    lay = layout(order, max_shard_size=shard_mib * MiB)
+    return lay, plan_parts(lay, cut_units([lay], unit_mib * MiB, at_shards=True))
+
+
+def test_a_shard_of_mixed_dtypes_is_planned_in_byte_order():
+    """Layout puts larger itemsizes first within a shard: units follow that order, one range per shard."""
+    norm = PlannedTensor("norm", "merge", "", (2560,), "F32", Src("x", 0, "F32"), (), 2560)
+    first, second = tensors([6, 6])
+    mixed = [first, norm, second]  # BF16, F32, BF16 in name order
+    lay, parts = plan_for_store(mixed)
+    assert sum(len(ps) for ps in parts.values()) == 1 and parts[0][0].end == lay.shards[0].size
+
+
+def test_small_tensors_before_a_large_one_join_its_first_piece():
+    """Biases before a tensor larger than a unit made a part of their own, under 5 MiB, mid-shard."""
+    lay, parts = plan_for_store(tensors([100, 1.5, 0.01, 100, 30]))
+    sizes = [p.size for ps in sorted(parts.values(), key=lambda ps: ps[0].number) for p in ps]
+    assert all(s >= MIN_PART for s in sizes[:-1]) and sum(sizes) == lay.shards[0].size
+
+
+def test_a_shard_of_only_empty_tensors_gets_its_header_part():
+    empty = PlannedTensor("empty", "merge", "", (0, 8), "BF16", Src("x", 0, "BF16"), (), 0)
+    lay, parts = plan_for_store([*tensors([6]), empty], shard_mib=5)
+    assert len(lay.shards) == 2
+    last = [p for ps in parts.values() for p in ps if p.shard == 1]
+    assert len(last) == 1 and (last[0].start, last[0].end) == (0, lay.shards[1].size)
+
+
+def test_plan_to_a_store_takes_a_float32_tensor_among_bfloat16_ones(tmp_path):
+    """Kept in their own dtypes: a plan for an s3:// output orders tensors as their shard holds them (larger
+    itemsizes first), so that each unit's bytes in a shard are one range (it was 'writes two separate ranges')."""
+    import torch
+
+    import chatvec_dist
+    from chatvec_dist.demo import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("base", "chat", "cp"):
+        weights = {
+            "a.weight": torch.randn(1536, 1024, generator=g).bfloat16(),
+            "b.norm": torch.randn(16, generator=g),  # float32: in the inputs' order after both others
+            "c.weight": torch.randn(1536, 1024, generator=g).bfloat16(),
+        }
+        save_checkpoint(tmp_path / name, weights, {}, shards=2)  # a and c in one file, b in the other
+    recipe = chatvec_dist.make_recipe(
+        *(str(tmp_path / n) for n in ("base", "chat", "cp")), "s3://bucket/out", unit_bytes=8 * MiB
+    )
+    (tp,) = chatvec_dist.plan(recipe).targets
+    assert tp.parts is not None and [(p.start, p.end) for ps in tp.parts.values() for p in ps] == [
+        (0, tp.layout.shards[0].size)
+    ]

@@ -10,6 +10,7 @@ from ..io.header import OutEntry, encode_header
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
+MIN_PART = 5 * 2**20  # an object store's smallest multipart part (all but a shard's last)
 MAX_UNITS = 1_000_000  # work units per job: a 1 TB model still gets units of 1 MiB
 HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
@@ -119,38 +120,50 @@ def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -
             f"units: use --unit-size {smallest // 1024 if smallest >= 1024 else smallest}"
             f"{'KiB' if smallest >= 1024 else ''} or more (default 64MiB)"
         )
-    units: list[Unit] = []
-    pieces: list[Piece] = []
-    filled = 0
-
-    def flush() -> None:
-        nonlocal pieces, filled
-        if pieces:
-            units.append(Unit(len(units), tuple(pieces), filled))
-        pieces, filled = [], 0
-
+    cutter = _Cutter(unit_bytes, at_shards)
     for index, column in enumerate(zip(*(lay.tensors for lay in layouts))):
         if at_shards and index and any(p.shard != lay.tensors[index - 1].shard for p, lay in zip(column, layouts)):
-            flush()
+            cutter.flush()
+        cutter.add(index, column)
+    cutter.flush()
+    return cutter.units
+
+
+class _Cutter:
+    """Units in the making: small tensors grouped, large ones split at every output's hash blocks."""
+
+    def __init__(self, unit_bytes: int, at_shards: bool) -> None:
+        self.unit_bytes, self.at_shards = unit_bytes, at_shards
+        self.units: list[Unit] = []
+        self.pieces: list[Piece] = []
+        self.filled = 0
+
+    def flush(self) -> None:
+        if self.pieces:
+            self.units.append(Unit(len(self.units), tuple(self.pieces), self.filled))
+        self.pieces, self.filled = [], 0
+
+    def add(self, index: int, column: tuple[Placed, ...]) -> None:
         numel = max(p.tensor.numel for p in column)
-        itemsize = min(ITEMSIZE[p.tensor.out_dtype] for p in column)
         size = max(p.nbytes for p in column)
-        if size <= unit_bytes:
-            if filled + size > unit_bytes:
-                flush()
-            pieces.append(Piece(index, 0, numel))
-            filled += size
-            continue
-        flush()
-        per = unit_bytes // itemsize
+        small = self.at_shards and self.filled < MIN_PART  # an object's part must not end this small
+        if size <= self.unit_bytes:
+            if self.filled + size > self.unit_bytes and not small:
+                self.flush()
+            self.pieces.append(Piece(index, 0, numel))
+            self.filled += size
+            return
+        if not small:  # else the small tensors before it join its first piece
+            self.flush()
+        base = self.filled
+        per = self.unit_bytes // min(ITEMSIZE[p.tensor.out_dtype] for p in column)
         for first in range(0, numel, per):
             last = min(numel, first + per)
-            pieces.append(Piece(index, first, last))
-            filled = max(
+            self.pieces.append(Piece(index, first, last))
+            self.filled = base + max(
                 min(p.nbytes, last * ITEMSIZE[p.tensor.out_dtype]) - first * ITEMSIZE[p.tensor.out_dtype]
                 for p in column
             )
             if last - first == per:
-                flush()
-    flush()
-    return units
+                self.flush()
+                base = 0

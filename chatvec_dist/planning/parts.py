@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
-from .layout import Layout, Unit
+from .layout import MIN_PART, Layout, Unit
 from .plan import span
 
-MIN_PART = 5 * 2**20  # every part but a shard's last
 MAX_PARTS = 10_000  # per upload
 
 
@@ -41,13 +40,18 @@ def plan_parts(layout: Layout, units: list[Unit]) -> dict[int, list[Part]]:
         for piece in unit.pieces:
             placed = layout.tensors[piece.index]
             count = span(placed.tensor, piece)[0]
-            if count == 0:
-                continue  # this output's tensor ends before the piece (a smaller vocabulary)
             itemsize = ITEMSIZE[placed.tensor.out_dtype]
             start = placed.offset + piece.first * itemsize
+            if count == 0:  # this output's tensor ends before the piece (a smaller vocabulary), or is empty:
+                if placed.tensor.numel == 0:  # its shard's part still carries the header
+                    ranges.setdefault((unit.id, placed.shard), [start, start])
+                continue
             found = ranges.setdefault((unit.id, placed.shard), [start, start])
             if found[1] != start:
-                raise PlanError(f"internal: unit {unit.id} writes two separate ranges of shard {placed.shard}")
+                raise PlanError(
+                    f"internal: unit {unit.id} writes two separate ranges of this shard",
+                    file=layout.shards[placed.shard].name,
+                )
             found[1] = start + count * itemsize
     by_unit: dict[int, list[Part]] = {}
     shards = _by_shard(ranges)

@@ -57,6 +57,7 @@ def plan(recipe: Recipe) -> Planned:
         if base is None:
             _check_is_a_vector(chat)
     plans, order = [], None
+    at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
             raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
@@ -65,8 +66,8 @@ def plan(recipe: Recipe) -> Planned:
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
         )
         tensors = plan_tensors(target, sources)
-        if order is None:
-            order = [t.name for t in tensors]
+        if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard
+            order = [t.name for t in (sorted(tensors, key=lambda t: -ITEMSIZE[t.out_dtype]) if at_shards else tensors)]
         by_name = {t.name: t for t in tensors}
         if set(by_name) != set(order):
             odd = sorted(set(by_name) ^ set(order))[0]
@@ -77,7 +78,6 @@ def plan(recipe: Recipe) -> Planned:
                 tensor=odd,
             )
         plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
-    at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
