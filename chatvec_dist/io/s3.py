@@ -158,23 +158,32 @@ def identity(url: str) -> list[Any]:
     return [info.size, info.etag, info.version]
 
 
-def list_names(prefix_url: str) -> dict[str, ObjectInfo]:
-    """The objects directly under `prefix_url` (as if a folder: not those further down), by name."""
+def folder(prefix_url: str) -> tuple[str, str]:
+    """(bucket, key prefix) of a prefix URL read as a folder: the prefix ends in `/` ('' for a whole bucket)."""
     bucket, key = parse(prefix_url, key_required=False)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    found = {}
+    return bucket, key.rstrip("/") + "/" if key.strip("/") else ""
+
+
+def list_folder(prefix_url: str) -> tuple[dict[str, ObjectInfo], list[str]]:
+    """The objects directly under `prefix_url` by name, and the "folders" (`name/`) holding objects further down."""
+    bucket, prefix = folder(prefix_url)
+    objects, folders = {}, []
     try:
-        for page in (
-            client(False).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        ):
+        pages = client(False).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        for page in pages:
             traffic.add(0, 1)
             for obj in page.get("Contents", ()):
-                name = obj["Key"][len(prefix) :]
-                if name:
-                    found[name] = ObjectInfo(int(obj["Size"]), str(obj.get("ETag", "")))
+                if name := obj["Key"][len(prefix) :]:
+                    objects[name] = ObjectInfo(int(obj["Size"]), str(obj.get("ETag", "")))
+            folders += [p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", ())]
     except Exception as e:
         raise failure(e, prefix_url) from None
-    return found
+    return objects, folders
+
+
+def list_names(prefix_url: str) -> dict[str, ObjectInfo]:
+    """The objects directly under `prefix_url` (as if a folder: not those further down), by name."""
+    return list_folder(prefix_url)[0]
 
 
 def read_bytes(url: str, limit: int) -> tuple[bytes, ObjectInfo]:

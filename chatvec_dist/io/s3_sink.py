@@ -111,8 +111,7 @@ def delete(url: str) -> None:
 
 def open_uploads(prefix_url: str) -> dict[str, list[str]]:
     """Multipart uploads still open directly under `prefix_url` (as if a folder): {object URL: [upload ids]}."""
-    bucket, key = s3.parse(prefix_url, key_required=False)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    bucket, prefix = s3.folder(prefix_url)
     found: dict[str, list[str]] = {}
     try:
         pages = s3.client(True).get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)

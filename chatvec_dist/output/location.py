@@ -179,7 +179,7 @@ class S3Output(_Closing):
 
     @cached_property
     def _listing(self) -> tuple[dict[str, s3.ObjectInfo], list[str]]:
-        return list_output(self.url)
+        return s3.list_folder(self.url)
 
     def exists(self) -> bool:
         objects, folders = self._listing
@@ -243,21 +243,3 @@ class S3Output(_Closing):
         if info is None:
             raise Missing("no such object (not listed under the prefix)", file=self.describe(name))
         return info
-
-
-def list_output(url: str) -> tuple[dict[str, s3.ObjectInfo], list[str]]:
-    """The objects directly under `url` by name, and the "folders" (`name/`) holding objects further down."""
-    bucket, key = s3.parse(url, key_required=False)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    objects, folders = {}, []
-    try:
-        pages = s3.client(False).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        for page in pages:
-            s3.traffic.add(0, 1)
-            for obj in page.get("Contents", ()):
-                if name := obj["Key"][len(prefix) :]:
-                    objects[name] = s3.ObjectInfo(int(obj["Size"]), str(obj.get("ETag", "")))
-            folders += [p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", ())]
-    except Exception as e:
-        raise s3.failure(e, url) from None
-    return objects, folders
