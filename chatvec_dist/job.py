@@ -34,6 +34,7 @@ from .output.uploads import Uploads
 from .output.verify import read_digest
 from .output.workarea import (
     JOURNAL_NAME,
+    changed_field,
     check_destination,
     check_work_area,
     discard_if_unused,
@@ -277,15 +278,10 @@ def _check_inputs_unchanged(planned: Planned, inputs: InputStats) -> None:
     for path, now in _input_stats(planned).items():
         if now != inputs.get(path):
             raise RunError(
-                f"changed during the run ({_what_changed(inputs.get(path), now)}): nothing was committed, and the "
+                f"changed during the run ({changed_field(path, inputs.get(path), now)}): nothing was committed, and the "
                 "finished units may hold its old bytes; run again with --restart",
                 file=path,
             )
-
-
-def _what_changed(then: list | None, now: list) -> str:
-    fields = ("size", "etag", "version") if now and isinstance(now[1], str) else ("size", "mtime", "ctime")
-    return next((name for name, a, b in zip(fields, then or [], now) if a != b), "identity")
 
 
 def _refuse_nonfinite(outputs: list[Output]) -> None:

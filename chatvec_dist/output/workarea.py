@@ -236,14 +236,25 @@ def _read_plan(plan_file: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+def changed_field(path: str, then: list | None, now: list) -> str:
+    """Which part of an input's identity changed: size/mtime/ctime of a file, size/etag/version of an s3:// object,
+    size/sha256/commit of a Hub file."""
+    if path.startswith("s3://"):
+        fields = ("size", "etag", "version")
+    elif len(now) > 1 and isinstance(now[1], str):
+        fields = ("size", "sha256", "commit")
+    else:
+        fields = ("size", "mtime", "ctime")
+    return next((name for name, a, b in zip(fields, then or [], now) if a != b), "identity")
+
+
 def _why_not_resumable(then: object, now: dict[str, list[int | str | None]]) -> str:
     """Why a partial output is not this job's: an input that changed since it was made (named, with the first of
     its fields that differs: size/mtime/ctime of a file, size/etag/version of an s3:// object), or another job."""
     for path, stats in now.items():
         old = then.get(path) if isinstance(then, dict) else None
         if isinstance(old, list) and len(old) == len(stats) and old != stats:
-            fields = ("size", "etag", "version") if path.startswith("s3://") else ("size", "mtime", "ctime")
-            field = next(name for name, a, b in zip(fields, old, stats) if a != b)
+            field = changed_field(path, old, stats)
             how = "; chmod, chown, a new hard link or a rewrite change it" if field == "ctime" else ""
             return (
                 f"a partial output is here from before {path} changed ({field}{how}): its finished units may hold "
