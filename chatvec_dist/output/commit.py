@@ -61,8 +61,25 @@ def commit(
     """Write index, side files, manifest, card and file digests; fsync; `publish` (an s3:// output: upload them);
     rename the work area into place. A failure on the way (disk full, permissions) is a RunError naming the path
     being written: the work area stays, resumable, never renamed into place."""
+    with _failing_as_run(work):
+        _write_files(work, layout, manifest, side_dir, chat_template_dir, card, config_dtype)
+        for path in work.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(work)
+        if publish is not None:
+            publish()
+        _rename_into_place(work, out, overwrite)
+        for name in WORK_ONLY:  # only now: until the rename, a failed commit can resume
+            (out / name).unlink(missing_ok=True)
+        _fsync_dir(out)
+        _fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def _failing_as_run(work: Path) -> Iterator[None]:
     try:
-        _commit(work, out, layout, manifest, side_dir, chat_template_dir, card, config_dtype, overwrite, publish)
+        yield
     except OSError as e:
         raise RunError(
             f"commit failed ({e.strerror}); fix the cause and run the same command again", file=str(e.filename or work)
@@ -83,18 +100,16 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def _commit(
+def _write_files(
     work: Path,
-    out: Path,
     layout: Layout,
     manifest: pa.Table,
     side_dir: Path | None,
     chat_template_dir: Path | None,
     card: str,
     config_dtype: str | None,
-    overwrite: bool,
-    publish: Callable[[], None] | None,
 ) -> None:
+    """Side files (config with the output dtype, chat template), index, manifest, card, and last the digests."""
     if side_dir is not None:
         for path in side_files(side_dir):
             _copy(path, work / path.name)
@@ -111,17 +126,6 @@ def _commit(
         write_manifest(manifest, work / MANIFEST_NAME)
     _write(work / "README.md", card)
     _write_digests(work, layout)  # last: it lists every other file
-    for path in work.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(work)
-    if publish is not None:
-        publish()
-    _rename_into_place(work, out, overwrite)
-    for name in WORK_ONLY:  # only now: until the rename, a failed commit can resume
-        (out / name).unlink(missing_ok=True)
-    _fsync_dir(out)
-    _fsync_dir(out.parent)
 
 
 def _copy(src: Path, dst: Path) -> None:
