@@ -84,3 +84,14 @@ def demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     return run_demo(Path(args.dir), options_from_args(args))
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The floor of the user's storage and cluster, a merge against it, and what that predicts."""
+    from ..bench.run import bench as run_bench
+    from ..bench.run import report_lines
+
+    report = run_bench(args.where, args.size, options_from_args(args), keep=args.keep)
+    for line in report_lines(report):
+        print(line)
+    return EXIT_OK

@@ -1,4 +1,4 @@
-"""`chatvec plan | merge | extract | apply | run | verify | inspect | demo`: parse, dispatch, report."""
+"""`chatvec plan | merge | extract | apply | run | verify | inspect | demo | bench`: parse, dispatch, report."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "verify": commands.verify,
     "inspect": commands.inspect,
     "demo": commands.demo,
+    "bench": commands.bench,
 }
 
 

@@ -51,6 +51,7 @@ EXAMPLES = {
     "verify": ["chatvec verify ./llama2-zh-chat"],
     "inspect": ["chatvec inspect ./llama2-zh-chat --plot layers.png", "chatvec inspect ./llama2-zh-chat --recipe"],
     "demo": ["chatvec demo --backend local"],
+    "bench": ["chatvec bench /mnt/models/tmp --size 5GB", "chatvec bench s3://my-bucket/scratch --address auto"],
 }
 
 
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = command("demo", "make tiny Llama-shaped base/chat/CP checkpoints and merge them")
     p.add_argument("--dir", default="chatvec-demo", help="where to put the demo models (default: ./%(default)s)")
+    _run_args(p, recipe=False)
+    p = command("bench", "measure your storage's I/O floor and a merge against it, and predict big merges")
+    p.add_argument("where", help="a folder or s3:// prefix where your models live (a scratch folder is made under it)")
+    p.add_argument(
+        "--size", type=size_arg, default="2GB", metavar="SIZE", help="bytes per synthetic checkpoint (default: 2GB)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and the merged output")
     _run_args(p, recipe=False)
     return parser
 
