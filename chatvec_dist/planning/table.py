@@ -69,7 +69,7 @@ def summary(planned: Planned) -> str:
 def needs(planned: Planned) -> str:
     """What the run will hold: input files, the driver's tally (16 bytes per output block, ~0.5 KB per tensor), and
     a worker's buffers (a unit's inputs and output; a unit per s3:// output for its parts)."""
-    files = {s.path for tp in planned.targets for p in tp.layout.tensors for s in p.tensor.srcs}
+    files = {f for tp in planned.targets for p in tp.layout.tensors for s in p.tensor.srcs for f in s.files}
     shards = sum(len(tp.layout.shards) for tp in planned.targets)
     blocks = sum(-(-p.nbytes // planned.block_bytes) for tp in planned.targets for p in tp.layout.tensors)
     tensors = sum(len(tp.layout.tensors) for tp in planned.targets)
