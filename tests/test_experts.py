@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from chatvec_dist.cli import main
 from chatvec_dist.errors import PlanError
 from chatvec_dist.exec import worker
+from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.verify import verify
 from chatvec_dist.planning.plan import plan
 from chatvec_dist.recipe.spec import Recipe, Target, Vector
@@ -123,13 +124,13 @@ def _expected(cp: dict, chat: dict, base: dict, alpha: float = 1.0) -> dict[str,
     }
 
 
-def _merge(moes: dict, out: Path, cp: str, vectors: str, *extra: str) -> list[str]:
+def _merge(moes: dict, out: Path, cp: str, vectors: str, *extra: str, chat: str | None = None) -> list[str]:
     return [
         "merge",
         "--base",
         str(moes[f"base_{vectors}"]),
         "--chat",
-        str(moes[f"chat_{vectors}"]),
+        str(moes[f"chat_{chat or vectors}"]),
         "--cp",
         str(moes[f"cp_{cp}"]),
         "--out",
@@ -184,6 +185,18 @@ def test_fused_cp_gets_per_expert_vectors(moes, fused_cp_out):
     )
     _loads_as(fused_cp_out, expected)
     assert verify(fused_cp_out) == []
+    rows = read_manifest(fused_cp_out)[0].to_pylist()
+    assert {r["tensor"] for r in rows if r["reason"] == "experts:mapped"} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+    }
+
+
+def test_plan_shows_the_mapping_in_one_line(moes, capsys):
+    argv = ["plan", "--base", str(moes["base_fused"]), "--chat", str(moes["chat_fused"]), "--cp", str(moes["cp_split"])]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "  24 expert tensors: merge (experts:mapped, vectors in the other layout)" in shown
+    assert "experts.0.gate_proj" not in shown
 
 
 def test_per_expert_cp_gets_fused_vectors(moes, tmp_path):
@@ -207,6 +220,19 @@ def test_same_bytes_as_same_layout_for_any_workers_and_backend(moes, fused_cp_ou
     for name, (vectors, extra) in runs.items():
         assert main(_merge(moes, tmp_path / name, "fused", vectors, *extra)) == 0
         assert _shards(tmp_path / name) == _shards(fused_cp_out), name
+    mixed = tmp_path / "mixed"  # base per expert, chat fused: each mapped on its own
+    assert main(_merge(moes, mixed, "fused", "split", "--backend", "local", chat="fused")) == 0
+    assert _shards(mixed) == _shards(fused_cp_out)
+
+
+def test_per_expert_vectors_in_an_object_store(moes, fused_cp_out, s3_server, tmp_path):
+    """Segments read with ranged GETs from s3:// objects give the same bytes."""
+    from s3server import upload_folder
+
+    urls = {f"{n}_split": upload_folder(s3_server, moes[f"{n}_split"], "moes", n) for n in ("base", "chat")}
+    out = tmp_path / "out"
+    assert main(_merge(dict(moes, **urls), out, "fused", "split", "--backend", "local")) == 0
+    assert _shards(out) == _shards(fused_cp_out)
 
 
 def test_interrupted_mapped_merge_resumes_to_the_same_bytes(moes, fused_cp_out, tmp_path, monkeypatch):
@@ -261,7 +287,8 @@ def test_exclusion_is_by_cp_names_and_never_splits_an_expert_block(moes):
     planned = plan(_recipe(moes, "fused", "split", (r"layers\.0\.mlp\.experts\.",)))
     rules = {p.tensor.name: (p.tensor.rule, p.tensor.reason) for p in planned.targets[0].layout.tensors}
     assert rules["model.layers.0.mlp.experts.gate_up_proj"] == ("copy", "excluded")
-    assert rules["model.layers.1.mlp.experts.gate_up_proj"] == ("merge", "")
+    assert rules["model.layers.1.mlp.experts.gate_up_proj"] == ("merge", "experts:mapped")
+    assert rules["model.layers.1.mlp.gate.weight"] == ("merge", "")
     with pytest.raises(PlanError, match="exclude by the reference's names") as e:
         plan(_recipe(moes, "fused", "split", (r"experts\.2\.up_proj",)))
     assert e.value.tensor is not None and e.value.tensor.endswith("experts.2.up_proj.weight")
@@ -311,7 +338,7 @@ def test_transposed_or_incomplete_experts_are_refused(moes, tmp_path):
         vectors=(Vector(str(moes["chat_split"]), str(few)),),
         targets=(Target("t", str(moes["cp_fused"]), "unused", (1.0,)),),
     )
-    with pytest.raises(PlanError, match=r"experts 0\.\.3 .*\(3, 'down'\) missing") as e:
+    with pytest.raises(PlanError, match=r"4 experts expected, .* but expert 3's down projection is missing") as e:
         plan(recipe)
     assert e.value.file == str(few) and "exclude" not in str(e.value)
 

@@ -30,8 +30,9 @@ Segment = tuple[str, int, int]  # (file, absolute byte offset, elements)
 
 
 @dataclass(frozen=True)
-class ConcatRef(TensorRef):
-    """A fused experts tensor that another checkpoint stores per expert: its segments, end to end in flat order."""
+class MappedRef(TensorRef):
+    """A reference tensor that another checkpoint stores in the other experts layout: a slice of its fused tensor
+    (`info.start`), or its per-expert tensors end to end in flat order (`segments`)."""
 
     segments: tuple[Segment, ...] = ()
 
@@ -121,12 +122,13 @@ def _rename_siblings(tensors: dict[str, TensorRef], old: str, new: str, referenc
 
 def _shape_of(block: _Block, where: Checkpoint, count: int) -> tuple[int, int]:
     """(I, H) of a per-expert block whose experts are exactly 0..count-1, each gate and up [I, H], down [H, I]."""
-    found = sorted(block.experts)
-    want = [(e, r) for e in range(count) for r in ("down", "gate", "up")]
-    if found != want:
-        missing = sorted(set(want) - set(found)) or sorted(set(found) - set(want))
+    want = {(e, r) for e in range(count) for r in ("gate", "up", "down")}
+    missing, extra = sorted(want - set(block.experts)), sorted(set(block.experts) - want)
+    if missing or extra:
+        e, role = (missing or extra)[0]
         raise PlanError(
-            f"experts 0..{count - 1} with gate, up and down projections expected, {missing[0]} missing or extra",
+            f"{count} experts expected, each with gate, up and down projections, but expert {e}'s {role} "
+            f"projection is {'missing' if missing else 'one too many'}",
             file=str(where.directory),
             tensor=f"{block.module}.experts",
         )
@@ -189,7 +191,7 @@ def _fuse(ours: _Block, theirs: _Block, reference: Checkpoint, other: Checkpoint
         nbytes = count * len(parts) * inter * hidden * ITEMSIZE[first.info.dtype]
         info = TensorInfo(name, first.info.dtype, shape, first.info.start, first.info.start + nbytes)
         segments = tuple((ref.path, ref.info.start, ref.info.numel) for _, ref in refs)
-        mapped[name] = ConcatRef(first.path, info, segments)
+        mapped[name] = MappedRef(first.path, info, segments)
     return mapped
 
 
@@ -205,7 +207,7 @@ def _split(ours: _Block, theirs: _Block, reference: Checkpoint, other: Checkpoin
         index = e if role == "down" else 2 * e + (role == "up")  # gate_up: expert e's gate, then its up
         start = fused.info.start + index * inter * hidden * size
         shape = (hidden, inter) if role == "down" else (inter, hidden)
-        mapped[name] = TensorRef(
+        mapped[name] = MappedRef(
             fused.path, TensorInfo(name, fused.info.dtype, shape, start, start + inter * hidden * size)
         )
     return mapped

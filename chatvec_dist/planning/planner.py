@@ -10,7 +10,7 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..recipe.spec import Target
 from ..term import Term
-from .experts import ConcatRef, Segment, map_experts
+from .experts import MappedRef, Segment, map_experts
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
 VOCAB_TENSOR = re.compile(
@@ -174,11 +174,12 @@ def _plan_one(
             file=ref.path,
             tensor=name,
         )
-    return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
+    mapped = "experts:mapped" if any(isinstance(v, MappedRef) for v in vecs) else ""  # from the other layout
+    return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
 def _src(ref: TensorRef) -> Src:
-    return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, ConcatRef) else ())
+    return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, MappedRef) else ())
 
 
 def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:

@@ -57,8 +57,11 @@ def summary(planned: Planned) -> str:
             f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {counted(len(lay.tensors), 'tensor')} "
             f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {counted(len(lay.shards), 'shard')}"
         )
+        mapped = sum(p.tensor.reason == "experts:mapped" for p in lay.tensors)
+        if mapped:  # one line: an MoE has thousands
+            lines.append(f"  {counted(mapped, 'expert tensor')}: merge (experts:mapped, vectors in the other layout)")
         for p in lay.tensors:
-            if p.tensor.reason and p.tensor.reason != "non-float":
+            if p.tensor.reason not in ("", "non-float", "experts:mapped"):
                 lines.append(
                     f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
                     f"merged elements {p.tensor.merge_elems})"
