@@ -345,7 +345,8 @@ def test_transposed_or_incomplete_experts_are_refused(moes, tmp_path):
 
 def test_mixtral_router_and_experts_map_to_the_fused_names(tmp_path):
     """Mixtral ships `block_sparse_moe.experts.N.w1/w3/w2` and `block_sparse_moe.gate`; transformers fuses them
-    into `mlp.experts.*` and `mlp.gate`. A fused CP gets per-expert vectors, router included, and loads."""
+    into `mlp.experts.*` and `mlp.gate`. A fused CP gets per-expert vectors, router included, and loads; a
+    per-expert CP gets fused vectors."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
@@ -363,12 +364,18 @@ def test_mixtral_router_and_experts_map_to_the_fused_names(tmp_path):
     for seed, name in enumerate(("base", "chat", "cp")):
         torch.manual_seed(seed)
         model = MixtralForCausalLM(config).to(torch.bfloat16)
-        dirs[name] = tmp_path / name
-        model.save_pretrained(dirs[name], save_original_format=name != "cp")
+        for layout in ("split", "fused"):
+            dirs[name, layout] = tmp_path / f"{name}_{layout}"
+            model.save_pretrained(dirs[name, layout], save_original_format=layout == "split")
+
+    def merge(out: Path, cp: str, vectors: str) -> None:
+        argv = ["merge", "--base", str(dirs["base", vectors]), "--chat", str(dirs["chat", vectors])]
+        argv += ["--cp", str(dirs["cp", cp]), "--out", str(out), "--no-progress", "--backend", "local"]
+        assert main(argv) == 0
+
     out = tmp_path / "out"
-    argv = ["merge", "--base", str(dirs["base"]), "--chat", str(dirs["chat"]), "--cp", str(dirs["cp"])]
-    assert main([*argv, "--out", str(out), "--no-progress", "--backend", "local"]) == 0
-    base, chat, cp = _load(dirs["base"]), _load(dirs["chat"]), _load(dirs["cp"])
+    merge(out, "fused", "split")
+    base, chat, cp = _load(dirs["base", "split"]), _load(dirs["chat", "split"]), _load(dirs["cp", "fused"])
     p = "model.layers.0.block_sparse_moe"
 
     def fused(t: dict) -> dict:
@@ -386,3 +393,6 @@ def test_mixtral_router_and_experts_map_to_the_fused_names(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for name, param in model.named_parameters():
         assert torch.equal(param.detach().view(torch.int16), expected[name].view(torch.int16)), name
+    merge(tmp_path / "out_split", "split", "fused")
+    assert set(_load(tmp_path / "out_split")) == set(_load(dirs["cp", "split"]))
+    _assert_bytes(fused(_load(tmp_path / "out_split")), expected)
