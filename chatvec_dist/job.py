@@ -426,7 +426,7 @@ def _input_stats(planned: Planned) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
     changes its ctime), an s3:// object's size, ETag and version id (a HEAD), or a Hub file's size, sha256 and
     commit: part of the job, so a partial output is never resumed on inputs that changed."""
-    paths = sorted({s.path for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs})
+    paths = sorted({f for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs for f in s.files})
     hub = hub_identities([c for t in planned.targets for c in t.sources.checkpoints])
     stats: InputStats = {}
     for path in paths:

@@ -17,6 +17,7 @@ from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
 from ..kernels.stats import Stats
+from ..planning.experts import read_ranges
 from ..planning.layout import Piece, Placed, Unit
 from ..planning.parts import Part
 from ..planning.plan import input_needs, span
@@ -157,16 +158,22 @@ class UnitRunner:
         for slot, (src, count) in enumerate(input_needs(piece, tensors).items()):
             size = ITEMSIZE[src.dtype]
             buf = self._buffer(("in", slot), count * size)
-            path = self._local_paths.get(src.path) or self._local_paths.setdefault(
-                src.path, local_copy(src.path, self.ctx.hub_files)
-            )
-            offset = src.start + piece.first * size
-            if s3.is_url(path):  # ranged GETs, each process with its own client and credentials
-                s3.read_into(path, offset, buf.numpy().data, tensors[0].name, self.ctx.etags.get(path))
-            else:
-                read_into(self.files.get(path), buf.numpy().data, offset, path, tensors[0].name)
+            at = 0
+            for path, offset, nbytes in read_ranges(src, piece.first, count):  # one, or fused experts' segments
+                self._read(path, offset, buf.numpy().data[at : at + nbytes], tensors[0].name)
+                at += nbytes
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
+
+    def _read(self, source: str, offset: int, buf: memoryview, tensor: str) -> None:
+        """Fill `buf` from byte `offset` of an input file (a Hub file through this node's copy) or object."""
+        path = self._local_paths.get(source) or self._local_paths.setdefault(
+            source, local_copy(source, self.ctx.hub_files)
+        )
+        if s3.is_url(path):  # ranged GETs, each process with its own client and credentials
+            s3.read_into(path, offset, buf, tensor, self.ctx.etags.get(path))
+        else:
+            read_into(self.files.get(path), buf, offset, path, tensor)
 
     def _combine(
         self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor

@@ -10,6 +10,7 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..recipe.spec import Target
 from ..term import Term
+from .experts import MappedRef, Segment, map_experts
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
 VOCAB_TENSOR = re.compile(
@@ -20,11 +21,18 @@ VOCAB_TENSOR = re.compile(
 
 @dataclass(frozen=True)
 class Src:
-    """A source tensor's data: file, absolute byte offset, dtype."""
+    """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
+    segments read end to end (`path`/`start`: the first's)."""
 
     path: str
     start: int
     dtype: str
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this source reads."""
+        return tuple(dict.fromkeys(p for p, _, _ in self.segments)) if self.segments else (self.path,)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         if not any(pattern.search(n) for n in names):
             raise PlanError(f"--exclude {pattern.pattern!r} matches no tensor of target '{target.name}' (a typo?)")
     excluded = {n for n in names if any(p.search(n) for p in excludes)}
+    sources = _map_experts(reference, sources, excluded)
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
@@ -94,6 +103,15 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
+
+
+def _map_experts(reference: Checkpoint, sources: Sources, excluded: set[str]) -> Sources:
+    """Every vector checkpoint with its MoE experts in the reference's layout (per expert or fused)."""
+    terms = tuple(
+        Term(a, map_experts(reference, p, excluded), map_experts(reference, m, excluded) if m else None)
+        for a, p, m in sources.terms
+    )
+    return Sources(sources.cp, terms)
 
 
 def _all_names(sources: Sources) -> set[str]:
@@ -156,11 +174,12 @@ def _plan_one(
             file=ref.path,
             tensor=name,
         )
-    return PlannedTensor(name, "merge", "", info.shape, dtype, cp, terms, info.numel)
+    mapped = "experts:mapped" if any(isinstance(v, MappedRef) for v in vecs) else ""  # from the other layout
+    return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
 def _src(ref: TensorRef) -> Src:
-    return Src(ref.path, ref.info.start, ref.info.dtype)
+    return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, MappedRef) else ())
 
 
 def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:

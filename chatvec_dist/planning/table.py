@@ -57,8 +57,11 @@ def summary(planned: Planned) -> str:
             f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {counted(len(lay.tensors), 'tensor')} "
             f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {counted(len(lay.shards), 'shard')}"
         )
+        mapped = sum(p.tensor.reason == "experts:mapped" for p in lay.tensors)
+        if mapped:  # one line: an MoE has thousands
+            lines.append(f"  {counted(mapped, 'expert tensor')}: merge (experts:mapped, vectors in the other layout)")
         for p in lay.tensors:
-            if p.tensor.reason and p.tensor.reason != "non-float":
+            if p.tensor.reason not in ("", "non-float", "experts:mapped"):
                 lines.append(
                     f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
                     f"merged elements {p.tensor.merge_elems})"
@@ -69,7 +72,7 @@ def summary(planned: Planned) -> str:
 def needs(planned: Planned) -> str:
     """What the run will hold: input files, the driver's tally (16 bytes per output block, ~0.5 KB per tensor), and
     a worker's buffers (a unit's inputs and output; a unit per s3:// output for its parts)."""
-    files = {s.path for tp in planned.targets for p in tp.layout.tensors for s in p.tensor.srcs}
+    files = {f for tp in planned.targets for p in tp.layout.tensors for s in p.tensor.srcs for f in s.files}
     shards = sum(len(tp.layout.shards) for tp in planned.targets)
     blocks = sum(-(-p.nbytes // planned.block_bytes) for tp in planned.targets for p in tp.layout.tensors)
     tensors = sum(len(tp.layout.tensors) for tp in planned.targets)
