@@ -282,6 +282,18 @@ def test_a_token_cp_lacks_is_a_one_line_error(models, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_a_token_the_chat_tokenizer_lacks_is_a_one_line_error(models, tmp_path, capsys):
+    chat = tmp_path / "chat"
+    shutil.copytree(models["chat"], chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    (chat / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<eos>"}))
+    (chat / "chat_template.jinja").write_text(CHAT_TEMPLATE + "{{ eos_token }}")  # read before tokenizer_config's
+    assert main(args({**models, "chat": chat}, tmp_path / "o", "--special-tokens", "auto")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the chat model's token '<eos>' has no id" in err and str(chat / "tokenizer.json") in err
+    assert len(err.splitlines()) == 1
+
+
 def test_a_chat_model_without_template_tokens_is_refused(models, tmp_path, capsys):
     chat = tmp_path / "chat"
     shutil.copytree(models["chat"], chat)
@@ -359,3 +371,14 @@ def test_transplant_stats_describe_what_is_written():
     assert out.view(torch.int16)[0] == 0x7FC0 and math.isinf(float(out[1])) and float(out[3]) == 1.0
     assert (stats.nan, stats.inf) == (1, 1) and stats.cp_sq == pytest.approx(30.0)
     assert np.isnan(stats.update_sq)  # NaN − cp: the norm says so, as the kernels' does
+
+
+def test_sources_in_an_object_store_give_the_same_bytes(models, auto_out, s3_server, tmp_path):
+    """The tokenizers come from each s3:// source's side files; the rows by ranged reads."""
+    from s3server import upload_folder
+
+    urls = {n: upload_folder(s3_server, models[n], "tokens", f"v1/{n}") for n in ("base", "chat", "cp")}
+    out = tmp_path / "out"
+    assert main(args(urls, out, "--special-tokens", "auto", "--unit-size", "8KiB", "--workers", "2")) == 0
+    assert shard_bytes(out) == shard_bytes(auto_out)
+    assert read_manifest(out)[1]["special_tokens"] == read_manifest(auto_out)[1]["special_tokens"]

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PlanError
+from ..errors import PlanError, SourceError
 from ..io.checkpoint import MAX_SIDE_BYTES, read_json_object
 from ..recipe.spec import Target
 from .planner import PlannedTensor, Sources, Src
@@ -116,7 +116,10 @@ class Tokenizer:
         """The chat template's text: chat_template.jinja, else tokenizer_config.json's (all named templates)."""
         jinja = self.directory / "chat_template.jinja"
         if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
+            try:
+                return jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise SourceError(f"cannot read the chat template ({type(e).__name__})", file=str(jinja)) from None
         value = self.config.get("chat_template")
         if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
             return "\n".join(t["template"] for t in value if isinstance(t, dict) and isinstance(t.get("template"), str))
