@@ -26,13 +26,15 @@ def make_recipe(
     vocab: str = Target.vocab,
     exclude: str | tuple[str, ...] = Target.exclude,
     dtype: str | None = Target.dtype,
+    special_tokens: str | dict[int, int] | None = None,
     max_shard_size: int = Recipe.max_shard_size,
     unit_bytes: int = Recipe.unit_bytes,
     chat_template_from_chat: bool = Recipe.chat_template_from_chat,
 ) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
-    Paths are text or `pathlib.Path`; `exclude` is one regex or several."""
+    Paths are text or `pathlib.Path`; `exclude` is one regex or several; `special_tokens`: "auto" or {CP id: chat
+    id}, CP's embedding and LM head rows that become the first chat model's."""
     chats = list(chat) if isinstance(chat, (list, tuple)) else [chat]  # each then checked by Vector
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
@@ -49,7 +51,8 @@ def make_recipe(
         cp = {Path(out).name: cp}
     cps = cast(dict[str, str], cp)  # each path checked by Target
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype) for name, path in cps.items())
+    tokens = tuple(special_tokens.items()) if isinstance(special_tokens, dict) else special_tokens
+    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype, tokens) for name, path in cps.items())
     return Recipe(
         vectors,
         targets,

@@ -124,10 +124,10 @@ def demo_tokens(vocab_size: int) -> list[str]:
 
 def tokenizer_json(tokens: list[str]) -> dict:
     """A word-level tokenizer.json (the `tokenizers` library's format), lower-casing, split on spaces and
-    punctuation; the special tokens are matched whole."""
+    punctuation; the special tokens are matched whole, wherever `tokens` has them."""
     specials = [
         {
-            "id": i,
+            "id": tokens.index(t),
             "content": t,
             "single_word": False,
             "lstrip": False,
@@ -135,7 +135,8 @@ def tokenizer_json(tokens: list[str]) -> dict:
             "normalized": False,
             "special": True,
         }
-        for i, t in enumerate(SPECIAL_TOKENS)
+        for t in SPECIAL_TOKENS
+        if t in tokens
     ]
     return {
         "version": "1.0",

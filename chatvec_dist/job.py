@@ -149,6 +149,7 @@ class Output:
             "target": target.name,
             "recipe": dataclasses.asdict(recipe),
             "sources": _sources_meta(sources),
+            "special_tokens": [dataclasses.asdict(r) for r in self.plan.token_rows] or None,
             "job": self.digest,
             "cwd": os.getcwd(),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -76,8 +77,26 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
             label = "-".join(filter(None, [cp_name, f"alpha{'_'.join(f'{a:g}' for a in alphas)}" if sweep else None]))
             out = args.out if single or args.out is None else output_under(args.out, label or Path(cp).name)
             name = label or Path(os.path.abspath(out or cp)).name
-            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype))
+            tokens = _special_tokens(getattr(args, "special_tokens", None))
+            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype, tokens))
     return targets
+
+
+def _special_tokens(value: str | None) -> str | tuple[tuple[int, int], ...] | None:
+    """`--special-tokens`: auto, or a JSON file mapping CP token ids to chat token ids ({"32000": 32000})."""
+    if value is None or value == "auto":
+        return value
+    try:
+        data = json.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ChatvecError(
+            f"--special-tokens: cannot read ({e.strerror}); give auto or a JSON file", file=value
+        ) from None
+    except ValueError as e:
+        raise ChatvecError(f"--special-tokens: not valid JSON ({e})", file=value) from None
+    if not isinstance(data, dict) or not all(k.isdigit() and type(v) is int for k, v in data.items()):
+        raise ChatvecError('--special-tokens: expected a JSON object of token ids, {"CP_ID": CHAT_ID, ...}', file=value)
+    return tuple((int(k), v) for k, v in data.items())
 
 
 def _alpha_sets(texts: list[str], n_vectors: int) -> list[tuple[float, ...]]:

@@ -162,6 +162,13 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
         p.add_argument(
             "--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors"
         )
+        if not vector:
+            p.add_argument(
+                "--special-tokens",
+                metavar="auto|FILE.json",
+                help="CP's embedding and LM head rows of these tokens become the chat model's: auto (the tokens "
+                'of its chat template, eos and bos, found by text in both tokenizers) or a JSON map {"CP_ID": CHAT_ID}',
+            )
     p.add_argument(
         "--out",
         required=out_required,

@@ -24,13 +24,14 @@ from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
+from . import rows
 from .device import make_compute, pick_device
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 
 
 def _written_as_read(t: PlannedTensor) -> bool:
     """A copy in CP's own dtype: its bytes go from the input buffer straight to the output file."""
-    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype
+    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype and not t.rows
 
 
 WHOLE_PIECE = 1 << 62  # as a strip size: the piece in one strip
@@ -145,7 +146,11 @@ class UnitRunner:
             else:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None
-                stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
+                view = out.view(TORCH_DTYPES[t.out_dtype])
+                if t.rows:
+                    stats = self._with_rows(t, piece.first, merged, staged, view, inputs)
+                else:
+                    stats = self._combine(t, merged, cp, staged, view)
             clock = stages.lap("compute", clock)
             digests = self._hash_and_write(o, placed, out, piece.first * itemsize, stages, clock)
             clock = time.perf_counter()
@@ -174,6 +179,33 @@ class UnitRunner:
             s3.read_into(path, offset, buf, tensor, self.ctx.etags.get(path))
         else:
             read_into(self.files.get(path), buf, offset, path, tensor)
+
+    def _with_rows(
+        self,
+        t: PlannedTensor,
+        first: int,
+        merged: int,
+        staged: dict[Src, torch.Tensor],
+        out: torch.Tensor,
+        inputs: dict[Src, torch.Tensor],
+    ) -> Stats:
+        """A strip of a tensor with chat-template token rows (exec/rows.py): the rest combined as usual."""
+        assert t.cp is not None and t.row_src is not None
+        cp, row_src = staged[t.cp], t.row_src
+
+        def combine(a: int, b: int) -> Stats:
+            rest = {s: v[a:] for s, v in staged.items()}
+            return self._combine(t, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
+
+        def read_chat(at: int, n: int) -> torch.Tensor:
+            buf = self._buffer("row", n * ITEMSIZE[row_src.dtype])
+            done = 0
+            for path, offset, nbytes in read_ranges(row_src, at, n):
+                self._read(path, offset, buf.numpy().data[done : done + nbytes], t.name)
+                done += nbytes
+            return buf.view(TORCH_DTYPES[row_src.dtype])
+
+        return rows.combine_with_rows(t, first, out, inputs[t.cp], combine, read_chat)
 
     def _combine(
         self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor

@@ -48,7 +48,7 @@ This checkpoint is {what}, made by chatvec_dist {meta["version"]} with the *chat
 `out = cp + Σ alpha_i · (chat_i − base_i)`, computed per tensor in float32 (float64 where a float32 or float64
 tensor is involved) and rounded to the output dtype. `manifest.parquet` beside this card audits every tensor
 (rule, hash, norms, NaN/Inf counts); `chatvec verify .` rehashes the shards against it.
-Tensors holding NaN or Inf: {nonfinite or "none"}.
+Tensors holding NaN or Inf: {nonfinite or "none"}.{_token_rows(meta)}
 
 ## Recipe
 ```json
@@ -66,6 +66,15 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.
 {table}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _token_rows(meta: dict) -> str:
+    """A line on the chat-template token rows (`special_tokens`), where any were taken from the chat model."""
+    rows = meta.get("special_tokens") or []
+    if not rows:
+        return ""
+    shown = ", ".join(_code(f"{r['token'] or ''} {r['cp']}←{r['chat']}".strip()) for r in rows)
+    return f"\nToken rows taken from the chat model (CP row ← chat row) in the embeddings and LM head: {shown}."
 
 
 def _code(text: str) -> str:

@@ -18,7 +18,7 @@ from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_j
 from ..log import logger
 from ..planning.layout import Layout
 from .digests import DIGESTS_NAME, encode_digests, file_digests
-from .manifest import MANIFEST_NAME, write_manifest
+from .manifest import MANIFEST_NAME, META_KEY, write_manifest
 from .workarea import JOURNAL_NAME, PLAN_NAME, UPLOADS_NAME, check_replaceable, replaced_path
 
 # The work area's own files: never part of the output.
@@ -118,7 +118,7 @@ def _write_files(
         _set_dtype(config, config_dtype)
         _write(work / "config.json", json.dumps(config, indent=2))
     if chat_template_dir is not None and side_dir is not None:
-        _copy_chat_template(chat_template_dir, side_dir, work)
+        _copy_chat_template(chat_template_dir, side_dir, work, _cp_ids(manifest))
     weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
     total = sum(p.nbytes for p in layout.tensors)
     _write(work / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -161,9 +161,17 @@ def _rename_into_place(work: Path, out: Path, overwrite: bool) -> None:
         work.rename(out)
 
 
-def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
+def _cp_ids(manifest: pa.Table) -> dict[int, int]:
+    """Chat token id → CP's, for the rows the output took from the chat model (`special_tokens`; the lowest CP id
+    where several take the same chat row)."""
+    rows = json.loads((manifest.schema.metadata or {}).get(META_KEY, b"{}")).get("special_tokens") or []
+    return {r["chat"]: r["cp"] for r in reversed(rows)}
+
+
+def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path, cp_ids: dict[int, int]) -> None:
     """Give the output the chat model's chat template where CP has none, and the chat model's end-of-sequence
-    tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks)."""
+    tokens with it (Llama-3-Instruct ends a turn with <|eot_id|>, which its base's generation config lacks), as CP's
+    ids where the output took that token's rows from the chat model (`cp_ids`)."""
     if (cp_dir / "chat_template.jinja").is_file() or read_json_object(
         cp_dir / "tokenizer_config.json", OutputError
     ).get("chat_template"):
@@ -181,6 +189,8 @@ def _copy_chat_template(chat_dir: Path, cp_dir: Path, work: Path) -> None:
     eos = read_json_object(chat_dir / "generation_config.json", OutputError).get("eos_token_id")
     vocab = read_json_object(work / "config.json", OutputError).get("vocab_size")
     ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    ids = [cp_ids.get(i, i) if isinstance(i, int) else i for i in ids]
+    eos = ids if isinstance(eos, list) else ids[0] if ids else eos
     if ids and isinstance(vocab, int) and any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
         logger.warning(
             f"the chat model's end-of-sequence ids {ids} are not all in the output's vocabulary "

@@ -75,6 +75,11 @@ def report(out_dir: str | Path) -> str:
     vocab = [r for r in rows if r["reason"].startswith("vocab:")]
     if vocab:
         lines.append("vocabulary: " + ", ".join(f"{r['tensor']} {r['shape']} → {r['reason']}" for r in vocab))
+    if meta.get("special_tokens"):
+        taken = ", ".join(
+            f"{r.get('token') or ''} {r.get('cp')}←{r.get('chat')}".strip() for r in meta["special_tokens"]
+        )
+        lines.append(f"token rows from the chat model (CP row ← chat row): {taken}")
     nonfinite = [r for r in rows if (r["nan_count"] or 0) + (r["inf_count"] or 0)]
     lines.append(
         "non-finite values: "

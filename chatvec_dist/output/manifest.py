@@ -46,6 +46,7 @@ SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("node", pa.string()),
         ("seconds", pa.float64()),
+        ("token_rows", pa.int64()),
     ]
 )
 
@@ -115,7 +116,8 @@ class Tally:
             expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
             if len(e.seen) != expected or not all(e.seen):
                 raise VerifyError(f"internal: {sum(e.seen)} of {expected} blocks were reported", tensor=t.name)
-            measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype
+            measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype or bool(t.rows)
+            changed = bool(t.terms or t.rows)  # an update to report: the vectors, or chat-template token rows
             cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
             counted = is_float(t.out_dtype)  # NaN/Inf: every float tensor, copies as stored too
             rows.append(
@@ -134,12 +136,13 @@ class Tally:
                     "hash": tensor_hash([bytes(e.digests)]),
                     "cp_norm": cp_norm,
                     "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
-                    "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if t.terms else None,
+                    "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if changed else None,
                     "nan_count": s.nan if counted else None,
                     "inf_count": s.inf if counted else None,
                     "worker": ",".join(sorted({p.worker for p in e.parts.values()})),
                     "node": ",".join(sorted({p.node for p in e.parts.values()})),
                     "seconds": sum(p.seconds for p in e.parts.values()),
+                    "token_rows": len(t.rows),
                 }
             )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)

@@ -15,6 +15,7 @@ from ..recipe.spec import Recipe, Target
 from ..term import Term
 from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
 from .planner import PlannedTensor, Sources, Src, plan_tensors
+from .tokens import TokenRow, token_rows, with_token_rows
 
 if TYPE_CHECKING:
     from .parts import Part
@@ -26,6 +27,7 @@ class TargetPlan:
     sources: Sources
     layout: Layout
     parts: dict[int, list[Part]] | None = None  # an s3:// output's multipart layout: each unit's parts, by unit id
+    token_rows: tuple[TokenRow, ...] = ()  # special_tokens resolved: CP's rows that take the chat model's
 
     @property
     def to_store(self) -> bool:
@@ -65,7 +67,8 @@ def plan(recipe: Recipe) -> Planned:
             source(target.cp) if target.cp is not None else None,
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
         )
-        tensors = plan_tensors(target, sources)
+        rows = token_rows(target, sources)
+        tensors = with_token_rows(plan_tensors(target, sources), rows, sources)
         if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard
             order = [t.name for t in (sorted(tensors, key=lambda t: -ITEMSIZE[t.out_dtype]) if at_shards else tensors)]
         by_name = {t.name: t for t in tensors}
@@ -77,7 +80,8 @@ def plan(recipe: Recipe) -> Planned:
                 file=target.cp,
                 tensor=odd,
             )
-        plans.append(TargetPlan(target, sources, layout([by_name[n] for n in order], recipe.max_shard_size)))
+        lay = layout([by_name[n] for n in order], recipe.max_shard_size)
+        plans.append(TargetPlan(target, sources, lay, token_rows=rows))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))

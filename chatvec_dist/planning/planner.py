@@ -47,6 +47,8 @@ class PlannedTensor:
     cp: Src | None
     terms: tuple[Term, ...]  # of Src
     merge_elems: int
+    rows: tuple[tuple[int, int], ...] = ()  # (CP row, chat row): this output row is the chat tensor's (tokens.py)
+    row_src: Src | None = None  # the chat tensor the rows come from
 
     @property
     def vector_srcs(self) -> list[Src]:
@@ -55,8 +57,9 @@ class PlannedTensor:
 
     @property
     def srcs(self) -> list[Src]:
-        """Every source this tensor reads: CP's, then the vectors'."""
-        return ([self.cp] if self.cp is not None else []) + self.vector_srcs
+        """Every source this tensor reads: CP's, then the vectors', then the chat tensor its token rows come from."""
+        rows = [self.row_src] if self.row_src is not None else []
+        return ([self.cp] if self.cp is not None else []) + self.vector_srcs + rows
 
     @property
     def numel(self) -> int:

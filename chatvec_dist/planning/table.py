@@ -33,6 +33,7 @@ def _target_table(target: str, layout: Layout) -> pa.Table:
             "shard": layout.shards[p.shard].name,
             "offset": p.offset,
             "nbytes": p.nbytes,
+            "token_rows": len(p.tensor.rows),
         }
         for p in layout.tensors
     ]
@@ -60,11 +61,16 @@ def summary(planned: Planned) -> str:
         mapped = sum(p.tensor.reason == "experts:mapped" for p in lay.tensors)
         if mapped:  # one line: an MoE has thousands
             lines.append(f"  {counted(mapped, 'expert tensor')}: merge (experts:mapped, vectors in the other layout)")
+        if tp.token_rows:
+            shown = ", ".join(f"{r.token or ''} {r.cp}←{r.chat}".strip() for r in tp.token_rows[:8])
+            more = f", … ({len(tp.token_rows)} in all)" if len(tp.token_rows) > 8 else ""
+            lines.append(f"  special tokens: CP row ← chat row: {shown}{more}")
         for p in lay.tensors:
             if p.tensor.reason not in ("", "non-float", "experts:mapped"):
+                rows = f", {len(p.tensor.rows)} token rows from chat" if p.tensor.rows else ""
                 lines.append(
                     f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
-                    f"merged elements {p.tensor.merge_elems})"
+                    f"merged elements {p.tensor.merge_elems}{rows})"
                 )
     return "\n".join([*lines, needs(planned)])
 

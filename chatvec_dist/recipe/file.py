@@ -17,7 +17,11 @@ HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return HEADER + yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False, allow_unicode=True)
+    data = dataclasses.asdict(recipe)
+    for target in data["targets"]:  # (CP id, chat id) pairs, written as the mapping a user writes
+        if isinstance(target.get("special_tokens"), tuple):
+            target["special_tokens"] = dict(target["special_tokens"])
+    return HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -202,7 +206,21 @@ class _Reader:
             values["exclude"] = tuple(
                 self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")
             )
+        if "special_tokens" in items:
+            values["special_tokens"] = self.special_tokens(items["special_tokens"], f"{field}.special_tokens")
         return self.build(Target, items, field, node, **values)
+
+    def special_tokens(self, node: yaml.Node, field: str) -> str | tuple[tuple[int, int], ...] | None:
+        """`auto`, null, a mapping of CP token ids to chat token ids, or a list of [CP id, chat id] pairs (as a
+        manifest stores it). Whether the ids are usable is Target's rule."""
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, field, (str,), optional=True)
+        if isinstance(node, yaml.MappingNode):
+            return tuple((self.scalar(k, field, (int,)), self.scalar(v, field, (int,))) for k, v in node.value)
+        pairs = [self.sequence(n, field) for n in self.sequence(node, field)]
+        if any(len(p) != 2 for p in pairs):
+            raise self.fail(node, field, "expected [CP id, chat id] pairs")
+        return tuple((self.scalar(cp, field, (int,)), self.scalar(chat, field, (int,))) for cp, chat in pairs)
 
     def alphas(self, node: yaml.Node, field: str, n_vectors: int) -> tuple[float, ...]:
         """One number (for every vector) or a list of them (one per vector)."""

@@ -110,9 +110,13 @@ class Target:
     vocab: str = "auto"
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # output dtype name; default: CP's (EXTRACT_DTYPE for an extracted vector)
+    # CP's rows of these token ids take the first chat model's rows: "auto" (by the chat template's tokens), or
+    # (CP id, chat id) pairs (a dict is taken too); None: none
+    special_tokens: str | tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
+        _token_pairs(self, where)
         _check(isinstance(self.name, str), where, "name", "give the name as text")
         _paths(self, where, cp="a checkpoint folder or a Hub id", out="an output folder")
         _as_tuple(self, "alphas", "exclude")
@@ -180,6 +184,14 @@ class Recipe:
                 f"{len(t.alphas)} alphas for {len(self.vectors)} vectors: give one per vector",
             )
         self._check_sizes()
+        for t in self.targets:
+            _check(
+                t.special_tokens is None or bool(self.vectors) and self.vectors[0].base is not None,
+                f"target {t.name!r}",
+                "special_tokens",
+                "special_tokens takes rows of the first vector's chat model, but it is an extracted vector "
+                "(chat − base has no chat rows): merge with --base and --chat instead",
+            )
         _check(
             isinstance(self.chat_template_from_chat, bool),
             "",
@@ -295,6 +307,43 @@ def _number(x: object) -> bool:
 
 def _real(x: object) -> bool:
     return _number(x) and math.isfinite(x)  # type: ignore[arg-type]
+
+
+def _token_pairs(target: Target, where: str) -> None:
+    """special_tokens as "auto", None, or sorted (CP id, chat id) pairs of ids ≥ 0, each CP id once."""
+    value: object = target.special_tokens
+    if isinstance(value, dict):  # the API's {CP id: chat id}
+        value = tuple(value.items())
+    if isinstance(value, (list, tuple)):
+        value = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value)
+    _check(value is None or target.cp is not None, where, "special_tokens", "special_tokens needs a CP model")
+    if value is None or value == "auto":
+        return
+    ok = (
+        isinstance(value, tuple)
+        and bool(value)
+        and all(isinstance(p, tuple) and len(p) == 2 and all(_id(i) for i in p) for p in value)
+    )
+    _check(
+        ok,
+        where,
+        "special_tokens",
+        f"special_tokens {value!r}: give 'auto' or a map of CP token ids to chat token ids, e.g. {{32000: 32000}}",
+    )
+    assert isinstance(value, tuple)
+    cp_ids = [p[0] for p in value]
+    twice = sorted({i for i in cp_ids if cp_ids.count(i) > 1})
+    _check(
+        not twice,
+        where,
+        "special_tokens",
+        f"special_tokens maps CP token(s) {', '.join(map(str, twice))} more than once",
+    )
+    object.__setattr__(target, "special_tokens", tuple(sorted(value)))
+
+
+def _id(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _as_tuple(obj: object, *names: str) -> None:
