@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union, cast
 
 from .errors import ChatvecError
+from .recipe.alpha_rules import AlphaRule, parse_alpha_rule
 from .recipe.spec import ALPHA, Recipe, RunOptions, Target, Vector, broadcast_alphas, is_plain_name, output_under
 
 if TYPE_CHECKING:
@@ -26,13 +27,15 @@ def make_recipe(
     vocab: str = Target.vocab,
     exclude: str | tuple[str, ...] = Target.exclude,
     dtype: str | None = Target.dtype,
+    alpha_rules: tuple[AlphaRule | str, ...] | list[AlphaRule | str] = Target.alpha_rules,
     max_shard_size: int = Recipe.max_shard_size,
     unit_bytes: int = Recipe.unit_bytes,
     chat_template_from_chat: bool = Recipe.chat_template_from_chat,
 ) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
-    Paths are text or `pathlib.Path`; `exclude` is one regex or several."""
+    Paths are text or `pathlib.Path`; `exclude` is one regex or several; `alpha_rules` are `AlphaRule`s or text as
+    `--alpha-rule` takes it (`'norm=0'`, `'mlp\\.=0.5:1'`), the first match wins."""
     chats = list(chat) if isinstance(chat, (list, tuple)) else [chat]  # each then checked by Vector
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
@@ -49,7 +52,10 @@ def make_recipe(
         cp = {Path(out).name: cp}
     cps = cast(dict[str, str], cp)  # each path checked by Target
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype) for name, path in cps.items())
+    rules = tuple(_alpha_rule(r) for r in alpha_rules)
+    targets = tuple(
+        Target(name, path, outs[name], alphas, vocab, exclude, dtype, alpha_rules=rules) for name, path in cps.items()
+    )
     return Recipe(
         vectors,
         targets,
@@ -65,6 +71,16 @@ def _alphas(alpha: object, n_vectors: int) -> tuple[float, ...]:
     if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in values):  # numpy's too
         raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
     return broadcast_alphas([float(cast(float, a)) for a in values], n_vectors, "alpha")
+
+
+def _alpha_rule(rule: AlphaRule | str) -> AlphaRule:
+    """An AlphaRule as given (checked by Target), or one from `--alpha-rule` text."""
+    if not isinstance(rule, str):
+        return rule
+    try:
+        return parse_alpha_rule(rule)
+    except ValueError as e:
+        raise ChatvecError(str(e).replace("--alpha-rule", "alpha rule", 1)) from None
 
 
 def plan(recipe: Recipe) -> Planned:

@@ -10,6 +10,7 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..recipe.spec import Target
 from ..term import Term
+from .alphas import tensor_alphas
 from .tied import tied_heads
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias,
@@ -74,6 +75,12 @@ class Sources:
         found = [self.cp] if self.cp is not None else []
         return found + [c for _, plus, minus in self.terms for c in (plus, minus) if c is not None]
 
+    def with_alphas(self, alphas: tuple[float, ...] | None) -> Sources:
+        """These sources with each vector's alpha replaced (None: as they are)."""
+        if alphas is None:
+            return self
+        return Sources(self.cp, tuple(Term(a, plus, minus) for a, (_, plus, minus) in zip(alphas, self.terms)))
+
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     """Decide every output tensor's rule for one target, validating names, shapes and dtypes (the target's own
@@ -93,8 +100,12 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     tied = tied_heads(sources)  # CP's lm_head: the vectors' tied embedding
     _check_name_sets(reference, sources, excluded | non_float | set(tied))
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
+    files = {n: r.path for n, r in reference.tensors.items()}
+    alphas = tensor_alphas(target, names, (n for n in reference.tensors if n not in keep_cp), files)
     return [
-        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded, tied.get(name, name))
+        _plan_one(
+            name, ref, target.vocab, out_dtype, sources.with_alphas(alphas.get(name)), excluded, tied.get(name, name)
+        )
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from ..recipe.spec import human_bytes
+from .alphas import rule_lines
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def _target_table(target: str, layout: Layout) -> pa.Table:
             "shard": layout.shards[p.shard].name,
             "offset": p.offset,
             "nbytes": p.nbytes,
+            "alphas": [term.alpha for term in p.tensor.terms] if p.tensor.terms else None,
         }
         for p in layout.tensors
     ]
@@ -57,6 +59,7 @@ def summary(planned: Planned) -> str:
             f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {counted(len(lay.tensors), 'tensor')} "
             f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {counted(len(lay.shards), 'shard')}"
         )
+        lines += rule_lines(tp)
         for p in lay.tensors:
             if p.tensor.reason and p.tensor.reason != "non-float":
                 lines.append(
