@@ -200,3 +200,25 @@ def test_untied_cp_head_missing_from_the_vectors_is_still_refused(tmp_path, caps
     (tmp_path / "cp" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False)))
     assert merge({n: tmp_path / n for n in ("base", "chat", "cp")}, tmp_path / "out") == 2
     assert "lm_head.weight" in capsys.readouterr().err
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config or {}))
+    return directory
+
+
+def test_a_bias_that_is_not_one_row_and_an_ambiguous_tied_head_are_plan_errors(tmp_path, capsys):
+    def plan(**cps: dict[str, torch.Tensor]) -> str:
+        d = {n: _write(tmp_path / f"{n}{len(list(tmp_path.iterdir()))}", t) for n, t in cps.items()}
+        args = ["plan", "--base", str(d["base"]), "--chat", str(d["chat"]), "--cp", str(d["cp"]), "--vocab", "overlap"]
+        assert main(args) == 2
+        return capsys.readouterr().err
+
+    two_rows = {"final_logits_bias": torch.zeros(2, V)}
+    err = plan(base=two_rows, chat=two_rows, cp={"final_logits_bias": torch.zeros(2, V_CP)})
+    assert "final_logits_bias" in err and "expected [1, vocabulary]" in err
+    towers = {"encoder.embed_tokens.weight": torch.zeros(V, 4), "decoder.embed_tokens.weight": torch.zeros(V, 4)}
+    err = plan(base=towers, chat=towers, cp={**towers, "lm_head.weight": torch.zeros(V, 4)})
+    assert "lm_head.weight" in err and "tied head could be any of" in err
