@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from chatvec_dist.cli import main
 
@@ -103,3 +105,49 @@ def test_extract_float64_then_apply_is_a_direct_merge_byte_for_byte(gpt2s, tmp_p
     model = AutoModelForCausalLM.from_pretrained(applied["float64"])
     assert model.dtype == torch.float32
     assert torch.equal(model.transformer.h[0].mlp.c_fc.weight.detach(), merged["transformer.h.0.mlp.c_fc.weight"])
+
+
+def _ulp_exponent(x: float) -> int:
+    """The exponent of a float32 value's ulp (a subnormal's: 2^-149)."""
+    return max(math.frexp(x)[1] - 24, -149)
+
+
+def test_where_the_float64_vector_is_exact_and_that_apply_agrees_beyond(tmp_path):
+    """Pairs whose ulps are 0 to 40 powers of two apart, subnormals and zeros: the float64 difference is exact up to
+    29 (and can be inexact from 30), and extract (float64) then apply writes a direct merge's bytes either way."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    mant = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    gap = torch.randint(0, 41, (n,), generator=g)
+    chat = (sign * mant).float()
+    base = (torch.rand(n, generator=g, dtype=torch.float64) * 2.0 ** (-gap.double())).float()
+    base[:16] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-39, 1.0, *[2.0**-149] * 10])[:16]  # zeros, subnormals
+    cp = torch.randn(n, generator=g).float()
+    for name, t in {"base": base, "chat": chat, "cp": cp}.items():
+        (tmp_path / name).mkdir()
+        save_file({"w": t.reshape(64, 64)}, tmp_path / name / "model.safetensors")
+    d = {n: tmp_path / n for n in ("base", "chat", "cp")}
+    extract(d, tmp_path / "vec", "float64")
+    v = load_all(tmp_path / "vec")["w"].flatten()
+    exact = inexact_beyond = 0
+    for c, b, x in zip(chat.tolist(), base.tolist(), v.tolist()):
+        apart = abs(_ulp_exponent(c) - _ulp_exponent(b)) if c and b else 0
+        is_exact = Fraction(x) == Fraction(c) - Fraction(b)
+        if apart <= 29:
+            assert is_exact, (c, b, x)
+            exact += 1
+        else:
+            inexact_beyond += not is_exact
+    assert exact > 1000 and inexact_beyond > 100  # both sides of the bound are exercised
+    for alpha in ("1", "0.3"):
+        run(
+            "merge",
+            *(f"--{k}={d[k]}" for k in ("base", "chat", "cp")),
+            "--out",
+            str(tmp_path / f"m{alpha}"),
+            "--alpha",
+            alpha,
+        )
+        apply(tmp_path / "vec", d["cp"], tmp_path / f"a{alpha}", alpha)
+        assert shard_bytes(tmp_path / f"a{alpha}") == shard_bytes(tmp_path / f"m{alpha}")
