@@ -72,6 +72,7 @@ def test_cli_text_is_a_value_or_a_gradient_for_every_vector():
     "rule,detail",
     [
         (AlphaRule("(", (0.0,)), "not a valid regex"),
+        (AlphaRule("a{4294967296}", (0.0,)), "not a valid regex"),
         (AlphaRule("x", (0.0, 1.0, 2.0)), "one per vector"),
         (AlphaRule("x", ((1.0,),)), "two points or more"),
         (AlphaRule("x", (float("inf"),)), "within float32's range"),

@@ -30,7 +30,7 @@ def problem(rule: AlphaRule, n_vectors: int, limit: float) -> str | None:
         return f"alpha rule match {rule.match!r}: give a regex as text"
     try:
         re.compile(rule.match)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:  # a repeat count too large, nesting too deep
         return f"alpha rule {rule.match!r}: not a valid regex ({e})"
     where = f"alpha rule {rule.match!r}"
     if len(rule.alphas) not in (1, n_vectors):
