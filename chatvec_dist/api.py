@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union, cast
 
 from .errors import ChatvecError
+from .recipe.alpha_rules import AlphaRule, parse_alpha_rule
 from .recipe.spec import ALPHA, Recipe, RunOptions, Target, Vector, broadcast_alphas, is_plain_name, output_under
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ def make_recipe(
     vocab: str = Target.vocab,
     exclude: str | tuple[str, ...] = Target.exclude,
     dtype: str | None = Target.dtype,
+    alpha_rules: tuple[AlphaRule | str, ...] | list[AlphaRule | str] = Target.alpha_rules,
     special_tokens: str | dict[int, int] | None = None,
     max_shard_size: int = Recipe.max_shard_size,
     unit_bytes: int = Recipe.unit_bytes,
@@ -33,8 +35,9 @@ def make_recipe(
 ) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
-    Paths are text or `pathlib.Path`; `exclude` is one regex or several; `special_tokens`: "auto" or {CP id: chat
-    id}, CP's embedding and LM head rows that become the first chat model's."""
+    Paths are text or `pathlib.Path`; `exclude` is one regex or several; `alpha_rules` are `AlphaRule`s or text as
+    `--alpha-rule` takes it (`'norm=0'`, `'mlp\\.=0.5:1'`), the first match wins; `special_tokens`: "auto" or
+    {CP id: chat id}, CP's embedding and LM head rows that become the first chat model's."""
     chats = list(chat) if isinstance(chat, (list, tuple)) else [chat]  # each then checked by Vector
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
@@ -52,7 +55,11 @@ def make_recipe(
     cps = cast(dict[str, str], cp)  # each path checked by Target
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     tokens = tuple(special_tokens.items()) if isinstance(special_tokens, dict) else special_tokens
-    targets = tuple(Target(name, path, outs[name], alphas, vocab, exclude, dtype, tokens) for name, path in cps.items())
+    rules = tuple(_alpha_rule(r) for r in alpha_rules)
+    targets = tuple(
+        Target(name, path, outs[name], alphas, vocab, exclude, dtype, alpha_rules=rules, special_tokens=tokens)
+        for name, path in cps.items()
+    )
     return Recipe(
         vectors,
         targets,
@@ -68,6 +75,16 @@ def _alphas(alpha: object, n_vectors: int) -> tuple[float, ...]:
     if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in values):  # numpy's too
         raise ChatvecError(f"alpha {alpha!r}: give a number, or a list of numbers (one per vector)")
     return broadcast_alphas([float(cast(float, a)) for a in values], n_vectors, "alpha")
+
+
+def _alpha_rule(rule: AlphaRule | str) -> AlphaRule:
+    """An AlphaRule as given (checked by Target), or one from `--alpha-rule` text."""
+    if not isinstance(rule, str):
+        return rule
+    try:
+        return parse_alpha_rule(rule)
+    except ValueError as e:
+        raise ChatvecError(str(e).replace("--alpha-rule", "alpha rule", 1)) from None
 
 
 def plan(recipe: Recipe) -> Planned:

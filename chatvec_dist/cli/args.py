@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import ChatvecError
+from ..recipe.alpha_rules import AlphaRule, parse_alpha_rule
 from ..recipe.spec import (
     ALPHA,
     EXTRACT_DTYPE,
@@ -71,6 +72,7 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
     sweep = len(alpha_sets) > 1
     cps = _named_cps(args.cp)
     single = len(cps) == 1 and not sweep
+    rules = _alpha_rules(args.alpha_rule)
     targets = []
     for cp_name, cp in cps:
         for alphas in alpha_sets:
@@ -78,7 +80,9 @@ def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:
             out = args.out if single or args.out is None else output_under(args.out, label or Path(cp).name)
             name = label or Path(os.path.abspath(out or cp)).name
             tokens = _special_tokens(getattr(args, "special_tokens", None))
-            targets.append(Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype, tokens))
+            targets.append(
+                Target(name, cp, out, alphas, args.vocab, tuple(args.exclude), args.dtype, rules, special_tokens=tokens)
+            )
     return targets
 
 
@@ -106,6 +110,14 @@ def _alpha_sets(texts: list[str], n_vectors: int) -> list[tuple[float, ...]]:
     if any(len(a) not in (1, steps) for a in per_vector):
         raise ChatvecError("--alpha sweeps of different lengths: give each vector one value or the same number")
     return [tuple(a[j] if len(a) > 1 else a[0] for a in per_vector) for j in range(steps)]
+
+
+def _alpha_rules(texts: list[str]) -> tuple[AlphaRule, ...]:
+    """Each --alpha-rule, `REGEX=A` or `REGEX=A0:A1:...`, in order."""
+    try:
+        return tuple(parse_alpha_rule(t) for t in texts)
+    except ValueError as e:
+        raise ChatvecError(str(e)) from None
 
 
 def _named_cps(specs: list[str]) -> list[tuple[str | None, str]]:

@@ -162,6 +162,14 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
         p.add_argument(
             "--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors"
         )
+        p.add_argument(
+            "--alpha-rule",
+            action="append",
+            default=[],
+            metavar="REGEX=A[:A...]",
+            help="matching tensors get alpha A (every vector) instead of --alpha, or a gradient A0:A1:... over "
+            "the layers (repeatable: the first match wins), e.g. 'norm=0' 'mlp\\.=0.5:1'",
+        )
         if not vector:
             p.add_argument(
                 "--special-tokens",

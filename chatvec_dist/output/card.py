@@ -55,7 +55,7 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.{_token_rows(meta)}
 {json.dumps(meta["recipe"], indent=2)}
 ```
 
-## Sources
+{_rules_section(meta)}## Sources
 ```json
 {json.dumps(sources, indent=2)}
 ```
@@ -75,6 +75,26 @@ def _token_rows(meta: dict) -> str:
         return ""
     shown = ", ".join(_code(f"{r['token'] or ''} {r['cp']}←{r['chat']}".strip()) for r in rows)
     return f"\nToken rows taken from the chat model (CP row ← chat row) in the embeddings and LM head: {shown}."
+
+
+def _rules_section(meta: dict) -> str:
+    """The target's alpha rules as a table (first match wins; other tensors get the target's alphas), or nothing."""
+    targets = meta["recipe"].get("targets") or []
+    target = next((t for t in targets if isinstance(t, dict) and t.get("name") == meta["target"]), {})
+    rules = target.get("alpha_rules") or []
+    if not rules:
+        return ""
+    rows = "\n".join(f"| {_code(str(r['match']))} | {_code(json.dumps(r['alphas']))} |" for r in rules)
+    return f"""## Alpha rules
+Each tensor gets the alphas of the first rule whose regex matches its name (a list: a gradient from a tower's
+first layer to its last); other tensors get {_code(json.dumps(target.get("alphas")))}. The manifest's `alphas`
+column has each tensor's.
+
+| match | alphas (one per vector) |
+|---|---|
+{rows}
+
+"""
 
 
 def _code(text: str) -> str:

@@ -80,6 +80,15 @@ def report(out_dir: str | Path) -> str:
             f"{r.get('token') or ''} {r.get('cp')}←{r.get('chat')}".strip() for r in meta["special_tokens"]
         )
         lines.append(f"token rows from the chat model (CP row ← chat row): {taken}")
+    alphas = Counter(tuple(r["alphas"]) for r in rows if r["alphas"] is not None)
+    if len(alphas) > 1:  # alpha rules gave tensors different alphas (a gradient: one set per layer)
+        sets = sorted(alphas.items())
+        shown = (
+            ", ".join(f"{n} × {list(a)}" for a, n in sets)
+            if len(sets) <= 8
+            else f"from {list(sets[0][0])} to {list(sets[-1][0])}"
+        )
+        lines.append(f"alphas ({len(sets)} sets; tensors × alphas): {shown}")
     nonfinite = [r for r in rows if (r["nan_count"] or 0) + (r["inf_count"] or 0)]
     lines.append(
         "non-finite values: "

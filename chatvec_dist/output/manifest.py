@@ -46,6 +46,7 @@ SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("node", pa.string()),
         ("seconds", pa.float64()),
+        ("alphas", pa.list_(pa.float64())),  # each vector's alpha in this tensor (alpha rules); null: not combined
         ("token_rows", pa.int64()),
     ]
 )
@@ -142,6 +143,7 @@ class Tally:
                     "worker": ",".join(sorted({p.worker for p in e.parts.values()})),
                     "node": ",".join(sorted({p.node for p in e.parts.values()})),
                     "seconds": sum(p.seconds for p in e.parts.values()),
+                    "alphas": [term.alpha for term in t.terms] if t.terms else None,
                     "token_rows": len(t.rows),
                 }
             )

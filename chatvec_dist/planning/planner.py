@@ -10,13 +10,17 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..recipe.spec import Target
 from ..term import Term
+from .alphas import tensor_alphas
 from .experts import MappedRef, Segment, map_experts
+from .tied import tied_heads
 
-# Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
+# Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias,
+# T5/BART/mBART/Marian's shared embedding; and BART's final_logits_bias [1, V], tokens on its last dimension.
 VOCAB_TENSOR = re.compile(
-    r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|"
-    r"output_layer)\.weight$|(?:^|\.)lm_head\.(?:weight|bias)$|^output\.weight$"
+    r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embed_out|embeddings|shared|"
+    r"output_layer)\.weight$|(?:^|\.)lm_head\.(?:weight|bias)$|^output\.weight$|(?:^|\.)final_logits_bias$"
 )
+VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the first V_base elements are shared
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,12 @@ class Sources:
         found = [self.cp] if self.cp is not None else []
         return found + [c for _, plus, minus in self.terms for c in (plus, minus) if c is not None]
 
+    def with_alphas(self, alphas: tuple[float, ...] | None) -> Sources:
+        """These sources with each vector's alpha replaced (None: as they are)."""
+        if alphas is None:
+            return self
+        return Sources(self.cp, tuple(Term(a, plus, minus) for a, (_, plus, minus) in zip(alphas, self.terms)))
+
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     """Decide every output tensor's rule for one target, validating names, shapes and dtypes (the target's own
@@ -99,10 +109,15 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     excluded = {n for n in names if any(p.search(n) for p in excludes)}
     sources = _map_experts(reference, sources, excluded)
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
-    _check_name_sets(reference, sources, excluded | non_float)
+    tied = tied_heads(sources)  # CP's lm_head: the vectors' tied embedding
+    _check_name_sets(reference, sources, excluded | non_float | set(tied))
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
+    files = {n: r.path for n, r in reference.tensors.items()}
+    alphas = tensor_alphas(target, names, (n for n in reference.tensors if n not in keep_cp), files)
     return [
-        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
+        _plan_one(
+            name, ref, target.vocab, out_dtype, sources.with_alphas(alphas.get(name)), excluded, tied.get(name, name)
+        )
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
@@ -143,12 +158,13 @@ def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]
 
 
 def _plan_one(
-    name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources, excluded: set[str]
+    name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources, excluded: set[str], src: str
 ) -> PlannedTensor:
+    """`src`: the tensor's name in the vectors (a tied head's: their embedding)."""
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
     pairs = [
-        Term(alpha, plus.tensors.get(name), minus.tensors.get(name) if minus else None)
+        Term(alpha, plus.tensors.get(src), minus.tensors.get(src) if minus else None)
         for alpha, plus, minus in sources.terms
     ]
     _check_floats_match(name, ref, pairs)
@@ -166,11 +182,11 @@ def _plan_one(
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
     _check_not_float8(name, [ref, *vecs])
-    vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
+    vocab = _vocab_dim(name, [ref, *vecs])
     _check_vector_shapes(name, vecs, vocab)
     terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
-    if vocab:
-        return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs)
+    if vocab is not None:
+        return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
     if vecs[0].info.shape != info.shape:
         raise PlanError(
             f"shape {list(info.shape)} differs from {list(vecs[0].info.shape)} in {vecs[0].path}",
@@ -208,13 +224,34 @@ def _check_not_float8(name: str, refs: list[TensorRef]) -> None:
             )
 
 
-def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: bool) -> None:
+def _vocab_dim(name: str, refs: list[TensorRef]) -> int | None:
+    """The dimension of a vocabulary tensor's tokens (None: not one): rows, or the last of BART's [1, V] bias."""
+    if VOCAB_TENSOR.search(name) is None or not all(t.info.shape for t in refs):  # a scalar has no rows
+        return None
+    if VOCAB_LAST.search(name) is None:
+        return 0
+    for t in refs:
+        if len(t.info.shape) != 2 or t.info.shape[0] != 1:
+            raise PlanError(f"shape {list(t.info.shape)}: expected [1, vocabulary]", file=t.path, tensor=name)
+    return 1
+
+
+def _outside(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+    return shape[:dim] + shape[dim + 1 :]
+
+
+def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: int | None) -> None:
     """Chat and base shapes agree; a chat model may add tokens (rows) to its base's vocabulary, nothing else."""
     vec_shape = vecs[0].info.shape
+    dim = vocab or 0
     for other in vecs:
         shape = other.info.shape
-        if shape[1:] != vec_shape[1:] or len(shape) != len(vec_shape) or (shape != vec_shape and not vocab):
-            where = " outside the vocabulary dimension" if vocab else ""
+        if (
+            _outside(shape, dim) != _outside(vec_shape, dim)
+            or len(shape) != len(vec_shape)
+            or (shape != vec_shape and vocab is None)
+        ):
+            where = " outside the vocabulary dimension" if vocab is not None else ""
             raise PlanError(
                 f"shape {list(shape)} differs from {list(vec_shape)} in {vecs[0].path}{where}",
                 file=other.path,
@@ -223,23 +260,32 @@ def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: bool) -> None:
 
 
 def _plan_vocab(
-    name: str, ref: TensorRef, policy: str, dtype: str, cp: Src | None, terms: tuple[Term, ...], vecs: list[TensorRef]
+    name: str,
+    ref: TensorRef,
+    policy: str,
+    dtype: str,
+    cp: Src | None,
+    terms: tuple[Term, ...],
+    vecs: list[TensorRef],
+    dim: int,
 ) -> PlannedTensor:
-    """embed_tokens / lm_head: rows are tokens. Vectors combine over the rows every chat and base have (a chat
-    model's added tokens have no base row); CP's rows past those keep CP's values (`overlap`) or all do (`skip`)."""
+    """embed_tokens / lm_head: rows (dimension `dim`, the last of a [1, V] bias) are tokens. Vectors combine over
+    the rows every chat and base have (a chat model's added tokens have no base row); CP's rows past those keep CP's
+    values (`overlap`) or all do (`skip`). Those rows are the first elements: no dimension before `dim` is over 1."""
     shape = ref.info.shape
-    fewest = min(vecs, key=lambda v: v.info.shape[0])
-    rows = fewest.info.shape[0]
-    if len(shape) != len(fewest.info.shape) or shape[1:] != fewest.info.shape[1:]:
+    fewest = min(vecs, key=lambda v: v.info.shape[dim])
+    rows = fewest.info.shape[dim]
+    if len(shape) != len(fewest.info.shape) or _outside(shape, dim) != _outside(fewest.info.shape, dim):
         raise PlanError(
             f"shape {list(shape)} differs from {list(fewest.info.shape)} in {fewest.path} outside the "
             "vocabulary dimension",
             file=ref.path,
             tensor=name,
         )
-    if shape[0] < rows:
+    size = shape[dim]
+    if size < rows:
         raise PlanError(
-            f"vocabulary of {shape[0]} rows is smaller than the {rows} rows of {fewest.path}",
+            f"vocabulary of {size} rows is smaller than the {rows} rows of {fewest.path}",
             file=ref.path,
             tensor=name,
         )
@@ -249,21 +295,21 @@ def _plan_vocab(
     if policy == "full" and not equal:
         other = next(v for v in vecs if v.info.shape != shape)
         raise PlanError(
-            f"--vocab full needs equal shapes, but this has {shape[0]} rows and {other.path} "
-            f"{other.info.shape[0]} (use --vocab skip or overlap)",
+            f"--vocab full needs equal shapes, but this has {size} rows and {other.path} "
+            f"{other.info.shape[dim]} (use --vocab skip or overlap)",
             file=ref.path,
             tensor=name,
         )
-    if cp is None and (policy == "skip" or rows < shape[0]):
+    if cp is None and (policy == "skip" or rows < size):
         raise PlanError(
             f"an extracted vector has no CP rows to keep: {fewest.path} has {rows} rows and {ref.path} "
-            f"{shape[0]} (merge directly with --vocab skip or overlap)",
+            f"{size} (merge directly with --vocab skip or overlap)",
             file=ref.path,
             tensor=name,
         )
     reason = f"vocab:{policy}"
     if policy == "skip":
         return PlannedTensor(name, "copy", reason, shape, dtype, cp, (), 0)
-    merged = ref.info.numel // shape[0] * rows if shape[0] else 0
-    rule = "merge" if rows == shape[0] else "merge_rows"
+    merged = ref.info.numel // size * rows if size else 0
+    rule = "merge" if rows == size else "merge_rows"
     return PlannedTensor(name, rule, reason, shape, dtype, cp, terms, merged)

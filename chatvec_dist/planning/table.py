@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from ..recipe.spec import human_bytes
+from .alphas import rule_lines
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def _target_table(target: str, layout: Layout) -> pa.Table:
             "shard": layout.shards[p.shard].name,
             "offset": p.offset,
             "nbytes": p.nbytes,
+            "alphas": [term.alpha for term in p.tensor.terms] if p.tensor.terms else None,
             "token_rows": len(p.tensor.rows),
         }
         for p in layout.tensors
@@ -65,6 +67,7 @@ def summary(planned: Planned) -> str:
             shown = ", ".join(f"{r.token or ''} {r.cp}←{r.chat}".strip() for r in tp.token_rows[:8])
             more = f", … ({len(tp.token_rows)} in all)" if len(tp.token_rows) > 8 else ""
             lines.append(f"  special tokens: CP row ← chat row: {shown}{more}")
+        lines += rule_lines(tp)
         for p in lay.tensors:
             if p.tensor.reason not in ("", "non-float", "experts:mapped"):
                 rows = f", {len(p.tensor.rows)} token rows from chat" if p.tensor.rows else ""

@@ -11,7 +11,8 @@ import yaml
 
 from ..io.header import shown
 from ..io.s3 import is_url
-from .spec import ALPHA, Recipe, RecipeError, Target, Vector, broadcast_alphas, parse_size
+from .alpha_rules import Alpha, AlphaRule, problem
+from .spec import ALPHA, FLOAT32_MAX, Recipe, RecipeError, Target, Vector, broadcast_alphas, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
 
@@ -206,9 +207,33 @@ class _Reader:
             values["exclude"] = tuple(
                 self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")
             )
+        if "alpha_rules" in items:
+            values["alpha_rules"] = self.alpha_rules(items["alpha_rules"], f"{field}.alpha_rules", n_vectors)
         if "special_tokens" in items:
             values["special_tokens"] = self.special_tokens(items["special_tokens"], f"{field}.special_tokens")
         return self.build(Target, items, field, node, **values)
+
+    def alpha_rules(self, node: yaml.Node, field: str, n_vectors: int) -> tuple[AlphaRule, ...]:
+        """`- match: REGEX` / `alphas: [A, ...]`, one entry per vector (or one for all): a number, or a list of
+        them (a gradient over the layers); a rule Target would refuse is told at its own line."""
+        rules = []
+        for i, item in enumerate(self.sequence(node, field)):
+            where = f"{field}[{i}]"
+            parts = self.mapping(item, where, {"match", "alphas"}, {"match", "alphas"})
+            raw = parts["alphas"]
+            entries = [raw] if isinstance(raw, yaml.ScalarNode) else self.sequence(raw, f"{where}.alphas")
+            alphas: list[Alpha] = [
+                self.number(e, f"{where}.alphas")
+                if isinstance(e, yaml.ScalarNode)
+                else tuple(self.number(p, f"{where}.alphas") for p in self.sequence(e, f"{where}.alphas"))
+                for e in entries
+            ]
+            rule = AlphaRule(self.scalar(parts["match"], f"{where}.match", (str,)), tuple(alphas))
+            wrong = problem(rule, n_vectors, FLOAT32_MAX)
+            if wrong is not None:
+                raise self.fail(item, where, wrong)
+            rules.append(rule)
+        return tuple(rules)
 
     def special_tokens(self, node: yaml.Node, field: str) -> str | tuple[tuple[int, int], ...] | None:
         """`auto`, null, a mapping of CP token ids to chat token ids, or a list of [CP id, chat id] pairs (as a

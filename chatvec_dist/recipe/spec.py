@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from ..dtypes import OUTPUT_DTYPES
 from ..errors import ChatvecError
+from .alpha_rules import AlphaRule, broadcast, problem
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -110,6 +111,7 @@ class Target:
     vocab: str = "auto"
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # output dtype name; default: CP's (EXTRACT_DTYPE for an extracted vector)
+    alpha_rules: tuple[AlphaRule, ...] = ()  # per-tensor alphas by name, first match wins; the rest get `alphas`
     # CP's rows of these token ids take the first chat model's rows: "auto" (by the chat template's tokens), or
     # (CP id, chat id) pairs (a dict is taken too); None: none
     special_tokens: str | tuple[tuple[int, int], ...] | None = None
@@ -150,6 +152,22 @@ class Target:
             "dtype",
             f"dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)} (or none: CP's)",
         )
+        self._check_alpha_rules(where)
+
+    def _check_alpha_rules(self, where: str) -> None:
+        """Each rule valid for this target's vectors (a regex, numbers in float32's range), one entry per vector."""
+        _as_tuple(self, "alpha_rules")
+        rules = self.alpha_rules
+        _check(
+            isinstance(rules, tuple) and all(isinstance(r, AlphaRule) for r in rules),
+            where,
+            "alpha_rules",
+            f"alpha_rules {rules!r}: give AlphaRule(match, alphas) values, e.g. (AlphaRule('norm', (0.0,)),)",
+        )
+        for rule in rules:
+            wrong = problem(rule, len(self.alphas), FLOAT32_MAX)
+            _check(wrong is None, where, "alpha_rules", wrong or "")
+        object.__setattr__(self, "alpha_rules", tuple(broadcast(r, len(self.alphas)) for r in rules))
 
 
 @dataclass(frozen=True)
