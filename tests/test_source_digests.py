@@ -105,7 +105,7 @@ def test_each_source_tensor_digest_is_its_bytes_hash(made):
     assert verify(made["out"], sources=True) == []
 
 
-def test_same_digests_for_any_worker_count_unit_size_and_output_dtype(made, tmp_path):
+def test_same_digests_for_any_worker_count_unit_size_output_dtype_and_batch(made, tmp_path):
     expected = digests(made["out"])
     runs = {
         "w2": ["--workers", "2", "--unit-size", "2MiB"],
@@ -116,6 +116,8 @@ def test_same_digests_for_any_worker_count_unit_size_and_output_dtype(made, tmp_
         assert merge(made, tmp_path / name, *extra) == 0
         assert digests(tmp_path / name) == expected, name
     assert read_manifest(tmp_path / "f32")[0].column("hash") != read_manifest(made["out"])[0].column("hash")
+    assert merge(made, tmp_path / "sweep", "--alpha", "0.5,1", "--unit-size", "1MiB") == 0  # a batch: read once
+    assert digests(tmp_path / "sweep" / "alpha0.5") == digests(tmp_path / "sweep" / "alpha1") == expected
 
 
 def test_a_resumed_run_keeps_its_journaled_source_digests(made, tmp_path, monkeypatch):
