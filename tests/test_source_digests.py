@@ -5,10 +5,13 @@ computed here from the files' bytes, following docs/manifest.md."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,7 +20,7 @@ import xxhash
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.output.digests import DIGESTS_NAME, encode_digests
-from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, read_manifest, rows_digest
+from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, meta_digest, read_manifest, rows_digest
 from chatvec_dist.output.verify import verify
 
 # vectors over the rows chat and base have (merge_rows), and one tensor copied from CP
@@ -184,29 +187,51 @@ def test_verify_sources_names_a_changed_tensor_and_a_file_gone(made, tmp_path, c
     assert len(gone) == 3 and gone[0].startswith(f"{models['chat'] / 'model.safetensors'}: gone or unreadable (")
 
 
+def rewrite_manifest(out: Path, table: pa.Table, meta: dict) -> None:
+    """Write `table` as the output's manifest with its checksums (rows, metadata, checksums.json) made anew."""
+    meta["rows_sha256"] = rows_digest(table.replace_schema_metadata(None))
+    if "meta_sha256" in meta:
+        meta["meta_sha256"] = meta_digest(meta)
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
+    files = json.loads((out / DIGESTS_NAME).read_text())["files"]
+    data = (out / MANIFEST_NAME).read_bytes()
+    files[MANIFEST_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / DIGESTS_NAME).write_bytes(encode_digests(files))
+
+
 def test_an_older_manifest_says_its_sources_cannot_be_checked(made, tmp_path):
     """A manifest written before the column: verify passes; --sources says, in one line, it cannot check them."""
     out = tmp_path / "old"
     shutil.copytree(made["out"], out)
     table = pq.read_table(out / MANIFEST_NAME)
     meta = json.loads(table.schema.metadata[META_KEY])
-    old = table.drop_columns(["source_digests"]).replace_schema_metadata(None)
     del meta["source_hash"], meta["inputs"], meta["meta_sha256"]
-    meta["rows_sha256"] = rows_digest(old)
-    pq.write_table(old.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
-    files = json.loads((out / DIGESTS_NAME).read_text())["files"]
-    files[MANIFEST_NAME] = {"size": (out / MANIFEST_NAME).stat().st_size, "sha256": sha256(out / MANIFEST_NAME)}
-    (out / DIGESTS_NAME).write_bytes(encode_digests(files))
+    rewrite_manifest(out, table.drop_columns(["source_digests"]), meta)
     assert verify(out) == []
     assert verify(out, sources=True) == [
         f"{out / MANIFEST_NAME}: written before chatvec recorded source digests: its sources cannot be checked"
     ]
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def test_a_manifest_naming_a_fifo_or_a_null_source_is_answered_not_waited_on(made, tmp_path):
+    out = tmp_path / "odd"
+    shutil.copytree(made["out"], out)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    table = pq.read_table(out / MANIFEST_NAME)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    cells = table.column("source_digests").to_pylist()
+    cells[0] = [dict(cells[0][0], file=str(fifo))]
+    cells[1] = [None, *cells[1][1:]]
+    column = pa.array(cells, table.schema.field("source_digests").type)
+    rewrite_manifest(out, table.set_column(table.num_columns - 1, "source_digests", column), meta)
+    assert verify(out) == []
+    second = table.column("tensor").to_pylist()[1]
+    assert verify(out, sources=True) == [
+        f"{fifo}: gone or unreadable (not a regular file (a FIFO, device or directory): not read): its 1 source "
+        "tensor(s) not checked",
+        f"{out / MANIFEST_NAME}: tensor '{second}' has a malformed source digest: not checked",
+    ]
 
 
 def test_s3_sources_are_recorded_and_checked(made, s3_server, tmp_path):

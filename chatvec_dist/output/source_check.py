@@ -100,7 +100,9 @@ def _by_file(table: pa.Table, manifest: str) -> tuple[dict[str, list[_Source]], 
     return {path: list(sources.values()) for path, sources in files.items()}, problems
 
 
-def _well_formed(e: dict) -> bool:
+def _well_formed(e: object) -> bool:
+    if not isinstance(e, dict):  # a null entry
+        return False
     counts = (e["offset"], e["nbytes"])
     return (
         all(isinstance(e[k], str) for k in ("role", "file", "hash"))
