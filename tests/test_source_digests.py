@@ -256,3 +256,19 @@ def test_s3_sources_are_recorded_and_checked(made, s3_server, tmp_path):
     problems = verify(out, sources=True)
     assert len(problems) == 2 and problems[0].startswith(f"{url}: changed since the output was written (etag)")
     assert problems[1] == f"{url}: tensor '{TENSOR}' (base[0]) differs from its digest in {out / MANIFEST_NAME}"
+
+
+def test_a_journal_line_of_the_earlier_format_is_redone_and_the_new_one_round_trips(tmp_path):
+    from chatvec_dist.exec.messages import SegmentResult, UnitResult
+    from chatvec_dist.kernels.stats import Stats
+    from chatvec_dist.output.journal import Journal
+
+    path = tmp_path / "journal.jsonl"
+    earlier = {"unit": 0, "segments": [[0, [[0, "00" * 16]], 1.0, 2.0, 3.0, 0, 0]], "worker": "w", "node": "n"}
+    path.write_text(json.dumps(earlier | {"seconds": 0.1}) + "\n")
+    sources = (((0, b"a" * 16), (1, b"b" * 16)), (), ((3, b"c" * 16),))
+    unit = UnitResult(1, [SegmentResult(0, 2, ((5, b"d" * 16),), Stats(1.0, 2.0, 3.0, 0, 0), sources)], "w", "n", 0.2)
+    journal = Journal(path)
+    journal.append(unit)
+    journal.close()
+    assert Journal.load(path, 0) == {1: unit}  # unit 0 has no source digests: it is redone
