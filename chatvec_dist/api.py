@@ -119,9 +119,9 @@ def merge(
     return run(make_recipe(base, chat, cp, out, alpha, **recipe_options), options)
 
 
-def verify(out: str | Path) -> list[str]:
-    """Rehash an output (a folder or an `s3://bucket/prefix`) against its manifest; the problems found (empty:
-    verified)."""
+def verify(out: str | Path, sources: bool = False) -> list[str]:
+    """Rehash an output (a folder or an `s3://bucket/prefix`) against its manifest (with `sources`, reread and
+    rehash its source tensors too); the problems found (empty: verified)."""
     from .output.verify import verify as _verify
 
-    return _verify(out)
+    return _verify(out, sources=sources)

@@ -68,6 +68,7 @@ class Output:
     journaled: dict[int, UnitResult] = field(default_factory=dict)  # finished units whose bytes still verify
     tally: Tally | None = None
     uploads: Uploads | None = None  # an s3:// output's multipart uploads
+    inputs: InputStats = field(default_factory=dict)  # its input files' identities, as the run started
 
     def __post_init__(self) -> None:
         if self.plan.to_store and self.uploads is None:
@@ -101,6 +102,8 @@ class Output:
         """Make (or reuse) the work area (and an s3:// output's uploads); keep the journaled units whose bytes
         still verify."""
         layout = self.plan.layout
+        paths = {s.path for p in layout.tensors for s in p.tensor.srcs}
+        self.inputs = {path: stats for path, stats in inputs.items() if path in paths}
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
         if self.uploads is not None:
@@ -152,6 +155,7 @@ class Output:
             "special_tokens": [dataclasses.asdict(r) for r in self.plan.token_rows] or None,
             "job": self.digest,
             "cwd": os.getcwd(),
+            "inputs": self.inputs,  # what `verify --sources` finds changed since
         }
         manifest = self.tally.table(target.name, meta)
         side_dir, chat_dir = self.side_dirs(recipe)

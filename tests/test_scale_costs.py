@@ -27,7 +27,8 @@ def test_planning_looks_up_each_file_a_few_times_not_each_tensor(tmp_path, monke
 
 
 def test_the_driver_keeps_16_bytes_per_output_block_not_a_dict_entry(tmp_path):
-    """A 671B output in bf16 is 1.3 M blocks of 1 MiB per output: the tally holds each digest in 16 bytes."""
+    """A 671B output in bf16 is 1.3 M blocks of 1 MiB per output: the tally holds each digest in 16 bytes, and
+    each source hash block's (block / 8 elements: 4 per output block of a bf16 source) too."""
     import tracemalloc
 
     from chatvec_dist.exec.messages import SegmentResult
@@ -42,12 +43,12 @@ def test_the_driver_keeps_16_bytes_per_output_block_not_a_dict_entry(tmp_path):
     tracemalloc.start()
     tally = Tally(lay, block)
     for b in range(0, blocks, 100):
-        tally.add(
-            SegmentResult(0, 0, tuple((k, k.to_bytes(16, "little")) for k in range(b, b + 100)), Stats()), "w", "n", 0.0
-        )
+        digests = tuple((k, k.to_bytes(16, "little")) for k in range(b, b + 100))
+        source = tuple((k, k.to_bytes(16, "little")) for k in range(4 * b, 4 * b + 400))
+        tally.add(SegmentResult(0, 0, digests, Stats(), (source,)), "w", "n", 0.0)
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert held < 24 * blocks + 100_000, held  # a dict of blocks took ~200 bytes each
+    assert held < 24 * 5 * blocks + 100_000, held  # a dict of blocks took ~200 bytes each
     assert tally.table("t", {}).column("hash").to_pylist()[0]  # and the tensor's hash is made from them
 
 

@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Rehash an output (a folder or an s3:// prefix) against its manifest: each problem, then the verdict."""
+    """Rehash an output (a folder or an s3:// prefix) against its manifest (with --sources, its sources too):
+    each problem, then the verdict."""
     from ..output.verify import verify as verify_output
 
-    problems = verify_output(args.out)
+    problems = verify_output(args.out, sources=args.sources)
     for line in problems:
         print(line)
     print(f"{args.out}: {'verified' if not problems else f'{len(problems)} problem(s)'}")

@@ -48,7 +48,7 @@ EXAMPLES = {
         f"chatvec merge --base {BASE} --chat {CHAT} --cp {CP} --out ./llama2-zh-chat --print-recipe > recipe.yaml",
         "chatvec run recipe.yaml --backend local",
     ],
-    "verify": ["chatvec verify ./llama2-zh-chat"],
+    "verify": ["chatvec verify ./llama2-zh-chat", "chatvec verify --sources ./llama2-zh-chat"],
     "inspect": ["chatvec inspect ./llama2-zh-chat --plot layers.png", "chatvec inspect ./llama2-zh-chat --recipe"],
     "demo": ["chatvec demo --backend local"],
     "bench": ["chatvec bench /mnt/models/tmp --size 5GB", "chatvec bench s3://my-bucket/scratch --address auto"],
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p = command("verify", "rehash an output against its manifest")
     p.add_argument("out", help="an output folder that chatvec wrote")
+    p.add_argument(
+        "--sources",
+        action="store_true",
+        help="also reread every source tensor the output was made from and compare it with its recorded digest",
+    )
     p = command("inspect", "summarize an output's manifest: per-layer updates, rules, anything unusual")
     p.add_argument("out", help="an output folder that chatvec wrote")
     what = p.add_mutually_exclusive_group()

@@ -39,12 +39,14 @@ class WorkContext:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """What one output got for one piece: digests of the hash blocks it covers, and stats."""
+    """What one output got for one piece: digests of the hash blocks it covers, and stats; and the digests of the
+    source hash blocks it read of each of its tensor's sources (`PlannedTensor.srcs` order; see source_digests)."""
 
     output: int
     index: int
     blocks: tuple[tuple[int, bytes], ...]
     stats: Stats
+    sources: tuple[tuple[tuple[int, bytes], ...], ...] = ()
 
 
 @dataclass(frozen=True)

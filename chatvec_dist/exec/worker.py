@@ -3,6 +3,7 @@ for an s3:// output, copy into the unit's part buffer, uploaded as one part of t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from . import rows
 from .device import make_compute, pick_device
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
+from .source_digests import PieceSources, source_block_elems
 
 
 def _written_as_read(t: PlannedTensor) -> bool:
@@ -113,22 +115,27 @@ class UnitRunner:
         if any(s3.is_url(src.path) for _, p in columns for src in p.tensor.srcs):
             strip_bytes = WHOLE_PIECE  # an object: one ranged read per piece and source (in parallel parts)
         step = block * max(1, strip_bytes // block) // itemsize  # whole hash blocks of every output
+        sources = PieceSources(piece, [p.tensor for _, p in columns], source_block_elems(block))
         segments: dict[int, SegmentResult] = {}
         for first in range(piece.first, max(piece.last, piece.first + 1), step):
             strip = Piece(piece.index, first, min(first + step, piece.last))
-            for seg in self._strip(strip, columns, stages):
+            for seg in self._strip(strip, columns, stages, sources):
                 done = segments.get(seg.output)
                 if done is not None:
                     done.stats.add(seg.stats)
                     seg = SegmentResult(seg.output, seg.index, done.blocks + seg.blocks, done.stats)
                 segments[seg.output] = seg
-        return list(segments.values())
+        return [dataclasses.replace(s, sources=sources.digests(columns[s.output][1].tensor)) for s in segments.values()]
 
-    def _strip(self, piece: Piece, columns: list[tuple[int, Placed]], stages: Stages) -> list[SegmentResult]:
+    def _strip(
+        self, piece: Piece, columns: list[tuple[int, Placed]], stages: Stages, sources: PieceSources
+    ) -> list[SegmentResult]:
         clock = time.perf_counter()
         inputs = self._read_inputs(piece, [p.tensor for _, p in columns])
         stages.bytes_read += sum(t.numel() * t.element_size() for t in inputs.values())
         clock = stages.lap("read", clock)
+        sources.feed(piece, {s: t.view(torch.uint8).numpy().data for s, t in inputs.items()})  # while in cache
+        clock = stages.lap("hash", clock)
         computed = [p.tensor for _, p in columns if not _written_as_read(p.tensor)]
         needs = input_needs(piece, computed)  # what the kernel reads: not the straight copies' bytes
         staged = self.compute.upload({s: inputs[s][:n] for s, n in needs.items()})

@@ -80,7 +80,7 @@ def report(out_dir: str | Path) -> str:
             f"{r.get('token') or ''} {r.get('cp')}←{r.get('chat')}".strip() for r in meta["special_tokens"]
         )
         lines.append(f"token rows from the chat model (CP row ← chat row): {taken}")
-    alphas = Counter(tuple(r["alphas"]) for r in rows if r["alphas"] is not None)
+    alphas = Counter(tuple(r["alphas"]) for r in rows if r.get("alphas") is not None)  # absent: an older manifest
     if len(alphas) > 1:  # alpha rules gave tensors different alphas (a gradient: one set per layer)
         sets = sorted(alphas.items())
         shown = (

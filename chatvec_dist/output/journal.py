@@ -10,6 +10,8 @@ from ..errors import OutputError
 from ..exec.messages import PartResult, SegmentResult, UnitResult
 from ..kernels.stats import Stats
 
+DIGEST = 16  # bytes of an xxh3-128 digest
+
 
 class Journal:
     """One output's finished units, one JSON line each, appended as results arrive; read back to resume. A line
@@ -63,14 +65,27 @@ class Journal:
         return results
 
 
-# A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf].
+# A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf,
+# sources], sources: per source of the tensor [first source block, its consecutive blocks' digests in hex, joined].
+# A line of an earlier format (no sources) fails to unpack: its unit is redone.
 def _segment_record(s: SegmentResult) -> list:
     stats = s.stats
     blocks = [[b, d.hex()] for b, d in s.blocks]
-    return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf]
+    sources = [[src[0][0] if src else 0, b"".join(d for _, d in src).hex()] for src in s.sources]
+    return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf, sources]
 
 
 def _segment(record: list, output: int) -> SegmentResult:
-    index, blocks, cp_sq, delta_sq, update_sq, nan, inf = record
+    index, blocks, cp_sq, delta_sq, update_sq, nan, inf, sources = record
     digests = tuple((b, bytes.fromhex(h)) for b, h in blocks)
-    return SegmentResult(output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf))
+    return SegmentResult(
+        output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf), tuple(_blocks(*s) for s in sources)
+    )
+
+
+def _blocks(first: int, joined: str) -> tuple[tuple[int, bytes], ...]:
+    """Consecutive blocks' digests from their joined hex (DIGEST bytes each)."""
+    data = bytes.fromhex(joined)
+    if len(data) % DIGEST:
+        raise ValueError("a digest cut short")
+    return tuple((first + k, data[at : at + DIGEST]) for k, at in enumerate(range(0, len(data), DIGEST)))

@@ -13,17 +13,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from ..dtypes import is_float
+from ..dtypes import ITEMSIZE, is_float
 from ..errors import VerifyError
 from ..exec.messages import SegmentResult
+from ..exec.source_digests import SOURCE_ALGORITHM, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
 from ..planning.layout import Layout
+from ..planning.planner import PlannedTensor
 from .location import Where, open_output
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
 HASH_ALGORITHM = "xxh3-128 of the concatenated xxh3-128 digests of each block_bytes block"
 
+# One source tensor the output tensor was made from: its role (`cp`, `chat[i]` / `base[i]`: the plus and minus of
+# the recipe's i-th vector), where its bytes are (file, byte offset, bytes read) and their digest (SOURCE_ALGORITHM).
+SOURCE_DIGEST = pa.struct(
+    [
+        ("role", pa.string()),
+        ("file", pa.string()),
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("dtype", pa.string()),
+        ("hash", pa.string()),
+    ]
+)
 SCHEMA = pa.schema(
     [
         ("target", pa.string()),
@@ -48,8 +62,16 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("alphas", pa.list_(pa.float64())),  # each vector's alpha in this tensor (alpha rules); null: not combined
         ("token_rows", pa.int64()),
+        ("source_digests", pa.list_(SOURCE_DIGEST)),
     ]
 )
+FIRST_COLUMNS = 20  # the first manifests' (target … seconds); every later column is appended
+
+
+def is_chatvec_schema(schema: pa.Schema) -> bool:
+    """SCHEMA, or the first columns of it that an earlier version wrote."""
+    n = len(schema)
+    return FIRST_COLUMNS <= n <= len(SCHEMA) and schema.equals(pa.schema(list(SCHEMA)[:n]))
 
 
 def tensor_hash(blocks: list[bytes]) -> str:
@@ -77,10 +99,20 @@ class _Entry:
     seen: bytearray  # 1 for each block reported
     # per piece (keyed by its first block), so that a piece computed again replaces, never adds
     parts: dict[int, Part] = field(default_factory=dict)
+    # per source (PlannedTensor.srcs order): its source hash blocks' digests, and which were reported
+    sources: list[bytearray] = field(default_factory=list)
+    sources_seen: list[bytearray] = field(default_factory=list)
 
     @classmethod
-    def of(cls, nblocks: int) -> _Entry:
-        return cls(bytearray(DIGEST * nblocks), bytearray(nblocks))
+    def of(cls, nblocks: int, source_blocks: list[int]) -> _Entry:
+        sources = [bytearray(DIGEST * n) for n in source_blocks]
+        return cls(bytearray(DIGEST * nblocks), bytearray(nblocks), {}, sources, [bytearray(n) for n in source_blocks])
+
+    def add_sources(self, sources: tuple[tuple[tuple[int, bytes], ...], ...]) -> None:
+        for digests, seen, blocks in zip(self.sources, self.sources_seen, sources):
+            for b, digest in blocks:
+                digests[b * DIGEST : (b + 1) * DIGEST] = digest
+                seen[b] = 1
 
 
 class Tally:
@@ -89,7 +121,14 @@ class Tally:
     def __init__(self, layout: Layout, block_bytes: int) -> None:
         self.layout = layout
         self.block_bytes = block_bytes
-        self.entries = [_Entry.of(max(1, math.ceil(p.nbytes / block_bytes))) for p in layout.tensors]
+        self.source_elems = source_block_elems(block_bytes)
+        self.entries = [
+            _Entry.of(
+                max(1, math.ceil(p.nbytes / block_bytes)),
+                [source_blocks(n, self.source_elems) for _, n in extents(p.tensor)],
+            )
+            for p in layout.tensors
+        ]
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
         e = self.entries[seg.index]
@@ -97,6 +136,7 @@ class Tally:
             e.digests[b * DIGEST : (b + 1) * DIGEST] = digest
             e.seen[b] = 1
         e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
+        e.add_sources(seg.sources)
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
         """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
@@ -145,16 +185,47 @@ class Tally:
                     "seconds": sum(p.seconds for p in e.parts.values()),
                     "alphas": [term.alpha for term in t.terms] if t.terms else None,
                     "token_rows": len(t.rows),
+                    "source_digests": source_digests(t, e),
                 }
             )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         meta = dict(
             metadata,
             hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
+            source_hash={"algorithm": SOURCE_ALGORITHM, "block_elems": self.source_elems},
             rows_sha256=rows_digest(table),
         )
         meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+
+
+def source_roles(t: PlannedTensor) -> list[str]:
+    """Each source's role, in `t.srcs` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
+    applied vector's plus side is its `chat[i]`)."""
+    roles = ["cp"] if t.cp is not None else []
+    for i, (_, plus, minus) in enumerate(t.terms):
+        roles += [f"{role}[{i}]" for role, src in (("chat", plus), ("base", minus)) if src is not None]
+    return roles
+
+
+def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
+    """The `source_digests` cell of a tensor: each source's role, place, extent and digest."""
+    found = []
+    for role, (src, extent), digests, seen in zip(source_roles(t), extents(t), e.sources, e.sources_seen):
+        if not all(seen):
+            raise VerifyError(f"internal: {sum(seen)} of {len(seen)} blocks of its {role} were reported", tensor=t.name)
+        nbytes = extent * ITEMSIZE[src.dtype]
+        found.append(
+            dict(
+                role=role,
+                file=src.path,
+                offset=src.start,
+                nbytes=nbytes,
+                dtype=src.dtype,
+                hash=tensor_hash([bytes(digests)]),
+            )
+        )
+    return found
 
 
 def rows_digest(table: pa.Table) -> str:
@@ -191,7 +262,8 @@ def read_manifest(out: Where) -> tuple[pa.Table, dict]:
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception as e:  # a damaged manifest must read as a verification failure
         raise DamagedManifest(f"manifest is unreadable ({type(e).__name__})", file=str(path)) from None
-    if not table.schema.remove_metadata().equals(SCHEMA):  # a column renamed or retyped (a flipped bit)
+    schema = table.schema.remove_metadata()
+    if not is_chatvec_schema(schema):  # a column renamed or retyped (a flipped bit)
         raise DamagedManifest("manifest columns are not chatvec's (damaged?)", file=str(path))
     block = (
         meta.get("hash", {}).get("block_bytes")

@@ -17,6 +17,7 @@ from ..planning.layout import SHARD_METADATA
 from .digests import DIGESTS_NAME, added_files, check_file, read_digests
 from .location import NotPlain, OutputLocation, Where, open_output
 from .manifest import MANIFEST_NAME, DamagedManifest, meta_digest, read_manifest, rows_digest, tensor_hash
+from .source_check import source_problems
 
 SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")  # what the layout names shards; anything else is not opened
 SHARDS_IN_FLIGHT = 4  # shards read and hashed at once (reads and xxh3 release the GIL)
@@ -28,7 +29,7 @@ def read_digest(files: FileHandles, path: str, offset: int, nbytes: int, buf: me
     return xxhash.xxh3_128_digest(buf[:nbytes])
 
 
-def verify(out: Where, shards_in_flight: int = SHARDS_IN_FLIGHT) -> list[str]:
+def verify(out: Where, shards_in_flight: int = SHARDS_IN_FLIGHT, sources: bool = False) -> list[str]:
     """Check every byte of an output (a folder or an `s3://` prefix); return one line per problem (empty: all
     verified).
 
@@ -38,17 +39,23 @@ def verify(out: Where, shards_in_flight: int = SHARDS_IN_FLIGHT) -> list[str]:
     named by a more specific line is not named again. An output without `checksums.json` (written before chatvec
     recorded file digests, or the file was deleted) gets one line saying so: only its tensors were checked.
     No manifest at all is a usage error (VerifyError), not a problem found. Shards are read `shards_in_flight`
-    at a time; the lines come in the same order whatever that number (the manifest's row order)."""
+    at a time; the lines come in the same order whatever that number (the manifest's row order).
+
+    With `sources`, then every source tensor the manifest records is reread and rehashed (source_check.py)."""
     with open_output(out) as location, ThreadPoolExecutor(shards_in_flight, thread_name_prefix="verify") as pool:
+        checked = None
         try:
             table, meta = read_manifest(location)
         except DamagedManifest as e:
             problems = [str(e)]
         else:
+            checked = table, meta
             problems = _manifest_problems(location, table, meta)
             problems += _index_problems(location, table)
             problems += _tensor_problems(location, table, int(meta["hash"]["block_bytes"]), pool)
         problems += _file_problems(location, problems, pool)
+        if sources and checked is not None:
+            problems += source_problems(*checked, location.describe(MANIFEST_NAME), pool)
     return [printable(p) for p in problems]
 
 
