@@ -25,6 +25,7 @@ class Src:
     path: str
     start: int
     dtype: str
+    scale: Src | None = None  # a block-scaled FP8 weight's float32 scales (planning/fp8.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
         raise PlanError(f"invalid exclude pattern: {e}") from None
+    from . import fp8  # builds on this module
+
+    sources, scales = fp8.split_scales(sources)
     reference = sources.cp if sources.cp is not None else sources.terms[0].minus or sources.terms[0].plus
     out_dtype = OUTPUT_DTYPES.get(target.dtype or "", "F32" if sources.cp is None else None)
     names = _all_names(sources)
@@ -89,11 +93,12 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     non_float = {n for n, r in reference.tensors.items() if not is_float(r.info.dtype)}
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
-    return [
-        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
+    planned = [
+        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded, scales)
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
+    return fp8.attach(planned, scales)
 
 
 def _all_names(sources: Sources) -> set[str]:
@@ -122,7 +127,13 @@ def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]
 
 
 def _plan_one(
-    name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources, excluded: set[str]
+    name: str,
+    ref: TensorRef,
+    policy: str,
+    out_dtype: str | None,
+    sources: Sources,
+    excluded: set[str],
+    scales: dict[tuple[str, int], Src],
 ) -> PlannedTensor:
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
@@ -144,7 +155,9 @@ def _plan_one(
             )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
-    _check_not_float8(name, [ref, *vecs])
+    from .fp8 import check_scaled
+
+    check_scaled(name, [ref, *vecs], scales)
     vocab = VOCAB_TENSOR.search(name) is not None and all(t.info.shape for t in [ref, *vecs])  # rows: not a scalar
     _check_vector_shapes(name, vecs, vocab)
     terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
@@ -173,17 +186,6 @@ def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:
                     file=other.path,
                     tensor=name,
                 )
-
-
-def _check_not_float8(name: str, refs: list[TensorRef]) -> None:
-    for t in refs:
-        if t.info.dtype.startswith("F8"):
-            raise PlanError(
-                f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
-                "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
-                file=t.path,
-                tensor=name,
-            )
 
 
 def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: bool) -> None:
