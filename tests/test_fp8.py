@@ -406,3 +406,25 @@ def test_a_gpu_worker_writes_the_cpu_workers_bytes(models, tmp_path, monkeypatch
     for a, b in zip(sorted((tmp_path / "cpu").glob("*.safetensors")), sorted((tmp_path / "gpu").glob("*.safetensors"))):
         assert a.read_bytes() == b.read_bytes()
     assert api.verify(tmp_path / "gpu") == []
+
+
+def test_compiled_for_an_h100_the_fp8_kernel_rounds_as_the_cpu_does():
+    """What bit identity on hardware depends on, from the PTX for sm_90 (no GPU needed): no FMA contraction, no
+    flushed denormals, no argument narrowed to float32, and both float32 divisions correctly rounded."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(here / "compile_fp8_for_gpu.py")], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = json.loads(done.stdout)
+    assert [len(c) for c in calls] == [1, 1, 2]
+    for facts in (f for c in calls for f in c):
+        assert facts["cubin_bytes"] > 0
+        assert (facts["fma"], facts["ftz"], facts["f32_params"], facts["div_inexact"]) == (0, False, 0, 0), facts
+    assert calls[0][0]["div_rn"] > 0  # the requantizing launch

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ..term import Term
 from .fp8 import Blocked, Operand
-from .triton_merge import _LAUNCH, MAX_TERMS, STATS, TritonScratch, _bits, _round_out, _widen, launch_options
+from .triton_merge import _LAUNCH, MAX_TERMS, STATS, TritonScratch, _bits, _round_out, _widen
+from .triton_merge import launch_options as merge_launch_options
 
 BLOCK = 128
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 4}
@@ -171,30 +172,25 @@ def _codes(x: Operand) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, None
 
 
-def combine_triton_fp8(
+def launches(
     out: torch.Tensor,
     out_scale: torch.Tensor | None,
     cp: Operand | None,
     terms: Sequence[Term],
     cols: int,
-    stats: torch.Tensor,
-    scratch: TritonScratch,
-) -> None:
-    """kernels/fp8.combine_fp8's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats`."""
-    n = out.numel()
-    if n == 0:
-        return
-    rows = n // cols
-    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(cols, BLOCK))
-    partials = scratch.get("fp8-partials", grid[0] * grid[1] * STATS, torch.float64, out.device)
-    acc = scratch.get("fp8-acc", n, torch.float64, out.device) if len(terms) > MAX_TERMS else partials
+    acc: torch.Tensor,
+    partials: torch.Tensor,
+) -> list[tuple[list, dict]]:
+    """The kernel's launches for one call, in order: (positional arguments, constexprs) of each. `partials` also
+    stands in for the pointers a launch does not read."""
     dst = out.view(torch.uint8) if out_scale is not None else out
-    dst_scale = out_scale if out_scale is not None else partials
     cp_values, cp_scale = _codes(cp) if cp is not None else (dst, None)
     groups = [terms[i : i + MAX_TERMS] for i in range(0, len(terms), MAX_TERMS)] or [[]]
+    calls = []
     for g, group in enumerate(groups):
         last = g == len(groups) - 1
-        args: list[object] = [dst, dst_scale, cp_values, cp_scale if cp_scale is not None else partials, acc, partials]
+        args: list[object] = [dst, out_scale if out_scale is not None else partials, cp_values]
+        args += [cp_scale if cp_scale is not None else partials, acc, partials]
         minus_bits, fp8_bits = 0, 256 if cp_scale is not None and last else 0
         for i in range(MAX_TERMS):
             alpha, plus, minus = group[i] if i < len(group) else (1.0, dst, None)
@@ -212,6 +208,32 @@ def combine_triton_fp8(
             OUT_KIND=_OUT_KIND[out.dtype],
             BLOCK=BLOCK,
         )
+        calls.append((args + [out.numel() // cols, cols], constexprs))
+    return calls
+
+
+def launch_options() -> dict:
+    """No FMA contraction (as the merge kernel); 8 warps for a 128 × 128 block."""
+    return {**merge_launch_options(), "num_warps": 8}
+
+
+def combine_triton_fp8(
+    out: torch.Tensor,
+    out_scale: torch.Tensor | None,
+    cp: Operand | None,
+    terms: Sequence[Term],
+    cols: int,
+    stats: torch.Tensor,
+    scratch: TritonScratch,
+) -> None:
+    """kernels/fp8.combine_fp8's contract on device tensors; adds [cp², Δ², (out−cp)², NaN, Inf] into `stats`."""
+    n = out.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n // cols, BLOCK), triton.cdiv(cols, BLOCK))
+    partials = scratch.get("fp8-partials", grid[0] * grid[1] * STATS, torch.float64, out.device)
+    acc = scratch.get("fp8-acc", n, torch.float64, out.device) if len(terms) > MAX_TERMS else partials
+    for args, constexprs in launches(out, out_scale, cp, terms, cols, acc, partials):
         with _LAUNCH:
-            _fp8_kernel[grid](*args, rows, cols, **constexprs, **launch_options())
+            _fp8_kernel[grid](*args, **constexprs, **launch_options())
     stats += partials.view(-1, STATS).sum(0)
