@@ -306,6 +306,11 @@ def _other_layout(t, c):
     return t, c | {"quantization_config": QUANT | {"weight_block_size": [64, 64]}}
 
 
+def _no_quantization_config(t, c):
+    del c["quantization_config"]
+    return t, c
+
+
 def _e5m2(t, c):
     t[W] = t[W].float().to(torch.float8_e5m2)
     return t, c
@@ -319,6 +324,7 @@ def _e5m2(t, c):
         (_wrong_blocks, r"F32 scale of shape \[5, 3\] does not fit 128×128 blocks of the \[320, 160\]", W + "_s"),
         (_other_layout, r"weight_block_size \[64, 64\]: only block-scaled fp8 with \[128, 128\]", None),
         (_e5m2, "a block scale of a F8_E5M2 tensor", W + "_s"),
+        (_no_quantization_config, r"block scales \('\*_scale_inv'\) but no quantization_config", None),
     ],
 )
 def test_what_cannot_be_done_exactly_is_refused_in_one_line(models, tmp_path, edit, message, tensor):
@@ -428,3 +434,56 @@ def test_compiled_for_an_h100_the_fp8_kernel_rounds_as_the_cpu_does():
         assert facts["cubin_bytes"] > 0
         assert (facts["fma"], facts["ftz"], facts["f32_params"], facts["div_inexact"]) == (0, False, 0, 0), facts
     assert calls[0][0]["div_rn"] > 0  # the requantizing launch
+
+
+# ---- extract / apply, exclusions, batches, Ray ----
+
+
+def test_extract_from_fp8_then_apply_to_an_fp8_cp(models, tmp_path):
+    from chatvec_dist.cli import main
+
+    vec, out = tmp_path / "vector", tmp_path / "applied"
+    common = ["--no-progress", "--backend", "local"]
+    assert (
+        main(["extract", "--base", str(models["base"]), "--chat", str(models["chat8"]), "--out", str(vec)] + common)
+        == 0
+    )
+    assert main(["apply", "--vector", str(vec), "--cp", str(models["cp8"]), "--out", str(out)] + common) == 0
+    files: dict[Path, dict[str, torch.Tensor]] = {}
+    vector = {k: v for f in sorted(vec.glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert not any(n.endswith("_scale_inv") for n in vector)
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    chat, base = _operand(models["chat8"], name, files), _operand(models["base"], name, files)
+    want_v = torch.from_numpy(chat - base).to(torch.float32)
+    assert vector[name].dtype == torch.float32 and torch.equal(bits(vector[name]), bits(want_v))
+    applied = _operand(models["cp8"], name, files) + want_v.double().numpy()
+    want_q, want_s = quantize(applied.astype(np.float32))
+    assert_fp8_equal(got[name], want_q)
+    assert torch.equal(bits(got[name + "_scale_inv"]), bits(torch.from_numpy(want_s)))
+
+
+def test_an_excluded_fp8_weight_keeps_its_codes_and_scales(models, tmp_path):
+    out = tmp_path / "out"
+    api.merge(models["base8"], models["chat8"], models["cp8"], out, options=LOCAL, exclude=re.escape(W))
+    got = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    cp = {k: v for f in sorted(models["cp8"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name in (W, W + "_scale_inv"):
+        assert torch.equal(bits(got[name]), bits(cp[name]))
+    other = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(bits(got[other]), bits(cp[other]))  # merged and requantized
+
+
+def test_batched_fp8_and_bf16_cps_are_refused_by_name(models, tmp_path):
+    recipe = api.make_recipe(models["base"], models["chat"], {"a": models["cp8"], "b": models["cp"]}, tmp_path)
+    with pytest.raises(PlanError, match="differ in tensor names"):
+        api.plan(recipe)
+
+
+def test_ray_workers_write_the_local_bytes(models, tmp_path):
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    api.merge(models["base8"], models["chat"], models["cp8"], local, options=LOCAL, unit_bytes=65536)
+    options = RunOptions(backend="ray", workers=2, progress=False)
+    api.merge(models["base8"], models["chat"], models["cp8"], ray, options=options, unit_bytes=65536)
+    for a, b in zip(sorted(local.glob("*.safetensors")), sorted(ray.glob("*.safetensors"))):
+        assert a.read_bytes() == b.read_bytes()

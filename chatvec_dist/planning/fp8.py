@@ -89,8 +89,13 @@ def _check_config(ckpt: Checkpoint) -> None:
     if not config:
         return
     quant = config.get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    blocks = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if not isinstance(quant, dict):
+        raise PlanError(
+            f"block scales ('*{SCALE_SUFFIX}') but no quantization_config: expected quant_method fp8 with "
+            f"weight_block_size [{BLOCK}, {BLOCK}]",
+            file=str(ckpt.directory / "config.json"),
+        )
+    method, blocks = quant.get("quant_method"), quant.get("weight_block_size")
     if method != "fp8" or blocks != [BLOCK, BLOCK]:
         raise PlanError(
             f"quantization_config {method!r} with weight_block_size {blocks}: only block-scaled fp8 with "
