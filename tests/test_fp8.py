@@ -487,3 +487,20 @@ def test_ray_workers_write_the_local_bytes(models, tmp_path):
     api.merge(models["base8"], models["chat"], models["cp8"], ray, options=options, unit_bytes=65536)
     for a, b in zip(sorted(local.glob("*.safetensors")), sorted(ray.glob("*.safetensors"))):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_whole_fp8_weight_is_one_unit_with_its_scales(models, tmp_path):
+    planned = api.plan(api.make_recipe(models["base"], models["chat"], models["cp8"], tmp_path, unit_bytes=8192))
+    tensors = [p.tensor for p in planned.targets[0].layout.tensors]
+    for unit in planned.units:
+        for piece in unit.pieces:
+            t = tensors[piece.index]
+            if t.out_dtype == "F8_E4M3":
+                assert (piece.first, piece.last) == (0, t.numel)
+                scale = next(p for p in unit.pieces if tensors[p.index].name == t.name + "_scale_inv")
+                assert (tensors[scale.index].rule, scale.index) == ("scale", piece.index + 1)
+    largest = max(u.nbytes for u in planned.units)
+    assert largest == 320 * 160 + 3 * 2 * 4 > 8192  # up_proj and its scales
+    from chatvec_dist.planning.table import needs
+
+    assert "buffers of a few units per worker (up to 50 KiB each)" in needs(planned)
