@@ -480,7 +480,7 @@ def test_batched_fp8_and_bf16_cps_are_refused_by_name(models, tmp_path):
         api.plan(recipe)
 
 
-def test_ray_workers_write_the_local_bytes(models, tmp_path):
+def test_ray_workers_write_the_local_bytes(models, tmp_path, ray_local):
     local, ray = tmp_path / "local", tmp_path / "ray"
     api.merge(models["base8"], models["chat"], models["cp8"], local, options=LOCAL, unit_bytes=65536)
     options = RunOptions(backend="ray", workers=2, progress=False)
