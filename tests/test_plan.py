@@ -124,8 +124,9 @@ def test_vocabulary_tensors_of_common_architectures_are_recognized(name, vocab):
     assert (VOCAB_TENSOR.search(name) is not None) == vocab
 
 
-def test_float8_weights_are_refused_with_the_reason(tmp_path):
-    """FP8 checkpoints keep scales in other tensors: raw float8 arithmetic would be silently wrong."""
+def test_float8_weights_without_block_scales_are_refused_with_the_reason(tmp_path):
+    """FP8 weights need their scales: raw float8 arithmetic would be silently wrong (tests/test_fp8.py has the
+    block-scaled ones)."""
     g = torch.Generator().manual_seed(0)
     cfg = llama_config(64)
     for name in ("base", "chat", "cp"):
@@ -135,7 +136,7 @@ def test_float8_weights_are_refused_with_the_reason(tmp_path):
                 torch.float8_e4m3fn
             )
         save_checkpoint(tmp_path / name, tensors, cfg)
-    with pytest.raises(PlanError, match="F8_E4M3 weights are stored with separate scales") as e:
+    with pytest.raises(PlanError, match="F8_E4M3 without a 128×128 block scale") as e:
         job.plan(_recipe({n: tmp_path / n for n in ("base", "chat", "cp")}))
     assert e.value.tensor == "model.layers.1.mlp.up_proj.weight" and e.value.file.startswith(str(tmp_path / "chat"))
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels.cpu import Scratch, combine
+from ..kernels.fp8 import Fp8Scratch, Operand, combine_fp8
 from ..kernels.stats import Stats
 from ..planning.planner import Src
 from ..term import Term
@@ -21,6 +22,7 @@ class CpuCompute:
 
     def __init__(self, fallback: str | None = None) -> None:
         self.scratch = Scratch()
+        self.fp8_scratch: Fp8Scratch | None = None  # made on the first FP8 weight
         self.fallback = fallback  # why a GPU that `auto` offered is not used
 
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
@@ -28,6 +30,14 @@ class CpuCompute:
 
     def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
         return combine(out, cp, terms, compute, self.scratch)
+
+    def combine_fp8(
+        self, out: torch.Tensor, out_scale: torch.Tensor | None, cp: Operand | None, terms: Sequence[Term], cols: int
+    ) -> Stats:
+        """A [rows, cols] weight with block-scaled FP8 operands or output (kernels/fp8.py), tile by tile."""
+        if self.fp8_scratch is None:
+            self.fp8_scratch = Fp8Scratch()
+        return combine_fp8(out, out_scale, cp, terms, cols, self.fp8_scratch)
 
 
 class TritonCompute:
@@ -57,6 +67,26 @@ class TritonCompute:
     def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
         return self._scratch.get(key, nbytes, torch.uint8, self.device)
 
+    def combine_fp8(
+        self, out: torch.Tensor, out_scale: torch.Tensor | None, cp: Operand | None, terms: Sequence[Term], cols: int
+    ) -> Stats:
+        """The fused FP8 kernel (kernels/triton_fp8.py) on the uploaded operands; `out` and `out_scale` are host
+        tensors, filled when this returns."""
+        from ..kernels.triton_fp8 import combine_triton_fp8
+
+        with torch.cuda.stream(self.stream):
+            self.stats.zero_()
+            dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
+            dev_scale = None
+            if out_scale is not None:
+                dev_scale = self._buffer("out-scale", out_scale.numel() * 4).view(torch.float32)
+            combine_triton_fp8(dev_out, dev_scale, cp, terms, cols, self.stats, self._scratch)
+            out.copy_(dev_out, non_blocking=True)
+            if out_scale is not None and dev_scale is not None:
+                out_scale.copy_(dev_scale, non_blocking=True)
+            host = self.stats.to("cpu", non_blocking=True)
+        return self._finish(host)
+
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         """Start the host → device copies of a piece's inputs (each once, whatever the number of outputs)."""
         out = {}
@@ -75,6 +105,10 @@ class TritonCompute:
             self._kernel(dev_out, cp, terms, compute, self.stats, self._scratch)
             out.copy_(dev_out, non_blocking=True)
             host = self.stats.to("cpu", non_blocking=True)
+        return self._finish(host)
+
+    def _finish(self, host: torch.Tensor) -> Stats:
+        """Wait for this stream's work; the stats it copied to the host."""
         if self.stream is not None:
             self.stream.synchronize()
         cp_sq, delta_sq, update_sq, nan, inf = host.tolist()

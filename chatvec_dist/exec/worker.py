@@ -19,6 +19,7 @@ from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
 from ..kernels.stats import Stats
 from ..planning.experts import read_ranges
+from ..planning.fp8 import SCALE_RULE, in_one_piece
 from ..planning.layout import Piece, Placed, Unit
 from ..planning.parts import Part
 from ..planning.plan import input_needs, span
@@ -27,6 +28,7 @@ from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from . import rows
 from .device import make_compute, pick_device
+from .fp8_work import combine_blocked
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 from .source_digests import PieceSources, source_block_elems
 
@@ -55,6 +57,7 @@ class UnitRunner:
         self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
         self._part_bufs: dict[int, bytearray] = {}  # per s3:// output: the current unit's parts, reused
         self._staged: dict[int, list[tuple[Part, memoryview]]] = {}  # per s3:// output: each part and its bytes
+        self._scales: dict[tuple[int, str], torch.Tensor] = {}  # (output, scale tensor) → its weight's new scales
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.node = node or socket.gethostname()
 
@@ -113,7 +116,9 @@ class UnitRunner:
         block = self.ctx.block_bytes
         strip_bytes = self.compute.strip_bytes
         if any(s3.is_url(src.path) for _, p in columns for src in p.tensor.srcs):
-            strip_bytes = WHOLE_PIECE  # an object: one ranged read per piece and source (in parallel parts)
+            strip_bytes = WHOLE_PIECE
+        if any(in_one_piece(p.tensor) for _, p in columns):
+            strip_bytes = WHOLE_PIECE  # FP8 blocks: whole 128-row block rows, and the scales beside them  # an object: one ranged read per piece and source (in parallel parts)
         step = block * max(1, strip_bytes // block) // itemsize  # whole hash blocks of every output
         sources = PieceSources(piece, [p.tensor for _, p in columns], source_block_elems(block))
         segments: dict[int, SegmentResult] = {}
@@ -150,6 +155,13 @@ class UnitRunner:
                 assert t.cp is not None
                 out = inputs[t.cp][:count].view(torch.uint8)
                 stats = nonfinite(inputs[t.cp][:count]) if is_float(t.out_dtype) else Stats()
+            elif t.rule == SCALE_RULE:  # computed with its weight, the piece before it in this unit
+                out, stats = self._scales.pop((o, t.name)).view(torch.uint8), Stats()
+            elif in_one_piece(t):
+                out = self._buffer("out", count * itemsize)
+                stats, scales = combine_blocked(self.compute, t, staged, out.view(TORCH_DTYPES[t.out_dtype]))
+                if scales is not None:
+                    self._scales[(o, scales[0])] = scales[1]
             else:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None

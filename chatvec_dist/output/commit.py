@@ -113,10 +113,7 @@ def _write_files(
     if side_dir is not None:
         for path in side_files(side_dir):
             _copy(path, work / path.name)
-    if config_dtype and (work / "config.json").is_file():
-        config = read_json_object(work / "config.json", OutputError)
-        _set_dtype(config, config_dtype)
-        _write(work / "config.json", json.dumps(config, indent=2))
+    _rewrite_config(work, config_dtype, any(p.tensor.out_dtype.startswith("F8") for p in layout.tensors))
     if chat_template_dir is not None and side_dir is not None:
         _copy_chat_template(chat_template_dir, side_dir, work, _cp_ids(manifest))
     weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
@@ -214,6 +211,19 @@ def tidy_committed(out: Path) -> None:
     for name in WORK_ONLY:
         (out / name).unlink(missing_ok=True)
     _remove(replaced_path(out.absolute()))
+
+
+def _rewrite_config(work: Path, dtype: str | None, fp8: bool) -> None:
+    """CP's config with the output dtype; without its `quantization_config` when no weight is written as FP8."""
+    path = work / "config.json"
+    if not path.is_file():
+        return
+    config = read_json_object(path, OutputError)
+    dequantized = not fp8 and config.pop("quantization_config", None) is not None
+    if dtype:
+        _set_dtype(config, dtype)
+    if dtype or dequantized:
+        _write(path, json.dumps(config, indent=2))
 
 
 def _set_dtype(config: dict, dtype: str) -> None:

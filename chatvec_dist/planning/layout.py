@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
+from .fp8 import SCALE_RULE, in_one_piece
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
@@ -147,8 +148,9 @@ class _Cutter:
         numel = max(p.tensor.numel for p in column)
         size = max(p.nbytes for p in column)
         small = self.at_shards and self.filled < MIN_PART  # an object's part must not end this small
-        if size <= self.unit_bytes:
-            if self.filled + size > self.unit_bytes and not small:
+        attached = any(p.tensor.rule == SCALE_RULE for p in column)  # its weight's unit computes it
+        if size <= self.unit_bytes or any(in_one_piece(p.tensor) for p in column):
+            if self.filled + size > self.unit_bytes and not small and not attached:
                 self.flush()
             self.pieces.append(Piece(index, 0, numel))
             self.filled += size

@@ -13,6 +13,7 @@ from ..io.sources import open_source
 from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
 from ..term import Term
+from .fp8 import check_local_output, scale_elems
 from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 from .tokens import TokenRow, token_rows, with_token_rows
@@ -69,6 +70,7 @@ def plan(recipe: Recipe) -> Planned:
         )
         rows = token_rows(target, sources)
         tensors = with_token_rows(plan_tensors(target, sources), rows, sources)
+        check_local_output(target.out, tensors)
         if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard
             order = [t.name for t in (sorted(tensors, key=lambda t: -ITEMSIZE[t.out_dtype]) if at_shards else tensors)]
         by_name = {t.name: t for t in tensors}
@@ -145,4 +147,7 @@ def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
             for src in (plus, minus):
                 if src is not None:
                     need[src] = max(need.get(src, 0), merged)
+        for src in t.srcs:  # a block-scaled FP8 source: its scales too (its piece is the whole tensor)
+            if src.scale is not None:
+                need[src.scale] = scale_elems(need[src], t.shape[-1])
     return need

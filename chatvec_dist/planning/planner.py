@@ -32,11 +32,13 @@ class Src:
     start: int
     dtype: str
     segments: tuple[Segment, ...] = ()
+    scale: Src | None = None  # a block-scaled FP8 weight's float32 scales (planning/fp8.py)
 
     @property
     def files(self) -> tuple[str, ...]:
-        """Every file this source reads."""
-        return tuple(dict.fromkeys(p for p, _, _ in self.segments)) if self.segments else (self.path,)
+        """Every file this source reads (an FP8 weight's scales too: they may sit in another shard)."""
+        own = tuple(dict.fromkeys(p for p, _, _ in self.segments)) if self.segments else (self.path,)
+        return own + (self.scale.files if self.scale is not None else ())
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
         raise PlanError(f"invalid exclude pattern: {e}") from None
+    from . import fp8  # builds on this module
+
+    sources, scales = fp8.split_scales(sources)
     reference = sources.cp if sources.cp is not None else sources.terms[0].minus or sources.terms[0].plus
     out_dtype = OUTPUT_DTYPES.get(target.dtype or "", "F32" if sources.cp is None else None)
     names = _all_names(sources)
@@ -114,13 +119,21 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
     files = {n: r.path for n, r in reference.tensors.items()}
     alphas = tensor_alphas(target, names, (n for n in reference.tensors if n not in keep_cp), files)
-    return [
+    planned = [
         _plan_one(
-            name, ref, target.vocab, out_dtype, sources.with_alphas(alphas.get(name)), excluded, tied.get(name, name)
+            name,
+            ref,
+            target.vocab,
+            out_dtype,
+            sources.with_alphas(alphas.get(name)),
+            excluded,
+            tied.get(name, name),
+            scales,
         )
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
+    return fp8.attach(planned, scales)
 
 
 def _map_experts(reference: Checkpoint, sources: Sources, excluded: set[str]) -> Sources:
@@ -158,7 +171,14 @@ def _check_name_sets(reference: Checkpoint, sources: Sources, excluded: set[str]
 
 
 def _plan_one(
-    name: str, ref: TensorRef, policy: str, out_dtype: str | None, sources: Sources, excluded: set[str], src: str
+    name: str,
+    ref: TensorRef,
+    policy: str,
+    out_dtype: str | None,
+    sources: Sources,
+    excluded: set[str],
+    src: str,
+    scales: dict[tuple[str, int], Src],
 ) -> PlannedTensor:
     """`src`: the tensor's name in the vectors (a tied head's: their embedding)."""
     info = ref.info
@@ -181,7 +201,17 @@ def _plan_one(
             )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
     vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
-    _check_not_float8(name, [ref, *vecs])
+    from .fp8 import check_scaled, is_fp8
+
+    for v in vecs:
+        if isinstance(v, MappedRef) and is_fp8(v.info.dtype):
+            raise PlanError(
+                "FP8 experts stored in another layout than CP's (per expert vs fused) cannot be mapped yet: their "
+                "block scales would not follow; store the vectors in CP's layout",
+                file=v.path,
+                tensor=name,
+            )
+    check_scaled(name, [ref, *vecs], scales)
     vocab = _vocab_dim(name, [ref, *vecs])
     _check_vector_shapes(name, vecs, vocab)
     terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
@@ -211,17 +241,6 @@ def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:
                     file=other.path,
                     tensor=name,
                 )
-
-
-def _check_not_float8(name: str, refs: list[TensorRef]) -> None:
-    for t in refs:
-        if t.info.dtype.startswith("F8"):
-            raise PlanError(
-                f"{t.info.dtype} weights are stored with separate scales that a chat vector cannot account "
-                "for: dequantize the checkpoints to bfloat16 first (or --exclude this tensor)",
-                file=t.path,
-                tensor=name,
-            )
 
 
 def _vocab_dim(name: str, refs: list[TensorRef]) -> int | None:

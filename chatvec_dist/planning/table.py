@@ -86,10 +86,11 @@ def needs(planned: Planned) -> str:
     blocks = sum(-(-p.nbytes // planned.block_bytes) for tp in planned.targets for p in tp.layout.tensors)
     tensors = sum(len(tp.layout.tensors) for tp in planned.targets)
     driver = 16 * blocks + 512 * tensors
+    unit = max([planned.recipe.unit_bytes, *(u.nbytes for u in planned.units)])  # a whole FP8 weight is one unit
     return (
         f"needs: {counted(len(files), 'input file')} and {counted(shards, 'output shard')} (open files per worker "
         f"are bounded), about {human_bytes(driver)} of driver memory for the manifest, and buffers of a few units "
-        f"per worker ({human_bytes(planned.recipe.unit_bytes, binary=True)} each)"
+        f"per worker (up to {human_bytes(unit, binary=True)} each)"
     )
 
 

@@ -1,0 +1,180 @@
+"""Block-scaled FP8 checkpoints (DeepSeek-V3/R1, Qwen3-FP8): each float8_e4m3fn `W` comes with a float32
+`W_scale_inv` of shape [⌈out/128⌉, ⌈in/128⌉], one scale per 128×128 block, wherever the index puts it. Planning
+pairs every weight with its scale, keeps the scales out of the arithmetic, and adds, beside each weight written as
+FP8, the scale tensor its unit computes. Anything else FP8 is refused with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import PlanError
+from ..io.checkpoint import Checkpoint, TensorRef
+from ..term import Term
+from .planner import PlannedTensor, Sources, Src
+
+BLOCK = 128  # rows and columns of a scale block
+FP8 = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"
+SCALE_RULE = "scale"  # a weight's scales, computed by the unit that computes the weight
+
+# Each FP8 weight's source (path, start) → its scale's source.
+Scales = dict[tuple[str, int], Src]
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The scale grid of a [rows, cols] weight: one float32 per 128×128 block."""
+    return (-(-shape[0] // BLOCK), -(-shape[1] // BLOCK))
+
+
+def is_fp8(dtype: str) -> bool:
+    return dtype.startswith("F8")
+
+
+def split_scales(sources: Sources) -> tuple[Sources, Scales]:
+    """The sources without their scale tensors (which are never combined as tensors), and each FP8 weight's
+    scale. Raises PlanError for a scale that fits no weight's 128×128 blocks or a quantization config this
+    cannot reproduce exactly."""
+    scales: Scales = {}
+    stripped: dict[int, Checkpoint] = {}
+
+    def strip(ckpt: Checkpoint | None) -> Checkpoint | None:
+        if ckpt is None:
+            return None
+        if id(ckpt) not in stripped:
+            stripped[id(ckpt)] = _strip(ckpt, scales)
+        return stripped[id(ckpt)]
+
+    terms = tuple(Term(alpha, strip(plus), strip(minus)) for alpha, plus, minus in sources.terms)
+    return Sources(strip(sources.cp), terms), scales
+
+
+def _strip(ckpt: Checkpoint, scales: Scales) -> Checkpoint:
+    for name, ref in ckpt.tensors.items():
+        if is_fp8(ref.info.dtype) and name + "_scale" in ckpt.tensors:
+            raise PlanError(
+                f"{ref.info.dtype} with a per-channel or per-tensor scale '{name}_scale' (compressed-tensors, "
+                f"FBGEMM): not supported yet, only 128×128 block scales '{name}{SCALE_SUFFIX}'",
+                file=ref.path,
+                tensor=name,
+            )
+    paired = [n for n in ckpt.tensors if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in ckpt.tensors]
+    if not paired:
+        return ckpt
+    _check_config(ckpt)
+    for name in paired:
+        weight, scale = ckpt.tensors[name[: -len(SCALE_SUFFIX)]], ckpt.tensors[name]
+        if weight.info.dtype != FP8 or len(weight.info.shape) != 2:
+            raise PlanError(
+                f"a block scale of a {weight.info.dtype} tensor of shape {list(weight.info.shape)}: only 2-D "
+                f"{FP8} weights are block-scaled",
+                file=scale.path,
+                tensor=name,
+            )
+        want = scale_shape(weight.info.shape)
+        if scale.info.dtype != "F32" or scale.info.shape != want:
+            raise PlanError(
+                f"{scale.info.dtype} scale of shape {list(scale.info.shape)} does not fit 128×128 blocks of the "
+                f"{list(weight.info.shape)} weight (expected F32 {list(want)})",
+                file=scale.path,
+                tensor=name,
+            )
+        scales[(weight.path, weight.info.start)] = Src(scale.path, scale.info.start, "F32")
+    drop = set(paired)
+    return dataclasses.replace(ckpt, tensors={n: r for n, r in ckpt.tensors.items() if n not in drop})
+
+
+def _check_config(ckpt: Checkpoint) -> None:
+    """A checkpoint with block scales must say so: fp8, 128×128 blocks (when it has a config at all)."""
+    config = ckpt.config
+    if not config:
+        return
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        raise PlanError(
+            f"block scales ('*{SCALE_SUFFIX}') but no quantization_config: expected quant_method fp8 with "
+            f"weight_block_size [{BLOCK}, {BLOCK}]",
+            file=str(ckpt.directory / "config.json"),
+        )
+    method, blocks = quant.get("quant_method"), quant.get("weight_block_size")
+    if method != "fp8" or blocks != [BLOCK, BLOCK]:
+        raise PlanError(
+            f"quantization_config {method!r} with weight_block_size {blocks}: only block-scaled fp8 with "
+            f"[{BLOCK}, {BLOCK}] blocks is supported",
+            file=str(ckpt.directory / "config.json"),
+        )
+
+
+def check_scaled(name: str, refs: list[TensorRef], scales: Scales) -> None:
+    """Every float8 tensor that is combined is a block-scaled float8_e4m3fn weight with its scale."""
+    for t in refs:
+        if not is_fp8(t.info.dtype):
+            continue
+        if t.info.dtype != FP8 or (t.path, t.info.start) not in scales:
+            raise PlanError(
+                f"{t.info.dtype} without a 128×128 block scale '{name}{SCALE_SUFFIX}': only DeepSeek-style "
+                f"block-scaled {FP8} is supported (per-channel or per-tensor FP8, as compressed-tensors or FBGEMM "
+                "write it, is not yet; dequantize to bfloat16 first or --exclude this tensor)",
+                file=t.path,
+                tensor=name,
+            )
+
+
+def attach(tensors: list[PlannedTensor], scales: Scales) -> list[PlannedTensor]:
+    """Give each FP8 source its scale, and put right after each weight written as FP8 its scale tensor: computed
+    beside a merged weight (rule `scale`), CP's copied beside a weight kept as stored."""
+    planned: list[PlannedTensor] = []
+    for t in tensors:
+        t = _with_scales(t, scales)
+        planned.append(t)
+        name = t.name + SCALE_SUFFIX
+        if t.rule == "copy" and t.cp is not None and (t.cp.path, t.cp.start) in scales:
+            src = scales[(t.cp.path, t.cp.start)]
+            planned.append(PlannedTensor(name, "copy", t.reason, scale_shape(t.shape), "F32", src, (), 0))
+        elif t.rule != "copy" and is_fp8(t.out_dtype):
+            planned.append(PlannedTensor(name, SCALE_RULE, f"of {t.name}", scale_shape(t.shape), "F32", None, (), 0))
+    return planned
+
+
+def _with_scales(t: PlannedTensor, scales: Scales) -> PlannedTensor:
+    if t.rule == "copy" or not (is_fp8(t.out_dtype) or any(is_fp8(s.dtype) for s in t.srcs)):
+        return t
+    if t.rule != "merge" or len(t.shape) != 2:
+        raise PlanError(
+            f"a {t.rule} of a block-scaled FP8 tensor of shape {list(t.shape)} ({t.reason}): only whole 2-D "
+            "weights of equal shapes are combined in FP8",
+            file=(t.cp or t.srcs[0]).path,
+            tensor=t.name,
+        )
+
+    def scaled(s: Src | None) -> Src | None:
+        return dataclasses.replace(s, scale=scales[(s.path, s.start)]) if s is not None and is_fp8(s.dtype) else s
+
+    terms = tuple(Term(alpha, scaled(plus), scaled(minus)) for alpha, plus, minus in t.terms)
+    return dataclasses.replace(t, cp=scaled(t.cp), terms=terms)
+
+
+def in_one_piece(t: PlannedTensor) -> bool:
+    """Whether a tensor is computed whole by one unit: an FP8 weight that is combined (its blocks and its scale
+    tensor are written together) and that scale tensor."""
+    if t.rule == SCALE_RULE:
+        return True
+    return t.rule != "copy" and (is_fp8(t.out_dtype) or any(s.scale is not None for s in t.srcs))
+
+
+def check_local_output(out: str | None, tensors: list[PlannedTensor]) -> None:
+    """An s3:// output's units must stay within a part's bounds; whole FP8 weights do not, yet."""
+    if out is None or not out.startswith("s3://"):
+        return
+    for t in tensors:
+        if in_one_piece(t):
+            raise PlanError(
+                "block-scaled FP8 tensors to an s3:// output are not supported yet: write to a local folder "
+                "and upload it",
+                file=out,
+                tensor=t.name,
+            )
+
+
+def scale_elems(elems: int, cols: int) -> int:
+    """Scales that cover the first `elems` (whole rows) of a weight with `cols` columns."""
+    return -(-elems // cols // BLOCK) * -(-cols // BLOCK) if cols else 0
