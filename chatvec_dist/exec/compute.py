@@ -17,6 +17,7 @@ class CpuCompute:
     """Inputs stay where they were read; the chunked CPU kernel writes straight into the output buffer."""
 
     pinned = False
+    runs_of_small = True  # small tensors end to end in one pass (exec/small_runs.py)
     strip_bytes = 1 << 20  # of output per step: the inputs, the output and its hash stay in cache
     device = torch.device("cpu")
 
@@ -46,6 +47,7 @@ class TritonCompute:
 
     strip_bytes = 1 << 62  # whole pieces: large copies keep PCIe busy; each launch has a fixed cost
     fallback = None
+    runs_of_small = False  # the stats come from the kernel
 
     def __init__(self, device: torch.device) -> None:
         from ..kernels.triton_merge import TritonScratch, combine_triton

@@ -26,7 +26,7 @@ from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
-from . import rows
+from . import rows, small_runs
 from .device import make_compute, pick_device
 from .fp8_work import combine_blocked
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
@@ -72,7 +72,12 @@ class UnitRunner:
         t0 = time.perf_counter()
         stages = Stages()
         self._stage_parts(unit)
-        results = [r for piece in unit.pieces for r in self._piece(piece, stages)]
+        results = []
+        for work in small_runs.runs(unit.pieces, self.ctx) if self.compute.runs_of_small else unit.pieces:
+            if isinstance(work, Piece):
+                results += self._piece(work, stages)
+            else:
+                results += small_runs.do_run(self, work, stages)
         parts = self._upload_parts(stages)
         return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages, parts)
 
