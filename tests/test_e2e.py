@@ -209,10 +209,10 @@ def test_a_gpu_actor_sees_only_its_own_gpu_where_ray_leaves_all_visible(ray_loca
         assert ray_backend.own_gpus(env, ids) is None
     monkeypatch.setattr(ray_local, "get_gpu_ids", lambda: [1])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    ray_backend._Worker(None, "auto")
+    ray_backend._Worker("auto")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # Ray's own setting stands
     monkeypatch.setenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
-    ray_backend._Worker(None, "auto")
+    ray_backend._Worker("auto")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 

@@ -20,10 +20,10 @@ class OutputContext:
     """One output as a worker sees it: its placed tensors and shard files (local paths), or, for an s3:// output,
     its shards' URLs, each shard's multipart upload id and header, and each unit's parts (by unit id)."""
 
-    tensors: list[Placed]
-    shard_paths: list[str]
-    uploads: list[str] | None = None
-    headers: list[bytes] | None = None
+    tensors: list[Placed] | dict[int, Placed]  # by tensor index: a unit's own (exec/unit_context.py) or all
+    shard_paths: list[str] | dict[int, str]  # by shard number, as are uploads and headers
+    uploads: list[str] | dict[int, str] | None = None
+    headers: list[bytes] | dict[int, bytes] | None = None
     parts: dict[int, list[Part]] | None = None
 
 

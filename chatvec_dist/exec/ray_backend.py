@@ -27,6 +27,7 @@ from ..planning.layout import Unit
 from .device import PIPELINE, cluster_device
 from .messages import UnitResult, WorkContext
 from .runs import Runs
+from .unit_context import unit_context
 
 if TYPE_CHECKING:
     from .worker import UnitRunner
@@ -183,10 +184,10 @@ def own_gpus(env: Mapping[str, str], gpu_ids: list) -> str | None:
 class _Worker:
     """A Ray actor: PIPELINE threads, each with its own runner (buffers, stream)."""
 
-    def __init__(self, ctx: WorkContext, device: str) -> None:
+    def __init__(self, device: str) -> None:
         import ray
 
-        self.ctx, self.device = ctx, device
+        self.device = device
         self.node = ray.get_runtime_context().get_node_id()
         if (visible := own_gpus(os.environ, ray.get_gpu_ids())) is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA starts in this process (on first use)
@@ -198,7 +199,8 @@ class _Worker:
         if not hasattr(self._local, "runner"):
             from .worker import UnitRunner  # torch: imported in the actor, never in the driver
 
-            self._local.runner = UnitRunner(self.ctx, node=self.node, device=self.device)
+            empty = WorkContext([], 0, {})  # each unit brings its own (`run`)
+            self._local.runner = UnitRunner(empty, node=self.node, device=self.device)
             with self._lock:
                 self._runners.append(self._local.runner)
         return self._local.runner
@@ -208,8 +210,11 @@ class _Worker:
         runner = self._runner()
         return str(runner.device), runner.compute.fallback
 
-    def run(self, unit: Unit) -> UnitResult:
-        return self._runner().run(unit)
+    def run(self, unit: Unit, ctx: WorkContext) -> UnitResult:
+        """Run `unit` with its own cut of the work context (exec/unit_context.py)."""
+        runner = self._runner()
+        runner.ctx = ctx
+        return runner.run(unit)
 
     def close(self) -> None:
         with self._lock:
@@ -257,7 +262,7 @@ class RayBackend:
             max_task_retries=0,
             scheduling_strategy="SPREAD",
         )(_Worker)
-        self._ctx_ref = self.ray.put(ctx)
+        self.ctx = ctx  # not shipped whole: each unit takes its own cut of it along (exec/unit_context.py)
         self._starting: dict = {}  # ready() ref -> actor
         self.actors: list = []
         self.replacements = 0
@@ -290,7 +295,7 @@ class RayBackend:
             time.sleep(1.0)
 
     def _start_actor(self) -> None:
-        actor = self._actor_class.remote(self._ctx_ref, self.device)
+        actor = self._actor_class.remote(self.device)
         self._starting[actor.ready.remote()] = actor
 
     def run(self, units: Iterable[Unit], on_result: Callable[[UnitResult], None]) -> list[Unit]:
@@ -318,7 +323,7 @@ class RayBackend:
         """Keep each actor's queue full: its own run first, then half of the longest run left."""
         for actor in self.actors:
             while state.load[actor] < self.per_actor and (unit := state.runs.take(actor)) is not None:
-                state.in_flight[actor.run.remote(unit)] = (actor, unit)
+                state.in_flight[actor.run.remote(unit, unit_context(self.ctx, unit))] = (actor, unit)
                 state.load[actor] += 1
 
     def _started(self, ref) -> None:
