@@ -7,6 +7,7 @@ model of 45 000 tensors, most of them small (norms, biases, thin shapes), that i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from ..io import s3
 from ..io.ranges import write_at
 from ..kernels.cpu import CHUNK
 from ..kernels.cpu_runs import combine_run
-from ..planning.fp8 import in_one_piece
+from ..planning.fp8 import is_fp8
 from ..planning.layout import Piece, Placed
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
@@ -74,13 +75,26 @@ def _member(piece: Piece, ctx: WorkContext) -> tuple[_Member, Shape] | None:
 
 def _small(t: PlannedTensor, srcs: list[Src], piece: Piece, block_bytes: int) -> bool:
     """A whole tensor of one hash block (of the output and of each source), combined by the plain kernel."""
-    if t.rule != "merge" or t.rows or not t.terms or t.merge_elems != t.numel or piece.first:
+    if t.rule != "merge" or not t.terms or t.merge_elems != t.numel or piece.first or not _plain(t):
         return False
-    if piece.last != t.numel or not 0 < t.numel <= source_block_elems(block_bytes) or in_one_piece(t):
-        return False
-    if t.numel * max(ITEMSIZE[d] for d in [t.out_dtype, *(s.dtype for s in srcs)]) > SMALL_BYTES:
-        return False
-    return all(not s.segments and s.scale is None and not s3.is_url(s.path) for s in srcs)
+    if piece.last != t.numel or not 0 < t.numel <= source_block_elems(block_bytes) or is_fp8(t.out_dtype):
+        return False  # an FP8 output: its blocks and scales together (planning/fp8.py)
+    size = ITEMSIZE[t.out_dtype]
+    for s in srcs:  # plain local tensors: no fused experts' segments, no FP8 scales, no object
+        if s.segments or s.scale is not None or s.path.startswith(s3.SCHEME):
+            return False
+        size = max(size, ITEMSIZE[s.dtype])
+    return t.numel * size <= SMALL_BYTES
+
+
+# The fields of a plain merge; any other (token rows, and whatever a later rule adds) at its default, or the
+# tensor is done alone: a new field never slips into a run unnoticed.
+_PLAIN = {"name", "rule", "reason", "shape", "out_dtype", "cp", "terms", "merge_elems"}
+_OTHERS = [(f.name, f.default) for f in dataclasses.fields(PlannedTensor) if f.name not in _PLAIN]
+
+
+def _plain(t: PlannedTensor) -> bool:
+    return all(getattr(t, name) == default for name, default in _OTHERS)
 
 
 def _follows(prev: _Member, nxt: _Member) -> bool:
