@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, gcpause
 from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
@@ -178,6 +178,11 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
     options = options or RunOptions()
     recipe.check_runnable()
     planned = plan(recipe)
+    with gcpause.frozen():  # the plan: out of every collection of the run (gcpause)
+        return _run(recipe, planned, options)
+
+
+def _run(recipe: Recipe, planned: Planned, options: RunOptions) -> list[Output]:
     inputs = _input_stats(planned)
     outputs = [Output(tp, _out_path(tp), digest) for tp, digest in zip(planned.targets, _digests(planned, inputs))]
     _check_apart(outputs)
@@ -272,6 +277,7 @@ def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, resta
     for output in outputs:
         for uid in done:
             output.record(output.journaled[uid])
+        output.journaled = {}  # in the tally now: kept no longer (they grow with the output's bytes)
     if done:
         logger.info(f"resuming: {len(done)} of {len(planned.units)} units verified from an earlier run")
     return done
@@ -312,17 +318,15 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     ctx = WorkContext([o.context() for o in outputs], planned.block_bytes, hub_files(inputs), object_etags(inputs))
     backend = make_backend(ctx, options)
     journals = [Journal(w / JOURNAL_NAME) for w in works if w is not None]
-    sizes = {u.id: unit_io_bytes(u, planned) for u in todo}
+    sizes = {u.id: unit_io_bytes(u, planned) for u in todo} if options.progress else {}  # for the bar only
     names = ", ".join(o.path.name for o in outputs)
     progress = _Progress(
         sum(sizes.values()), f"{planned.recipe.kind} → {names} ({backend.name} × {backend.workers})", options.progress
     )
-    results: dict[int, list[UnitResult]] = {}  # per unit: each output's share, to recheck
     stages = Stages()
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        results[result.unit] = []
         for index, (output, journal) in enumerate(zip(outputs, journals)):
             mine = dataclasses.replace(
                 result,
@@ -331,12 +335,11 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
             )
             output.record(mine)
             journal.append(mine)
-            results[result.unit].append(mine)
-        progress.update(sizes[result.unit])
+        progress.update(sizes.get(result.unit, 0))
 
     try:
         suspect = backend.run(todo, on_result)
-        _redo_lost(planned, outputs, backend, suspect, results, on_result)
+        _redo_lost(planned, outputs, backend, suspect, on_result)
         return throughput(stages, started, time.perf_counter(), backend)
     finally:
         progress.close()
@@ -369,18 +372,25 @@ def _redo_lost(
     outputs: list[Output],
     backend: Backend,
     suspect: list[Unit],
-    results: dict[int, list[UnitResult]],
     on_result: Callable[[UnitResult], None],
 ) -> None:
-    """Units finished by workers that died before their fsync: recheck their bytes, redo those lost."""
+    """Units finished by workers that died before their fsync: recheck their bytes (as each output's journal
+    reported them: the driver keeps no results), redo those lost."""
     for attempt in range(MAX_RECHECKS + 1):
-        lost = [u for u in suspect if not all(o.holds(r, planned.block_bytes) for r, o in zip(results[u.id], outputs))]
+        if not suspect:
+            return
+        journaled = [Journal.load(o.work / JOURNAL_NAME, i) for i, o in enumerate(outputs) if o.work is not None]
+        lost = [u for u in suspect if not all(_holds(o, j.get(u.id), planned) for o, j in zip(outputs, journaled))]
         if not lost:
             return
         if attempt == MAX_RECHECKS:
             raise RunError(f"units kept losing their bytes with their workers after {MAX_RECHECKS} tries")
         logger.info(f"redoing {len(lost)} unit(s) whose bytes were lost with their worker")
         suspect = backend.run(lost, on_result)
+
+
+def _holds(output: Output, result: UnitResult | None, planned: Planned) -> bool:
+    return result is not None and output.holds(result, planned.block_bytes)
 
 
 def throughput(stages: Stages, started: float, ended: float, backend: Backend) -> str:

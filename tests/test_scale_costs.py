@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -61,4 +62,118 @@ def test_plan_says_what_a_run_will_need(tmp_path, capsys):
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("needs: 4 input files and 1 output shard (open files per worker are bounded), about "), last
-    assert "of driver memory for the manifest" in last and "(64 MiB each)" in last
+    assert "of driver memory for the manifest" in last and "(up to 64 MiB each)" in last
+
+
+def test_the_tally_folds_each_tensor_once_its_blocks_arrived(tmp_path):
+    """Driver memory per output grows with tensors, not bytes: ten times the blocks per tensor, the same memory
+    once every tensor is complete; and the hashes are those of all the block digests in order."""
+    import tracemalloc
+
+    import xxhash
+
+    from chatvec_dist.exec.messages import SegmentResult
+    from chatvec_dist.kernels.stats import Stats
+    from chatvec_dist.output.manifest import Tally
+    from chatvec_dist.planning.layout import layout
+    from chatvec_dist.planning.planner import PlannedTensor, Src
+
+    def held(blocks: int) -> tuple[int, Tally]:
+        block = 4096
+        ts = [
+            PlannedTensor(f"t{i}", "merge", "", (block * blocks // 2,), "BF16", Src("x", 0, "BF16"), (), 0)
+            for i in range(50)
+        ]
+        lay = layout(ts, max_shard_size=10**12)
+        tracemalloc.start()
+        tally = Tally(lay, block)
+        for i in range(len(ts)):
+            for b in reversed(range(0, blocks, 10)):  # out of order, in pieces of ten blocks
+                digests = tuple((k, (i * blocks + k).to_bytes(16, "little")) for k in range(b, b + 10))
+                source = tuple((k, k.to_bytes(16, "little")) for k in range(4 * b, 4 * b + 40))
+                tally.add(SegmentResult(i, i, digests, Stats(), (source,)), "w", "n", 0.0)
+        now, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return now, tally
+
+    small, _ = held(100)
+    large, tally = held(1000)
+    assert large < small * 1.2 + 10_000, (small, large)  # 16 B per block kept would be 50 × 900 × 80 B more
+    hashes = tally.table("t", {}).column("hash").to_pylist()
+    want = xxhash.xxh3_128_hexdigest(b"".join((1000 + k).to_bytes(16, "little") for k in range(1000)))
+    assert hashes[1] == want
+
+
+def test_units_lost_with_their_worker_are_rechecked_from_the_journal(tmp_path, monkeypatch):
+    """The driver keeps no unit results for the recheck: it reads the journal back. A suspect unit whose bytes are
+    gone is redone; one whose bytes are there is not."""
+    from chatvec_dist.demo import make_demo_models
+    from chatvec_dist.exec.local import LocalBackend
+    from chatvec_dist.output.verify import verify
+    from chatvec_dist.output.workarea import partial_path
+
+    models = make_demo_models(tmp_path / "demo")
+    out = tmp_path / "out"
+    runs: list[list[int]] = []
+    real = LocalBackend.run
+
+    def run(self, units, on_result):
+        units = list(units)
+        runs.append([u.id for u in units])
+        real(self, units, on_result)
+        if len(runs) > 1:
+            return []
+        shard = sorted(partial_path(out).glob("*.safetensors"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[-64:] = bytes(64)  # the last unit's bytes lost with its worker
+        shard.write_bytes(data)
+        return [units[0], units[-1]]  # both suspect
+
+    monkeypatch.setattr(LocalBackend, "run", run)
+    recipe = chatvec_dist.make_recipe(str(models["base"]), str(models["chat"]), str(models["cp"]), str(out))
+    recipe = dataclasses.replace(recipe, unit_bytes=64 * 1024)
+    chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", workers=1, progress=False))
+    assert len(runs) == 2 and runs[1] == [runs[0][-1]], runs  # only the lost unit was redone
+    assert verify(out) == []
+
+
+def test_a_unit_carries_only_its_cut_of_the_plan_and_computes_the_same(tmp_path):
+    """Ray workers get each unit with its own cut of the work context: the cuts together are about the whole
+    context once (not once per worker), and a unit run with its cut reports what it reports with the whole."""
+    import pickle
+
+    from chatvec_dist.demo import make_demo_models
+    from chatvec_dist.exec.messages import OutputContext, WorkContext
+    from chatvec_dist.exec.unit_context import unit_context
+    from chatvec_dist.exec.worker import UnitRunner
+    from chatvec_dist.planning.layout import Unit
+
+    models = make_demo_models(tmp_path / "demo")
+    outs = {"a": str(models["cp"]), "b": str(models["cp"])}
+    recipe = chatvec_dist.make_recipe(str(models["base"]), str(models["chat"]), outs, str(tmp_path / "out"), 0.5)
+    planned = chatvec_dist.plan(dataclasses.replace(recipe, unit_bytes=32 * 1024))
+    shards = []
+    for k, tp in enumerate(planned.targets):
+        paths = []
+        for s in tp.layout.shards:
+            paths.append(str(tmp_path / f"{k}-{s.name}"))
+            with open(paths[-1], "wb") as f:
+                f.write(s.header)
+                f.truncate(s.size)
+        shards.append(OutputContext(tp.layout.tensors, paths))
+    whole = WorkContext(shards, planned.block_bytes, {})
+    assert len(planned.units) > 5
+    cuts = [unit_context(whole, u) for u in planned.units]
+    for unit, cut in zip(planned.units, cuts):
+        assert all(set(o.tensors) == {p.index for p in unit.pieces} for o in cut.outputs)
+    total, once = sum(len(pickle.dumps(c)) for c in cuts), len(pickle.dumps(whole))
+    assert len(pickle.dumps(unit_context(whole, Unit(-1, (), 0)))) < 300  # what a worker starts with
+    assert total < once + 2048 * len(cuts), (total, once)  # each message repeats class names and file paths
+    runner, cut_runner = UnitRunner(whole, device="cpu"), UnitRunner(cuts[0], device="cpu")
+    try:
+        for unit, cut in zip(planned.units, cuts):
+            cut_runner.ctx = cut
+            assert runner.run(unit).segments == cut_runner.run(unit).segments, unit.id
+    finally:
+        runner.close()
+        cut_runner.close()

@@ -30,11 +30,11 @@ def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
         tags=["chat-vector", "merge", "chatvec_dist"],
         library_name="transformers" if meta["kind"] != "extract" else None,
     )
-    all_rows = manifest.to_pylist()
-    rows = [r for r in all_rows if r["rel_update"] is not None and math.isfinite(r["rel_update"])]
+    columns = {c: manifest.column(c).to_pylist() for c in ("tensor", "rule", "rel_update", "nan_count", "inf_count")}
+    rows = [dict(zip(columns, r)) for r in zip(*columns.values()) if r[2] is not None and math.isfinite(r[2])]
     rows.sort(key=lambda r: -r["rel_update"])
     table = "\n".join(f"| {_code(r['tensor'])} | {r['rule']} | {r['rel_update']:.3e} |" for r in rows[:top])
-    nonfinite = sum(1 for r in all_rows if (r["nan_count"] or 0) + (r["inf_count"] or 0))
+    nonfinite = sum(1 for nan, inf in zip(columns["nan_count"], columns["inf_count"]) if (nan or 0) + (inf or 0))
     what = {
         "merge": "a CP model with chat vectors added",
         "apply": "a CP model with an extracted chat vector added",

@@ -71,8 +71,12 @@ class Journal:
 def _segment_record(s: SegmentResult) -> list:
     stats = s.stats
     blocks = [[b, d.hex()] for b, d in s.blocks]
-    sources = [[src[0][0] if src else 0, b"".join(d for _, d in src).hex()] for src in s.sources]
+    sources = [[src[0][0], src[0][1].hex()] if len(src) == 1 else _joined(src) for src in s.sources]
     return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf, sources]
+
+
+def _joined(src: tuple[tuple[int, bytes], ...]) -> list:
+    return [src[0][0] if src else 0, b"".join(d for _, d in src).hex()]
 
 
 def _segment(record: list, output: int) -> SegmentResult:

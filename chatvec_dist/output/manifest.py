@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -90,29 +91,68 @@ class Part(NamedTuple):
 DIGEST = 16  # bytes of an xxh3-128 digest
 
 
+class _Digests:
+    """One tensor's (or source tensor's) block digests as they arrive, folded into its hash by the last one: 16
+    bytes per block while some are missing, then none (the driver's memory grows with tensors, not bytes). A block
+    reported again once folded (a unit redone after its worker died) is the same bytes: the work is
+    deterministic on inputs that `job` checks did not change."""
+
+    __slots__ = ("blocks", "missing", "digests", "seen", "hash")
+
+    def __init__(self, blocks: int) -> None:
+        self.blocks = self.missing = blocks
+        self.digests: bytearray | None = None  # made with the first block
+        self.seen: bytearray | None = None
+        self.hash: str | None = None
+
+    def add(self, blocks: tuple[tuple[int, bytes], ...]) -> None:
+        if self.hash is not None:
+            return
+        if self.blocks == len(blocks) == 1:  # most tensors: one block, folded at once
+            self.hash, self.missing = tensor_hash([blocks[0][1]]), 0
+            return
+        if self.digests is None or self.seen is None:
+            self.digests, self.seen = bytearray(DIGEST * self.blocks), bytearray(self.blocks)
+        for b, digest in blocks:
+            self.digests[b * DIGEST : (b + 1) * DIGEST] = digest
+            self.missing -= not self.seen[b]
+            self.seen[b] = 1
+        if not self.missing:
+            self.hash = tensor_hash([bytes(self.digests)])
+            self.digests = self.seen = None
+
+    def reported(self) -> int:
+        return self.blocks - self.missing
+
+
 @dataclass
 class _Entry:
-    """One output tensor's block digests, in block order (16 bytes per block: the driver's memory grows with the
-    output's size by 16 bytes per block, not a dict entry per block), and what its pieces reported."""
+    """One output tensor's block digests, and what its pieces reported: both folded once all blocks arrived."""
 
-    digests: bytearray
-    seen: bytearray  # 1 for each block reported
+    digests: _Digests
     # per piece (keyed by its first block), so that a piece computed again replaces, never adds
     parts: dict[int, Part] = field(default_factory=dict)
-    # per source (PlannedTensor.srcs order): its source hash blocks' digests, and which were reported
-    sources: list[bytearray] = field(default_factory=list)
-    sources_seen: list[bytearray] = field(default_factory=list)
+    # per source (PlannedTensor.srcs order): its source hash blocks' digests
+    sources: list[_Digests] = field(default_factory=list)
+    total: Part | None = None  # once complete: the pieces' stats and seconds summed, their workers and nodes
 
     @classmethod
     def of(cls, nblocks: int, source_blocks: list[int]) -> _Entry:
-        sources = [bytearray(DIGEST * n) for n in source_blocks]
-        return cls(bytearray(DIGEST * nblocks), bytearray(nblocks), {}, sources, [bytearray(n) for n in source_blocks])
+        return cls(_Digests(nblocks), {}, [_Digests(n) for n in source_blocks])
 
-    def add_sources(self, sources: tuple[tuple[tuple[int, bytes], ...], ...]) -> None:
-        for digests, seen, blocks in zip(self.sources, self.sources_seen, sources):
-            for b, digest in blocks:
-                digests[b * DIGEST : (b + 1) * DIGEST] = digest
-                seen[b] = 1
+    def fold(self) -> None:
+        """Once every block arrived: the parts as one (a piece reported again later is the same work)."""
+        if len(self.parts) == 1:  # most tensors: one piece
+            (part,) = self.parts.values()
+            self.total, self.parts = part._replace(seconds=float(part.seconds)), {}
+            return
+        stats = Stats()
+        for part in self.parts.values():
+            stats.add(part.stats)
+        parts = self.parts.values()
+        workers, nodes = (",".join(sorted({getattr(p, k) for p in parts})) for k in ("worker", "node"))
+        self.total = Part(stats, float(sum(p.seconds for p in parts)), workers, nodes)
+        self.parts = {}
 
 
 class Tally:
@@ -132,18 +172,22 @@ class Tally:
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
         e = self.entries[seg.index]
-        for b, digest in seg.blocks:
-            e.digests[b * DIGEST : (b + 1) * DIGEST] = digest
-            e.seen[b] = 1
+        if e.total is not None:
+            return  # the same bytes again (a unit redone after its worker died; see _Digests)
+        e.digests.add(seg.blocks)
         e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
-        e.add_sources(seg.sources)
+        for digests, blocks in zip(e.sources, seg.sources):
+            digests.add(blocks)
+        if e.digests.hash is not None:
+            e.fold()
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
         """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
         found = []
         for placed, e in zip(self.layout.tensors, self.entries):
-            nan = sum(p.stats.nan for p in e.parts.values())
-            inf = sum(p.stats.inf for p in e.parts.values())
+            parts = [e.total] if e.total is not None else e.parts.values()
+            nan = sum(p.stats.nan for p in parts)
+            inf = sum(p.stats.inf for p in parts)
             if nan or inf:
                 found.append((placed.tensor.name, nan, inf))
         return found
@@ -151,12 +195,11 @@ class Tally:
     def table(self, target: str, metadata: dict) -> pa.Table:
         rows = []
         for placed, e in zip(self.layout.tensors, self.entries):
-            t, s = placed.tensor, Stats()
-            for part in e.parts.values():
-                s.add(part.stats)
-            expected = max(1, math.ceil(placed.nbytes / self.block_bytes))
-            if len(e.seen) != expected or not all(e.seen):
-                raise VerifyError(f"internal: {sum(e.seen)} of {expected} blocks were reported", tensor=t.name)
+            t, total = placed.tensor, e.total
+            if total is None or e.digests.hash is None:
+                what = f"{e.digests.reported()} of {e.digests.blocks} blocks"
+                raise VerifyError(f"internal: {what} were reported", tensor=t.name)
+            s = total.stats
             measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype or bool(t.rows)
             changed = bool(t.terms or t.rows)  # an update to report: the vectors, or chat-template token rows
             cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
@@ -174,16 +217,16 @@ class Tally:
                     "shard": self.layout.shards[placed.shard].name,
                     "offset": placed.offset,
                     "nbytes": placed.nbytes,
-                    "hash": tensor_hash([bytes(e.digests)]),
+                    "hash": e.digests.hash,
                     "cp_norm": cp_norm,
                     "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                     "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if changed else None,
                     "nan_count": s.nan if counted else None,
                     "inf_count": s.inf if counted else None,
-                    "worker": ",".join(sorted({p.worker for p in e.parts.values()})),
-                    "node": ",".join(sorted({p.node for p in e.parts.values()})),
-                    "seconds": sum(p.seconds for p in e.parts.values()),
-                    "alphas": [term.alpha for term in t.terms] if t.terms else None,
+                    "worker": total.worker,
+                    "node": total.node,
+                    "seconds": total.seconds,
+                    "alphas": [float(term.alpha) for term in t.terms] if t.terms else None,
                     "token_rows": len(t.rows),
                     "source_digests": source_digests(t, e),
                 }
@@ -193,7 +236,7 @@ class Tally:
             metadata,
             hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
             source_hash={"algorithm": SOURCE_ALGORITHM, "block_elems": self.source_elems},
-            rows_sha256=rows_digest(table),
+            rows_sha256=_digest_of(rows),  # the rows as the table gives them back (floats as floats): not read again
         )
         meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
@@ -202,18 +245,25 @@ class Tally:
 def source_roles(t: PlannedTensor) -> list[str]:
     """Each source's role, in `t.srcs` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
     applied vector's plus side is its `chat[i]`)."""
-    roles = ["cp"] if t.cp is not None else []
-    for i, (_, plus, minus) in enumerate(t.terms):
-        roles += [f"{role}[{i}]" for role, src in (("chat", plus), ("base", minus)) if src is not None]
-    return roles
+    return list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
+
+
+@functools.lru_cache(maxsize=64)
+def _roles(cp: bool, minus: tuple[bool, ...]) -> tuple[str, ...]:
+    """The roles of a tensor with or without CP and terms with or without a minus side (a few shapes per job)."""
+    roles = ["cp"] if cp else []
+    for i, has_minus in enumerate(minus):
+        roles += [f"chat[{i}]"] + ([f"base[{i}]"] if has_minus else [])
+    return tuple(roles)
 
 
 def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
     """The `source_digests` cell of a tensor: each source's role, place, extent and digest."""
     found = []
-    for role, (src, extent), digests, seen in zip(source_roles(t), extents(t), e.sources, e.sources_seen):
-        if not all(seen):
-            raise VerifyError(f"internal: {sum(seen)} of {len(seen)} blocks of its {role} were reported", tensor=t.name)
+    for role, (src, extent), digests in zip(source_roles(t), extents(t), e.sources):
+        if digests.hash is None:
+            what = f"{digests.reported()} of {digests.blocks} blocks of its {role}"
+            raise VerifyError(f"internal: {what} were reported", tensor=t.name)
         nbytes = extent * ITEMSIZE[src.dtype]
         found.append(
             dict(
@@ -222,7 +272,7 @@ def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
                 offset=src.start,
                 nbytes=nbytes,
                 dtype=src.dtype,
-                hash=tensor_hash([bytes(digests)]),
+                hash=digests.hash,
             )
         )
     return found
@@ -230,7 +280,11 @@ def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
 
 def rows_digest(table: pa.Table) -> str:
     """A checksum of the manifest's rows, stored in its metadata, so an edited manifest is detected."""
-    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True, default=str).encode()).hexdigest()
+    return _digest_of(table.to_pylist())
+
+
+def _digest_of(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def meta_digest(meta: dict) -> str:

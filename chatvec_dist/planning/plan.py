@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import gcpause
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, PlanError
 from ..io.checkpoint import Checkpoint
@@ -46,6 +47,11 @@ class Planned:
 
 def plan(recipe: Recipe) -> Planned:
     """Open every source once and lay out every target; reads headers only."""
+    with gcpause.paused():  # a million small objects and no cycles: see gcpause
+        return _plan(recipe)
+
+
+def _plan(recipe: Recipe) -> Planned:
     if not recipe.vectors or not recipe.targets:
         raise PlanError("a recipe needs at least one vector and one target")
     opened: dict[str, Checkpoint] = {}

@@ -1,0 +1,31 @@
+"""The garbage collector around the driver's large heaps. A plan of 45 000 tensors is about a million small
+objects, none in a reference cycle: each full collection scans them all (a dozen while planning: a third of the
+plan's time), and every later one during the run scans them again."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """No collection inside the block (what it leaves in cycles is collected after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def frozen() -> Iterator[None]:
+    """What is alive when the block starts (the plan) stays out of the collections inside it."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
