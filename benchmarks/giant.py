@@ -3,7 +3,7 @@
 Qwen3-235B-A22B and DeepSeek-V3 (real headers, real tensor counts, files that take no disk), and end-to-end costs
 per tensor on "thin" DeepSeek-V3-shaped checkpoints (every tensor name, tiny shapes): one output and a batch of 8.
 
-    python benchmarks/giant.py [--models 70b,405b,qwen3-235b,deepseek-v3] [--thin-layers 61] [--backend ray]
+    python benchmarks/giant.py [--models 70b,405b,qwen3-235b,deepseek-v3,deepseek-v3-fp8] [--thin-layers 61] [--backend ray]
 
 Goals (issue 18): a DeepSeek-V3-shaped plan ≤ 3 s and ≤ 300 MB; ≤ 100 µs of wall per tensor end to end; an
 8-output batch's fixed cost ≤ 2 × one output's. Prints a Markdown section for RESULTS.md.
@@ -87,11 +87,31 @@ def deepseek_v3(layers: int = 61) -> Shapes:
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
 
 
+FP8_CONFIG = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+ITEMSIZE = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+
+
+def fp8(shapes: Shapes) -> tuple[Shapes, dict[str, str]]:
+    """DeepSeek-V3 as released: its linear weights float8_e4m3fn, each with float32 `*.weight_scale_inv` of one
+    scale per 128×128 block; embeddings, norms, the router and the head in bf16."""
+    out: Shapes = {}
+    dtypes: dict[str, str] = {}
+    for n, s in shapes.items():
+        out[n] = s
+        kept = ("embed_tokens", "lm_head", "norm", "mlp.gate.")
+        if len(s) == 2 and n.endswith(".weight") and not any(k in n for k in kept):
+            dtypes[n] = "F8_E4M3"
+            out[n + "_scale_inv"] = (-(-s[0] // 128), -(-s[1] // 128))
+            dtypes[n + "_scale_inv"] = "F32"
+    return out, dtypes
+
+
 MODELS = {  # name: (shapes, shards)
     "70b": (lambda: llama(80, 8192, 28672, 128256, 1024), 30),
     "405b": (lambda: llama(126, 16384, 53248, 128256, 1024), 191),
     "qwen3-235b": (qwen3_235b, 118),
     "deepseek-v3": (deepseek_v3, 270),
+    "deepseek-v3-fp8": (deepseek_v3, 163),  # its linear weights in block-scaled FP8 (`fp8`)
 }
 
 
@@ -102,17 +122,22 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def write_checkpoint(where: Path, shapes: Shapes, shards: int, sparse: bool) -> None:
-    """bf16 safetensors shards with an index; `sparse`: the data region is a hole (no disk), else zeros."""
+def write_checkpoint(
+    where: Path, shapes: Shapes, shards: int, sparse: bool, dtypes: dict[str, str] | None = None
+) -> None:
+    """safetensors shards (bf16 unless `dtypes` says otherwise: then with DeepSeek's FP8 quantization config) with
+    an index; `sparse`: the data region is a hole (no disk), else zeros."""
     where.mkdir(parents=True)
     names = list(shapes)
+    dtypes = dtypes or {}
     weight_map = {}
     for k in range(shards):
         members = names[k * len(names) // shards : (k + 1) * len(names) // shards]
         header, at = {}, 0
         for n in members:
-            size = 2 * numel(shapes[n])
-            header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [at, at + size]}
+            dtype = dtypes.get(n, "BF16")
+            size = ITEMSIZE[dtype] * numel(shapes[n])
+            header[n] = {"dtype": dtype, "shape": list(shapes[n]), "data_offsets": [at, at + size]}
             at += size
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
@@ -125,7 +150,8 @@ def write_checkpoint(where: Path, shapes: Shapes, shards: int, sparse: bool) -> 
                 f.write(bytes(at))
         weight_map |= dict.fromkeys(members, fname)
     (where / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (where / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    config = {"model_type": "llama", "torch_dtype": "bfloat16"} | (FP8_CONFIG if dtypes else {})
+    (where / "config.json").write_text(json.dumps(config))
 
 
 def thin(shapes: Shapes) -> Shapes:
@@ -136,31 +162,34 @@ def thin(shapes: Shapes) -> Shapes:
     }
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of `chatvec ARGV` in a fresh process."""
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """(wall s, peak RSS MB, CPU s: user + system, all threads) of `chatvec ARGV` in a fresh process. On a shared
+    machine the CPU seconds say more than the wall."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "chatvec_dist", *argv], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"chatvec {' '.join(argv)} failed")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def plans(root: Path, models: list[str]) -> list[str]:
     rows = [
-        "| model | tensors | shards | bytes per checkpoint | plan wall s | plan peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | tensors | shards | bytes per checkpoint | plan wall s | plan CPU s | plan peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in models:
         make, shards = MODELS[name]
-        shapes = make()
+        shapes, dtypes = fp8(make()) if name.endswith("-fp8") else (make(), {})
         for role in ("base", "chat", "cp"):
-            write_checkpoint(root / name / role, shapes, shards, sparse=True)
+            write_checkpoint(root / name / role, shapes, shards, sparse=True, dtypes=dtypes)
         d = root / name
-        wall, rss = timed(["plan", "--base", str(d / "base"), "--chat", str(d / "chat"), "--cp", str(d / "cp")])
-        size = sum(2 * numel(s) for s in shapes.values())
-        rows.append(f"| {name} | {len(shapes):,} | {shards} | {size / 1e12:.2f} TB | {wall:.2f} | {rss:.0f} |")
+        wall, rss, cpu = timed(["plan", "--base", str(d / "base"), "--chat", str(d / "chat"), "--cp", str(d / "cp")])
+        size = sum(ITEMSIZE[dtypes.get(n, "BF16")] * numel(s) for n, s in shapes.items())
+        rows.append(
+            f"| {name} | {len(shapes):,} | {shards} | {size / 1e12:.2f} TB | {wall:.2f} | {cpu:.2f} | {rss:.0f} |"
+        )
         shutil.rmtree(d)
     return rows
 
@@ -171,22 +200,22 @@ def merges(root: Path, layers: int, backend: str) -> list[str]:
         write_checkpoint(root / "thin" / role, shapes, 270, sparse=False)
     d = root / "thin"
     common = ["merge", "--base", str(d / "base"), "--chat", str(d / "chat"), "--no-progress", "--backend", backend]
-    one, rss1 = timed([*common, "--cp", str(d / "cp"), "--out", str(root / "one")])
+    one, rss1, cpu1 = timed([*common, "--cp", str(d / "cp"), "--out", str(root / "one")])
     many = [a for k in range(8) for a in ("--cp", f"v{k}={d / 'cp'}")]
-    eight, rss8 = timed([*common, *many, "--out", str(root / "eight")])
-    tensors = len(shapes)
+    eight, rss8, cpu8 = timed([*common, *many, "--out", str(root / "eight")])
+    n = len(shapes)
     return [
-        f"| thin DeepSeek-V3 ({tensors:,} tensors, 270 shards), {backend} | wall s | µs per tensor | peak RSS MB |",
-        "|---|---:|---:|---:|",
-        f"| one output | {one:.1f} | {one / tensors * 1e6:.0f} | {rss1:.0f} |",
-        f"| batch of 8 outputs | {eight:.1f} | {eight / tensors / 8 * 1e6:.0f} per output-tensor | {rss8:.0f} |",
-        f"| batch / one | {eight / one:.2f}× | | |",
+        f"| thin DeepSeek-V3 ({n:,} tensors, 270 shards), {backend} | wall s | µs per tensor | CPU s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+        f"| one output | {one:.1f} | {one / n * 1e6:.0f} | {cpu1:.1f} | {rss1:.0f} |",
+        f"| batch of 8 outputs | {eight:.1f} | {eight / n / 8 * 1e6:.0f} per output-tensor | {cpu8:.1f} | {rss8:.0f} |",
+        f"| batch / one | {eight / one:.2f}× | | {cpu8 / cpu1:.2f}× | |",
     ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="70b,405b,qwen3-235b,deepseek-v3")
+    ap.add_argument("--models", default="70b,405b,qwen3-235b,deepseek-v3,deepseek-v3-fp8")
     ap.add_argument("--thin-layers", type=int, default=61, help="layers of the thin merge (0: skip it)")
     ap.add_argument("--backend", default="ray")
     a = ap.parse_args()
