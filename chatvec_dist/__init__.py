@@ -6,6 +6,19 @@ __version__ = "0.1.0"
 
 from .api import make_recipe, merge, plan, run, verify  # noqa: E402
 from .errors import ChatvecError  # noqa: E402  (every error the API raises about its input)
-from .recipe.spec import Recipe, RunOptions, Target, Vector  # noqa: E402
+from .recipe.spec import Dare, Recipe, RunOptions, Target, Ties, Vector  # noqa: E402
 
-__all__ = ["ChatvecError", "Recipe", "RunOptions", "Target", "Vector", "make_recipe", "merge", "plan", "run", "verify"]
+__all__ = [
+    "ChatvecError",
+    "Dare",
+    "Recipe",
+    "RunOptions",
+    "Target",
+    "Ties",
+    "Vector",
+    "make_recipe",
+    "merge",
+    "plan",
+    "run",
+    "verify",
+]

@@ -20,6 +20,9 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
 from chatvec_dist.kernels import triton_merge
+from chatvec_dist.kernels.sparse import Sparse
+from chatvec_dist.planning.sparsity import term_dare
+from chatvec_dist.recipe.spec import Dare
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 # (output dtype, CP dtype or None, vector dtype, vectors, alpha, compute dtype)
@@ -31,28 +34,33 @@ CALLS = [
     (F16, BF16, BF16, 0, 1.0, F32),  # a copy into another dtype
     (BF16, F16, F16, 6, 0.7, F32),  # more vectors than one launch takes
     (F64, F64, BF16, 1, 0.3, F64),  # a float64 checkpoint
+    (BF16, BF16, BF16, 3, 0.3, F32, True),  # DARE on every other vector: the mask's integer hash
 ]
-ALPHAS = {"a0", "a1", "a2", "a3"}  # the kernel's do_not_specialize
+NOT_SPECIALIZED = set(triton_merge._merge_kernel.do_not_specialize)  # alphas, DARE's salts and thresholds, first
 
 
-def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, off: int):
-    """The call's tensors; `off` elements into their storage (off 1: pointers not 16-byte aligned, n odd)."""
+def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, *rest):
+    """The call's tensors; `off` (the last) elements into their storage (off 1: pointers not 16-byte aligned, n
+    odd); with DARE on every other vector where asked."""
+    *dare, off = rest
 
     def zeros(dtype):
         return torch.zeros(4096 + off, dtype=dtype)[off:]
 
     terms = [(alpha, zeros(vec_dtype), zeros(vec_dtype) if i % 2 == 0 else None) for i in range(vectors)]
-    return zeros(out_dtype), zeros(cp_dtype) if cp_dtype is not None else None, terms, compute
+    masks = tuple(term_dare(Dare(0.3, i), "w") if i % 2 == 0 else None for i in range(vectors)) if dare else ()
+    sparse = Sparse(2**32 - 17, masks) if dare else None
+    return zeros(out_dtype), zeros(cp_dtype) if cp_dtype is not None else None, terms, compute, sparse
 
 
-def ptx_facts(out, cp, terms, compute) -> list[dict]:
+def ptx_facts(out, cp, terms, compute, sparse) -> list[dict]:
     acc, partials = torch.empty(out.numel(), dtype=compute), torch.empty(out.numel(), dtype=torch.float64)
     names = list(inspect.signature(triton_merge._merge_kernel.fn).parameters)
     facts = []
-    for args, constexprs in triton_merge.launches(out, cp, terms, compute, acc, partials):
+    for args, constexprs in triton_merge.launches(out, cp, terms, compute, acc, partials, sparse):
         signature, attrs = {k: "constexpr" for k in constexprs}, {}
         for i, (name, arg) in enumerate(zip(names, args)):
-            kind, spec = native_specialize_impl(BaseBackend, arg, False, name not in ALPHAS, True)
+            kind, spec = native_specialize_impl(BaseBackend, arg, False, name not in NOT_SPECIALIZED, True)
             signature[name] = kind
             if spec:
                 attrs[(i,)] = BaseBackend.parse_attr(spec)

@@ -155,6 +155,20 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
             "--exclude", action="append", default=[], metavar="REGEX", help="keep CP's values for matching tensors"
         )
     p.add_argument(
+        "--dare",
+        action="append",
+        metavar="DENSITY[:SEED]",
+        help="DARE: keep each element of a vector's delta with probability DENSITY (typically 0.1–0.3), scaled by "
+        "1/DENSITY; one value applies to every vector, or give one per vector (default seed: 0)",
+    )
+    p.add_argument(
+        "--ties",
+        type=float,
+        metavar="DENSITY",
+        help="TIES: trim each vector to its top DENSITY magnitudes per tensor, elect each element's sign, average "
+        "the agreeing entries weighted by alpha",
+    )
+    p.add_argument(
         "--out",
         required=out_required,
         help="output directory (the root of several outputs: one per CP and alpha)"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels.cpu import Scratch, combine
+from ..kernels.sparse import Sparse
 from ..kernels.stats import Stats
 from ..planning.planner import Src
 from ..term import Term
@@ -26,8 +27,15 @@ class CpuCompute:
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         return inputs
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
-        return combine(out, cp, terms, compute, self.scratch)
+    def combine(
+        self,
+        out: torch.Tensor,
+        cp: torch.Tensor | None,
+        terms: Sequence[Term],
+        compute: torch.dtype,
+        sparse: Sparse | None = None,
+    ) -> Stats:
+        return combine(out, cp, terms, compute, self.scratch, sparse)
 
 
 class TritonCompute:
@@ -47,10 +55,11 @@ class TritonCompute:
         self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
         self._scratch = TritonScratch()  # the kernel's and this class's device buffers, reused
+        self._cpu_scratch = Scratch()  # TIES: on the CPU kernel
         with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
-            self.stats = torch.empty(5, dtype=torch.float64, device=device)  # zeroed by each combine
+            stats = torch.zeros(5, dtype=torch.float64, device=device)
             probe = torch.zeros(1, dtype=torch.bfloat16, device=device)
-            combine_triton(probe, probe, [], torch.float32, self.stats, self._scratch)  # Triton works here: now
+            combine_triton(probe, probe, [], torch.float32, stats, self._scratch)  # Triton works here: now
         if self.stream is not None:
             self.stream.synchronize()
 
@@ -67,15 +76,37 @@ class TritonCompute:
                 out[src] = dev.view(host.dtype)
         return out
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
-        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats."""
+    def combine(
+        self,
+        out: torch.Tensor,
+        cp: torch.Tensor | None,
+        terms: Sequence[Term],
+        compute: torch.dtype,
+        sparse: Sparse | None = None,
+    ) -> Stats:
+        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats. TIES
+        runs on the CPU kernel (its inputs copied back): the Triton kernel does DARE but not TIES yet."""
+        if sparse is not None and sparse.ties is not None:
+            return self._on_cpu(out, cp, terms, compute, sparse)
+        n_kept = len(terms) if sparse is not None else 0
         with torch.cuda.stream(self.stream):
-            self.stats.zero_()
+            stats = self._scratch.get("stats", 5 + n_kept, torch.float64, self.device)
+            stats.zero_()
             dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
-            self._kernel(dev_out, cp, terms, compute, self.stats, self._scratch)
+            self._kernel(dev_out, cp, terms, compute, stats, self._scratch, sparse)
             out.copy_(dev_out, non_blocking=True)
-            host = self.stats.to("cpu", non_blocking=True)
+            host = stats.to("cpu", non_blocking=True)
         if self.stream is not None:
             self.stream.synchronize()
-        cp_sq, delta_sq, update_sq, nan, inf = host.tolist()
-        return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
+        cp_sq, delta_sq, update_sq, nan, inf, *kept = host.tolist()
+        return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf), [int(k) for k in kept])
+
+    def _on_cpu(
+        self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype, sparse: Sparse
+    ) -> Stats:
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
+        with torch.cuda.stream(self.stream):
+            cpu_terms = [Term(a, host(p), host(m)) for a, p, m in terms]
+            return combine(out, host(cp), cpu_terms, compute, self._cpu_scratch, sparse)

@@ -16,6 +16,7 @@ from ..io import s3, s3_sink
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
+from ..kernels.sparse import Sparse
 from ..kernels.stats import Stats
 from ..planning.layout import Piece, Placed, Unit
 from ..planning.parts import Part
@@ -144,7 +145,7 @@ class UnitRunner:
             else:
                 out = self._buffer("out", count * itemsize)
                 cp = staged[t.cp][:count] if t.cp is not None else None
-                stats = self._combine(t, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
+                stats = self._combine(t, piece.first, merged, cp, staged, out.view(TORCH_DTYPES[t.out_dtype]))
             clock = stages.lap("compute", clock)
             digests = self._hash_and_write(o, placed, out, piece.first * itemsize, stages, clock)
             clock = time.perf_counter()
@@ -169,15 +170,23 @@ class UnitRunner:
         return inputs
 
     def _combine(
-        self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor
+        self,
+        t: PlannedTensor,
+        first: int,
+        merged: int,
+        cp: torch.Tensor | None,
+        inputs: dict[Src, torch.Tensor],
+        out: torch.Tensor,
     ) -> Stats:
+        """The kernel on the piece's elements [first, first + out.numel()) of tensor `t`."""
         terms = [
             Term(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
             for alpha, plus, minus in (t.terms if merged else ())
         ]
         dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
-        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
+        sparse = Sparse(first, t.dare, t.ties) if terms and (t.dare or t.ties) else None
+        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute, sparse)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values
             assert cp is not None
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))

@@ -63,14 +63,17 @@ class Journal:
         return results
 
 
-# A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf].
+# A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf],
+# then, under DARE or TIES, [kept per vector], agreeing, signed.
 def _segment_record(s: SegmentResult) -> list:
     stats = s.stats
     blocks = [[b, d.hex()] for b, d in s.blocks]
-    return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf]
+    record = [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf]
+    return record + [stats.kept, stats.agree, stats.signed] if stats.kept else record
 
 
 def _segment(record: list, output: int) -> SegmentResult:
-    index, blocks, cp_sq, delta_sq, update_sq, nan, inf = record
+    index, blocks, cp_sq, delta_sq, update_sq, nan, inf, *sparse = record
     digests = tuple((b, bytes.fromhex(h)) for b, h in blocks)
-    return SegmentResult(output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf))
+    kept, agree, signed = sparse or ([], 0, 0)
+    return SegmentResult(output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf, list(kept), agree, signed))

@@ -46,6 +46,8 @@ SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("node", pa.string()),
         ("seconds", pa.float64()),
+        ("density", pa.list_(pa.float64())),  # DARE/TIES: each vector's kept share of the merged elements
+        ("sign_agreement", pa.float64()),  # TIES: share of kept nonzero entries with the elected sign
     ]
 )
 
@@ -140,6 +142,8 @@ class Tally:
                     "worker": ",".join(sorted({p.worker for p in e.parts.values()})),
                     "node": ",".join(sorted({p.node for p in e.parts.values()})),
                     "seconds": sum(p.seconds for p in e.parts.values()),
+                    "density": [k / t.merge_elems for k in s.kept] if s.kept and t.merge_elems else None,
+                    "sign_agreement": (s.agree / s.signed if s.signed else None) if t.ties is not None else None,
                 }
             )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)

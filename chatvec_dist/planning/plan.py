@@ -64,6 +64,7 @@ def plan(recipe: Recipe) -> Planned:
         sources = Sources(
             source(target.cp) if target.cp is not None else None,
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
+            tuple(v.dare for v in recipe.vectors),
         )
         tensors = plan_tensors(target, sources)
         if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard

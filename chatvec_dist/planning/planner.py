@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
-from ..recipe.spec import Target
+from ..recipe.spec import Dare, Target
 from ..term import Term
+from .sparsity import TermDare, TiesPlan, sparsify
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias.
 VOCAB_TENSOR = re.compile(
@@ -39,6 +40,8 @@ class PlannedTensor:
     cp: Src | None
     terms: tuple[Term, ...]  # of Src
     merge_elems: int
+    dare: tuple[TermDare | None, ...] = ()  # per term where any vector has DARE here
+    ties: TiesPlan | None = None  # the target's TIES
 
     @property
     def vector_srcs(self) -> list[Src]:
@@ -64,6 +67,7 @@ class Sources:
 
     cp: Checkpoint | None
     terms: tuple[Term, ...]  # of Checkpoint
+    dares: tuple[Dare | None, ...] = ()  # each vector's DARE
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -90,7 +94,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     _check_name_sets(reference, sources, excluded | non_float)
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
     return [
-        _plan_one(name, ref, target.vocab, out_dtype, sources, excluded)
+        sparsify(_plan_one(name, ref, target.vocab, out_dtype, sources, excluded), sources.dares, target.ties)
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]

@@ -88,14 +88,48 @@ def output_under(root: str | os.PathLike[str] | None, name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Dare:
+    """DARE: each element of a vector's delta kept with probability `density` (a function of `seed`, the tensor's
+    name and the element's index), and the kept ones scaled by 1/density."""
+
+    density: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_density(self.density), "dare", "density", f"density {self.density!r}: give a number in (0, 1]")
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+            "dare",
+            "seed",
+            f"seed {self.seed!r}: give a whole number in [0, 2^32)",
+        )
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES across a target's vectors: trim each to its top-`density` magnitudes per tensor, elect each element's
+    sign by the sum of the weighted deltas, combine the entries that agree (their alpha-weighted mean where
+    `normalize`, else their alpha-weighted sum)."""
+
+    density: float
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_density(self.density), "ties", "density", f"density {self.density!r}: give a number in (0, 1]")
+        _check(isinstance(self.normalize, bool), "ties", "normalize", "normalize: give True or False")
+
+
+@dataclass(frozen=True)
 class Vector:
     """A chat vector `chat − base`; `base` is None for a vector already extracted to its own checkpoint."""
 
     chat: str
     base: str | None
+    dare: Dare | None = None
 
     def __post_init__(self) -> None:
         _paths(self, "vector", chat="a checkpoint folder or a Hub id", base="a checkpoint folder or a Hub id")
+        _check(self.dare is None or isinstance(self.dare, Dare), "vector", "dare", "dare: give a Dare (or none)")
 
 
 @dataclass(frozen=True)
@@ -110,9 +144,11 @@ class Target:
     vocab: str = "auto"
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # output dtype name; default: CP's (EXTRACT_DTYPE for an extracted vector)
+    ties: Ties | None = None  # TIES across the vectors, instead of their plain weighted sum
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
+        _check(self.ties is None or isinstance(self.ties, Ties), where, "ties", "ties: give a Ties (or none)")
         _check(isinstance(self.name, str), where, "name", "give the name as text")
         _paths(self, where, cp="a checkpoint folder or a Hub id", out="an output folder")
         _as_tuple(self, "alphas", "exclude")
@@ -291,6 +327,10 @@ def _check(ok: bool, where: str, field: str, detail: str) -> None:
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _density(x: object) -> bool:
+    return _number(x) and 0 < x <= 1  # type: ignore[operator]
 
 
 def _real(x: object) -> bool:

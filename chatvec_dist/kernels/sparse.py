@@ -1,0 +1,112 @@
+"""DARE's mask and TIES' trim, sign election and mix on CPU tensors, a chunk at a time (the CPU kernel's helpers;
+the Triton kernel computes the same bits). Definitions: planning/sparsity.py and docs/exactness.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..planning.sparsity import M32, TermDare, TiesPlan, fmix32
+from ..term import Term
+from .stats import Stats
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """What a kernel call needs for DARE and TIES: the flat index of its element 0 within the tensor, each term's
+    DARE (empty: none) and the tensor's TIES (its thresholds found)."""
+
+    first: int
+    dare: tuple[TermDare | None, ...] = ()
+    ties: TiesPlan | None = None
+
+    def term_dare(self, i: int) -> TermDare | None:
+        return self.dare[i] if self.dare else None
+
+    def alpha(self, i: int, alpha: float) -> float:
+        """Term i's scale: alpha, or alpha/density (in float64) under DARE."""
+        d = self.term_dare(i)
+        return alpha if d is None else alpha / d.density
+
+
+def _fmix(h: torch.Tensor) -> torch.Tensor:
+    """`fmix32` on int64 tensors holding 32-bit words (products wrap; their low 32 bits are kept)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & M32
+    return h ^ (h >> 16)
+
+
+def keep_mask(d: TermDare, first: int, n: int) -> torch.Tensor:
+    """Whether DARE keeps each of elements [first, first + n) of the tensor (`planning.sparsity.keep_bits`)."""
+    index = torch.arange(first, first + n, dtype=torch.int64)
+    if first >> 32 == (first + n - 1) >> 32:
+        high: int | torch.Tensor = fmix32((first >> 32) ^ d.salt)
+    else:
+        high = _fmix((index >> 32) ^ d.salt)
+    return _fmix(_fmix((index & M32) ^ high) ^ d.salt) < d.threshold
+
+
+def magnitude_bits(d: torch.Tensor) -> torch.Tensor:
+    """|d| rounded to float32, as its (monotone, sign-free) bit pattern in int32: what TIES trims by."""
+    return d.abs().to(torch.float32).view(torch.int32)
+
+
+def term_delta(
+    dst: torch.Tensor, term: Term, i: int, sparse: Sparse | None, s: int, e: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dst = (plus − minus)[s:e] in dst's dtype, DARE's dropped elements zeroed (unscaled); returns it and DARE's
+    mask (None without DARE)."""
+    _, plus, minus = term
+    dst.copy_(plus[s:e])
+    if minus is not None:
+        dst.sub_(minus[s:e])
+    d = sparse.term_dare(i) if sparse is not None else None
+    if d is None:
+        return dst, None
+    keep = keep_mask(d, sparse.first + s, e - s)  # type: ignore[union-attr]
+    return dst.masked_fill_(~keep, 0.0), keep
+
+
+def ties_delta(
+    acc: torch.Tensor, bufs: Sequence[torch.Tensor], terms: Sequence[Term], sparse: Sparse, s: int, e: int, stats: Stats
+) -> None:
+    """acc = TIES' mixed delta over elements [s, e): each term's delta (after DARE) trimmed to |Δ| ≥ its threshold
+    and scaled, the sign elected by their sum (≥ 0: positive), the agreeing entries summed in term order and,
+    where normalizing, divided by the sum of their alphas (1 where none agrees). `bufs`: one buffer per term."""
+    ties = sparse.ties
+    assert ties is not None and ties.thresholds is not None
+    weighted = []
+    for i, term in enumerate(terms):
+        d, dare = term_delta(bufs[i], term, i, sparse, s, e)
+        kept = magnitude_bits(d) >= ties.thresholds[i]
+        if dare is not None:
+            kept &= dare
+        stats.kept[i] += int(kept.sum())
+        d.masked_fill_(~kept, 0.0)
+        alpha = sparse.alpha(i, term[0])
+        if alpha != 1.0:
+            d.mul_(alpha)
+        weighted.append(d)
+    acc.copy_(weighted[0])
+    for d in weighted[1:]:
+        acc.add_(d)
+    positive = acc >= 0
+    divisor = torch.zeros_like(acc) if ties.normalize else None
+    for i, d in enumerate(weighted):
+        agree = torch.where(positive, d > 0, d < 0)
+        stats.agree += int(agree.sum())
+        stats.signed += int((d != 0).sum())
+        d.masked_fill_(~agree, 0.0)
+        if i == 0:
+            acc.copy_(d)
+        else:
+            acc.add_(d)
+        if divisor is not None:
+            divisor.add_(agree.to(acc.dtype).mul_(terms[i][0]))
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        acc.div_(divisor)
