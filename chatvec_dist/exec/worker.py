@@ -25,6 +25,7 @@ from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from .device import make_compute, pick_device
+from .histogram import select_unit
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 
 
@@ -63,6 +64,8 @@ class UnitRunner:
         return buf[:nbytes]
 
     def run(self, unit: Unit) -> UnitResult:
+        if self.ctx.select is not None:  # TIES' pre-pass: histograms, nothing written
+            return select_unit(self, unit)
         t0 = time.perf_counter()
         stages = Stages()
         self._stage_parts(unit)

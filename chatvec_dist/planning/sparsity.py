@@ -81,5 +81,9 @@ def sparsify(tensor: PlannedTensor, dares: tuple[Dare | None, ...], ties: Ties |
         return tensor
     planned = tuple(term_dare(d, tensor.name) for d in dares)
     dare = planned if any(d is not None for d in planned) else ()
-    plan = TiesPlan(ties.density, ties.normalize, ties_keep(ties.density, tensor.merge_elems)) if ties else None
+    plan = None
+    if ties is not None:
+        keep = ties_keep(ties.density, tensor.merge_elems)
+        every = (0,) * len(tensor.terms) if keep == tensor.merge_elems else None  # nothing trimmed: no pre-pass
+        plan = TiesPlan(ties.density, ties.normalize, keep, every)
     return dataclasses.replace(tensor, dare=dare, ties=plan)
