@@ -18,7 +18,8 @@ from .messages import Stages, UnitResult
 if TYPE_CHECKING:
     from .worker import UnitRunner
 
-STRIP = 1 << 20  # elements per step: the float64 deltas stay small
+STRIP = 1 << 20  # elements per step: the deltas stay small
+WIDE = ("F32", "F64")  # vectors the merge computes in float64; 16-bit ones: in float32, as it usually does
 
 
 def select_unit(runner: UnitRunner, unit: Unit) -> UnitResult:
@@ -47,9 +48,10 @@ def _piece(runner: UnitRunner, piece: Piece, spec: SelectTensor, stages: Stages)
         clock = stages.lap("read", clock)
         n = strip.last - strip.first
         for i, (plus, minus) in enumerate(spec.terms):
-            d = inputs[plus][:n].double()
+            wide = any(src.dtype in WIDE for src in (plus, minus) if src is not None)
+            d = inputs[plus][:n].to(torch.float64 if wide else torch.float32)
             if minus is not None:
-                d = d - inputs[minus][:n].double()
+                d = d - inputs[minus][:n]
             dare = spec.dare[i]
             if dare is not None:
                 d.masked_fill_(~keep_mask(dare, strip.first, n), 0.0)

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..planning.sparsity import M32, TermDare, TiesPlan, fmix32
 from ..term import Term
 from .stats import Stats
+
+_C1, _C2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)  # fmix32's multipliers
 
 
 @dataclass(frozen=True)
@@ -31,23 +34,31 @@ class Sparse:
         return alpha if d is None else alpha / d.density
 
 
-def _fmix(h: torch.Tensor) -> torch.Tensor:
-    """`fmix32` on int64 tensors holding 32-bit words (products wrap; their low 32 bits are kept)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & M32
-    return h ^ (h >> 16)
+def _fmix(h: np.ndarray, tmp: np.ndarray) -> None:
+    """`fmix32` in place on uint32 lanes (numpy's uint32 products wrap: 7× faster here than torch on int64)."""
+    for shift, factor in ((16, _C1), (13, _C2), (16, None)):
+        np.right_shift(h, shift, out=tmp)
+        h ^= tmp
+        if factor is not None:
+            h *= factor
 
 
 def keep_mask(d: TermDare, first: int, n: int) -> torch.Tensor:
     """Whether DARE keeps each of elements [first, first + n) of the tensor (`planning.sparsity.keep_bits`)."""
-    index = torch.arange(first, first + n, dtype=torch.int64)
-    if first >> 32 == (first + n - 1) >> 32:
-        high: int | torch.Tensor = fmix32((first >> 32) ^ d.salt)
-    else:
-        high = _fmix((index >> 32) ^ d.salt)
-    return _fmix(_fmix((index & M32) ^ high) ^ d.salt) < d.threshold
+    keep = np.empty(n, dtype=bool)
+    at = 0
+    while at < n:  # one stretch per value of the index's high word
+        lo = (first + at) & M32
+        size = min(n - at, 2**32 - lo)
+        h = np.arange(lo, lo + size, dtype=np.uint32)
+        tmp = np.empty_like(h)
+        h ^= np.uint32(fmix32(((first + at) >> 32) ^ d.salt))
+        _fmix(h, tmp)
+        h ^= np.uint32(d.salt)
+        _fmix(h, tmp)
+        np.less(h, d.threshold, out=keep[at : at + size])
+        at += size
+    return torch.from_numpy(keep)
 
 
 def magnitude_bits(d: torch.Tensor) -> torch.Tensor:
