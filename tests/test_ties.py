@@ -204,20 +204,39 @@ def test_unused_term_dare_is_none_at_density_one():
     assert term_dare(Dare(1.0, 5), "x") is None
 
 
-def test_a_gpu_worker_merges_ties_on_the_cpu_kernel_with_the_same_bits():
-    """TritonCompute (interpreted here) sends TIES to the CPU kernel: the bytes a GPU worker writes are the CPU's."""
+BITS = {2: torch.int16, 4: torch.int32}
+
+
+@pytest.mark.parametrize(
+    "dtype,compute,normalize,vectors",
+    [
+        (torch.bfloat16, torch.float32, True, 4),
+        (torch.float16, torch.float32, True, 2),
+        (torch.float32, torch.float64, False, 3),
+        (torch.bfloat16, torch.float32, True, 5),  # more than one launch holds: the CPU kernel
+    ],
+)
+def test_a_gpu_worker_merges_ties_with_the_cpu_kernels_bits(dtype, compute, normalize, vectors):
+    """TritonCompute (the Triton kernels interpreted here): TIES of up to four vectors in its own kernel, of more on
+    the CPU kernel; either way the bytes and statistics of the CPU kernel. DARE on every other vector, extracted
+    vectors (no base) among them, alphas of both signs, the index crossing 2^32."""
     pytest.importorskip("triton")
     from chatvec_dist.exec.compute import TritonCompute
 
     n = 5000
-    g = torch.Generator().manual_seed(1)
-    cp, base = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    terms = [(a, (base.float() + 0.1 * torch.randn(n, generator=g)).bfloat16(), base) for a in (0.7, 1.2)]
-    deltas = [(c.double() - base.double()).numpy() for _, c, _ in terms]
-    dare = (term_dare(Dare(0.5, 2), "w"), None)
-    plan = TiesPlan(0.2, True, 1000, tuple(kth_bits(x, 1000) for x in deltas))
-    sparse = Sparse(123, dare, plan)
-    cpu, dev = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
-    cpu_stats = combine(cpu, cp, terms, torch.float32, Scratch(), sparse)
-    dev_stats = TritonCompute(torch.device("cpu")).combine(dev, cp, terms, torch.float32, sparse)
-    assert torch.equal(dev.view(torch.int16), cpu.view(torch.int16)) and dev_stats == cpu_stats
+    g = torch.Generator().manual_seed(vectors)
+    cp, base = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    alphas = (0.7, 1.2, -0.3, 0.9, 0.5)[:vectors]
+    chats = [(base.float() + 0.1 * torch.randn(n, generator=g)).to(dtype) for _ in alphas]
+    terms = [(a, c, base if i % 2 == 0 else None) for i, (a, c) in enumerate(zip(alphas, chats))]
+    deltas = [(c.double() - (m.double() if m is not None else 0)).numpy() for _, c, m in terms]
+    dare = tuple(term_dare(Dare(0.5, i), "w") if i % 2 == 0 else None for i in range(vectors))
+    plan = TiesPlan(0.2, normalize, 1000, tuple(kth_bits(x, 1000) for x in deltas))
+    sparse = Sparse(2**32 - 1234, dare, plan)
+    cpu, dev = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    cpu_stats = combine(cpu, cp, terms, compute, Scratch(), sparse)
+    dev_stats = TritonCompute(torch.device("cpu")).combine(dev, cp, terms, compute, sparse)
+    assert torch.equal(dev.view(BITS[dtype.itemsize]), cpu.view(BITS[dtype.itemsize]))
+    assert (dev_stats.kept, dev_stats.agree, dev_stats.signed) == (cpu_stats.kept, cpu_stats.agree, cpu_stats.signed)
+    assert dev_stats.update_sq == pytest.approx(cpu_stats.update_sq, rel=1e-5)
+    assert 0 < cpu_stats.agree < cpu_stats.signed and cpu_stats.kept[0] < cpu_stats.kept[1]

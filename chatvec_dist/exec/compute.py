@@ -46,7 +46,8 @@ class TritonCompute:
     fallback = None
 
     def __init__(self, device: torch.device) -> None:
-        from ..kernels.triton_merge import TritonScratch, combine_triton
+        from ..kernels.triton_merge import MAX_TERMS, TritonScratch, combine_triton
+        from ..kernels.triton_ties import ties_triton
 
         self.device = device
         self.pinned = device.type == "cuda"
@@ -54,6 +55,8 @@ class TritonCompute:
             torch.cuda.set_device(device)  # this thread's launches go to its GPU
         self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
+        self._ties = ties_triton
+        self._max_terms = MAX_TERMS  # TIES of more vectors: on the CPU kernel
         self._scratch = TritonScratch()  # the kernel's and this class's device buffers, reused
         self._cpu_scratch = Scratch()  # TIES: on the CPU kernel
         with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
@@ -84,22 +87,27 @@ class TritonCompute:
         compute: torch.dtype,
         sparse: Sparse | None = None,
     ) -> Stats:
-        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats. TIES
-        runs on the CPU kernel (its inputs copied back): the Triton kernel does DARE but not TIES yet."""
-        if sparse is not None and sparse.ties is not None:
-            return self._on_cpu(out, cp, terms, compute, sparse)
+        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats. TIES of
+        more vectors than one launch holds runs on the CPU kernel (its inputs copied back)."""
+        ties = sparse is not None and sparse.ties is not None
+        if ties and len(terms) > self._max_terms:
+            return self._on_cpu(out, cp, terms, compute, sparse)  # type: ignore[arg-type]
         n_kept = len(terms) if sparse is not None else 0
         with torch.cuda.stream(self.stream):
-            stats = self._scratch.get("stats", 5 + n_kept, torch.float64, self.device)
+            stats = self._scratch.get("stats", 5 + n_kept + 2 * ties, torch.float64, self.device)
             stats.zero_()
             dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
-            self._kernel(dev_out, cp, terms, compute, stats, self._scratch, sparse)
+            if sparse is not None and ties:
+                self._ties(dev_out, cp, terms, compute, stats, self._scratch, sparse)
+            else:
+                self._kernel(dev_out, cp, terms, compute, stats, self._scratch, sparse)
             out.copy_(dev_out, non_blocking=True)
             host = stats.to("cpu", non_blocking=True)
         if self.stream is not None:
             self.stream.synchronize()
-        cp_sq, delta_sq, update_sq, nan, inf, *kept = host.tolist()
-        return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf), [int(k) for k in kept])
+        cp_sq, delta_sq, update_sq, nan, inf, *rest = (int(x) if i > 2 else x for i, x in enumerate(host.tolist()))
+        agree, signed = rest[n_kept:] if ties else (0, 0)
+        return Stats(cp_sq, delta_sq, update_sq, nan, inf, rest[:n_kept], agree, signed)
 
     def _on_cpu(
         self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype, sparse: Sparse

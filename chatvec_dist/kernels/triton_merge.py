@@ -185,27 +185,44 @@ def _merge_kernel(  # alphas: a double's bits (n == 1 is not special); DARE's sa
     if ACC_OUT:  # more vectors follow in another launch
         tl.store(acc_ptr + offs, acc, mask=mask)
     else:
-        # This program's cp², Δ², (out − cp)², NaN, Inf (zeros where not computed). Lanes past n add nothing: every
-        # input loads 0 there and alphas are finite in float32 (spec.FLOAT32_MAX). (Masked, the kernel ran at 88 % of
-        # a D2D copy on an H200, against 91–93 % without.)
-        tl.store(row + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
-        cp_sq = tl.zeros([], dtype=tl.float64)
-        if HAS_CP:
-            c = _load(cp_ptr, offs, mask, COMPUTE)
-            cp_sq = tl.sum(c * c, axis=0).to(tl.float64)
-            if N_TERMS > 0 or ACC_IN:
-                acc = acc + c
-            else:  # a copy: 0 + c would turn -0.0 into +0.0
-                acc = c
-        tl.store(row + 0, cp_sq)
-        o = _round_out(acc, OUT_KIND)
-        tl.store(out_ptr + offs, o, mask=mask)
-        r = _widen(o, COMPUTE)  # exact: the compute dtype holds every output value
-        tl.store(row + 3, tl.sum((r != r).to(tl.float64), axis=0))
-        tl.store(row + 4, tl.sum(((r == float("inf")) | (r == float("-inf"))).to(tl.float64), axis=0))
-        if HAS_CP:
-            r = r - c
-        tl.store(row + 2, tl.sum(r * r, axis=0).to(tl.float64))
+        _finish(acc, out_ptr, cp_ptr, row, offs, mask, N_TERMS > 0 or ACC_IN, HAS_CP, COMPUTE, OUT_KIND)
+
+
+@triton.jit
+def _finish(
+    acc,
+    out_ptr,
+    cp_ptr,
+    row,
+    offs,
+    mask,
+    ADD: tl.constexpr,
+    HAS_CP: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+):
+    """out = round(cp + acc) (or cp itself where not ADD), and this program's cp², Δ², (out − cp)², NaN, Inf (zeros
+    where not computed) in its row of partials. Lanes past n add nothing: every input loads 0 there and alphas are
+    finite in float32 (spec.FLOAT32_MAX). (Masked, the kernel ran at 88 % of a D2D copy on an H200, against
+    91–93 % without.)"""
+    tl.store(row + 1, tl.sum(acc * acc, axis=0).to(tl.float64))
+    cp_sq = tl.zeros([], dtype=tl.float64)
+    if HAS_CP:
+        c = _load(cp_ptr, offs, mask, COMPUTE)
+        cp_sq = tl.sum(c * c, axis=0).to(tl.float64)
+        if ADD:
+            acc = acc + c
+        else:  # a copy: 0 + c would turn -0.0 into +0.0
+            acc = c
+    tl.store(row + 0, cp_sq)
+    o = _round_out(acc, OUT_KIND)
+    tl.store(out_ptr + offs, o, mask=mask)
+    r = _widen(o, COMPUTE)  # exact: the compute dtype holds every output value
+    tl.store(row + 3, tl.sum((r != r).to(tl.float64), axis=0))
+    tl.store(row + 4, tl.sum(((r == float("inf")) | (r == float("-inf"))).to(tl.float64), axis=0))
+    if HAS_CP:
+        r = r - c
+    tl.store(row + 2, tl.sum(r * r, axis=0).to(tl.float64))
 
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -296,7 +313,7 @@ def combine_triton(
     if n == 0:
         return
     if sparse is not None and sparse.ties is not None:
-        raise ValueError("TIES runs on the CPU kernel only")  # the caller (TritonCompute) sends it there
+        raise ValueError("TIES has its own kernel: triton_ties.ties_triton")
     scratch = scratch or TritonScratch()
     grid = (triton.cdiv(n, BLOCK),)
     acc = scratch.get("acc", n, compute, out.device) if len(terms) > MAX_TERMS else out
