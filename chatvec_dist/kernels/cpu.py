@@ -73,7 +73,7 @@ def combine(
     acc_buf, tmp_buf, cp_buf = scratch.get(compute)
     stats = Stats(kept=[0] * len(terms) if sparse is not None and terms else [])
     ties = sparse is not None and sparse.ties is not None and bool(terms)
-    bufs = scratch.per_term(compute, len(terms)) if ties else []
+    bufs = scratch.per_term(compute, len(terms) + 1) if ties else []
     n = out.numel()
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)

@@ -87,17 +87,19 @@ def ties_delta(
 ) -> None:
     """acc = TIES' mixed delta over elements [s, e): each term's delta (after DARE) trimmed to |Δ| ≥ its threshold
     and scaled, the sign elected by their sum (≥ 0: positive), the agreeing entries summed in term order and,
-    where normalizing, divided by the sum of their alphas (1 where none agrees). `bufs`: one buffer per term."""
+    where normalizing, divided by the sum of their alphas (1 where none agrees). `bufs`: one buffer per term, and
+    one more. Entries are dropped by multiplying by 0 or 1, as mergekit does (a dropped −x is −0, a dropped Inf
+    NaN); the Triton kernel does the same."""
     ties = sparse.ties
     assert ties is not None and ties.thresholds is not None
-    weighted = []
+    weighted, sign = [], bufs[len(terms)]
     for i, term in enumerate(terms):
         d, dare = term_delta(bufs[i], term, i, sparse, s, e)
         kept = magnitude_bits(d) >= ties.thresholds[i]
         if dare is not None:
             kept &= dare
         stats.kept[i] += int(kept.sum())
-        d.masked_fill_(~kept, 0.0)
+        d.mul_(kept)
         alpha = sparse.alpha(i, term[0])
         if alpha != 1.0:
             d.mul_(alpha)
@@ -105,13 +107,13 @@ def ties_delta(
     acc.copy_(weighted[0])
     for d in weighted[1:]:
         acc.add_(d)
-    positive = acc >= 0
+    sign.copy_(acc >= 0).mul_(2).sub_(1)  # the elected sign: +1 where the sum is ≥ 0, else −1
     divisor = torch.zeros_like(acc) if ties.normalize else None
     for i, d in enumerate(weighted):
-        agree = torch.where(positive, d > 0, d < 0)
+        agree = torch.mul(d, sign) > 0  # d's sign is the elected one (never for 0 or NaN)
         stats.agree += int(agree.sum())
         stats.signed += int((d != 0).sum())
-        d.masked_fill_(~agree, 0.0)
+        d.mul_(agree)
         if i == 0:
             acc.copy_(d)
         else:
@@ -119,5 +121,5 @@ def ties_delta(
         if divisor is not None:
             divisor.add_(agree.to(acc.dtype).mul_(terms[i][0]))
     if divisor is not None:
-        divisor.masked_fill_(divisor == 0, 1.0)
+        divisor.add_(divisor == 0)  # 1 where no vector agrees
         acc.div_(divisor)

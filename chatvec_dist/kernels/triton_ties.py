@@ -58,7 +58,7 @@ def _trimmed(
         d = tl.where(dare, d, 0.0)
         keep = keep & dare
     keep = keep & (tl.abs(d).to(tl.float32).to(tl.int32, bitcast=True) >= magnitude.to(tl.int32))
-    d = tl.where(keep, d, 0.0)
+    d = d * keep.to(COMPUTE)  # as the CPU kernel (and mergekit) drop entries: times 0
     alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
     if alpha != 1.0:
         d = d * alpha.to(COMPUTE)
@@ -69,7 +69,7 @@ def _trimmed(
 def _vote(w, positive, mixed, divisor, weight_bits, FIRST: tl.constexpr, COMPUTE: tl.constexpr):
     """Add one vector's agreeing entry to the mix and its alpha to the divisor; 1 where it agrees."""
     agree = tl.where(positive, w > 0, w < 0)
-    entry = tl.where(agree, w, 0.0)
+    entry = w * agree.to(COMPUTE)
     if FIRST:
         mixed = entry
     else:
