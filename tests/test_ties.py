@@ -188,6 +188,16 @@ def test_cpu_kernel_ties_with_sum_instead_of_mean():
     assert stats.kept == kept and stats.agree / stats.signed == pytest.approx(agreement)
 
 
+def test_an_output_gives_back_its_dare_and_ties_recipe(tied, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(tied), "--recipe"]) == 0
+    path = tmp_path / "again.yaml"
+    path.write_text(capsys.readouterr().out)
+    recipe = load_recipe(path)
+    assert recipe.targets[0].ties == Ties(0.2) and [v.dare for v in recipe.vectors] == [None, None]
+    assert recipe.targets[0].alphas == ALPHAS
+
+
 def test_ties_cli_recipe_and_bad_values(two, tmp_path, capsys):
     assert main(ties_args(two, tmp_path / "o", "--ties", "0.3", "--print-recipe")) == 0
     path = tmp_path / "r.yaml"
