@@ -199,6 +199,12 @@ def test_an_output_gives_back_its_dare_and_ties_recipe(tied, tmp_path, capsys):
 
 
 def test_ties_cli_recipe_and_bad_values(two, tmp_path, capsys):
+    plan = ["plan", *ties_args(two, tmp_path / "o", "--ties", "0.3", "--dare", "0.2:5")[1:]]
+    plan.remove("--no-progress")
+    assert main(plan) == 0
+    shown = capsys.readouterr().out
+    assert "DARE on vector 0: density 0.2, seed 5; vector 1: density 0.2, seed 5" in shown
+    assert "TIES density 0.3: a pre-pass reads its vectors twice more" in shown
     assert main(ties_args(two, tmp_path / "o", "--ties", "0.3", "--print-recipe")) == 0
     path = tmp_path / "r.yaml"
     path.write_text(capsys.readouterr().out)

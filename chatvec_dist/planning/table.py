@@ -50,6 +50,10 @@ def summary(planned: Planned) -> str:
         f"{human_bytes(io - written)} read, {human_bytes(written)} written; "
         f"{counted(len(planned.units), 'unit')} of up to {human_bytes(recipe.unit_bytes, binary=True)}"
     ]
+    dares = [
+        f"vector {i}: density {v.dare.density:g}, seed {v.dare.seed}" for i, v in enumerate(recipe.vectors) if v.dare
+    ]
+    lines += [f"DARE on {'; '.join(dares)}"] if dares else []
     for tp in planned.targets:
         lay, t = tp.layout, tp.target
         rules = Counter(p.tensor.rule for p in lay.tensors)
@@ -57,6 +61,8 @@ def summary(planned: Planned) -> str:
             f"target {t.name} → {t.out or '(no output)'}: alphas {list(t.alphas)}, {counted(len(lay.tensors), 'tensor')} "
             f"({', '.join(f'{n} {r}' for r, n in sorted(rules.items()))}), {counted(len(lay.shards), 'shard')}"
         )
+        if t.ties is not None:
+            lines.append(f"  TIES density {t.ties.density:g}: a pre-pass reads its vectors twice more")
         for p in lay.tensors:
             if p.tensor.reason and p.tensor.reason != "non-float":
                 lines.append(
