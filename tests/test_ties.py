@@ -256,3 +256,32 @@ def test_a_gpu_worker_merges_ties_with_the_cpu_kernels_bits(dtype, compute, norm
     assert (dev_stats.kept, dev_stats.agree, dev_stats.signed) == (cpu_stats.kept, cpu_stats.agree, cpu_stats.signed)
     assert dev_stats.update_sq == pytest.approx(cpu_stats.update_sq, rel=1e-5)
     assert 0 < cpu_stats.agree < cpu_stats.signed and cpu_stats.kept[0] < cpu_stats.kept[1]
+
+
+def test_a_batch_with_different_ties_per_target(two, tied, tmp_path):
+    """One pre-pass serves targets with different densities (and one without TIES): each output equals its own
+    single-target run."""
+    import dataclasses
+
+    from chatvec_dist import RunOptions, make_recipe, run
+
+    recipe = make_recipe(
+        [two["base"], two["base"]],
+        [two["chat"], two["chat2"]],
+        {"a": two["cp"], "b": two["cp"], "c": two["cp"]},
+        tmp_path / "batch",
+        list(ALPHAS),
+        unit_bytes=2048,
+    )
+    ties = {"a": Ties(0.2), "b": Ties(0.5, normalize=False), "c": None}
+    recipe = dataclasses.replace(
+        recipe, targets=tuple(dataclasses.replace(t, ties=ties[t.name]) for t in recipe.targets)
+    )
+    run(recipe, RunOptions(backend="local", workers=2, progress=False))
+    assert shard_bytes(tmp_path / "batch" / "a") == shard_bytes(tied)
+    alone = tmp_path / "b_alone"
+    single = dataclasses.replace(recipe, targets=(dataclasses.replace(recipe.targets[1], out=str(alone)),))
+    run(single, RunOptions(backend="local", workers=1, progress=False))
+    assert shard_bytes(tmp_path / "batch" / "b") == shard_bytes(alone)
+    rows = read_manifest(tmp_path / "batch" / "c")[0].to_pylist()
+    assert all(r["density"] is None and r["sign_agreement"] is None for r in rows)
