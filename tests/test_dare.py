@@ -199,3 +199,15 @@ def test_recipe_file_round_trip_and_bad_values(llamas, tmp_path, capsys):
     assert "density 0.0: give a number in (0, 1]" in capsys.readouterr().err
     assert main(merge_args(llamas, tmp_path / "o", "cp", "--dare", "0.2:x")) == 2
     assert "DENSITY:SEED" in capsys.readouterr().err
+
+
+def test_densities_the_mask_cannot_draw_and_scales_beyond_float32_are_refused():
+    from chatvec_dist.recipe.spec import Recipe, RecipeError, Target, Vector
+
+    with pytest.raises(RecipeError, match=r"at least 2\^-32"):
+        Dare(1e-12)
+    with pytest.raises(RecipeError, match="beyond float32's range") as e:
+        Recipe((Vector("a", "b", Dare(1e-9)),), (Target("t", "c", "o", (1e38,)),))
+    assert e.value.field == "alphas"
+    with pytest.raises(RecipeError, match=r"seed"):
+        Dare(0.5, -1)

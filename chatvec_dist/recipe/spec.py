@@ -96,7 +96,12 @@ class Dare:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(_density(self.density), "dare", "density", f"density {self.density!r}: give a number in (0, 1]")
+        _check(
+            _density(self.density) and self.density >= 2**-32,
+            "dare",
+            "density",
+            f"density {self.density!r}: give a number in (0, 1] (at least 2^-32, the mask's resolution)",
+        )
         _check(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
             "dare",
@@ -216,12 +221,24 @@ class Recipe:
                 f"{len(t.alphas)} alphas for {len(self.vectors)} vectors: give one per vector",
             )
         self._check_sizes()
+        self._check_dare_scales()
         _check(
             isinstance(self.chat_template_from_chat, bool),
             "",
             "chat_template_from_chat",
             "chat_template_from_chat must be True or False",
         )
+
+    def _check_dare_scales(self) -> None:
+        """DARE scales a vector by alpha/density: it must stay within float32's range, as alphas do."""
+        for t in self.targets:
+            for i, (alpha, v) in enumerate(zip(t.alphas, self.vectors)):
+                _check(
+                    v.dare is None or abs(alpha / v.dare.density) <= FLOAT32_MAX,
+                    f"target {t.name!r}",
+                    "alphas",
+                    f"alpha {alpha:g} of vector {i} over its DARE density is beyond float32's range (3.4e38)",
+                )
 
     def _check_sizes(self) -> None:
         from ..planning.layout import check_max_shard_size, check_unit_bytes  # the layout's rules (no cycle here)
