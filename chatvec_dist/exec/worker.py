@@ -17,6 +17,7 @@ from ..io import s3, s3_sink
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
+from ..kernels.sparse import Sparse
 from ..kernels.stats import Stats
 from ..planning.experts import read_ranges
 from ..planning.fp8 import SCALE_RULE, in_one_piece
@@ -29,6 +30,7 @@ from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from . import rows
 from .device import make_compute, pick_device
 from .fp8_work import combine_blocked
+from .histogram import select_unit
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 from .source_digests import PieceSources, source_block_elems
 
@@ -69,6 +71,8 @@ class UnitRunner:
         return buf[:nbytes]
 
     def run(self, unit: Unit) -> UnitResult:
+        if self.ctx.select is not None:  # TIES' pre-pass: histograms, nothing written
+            return select_unit(self, unit)
         t0 = time.perf_counter()
         stages = Stages()
         self._stage_parts(unit)
@@ -169,7 +173,7 @@ class UnitRunner:
                 if t.rows:
                     stats = self._with_rows(t, piece.first, merged, staged, view, inputs)
                 else:
-                    stats = self._combine(t, merged, cp, staged, view)
+                    stats = self._combine(t, piece.first, merged, cp, staged, view)
             clock = stages.lap("compute", clock)
             digests = self._hash_and_write(o, placed, out, piece.first * itemsize, stages, clock)
             clock = time.perf_counter()
@@ -214,7 +218,7 @@ class UnitRunner:
 
         def combine(a: int, b: int) -> Stats:
             rest = {s: v[a:] for s, v in staged.items()}
-            return self._combine(t, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
+            return self._combine(t, first + a, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
 
         def read_chat(at: int, n: int) -> torch.Tensor:
             buf = self._buffer("row", n * ITEMSIZE[row_src.dtype])
@@ -227,15 +231,23 @@ class UnitRunner:
         return rows.combine_with_rows(t, first, out, inputs[t.cp], combine, read_chat)
 
     def _combine(
-        self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor
+        self,
+        t: PlannedTensor,
+        first: int,
+        merged: int,
+        cp: torch.Tensor | None,
+        inputs: dict[Src, torch.Tensor],
+        out: torch.Tensor,
     ) -> Stats:
+        """The kernel on the piece's elements [first, first + out.numel()) of tensor `t`."""
         terms = [
             Term(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
             for alpha, plus, minus in (t.terms if merged else ())
         ]
         dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
-        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
+        sparse = Sparse(first, t.dare, t.ties) if terms and (t.dare or t.ties) else None
+        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute, sparse)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values
             assert cp is not None
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
