@@ -211,3 +211,18 @@ def test_densities_the_mask_cannot_draw_and_scales_beyond_float32_are_refused():
     assert e.value.field == "alphas"
     with pytest.raises(RecipeError, match=r"seed"):
         Dare(0.5, -1)
+
+
+def test_dare_keeps_its_mask_where_an_alpha_rule_sets_the_alpha(llamas, tmp_path):
+    """Planning rebuilds a target's sources (alpha rules, the FP8 scale split, the MoE mapping): each vector's DARE
+    must go with them."""
+    out = tmp_path / "out"
+    extra = ("--dare", "0.25:7", "--alpha", "0.5", "--alpha-rule", r"mlp\.=1", "--backend", "local")
+    assert main(merge_args(llamas, out, "cp", *extra)) == 0
+    half, _ = expected_dare(llamas, 0.5, 0.25, 7)
+    one, _ = expected_dare(llamas, 1.0, 0.25, 7)
+    got = load_all(out)
+    assert any("mlp." in n for n in got) and any("mlp." not in n for n in got)
+    for name, t in got.items():
+        want = one[name] if "mlp." in name else half[name]
+        assert torch.equal(t.view(torch.int16), want.view(torch.int16)), name
