@@ -98,7 +98,7 @@ def time_write(bucket: str, nbytes: int, streams: int) -> float:
 
     with ThreadPoolExecutor(streams) as pool:
         done = dict(pool.map(put, parts))
-    s3_sink.complete(url, upload, done)
+    s3_sink.complete(url, upload, done, nbytes)
     wall = time.perf_counter() - t0
     s3_sink.delete(url)
     return wall

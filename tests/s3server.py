@@ -358,6 +358,44 @@ class DroppingProxy(_RequestProxy):
                 self.lines.append(line.decode("latin-1"))
 
 
+class ForgetfulProxy(_RequestProxy):
+    """Forwards every request but a CompleteMultipartUpload (`POST …?uploadId=ID`) of an upload it has forwarded
+    one for already: that it answers itself with `404 NoSuchUpload`, as a store that forgets a completed upload
+    does (SeaweedFS answers such a retry with success). With `lose_first`, the answer to the first completion is
+    withheld (the store acted on it: a retry follows). `forgotten` counts the NoSuchUpload answers."""
+
+    COMPLETE = re.compile(rb"POST \S*\?uploadId=([^&\s]+)")
+
+    def __init__(self, port: int, lose_first: bool = False) -> None:
+        super().__init__(port)
+        self.lose_first, self.forgotten = lose_first, 0
+        self.completed: set[bytes] = set()
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        found = self.COMPLETE.match(head.split(b"\r\n", 1)[0])
+        with self.lock:
+            upload = found.group(1) if found else None
+            repeated = upload in self.completed
+            lose = upload is not None and not repeated and self.lose_first
+            if upload is not None:
+                self.completed.add(upload)
+                self.lose_first = self.lose_first and not lose
+            self.forgotten += repeated
+        if not repeated:
+            self._forward(client, head, rest, None, 0 if lose else None)
+            return
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchUpload</Code><Message>The specified '
+            b"multipart upload does not exist.</Message><RequestId>%d</RequestId></Error>" % count
+        )
+        answer = (
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
+            b"x-amz-request-id: %d\r\nConnection: close\r\n\r\n" % (len(body), count)
+        )
+        client.sendall(answer + body)
+        _drain(client)
+
+
 def _read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
     """A request's head (through the blank line) and what came after it; (b"", b"") if the client sent none."""
     data = b""
