@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,6 +397,42 @@ class ForgetfulProxy(_RequestProxy):
         _drain(client)
 
 
+class CountingProxy(_RequestProxy):
+    """Forwards every request, counting the multipart upload's traffic: `uploaded`, the body bytes of UploadPart
+    requests (`PUT …?partNumber=…` without `x-amz-copy-source`), and `copied`, the HTTP status of each
+    UploadPartCopy's answer. Before forwarding the first UploadPartCopy it calls `before_copy` once, if given (a
+    test replaces the object to copy there: after a worker read it, before the store copies it)."""
+
+    PART = re.compile(rb"PUT \S*[?&]partNumber=")
+
+    def __init__(self, port: int, before_copy: Callable[[], None] | None = None) -> None:
+        super().__init__(port)
+        self.before_copy, self.uploaded = before_copy, 0
+        self.copied: list[int] = []
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        copy = self.PART.match(head) is not None and b"\r\nx-amz-copy-source:" in head.lower()
+        with self.lock:
+            hook, self.before_copy = (self.before_copy, None) if copy else (None, self.before_copy)
+            self.uploaded += _payload_length(head) if self.PART.match(head) and not copy else 0
+        if hook is not None:
+            hook()
+        if not copy:
+            self._forward(client, head, rest, None, None)
+            return
+        server = socket.create_connection((HOST, self.upstream))  # an answer without a body to stream: whole
+        try:
+            server.sendall(_closing(head) + rest)
+            answer = b""
+            while chunk := server.recv(65536):
+                answer += chunk
+        finally:
+            _close(server)
+        with self.lock:
+            self.copied.append(int(answer.split(b" ", 2)[1]))
+        client.sendall(answer)
+
+
 def _read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
     """A request's head (through the blank line) and what came after it; (b"", b"") if the client sent none."""
     data = b""
@@ -423,6 +460,15 @@ def _content_length(head: bytes) -> int:
         if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
             return 1 << 20
     return -1
+
+
+def _payload_length(head: bytes) -> int:
+    """A request's payload bytes: `x-amz-decoded-content-length` where the body is aws-chunked, else its length."""
+    for x in head.split(b"\r\n")[1:]:
+        name, _, value = x.partition(b":")
+        if name.strip().lower() == b"x-amz-decoded-content-length":
+            return int(value.strip())
+    return max(0, _content_length(head))
 
 
 def _pump(src: socket.socket, dst: socket.socket, limit: int | None, cuts: list[bool], side: int) -> None:

@@ -46,6 +46,31 @@ def upload_part(url: str, upload_id: str, number: int, data: memoryview) -> str:
     return str(r["ETag"])
 
 
+def upload_part_copy(url: str, upload_id: str, number: int, source: str, offset: int, size: int, etag: str) -> str:
+    """Part `number` made by the store from bytes [offset, offset + size) of the object `source` (UploadPartCopy:
+    no byte through this process), only while that object's ETag is `etag` (the one whose bytes were read and
+    hashed: an object replaced since is refused, naming it); the part's ETag."""
+    bucket, key = s3.parse(url)
+    from_bucket, from_key = s3.parse(source)
+    try:
+        r = s3.client(True).upload_part_copy(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            CopySource={"Bucket": from_bucket, "Key": from_key},
+            CopySourceRange=f"bytes={offset}-{offset + size - 1}",
+            CopySourceIfMatch=etag,
+        )
+    except Exception as e:
+        if s3.error_code(e) in ("PreconditionFailed", "412", "NoSuchKey", "InvalidRange", "416"):
+            raise s3.failure(e, source) from None  # the source, as a read of it says it
+        raise _run_error(e, url) from None
+    s3.traffic.add(0, 1)
+    etag = str(r["CopyPartResult"]["ETag"])
+    return etag if etag.startswith('"') else f'"{etag}"'  # quoted, as ListParts shows it (SeaweedFS answers bare)
+
+
 def listed_parts(url: str, upload_id: str) -> dict[int, set[tuple[str, int]]] | None:
     """The parts an upload holds, {number: {(ETag, size)}}; None if the upload is gone (completed or aborted).
     S3 lists the last upload of each number; SeaweedFS lists every upload of a number and completes the one whose
