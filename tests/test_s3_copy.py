@@ -19,7 +19,8 @@ from s3server import CountingProxy, upload_folder
 
 import chatvec_dist
 from chatvec_dist.cli import main
-from chatvec_dist.io import s3
+from chatvec_dist.errors import RunError
+from chatvec_dist.io import s3, s3_sink
 from chatvec_dist.output.workarea import STAGING_ENV, partial_path, staging_path
 from chatvec_dist.planning.parts import COPY_ENV, Part
 
@@ -240,3 +241,24 @@ def test_a_cp_object_replaced_between_the_read_and_the_copy_is_refused(models, s
     assert len(err) == 1 and shard in err[0] and "changed" in err[0], err
     assert proxy.copied[:1] == [412] and proxy.before_copy is None  # the copy itself refused: PreconditionFailed
     assert "model.safetensors.index.json" not in s3.list_names(url)  # nothing committed
+
+
+def test_a_commit_interrupted_before_the_index_keeps_shards_with_copied_parts(models, monkeypatch, capsys):
+    """The completed objects are recognised by their multipart ETag, computed from the journaled part ETags, the
+    copied parts' included (SeaweedFS gives those a `digest-n` ETag of their own)."""
+    url = fresh_url()
+    put = s3_sink.put
+
+    def failing_put(target: str, data: bytes) -> None:
+        if target.endswith("model.safetensors.index.json"):
+            raise RunError("injected failure", file=target)
+        put(target, data)
+
+    monkeypatch.setattr(s3_sink, "put", failing_put)
+    assert main([*merge_args(models), "--out", url, "--backend", "local", *RUN]) == 3
+    monkeypatch.setattr(s3_sink, "put", put)
+    capsys.readouterr()
+    assert main([*merge_args(models), "--out", url, "--backend", "local", *RUN]) == 0
+    err = capsys.readouterr().err
+    assert err.count("completed by the interrupted commit of this job, kept") == 2  # both shards
+    assert weights(url) == models["ref"] and open_uploads() == []
