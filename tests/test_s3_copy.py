@@ -94,6 +94,7 @@ def weights(url: str) -> dict[str, bytes]:
 
 
 def open_uploads() -> list[tuple[str, str]]:
+    """Every multipart upload still open in the output bucket."""
     r = s3.client(True).list_multipart_uploads(Bucket=BUCKET)
     return [(u["Key"], u["UploadId"]) for u in r.get("Uploads", ())]
 
@@ -241,6 +242,7 @@ def test_a_cp_object_replaced_between_the_read_and_the_copy_is_refused(models, s
     assert len(err) == 1 and shard in err[0] and "changed" in err[0], err
     assert proxy.copied[:1] == [412] and proxy.before_copy is None  # the copy itself refused: PreconditionFailed
     assert "model.safetensors.index.json" not in s3.list_names(url)  # nothing committed
+    assert s3_sink.abort_all(url) == 2  # the failed run's uploads, left for a rerun: gone, for the other tests
 
 
 def test_a_commit_interrupted_before_the_index_keeps_shards_with_copied_parts(models, monkeypatch, capsys):
