@@ -108,7 +108,7 @@ class Output:
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
         if self.uploads is not None:
-            self.uploads.open(self.work)
+            self.uploads.open(self.work, journaled)
         self.journaled = {uid: r for uid, r in journaled.items() if self.holds(r, planned.block_bytes)}
 
     def holds(self, result: UnitResult, block: int) -> bool:

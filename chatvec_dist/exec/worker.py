@@ -81,34 +81,42 @@ class UnitRunner:
         return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages, parts)
 
     def _stage_parts(self, unit: Unit) -> None:
-        """Give each of the unit's parts (s3:// outputs) its place in the output's reused buffer; the first part of
-        a shard gets the shard's header."""
+        """Give each of the unit's parts (s3:// outputs) its place in the output's reused buffer (a part the store
+        copies: none); the first part of a shard gets the shard's header."""
         self._staged = {}
         for o, out in enumerate(self.ctx.outputs):
             if out.parts is None or out.headers is None:
                 continue
             parts = out.parts.get(unit.id, [])
-            need = sum(p.size for p in parts)
-            if len(self._part_bufs.get(o, b"")) < need:
+            need = sum(p.size for p in parts if p.copy is None)
+            if len(self._part_bufs.setdefault(o, bytearray())) < need:
                 self._part_bufs[o] = bytearray(need)
             view, at, staged = memoryview(self._part_bufs[o]), 0, []
             for part in parts:
-                staged.append((part, view[at : at + part.size]))
-                at += part.size
+                size = part.size if part.copy is None else 0
+                staged.append((part, view[at : at + size]))
+                at += size
                 if part.start == 0:
                     header = out.headers[part.shard]
                     staged[-1][1][: len(header)] = header
             self._staged[o] = staged
 
     def _upload_parts(self, stages: Stages) -> list[PartResult]:
-        """Upload the unit's parts of every s3:// output (an upload of the same number again replaces it)."""
+        """Upload the unit's parts of every s3:// output (an upload of the same number again replaces it); a copy
+        is made by the store from CP's object, pinned to the ETag its bytes were read (and hashed) at."""
         clock, done = time.perf_counter(), []
         for o, staged in self._staged.items():
             out = self.ctx.outputs[o]
             assert out.uploads is not None
             for part, data in staged:
-                url = out.shard_paths[part.shard]
-                etag = s3_sink.upload_part(url, out.uploads[part.shard], part.number, data)
+                url, upload = out.shard_paths[part.shard], out.uploads[part.shard]
+                if part.copy is None:
+                    etag = s3_sink.upload_part(url, upload, part.number, data)
+                else:
+                    source, offset = part.copy
+                    etag = s3_sink.upload_part_copy(
+                        url, upload, part.number, source, offset, part.size, self.ctx.etags[source]
+                    )
                 done.append(PartResult(o, part.shard, part.number, etag, part.size))
         stages.lap("write", clock)
         return done
@@ -280,7 +288,8 @@ class UnitRunner:
             return
         for part, view in self._staged[o]:
             if part.shard == shard and part.start <= at and at + len(data) <= part.end:
-                view[at - part.start : at - part.start + len(data)] = data
+                if part.copy is None:  # else the store copies these very bytes from CP's object
+                    view[at - part.start : at - part.start + len(data)] = data
                 return
         raise AssertionError(f"bytes [{at}, {at + len(data)}) of shard {shard} are in no part of the unit")
 
