@@ -61,4 +61,4 @@ def test_plan_says_what_a_run_will_need(tmp_path, capsys):
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("needs: 4 input files and 1 output shard (open files per worker are bounded), about "), last
-    assert "of driver memory for the manifest" in last and "(64 MiB each)" in last
+    assert "of driver memory for the manifest" in last and "(up to 64 MiB each)" in last
