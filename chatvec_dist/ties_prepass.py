@@ -88,7 +88,9 @@ def _wanted(outputs: list[Output], todo: list[Unit]) -> dict[int, tuple[PlannedT
             t = placed.tensor
             if i in left and t.ties is not None and t.ties.thresholds is None:
                 first, keeps = wanted.setdefault(i, (t, set()))
-                assert (first.terms, first.dare, first.merge_elems) == (t.terms, t.dare, t.merge_elems), t.name
+                # the same vectors in every output; alphas may differ (a sweep): thresholds are of |Δ|, not alpha·Δ
+                same = [(p, m) for _, p, m in first.terms] == [(p, m) for _, p, m in t.terms]
+                assert same and (first.dare, first.merge_elems) == (t.dare, t.merge_elems), t.name
                 keeps.add(t.ties.keep)
     return wanted
 

@@ -285,3 +285,16 @@ def test_a_batch_with_different_ties_per_target(two, tied, tmp_path):
     assert shard_bytes(tmp_path / "batch" / "b") == shard_bytes(alone)
     rows = read_manifest(tmp_path / "batch" / "c")[0].to_pylist()
     assert all(r["density"] is None and r["sign_agreement"] is None for r in rows)
+
+
+def test_an_alpha_sweep_shares_one_pre_pass(two, tied, tmp_path):
+    """Thresholds are of |Δ|, not alpha·Δ: a sweep's outputs (other alphas, the same vectors) share the pre-pass,
+    and the output at the tied run's alphas is its bytes."""
+    d, out = two, tmp_path / "sweep"
+    vectors = ["--base", str(d["base"]), "--chat", str(d["chat"]), "--base", str(d["base"]), "--chat", str(d["chat2"])]
+    sweep = [x for a in ALPHAS for x in ("--alpha", f"{a},{a / 2}")]
+    run = ["--ties", "0.2", "--backend", "local", "--unit-size", "2KiB", "--no-progress"]
+    assert main(["merge", *vectors, "--cp", str(d["cp"]), "--out", str(out), *sweep, *run]) == 0
+    label = "alpha" + "_".join(f"{a:g}" for a in ALPHAS)
+    assert sorted(p.name for p in out.iterdir()) == sorted([label, "alpha" + "_".join(f"{a / 2:g}" for a in ALPHAS)])
+    assert shard_bytes(out / label) == shard_bytes(tied)
