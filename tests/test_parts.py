@@ -145,3 +145,17 @@ def test_no_copy_from_a_local_cp_another_dtype_or_when_turned_off(monkeypatch):
     monkeypatch.setenv(COPY_ENV, "true")
     with pytest.raises(PlanError, match=COPY_ENV):
         plan_for_store(copies([6, 6], [0, 6 * MiB]), 6)
+
+
+def test_no_copy_of_a_tensor_with_token_rows_from_chat():
+    """A vocab:skip embedding whose chat-template rows come from the chat model is not CP's bytes: never copied."""
+    import dataclasses
+
+    with_rows = copies([6, 6], [0, 6 * MiB])
+    with_rows[1] = dataclasses.replace(with_rows[1], rows=((5, 7),), row_src=Src("s3://b/chat", 0, "BF16"))
+    found = sorted((p for ps in plan_for_store(with_rows, unit_mib=6)[1].values() for p in ps), key=lambda p: p.number)
+    assert [p.copy for p in found] == [None, None]
+    plain = sorted(
+        (p for ps in plan_for_store(copies([6, 6], [0, 6 * MiB]), 6)[1].values() for p in ps), key=lambda p: p.number
+    )
+    assert plain[1].copy is not None  # the same layout without rows: a copy

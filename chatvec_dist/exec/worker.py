@@ -22,7 +22,7 @@ from ..kernels.stats import Stats
 from ..planning.experts import read_ranges
 from ..planning.fp8 import SCALE_RULE, in_one_piece
 from ..planning.layout import Piece, Placed, Unit
-from ..planning.parts import Part
+from ..planning.parts import Part, copied_as_stored
 from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
@@ -33,12 +33,6 @@ from .fp8_work import combine_blocked
 from .histogram import select_unit
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 from .source_digests import PieceSources, source_block_elems
-
-
-def _written_as_read(t: PlannedTensor) -> bool:
-    """A copy in CP's own dtype: its bytes go from the input buffer straight to the output file."""
-    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype and not t.rows
-
 
 WHOLE_PIECE = 1 << 62  # as a strip size: the piece in one strip
 
@@ -153,7 +147,7 @@ class UnitRunner:
         clock = stages.lap("read", clock)
         sources.feed(piece, {s: t.view(torch.uint8).numpy().data for s, t in inputs.items()})  # while in cache
         clock = stages.lap("hash", clock)
-        computed = [p.tensor for _, p in columns if not _written_as_read(p.tensor)]
+        computed = [p.tensor for _, p in columns if not copied_as_stored(p.tensor)]
         needs = input_needs(piece, computed)  # what the kernel reads: not the straight copies' bytes
         staged = self.compute.upload({s: inputs[s][:n] for s, n in needs.items()})
         results = []
@@ -163,7 +157,7 @@ class UnitRunner:
             if count == 0 and t.numel:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
-            if _written_as_read(t):
+            if copied_as_stored(t):
                 assert t.cp is not None
                 out = inputs[t.cp][:count].view(torch.uint8)
                 stats = nonfinite(inputs[t.cp][:count]) if is_float(t.out_dtype) else Stats()

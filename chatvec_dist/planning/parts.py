@@ -82,8 +82,9 @@ def plan_parts(layout: Layout, units: list[Unit]) -> dict[int, list[Part]]:
 
 
 def copied_as_stored(t: PlannedTensor) -> bool:
-    """A copy of CP's tensor in CP's own dtype: its output bytes are CP's (as the worker writes it: as read)."""
-    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype
+    """A copy of CP's tensor in CP's own dtype, no token row taken from chat: its output bytes are CP's (the worker
+    writes them as read; an s3:// output's part of them may be copied by the store)."""
+    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype and not t.rows
 
 
 def _copies_wanted() -> bool:
