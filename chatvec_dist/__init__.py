@@ -7,14 +7,16 @@ __version__ = "0.1.0"
 from .api import make_recipe, merge, plan, run, verify  # noqa: E402
 from .errors import ChatvecError  # noqa: E402  (every error the API raises about its input)
 from .recipe.alpha_rules import AlphaRule  # noqa: E402
-from .recipe.spec import Recipe, RunOptions, Target, Vector  # noqa: E402
+from .recipe.spec import Dare, Recipe, RunOptions, Target, Ties, Vector  # noqa: E402
 
 __all__ = [
     "AlphaRule",
     "ChatvecError",
+    "Dare",
     "Recipe",
     "RunOptions",
     "Target",
+    "Ties",
     "Vector",
     "make_recipe",
     "merge",

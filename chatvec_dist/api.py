@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING, Union, cast
 
 from .errors import ChatvecError
 from .recipe.alpha_rules import AlphaRule, parse_alpha_rule
-from .recipe.spec import ALPHA, Recipe, RunOptions, Target, Vector, broadcast_alphas, is_plain_name, output_under
+from .recipe.spec import (
+    ALPHA,
+    Dare,
+    Recipe,
+    RunOptions,
+    Target,
+    Ties,
+    Vector,
+    broadcast_alphas,
+    is_plain_name,
+    output_under,
+)
 
 if TYPE_CHECKING:
     from .planning.plan import Planned
@@ -32,17 +43,23 @@ def make_recipe(
     max_shard_size: int = Recipe.max_shard_size,
     unit_bytes: int = Recipe.unit_bytes,
     chat_template_from_chat: bool = Recipe.chat_template_from_chat,
+    dare: Dare | list[Dare | None] | None = None,
+    ties: Ties | None = Target.ties,
 ) -> Recipe:
     """A recipe for `cp + Σ alpha_i (chat_i − base_i)`; `cp` may map target names to CPs (outputs go under `out`).
     `alpha`: one value for every vector, or a list with one per vector (an alpha sweep is one call per value).
     Paths are text or `pathlib.Path`; `exclude` is one regex or several; `alpha_rules` are `AlphaRule`s or text as
     `--alpha-rule` takes it (`'norm=0'`, `'mlp\\.=0.5:1'`), the first match wins; `special_tokens`: "auto" or
-    {CP id: chat id}, CP's embedding and LM head rows that become the first chat model's."""
+    {CP id: chat id}, CP's embedding and LM head rows that become the first chat model's. `dare`: one `Dare` for
+    every vector or one per vector; `ties`: TIES across the vectors (e.g. `Ties(0.2)`)."""
     chats = list(chat) if isinstance(chat, (list, tuple)) else [chat]  # each then checked by Vector
     bases = list(base) if isinstance(base, (list, tuple)) else [base]
     if len(bases) != len(chats):
         raise ChatvecError(f"{len(bases)} base(s) for {len(chats)} chat model(s): give one base per chat model")
-    vectors = tuple(Vector(cast(str, c), cast("str | None", b)) for c, b in zip(chats, bases))  # checked there
+    dares = broadcast_alphas(dare if isinstance(dare, (list, tuple)) else [dare], len(chats), "dare")
+    vectors = tuple(
+        Vector(cast(str, c), cast("str | None", b), d) for c, b, d in zip(chats, bases, dares)
+    )  # checked there
     alphas = _alphas(alpha, len(vectors))
     if isinstance(cp, dict):
         for name in cp:
@@ -57,7 +74,9 @@ def make_recipe(
     tokens = tuple(special_tokens.items()) if isinstance(special_tokens, dict) else special_tokens
     rules = tuple(_alpha_rule(r) for r in alpha_rules)
     targets = tuple(
-        Target(name, path, outs[name], alphas, vocab, exclude, dtype, alpha_rules=rules, special_tokens=tokens)
+        Target(
+            name, path, outs[name], alphas, vocab, exclude, dtype, alpha_rules=rules, special_tokens=tokens, ties=ties
+        )
         for name, path in cps.items()
     )
     return Recipe(

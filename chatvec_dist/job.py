@@ -50,6 +50,7 @@ from .planning.plan import Planned, TargetPlan, plan, unit_io_bytes
 from .planning.planner import Sources
 from .recipe.file import with_absolute_paths
 from .recipe.spec import Recipe, RunOptions
+from .ties_prepass import find_thresholds
 
 MAX_RECHECKS = 3
 InputStats = dict[str, list[int | str | None]]  # local file: [size, mtime_ns, ctime_ns]; object: [size, etag, version]
@@ -107,7 +108,7 @@ class Output:
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
         if self.uploads is not None:
-            self.uploads.open(self.work)
+            self.uploads.open(self.work, journaled)
         self.journaled = {uid: r for uid, r in journaled.items() if self.holds(r, planned.block_bytes)}
 
     def holds(self, result: UnitResult, block: int) -> bool:
@@ -255,6 +256,7 @@ def _run_fresh(planned: Planned, fresh: list[Output], inputs: InputStats, option
     try:
         done = _open_all(planned, fresh, inputs, options.restart)
         todo = [u for u in planned.units if u.id not in done]
+        find_thresholds(planned, fresh, todo, options)  # TIES: each tensor's magnitude thresholds, before any unit
         speed = _execute(planned, fresh, todo, options)
     except BaseException:  # a failed start (no GPU, no cluster, no disk) or an interrupt before any unit
         for output in fresh:

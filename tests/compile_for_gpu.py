@@ -19,7 +19,10 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
-from chatvec_dist.kernels import triton_merge
+from chatvec_dist.kernels import triton_merge, triton_ties
+from chatvec_dist.kernels.sparse import Sparse
+from chatvec_dist.planning.sparsity import TiesPlan, term_dare
+from chatvec_dist.recipe.spec import Dare
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 # (output dtype, CP dtype or None, vector dtype, vectors, alpha, compute dtype)
@@ -31,33 +34,46 @@ CALLS = [
     (F16, BF16, BF16, 0, 1.0, F32),  # a copy into another dtype
     (BF16, F16, F16, 6, 0.7, F32),  # more vectors than one launch takes
     (F64, F64, BF16, 1, 0.3, F64),  # a float64 checkpoint
+    (BF16, BF16, BF16, 3, 0.3, F32, "dare"),  # DARE on every other vector: the mask's integer hash
+    (BF16, BF16, BF16, 3, 0.3, F32, "ties"),  # TIES (and DARE on every other vector): its own kernel
+    (F32, BF16, F32, 2, 0.3, F64, "ties"),  # TIES in float64
 ]
-ALPHAS = {"a0", "a1", "a2", "a3"}  # the kernel's do_not_specialize
+NOT_SPECIALIZED = set(triton_merge._merge_kernel.do_not_specialize)  # alphas, DARE's salts and thresholds, first
+NOT_SPECIALIZED |= set(triton_ties._ties_kernel.do_not_specialize)  # and TIES' divisor alphas and thresholds
 
 
-def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, off: int):
-    """The call's tensors; `off` elements into their storage (off 1: pointers not 16-byte aligned, n odd)."""
+def tensors(out_dtype, cp_dtype, vec_dtype, vectors, alpha, compute, *rest):
+    """The call's tensors; `off` (the last) elements into their storage (off 1: pointers not 16-byte aligned, n
+    odd); with DARE on every other vector where asked, and TIES."""
+    *mode, off = rest
 
     def zeros(dtype):
         return torch.zeros(4096 + off, dtype=dtype)[off:]
 
     terms = [(alpha, zeros(vec_dtype), zeros(vec_dtype) if i % 2 == 0 else None) for i in range(vectors)]
-    return zeros(out_dtype), zeros(cp_dtype) if cp_dtype is not None else None, terms, compute
+    masks = tuple(term_dare(Dare(0.3, i), "w") if i % 2 == 0 else None for i in range(vectors)) if mode else ()
+    ties = TiesPlan(0.2, True, 100, (5,) * vectors) if mode == ["ties"] else None
+    sparse = Sparse(2**32 - 17, masks, ties) if mode else None
+    return zeros(out_dtype), zeros(cp_dtype) if cp_dtype is not None else None, terms, compute, sparse
 
 
-def ptx_facts(out, cp, terms, compute) -> list[dict]:
+def ptx_facts(out, cp, terms, compute, sparse) -> list[dict]:
     acc, partials = torch.empty(out.numel(), dtype=compute), torch.empty(out.numel(), dtype=torch.float64)
-    names = list(inspect.signature(triton_merge._merge_kernel.fn).parameters)
+    if sparse is not None and sparse.ties is not None:
+        fn, calls = triton_ties._ties_kernel, [triton_ties.ties_launch(out, cp, terms, compute, partials, sparse)]
+    else:
+        fn, calls = triton_merge._merge_kernel, triton_merge.launches(out, cp, terms, compute, acc, partials, sparse)
+    names = list(inspect.signature(fn.fn).parameters)
     facts = []
-    for args, constexprs in triton_merge.launches(out, cp, terms, compute, acc, partials):
+    for args, constexprs in calls:
         signature, attrs = {k: "constexpr" for k in constexprs}, {}
         for i, (name, arg) in enumerate(zip(names, args)):
-            kind, spec = native_specialize_impl(BaseBackend, arg, False, name not in ALPHAS, True)
+            kind, spec = native_specialize_impl(BaseBackend, arg, False, name not in NOT_SPECIALIZED, True)
             signature[name] = kind
             if spec:
                 attrs[(i,)] = BaseBackend.parse_attr(spec)
         source = ASTSource(
-            triton_merge._merge_kernel,
+            fn,
             signature,
             attrs=attrs,
             constexprs={(names.index(k),): v for k, v in constexprs.items()},
@@ -71,6 +87,7 @@ def ptx_facts(out, cp, terms, compute) -> list[dict]:
                 "f32_params": len(re.findall(r"\.param \.f32", ptx)),
                 "cubin_bytes": len(kernel.asm["cubin"]),
                 "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+                "inexact_div": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)),
             }
         )
     return facts

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,6 +359,80 @@ class DroppingProxy(_RequestProxy):
                 self.lines.append(line.decode("latin-1"))
 
 
+class ForgetfulProxy(_RequestProxy):
+    """Forwards every request but a CompleteMultipartUpload (`POST …?uploadId=ID`) of an upload it has forwarded
+    one for already: that it answers itself with `404 NoSuchUpload`, as a store that forgets a completed upload
+    does (SeaweedFS answers such a retry with success). With `lose_first`, the answer to the first completion is
+    withheld (the store acted on it: a retry follows). `forgotten` counts the NoSuchUpload answers."""
+
+    COMPLETE = re.compile(rb"POST \S*\?uploadId=([^&\s]+)")
+
+    def __init__(self, port: int, lose_first: bool = False) -> None:
+        super().__init__(port)
+        self.lose_first, self.forgotten = lose_first, 0
+        self.completed: set[bytes] = set()
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        found = self.COMPLETE.match(head.split(b"\r\n", 1)[0])
+        with self.lock:
+            upload = found.group(1) if found else None
+            repeated = upload in self.completed
+            lose = upload is not None and not repeated and self.lose_first
+            if upload is not None:
+                self.completed.add(upload)
+                self.lose_first = self.lose_first and not lose
+            self.forgotten += repeated
+        if not repeated:
+            self._forward(client, head, rest, None, 0 if lose else None)
+            return
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchUpload</Code><Message>The specified '
+            b"multipart upload does not exist.</Message><RequestId>%d</RequestId></Error>" % count
+        )
+        answer = (
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
+            b"x-amz-request-id: %d\r\nConnection: close\r\n\r\n" % (len(body), count)
+        )
+        client.sendall(answer + body)
+        _drain(client)
+
+
+class CountingProxy(_RequestProxy):
+    """Forwards every request, counting the multipart upload's traffic: `uploaded`, the body bytes of UploadPart
+    requests (`PUT …?partNumber=…` without `x-amz-copy-source`), and `copied`, the HTTP status of each
+    UploadPartCopy's answer. Before forwarding the first UploadPartCopy it calls `before_copy` once, if given (a
+    test replaces the object to copy there: after a worker read it, before the store copies it)."""
+
+    PART = re.compile(rb"PUT \S*[?&]partNumber=")
+
+    def __init__(self, port: int, before_copy: Callable[[], None] | None = None) -> None:
+        super().__init__(port)
+        self.before_copy, self.uploaded = before_copy, 0
+        self.copied: list[int] = []
+
+    def _handle(self, client: socket.socket, head: bytes, rest: bytes, count: int) -> None:
+        copy = self.PART.match(head) is not None and b"\r\nx-amz-copy-source:" in head.lower()
+        with self.lock:
+            hook, self.before_copy = (self.before_copy, None) if copy else (None, self.before_copy)
+            self.uploaded += _payload_length(head) if self.PART.match(head) and not copy else 0
+        if hook is not None:
+            hook()
+        if not copy:
+            self._forward(client, head, rest, None, None)
+            return
+        server = socket.create_connection((HOST, self.upstream))  # an answer without a body to stream: whole
+        try:
+            server.sendall(_closing(head) + rest)
+            answer = b""
+            while chunk := server.recv(65536):
+                answer += chunk
+        finally:
+            _close(server)
+        with self.lock:
+            self.copied.append(int(answer.split(b" ", 2)[1]))
+        client.sendall(answer)
+
+
 def _read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
     """A request's head (through the blank line) and what came after it; (b"", b"") if the client sent none."""
     data = b""
@@ -385,6 +460,15 @@ def _content_length(head: bytes) -> int:
         if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
             return 1 << 20
     return -1
+
+
+def _payload_length(head: bytes) -> int:
+    """A request's payload bytes: `x-amz-decoded-content-length` where the body is aws-chunked, else its length."""
+    for x in head.split(b"\r\n")[1:]:
+        name, _, value = x.partition(b":")
+        if name.strip().lower() == b"x-amz-decoded-content-length":
+            return int(value.strip())
+    return max(0, _content_length(head))
 
 
 def _pump(src: socket.socket, dst: socket.socket, limit: int | None, cuts: list[bool], side: int) -> None:

@@ -19,7 +19,7 @@ from chatvec_dist.demo import save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
 from chatvec_dist.kernels.reference import reference
-from chatvec_dist.recipe.spec import RunOptions
+from chatvec_dist.recipe.spec import Dare, RunOptions, Ties
 
 QUANT = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic", "fmt": "e4m3"}
 QUANTIZED = re.compile(r"proj(_with_mqa)?\.weight$")  # DeepSeek-V3 keeps norms, router, embeddings in bf16
@@ -333,6 +333,13 @@ def test_what_cannot_be_done_exactly_is_refused_in_one_line(models, tmp_path, ed
         api.plan(api.make_recipe(models["base8"], chat, models["cp8"], tmp_path / "out"))
     assert "\n" not in str(e.value) and str(e.value.file).startswith(str(chat))
     assert e.value.tensor == (tensor.replace("_s", "_scale_inv") if tensor else None)
+
+
+@pytest.mark.parametrize("sparse", [{"dare": Dare(0.5)}, {"ties": Ties(0.5)}])
+def test_dare_and_ties_on_fp8_weights_are_not_yet(models, tmp_path, sparse):
+    with pytest.raises(PlanError, match="DARE and TIES are not supported yet on block-scaled FP8") as e:
+        api.plan(api.make_recipe(models["base8"], models["chat"], models["cp8"], tmp_path / "out", **sparse))
+    assert e.value.tensor is not None and e.value.tensor.endswith(".weight")
 
 
 def test_fp8_to_an_object_store_is_not_yet(models):

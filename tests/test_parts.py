@@ -7,7 +7,7 @@ import pytest
 from chatvec_dist.dtypes import ITEMSIZE
 from chatvec_dist.errors import PlanError
 from chatvec_dist.planning.layout import MIN_PART, cut_units, layout
-from chatvec_dist.planning.parts import plan_parts
+from chatvec_dist.planning.parts import COPY_ENV, plan_parts
 from chatvec_dist.planning.planner import PlannedTensor, Src
 
 MiB = 2**20
@@ -104,3 +104,58 @@ def test_plan_to_a_store_takes_a_float32_tensor_among_bfloat16_ones(tmp_path):
     assert tp.parts is not None and [(p.start, p.end) for ps in tp.parts.values() for p in ps] == [
         (0, tp.layout.shards[0].size)
     ]
+
+
+def copies(sizes_mib: list[float], cp_at: list[int | None], url: str = "s3://b/cp.safetensors") -> list[PlannedTensor]:
+    """1-D BF16 tensors; those with a CP offset in `cp_at` are copies of CP's at that byte offset of `url`, the
+    others merges."""
+    out = []
+    for i, (s, at) in enumerate(zip(sizes_mib, cp_at)):
+        n = int(s * MiB) // 2
+        rule, src = ("copy", Src(url, at, "BF16")) if at is not None else ("merge", Src("x", 0, "BF16"))
+        out.append(PlannedTensor(f"t{i}", rule, "excluded", (n,), "BF16", src, (), 0 if at is not None else n))
+    return out
+
+
+def test_a_part_is_a_copy_only_where_its_bytes_are_one_range_of_one_cp_object():
+    """Four 6 MiB tensors, one part each (units of 6 MiB): the first part carries the header and is never a copy;
+    a copy is marked with CP's offset of its first byte, checked here against the offsets given."""
+    base = 1000
+    adjacent = copies([6, 6, 6, 6], [base, base + 6 * MiB, base + 12 * MiB, base + 18 * MiB])
+    lay, parts = plan_for_store(adjacent, unit_mib=6)
+    found = sorted((p for ps in parts.values() for p in ps), key=lambda p: p.number)
+    assert [p.copy for p in found] == [None] + [("s3://b/cp.safetensors", base + k * 6 * MiB) for k in (1, 2, 3)]
+    for p in found[1:]:  # the part's bytes are CP's from there: offset in the shard ↔ offset in CP
+        placed = next(t for t in lay.tensors if t.offset == p.start)
+        assert p.copy == (placed.tensor.cp.path, placed.tensor.cp.start)
+
+    mixed = copies([6, 6, 3, 3, 6], [base, None, base + 12 * MiB, base + 99 * MiB, base + 18 * MiB])
+    found = sorted((p for ps in plan_for_store(mixed, unit_mib=6)[1].values() for p in ps), key=lambda p: p.number)
+    assert [p.copy is not None for p in found] == [False, False, False, True]  # t2 and t3 apart in CP: not one
+
+
+def test_no_copy_from_a_local_cp_another_dtype_or_when_turned_off(monkeypatch):
+    local = copies([6, 6], [0, 6 * MiB], url="/data/cp.safetensors")
+    assert all(p.copy is None for ps in plan_for_store(local, unit_mib=6)[1].values() for p in ps)
+    converted = copies([6, 6], [0, 6 * MiB])
+    converted[1] = PlannedTensor("t1", "copy", "excluded", (3 * MiB,), "BF16", Src("s3://b/c", 0, "F16"), (), 0)
+    assert all(p.copy is None for ps in plan_for_store(converted, unit_mib=6)[1].values() for p in ps)
+    monkeypatch.setenv(COPY_ENV, "0")
+    assert all(p.copy is None for ps in plan_for_store(copies([6, 6], [0, 6 * MiB]), 6)[1].values() for p in ps)
+    monkeypatch.setenv(COPY_ENV, "true")
+    with pytest.raises(PlanError, match=COPY_ENV):
+        plan_for_store(copies([6, 6], [0, 6 * MiB]), 6)
+
+
+def test_no_copy_of_a_tensor_with_token_rows_from_chat():
+    """A vocab:skip embedding whose chat-template rows come from the chat model is not CP's bytes: never copied."""
+    import dataclasses
+
+    with_rows = copies([6, 6], [0, 6 * MiB])
+    with_rows[1] = dataclasses.replace(with_rows[1], rows=((5, 7),), row_src=Src("s3://b/chat", 0, "BF16"))
+    found = sorted((p for ps in plan_for_store(with_rows, unit_mib=6)[1].values() for p in ps), key=lambda p: p.number)
+    assert [p.copy for p in found] == [None, None]
+    plain = sorted(
+        (p for ps in plan_for_store(copies([6, 6], [0, 6 * MiB]), 6)[1].values() for p in ps), key=lambda p: p.number
+    )
+    assert plain[1].copy is not None  # the same layout without rows: a copy

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_llama, slow_units_env
-from s3server import upload_folder
+from s3server import ForgetfulProxy, upload_folder
 
 from chatvec_dist.cli import main
 from chatvec_dist.errors import RunError
@@ -158,8 +158,8 @@ def test_an_existing_output_is_refused_before_any_upload_and_overwrite_replaces_
     assert set(downloaded(foreign)) == {"notes.txt"} and open_uploads() == []
 
 
-def test_the_index_is_the_last_object_written_and_a_failed_commit_resumes(big, reference, monkeypatch):
-    url = fresh_url()
+def failed_before_the_index(big: dict, url: str, monkeypatch) -> None:
+    """A merge whose commit fails putting the index: every shard's upload is completed, every other file put."""
     put = s3_sink.put
 
     def failing_put(target: str, data: bytes) -> None:
@@ -172,7 +172,51 @@ def test_the_index_is_the_last_object_written_and_a_failed_commit_resumes(big, r
     files = downloaded(url)
     assert "model.safetensors.index.json" not in files and "manifest.parquet" in files  # all but the index
     monkeypatch.setattr(s3_sink, "put", put)
+
+
+def test_the_index_is_the_last_object_written_and_a_failed_commit_resumes_with_its_completed_shards(
+    big, reference, monkeypatch, capsys
+):
+    url = fresh_url()
+    failed_before_the_index(big, url, monkeypatch)
+    shards = sorted(n for n in reference if n.endswith(".safetensors"))
+    capsys.readouterr()
+    before = s3.traffic.bytes
     assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0  # its own objects: no refusal
+    err = capsys.readouterr().err
+    units = int(err.split("resuming: ")[1].split(" of ")[1].split()[0])
+    assert f"resuming: {units} of {units} units" in err  # the uploads are gone, the objects they made kept
+    assert err.count("completed by the interrupted commit of this job, kept") == len(shards)
+    assert s3.traffic.bytes - before < 2 * 2**20  # no part uploaded again: only the small files
+    assert weights(downloaded(url)) == reference and open_uploads() == []
+
+
+def test_a_shard_replaced_after_an_interrupted_commit_is_made_again(big, reference, monkeypatch, capsys):
+    url = fresh_url()
+    failed_before_the_index(big, url, monkeypatch)
+    shards = sorted(n for n in reference if n.endswith(".safetensors"))
+    s3_sink.put(f"{url}/{shards[1]}", reference[shards[1]][::-1])  # same size, other bytes
+    capsys.readouterr()
+    assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
+    err = capsys.readouterr().err
+    assert err.count("completed by the interrupted commit of this job, kept") == len(shards) - 1
+    done, units = map(int, err.split("resuming: ")[1].split(" units")[0].split(" of "))
+    assert 0 < done < units
+    assert weights(downloaded(url)) == reference and open_uploads() == []
+
+
+def test_a_completion_whose_answer_was_lost_and_whose_retry_is_answered_no_such_upload_is_accepted(
+    big, reference, s3_server, monkeypatch
+):
+    proxy = ForgetfulProxy(int(s3_server.endpoint.rsplit(":", 1)[1]), lose_first=True)
+    url = fresh_url()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # a new client: every request through the proxy
+        assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
+    finally:
+        proxy.close()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    assert not proxy.lose_first and proxy.forgotten >= 1  # the answer lost, its retry answered NoSuchUpload
     assert weights(downloaded(url)) == reference and open_uploads() == []
 
 

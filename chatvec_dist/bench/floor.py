@@ -101,4 +101,4 @@ def _put(url: str, nbytes: int, streams: int) -> None:
     parts = [(k + 1, min(CHUNK, nbytes - at)) for k, at in enumerate(range(0, max(nbytes, 1), CHUNK))]
     with ThreadPoolExecutor(streams) as pool:
         done = dict(pool.map(lambda p: (p[0], s3_sink.upload_part(url, upload, p[0], data[: p[1]])), parts))
-    s3_sink.complete(url, upload, done)
+    s3_sink.complete(url, upload, done, nbytes)

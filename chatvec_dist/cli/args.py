@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,11 @@ from ..recipe.alpha_rules import AlphaRule, parse_alpha_rule
 from ..recipe.spec import (
     ALPHA,
     EXTRACT_DTYPE,
+    Dare,
     Recipe,
     RunOptions,
     Target,
+    Ties,
     Vector,
     broadcast_alphas,
     is_plain_name,
@@ -24,18 +27,19 @@ from ..recipe.spec import (
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a command line means: one target per (CP, alpha set) of an alpha sweep."""
+    ties = Ties(args.ties) if args.ties is not None else None
     if args.command == "extract":
-        vectors = _vectors(args.chat, args.base)
+        vectors = _vectors(args.chat, args.base, args.dare)
         name = Path(os.path.abspath(args.out)).name
         alphas = broadcast_alphas((ALPHA,), len(vectors))
-        targets = [Target(name, None, args.out, alphas, dtype=args.dtype or EXTRACT_DTYPE)]
+        targets = [Target(name, None, args.out, alphas, dtype=args.dtype or EXTRACT_DTYPE, ties=ties)]
     else:
         vectors = (
-            _vectors(args.vector, [None] * len(args.vector))
+            _vectors(args.vector, [None] * len(args.vector), args.dare)
             if args.command == "apply"
-            else _vectors(args.chat, args.base)
+            else _vectors(args.chat, args.base, args.dare)
         )
-        targets = _targets(args, len(vectors))
+        targets = [dataclasses.replace(t, ties=ties) for t in _targets(args, len(vectors))]
     return Recipe(
         vectors=tuple(vectors),
         targets=tuple(targets),
@@ -59,10 +63,20 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     )
 
 
-def _vectors(chats: list[str], bases: list) -> list[Vector]:
+def _vectors(chats: list[str], bases: list, dares: list[str] | None) -> list[Vector]:
     if len(chats) != len(bases):
         raise ChatvecError(f"{len(bases)} --base but {len(chats)} --chat: give them in pairs")
-    return [Vector(c, b) for c, b in zip(chats, bases)]
+    per_vector = broadcast_alphas([_dare(d) for d in dares], len(chats), "--dare") if dares else (None,) * len(chats)
+    return [Vector(c, b, d) for c, b, d in zip(chats, bases, per_vector)]
+
+
+def _dare(text: str) -> Dare:
+    """`DENSITY[:SEED]` of a --dare."""
+    density, _, seed = text.partition(":")
+    try:
+        return Dare(float(density), int(seed) if seed else 0)
+    except ValueError:
+        raise ChatvecError(f"--dare {text!r}: give DENSITY or DENSITY:SEED, e.g. 0.2 or 0.2:7") from None
 
 
 def _targets(args: argparse.Namespace, n_vectors: int) -> list[Target]:

@@ -183,6 +183,20 @@ def _recipe_args(p: argparse.ArgumentParser, *, vector: bool, cp: bool, out_requ
                 'of its chat template, eos and bos, found by text in both tokenizers) or a JSON map {"CP_ID": CHAT_ID}',
             )
     p.add_argument(
+        "--dare",
+        action="append",
+        metavar="DENSITY[:SEED]",
+        help="DARE: keep each element of a vector's delta with probability DENSITY (typically 0.1–0.3), scaled by "
+        "1/DENSITY; one value applies to every vector, or give one per vector (default seed: 0)",
+    )
+    p.add_argument(
+        "--ties",
+        type=float,
+        metavar="DENSITY",
+        help="TIES: trim each vector to its top DENSITY magnitudes per tensor, elect each element's sign, average "
+        "the agreeing entries weighted by alpha",
+    )
+    p.add_argument(
         "--out",
         required=out_required,
         help="output directory (the root of several outputs: one per CP and alpha)"

@@ -8,6 +8,7 @@ import torch
 
 from ..kernels.cpu import Scratch, combine
 from ..kernels.fp8 import Fp8Scratch, Operand, combine_fp8
+from ..kernels.sparse import Sparse
 from ..kernels.stats import Stats
 from ..planning.planner import Src
 from ..term import Term
@@ -29,8 +30,15 @@ class CpuCompute:
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
         return inputs
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
-        return combine(out, cp, terms, compute, self.scratch)
+    def combine(
+        self,
+        out: torch.Tensor,
+        cp: torch.Tensor | None,
+        terms: Sequence[Term],
+        compute: torch.dtype,
+        sparse: Sparse | None = None,
+    ) -> Stats:
+        return combine(out, cp, terms, compute, self.scratch, sparse)
 
     def combine_fp8(
         self, out: torch.Tensor, out_scale: torch.Tensor | None, cp: Operand | None, terms: Sequence[Term], cols: int
@@ -50,7 +58,8 @@ class TritonCompute:
     runs_of_small = False  # the stats come from the kernel
 
     def __init__(self, device: torch.device) -> None:
-        from ..kernels.triton_merge import TritonScratch, combine_triton
+        from ..kernels.triton_merge import MAX_TERMS, TritonScratch, combine_triton
+        from ..kernels.triton_ties import ties_triton
 
         self.device = device
         self.pinned = device.type == "cuda"
@@ -58,11 +67,14 @@ class TritonCompute:
             torch.cuda.set_device(device)  # this thread's launches go to its GPU
         self.stream = torch.cuda.Stream(device) if self.pinned else None  # torch.cuda.stream(None) does nothing
         self._kernel = combine_triton
+        self._ties = ties_triton
+        self._max_terms = MAX_TERMS  # TIES of more vectors: on the CPU kernel
         self._scratch = TritonScratch()  # the kernel's and this class's device buffers, reused
+        self._cpu_scratch = Scratch()  # TIES: on the CPU kernel
         with torch.cuda.stream(self.stream):  # made where it is used: no other stream touches it
-            self.stats = torch.empty(5, dtype=torch.float64, device=device)  # zeroed by each combine
+            stats = torch.zeros(5, dtype=torch.float64, device=device)
             probe = torch.zeros(1, dtype=torch.bfloat16, device=device)
-            combine_triton(probe, probe, [], torch.float32, self.stats, self._scratch)  # Triton works here: now
+            combine_triton(probe, probe, [], torch.float32, stats, self._scratch)  # Triton works here: now
         if self.stream is not None:
             self.stream.synchronize()
 
@@ -77,16 +89,17 @@ class TritonCompute:
         from ..kernels.triton_fp8 import combine_triton_fp8
 
         with torch.cuda.stream(self.stream):
-            self.stats.zero_()
+            stats = self._scratch.get("stats", 5, torch.float64, self.device)
+            stats.zero_()
             dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
             dev_scale = None
             if out_scale is not None:
                 dev_scale = self._buffer("out-scale", out_scale.numel() * 4).view(torch.float32)
-            combine_triton_fp8(dev_out, dev_scale, cp, terms, cols, self.stats, self._scratch)
+            combine_triton_fp8(dev_out, dev_scale, cp, terms, cols, stats, self._scratch)
             out.copy_(dev_out, non_blocking=True)
             if out_scale is not None and dev_scale is not None:
                 out_scale.copy_(dev_scale, non_blocking=True)
-            host = self.stats.to("cpu", non_blocking=True)
+            host = stats.to("cpu", non_blocking=True)
         return self._finish(host)
 
     def upload(self, inputs: dict[Src, torch.Tensor]) -> dict[Src, torch.Tensor]:
@@ -99,19 +112,47 @@ class TritonCompute:
                 out[src] = dev.view(host.dtype)
         return out
 
-    def combine(self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> Stats:
-        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats."""
+    def combine(
+        self,
+        out: torch.Tensor,
+        cp: torch.Tensor | None,
+        terms: Sequence[Term],
+        compute: torch.dtype,
+        sparse: Sparse | None = None,
+    ) -> Stats:
+        """Run the kernel on device, copy the result into the (pinned) host `out`, wait, return the stats. TIES of
+        more vectors than one launch holds runs on the CPU kernel (its inputs copied back)."""
+        ties = sparse is not None and sparse.ties is not None
+        if ties and len(terms) > self._max_terms:
+            return self._on_cpu(out, cp, terms, compute, sparse)  # type: ignore[arg-type]
+        n_kept = len(terms) if sparse is not None else 0
         with torch.cuda.stream(self.stream):
-            self.stats.zero_()
+            stats = self._scratch.get("stats", 5 + n_kept + 2 * ties, torch.float64, self.device)
+            stats.zero_()
             dev_out = self._buffer("out", out.numel() * out.element_size()).view(out.dtype)
-            self._kernel(dev_out, cp, terms, compute, self.stats, self._scratch)
+            if sparse is not None and ties:
+                self._ties(dev_out, cp, terms, compute, stats, self._scratch, sparse)
+            else:
+                self._kernel(dev_out, cp, terms, compute, stats, self._scratch, sparse)
             out.copy_(dev_out, non_blocking=True)
-            host = self.stats.to("cpu", non_blocking=True)
-        return self._finish(host)
+            host = stats.to("cpu", non_blocking=True)
+        return self._finish(host, n_kept, ties)
 
-    def _finish(self, host: torch.Tensor) -> Stats:
-        """Wait for this stream's work; the stats it copied to the host."""
+    def _finish(self, host: torch.Tensor, n_kept: int = 0, ties: bool = False) -> Stats:
+        """Wait for this stream's work; the stats it copied to the host (DARE: a count kept per vector; TIES: then
+        the agreeing and signed counts)."""
         if self.stream is not None:
             self.stream.synchronize()
-        cp_sq, delta_sq, update_sq, nan, inf = host.tolist()
-        return Stats(cp_sq, delta_sq, update_sq, int(nan), int(inf))
+        cp_sq, delta_sq, update_sq, nan, inf, *rest = (int(x) if i > 2 else x for i, x in enumerate(host.tolist()))
+        agree, signed = rest[n_kept:] if ties else (0, 0)
+        return Stats(cp_sq, delta_sq, update_sq, nan, inf, rest[:n_kept], agree, signed)
+
+    def _on_cpu(
+        self, out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype, sparse: Sparse
+    ) -> Stats:
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
+        with torch.cuda.stream(self.stream):
+            cpu_terms = [Term(a, host(p), host(m)) for a, p, m in terms]
+            return combine(out, host(cp), cpu_terms, compute, self._cpu_scratch, sparse)

@@ -12,6 +12,7 @@ from ..kernels.stats import Stats
 from ..planning.layout import Placed
 
 if TYPE_CHECKING:
+    from ..planning.kth import Histogram, SelectPass
     from ..planning.parts import Part
 
 
@@ -35,6 +36,7 @@ class WorkContext:
     block_bytes: int
     hub_files: dict[str, tuple[str, str, str]]  # input path on the driver → Hub (repo, commit, file), if from the Hub
     etags: dict[str, str] = dataclasses.field(default_factory=dict)  # s3:// input → the ETag planned with
+    select: SelectPass | None = None  # TIES' pre-pass: histogram these tensors' vectors instead of merging
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,4 @@ class UnitResult:
     seconds: float
     stages: Stages = dataclasses.field(default_factory=Stages)  # not journaled: a resumed unit reports zeros
     parts: list[PartResult] = dataclasses.field(default_factory=list)  # its s3:// outputs' uploaded parts
+    histograms: list[tuple[int, list[Histogram]]] = dataclasses.field(default_factory=list)  # TIES' pre-pass

@@ -6,13 +6,15 @@ unpickle in each worker process."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..planning.layout import Unit
 from .messages import OutputContext, WorkContext
 
 
 def unit_context(ctx: WorkContext, unit: Unit) -> WorkContext:
-    """`ctx` cut to `unit`: each output's placed tensors by index, and only the shards, parts, Hub files and ETags
-    they name (an empty unit: the context a worker starts with)."""
+    """`ctx` cut to `unit`: each output's placed tensors by index, and only the shards, parts, Hub files, ETags
+    and TIES pre-pass tensors they name; its other fields as they are."""
     outputs, files = [], set()
     for out in ctx.outputs:
         tensors = {p.index: out.tensors[p.index] for p in unit.pieces}
@@ -29,4 +31,9 @@ def unit_context(ctx: WorkContext, unit: Unit) -> WorkContext:
             )
         )
     hub = {f: v for f, v in ctx.hub_files.items() if f in files}
-    return WorkContext(outputs, ctx.block_bytes, hub, {f: v for f, v in ctx.etags.items() if f in files})
+    etags = {f: v for f, v in ctx.etags.items() if f in files}
+    select = ctx.select
+    if select is not None:  # TIES' pre-pass: the unit's tensors to histogram
+        indices = {p.index for p in unit.pieces}
+        select = dataclasses.replace(select, tensors={i: s for i, s in select.tensors.items() if i in indices})
+    return dataclasses.replace(ctx, outputs=outputs, hub_files=hub, etags=etags, select=select)  # any other field kept

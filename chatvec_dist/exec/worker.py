@@ -17,11 +17,12 @@ from ..io import s3, s3_sink
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
+from ..kernels.sparse import Sparse
 from ..kernels.stats import Stats
 from ..planning.experts import read_ranges
 from ..planning.fp8 import SCALE_RULE, in_one_piece
 from ..planning.layout import Piece, Placed, Unit
-from ..planning.parts import Part
+from ..planning.parts import Part, copied_as_stored
 from ..planning.plan import input_needs, span
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
@@ -29,14 +30,9 @@ from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from . import rows, small_runs
 from .device import make_compute, pick_device
 from .fp8_work import combine_blocked
+from .histogram import select_unit
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
 from .source_digests import PieceSources, source_block_elems
-
-
-def _written_as_read(t: PlannedTensor) -> bool:
-    """A copy in CP's own dtype: its bytes go from the input buffer straight to the output file."""
-    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype and not t.rows
-
 
 WHOLE_PIECE = 1 << 62  # as a strip size: the piece in one strip
 
@@ -69,6 +65,8 @@ class UnitRunner:
         return buf[:nbytes]
 
     def run(self, unit: Unit) -> UnitResult:
+        if self.ctx.select is not None:  # TIES' pre-pass: histograms, nothing written
+            return select_unit(self, unit)
         t0 = time.perf_counter()
         stages = Stages()
         self._stage_parts(unit)
@@ -82,34 +80,42 @@ class UnitRunner:
         return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages, parts)
 
     def _stage_parts(self, unit: Unit) -> None:
-        """Give each of the unit's parts (s3:// outputs) its place in the output's reused buffer; the first part of
-        a shard gets the shard's header."""
+        """Give each of the unit's parts (s3:// outputs) its place in the output's reused buffer (a part the store
+        copies: none); the first part of a shard gets the shard's header."""
         self._staged = {}
         for o, out in enumerate(self.ctx.outputs):
             if out.parts is None or out.headers is None:
                 continue
             parts = out.parts.get(unit.id, [])
-            need = sum(p.size for p in parts)
-            if len(self._part_bufs.get(o, b"")) < need:
+            need = sum(p.size for p in parts if p.copy is None)
+            if len(self._part_bufs.setdefault(o, bytearray())) < need:
                 self._part_bufs[o] = bytearray(need)
             view, at, staged = memoryview(self._part_bufs[o]), 0, []
             for part in parts:
-                staged.append((part, view[at : at + part.size]))
-                at += part.size
+                size = part.size if part.copy is None else 0
+                staged.append((part, view[at : at + size]))
+                at += size
                 if part.start == 0:
                     header = out.headers[part.shard]
                     staged[-1][1][: len(header)] = header
             self._staged[o] = staged
 
     def _upload_parts(self, stages: Stages) -> list[PartResult]:
-        """Upload the unit's parts of every s3:// output (an upload of the same number again replaces it)."""
+        """Upload the unit's parts of every s3:// output (an upload of the same number again replaces it); a copy
+        is made by the store from CP's object, pinned to the ETag its bytes were read (and hashed) at."""
         clock, done = time.perf_counter(), []
         for o, staged in self._staged.items():
             out = self.ctx.outputs[o]
             assert out.uploads is not None
             for part, data in staged:
-                url = out.shard_paths[part.shard]
-                etag = s3_sink.upload_part(url, out.uploads[part.shard], part.number, data)
+                url, upload = out.shard_paths[part.shard], out.uploads[part.shard]
+                if part.copy is None:
+                    etag = s3_sink.upload_part(url, upload, part.number, data)
+                else:
+                    source, offset = part.copy
+                    etag = s3_sink.upload_part_copy(
+                        url, upload, part.number, source, offset, part.size, self.ctx.etags[source]
+                    )
                 done.append(PartResult(o, part.shard, part.number, etag, part.size))
         stages.lap("write", clock)
         return done
@@ -146,7 +152,7 @@ class UnitRunner:
         clock = stages.lap("read", clock)
         sources.feed(piece, {s: t.view(torch.uint8).numpy().data for s, t in inputs.items()})  # while in cache
         clock = stages.lap("hash", clock)
-        computed = [p.tensor for _, p in columns if not _written_as_read(p.tensor)]
+        computed = [p.tensor for _, p in columns if not copied_as_stored(p.tensor)]
         needs = input_needs(piece, computed)  # what the kernel reads: not the straight copies' bytes
         staged = self.compute.upload({s: inputs[s][:n] for s, n in needs.items()})
         results = []
@@ -156,7 +162,7 @@ class UnitRunner:
             if count == 0 and t.numel:
                 continue  # this output's tensor (a smaller vocabulary) ends before the piece
             itemsize = ITEMSIZE[t.out_dtype]
-            if _written_as_read(t):
+            if copied_as_stored(t):
                 assert t.cp is not None
                 out = inputs[t.cp][:count].view(torch.uint8)
                 stats = nonfinite(inputs[t.cp][:count]) if is_float(t.out_dtype) else Stats()
@@ -174,7 +180,7 @@ class UnitRunner:
                 if t.rows:
                     stats = self._with_rows(t, piece.first, merged, staged, view, inputs)
                 else:
-                    stats = self._combine(t, merged, cp, staged, view)
+                    stats = self._combine(t, piece.first, merged, cp, staged, view)
             clock = stages.lap("compute", clock)
             digests = self._hash_and_write(o, placed, out, piece.first * itemsize, stages, clock)
             clock = time.perf_counter()
@@ -219,7 +225,7 @@ class UnitRunner:
 
         def combine(a: int, b: int) -> Stats:
             rest = {s: v[a:] for s, v in staged.items()}
-            return self._combine(t, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
+            return self._combine(t, first + a, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
 
         def read_chat(at: int, n: int) -> torch.Tensor:
             buf = self._buffer("row", n * ITEMSIZE[row_src.dtype])
@@ -232,15 +238,23 @@ class UnitRunner:
         return rows.combine_with_rows(t, first, out, inputs[t.cp], combine, read_chat)
 
     def _combine(
-        self, t: PlannedTensor, merged: int, cp: torch.Tensor | None, inputs: dict[Src, torch.Tensor], out: torch.Tensor
+        self,
+        t: PlannedTensor,
+        first: int,
+        merged: int,
+        cp: torch.Tensor | None,
+        inputs: dict[Src, torch.Tensor],
+        out: torch.Tensor,
     ) -> Stats:
+        """The kernel on the piece's elements [first, first + out.numel()) of tensor `t`."""
         terms = [
             Term(alpha, inputs[plus][:merged], inputs[minus][:merged] if minus is not None else None)
             for alpha, plus, minus in (t.terms if merged else ())
         ]
         dtypes = [t.out_dtype] + [s.dtype for s in t.srcs]
         compute = compute_dtype(dtypes)
-        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute)
+        sparse = Sparse(first, t.dare, t.ties) if terms and (t.dare or t.ties) else None
+        stats = self.compute.combine(out[:merged], cp[:merged] if cp is not None else None, terms, compute, sparse)
         if merged < out.numel():  # rows past the base vocabulary keep CP's values
             assert cp is not None
             stats.add(self.compute.combine(out[merged:], cp[merged:], [], compute))
@@ -273,7 +287,8 @@ class UnitRunner:
             return
         for part, view in self._staged[o]:
             if part.shard == shard and part.start <= at and at + len(data) <= part.end:
-                view[at - part.start : at - part.start + len(data)] = data
+                if part.copy is None:  # else the store copies these very bytes from CP's object
+                    view[at - part.start : at - part.start + len(data)] = data
                 return
         raise AssertionError(f"bytes [{at}, {at + len(data)}) of shard {shard} are in no part of the unit")
 

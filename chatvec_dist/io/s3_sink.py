@@ -6,10 +6,11 @@ parts uploaded so far stay journaled, and the same command resumes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
-from ..errors import ChatvecError, RunError
+from ..errors import ChatvecError, RunError, SourceError
 from . import s3
 
 GONE = ("NoSuchUpload", "404", "NotFound")  # an upload completed or aborted already
@@ -45,6 +46,31 @@ def upload_part(url: str, upload_id: str, number: int, data: memoryview) -> str:
     return str(r["ETag"])
 
 
+def upload_part_copy(url: str, upload_id: str, number: int, source: str, offset: int, size: int, etag: str) -> str:
+    """Part `number` made by the store from bytes [offset, offset + size) of the object `source` (UploadPartCopy:
+    no byte through this process), only while that object's ETag is `etag` (the one whose bytes were read and
+    hashed: an object replaced since is refused, naming it); the part's ETag."""
+    bucket, key = s3.parse(url)
+    from_bucket, from_key = s3.parse(source)
+    try:
+        r = s3.client(True).upload_part_copy(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            CopySource={"Bucket": from_bucket, "Key": from_key},
+            CopySourceRange=f"bytes={offset}-{offset + size - 1}",
+            CopySourceIfMatch=etag,
+        )
+    except Exception as e:
+        if s3.error_code(e) in ("PreconditionFailed", "412", "NoSuchKey", "InvalidRange", "416"):
+            raise s3.failure(e, source) from None  # the source, as a read of it says it
+        raise _run_error(e, url) from None
+    s3.traffic.add(0, 1)
+    etag = str(r["CopyPartResult"]["ETag"])
+    return etag if etag.startswith('"') else f'"{etag}"'  # quoted, as ListParts shows it (SeaweedFS answers bare)
+
+
 def listed_parts(url: str, upload_id: str) -> dict[int, set[tuple[str, int]]] | None:
     """The parts an upload holds, {number: {(ETag, size)}}; None if the upload is gone (completed or aborted).
     S3 lists the last upload of each number; SeaweedFS lists every upload of a number and completes the one whose
@@ -64,8 +90,10 @@ def listed_parts(url: str, upload_id: str) -> dict[int, set[tuple[str, int]]] | 
     return found
 
 
-def complete(url: str, upload_id: str, parts: dict[int, str]) -> str:
-    """Assemble the object from its parts ({number: ETag}), in number order; the object's ETag."""
+def complete(url: str, upload_id: str, parts: dict[int, str], size: int) -> str:
+    """Assemble the object of `size` bytes from its parts ({number: ETag}), in number order; the object's ETag.
+    An upload gone (NoSuchUpload) is taken as completed if the object there is the one these parts assemble: a
+    completion retried after its answer was lost, or completed by a commit interrupted before its index."""
     bucket, key = s3.parse(url)
     listed = [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
     try:
@@ -73,9 +101,42 @@ def complete(url: str, upload_id: str, parts: dict[int, str]) -> str:
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}
         )
     except Exception as e:
-        raise _run_error(e, url) from None
+        if s3.error_code(e) != "NoSuchUpload":
+            raise _run_error(e, url) from None
+        found = assembled(url, parts, size)
+        if found is None:
+            raise RunError(
+                "the multipart upload is gone (NoSuchUpload) and the object there is not the one its parts "
+                "assemble (its ETag or size differs): run again with --restart",
+                file=url,
+            ) from None
+        return found
     s3.traffic.add(0, 1)
     return str(r.get("ETag", ""))
+
+
+def assembled(url: str, parts: dict[int, str], size: int) -> str | None:
+    """The ETag of the object at `url` if it is the one `parts` ({number: ETag}) assemble: its size is `size`
+    and its ETag the multipart ETag of those parts; else None (no object, or another one)."""
+    try:
+        info = s3.head(url)
+    except s3.MissingObject:
+        return None
+    except SourceError as e:
+        raise RunError(e.what, file=url) from None
+    expected = multipart_etag(parts)
+    return info.etag if info.size == size and expected is not None and info.etag.strip('"') == expected else None
+
+
+def multipart_etag(parts: dict[int, str]) -> str | None:
+    """The ETag a store gives the object completed from `parts` ({number: ETag}): the MD5 of the parts' binary
+    digests, then `-N` (S3 without SSE-KMS, where a part's ETag is its MD5; SeaweedFS the same, counting a copied
+    part's `digest-n` ETag by its digest). None if a part's ETag is not such a digest (SSE-KMS, another store)."""
+    try:
+        digests = b"".join(bytes.fromhex(parts[n].strip('"').partition("-")[0]) for n in sorted(parts))
+    except ValueError:
+        return None
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
 
 
 def abort(url: str, upload_id: str) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..term import Term
+from .sparse import Sparse, term_delta, ties_delta
 from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
@@ -24,6 +25,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._terms: dict[object, list[torch.Tensor]] = {}
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if dtype not in self._bufs:
@@ -34,14 +36,24 @@ class Scratch:
             )
         return self._bufs[dtype]
 
+    def per_term(self, dtype: torch.dtype, n: int) -> list[torch.Tensor]:
+        """`n` more chunk buffers (TIES holds every term's delta at once)."""
+        key = (dtype, "terms")
+        bufs = self._terms.setdefault(key, [])
+        bufs += [torch.empty(CHUNK, dtype=dtype) for _ in range(n - len(bufs))]
+        return bufs[:n]
 
-def _delta(acc: torch.Tensor, tmp: torch.Tensor, terms: Sequence[Term], s: int, e: int) -> None:
-    """acc = Σ alpha·(plus − minus) over elements [s, e), in acc's dtype (tmp: scratch of the same size)."""
-    for i, (alpha, plus, minus) in enumerate(terms):
-        dst = acc if i == 0 else tmp
-        dst.copy_(plus[s:e])
-        if minus is not None:
-            dst.sub_(minus[s:e])
+
+def _delta(
+    acc: torch.Tensor, tmp: torch.Tensor, terms: Sequence[Term], s: int, e: int, sparse: Sparse | None, stats: Stats
+) -> None:
+    """acc = Σ alpha·(plus − minus) over elements [s, e), in acc's dtype (tmp: scratch of the same size); under
+    DARE, each term's dropped elements zeroed and its alpha divided by the density first."""
+    for i, term in enumerate(terms):
+        dst, keep = term_delta(acc if i == 0 else tmp, term, i, sparse, s, e)
+        if sparse is not None:
+            stats.kept[i] += int(keep.sum()) if keep is not None else e - s
+        alpha = sparse.alpha(i, term[0]) if sparse is not None else term[0]
         if alpha != 1.0:
             dst.mul_(alpha)
         if i:
@@ -54,15 +66,22 @@ def combine(
     terms: Sequence[Term],
     compute: torch.dtype,
     scratch: Scratch,
+    sparse: Sparse | None = None,
 ) -> Stats:
-    """`out = round(cp + Σ alpha·(plus − minus))`, all 1-D of equal length, computed in `compute` per chunk."""
+    """`out = round(cp + Σ alpha·(plus − minus))`, all 1-D of equal length, computed in `compute` per chunk;
+    `sparse`: with DARE and TIES (kernels/sparse.py)."""
     acc_buf, tmp_buf, cp_buf = scratch.get(compute)
-    stats = Stats()
+    stats = Stats(kept=[0] * len(terms) if sparse is not None and terms else [])
+    ties = sparse is not None and sparse.ties is not None and bool(terms)
+    bufs = scratch.per_term(compute, len(terms) + 1) if ties else []
     n = out.numel()
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         acc, tmp = acc_buf[: e - s], tmp_buf[: e - s]
-        _delta(acc, tmp, terms, s, e)
+        if ties:
+            ties_delta(acc, [b[: e - s] for b in bufs], terms, sparse, s, e, stats)  # type: ignore[arg-type]
+        else:
+            _delta(acc, tmp, terms, s, e, sparse, stats)
         if terms:
             stats.delta_sq += float(torch.dot(acc, acc))
         # update_sq: of the output as written (rounded), minus CP; an output value that rounding made ±Inf makes

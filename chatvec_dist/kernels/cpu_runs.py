@@ -30,7 +30,7 @@ def combine_run(
     assert terms and n == bounds[-1] <= CHUNK
     acc_buf, tmp_buf, cp_buf = scratch.get(compute)
     acc, tmp = acc_buf[:n], tmp_buf[:n]
-    _delta(acc, tmp, terms, 0, n)
+    _delta(acc, tmp, terms, 0, n, None, Stats())
     spans = list(zip(bounds[:-1], bounds[1:]))
     stats = [Stats(delta_sq=float(torch.dot(acc[s:e], acc[s:e]))) for s, e in spans]
     if cp is None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Stats:
-    """Sums of squares in float64 and non-finite counts of one piece of output."""
+    """Sums of squares in float64 and non-finite counts of one piece of output; under DARE or TIES, each vector's
+    kept elements, and (TIES) the nonzero kept entries and those agreeing with the elected sign."""
 
     cp_sq: float = 0.0
     delta_sq: float = 0.0
     update_sq: float = 0.0
     nan: int = 0
     inf: int = 0
+    kept: list[int] = field(default_factory=list)  # per vector; empty without DARE or TIES
+    agree: int = 0
+    signed: int = 0
 
     def add(self, other: Stats) -> None:
         self.cp_sq += other.cp_sq
@@ -21,3 +25,7 @@ class Stats:
         self.update_sq += other.update_sq
         self.nan += other.nan
         self.inf += other.inf
+        if other.kept:
+            self.kept = [a + b for a, b in zip(self.kept or [0] * len(other.kept), other.kept)]
+        self.agree += other.agree
+        self.signed += other.signed

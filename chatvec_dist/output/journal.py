@@ -66,13 +66,15 @@ class Journal:
 
 
 # A journaled segment, one short JSON list: [tensor index, [[block, digest hex], …], cp², Δ², (out − cp)², NaN, Inf,
-# sources], sources: per source of the tensor [first source block, its consecutive blocks' digests in hex, joined].
-# A line of an earlier format (no sources) fails to unpack: its unit is redone.
+# sources], then, under DARE or TIES, [kept per vector], agreeing, signed; sources: per source of the tensor [first
+# source block, its consecutive blocks' digests in hex, joined]. A line of an earlier format (no sources) fails to
+# unpack: its unit is redone.
 def _segment_record(s: SegmentResult) -> list:
     stats = s.stats
     blocks = [[b, d.hex()] for b, d in s.blocks]
     sources = [[src[0][0], src[0][1].hex()] if len(src) == 1 else _joined(src) for src in s.sources]
-    return [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf, sources]
+    record = [s.index, blocks, stats.cp_sq, stats.delta_sq, stats.update_sq, stats.nan, stats.inf, sources]
+    return record + [stats.kept, stats.agree, stats.signed] if stats.kept else record
 
 
 def _joined(src: tuple[tuple[int, bytes], ...]) -> list:
@@ -80,10 +82,15 @@ def _joined(src: tuple[tuple[int, bytes], ...]) -> list:
 
 
 def _segment(record: list, output: int) -> SegmentResult:
-    index, blocks, cp_sq, delta_sq, update_sq, nan, inf, sources = record
+    index, blocks, cp_sq, delta_sq, update_sq, nan, inf, sources, *sparse = record
     digests = tuple((b, bytes.fromhex(h)) for b, h in blocks)
+    kept, agree, signed = sparse or ([], 0, 0)
     return SegmentResult(
-        output, index, digests, Stats(cp_sq, delta_sq, update_sq, nan, inf), tuple(_blocks(*s) for s in sources)
+        output,
+        index,
+        digests,
+        Stats(cp_sq, delta_sq, update_sq, nan, inf, list(kept), agree, signed),
+        tuple(_blocks(*s) for s in sources),
     )
 
 

@@ -64,6 +64,8 @@ SCHEMA = pa.schema(
         ("alphas", pa.list_(pa.float64())),  # each vector's alpha in this tensor (alpha rules); null: not combined
         ("token_rows", pa.int64()),
         ("source_digests", pa.list_(SOURCE_DIGEST)),
+        ("density", pa.list_(pa.float64())),  # DARE/TIES: each vector's kept share of the merged elements
+        ("sign_agreement", pa.float64()),  # TIES: share of kept nonzero entries with the elected sign
     ]
 )
 FIRST_COLUMNS = 20  # the first manifests' (target … seconds); every later column is appended
@@ -229,6 +231,8 @@ class Tally:
                     "alphas": [float(term.alpha) for term in t.terms] if t.terms else None,
                     "token_rows": len(t.rows),
                     "source_digests": source_digests(t, e),
+                    "density": [k / t.merge_elems for k in s.kept] if s.kept and t.merge_elems else None,
+                    "sign_agreement": (s.agree / s.signed if s.signed else None) if t.ties is not None else None,
                 }
             )
         table = pa.Table.from_pylist(rows, schema=SCHEMA)

@@ -3,7 +3,8 @@ completed by the driver's commit.
 
 The commit runs after the local commit has written every file into the staging work area and before its rename: a
 crash on the way leaves no index under the prefix (nothing that looks like a complete model), and the rerun on this
-machine commits again (a shard whose upload was completed already is redone: its upload is gone).
+machine commits again. A shard whose upload that commit completed already (its upload is gone) is kept if the
+object there is the one its journaled parts assemble (size, and the multipart ETag of their ETags), else redone.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class Uploads:
                 file=self.url,
             )
 
-    def open(self, work: Path) -> None:
+    def open(self, work: Path, journaled: dict[int, UnitResult]) -> None:
         """One upload per shard, kept in the work area: those of an earlier run are reused where the store still
-        has them (their parts listed, to check journaled units by); uploads open under the prefix with no work area
-        here (a run on another machine, or a crash before uploads.json) are aborted."""
+        has them (their parts listed, to check `journaled` units by) or completed them already; uploads open under
+        the prefix with no work area here (a run on another machine, or a crash before uploads.json) are aborted."""
         urls = [self.shard_url(k) for k in range(len(self.layout.shards))]
         kept = read_uploads(work)
         if [u for u, _ in kept] != urls:
@@ -62,7 +63,9 @@ class Uploads:
         uploads, self.parts, self._listed = [], {}, {}
         for k, url in enumerate(urls):
             listed = s3_sink.listed_parts(url, kept[k][1]) if kept else None
-            if listed is None:  # new, or gone (completed by an interrupted commit, aborted elsewhere)
+            if listed is None and kept:  # gone: completed by an interrupted commit, or aborted elsewhere
+                listed = self._completed(k, journaled)
+            if listed is None:  # new, or gone with no object its journaled parts assemble
                 uploads.append([url, s3_sink.create_upload(url)])
                 listed = {}
             else:
@@ -71,6 +74,19 @@ class Uploads:
         if uploads != kept:
             write_uploads(work, uploads)
         self.ids = [upload_id for _, upload_id in uploads]
+
+    def _completed(self, shard: int, journaled: dict[int, UnitResult]) -> dict[int, set[tuple[str, int]]] | None:
+        """A shard whose upload an interrupted commit completed: its parts as journaled, if they are every part
+        planned for it and the object at its URL is the one they assemble; else None."""
+        planned = {p.number: p.size for ps in self.planned.values() for p in ps if p.shard == shard}
+        found = {p.number: (p.etag, p.size) for r in journaled.values() for p in r.parts if p.shard == shard}
+        if {n: size for n, (_, size) in found.items()} != planned:
+            return None
+        url = self.shard_url(shard)
+        if s3_sink.assembled(url, {n: etag for n, (etag, _) in found.items()}, self.layout.shards[shard].size) is None:
+            return None
+        logger.info(f"{url}: completed by the interrupted commit of this job, kept")
+        return {n: {part} for n, part in found.items()}
 
     def holds(self, result: UnitResult) -> bool:
         """Whether the uploads hold every part the unit was planned to upload, with the ETag and size reported."""
@@ -114,7 +130,7 @@ def publish(
     if INDEX_NAME in old:
         s3_sink.delete(s3.join(url, INDEX_NAME))
     for k, shard in enumerate(layout.shards):
-        s3_sink.complete(s3.join(url, shard.name), uploads[k], parts.get(k, {}))
+        s3_sink.complete(s3.join(url, shard.name), uploads[k], parts.get(k, {}), shard.size)
     shards = {s.name for s in layout.shards}
     names = sorted(p.name for p in work.iterdir() if p.name not in skip | shards | {INDEX_NAME})
     for name in names:

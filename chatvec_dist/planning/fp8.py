@@ -45,7 +45,7 @@ def split_scales(sources: Sources) -> tuple[Sources, Scales]:
         return stripped[id(ckpt)]
 
     terms = tuple(Term(alpha, strip(plus), strip(minus)) for alpha, plus, minus in sources.terms)
-    return Sources(strip(sources.cp), terms), scales
+    return dataclasses.replace(sources, cp=strip(sources.cp), terms=terms), scales
 
 
 def _strip(ckpt: Checkpoint, scales: Scales) -> Checkpoint:
@@ -159,6 +159,18 @@ def in_one_piece(t: PlannedTensor) -> bool:
     if t.rule == SCALE_RULE:
         return True
     return t.rule != "copy" and (is_fp8(t.out_dtype) or any(s.scale is not None for s in t.srcs))
+
+
+def check_not_sparse(tensors: list[PlannedTensor]) -> None:
+    """DARE and TIES run in the merge kernels, not in the FP8 pass: refused on FP8 weights, never ignored."""
+    for t in tensors:
+        if (t.dare or t.ties is not None) and in_one_piece(t):
+            raise PlanError(
+                "DARE and TIES are not supported yet on block-scaled FP8 weights (dequantize the checkpoints to "
+                "bfloat16 first, or --exclude them)",
+                file=next((s.path for s in t.srcs), None),
+                tensor=t.name,
+            )
 
 
 def check_local_output(out: str | None, tensors: list[PlannedTensor]) -> None:

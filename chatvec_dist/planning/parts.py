@@ -4,18 +4,28 @@ An object store takes a shard as a multipart upload: parts in any order, from an
 1 to 10,000 parts, each at least 5 MiB except the last. Units follow the tensor order and (for such outputs) never
 span two shards, so a unit's bytes in a shard are one contiguous range: its part. The first part of a shard starts
 at byte 0 and carries the header.
+
+A part whose bytes are all CP tensors copied as stored (`--exclude`, `--vocab skip`, non-float), adjacent in one
+s3:// object of CP in the same order, is a copy: the store makes it from that object's byte range (UploadPartCopy),
+pinned to the ETag the plan read, and no byte of it goes up from a worker. The worker still reads the range, for
+the manifest's block digests and NaN/Inf counts (never a digest of bytes nobody saw).
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
-from .layout import MIN_PART, Layout, Unit
+from ..io import s3
+from .layout import MIN_PART, Layout, Placed, Unit
 from .plan import span
+from .planner import PlannedTensor
 
 MAX_PARTS = 10_000  # per upload
+COPY_ENV = "CHATVEC_S3_PART_COPY"  # 0: upload every part (a store without UploadPartCopy); 1 (default): copy
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class Part:
     number: int
     start: int
     end: int
+    copy: tuple[str, int] | None = None  # (CP object's URL, offset): a server-side copy of its bytes from there
 
     @property
     def size(self) -> int:
@@ -34,7 +45,9 @@ class Part:
 
 
 def plan_parts(layout: Layout, units: list[Unit]) -> dict[int, list[Part]]:
-    """Each unit's parts (by unit id) in one output; refuses a layout an object store cannot take."""
+    """Each unit's parts (by unit id) in one output, copies marked (unless $CHATVEC_S3_PART_COPY is 0); refuses
+    a layout an object store cannot take."""
+    copies = _copies_wanted()
     ranges: dict[tuple[int, int], list[int]] = {}  # (unit, shard) -> [start, end]
     for unit in units:
         for piece in unit.pieces:
@@ -57,13 +70,60 @@ def plan_parts(layout: Layout, units: list[Unit]) -> dict[int, list[Part]]:
     shards = _by_shard(ranges)
     if len(shards) != len(layout.shards):
         raise PlanError("internal: a shard that no unit writes (only empty tensors?)")
+    in_order = _by_offset(layout) if copies else {}
     for shard, rows in shards.items():
         name = layout.shards[shard].name
         rows[0][1] = 0  # the first part starts at the header
         _check_tiles(rows, layout.shards[shard].size, name)
         for number, (uid, start, end) in enumerate(rows, 1):
-            by_unit.setdefault(uid, []).append(Part(uid, shard, number, start, end))
+            copy = _copy_source(in_order[shard], start, end) if copies else None
+            by_unit.setdefault(uid, []).append(Part(uid, shard, number, start, end, copy))
     return by_unit
+
+
+def copied_as_stored(t: PlannedTensor) -> bool:
+    """A copy of CP's tensor in CP's own dtype, no token row taken from chat: its output bytes are CP's (the worker
+    writes them as read; an s3:// output's part of them may be copied by the store)."""
+    return t.rule == "copy" and t.cp is not None and t.cp.dtype == t.out_dtype and not t.rows
+
+
+def _copies_wanted() -> bool:
+    value = os.environ.get(COPY_ENV, "1")
+    if value not in ("0", "1"):
+        raise PlanError(f"${COPY_ENV} is {value!r}: 1 copies parts server-side where it can (default), 0 never")
+    return value == "1"
+
+
+def _by_offset(layout: Layout) -> dict[int, tuple[list[int], list[Placed]]]:
+    """Each shard's non-empty tensors in byte order, and their offsets."""
+    shards: dict[int, list[Placed]] = {k: [] for k in range(len(layout.shards))}
+    for p in layout.tensors:
+        if p.nbytes:
+            shards[p.shard].append(p)
+    ordered = {k: sorted(ps, key=lambda p: p.offset) for k, ps in shards.items()}
+    return {k: ([p.offset for p in ps], ps) for k, ps in ordered.items()}
+
+
+def _copy_source(shard: tuple[list[int], list[Placed]], start: int, end: int) -> tuple[str, int] | None:
+    """(URL, offset) where bytes [start, end) of a shard (its tensors' offsets, and the tensors) are one range of
+    one s3:// object: where every tensor they hold is copied from it as stored, adjacent there in the same order,
+    and they hold no header byte; else None."""
+    offsets, placed = shard
+    first = bisect.bisect_right(offsets, start) - 1  # the tensor holding byte `start`
+    if first < 0 or start >= end:  # in the header
+        return None
+    found = None
+    for p in placed[first:]:
+        if p.offset >= end:
+            break
+        t = p.tensor
+        if not copied_as_stored(t) or t.cp is None or not s3.is_url(t.cp.path):
+            return None
+        here = (t.cp.path, t.cp.start - p.offset)  # an output byte's place in the object: offset + shift
+        if found not in (None, here):
+            return None
+        found = here
+    return None if found is None else (found[0], found[1] + start)
 
 
 def _by_shard(ranges: dict[tuple[int, int], list[int]]) -> dict[int, list[list[int]]]:

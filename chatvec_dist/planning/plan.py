@@ -73,6 +73,7 @@ def _plan(recipe: Recipe) -> Planned:
         sources = Sources(
             source(target.cp) if target.cp is not None else None,
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
+            tuple(v.dare for v in recipe.vectors),
         )
         rows = token_rows(target, sources)
         tensors = with_token_rows(plan_tensors(target, sources), rows, sources)

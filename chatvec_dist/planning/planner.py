@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
 from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
-from ..recipe.spec import Target
+from ..recipe.spec import Dare, Target
 from ..term import Term
 from .alphas import tensor_alphas
 from .experts import MappedRef, Segment, map_experts
+from .sparsity import TermDare, TiesPlan, sparsify
 from .tied import tied_heads
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias,
@@ -55,6 +57,8 @@ class PlannedTensor:
     merge_elems: int
     rows: tuple[tuple[int, int], ...] = ()  # (CP row, chat row): this output row is the chat tensor's (tokens.py)
     row_src: Src | None = None  # the chat tensor the rows come from
+    dare: tuple[TermDare | None, ...] = ()  # per term where any vector has DARE here
+    ties: TiesPlan | None = None  # the target's TIES
 
     @property
     def vector_srcs(self) -> list[Src]:
@@ -81,6 +85,7 @@ class Sources:
 
     cp: Checkpoint | None
     terms: tuple[Term, ...]  # of Checkpoint
+    dares: tuple[Dare | None, ...] = ()  # each vector's DARE
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -92,7 +97,8 @@ class Sources:
         """These sources with each vector's alpha replaced (None: as they are)."""
         if alphas is None:
             return self
-        return Sources(self.cp, tuple(Term(a, plus, minus) for a, (_, plus, minus) in zip(alphas, self.terms)))
+        terms = tuple(Term(a, plus, minus) for a, (_, plus, minus) in zip(alphas, self.terms))
+        return dataclasses.replace(self, terms=terms)
 
 
 def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
@@ -120,20 +126,26 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     files = {n: r.path for n, r in reference.tensors.items()}
     alphas = tensor_alphas(target, names, (n for n in reference.tensors if n not in keep_cp), files)
     planned = [
-        _plan_one(
-            name,
-            ref,
-            target.vocab,
-            out_dtype,
-            sources.with_alphas(alphas.get(name)),
-            excluded,
-            tied.get(name, name),
-            scales,
+        sparsify(
+            _plan_one(
+                name,
+                ref,
+                target.vocab,
+                out_dtype,
+                sources.with_alphas(alphas.get(name)),
+                excluded,
+                tied.get(name, name),
+                scales,
+            ),
+            sources.dares,
+            target.ties,
         )
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
-    return fp8.attach(planned, scales)
+    tensors = fp8.attach(planned, scales)
+    fp8.check_not_sparse(tensors)
+    return tensors
 
 
 def _map_experts(reference: Checkpoint, sources: Sources, excluded: set[str]) -> Sources:
@@ -142,7 +154,7 @@ def _map_experts(reference: Checkpoint, sources: Sources, excluded: set[str]) ->
         Term(a, map_experts(reference, p, excluded), map_experts(reference, m, excluded) if m else None)
         for a, p, m in sources.terms
     )
-    return Sources(sources.cp, terms)
+    return dataclasses.replace(sources, terms=terms)
 
 
 def _all_names(sources: Sources) -> set[str]:

@@ -53,6 +53,10 @@ def summary(planned: Planned) -> str:
         f"{human_bytes(io - written)} read, {human_bytes(written)} written; "
         f"{counted(len(planned.units), 'unit')} of up to {human_bytes(recipe.unit_bytes, binary=True)}"
     ]
+    dares = [
+        f"vector {i}: density {v.dare.density:g}, seed {v.dare.seed}" for i, v in enumerate(recipe.vectors) if v.dare
+    ]
+    lines += [f"DARE on {'; '.join(dares)}"] if dares else []
     for tp in planned.targets:
         lay, t = tp.layout, tp.target
         rules = Counter(p.tensor.rule for p in lay.tensors)
@@ -68,6 +72,8 @@ def summary(planned: Planned) -> str:
             more = f", … ({len(tp.token_rows)} in all)" if len(tp.token_rows) > 8 else ""
             lines.append(f"  special tokens: CP row ← chat row: {shown}{more}")
         lines += rule_lines(tp)
+        if t.ties is not None:
+            lines.append(f"  TIES density {t.ties.density:g}: a pre-pass reads its vectors twice more")
         for p in lay.tensors:
             if p.tensor.reason not in ("", "non-float", "experts:mapped"):
                 rows = f", {len(p.tensor.rows)} token rows from chat" if p.tensor.rows else ""

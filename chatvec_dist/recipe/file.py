@@ -12,7 +12,7 @@ import yaml
 from ..io.header import shown
 from ..io.s3 import is_url
 from .alpha_rules import Alpha, AlphaRule, problem
-from .spec import ALPHA, FLOAT32_MAX, Recipe, RecipeError, Target, Vector, broadcast_alphas, parse_size
+from .spec import ALPHA, FLOAT32_MAX, Dare, Recipe, RecipeError, Target, Ties, Vector, broadcast_alphas, parse_size
 
 HEADER = "# chatvec recipe: run it with `chatvec run THIS_FILE`\n"
 
@@ -56,7 +56,7 @@ def with_absolute_paths(recipe: Recipe, cwd: str) -> Recipe:
     def output(out: str | None) -> str | None:
         return out if not out or is_url(out) else os.path.normpath(os.path.join(cwd, out))
 
-    vectors = tuple(Vector(source(v.chat), source(v.base)) for v in recipe.vectors)
+    vectors = tuple(dataclasses.replace(v, chat=source(v.chat), base=source(v.base)) for v in recipe.vectors)
     targets = tuple(dataclasses.replace(t, cp=source(t.cp), out=output(t.out)) for t in recipe.targets)
     return dataclasses.replace(recipe, vectors=vectors, targets=targets)
 
@@ -79,7 +79,7 @@ def as_recorded(recipe: Recipe, meta: dict) -> Recipe:
     terms: list = sources["vectors"] if isinstance(sources.get("vectors"), list) else []
     terms = [t if isinstance(t, dict) else {} for t in terms] + [{}] * len(recipe.vectors)
     vectors = tuple(
-        Vector(recorded(v.chat, r.chat, t.get("chat")) or v.chat, recorded(v.base, r.base, t.get("base")))
+        Vector(recorded(v.chat, r.chat, t.get("chat")) or v.chat, recorded(v.base, r.base, t.get("base")), v.dare)
         for v, r, t in zip(recipe.vectors, resolved.vectors, terms)
     )
     targets = tuple(
@@ -186,10 +186,21 @@ class _Reader:
             raise self.fail(items.get(e.field, node), where, e.detail) from None
 
     def vector(self, node: yaml.Node, field: str) -> Vector:
-        items = self.mapping(node, field, {"chat", "base"}, {"chat", "base"})
+        items = self.mapping(node, field, {"chat", "base", "dare"}, {"chat", "base"})
         chat = self.scalar(items["chat"], f"{field}.chat", (str,))
         base = self.scalar(items["base"], f"{field}.base", (str,), optional=True)
-        return self.build(Vector, items, field, node, chat, base)
+        dare = self.sparsity(items.get("dare"), f"{field}.dare", Dare, "seed", (int,))
+        return self.build(Vector, items, field, node, chat, base, dare)
+
+    def sparsity(self, node: yaml.Node | None, field: str, cls: type, option: str, kinds: tuple[type, ...]):
+        """`dare: {density: D, seed: S}` or `ties: {density: D, normalize: B}` (null or absent: none)."""
+        if node is None or isinstance(node, yaml.ScalarNode) and self.scalar(node, field, (dict,), True) is None:
+            return None
+        items = self.mapping(node, field, {"density", option}, {"density"})
+        values = {"density": self.number(items["density"], f"{field}.density")}
+        if option in items:
+            values[option] = self.scalar(items[option], f"{field}.{option}", kinds)
+        return self.build(cls, items, field, node, **values)
 
     def target(self, node: yaml.Node, field: str, n_vectors: int) -> Target:
         names = {f.name for f in dataclasses.fields(Target)}
@@ -203,6 +214,7 @@ class _Reader:
             values["alphas"] = self.alphas(items["alphas"], f"{field}.alphas", n_vectors)
         else:
             values["alphas"] = broadcast_alphas((ALPHA,), n_vectors)
+        values["ties"] = self.sparsity(items.get("ties"), f"{field}.ties", Ties, "normalize", (bool,))
         if "exclude" in items:
             values["exclude"] = tuple(
                 self.scalar(n, f"{field}.exclude", (str,)) for n in self.sequence(items["exclude"], f"{field}.exclude")

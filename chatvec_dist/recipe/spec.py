@@ -89,14 +89,53 @@ def output_under(root: str | os.PathLike[str] | None, name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Dare:
+    """DARE: each element of a vector's delta kept with probability `density` (a function of `seed`, the tensor's
+    name and the element's index), and the kept ones scaled by 1/density."""
+
+    density: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            _density(self.density) and self.density >= 2**-32,
+            "dare",
+            "density",
+            f"density {self.density!r}: give a number in (0, 1] (at least 2^-32, the mask's resolution)",
+        )
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+            "dare",
+            "seed",
+            f"seed {self.seed!r}: give a whole number in [0, 2^32)",
+        )
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES across a target's vectors: trim each to its top-`density` magnitudes per tensor, elect each element's
+    sign by the sum of the weighted deltas, combine the entries that agree (their alpha-weighted mean where
+    `normalize`, else their alpha-weighted sum)."""
+
+    density: float
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_density(self.density), "ties", "density", f"density {self.density!r}: give a number in (0, 1]")
+        _check(isinstance(self.normalize, bool), "ties", "normalize", "normalize: give True or False")
+
+
+@dataclass(frozen=True)
 class Vector:
     """A chat vector `chat − base`; `base` is None for a vector already extracted to its own checkpoint."""
 
     chat: str
     base: str | None
+    dare: Dare | None = None
 
     def __post_init__(self) -> None:
         _paths(self, "vector", chat="a checkpoint folder or a Hub id", base="a checkpoint folder or a Hub id")
+        _check(self.dare is None or isinstance(self.dare, Dare), "vector", "dare", "dare: give a Dare (or none)")
 
 
 @dataclass(frozen=True)
@@ -115,10 +154,12 @@ class Target:
     # CP's rows of these token ids take the first chat model's rows: "auto" (by the chat template's tokens), or
     # (CP id, chat id) pairs (a dict is taken too); None: none
     special_tokens: str | tuple[tuple[int, int], ...] | None = None
+    ties: Ties | None = None  # TIES across the vectors, instead of their plain weighted sum
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
         _token_pairs(self, where)
+        _check(self.ties is None or isinstance(self.ties, Ties), where, "ties", "ties: give a Ties (or none)")
         _check(isinstance(self.name, str), where, "name", "give the name as text")
         _paths(self, where, cp="a checkpoint folder or a Hub id", out="an output folder")
         _as_tuple(self, "alphas", "exclude")
@@ -210,12 +251,24 @@ class Recipe:
                 "special_tokens takes rows of the first vector's chat model, but it is an extracted vector "
                 "(chat − base has no chat rows): merge with --base and --chat instead",
             )
+        self._check_dare_scales()
         _check(
             isinstance(self.chat_template_from_chat, bool),
             "",
             "chat_template_from_chat",
             "chat_template_from_chat must be True or False",
         )
+
+    def _check_dare_scales(self) -> None:
+        """DARE scales a vector by alpha/density: it must stay within float32's range, as alphas do."""
+        for t in self.targets:
+            for i, (alpha, v) in enumerate(zip(t.alphas, self.vectors)):
+                _check(
+                    v.dare is None or abs(alpha / v.dare.density) <= FLOAT32_MAX,
+                    f"target {t.name!r}",
+                    "alphas",
+                    f"alpha {alpha:g} of vector {i} over its DARE density is beyond float32's range (3.4e38)",
+                )
 
     def _check_sizes(self) -> None:
         from ..planning.layout import check_max_shard_size, check_unit_bytes  # the layout's rules (no cycle here)
@@ -321,6 +374,10 @@ def _check(ok: bool, where: str, field: str, detail: str) -> None:
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _density(x: object) -> bool:
+    return _number(x) and 0 < x <= 1  # type: ignore[operator]
 
 
 def _real(x: object) -> bool:
