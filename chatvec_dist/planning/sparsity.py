@@ -77,7 +77,7 @@ def ties_keep(density: float, merged: int) -> int:
 
 def sparsify(tensor: PlannedTensor, dares: tuple[Dare | None, ...], ties: Ties | None) -> PlannedTensor:
     """`tensor` with its vectors' DARE and its target's TIES, where it is merged."""
-    if not tensor.terms or not tensor.merge_elems:
+    if not tensor.terms or not tensor.merge_elems or (ties is None and not any(dares)):
         return tensor
     planned = tuple(term_dare(d, tensor.name) for d in dares)
     dare = planned if any(d is not None for d in planned) else ()

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from ..recipe.spec import human_bytes
 from .alphas import rule_lines
+from .fp8 import SCALE_RULE
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ def summary(planned: Planned) -> str:
         mapped = sum(p.tensor.reason == "experts:mapped" for p in lay.tensors)
         if mapped:  # one line: an MoE has thousands
             lines.append(f"  {counted(mapped, 'expert tensor')}: merge (experts:mapped, vectors in the other layout)")
+        scales = sum(p.tensor.rule == SCALE_RULE for p in lay.tensors)
+        if scales:  # one line: an FP8 checkpoint has one per weight
+            lines.append(f"  {counted(scales, 'FP8 scale tensor')}: computed with its weight (rule scale)")
         if tp.token_rows:
             shown = ", ".join(f"{r.token or ''} {r.cp}←{r.chat}".strip() for r in tp.token_rows[:8])
             more = f", … ({len(tp.token_rows)} in all)" if len(tp.token_rows) > 8 else ""
@@ -75,7 +79,7 @@ def summary(planned: Planned) -> str:
         if t.ties is not None:
             lines.append(f"  TIES density {t.ties.density:g}: a pre-pass reads its vectors twice more")
         for p in lay.tensors:
-            if p.tensor.reason not in ("", "non-float", "experts:mapped"):
+            if p.tensor.reason not in ("", "non-float", "experts:mapped") and p.tensor.rule != SCALE_RULE:
                 rows = f", {len(p.tensor.rows)} token rows from chat" if p.tensor.rows else ""
                 lines.append(
                     f"  {p.tensor.name}: {p.tensor.rule} ({p.tensor.reason}, shape {list(p.tensor.shape)}, "
