@@ -1,0 +1,66 @@
+"""Features that landed apart, used together: each test a combination that once went wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from test_experts import moes  # noqa: F401  (the fixture)
+from test_source_digests import rewrite_manifest
+
+from chatvec_dist.cli import main
+from chatvec_dist.io.header import read_header
+from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY
+from chatvec_dist.output.verify import verify
+
+
+def _flip_byte(directory: Path, tensor: str, element: int) -> Path:
+    """Flip one bit of `tensor`'s element in whichever shard of `directory` holds it; that shard's path."""
+    for f in sorted(directory.glob("*.safetensors")):
+        info = read_header(f)[0].get(tensor)
+        if info is None:
+            continue
+        with open(f, "r+b") as fh:
+            fh.seek(info.start + 2 * element)
+            b = fh.read(1)
+            fh.seek(info.start + 2 * element)
+            fh.write(bytes([b[0] ^ 1]))
+        return f
+    raise AssertionError(tensor)
+
+
+def test_verify_sources_rereads_experts_mapped_from_the_other_layout(moes, tmp_path):  # noqa: F811
+    """Vectors stored per expert over two shards, CP fused: each fused source is recorded as its segments, so
+    --sources rereads the bytes the merge read (it once read the first segment's file on from its offset), and a
+    changed byte of a later expert is found."""
+    chat = tmp_path / "chat"
+    shutil.copytree(moes["chat_split"], chat)
+    out = tmp_path / "out"
+    paths = ["--base", str(moes["base_split"]), "--chat", str(chat), "--cp", str(moes["cp_fused"])]
+    assert main(["merge", *paths, "--out", str(out), "--no-progress", "--backend", "local"]) == 0
+    assert verify(out, sources=True) == []
+    shard = _flip_byte(chat, "model.layers.1.mlp.experts.3.up_proj.weight", 5)
+    lines = verify(out, sources=True)
+    assert any(
+        line.startswith(f"{chat}/") and "'model.layers.1.mlp.experts.gate_up_proj' (chat[0]) differs" in line
+        for line in lines
+    ), lines
+    assert any(str(shard) in line for line in lines), lines
+
+
+def test_a_manifest_written_before_segments_still_verifies(moes, tmp_path):  # noqa: F811
+    """Source digests as first written (no `segments` field) read as they were: the output verifies."""
+    out = tmp_path / "out"
+    paths = ["--base", str(moes["base_fused"]), "--chat", str(moes["chat_fused"]), "--cp", str(moes["cp_fused"])]
+    assert main(["merge", *paths, "--out", str(out), "--no-progress", "--backend", "local"]) == 0
+    table = pq.read_table(out / MANIFEST_NAME)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    index = table.schema.get_field_index("source_digests")
+    old = pa.list_(pa.struct([f for f in table.schema.field(index).type.value_type if f.name != "segments"]))
+    cells = [[{k: v for k, v in e.items() if k != "segments"} for e in c] for c in table.column(index).to_pylist()]
+    rewrite_manifest(out, table.set_column(index, "source_digests", pa.array(cells, old)), meta)
+    assert pq.read_table(out / MANIFEST_NAME).schema.field(index).type == old
+    assert verify(out, sources=True) == []
