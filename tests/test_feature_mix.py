@@ -6,12 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import torch
 from test_experts import moes  # noqa: F401  (the fixture)
+from test_fp8 import QUANT, quantize, to_fp8
 from test_source_digests import rewrite_manifest
 
 from chatvec_dist.cli import main
+from chatvec_dist.demo import save_checkpoint
 from chatvec_dist.io.header import read_header
 from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY
 from chatvec_dist.output.verify import verify
@@ -64,3 +69,34 @@ def test_a_manifest_written_before_segments_still_verifies(moes, tmp_path):  # n
     rewrite_manifest(out, table.set_column(index, "source_digests", pa.array(cells, old)), meta)
     assert pq.read_table(out / MANIFEST_NAME).schema.field(index).type == old
     assert verify(out, sources=True) == []
+
+
+@pytest.fixture(scope="module")
+def fp8_vocab(tmp_path_factory) -> Path:
+    """base, chat and cp whose embedding is a block-scaled FP8 weight (2 × 1 blocks of 128 × 128)."""
+    root = tmp_path_factory.mktemp("fp8_vocab")
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((256, 128)) * 0.1
+    for name, noise in (("base", 0.0), ("chat", 1e-2), ("cp", 2e-2)):
+        q, s = quantize((first + rng.standard_normal(first.shape) * noise).astype(np.float32))
+        tensors = {
+            "model.embed_tokens.weight": to_fp8(q),
+            "model.embed_tokens.weight_scale_inv": torch.from_numpy(s),
+            "model.norm.weight": torch.ones(128, dtype=torch.bfloat16),
+        }
+        save_checkpoint(root / name, tensors, {"model_type": "llama", "quantization_config": QUANT})
+    (root / "map.json").write_text(json.dumps({"3": 5}))
+    return root
+
+
+@pytest.mark.parametrize("vocab", ["full", "skip"])
+def test_token_rows_into_a_block_scaled_fp8_embedding_are_refused(fp8_vocab, tmp_path, capsys, vocab):
+    """A chat row's FP8 values mean nothing under CP's block scales: refused in one line naming the embedding
+    (it was silently left as merged with `full`, and `skip` blamed the scale tensor's 2 rows)."""
+    paths = [f"--{n}={fp8_vocab / n}" for n in ("base", "chat", "cp")]
+    extra = ["--special-tokens", str(fp8_vocab / "map.json"), "--vocab", vocab]
+    assert main(["merge", *paths, "--out", str(tmp_path / "o"), "--no-progress", "--backend", "local", *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{fp8_vocab / 'cp'}/model.safetensors: tensor 'model.embed_tokens.weight': special_tokens into a " in err
+    assert "block-scaled FP8 tensor are not supported yet" in err
+    assert not (tmp_path / "o").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import PlanError, SourceError
 from ..io.checkpoint import MAX_SIDE_BYTES, read_json_object
 from ..recipe.spec import Target
+from .fp8 import SCALE_SUFFIX, is_fp8
 from .planner import PlannedTensor, Sources, Src
 
 
@@ -65,9 +66,16 @@ def with_token_rows(tensors: list[PlannedTensor], rows: tuple[TokenRow, ...], so
     chat = sources.terms[0].plus
     done = []
     for t in tensors:
-        if t.reason.startswith("vocab:") and t.cp is not None:
+        if t.reason.startswith("vocab:") and t.cp is not None and not t.name.endswith(SCALE_SUFFIX):
             ref = chat.tensors[t.name]  # the planner paired every tensor not excluded
             _check_rows(t, rows, ref.info.shape[0], ref.path)
+            if is_fp8(t.cp.dtype) or is_fp8(t.out_dtype) or is_fp8(ref.info.dtype):
+                raise PlanError(
+                    "special_tokens into a block-scaled FP8 tensor are not supported yet: a row shares its 128×128 "
+                    "block scales with 127 others (dequantize the vocabulary tensors to bfloat16 first)",
+                    file=t.cp.path,
+                    tensor=t.name,
+                )
             row_src = Src(ref.path, ref.info.start, ref.info.dtype)
             t = dataclasses.replace(t, rows=tuple((r.cp, r.chat) for r in rows), row_src=row_src)
         done.append(t)
