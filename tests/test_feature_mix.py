@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_experts import moes  # noqa: F401  (the fixture)
 from test_fp8 import QUANT, quantize, to_fp8
 from test_source_digests import rewrite_manifest
@@ -100,3 +101,23 @@ def test_token_rows_into_a_block_scaled_fp8_embedding_are_refused(fp8_vocab, tmp
     assert f"{fp8_vocab / 'cp'}/model.safetensors: tensor 'model.embed_tokens.weight': special_tokens into a " in err
     assert "block-scaled FP8 tensor are not supported yet" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_alpha_rules_match_cps_names_of_mapped_experts(moes, tmp_path, capsys):  # noqa: F811
+    """CP fused, vectors per expert: a rule written for the vectors' per-expert names picks no output tensor and
+    is refused (it was a silent no-op); one for CP's fused names sets their alphas."""
+    paths = ["--base", str(moes["base_split"]), "--chat", str(moes["chat_split"]), "--cp", str(moes["cp_fused"])]
+    run = ["merge", *paths, "--no-progress", "--backend", "local"]
+    assert main([*run, "--out", str(tmp_path / "a"), "--alpha-rule", r"experts\.\d+\.down_proj=0"]) == 2
+    assert "alpha rule 'experts\\\\.\\\\d+\\\\.down_proj' matches no tensor of target 'a'" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert main([*run, "--out", str(out), "--alpha-rule", r"experts\.down_proj=0"]) == 0
+    got, cp = _tensors(out), _tensors(moes["cp_fused"])
+    for layer in range(2):
+        name = f"model.layers.{layer}.mlp.experts"
+        assert torch.equal(got[f"{name}.down_proj"], cp[f"{name}.down_proj"])  # cp + 0·Δ
+        assert not torch.equal(got[f"{name}.gate_up_proj"], cp[f"{name}.gate_up_proj"])
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
