@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import make_llama
+from safetensors.torch import load_file, save_file
 from test_experts import moes  # noqa: F401  (the fixture)
 from test_fp8 import QUANT, quantize, to_fp8
 from test_source_digests import rewrite_manifest
@@ -121,3 +122,25 @@ def test_alpha_rules_match_cps_names_of_mapped_experts(moes, tmp_path, capsys): 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_token_rows_into_cps_stored_head_come_from_a_tied_chat_embedding(tmp_path):
+    """Tied chat and base (no `lm_head`), CP storing its head: CP's head row takes the chat model's head row, its
+    input embedding's (this crashed with a KeyError); float64 reference here."""
+    base = make_llama(tmp_path / "base", 0, tie=True)
+    chat = make_llama(tmp_path / "chat", 1, base=base, tie=True)
+    cp = make_llama(tmp_path / "cp", 2, base=base, tie=True)
+    cp["lm_head.weight"] = cp["model.embed_tokens.weight"] + 0.01 * torch.randn(cp["lm_head.weight"].shape)
+    cp = {k: v.to(torch.bfloat16) for k, v in cp.items()}
+    save_file(cp, str(tmp_path / "cp" / "model.safetensors"), {"format": "pt"})
+    (tmp_path / "map.json").write_text(json.dumps({"3": 5, "7": 1}))
+    paths = [f"--{n}={tmp_path / n}" for n in ("base", "chat", "cp")]
+    extra = ["--special-tokens", str(tmp_path / "map.json"), "--no-progress", "--backend", "local"]
+    assert main(["merge", *paths, "--out", str(tmp_path / "o"), *extra]) == 0
+    got = _tensors(tmp_path / "o")
+    embed = "model.embed_tokens.weight"
+    delta = chat[embed].double() - base[embed].double()
+    for name in (embed, "lm_head.weight"):
+        want = cp[name].double() + delta
+        want[3], want[7] = chat[embed][5].double(), chat[embed][1].double()
+        assert torch.equal(got[name].view(torch.int16), want.float().to(torch.bfloat16).view(torch.int16)), name

@@ -13,6 +13,7 @@ from ..io.checkpoint import MAX_SIDE_BYTES, read_json_object
 from ..recipe.spec import Target
 from .fp8 import SCALE_SUFFIX, is_fp8
 from .planner import PlannedTensor, Sources, Src
+from .tied import tied_heads
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,16 @@ def token_rows(target: Target, sources: Sources) -> tuple[TokenRow, ...]:
 
 def with_token_rows(tensors: list[PlannedTensor], rows: tuple[TokenRow, ...], sources: Sources) -> list[PlannedTensor]:
     """Give each vocabulary tensor (reason `vocab:*`; an excluded one keeps CP's values) the rows it takes from the
-    same tensor of the first vector's chat model, every id checked against both tensors' rows."""
+    same tensor of the first vector's chat model (a tied one's embedding for CP's stored head), every id checked
+    against both tensors' rows."""
     if not rows:
         return tensors
     chat = sources.terms[0].plus
+    heads = tied_heads(sources)  # CP's stored head: a tied chat model's head is its input embedding
     done = []
     for t in tensors:
         if t.reason.startswith("vocab:") and t.cp is not None and not t.name.endswith(SCALE_SUFFIX):
-            ref = chat.tensors[t.name]  # the planner paired every tensor not excluded
+            ref = chat.tensors[heads.get(t.name, t.name)]  # the planner paired every tensor not excluded
             _check_rows(t, rows, ref.info.shape[0], ref.path)
             if is_fp8(t.cp.dtype) or is_fp8(t.out_dtype) or is_fp8(ref.info.dtype):
                 raise PlanError(
