@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from test_experts import moes  # noqa: F401  (the fixture)
 from test_fp8 import QUANT, quantize, to_fp8
 from test_source_digests import rewrite_manifest
+from test_vocab_seq2seq import make as make_seq2seq
+from test_vocab_seq2seq import merge as merge_seq2seq
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import save_checkpoint
@@ -144,3 +146,25 @@ def test_token_rows_into_cps_stored_head_come_from_a_tied_chat_embedding(tmp_pat
         want = cp[name].double() + delta
         want[3], want[7] = chat[embed][5].double(), chat[embed][1].double()
         assert torch.equal(got[name].view(torch.int16), want.float().to(torch.bfloat16).view(torch.int16)), name
+
+
+@pytest.mark.parametrize("vocab", ["skip", "overlap"])
+def test_token_rows_of_bart_take_final_logits_bias_elements(tmp_path, vocab):
+    """BART's final_logits_bias [1, V] has its tokens on the last dimension: the chat token's element is taken
+    there (every special_tokens merge of a BART once failed: 'CP has 1 rows'); float64 reference here."""
+    base = make_seq2seq("bart", tmp_path / "base", 0, 40)
+    chat = make_seq2seq("bart", tmp_path / "chat", 1, 40, base)
+    cp = make_seq2seq("bart", tmp_path / "cp", 2, 56, base)
+    (tmp_path / "map.json").write_text(json.dumps({"50": 5, "3": 7}))
+    models = {n: tmp_path / n for n in ("base", "chat", "cp")}
+    assert merge_seq2seq(models, tmp_path / "o", "--special-tokens", str(tmp_path / "map.json"), "--vocab", vocab) == 0
+    got = _tensors(tmp_path / "o")
+    for name in ("model.shared.weight", "final_logits_bias"):
+        want = cp[name].double().clone()
+        last = name == "final_logits_bias"
+        want, c, b = (x.T if last else x for x in (want, chat[name].double(), base[name].double()))  # tokens first
+        if vocab == "overlap":
+            want[:40] += c - b
+        want[50], want[3] = c[5], c[7]
+        want = want.T if last else want
+        assert torch.equal(got[name].view(torch.int32), want.float().view(torch.int32)), name
