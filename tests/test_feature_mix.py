@@ -168,3 +168,16 @@ def test_token_rows_of_bart_take_final_logits_bias_elements(tmp_path, vocab):
         want[50], want[3] = c[5], c[7]
         want = want.T if last else want
         assert torch.equal(got[name].view(torch.int32), want.float().view(torch.int32)), name
+
+
+def test_the_card_says_when_dare_and_ties_changed_the_formula(llamas, tmp_path):
+    """The card's `out = cp + Σ alpha_i · (chat_i − base_i)` is not what DARE and TIES compute: it says so."""
+    paths = [f"--{n}={llamas[n]}" for n in ("base", "chat", "cp")]
+    run = ["merge", *paths, "--no-progress", "--backend", "local"]
+    assert main([*run, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*run, "--out", str(tmp_path / "sparse"), "--dare", "0.5:3", "--ties", "0.25"]) == 0
+    plain, sparse = ((tmp_path / n / "README.md").read_text() for n in ("plain", "sparse"))
+    assert "DARE" not in plain and "TIES" not in plain
+    assert "\nDARE: each Δ element kept at random, rescaled by 1/density (vector 0: density 0.5).\n" in sparse
+    assert "\nTIES density 0.25: each vector trimmed to its largest magnitudes, a sign elected per element, " in sparse
+    assert "added by alpha and divided by the sum of their alphas. The manifest's `density`" in sparse
