@@ -181,3 +181,25 @@ def test_the_card_says_when_dare_and_ties_changed_the_formula(llamas, tmp_path):
     assert "\nDARE: each Δ element kept at random, rescaled by 1/density (vector 0: density 0.5).\n" in sparse
     assert "\nTIES density 0.25: each vector trimmed to its largest magnitudes, a sign elected per element, " in sparse
     assert "added by alpha and divided by the sum of their alphas. The manifest's `density`" in sparse
+
+
+def test_inspect_shows_what_dare_and_ties_kept(llamas, tmp_path):
+    """`chatvec inspect` reports the manifest's `density` and `sign_agreement` columns (it showed neither)."""
+    from chatvec_dist.output.inspection import report
+
+    paths = [f"--{n}={llamas[n]}" for n in ("base", "chat", "cp")]
+    out = tmp_path / "o"
+    extra = ["--dare", "0.5:3", "--ties", "0.5", "--no-progress", "--backend", "local"]
+    assert main(["merge", *paths, "--out", str(out), *extra]) == 0
+    rows = pq.read_table(out / MANIFEST_NAME).to_pylist()
+    kept = [r["density"][0] for r in rows if r["density"]]
+    agree = sorted(r["sign_agreement"] for r in rows if r["sign_agreement"] is not None)
+    assert len(kept) == len(agree) == sum(r["rule"] == "merge" for r in rows) > 0
+    lines = report(out).splitlines()
+    assert any(
+        line.startswith(f"kept by DARE/TIES (share of merged elements, over {len(kept)} tensors)") for line in lines
+    )
+    assert f"vector 0 {min(kept):.3f}–{max(kept):.3f}" in report(out)
+    assert f"TIES sign agreement: {agree[0]:.3f}–{agree[-1]:.3f}, median {float(np.median(agree)):.3f}" in lines
+    assert main(["merge", *paths, "--out", str(tmp_path / "plain"), "--no-progress", "--backend", "local"]) == 0
+    assert "DARE/TIES" not in report(tmp_path / "plain") and "sign agreement" not in report(tmp_path / "plain")
