@@ -203,3 +203,15 @@ def test_inspect_shows_what_dare_and_ties_kept(llamas, tmp_path):
     assert f"TIES sign agreement: {agree[0]:.3f}–{agree[-1]:.3f}, median {float(np.median(agree)):.3f}" in lines
     assert main(["merge", *paths, "--out", str(tmp_path / "plain"), "--no-progress", "--backend", "local"]) == 0
     assert "DARE/TIES" not in report(tmp_path / "plain") and "sign agreement" not in report(tmp_path / "plain")
+
+
+def test_vectors_given_one_seed_draw_one_mask_as_documented(llamas, tmp_path):
+    """DARE hashes (seed, tensor, element), not the vector's place: one `--dare` for two vectors gives both the
+    same mask (the same kept count in every tensor, as docs/recipes-and-api.md warns); seeds apart, masks apart."""
+    pair = ["--base", str(llamas["base"]), "--chat", str(llamas["chat"])]
+    run = ["merge", *pair, *pair, "--cp", str(llamas["cp"]), "--no-progress", "--backend", "local"]
+    assert main([*run, "--out", str(tmp_path / "one"), "--dare", "0.5:4"]) == 0
+    assert main([*run, "--out", str(tmp_path / "two"), "--dare", "0.5:4", "--dare", "0.5:5"]) == 0
+    one, two = ([r["density"] for r in pq.read_table(tmp_path / n / MANIFEST_NAME).to_pylist()] for n in ("one", "two"))
+    assert all(a == b for a, b in one) and len(one) > 10
+    assert sum(a != b for a, b in two) > len(two) // 2
