@@ -215,3 +215,20 @@ def test_vectors_given_one_seed_draw_one_mask_as_documented(llamas, tmp_path):
     one, two = ([r["density"] for r in pq.read_table(tmp_path / n / MANIFEST_NAME).to_pylist()] for n in ("one", "two"))
     assert all(a == b for a, b in one) and len(one) > 10
     assert sum(a != b for a, b in two) > len(two) // 2
+
+
+def test_a_copied_fp8_scale_is_not_listed_as_a_vocabulary_tensor(fp8_vocab, tmp_path):
+    """The scales copied beside an FP8 embedding kept as CP's (`--vocab skip`) say whose they are; they took the
+    weight's `vocab:skip` and were listed as a vocabulary tensor of shape [2, 1]."""
+    from chatvec_dist.output.inspection import report
+
+    paths = [f"--{n}={fp8_vocab / n}" for n in ("base", "chat", "cp")]
+    out = tmp_path / "o"
+    assert main(["merge", *paths, "--out", str(out), "--no-progress", "--backend", "local", "--vocab", "skip"]) == 0
+    reasons = {r["tensor"]: r["reason"] for r in pq.read_table(out / MANIFEST_NAME).to_pylist()}
+    assert reasons["model.embed_tokens.weight_scale_inv"] == "of model.embed_tokens.weight (vocab:skip)"
+    assert "vocabulary: model.embed_tokens.weight [256, 128] → vocab:skip\n" in report(out)
+    got, cp = _tensors(out), _tensors(fp8_vocab / "cp")
+    assert all(
+        torch.equal(got[n].view(torch.uint8), cp[n].view(torch.uint8)) for n in cp if n.startswith("model.embed")
+    )
