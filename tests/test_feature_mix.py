@@ -13,9 +13,14 @@ import pytest
 import torch
 from conftest import make_llama
 from safetensors.torch import load_file, save_file
+from test_dare import np_keep
 from test_experts import moes  # noqa: F401  (the fixture)
 from test_fp8 import QUANT, quantize, to_fp8
 from test_source_digests import rewrite_manifest
+from test_special_tokens import UNIT as TOKENS_UNIT
+from test_special_tokens import args as tokens_args
+from test_special_tokens import models as tokens_models  # noqa: F401  (the fixture)
+from test_special_tokens import template_map
 from test_vocab_seq2seq import make as make_seq2seq
 from test_vocab_seq2seq import merge as merge_seq2seq
 
@@ -232,3 +237,26 @@ def test_a_copied_fp8_scale_is_not_listed_as_a_vocabulary_tensor(fp8_vocab, tmp_
     assert all(
         torch.equal(got[n].view(torch.uint8), cp[n].view(torch.uint8)) for n in cp if n.startswith("model.embed")
     )
+
+
+def test_token_rows_with_dare_and_an_extended_vocabulary_match_float64(tokens_models, tmp_path):  # noqa: F811
+    """Chat-template rows, `--vocab overlap` and DARE in one merge, units cutting token rows: DARE's mask keeps
+    the element index of the whole tensor in each run around a replaced row; float64 reference here."""
+    out = tmp_path / "o"
+    extra = ["--vocab", "overlap", "--special-tokens", "auto", "--dare", "0.5:9", "--unit-size", TOKENS_UNIT]
+    assert main(tokens_args(tokens_models, out, "--workers", "2", *extra)) == 0
+    rows = template_map(tokens_models)
+    cp, chat, base = (_tensors(tokens_models[n]) for n in ("cp", "chat", "base"))
+    got = _tensors(out)
+    assert set(got) == set(cp)
+    for name, c in cp.items():
+        merged = chat[name].numel()  # the rows chat and base share (all of them outside the vocabulary)
+        keep = np_keep(9, name, 0.5, 0, merged)
+        flat = c.flatten().double().numpy().copy()
+        delta = chat[name].flatten().double().numpy() - base[name].flatten().double().numpy()
+        flat[:merged] += np.where(keep, delta, 0.0) / 0.5
+        want = torch.from_numpy(flat).view(c.shape)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for cp_id, chat_id in rows.items():
+                want[cp_id] = chat[name][chat_id].double()
+        assert torch.equal(got[name].view(torch.int16), want.to(torch.bfloat16).view(torch.int16)), name
