@@ -11,12 +11,14 @@ import torch
 from ..kernels.cpu import CANONICAL_NAN
 from ..kernels.stats import Stats
 from ..planning.planner import PlannedTensor
+from ..planning.tokens import token_dim
 
 
 def ranges(t: PlannedTensor, first: int, count: int) -> list[tuple[int, int, int]]:
     """(start, end, chat element) of each run of the strip's elements [first, first + count) that a chat row
     replaces: start and end counted from the strip's first element, the chat element in the chat tensor."""
-    width = t.numel // t.shape[0] if t.shape[0] else 0
+    tokens = t.shape[token_dim(t)]
+    width = t.numel // tokens if tokens else 0
     found = []
     for cp_row, chat_row in t.rows:
         a, b = max(first, cp_row * width), min(first + count, (cp_row + 1) * width)

@@ -48,7 +48,7 @@ This checkpoint is {what}, made by chatvec_dist {meta["version"]} with the *chat
 `out = cp + Σ alpha_i · (chat_i − base_i)`, computed per tensor in float32 (float64 where a float32 or float64
 tensor is involved) and rounded to the output dtype. `manifest.parquet` beside this card audits every tensor
 (rule, hash, norms, NaN/Inf counts); `chatvec verify .` rehashes the shards against it.
-Tensors holding NaN or Inf: {nonfinite or "none"}.{_token_rows(meta)}
+Tensors holding NaN or Inf: {nonfinite or "none"}.{_sparsity(meta)}{_token_rows(meta)}
 
 ## Recipe
 ```json
@@ -66,6 +66,23 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.{_token_rows(meta)}
 {table}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _sparsity(meta: dict) -> str:
+    """A line on DARE and TIES, which change the formula above, where the recipe used them."""
+    recipe = meta["recipe"]
+    target: dict = next((t for t in recipe.get("targets") or [] if t.get("name") == meta["target"]), {})
+    dares = [f"vector {i}: density {v['dare']['density']:g}" for i, v in enumerate(recipe["vectors"]) if v.get("dare")]
+    line = f"\nDARE: each Δ element kept at random, rescaled by 1/density ({'; '.join(dares)})." if dares else ""
+    ties = target.get("ties")
+    if ties:
+        divided = " and divided by the sum of their alphas" if ties.get("normalize") else ""
+        line += (
+            f"\nTIES density {ties['density']:g}: each vector trimmed to its largest magnitudes, a sign elected per "
+            f"element, the agreeing entries added by alpha{divided}. The manifest's `density` and `sign_agreement` "
+            "columns have each tensor's."
+        )
+    return line
 
 
 def _token_rows(meta: dict) -> str:

@@ -89,6 +89,7 @@ def report(out_dir: str | Path) -> str:
             else f"from {list(sets[0][0])} to {list(sets[-1][0])}"
         )
         lines.append(f"alphas ({len(sets)} sets; tensors × alphas): {shown}")
+    lines += sparsity_lines(rows)
     nonfinite = [r for r in rows if (r["nan_count"] or 0) + (r["inf_count"] or 0)]
     lines.append(
         "non-finite values: "
@@ -103,6 +104,20 @@ def report(out_dir: str | Path) -> str:
         "unusual: " + ("; ".join(f"{n} update {v:.2e} vs a median of {m:.2e}" for n, v, m in odd) or "nothing")
     )
     return "\n".join(printable(line) for line in lines)  # names from the manifest: no terminal escapes
+
+
+def sparsity_lines(rows: list[dict]) -> list[str]:
+    """DARE/TIES: each vector's kept share of the merged elements over the tensors (the `density` column), and
+    TIES' sign agreement (`sign_agreement`); nothing for a merge without them or an older manifest."""
+    kept = [r["density"] for r in rows if r.get("density")]
+    lines = []
+    if kept:
+        spans = [f"vector {i} {min(k):.3f}–{max(k):.3f}" for i, k in enumerate(zip(*kept))]
+        lines.append(f"kept by DARE/TIES (share of merged elements, over {len(kept)} tensors): {', '.join(spans)}")
+    agree = [r["sign_agreement"] for r in rows if r.get("sign_agreement") is not None]
+    if agree:
+        lines.append(f"TIES sign agreement: {min(agree):.3f}–{max(agree):.3f}, median {statistics.median(agree):.3f}")
+    return lines
 
 
 def plot(out_dir: str | Path, png: str | Path) -> None:

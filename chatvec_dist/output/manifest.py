@@ -19,6 +19,7 @@ from ..errors import VerifyError
 from ..exec.messages import SegmentResult
 from ..exec.source_digests import SOURCE_ALGORITHM, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
+from ..planning.experts import read_ranges
 from ..planning.layout import Layout
 from ..planning.planner import PlannedTensor
 from .location import Where, open_output
@@ -28,7 +29,9 @@ META_KEY = b"chatvec"
 HASH_ALGORITHM = "xxh3-128 of the concatenated xxh3-128 digests of each block_bytes block"
 
 # One source tensor the output tensor was made from: its role (`cp`, `chat[i]` / `base[i]`: the plus and minus of
-# the recipe's i-th vector), where its bytes are (file, byte offset, bytes read) and their digest (SOURCE_ALGORITHM).
+# the recipe's i-th vector), where its bytes are (file, byte offset, bytes read) and their digest (SOURCE_ALGORITHM);
+# a vector's MoE experts mapped from the other layout (planning/experts.py) are read in `segments`, end to end.
+SOURCE_SEGMENT = pa.struct([("file", pa.string()), ("offset", pa.int64()), ("nbytes", pa.int64())])
 SOURCE_DIGEST = pa.struct(
     [
         ("role", pa.string()),
@@ -37,6 +40,7 @@ SOURCE_DIGEST = pa.struct(
         ("nbytes", pa.int64()),
         ("dtype", pa.string()),
         ("hash", pa.string()),
+        ("segments", pa.list_(SOURCE_SEGMENT)),
     ]
 )
 SCHEMA = pa.schema(
@@ -69,12 +73,18 @@ SCHEMA = pa.schema(
     ]
 )
 FIRST_COLUMNS = 20  # the first manifests' (target … seconds); every later column is appended
+_DIGESTS_AT = SCHEMA.get_field_index("source_digests")
+_BEFORE_SEGMENTS = SCHEMA.set(  # as written before source digests had `segments`, their last field
+    _DIGESTS_AT, pa.field("source_digests", pa.list_(pa.struct(list(SOURCE_DIGEST)[:-1])))
+)
 
 
 def is_chatvec_schema(schema: pa.Schema) -> bool:
     """SCHEMA, or the first columns of it that an earlier version wrote."""
     n = len(schema)
-    return FIRST_COLUMNS <= n <= len(SCHEMA) and schema.equals(pa.schema(list(SCHEMA)[:n]))
+    return FIRST_COLUMNS <= n <= len(SCHEMA) and any(
+        schema.equals(pa.schema(list(s)[:n])) for s in (SCHEMA, _BEFORE_SEGMENTS)
+    )
 
 
 def tensor_hash(blocks: list[bytes]) -> str:
@@ -277,6 +287,9 @@ def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
                 nbytes=nbytes,
                 dtype=src.dtype,
                 hash=digests.hash,
+                segments=[dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(src, 0, extent)]
+                if src.segments
+                else None,
             )
         )
     return found

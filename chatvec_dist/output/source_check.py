@@ -32,6 +32,7 @@ class _Source:
     nbytes: int
     dtype: str
     hash: str
+    segments: tuple[tuple[str, int, int], ...] = ()  # (file, offset, bytes) read end to end: mapped MoE experts
     roles: list[str] = field(default_factory=list)
 
 
@@ -94,7 +95,8 @@ def _by_file(table: pa.Table, manifest: str) -> tuple[dict[str, list[_Source]], 
             if not _well_formed(e):
                 problems.append(((row, 0), f"{manifest}: tensor '{tensor}' has a malformed source digest: not checked"))
                 continue
-            key = (e["offset"], e["nbytes"], e["dtype"], e["hash"])
+            segments = tuple((g["file"], g["offset"], g["nbytes"]) for g in e.get("segments") or ())
+            key = (e["offset"], e["nbytes"], e["dtype"], e["hash"], segments)
             source = files.setdefault(e["file"], {}).setdefault(key, _Source(row, tensor, *key))
             source.roles.append(e["role"])
     return {path: list(sources.values()) for path, sources in files.items()}, problems
@@ -103,11 +105,18 @@ def _by_file(table: pa.Table, manifest: str) -> tuple[dict[str, list[_Source]], 
 def _well_formed(e: object) -> bool:
     if not isinstance(e, dict):  # a null entry
         return False
-    counts = (e["offset"], e["nbytes"])
+    segments = e.get("segments") or []
+    counts = [
+        e["offset"],
+        e["nbytes"],
+        *(n for g in segments if isinstance(g, dict) for n in (g["offset"], g["nbytes"])),
+    ]
     return (
         all(isinstance(e[k], str) for k in ("role", "file", "hash"))
         and e["dtype"] in ITEMSIZE
         and all(isinstance(n, int) and n >= 0 for n in counts)
+        and all(isinstance(g, dict) and isinstance(g["file"], str) for g in segments)
+        and (not segments or sum(g["nbytes"] for g in segments) == e["nbytes"])
     )
 
 
@@ -121,12 +130,13 @@ def _check_file(
         source: _File | _Object = _Object(path) if s3.is_url(path) else _File(path, then)
     except ChatvecError as e:
         return [(first, f"{path}: gone or unreadable ({e.what}): its {len(sources)} source tensor(s) not checked")]
+    reader = _Reader(path, source)
     try:
         differ = [
-            ((s.row, 1), line) for s in sources if (line := _check_tensor(source, path, s, block_elems, manifest))
+            ((s.row, 1), line) for s in sources if (line := _check_tensor(reader, path, s, block_elems, manifest))
         ]
     finally:
-        source.close()
+        reader.close()
     if then is None or source.identity == then:
         return differ
     what = changed_field(path, then, source.identity)
@@ -134,7 +144,33 @@ def _check_file(
     return [(first, changed + "tensor(s) differ"), *differ]
 
 
-def _check_tensor(source: _File | _Object, path: str, s: _Source, block_elems: int, manifest: str) -> str | None:
+class _Reader:
+    """A source tensor's bytes from its file, or from its segments' files (each opened once, on first use)."""
+
+    def __init__(self, path: str, source: _File | _Object) -> None:
+        self.opened, self.chunk = {path: source}, source.chunk
+
+    def read(self, s: _Source, at: int, buf: memoryview) -> None:
+        """Bytes [at, at + len(buf)) of the tensor as the merge read it."""
+        if not s.segments:
+            self.opened[next(iter(self.opened))].read(s.offset + at, buf, s.tensor)
+            return
+        done, start = 0, 0
+        for path, offset, nbytes in s.segments:
+            lo, hi = max(at, start), min(at + len(buf), start + nbytes)
+            if lo < hi:
+                if path not in self.opened:
+                    self.opened[path] = _Object(path) if s3.is_url(path) else _File(path, None)
+                self.opened[path].read(offset + lo - start, buf[done : done + hi - lo], s.tensor)
+                done += hi - lo
+            start += nbytes
+
+    def close(self) -> None:
+        for source in self.opened.values():
+            source.close()
+
+
+def _check_tensor(source: _Reader, path: str, s: _Source, block_elems: int, manifest: str) -> str | None:
     """Why one source tensor's bytes no longer match their recorded digest, or None."""
     block = block_elems * ITEMSIZE[s.dtype]
     window = max(1, source.chunk // block) * block
@@ -143,7 +179,7 @@ def _check_tensor(source: _File | _Object, path: str, s: _Source, block_elems: i
     try:
         for start in range(0, max(s.nbytes, 1), len(buf)):
             view = buf[: min(len(buf), s.nbytes - start)]
-            source.read(s.offset + start, view, s.tensor)
+            source.read(s, start, view)
             digests += [xxhash.xxh3_128_digest(view[b : b + block]) for b in range(0, max(len(view), 1), block)]
     except ChatvecError as e:
         return f"{path}: tensor '{s.tensor}' ({', '.join(s.roles)}) cannot be read ({e.what})"

@@ -62,15 +62,18 @@ def tensor_alphas(
     target: Target, names: Iterable[str], combined: Iterable[str], file_of: dict[str, str]
 ) -> dict[str, tuple[float, ...]]:
     """The alphas of each `combined` tensor a rule picks (the others keep the target's). `names`: every tensor
-    name of the target's checkpoints (a rule must match one; the towers span all layers); `file_of`: a tensor's
-    file, for errors. Raises PlanError."""
+    name of the output (CP's; a rule must match one; the towers span all layers); `file_of`: a tensor's file, for
+    errors. Raises PlanError."""
     rules = target.alpha_rules
     if not rules:
         return {}
     names = list(names)
     for rule in rules:
         if not any(re.search(rule.match, n) for n in names):
-            raise PlanError(f"alpha rule {rule.match!r} matches no tensor of target '{target.name}' (a typo?)")
+            raise PlanError(
+                f"alpha rule {rule.match!r} matches no tensor of target '{target.name}' (a typo? rules match the "
+                "output's names: CP's, where a vector stores MoE experts in another layout)"
+            )
     spans = towers(names)
     chosen = {}
     for name in combined:

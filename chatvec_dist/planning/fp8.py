@@ -129,7 +129,8 @@ def attach(tensors: list[PlannedTensor], scales: Scales) -> list[PlannedTensor]:
         name = t.name + SCALE_SUFFIX
         if t.rule == "copy" and t.cp is not None and (t.cp.path, t.cp.start) in scales:
             src = scales[(t.cp.path, t.cp.start)]
-            planned.append(PlannedTensor(name, "copy", t.reason, scale_shape(t.shape), "F32", src, (), 0))
+            reason = f"of {t.name} ({t.reason})"  # not the weight's own: a scale is no vocabulary tensor
+            planned.append(PlannedTensor(name, "copy", reason, scale_shape(t.shape), "F32", src, (), 0))
         elif t.rule != "copy" and is_fp8(t.out_dtype):
             planned.append(PlannedTensor(name, SCALE_RULE, f"of {t.name}", scale_shape(t.shape), "F32", None, (), 0))
     return planned

@@ -124,7 +124,8 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     _check_name_sets(reference, sources, excluded | non_float | set(tied))
     keep_cp = excluded | non_float  # never combined: merge/apply copy CP's value, extract leaves them out
     files = {n: r.path for n, r in reference.tensors.items()}
-    alphas = tensor_alphas(target, names, (n for n in reference.tensors if n not in keep_cp), files)
+    combined = (n for n in reference.tensors if n not in keep_cp)
+    alphas = tensor_alphas(target, reference.tensors, combined, files)  # the output's names: MoE experts as CP's
     planned = [
         sparsify(
             _plan_one(

@@ -11,7 +11,9 @@ from pathlib import Path
 from ..errors import PlanError, SourceError
 from ..io.checkpoint import MAX_SIDE_BYTES, read_json_object
 from ..recipe.spec import Target
-from .planner import PlannedTensor, Sources, Src
+from .fp8 import SCALE_SUFFIX, is_fp8
+from .planner import VOCAB_LAST, PlannedTensor, Sources, Src
+from .tied import tied_heads
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,24 @@ def token_rows(target: Target, sources: Sources) -> tuple[TokenRow, ...]:
 
 def with_token_rows(tensors: list[PlannedTensor], rows: tuple[TokenRow, ...], sources: Sources) -> list[PlannedTensor]:
     """Give each vocabulary tensor (reason `vocab:*`; an excluded one keeps CP's values) the rows it takes from the
-    same tensor of the first vector's chat model, every id checked against both tensors' rows."""
+    same tensor of the first vector's chat model (a tied one's embedding for CP's stored head), every id checked
+    against both tensors' rows."""
     if not rows:
         return tensors
     chat = sources.terms[0].plus
+    heads = tied_heads(sources)  # CP's stored head: a tied chat model's head is its input embedding
     done = []
     for t in tensors:
-        if t.reason.startswith("vocab:") and t.cp is not None:
-            ref = chat.tensors[t.name]  # the planner paired every tensor not excluded
-            _check_rows(t, rows, ref.info.shape[0], ref.path)
+        if t.reason.startswith("vocab:") and t.cp is not None and not t.name.endswith(SCALE_SUFFIX):
+            ref = chat.tensors[heads.get(t.name, t.name)]  # the planner paired every tensor not excluded
+            _check_rows(t, rows, ref.info.shape[token_dim(t)], ref.path)
+            if is_fp8(t.cp.dtype) or is_fp8(t.out_dtype) or is_fp8(ref.info.dtype):
+                raise PlanError(
+                    "special_tokens into a block-scaled FP8 tensor are not supported yet: a row shares its 128×128 "
+                    "block scales with 127 others (dequantize the vocabulary tensors to bfloat16 first)",
+                    file=t.cp.path,
+                    tensor=t.name,
+                )
             row_src = Src(ref.path, ref.info.start, ref.info.dtype)
             t = dataclasses.replace(t, rows=tuple((r.cp, r.chat) for r in rows), row_src=row_src)
         done.append(t)
@@ -80,12 +91,19 @@ def with_token_rows(tensors: list[PlannedTensor], rows: tuple[TokenRow, ...], so
     return done
 
 
+def token_dim(t: PlannedTensor) -> int:
+    """The dimension of a vocabulary tensor's tokens: its rows, or the last of BART's [1, V] final_logits_bias
+    (one element per token, the first dimension being 1)."""
+    return len(t.shape) - 1 if VOCAB_LAST.search(t.name) else 0
+
+
 def _check_rows(t: PlannedTensor, rows: tuple[TokenRow, ...], chat_rows: int, chat_path: str) -> None:
     assert t.cp is not None
+    size = t.shape[token_dim(t)]
     for r in rows:
-        if r.cp >= t.shape[0]:
+        if r.cp >= size:
             raise PlanError(
-                f"special token id {r.cp} is out of range: CP has {t.shape[0]} rows", file=t.cp.path, tensor=t.name
+                f"special token id {r.cp} is out of range: CP has {size} rows", file=t.cp.path, tensor=t.name
             )
         if r.chat >= chat_rows:
             raise PlanError(
