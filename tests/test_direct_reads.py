@@ -220,3 +220,18 @@ def test_a_merge_of_uncached_inputs_equals_the_reference_and_the_cached_merge(bi
         want = reference(c, [(1.0, chat[name], base[name])], c.dtype).view(c.shape)
         assert out[name].dtype == torch.bfloat16 and out[name].shape == c.shape
         assert torch.equal(out[name].view(torch.int16), want.view(torch.int16)), name
+
+
+def test_a_ties_merge_of_uncached_inputs_has_the_cached_merges_bytes(big_llamas, tmp_path):
+    """TIES' pre-pass reads through the direct reader too (exec/histogram.py): same thresholds, same bytes."""
+    d = big_llamas
+    shards = [p for n in ("base", "chat", "cp") for p in d[n].glob("*.safetensors")]
+    vectors = ["--base", str(d["base"]), "--chat", str(d["chat"]), "--base", str(d["base"]), "--chat", str(d["cp"])]
+    common = ["--cp", str(d["cp"]), "--alpha", "0.5", "--alpha", "0.75", "--ties", "0.3", "--backend", "local"]
+    for name in ("cached", "uncached"):
+        if name == "uncached":
+            evict(*shards)
+        assert main(["merge", *vectors, *common, "--out", str(tmp_path / name), "--no-progress"]) == 0
+    embed = 2048 * 256 * 2
+    assert all(cached(p) * PAGE < os.path.getsize(p) - embed // 2 for p in shards)
+    assert sha(tmp_path / "uncached") == sha(tmp_path / "cached")
