@@ -40,6 +40,7 @@ def _piece(runner: UnitRunner, piece: Piece, spec: SelectTensor, stages: Stages)
     totals: dict[tuple[int, int], torch.Tensor] = {}
     terms = tuple(Term(1.0, p, m) for p, m in spec.terms)
     tensor = PlannedTensor(spec.name, "merge", "", (spec.merge_elems,), "F32", None, terms, spec.merge_elems)
+    runner.plan_reads(Piece(piece.index, piece.first, last), [tensor])
     for first in range(piece.first, last, STRIP):
         strip = Piece(piece.index, first, min(first + STRIP, last))
         clock = time.perf_counter()

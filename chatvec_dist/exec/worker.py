@@ -14,6 +14,7 @@ import xxhash
 
 from ..dtypes import ITEMSIZE, is_float
 from ..io import s3, s3_sink
+from ..io.direct import DirectReader
 from ..io.ranges import FileHandles, read_into, write_at
 from ..io.sources import local_copy
 from ..kernels.cpu import nonfinite
@@ -29,6 +30,7 @@ from ..term import Term
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from . import rows, small_runs
 from .device import make_compute, pick_device
+from .direct_inputs import planned_ends
 from .fp8_work import combine_blocked
 from .histogram import select_unit
 from .messages import PartResult, SegmentResult, Stages, UnitResult, WorkContext
@@ -49,6 +51,8 @@ class UnitRunner:
         self.files = FileHandles()
         self.compute = make_compute(pick_device(device), device != "auto" if strict is None else strict)
         self.device = self.compute.device
+        self.direct = None if self.compute.pinned else DirectReader(self.files)  # a GPU copies from pinned buffers
+        self._ends: dict[Src, int] = {}  # per source read as one local range in this piece: where the range ends
         self._bufs: dict[object, torch.Tensor] = {}
         self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
         self._part_bufs: dict[int, bytearray] = {}  # per s3:// output: the current unit's parts, reused
@@ -132,6 +136,7 @@ class UnitRunner:
             strip_bytes = WHOLE_PIECE  # FP8 blocks: whole 128-row block rows, and the scales beside them  # an object: one ranged read per piece and source (in parallel parts)
         step = block * max(1, strip_bytes // block) // itemsize  # whole hash blocks of every output
         sources = PieceSources(piece, [p.tensor for _, p in columns], source_block_elems(block))
+        self.plan_reads(piece, [p.tensor for _, p in columns])
         segments: dict[int, SegmentResult] = {}
         for first in range(piece.first, max(piece.last, piece.first + 1), step):
             strip = Piece(piece.index, first, min(first + step, piece.last))
@@ -187,10 +192,17 @@ class UnitRunner:
             results.append(SegmentResult(o, piece.index, digests, stats))
         return results
 
+    def plan_reads(self, piece: Piece, tensors: list[PlannedTensor]) -> None:
+        """Before a piece's strips: how far past each strip the direct reader may read (the piece's own range)."""
+        self._ends = planned_ends(piece, tensors) if self.direct else {}
+
     def _read_inputs(self, piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, torch.Tensor]:
         """Read every source range the outputs need, each once (outputs share vectors and often CPs)."""
         inputs = {}
         for slot, (src, count) in enumerate(input_needs(piece, tensors).items()):
+            if src in self._ends and count:
+                inputs[src] = self._read_direct(("in", slot), src, piece.first, count, tensors[0].name)
+                continue
             size = ITEMSIZE[src.dtype]
             buf = self._buffer(("in", slot), count * size)
             at = 0
@@ -200,11 +212,22 @@ class UnitRunner:
             inputs[src] = buf.view(TORCH_DTYPES[src.dtype])
         return inputs
 
-    def _read(self, source: str, offset: int, buf: memoryview, tensor: str) -> None:
-        """Fill `buf` from byte `offset` of an input file (a Hub file through this node's copy) or object."""
-        path = self._local_paths.get(source) or self._local_paths.setdefault(
+    def _read_direct(self, slot: object, src: Src, first: int, count: int, tensor: str) -> torch.Tensor:
+        """Elements [first, first + count) of a source in one local range: a view of the direct reader's window."""
+        ((source, offset, nbytes),) = read_ranges(src, first, count)
+        assert self.direct is not None
+        view = self.direct.read(slot, self._path(source), offset, nbytes, self._ends[src], tensor)
+        return torch.frombuffer(view, dtype=torch.uint8).view(TORCH_DTYPES[src.dtype])
+
+    def _path(self, source: str) -> str:
+        """Where an input is read: a Hub file through this node's copy, else the file or object itself."""
+        return self._local_paths.get(source) or self._local_paths.setdefault(
             source, local_copy(source, self.ctx.hub_files)
         )
+
+    def _read(self, source: str, offset: int, buf: memoryview, tensor: str) -> None:
+        """Fill `buf` from byte `offset` of an input file (a Hub file through this node's copy) or object."""
+        path = self._path(source)
         if s3.is_url(path):  # ranged GETs, each process with its own client and credentials
             s3.read_into(path, offset, buf, tensor, self.ctx.etags.get(path))
         else:
