@@ -177,3 +177,24 @@ def test_a_unit_carries_only_its_cut_of_the_plan_and_computes_the_same(tmp_path)
     finally:
         runner.close()
         cut_runner.close()
+
+
+def test_the_plans_total_io_is_the_sum_over_its_units(tmp_path):
+    """`chatvec plan` sums bytes per tensor, not per unit (22 k units on DeepSeek-V3): the same total, here with an
+    extended vocabulary merged on its shared rows, two outputs."""
+    from chatvec_dist.demo import make_demo_models
+    from chatvec_dist.planning.plan import total_io_bytes, unit_io_bytes
+
+    models = make_demo_models(tmp_path / "demo")
+    paths = {k: str(v) for k, v in models.items()}
+    recipe = chatvec_dist.make_recipe(
+        paths["base"],
+        paths["chat"],
+        {"a": paths["cp"], "b": paths["cp"]},
+        tmp_path / "out",
+        vocab="overlap",
+        unit_bytes=4096,
+    )
+    planned = chatvec_dist.plan(recipe)
+    assert len(planned.units) > 10 and any(p.tensor.rule == "merge_rows" for p in planned.targets[0].layout.tensors)
+    assert total_io_bytes(planned) == sum(unit_io_bytes(u, planned) for u in planned.units)

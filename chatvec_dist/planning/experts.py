@@ -65,6 +65,8 @@ def _blocks(ckpt: Checkpoint) -> dict[str, _Block]:
 def map_experts(reference: Checkpoint, other: Checkpoint, excluded: set[str]) -> Checkpoint:
     """`other` with each MoE block that `reference` stores in the other layout under the reference's names (itself
     when none differ). Blocks whose every reference tensor is excluded are left as they are. Raises PlanError."""
+    if other.tensors.keys() == reference.tensors.keys():  # the same names: nothing to map (checked per block else)
+        return other
     theirs = _blocks(other)
     tensors, renamed = dict(other.tensors), []
     for key, ours in _blocks(reference).items():

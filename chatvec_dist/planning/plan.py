@@ -137,6 +137,17 @@ def unit_io_bytes(unit: Unit, planned: Planned) -> int:
     return total
 
 
+def total_io_bytes(planned: Planned) -> int:
+    """Every unit's `unit_io_bytes`, summed per tensor instead (the units' pieces tile each tensor)."""
+    total = 0
+    for index in range(len(planned.targets[0].layout.tensors)):
+        tensors = [tp.layout.tensors[index].tensor for tp in planned.targets]
+        whole = Piece(index, 0, max(t.numel for t in tensors))
+        total += sum(count * ITEMSIZE[src.dtype] for src, count in input_needs(whole, tensors).items())
+        total += sum(t.numel * ITEMSIZE[t.out_dtype] for t in tensors)
+    return total
+
+
 def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
     """(elements of the piece inside this output's tensor, of those how many get the vectors)."""
     count = max(0, min(piece.last, t.numel) - piece.first)

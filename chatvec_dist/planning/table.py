@@ -44,9 +44,9 @@ def _target_table(target: str, layout: Layout) -> pa.Table:
 
 
 def summary(planned: Planned) -> str:
-    from .plan import unit_io_bytes
+    from .plan import total_io_bytes
 
-    io = sum(unit_io_bytes(u, planned) for u in planned.units)
+    io = total_io_bytes(planned)
     written = sum(p.nbytes for tp in planned.targets for p in tp.layout.tensors)
     recipe = planned.recipe
     lines = [
