@@ -106,3 +106,18 @@ def test_bench_measures_every_node_of_a_cluster(tmp_path):
     total = numbers(run.stdout, r"moved ([\d.]+) MB in")[0]
     assert sum(float(mb) for _, mb in nodes) == pytest.approx(total, abs=0.3)
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_removing_an_s3_bench_folder_aborts_a_failed_merges_uploads(s3_server):
+    """A merge that failed keeps its uploads for a resume; the bench's clean-up aborts them, none left billed."""
+    from chatvec_dist.bench.data import MERGED, remove
+    from chatvec_dist.io import s3, s3_sink
+
+    s3.client(True).create_bucket(Bucket="bench-left")
+    root = "s3://bench-left/scratch"
+    s3_sink.create_upload(s3.join(root, "floor-0.bin"))
+    s3_sink.create_upload(s3.join(root, f"{MERGED}/model-00001-of-00001.safetensors"))
+    s3_sink.put(s3.join(root, "base/config.json"), b"{}")
+    remove(root)
+    assert s3_sink.open_uploads(root) == {} and s3_sink.open_uploads(s3.join(root, MERGED)) == {}
+    assert s3.client(True).list_objects_v2(Bucket="bench-left").get("KeyCount", 0) == 0

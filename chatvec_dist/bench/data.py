@@ -137,14 +137,19 @@ def _publish(path: Path, dest: str) -> int:
     return size
 
 
+MERGED = "merged"  # the merge's output, under the bench's folder
+
+
 def remove(where: str) -> None:
-    """Everything `chatvec bench` made under `where` (open uploads aborted first)."""
+    """Everything `chatvec bench` made under `where`: open uploads aborted first (the floor's, and a failed merge's,
+    which the job keeps for a resume that will not come), then every object."""
     if not s3.is_url(where):
         import shutil
 
         shutil.rmtree(where, ignore_errors=True)
         return
-    s3_sink.abort_all(where)
+    for prefix in (where, s3.join(where, MERGED)):
+        s3_sink.abort_all(prefix)
     for url in _objects(where):
         s3_sink.delete(url)
 

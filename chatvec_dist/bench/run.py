@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..io import s3
 from ..log import logger
 from ..recipe.spec import Recipe, RunOptions, Target, Vector, human_bytes
-from .data import Inputs, make_inputs, remove
+from .data import MERGED, Inputs, make_inputs, remove
 from .floor import NodeFloor, floor_on_node, shares
 
 MODELS = {"70B": 70.6e9, "405B": 405.9e9, "671B": 671.0e9}  # parameters; bfloat16, 3 inputs + 1 output each
@@ -68,7 +68,7 @@ def _floor(inputs: Inputs, out_bytes: int, root: str, options: RunOptions) -> tu
 def _merge(inputs: Inputs, root: str, options: RunOptions) -> float:
     from .. import job
 
-    out = (s3.join if s3.is_url(root) else os.path.join)(root, "merged")
+    out = (s3.join if s3.is_url(root) else os.path.join)(root, MERGED)
     recipe = Recipe((Vector(inputs.chat, inputs.base),), (Target("bench", inputs.cp, out, (1.0,)),))
     t0 = time.perf_counter()
     job.run(recipe, options)
