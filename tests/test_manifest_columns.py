@@ -191,7 +191,7 @@ def test_outputs_sharing_a_layout_share_its_columns_and_an_incomplete_tensor_is_
     third = Tally(lay, BLOCK)
     sent = feed(third, ts[:-1])  # the last tensor never reported
     assert len(sent) == len(ts) - 1
-    with pytest.raises(VerifyError, match="internal: not all of its blocks were reported") as e:
+    with pytest.raises(VerifyError, match="internal: not all of its blocks were reported in full") as e:
         third.table("c", {})
     assert "empty.weight" in str(e.value)
 
@@ -285,3 +285,12 @@ def test_every_nan_is_one_and_the_checksum_is_pinned():
     assert columns_digest(table) == reference_digest(table)
     assert columns_digest(table) == "648127d380853bb7aa2c2635de710209660c84563f2ad7f16d2adca57fb12dae"
     assert rows_hash(table) == {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table)}
+
+
+def test_a_source_reported_without_its_block_is_an_error_not_a_row():
+    ts = planned()[:1]  # one block of output and of each of its three sources
+    tally = Tally(layout(ts, max_shard_size=10**6), BLOCK)
+    sources = (blocks(1, 1), (), blocks(1, 3))  # the second source's block missing
+    tally.add(SegmentResult(0, 0, tuple(blocks(1, 0)), Stats(), tuple(map(tuple, sources))), "w", "n", 0.1)
+    with pytest.raises(VerifyError, match="internal: 2 of its 4 sources reported in full"):
+        tally.table("t", {})

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -163,8 +164,7 @@ class _Entry:
         return Part(stats, float(sum(p.seconds for p in parts)), workers, nodes)
 
 
-def _one(blocks: tuple) -> bool:
-    return len(blocks) == 1
+_ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
 
 
 class Tally:
@@ -177,6 +177,9 @@ class Tally:
         self.block_bytes = block_bytes
         self.source_elems = source_block_elems(block_bytes)
         n = len(layout.tensors)
+        # one block of the output (at most 8 bytes an element) and of each source: complete with its one segment
+        numel = map(math.prod, map(attrgetter("shape"), map(attrgetter("tensor"), layout.tensors)))
+        self.single = [k <= self.source_elems for k in numel]
         self.hashes: list[str | None] = [None] * n
         self.source_hashes: list[tuple[str | None, ...]] = [()] * n  # per source (`extents` order)
         self.totals: list[Part | None] = [None] * n
@@ -188,15 +191,15 @@ class Tally:
             return  # the same bytes again (a unit redone after its worker died; see _Digests)
         e = self.pending.get(i)
         if e is None:
-            t = self.layout.tensors[i].tensor
-            if t.numel <= self.source_elems and len(seg.blocks) == 1 and all(map(_one, seg.sources)):
-                # one block of the output (at most 8 bytes an element) and of each source: complete now
-                self.hashes[i] = tensor_hash([seg.blocks[0][1]])
-                self.source_hashes[i] = tuple(tensor_hash([b[0][1]]) for b in seg.sources)
+            if self.single[i] and len(seg.blocks) == 1 and set(map(len, seg.sources)) <= _ONE:
+                self.hashes[i] = xxhash.xxh3_128_hexdigest(seg.blocks[0][1])  # tensor_hash of one block
+                self.source_hashes[i] = tuple(map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, seg.sources))))
                 self.totals[i] = Part(seg.stats, float(seconds), worker, node)
                 return
-            nblocks = max(1, math.ceil(self.layout.tensors[i].nbytes / self.block_bytes))
-            e = self.pending[i] = _Entry.of(nblocks, [source_blocks(n, self.source_elems) for _, n in extents(t)])
+            placed = self.layout.tensors[i]
+            nblocks = max(1, math.ceil(placed.nbytes / self.block_bytes))
+            sources = [source_blocks(n, self.source_elems) for _, n in extents(placed.tensor)]
+            e = self.pending[i] = _Entry.of(nblocks, sources)
         e.digests.add(seg.blocks)
         e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
         for digests, blocks in zip(e.sources, seg.sources):

@@ -211,8 +211,9 @@ def _check_complete(
         return
     for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
         if h is None or total is None or not _complete(found, n):
-            what = "its blocks" if h is None or total is None else f"{len(found)} of its {n} sources"
-            raise VerifyError(f"internal: not all of {what} were reported", tensor=layout.fixed["tensor"][i].as_py())
+            done = len(found) - found.count(None)
+            what = "not all of its blocks were" if h is None or total is None else f"{done} of its {n} sources"
+            raise VerifyError(f"internal: {what} reported in full", tensor=layout.fixed["tensor"][i].as_py())
 
 
 def _complete(found: tuple[str | None, ...], want: int) -> bool:
