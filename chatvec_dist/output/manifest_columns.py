@@ -4,6 +4,7 @@ places), made once per layout object and shared by the outputs that share it, th
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from ..dtypes import ITEMSIZE, is_float
+from ..dtypes import FLOAT_DTYPES, ITEMSIZE
 from ..errors import VerifyError
 from ..planning.experts import read_ranges
 from ..planning.layout import Layout
@@ -79,20 +81,24 @@ def _make(layout: Layout) -> LayoutColumns:
         "token_rows": pa.array(list(map(len, map(attrgetter("rows"), ts))), INT),
     }
     counts, sources = _sources(ts, cps, has_cp, terms)
-    copied = np.array(
-        [t.cp is not None and t.rule == "copy" and t.cp.dtype == t.out_dtype and not t.rows for t in ts], bool
-    )
+    rows = fixed["token_rows"].to_numpy() > 0
+    same = pc.fill_null(pc.equal(fixed["dtype_cp"], fixed["dtype_out"]), False).to_numpy(zero_copy_only=False)
+    copied = _is(fixed["rule"], "copy") & same & ~rows  # CP's bytes as stored
     return LayoutColumns(
         fixed,
         sources,
         counts,
         measured=has_cp & ~copied,
-        changed=(terms.count > 0) | (fixed["token_rows"].to_numpy() > 0),
+        changed=(terms.count > 0) | rows,
         terms=terms.count > 0,
-        counted=np.array([is_float(d) for d in map(attrgetter("out_dtype"), ts)], bool),
-        ties=np.array([t.ties is not None for t in ts], bool),
+        counted=pc.is_in(fixed["dtype_out"], pa.array(sorted(FLOAT_DTYPES))).to_numpy(zero_copy_only=False),
+        ties=np.array([t is not None for t in map(attrgetter("ties"), ts)], bool),
         merge_elems=list(map(attrgetter("merge_elems"), ts)),
     )
+
+
+def _is(strings: pa.Array, value: str) -> np.ndarray:
+    return pc.equal(strings, value).to_numpy(zero_copy_only=False)
 
 
 class _Terms:
@@ -130,24 +136,31 @@ def _sources(
     with_cp = np.flatnonzero(has_cp)
     tensor = np.concatenate([with_cp, terms.tensor])
     order = np.argsort(tensor, kind="stable")  # per tensor: CP (before every vector above), then the vectors
-    srcs: list[Src] = [cps[i] for i in with_cp.tolist()] + terms.vectors
+    cp_srcs = [cps[i] for i in with_cp.tolist()]
+    srcs: list[Src] = _ordered(cp_srcs + terms.vectors, order)
     merged = np.array(list(map(attrgetter("merge_elems"), ts)), np.int64)
-    numel = np.array([ts[i].numel for i in with_cp.tolist()], np.int64)
-    extents = np.concatenate([numel, merged[terms.tensor]])[order].tolist()
-    srcs = [srcs[i] for i in order.tolist()]
-    roles = ["cp"] * len(with_cp) + terms.roles
-    segments = [
-        [dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(src, 0, extent)] if src.segments else None
-        for src, extent in zip(srcs, extents)
-    ]
+    numel = np.array(list(map(math.prod, map(attrgetter("shape"), (ts[i] for i in with_cp.tolist())))), np.int64)
+    extents = np.concatenate([numel, merged[terms.tensor]])[order]
+    dtypes = list(map(attrgetter("dtype"), srcs))
+    itemsize = np.array(list(map(ITEMSIZE.__getitem__, dtypes)), np.int64)
+    segments: list[list[dict] | None] = [None] * len(srcs)
+    for i in np.flatnonzero(np.array(list(map(bool, map(attrgetter("segments"), srcs))), bool)).tolist():
+        segments[i] = [dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(srcs[i], 0, int(extents[i]))]
     return np.bincount(tensor, minlength=len(ts)), [
-        pa.array([roles[i] for i in order.tolist()], STRING),
-        pa.array(list(map(attrgetter("path"), srcs)), STRING),
+        pa.array(_ordered(["cp"] * len(cp_srcs) + terms.roles, order), STRING),
+        _field(srcs, "path"),
         pa.array(list(map(attrgetter("start"), srcs)), INT),
-        pa.array([n * ITEMSIZE[d] for n, d in zip(extents, map(attrgetter("dtype"), srcs))], INT),
-        _field(srcs, "dtype"),
+        pa.array(extents * itemsize, INT),
+        pa.array(dtypes, STRING),
         pa.array(segments, pa.list_(SEGMENT)),
     ]
+
+
+def _ordered(values: list, order: np.ndarray) -> list:
+    """`values` in `order` (a permutation), in C."""
+    found = np.empty(len(values), object)
+    found[:] = values
+    return found[order].tolist()
 
 
 def _field(objects: list, name: str) -> pa.Array:
