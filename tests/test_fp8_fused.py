@@ -26,26 +26,30 @@ def _operand(rows: int, cols: int, seed: int, specials: bool = False) -> tuple[B
     return Blocked(to_fp8(q).flatten(), torch.from_numpy(s).flatten()), dequantize(q, s)
 
 
-def _run(rows, cols, cp, terms, fused: bool, monkeypatch):
+def _run(rows, cols, cp, terms, fused: bool, monkeypatch, dtype=torch.float8_e4m3fn):
     with monkeypatch.context() as m:
         m.setattr(fp8, "FUSED_MIN", 0 if fused else 1 << 62)
-        out = torch.empty(rows * cols, dtype=torch.float8_e4m3fn)
+        out = torch.empty(rows * cols, dtype=dtype)
         scale = torch.empty(-(-rows // 128) * -(-cols // 128), dtype=torch.float32)
+        scale = scale if dtype == torch.float8_e4m3fn else None
         return out, scale, combine_fp8(out, scale, cp, terms, cols, Fp8Scratch())
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
 @pytest.mark.parametrize("rows,cols,alphas", [(300, 700, [1.0]), (256, 1030, [0.3, -1.7]), (129, 127, [2.0, 1.0, 0.5])])
-def test_codes_scales_and_nan_counts_as_the_torch_pass(rows, cols, alphas, monkeypatch):
+def test_same_bytes_and_nan_counts_as_the_torch_pass(rows, cols, alphas, dtype, monkeypatch):
     cp, _ = _operand(rows, cols, 1, specials=True)
     terms = [
         (a, _operand(rows, cols, 10 + i, specials=True)[0], _operand(rows, cols, 20 + i, specials=True)[0])
         for i, a in enumerate(alphas)
     ]
-    got_q, got_s, got = _run(rows, cols, cp, terms, True, monkeypatch)
-    want_q, want_s, want = _run(rows, cols, cp, terms, False, monkeypatch)
-    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
-    assert torch.equal(bits(got_s), bits(want_s))
-    assert (got.nan, got.inf) == (want.nan, want.inf) and got.nan > 0 and got.inf == 0
+    got_q, got_s, got = _run(rows, cols, cp, terms, True, monkeypatch, dtype)
+    want_q, want_s, want = _run(rows, cols, cp, terms, False, monkeypatch, dtype)
+    assert torch.equal(bits(got_q), bits(want_q))
+    assert got_s is None or torch.equal(bits(got_s), bits(want_s))
+    assert (got.nan, got.inf) == (want.nan, want.inf) and got.nan > 0 and got.inf == 0  # FP8 operands: no Inf
+    if dtype == torch.bfloat16:
+        assert set(bits(got_q)[torch.isnan(got_q)].tolist()) == {0x7FC0}
 
 
 def test_float64_definition_and_norms(monkeypatch):
@@ -93,3 +97,12 @@ def test_every_tie_rounds_to_even(monkeypatch):
     assert_fp8_equal(out, want_q)
     assert torch.equal(bits(scale), bits(torch.from_numpy(want_s).flatten()))
     assert (e4m3(np.array([0.5 * 2**-9, 1.5 * 2**-9, 17.0, 19.0])) == [0.0, 2 * 2**-9, 16.0, 20.0]).all()
+
+
+def test_into_bfloat16_matches_the_float64_reference(monkeypatch):
+    rows, cols = 260, 1030
+    (cp, cp64), (chat, chat64), (base, base64) = (_operand(rows, cols, s) for s in (4, 5, 6))
+    out, _, stats = _run(rows, cols, cp, [(0.7, chat, base)], True, monkeypatch, torch.bfloat16)
+    want = torch.from_numpy(combine64(cp64, [(0.7, chat64, base64)])).to(torch.float32).to(torch.bfloat16)
+    assert torch.equal(bits(out), bits(want.flatten()))
+    assert math.isclose(math.sqrt(stats.update_sq), float(np.linalg.norm(want.double().numpy() - cp64)), rel_tol=1e-9)

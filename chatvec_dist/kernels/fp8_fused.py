@@ -1,5 +1,5 @@
-"""The fused CPU pass (numba) for the commonest FP8 merge: CP, chat and base all block-scaled float8_e4m3fn and an
-FP8 output. Block by 128×128 block, the definition of kernels/fp8.py step for step (dequantize in float32,
+"""The fused CPU pass (numba) for the commonest FP8 merges: CP, chat and base all block-scaled float8_e4m3fn, into
+an FP8 output or a bfloat16 one. Block by 128×128 block, the definition of kernels/fp8.py step for step (dequantize in float32,
 combine in float64, round to float32, amax, scale, requantize to nearest even), so the same codes and scales."""
 
 from __future__ import annotations
@@ -96,43 +96,119 @@ def _nan_codes(out, cols, r0, h, c0, w):
 
 
 @numba.njit(nogil=True, cache=True)
+def _combine_block(bufs, cp, plus, minus, alphas, table, cols, r0, h, c0, w, g, stats):
+    """bufs[4][:h·w] (float32) = the block's cp + Σ alpha·(plus − minus), combined in float64 and rounded once;
+    bufs[3]: CP in float64. Adds Δ² and cp² to stats; returns cp²."""
+    acc, p64, m64, c, f = bufs
+    n = h * w
+    _delta(acc, p64, m64, plus, minus, alphas, table, cols, r0, h, c0, w, g)
+    stats[1] += _sum_sq(acc, n)
+    _load(cp[0], cp[1][g], table, cols, r0, h, c0, w, c)
+    for k in range(n):
+        f[k] = np.float32(acc[k] + c[k])
+    cp_sq = _sum_sq(c, n)
+    stats[0] += cp_sq
+    return cp_sq
+
+
+@numba.njit(nogil=True, cache=True)
+def _buffers():
+    """Per-block scratch: acc, plus, minus and CP in float64, the combined block in float32."""
+    return (
+        np.empty(BLOCK * BLOCK, np.float64),
+        np.empty(BLOCK * BLOCK, np.float64),
+        np.empty(BLOCK * BLOCK, np.float64),
+        np.empty(BLOCK * BLOCK, np.float64),
+        np.empty(BLOCK * BLOCK, np.float32),
+    )
+
+
+@numba.njit(nogil=True, cache=True)
 def _merge(out, out_scale, cp, plus, minus, alphas, table, rows, cols, stats):
-    """Every 128×128 block of a [rows, cols] weight; `cp`, `plus[t]`, `minus[t]`: (codes, scale grid); stats:
-    [cp², Δ², update², NaN, Inf] added to."""
+    """Every 128×128 block of a [rows, cols] weight into FP8 codes and scales; `cp`, `plus[t]`, `minus[t]`:
+    (codes, scale grid); stats: [cp², Δ², update², NaN, Inf] added to."""
     grid_cols = (cols + BLOCK - 1) // BLOCK
-    acc, p64 = np.empty(BLOCK * BLOCK, np.float64), np.empty(BLOCK * BLOCK, np.float64)
-    m64, c = np.empty(BLOCK * BLOCK, np.float64), np.empty(BLOCK * BLOCK, np.float64)
-    f = np.empty(BLOCK * BLOCK, np.float32)
+    bufs = _buffers()
     for g in range(((rows + BLOCK - 1) // BLOCK) * grid_cols):
         r0, c0 = (g // grid_cols) * BLOCK, (g % grid_cols) * BLOCK
         h, w = min(BLOCK, rows - r0), min(BLOCK, cols - c0)
-        n = h * w
-        _delta(acc, p64, m64, plus, minus, alphas, table, cols, r0, h, c0, w, g)
-        stats[1] += _sum_sq(acc, n)
-        _load(cp[0], cp[1][g], table, cols, r0, h, c0, w, c)
-        for k in range(n):
-            f[k] = np.float32(acc[k] + c[k])
-        scale = _amax_scale(f, n)
+        cp_sq = _combine_block(bufs, cp, plus, minus, alphas, table, cols, r0, h, c0, w, g, stats)
+        acc, c, f = bufs[0], bufs[3], bufs[4]
+        scale = _amax_scale(f, h * w)
         out_scale[g] = scale
         _requantize(f, c, scale, table, out, cols, r0, h, c0, w, acc)
-        cp_sq, update_sq = _sum_sq(c, n), _sum_sq(acc, n)
-        stats[0] += cp_sq
+        update_sq = _sum_sq(acc, h * w)
         stats[2] += update_sq
         if not (np.isfinite(cp_sq) and np.isfinite(update_sq)):  # e4m3fn has no Inf: NaN only
             stats[3] += _nan_codes(out, cols, r0, h, c0, w)
 
 
+@numba.njit(nogil=True, cache=True)
+def _to_bf16(f, c, out, cols, r0, h, c0, w, update):
+    """The block into bfloat16 `out` (bits; to nearest even, NaN as 0x7FC0); update[:h·w] = written − CP; returns
+    the block's (NaN, Inf) counts."""
+    nans = infs = 0
+    for i in range(h):
+        at = (r0 + i) * cols + c0
+        row, fi, ci, ui = out[at : at + w], f[i * w : (i + 1) * w], c[i * w : (i + 1) * w], update[i * w : (i + 1) * w]
+        for j in range(w):
+            b = _as_u32(fi[j])
+            nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            r = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            r = np.uint16(0x7FC0) if nan else r
+            nans += nan
+            infs += (r & np.uint16(0x7FFF)) == np.uint16(0x7F80)
+            row[j] = r
+            ui[j] = np.float64(_as_f32(np.uint32(r) << np.uint32(16))) - ci[j]
+    return nans, infs
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_to_bf16(out, cp, plus, minus, alphas, table, rows, cols, stats):
+    """As `_merge`, into a bfloat16 output (its bits): float64 → float32 → bfloat16, as torch converts."""
+    grid_cols = (cols + BLOCK - 1) // BLOCK
+    bufs = _buffers()
+    for g in range(((rows + BLOCK - 1) // BLOCK) * grid_cols):
+        r0, c0 = (g // grid_cols) * BLOCK, (g % grid_cols) * BLOCK
+        h, w = min(BLOCK, rows - r0), min(BLOCK, cols - c0)
+        _combine_block(bufs, cp, plus, minus, alphas, table, cols, r0, h, c0, w, g, stats)
+        nans, infs = _to_bf16(bufs[4], bufs[3], out, cols, r0, h, c0, w, bufs[0])
+        stats[2] += _sum_sq(bufs[0], h * w)
+        stats[3] += nans
+        stats[4] += infs
+
+
 def combine_fp8_fused(
-    out: torch.Tensor, out_scale: torch.Tensor, cp: Blocked, terms: Sequence[Term], cols: int, table: torch.Tensor
+    out: torch.Tensor,
+    out_scale: torch.Tensor | None,
+    cp: Blocked,
+    terms: Sequence[Term],
+    cols: int,
+    table: torch.Tensor,
 ) -> Stats:
-    """kernels/fp8.py's `combine_fp8` where its `_fusable` says so; `table`: every code's float32 value."""
+    """kernels/fp8.py's `combine_fp8` where its `_fusable` says so (an FP8 output with its scales, or bfloat16);
+    `table`: every code's float32 value."""
     stats = np.zeros(5, np.float64)
     plus = tuple(_operand(p) for _, p, _ in terms)
     minus = tuple(_operand(m) for _, _, m in terms)
     alphas = np.array([t[0] for t in terms], np.float64)
-    rows = out.numel() // cols
-    codes = out.view(torch.uint8).numpy()
-    _merge(codes, out_scale.numpy(), _operand(cp), plus, minus, alphas, table.numpy(), rows, cols, stats)
+    rows, codes = out.numel() // cols, table.numpy()
+    if out_scale is not None:
+        _merge(
+            out.view(torch.uint8).numpy(),
+            out_scale.numpy(),
+            _operand(cp),
+            plus,
+            minus,
+            alphas,
+            codes,
+            rows,
+            cols,
+            stats,
+        )
+    else:
+        bf16 = out.view(torch.int16).numpy().view(np.uint16)
+        _merge_to_bf16(bf16, _operand(cp), plus, minus, alphas, codes, rows, cols, stats)
     return Stats(float(stats[0]), float(stats[1]), float(stats[2]), int(stats[3]), int(stats[4]))
 
 
