@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import slow_units_env
-from safetensors.torch import load
-from test_fp8 import LOCAL, QUANT, _operand, assert_fp8_equal, bits, combine64, make_models, quantize, to_fp8
+from safetensors.torch import load, load_file
+from test_fp8 import LOCAL, QUANT, W, _operand, assert_fp8_equal, bits, combine64, make_models, quantize, to_fp8
 from test_s3_output import BUCKET, downloaded, fresh_url, local_files, open_uploads
 
 from chatvec_dist import api
@@ -50,10 +50,11 @@ def staging(tmp_path, monkeypatch) -> Path:
 
 
 def both(models: dict[str, Path], local: Path, url: str) -> Recipe:
-    """One job, FP8 CP and bf16 vectors, two outputs: a local folder and an s3:// prefix."""
+    """One job, FP8 CP and bf16 vectors, two outputs: a local folder and an s3:// prefix; one FP8 weight kept as
+    CP stores it (codes and scales copied, not combined)."""
     cps = {"here": models["cp8"], "there": models["cp8"]}
     recipe = api.make_recipe(
-        models["base"], models["chat"], cps, local.parent, unit_bytes=8 * MIB, max_shard_size=12_000_000
+        models["base"], models["chat"], cps, local.parent, unit_bytes=8 * MIB, max_shard_size=12_000_000, exclude=W
     )
     here, there = recipe.targets
     targets = (dataclasses.replace(here, out=str(local)), dataclasses.replace(there, out=url))
@@ -113,7 +114,10 @@ def assert_fp8_weights(files: dict[str, bytes], models: dict[str, Path]) -> None
     sources: dict[Path, dict[str, torch.Tensor]] = {}
     weights = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
     assert len(weights) > 10 and all(n + "_scale_inv" in got for n in weights)
-    for name in weights:
+    kept = {k: v for f in sorted(models["cp8"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name in (W, W + "_scale_inv"):
+        assert torch.equal(bits(got[name]), bits(kept[name]))
+    for name in set(weights) - {W}:
         cp, chat, base = (_operand(models[k], name, sources) for k in ("cp8", "chat", "base"))
         want_q, want_s = quantize(combine64(cp, [(1.0, chat, base)]).astype(np.float32))
         assert_fp8_equal(got[name], want_q)
