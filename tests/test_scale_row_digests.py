@@ -9,9 +9,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from test_fp8 import LOCAL, make_models
-from test_source_digests import expected_digest, header
+from test_source_digests import expected_digest, header, rewrite_manifest
 
 from chatvec_dist import api
 from chatvec_dist.output.manifest import read_manifest
@@ -115,3 +116,16 @@ def test_verify_sources_names_a_changed_scale_and_a_changed_token_row(models, tm
         ]
     ), lines
     assert all("changed since the output was written" in line for line in lines if line not in differ)
+
+
+def test_a_manifest_written_without_scale_and_row_entries_still_verifies(models, tmp_path):
+    """As an earlier version wrote it (the same column, those entries absent): read and verified as written."""
+    out = merge(models, tmp_path / "out")
+    table, meta = read_manifest(out)
+    index = table.schema.get_field_index("source_digests")
+    cells = [[e for e in c if "." not in e["role"]] for c in table.column(index).to_pylist()]
+    assert sum(map(len, cells)) < sum(map(len, table.column(index).to_pylist()))
+    column = pa.array(cells, table.schema.field(index).type)
+    rewrite_manifest(out, table.set_column(index, "source_digests", column), meta)
+    assert read_manifest(out)[0].column("source_digests").to_pylist() == cells
+    assert api.verify(out, sources=True) == []
