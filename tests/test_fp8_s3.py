@@ -29,6 +29,7 @@ from chatvec_dist.io import s3
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.workarea import STAGING_ENV, partial_path, staging_path
 from chatvec_dist.planning.fp8 import SCALE_RULE
+from chatvec_dist.planning.layout import layout
 from chatvec_dist.recipe.file import dump_recipe
 from chatvec_dist.recipe.spec import Recipe, RunOptions
 
@@ -177,3 +178,29 @@ def test_an_fp8_weight_whose_bytes_would_leave_its_scales_unaligned_is_refused_f
     with pytest.raises(PlanError, match=r"FP8 weight of shape \[5, 131\] \(655 bytes, not a multiple of 4\)") as e:
         api.plan(api.make_recipe(*paths, "s3://bucket/out"))
     assert (e.value.tensor, e.value.file, "\n" in str(e.value)) == (name, "s3://bucket/out", False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    return make_models(tmp_path_factory.mktemp("fp8s3-tiny"))
+
+
+def test_a_shard_boundary_never_falls_between_an_fp8_weight_and_its_scales_in_an_object_store(tiny):
+    split = 0
+    for limit in range(8_000, 60_000, 3_000):
+        recipe = api.make_recipe(tiny["base"], tiny["chat"], tiny["cp8"], "s3://bucket/out", max_shard_size=limit)
+        lay = api.plan(recipe).targets[0].layout
+        for k, placed in enumerate(lay.tensors):
+            if placed.tensor.rule == SCALE_RULE:
+                weight = lay.tensors[k - 1]
+                assert weight.tensor.name + "_scale_inv" == placed.tensor.name
+                assert (weight.shard, weight.offset + weight.nbytes) == (placed.shard, placed.offset)
+        for shard in range(len(lay.shards)):  # within the limit, or one tensor (with its scales) over it
+            held = [p for p in lay.tensors if p.shard == shard]
+            alone = len(held) == 1 or (len(held) == 2 and held[1].tensor.rule == SCALE_RULE)
+            assert alone or sum(p.nbytes for p in held) <= limit
+        plain = layout([p.tensor for p in lay.tensors], limit)  # the same order, cut as for a local folder
+        split += any(
+            p.tensor.rule == SCALE_RULE and p.shard != plain.tensors[k - 1].shard for k, p in enumerate(plain.tensors)
+        )
+    assert split  # some limits would have cut a pair
