@@ -257,9 +257,12 @@ class Tally:
 
 
 def source_roles(t: PlannedTensor) -> list[str]:
-    """Each source's role, in `t.srcs` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
-    applied vector's plus side is its `chat[i]`)."""
-    return list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
+    """Each source's role, in `extents` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
+    applied vector's plus side is its `chat[i]`); then `ROLE.scale`, the float32 scales of each block-scaled FP8
+    one; then `chat[0].row[N]`, each chat row N that token rows are taken from."""
+    roles = list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
+    scaled = [f"{role}.scale" for role, src in zip(roles, t.srcs) if src.scale is not None]  # row_src: past roles
+    return roles + scaled + [f"chat[0].row[{chat}]" for _, chat in t.rows]
 
 
 @functools.lru_cache(maxsize=64)
