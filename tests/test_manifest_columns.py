@@ -25,7 +25,7 @@ from chatvec_dist.planning.sparsity import TermDare, TiesPlan
 from chatvec_dist.term import Term
 
 BLOCK = 64  # bytes per output hash block; 8 elements per source hash block
-ITEM = {"BF16": 2, "F32": 4, "I64": 8}
+ITEM = {"BF16": 2, "F32": 4, "I64": 8, "F8_E4M3": 1}
 
 
 def planned() -> list[PlannedTensor]:
@@ -34,12 +34,25 @@ def planned() -> list[PlannedTensor]:
     other = Src("/m/vector.safetensors", 16, "F32")
     fused = Src("/m/e0.safetensors", 24, "BF16", segments=(("/m/e0.safetensors", 24, 3), ("/m/e1.safetensors", 8, 3)))
     two = (Term(1.0, plus, minus), Term(0.5, other, None))  # a merged vector, then an applied one
+    fp8 = Src("/m/fp8.safetensors", 40, "F8_E4M3", scale=Src("/m/fp8.safetensors", 8, "F32"))  # block-scaled
     return [
         PlannedTensor("merge.weight", "merge", "", (2, 3), "BF16", cp, two, 6),
         PlannedTensor("kept.weight", "copy", "excluded", (3,), "BF16", cp, (), 0),  # copied as stored
         PlannedTensor("cast.weight", "copy", "excluded", (3,), "F32", cp, (), 0),  # copied, converted
         PlannedTensor("ids", "copy", "non-float", (2,), "I64", Src("/m/cp.safetensors", 0, "I64"), (), 0),
-        PlannedTensor("embed.weight", "merge_rows", "vocab:full", (4, 2), "F32", cp, two[:1], 6, rows=((3, 1),)),
+        PlannedTensor(
+            "embed.weight",
+            "merge_rows",
+            "vocab:full",
+            (4, 2),
+            "F32",
+            cp,
+            two[:1],
+            6,
+            rows=((3, 1), (0, 2)),
+            row_src=plus,
+        ),
+        PlannedTensor("fp8.weight", "merge", "", (4, 4), "F8_E4M3", fp8, (Term(1.0, fp8, fp8),), 16),
         PlannedTensor("big.weight", "merge", "", (5, 8), "F32", cp, two, 40),  # 3 output blocks, 5 source blocks
         PlannedTensor("experts.weight", "merge", "experts:mapped", (6,), "BF16", cp, (Term(1.0, fused, None),), 6),
         PlannedTensor("ties.weight", "merge", "", (4,), "BF16", cp, two, 4, ties=TiesPlan(0.5, True, 2)),
@@ -64,8 +77,27 @@ def blocks(n: int, salt: int) -> list[tuple[int, bytes]]:
 
 
 def source_extents(t: PlannedTensor) -> list[tuple[Src, int]]:
+    """CP's elements, each vector's merged ones, each FP8 source's scales (blocks of 128 × 128), each token row's
+    chat row."""
     vectors = [s for _, p, m in t.terms for s in (p, m) if s is not None]
-    return ([(t.cp, t.numel)] if t.cp is not None else []) + [(s, t.merge_elems) for s in vectors]
+    own = ([(t.cp, t.numel)] if t.cp is not None else []) + [(s, t.merge_elems) for s in vectors]
+    cols = t.shape[-1]
+    scales = [(s.scale, -(-n // cols // 128) * -(-cols // 128)) for s, n in own if s.scale is not None]
+    width = t.numel // t.shape[0] if t.rows else 0
+    rows = [
+        (Src(t.row_src.path, t.row_src.start + chat * width * ITEM[t.row_src.dtype], t.row_src.dtype), width)
+        for _, chat in t.rows
+    ]
+    return own + scales + rows
+
+
+def source_roles(t: PlannedTensor) -> list[str]:
+    roles = (["cp"] if t.cp is not None else []) + [
+        r for n, (_, _, m) in enumerate(t.terms) for r in [f"chat[{n}]"] + ([f"base[{n}]"] if m else [])
+    ]
+    own = ([t.cp] if t.cp is not None else []) + [s for _, p, m in t.terms for s in (p, m) if s is not None]
+    scaled = [f"{role}.scale" for role, src in zip(roles, own) if src.scale is not None]
+    return roles + scaled + [f"chat[0].row[{chat}]" for _, chat in t.rows]
 
 
 def feed(tally: Tally, ts: list[PlannedTensor]) -> dict[int, tuple[list, list[list], list[Stats]]]:
@@ -104,11 +136,8 @@ def reference_rows(lay, sent, target: str) -> list[dict]:
         measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype or bool(t.rows)
         changed = bool(t.terms or t.rows)
         cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
-        roles = (["cp"] if t.cp is not None else []) + [
-            r for n, (_, _, m) in enumerate(t.terms) for r in [f"chat[{n}]"] + ([f"base[{n}]"] if m else [])
-        ]
         sources = []
-        for role, (src, extent), digests in zip(roles, source_extents(t), srcs):
+        for role, (src, extent), digests in zip(source_roles(t), source_extents(t), srcs, strict=True):
             segments = None
             if src.segments:
                 segments, at = [], 0
@@ -145,7 +174,7 @@ def reference_rows(lay, sent, target: str) -> list[dict]:
                 "cp_norm": cp_norm,
                 "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
                 "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if changed else None,
-                "nan_count": s.nan if t.out_dtype != "I64" else None,
+                "nan_count": s.nan if t.out_dtype != "I64" else None,  # every float dtype counted
                 "inf_count": s.inf if t.out_dtype != "I64" else None,
                 "worker": ",".join(f"w{k}" for k in range(len(stats))),
                 "node": ",".join(f"n{k}" for k in range(len(stats))),

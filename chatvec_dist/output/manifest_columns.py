@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from ..dtypes import FLOAT_DTYPES, ITEMSIZE
 from ..errors import VerifyError
+from ..exec.source_digests import extents
 from ..planning.experts import read_ranges
 from ..planning.layout import Layout
 from ..planning.planner import PlannedTensor, Src
@@ -132,28 +133,70 @@ def _sources(
 ) -> tuple[np.ndarray, list[pa.Array]]:
     """Per tensor how many sources it reads, and the source_digests fields but `hash` of every tensor's sources end
     to end, each tensor's as `source_digests.extents` gives them: `cp` (all its elements), then its vectors (the
-    merged elements)."""
+    merged elements), then where a tensor has them its FP8 scales and token-row chat rows (`_Extra`)."""
     with_cp = np.flatnonzero(has_cp)
-    tensor = np.concatenate([with_cp, terms.tensor])
-    order = np.argsort(tensor, kind="stable")  # per tensor: CP (before every vector above), then the vectors
     cp_srcs = [cps[i] for i in with_cp.tolist()]
-    srcs: list[Src] = _ordered(cp_srcs + terms.vectors, order)
+    extra = _Extra(ts, cp_srcs + terms.vectors, np.concatenate([with_cp, terms.tensor]))
+    tensor = np.concatenate([with_cp, terms.tensor, np.array(extra.tensor, np.int64)])
+    order = np.argsort(tensor, kind="stable")  # per tensor: CP, its vectors, its extra sources, each in order
+    srcs: list[Src] = _ordered(cp_srcs + terms.vectors + extra.srcs, order)
     merged = np.array(list(map(attrgetter("merge_elems"), ts)), np.int64)
     numel = np.array(list(map(math.prod, map(attrgetter("shape"), (ts[i] for i in with_cp.tolist())))), np.int64)
-    extents = np.concatenate([numel, merged[terms.tensor]])[order]
+    elems = np.concatenate([numel, merged[terms.tensor], np.array(extra.extents, np.int64)])[order]
     dtypes = list(map(attrgetter("dtype"), srcs))
     itemsize = np.array(list(map(ITEMSIZE.__getitem__, dtypes)), np.int64)
     segments: list[list[dict] | None] = [None] * len(srcs)
     for i in np.flatnonzero(np.array(list(map(bool, map(attrgetter("segments"), srcs))), bool)).tolist():
-        segments[i] = [dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(srcs[i], 0, int(extents[i]))]
+        segments[i] = [dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(srcs[i], 0, int(elems[i]))]
     return np.bincount(tensor, minlength=len(ts)), [
-        pa.array(_ordered(["cp"] * len(cp_srcs) + terms.roles, order), STRING),
+        pa.array(_ordered(["cp"] * len(cp_srcs) + terms.roles + extra.roles, order), STRING),
         _field(srcs, "path"),
         pa.array(list(map(attrgetter("start"), srcs)), INT),
-        pa.array(extents * itemsize, INT),
+        pa.array(elems * itemsize, INT),
         pa.array(dtypes, STRING),
         pa.array(segments, pa.list_(SEGMENT)),
     ]
+
+
+class _Extra:
+    """The sources that follow a tensor's own in `extents` order, for the tensors that have any: the float32
+    scales of its block-scaled FP8 sources, and the chat rows its token rows are taken from (per tensor, as
+    `source_digests.extents` and `source_roles` give them)."""
+
+    def __init__(self, ts: list[PlannedTensor], own: list[Src], tensor: np.ndarray) -> None:
+        scaled = np.array([s.scale is not None for s in own], bool)
+        rows = np.flatnonzero(np.array(list(map(bool, map(attrgetter("rows"), ts))), bool))
+        self.tensor: list[int] = []
+        self.srcs: list[Src] = []
+        self.extents: list[int] = []
+        self.roles: list[str] = []
+        for i in sorted(set(tensor[scaled].tolist()) | set(rows.tolist())):
+            t = ts[i]
+            found, roles = extents(t), source_roles(t)
+            first = (t.cp is not None) + len(t.vector_srcs)  # after its own sources
+            self.tensor += [i] * (len(found) - first)
+            self.srcs += [src for src, _ in found[first:]]
+            self.extents += [n for _, n in found[first:]]
+            self.roles += roles[first:]
+
+
+def source_roles(t: PlannedTensor) -> list[str]:
+    """Each source's role, in `extents` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
+    applied vector's plus side is its `chat[i]`); then `ROLE.scale`, the float32 scales of each block-scaled FP8
+    one; then `chat[0].row[N]`, each chat row N that token rows are taken from."""
+    roles = list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
+    scaled = [f"{role}.scale" for role, src in zip(roles, t.srcs) if src.scale is not None]  # row_src: past roles
+    return roles + scaled + [f"chat[0].row[{chat}]" for _, chat in t.rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _roles(cp: bool, minus: tuple[bool, ...]) -> tuple[str, ...]:
+    """The roles of a tensor with or without CP and terms with or without a minus side (a few shapes per job)."""
+    roles = ["cp"] if cp else []
+    for i, has_minus in enumerate(minus):
+        plus_role, minus_role = _vector_roles(i)
+        roles += [plus_role] + ([minus_role] if has_minus else [])
+    return tuple(roles)
 
 
 def _ordered(values: list, order: np.ndarray) -> list:

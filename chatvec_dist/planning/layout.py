@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
-from .fp8 import SCALE_RULE, in_one_piece
+from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
@@ -59,23 +59,17 @@ class Unit:
     nbytes: int
 
 
-def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
-    """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
+def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = False) -> Layout:
+    """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset. `at_shards` (an object
+    store's layout, tensors given in `byte_rank` order): each combined FP8 weight and its scales stay adjacent, in
+    one shard."""
     check_max_shard_size(max_shard_size)
-    groups: list[list[PlannedTensor]] = [[]]
-    filled = 0
-    for t in tensors:
-        size = t.numel * ITEMSIZE[t.out_dtype]
-        if groups[-1] and filled + size > max_shard_size:
-            groups.append([])
-            filled = 0
-        groups[-1].append(t)
-        filled += size
     placed: dict[str, Placed] = {}
     shards: list[Shard] = []
+    groups = _groups(tensors, max_shard_size, at_shards)
     for i, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda t: -ITEMSIZE[t.out_dtype])
+        group = sorted(group, key=lambda t: -byte_rank(t, at_shards))
         entries, begin = [], 0
         for t in group:
             end = begin + t.numel * ITEMSIZE[t.out_dtype]
@@ -86,6 +80,31 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
         shards.append(Shard(name, header, len(header) + begin))
         placed |= {t.name: Placed(t, i, len(header) + e.begin, e.end - e.begin) for t, e in zip(group, entries)}
     return Layout([placed[t.name] for t in tensors], shards)
+
+
+def byte_rank(t: PlannedTensor, at_shards: bool) -> int:
+    """A tensor's place in its shard, highest first: its itemsize, so larger itemsizes go first. For an object
+    store, a combined FP8 weight and its float32 scales rank 3 together, right after the float32 tensors: one unit
+    writes both as one part (check_store_pairs keeps the scales aligned)."""
+    return 3 if at_shards and with_scales_beside(t) else ITEMSIZE[t.out_dtype]
+
+
+def _groups(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool) -> list[list[PlannedTensor]]:
+    """The tensors of each shard, in order; a shard is closed before a tensor that would overflow it, but (for an
+    object store) never between a weight and its scales: the weight's place is decided for both."""
+    sizes = [t.numel * ITEMSIZE[t.out_dtype] for t in tensors]
+    groups: list[list[PlannedTensor]] = [[]]
+    filled = 0
+    for k, t in enumerate(tensors):
+        beside = at_shards and k + 1 < len(tensors) and tensors[k + 1].rule == SCALE_RULE
+        need = sizes[k] + (sizes[k + 1] if beside else 0)
+        joins = at_shards and t.rule == SCALE_RULE  # its weight, just before it, took this shard for both
+        if groups[-1] and filled + need > max_shard_size and not joins:
+            groups.append([])
+            filled = 0
+        groups[-1].append(t)
+        filled += sizes[k]
+    return groups
 
 
 def block_bytes(unit_bytes: int) -> int:
