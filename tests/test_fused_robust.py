@@ -1,0 +1,98 @@
+"""The fused numba kernels where numba's surroundings are hostile: no writable cache directory, several threads
+compiling at once, operands of mixed layouts or of the wrong length."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chatvec_dist
+
+PACKAGE = Path(chatvec_dist.__file__).parent
+
+# Runs in a fresh process: merges through the dispatch (numba compiles on first use) and checks the bytes against
+# the float64 reference, in several threads at once where asked.
+PROBE = textwrap.dedent(
+    """
+    import sys, threading, torch
+    from chatvec_dist.kernels.cpu import FUSED_MIN, Scratch, combine
+    from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
+    from chatvec_dist.kernels.reference import reference
+    from chatvec_dist.term import Term
+
+    def one(seed, dtype, failures):
+        g = torch.Generator().manual_seed(seed)
+        n = FUSED_MIN + seed
+        cp, chat, base = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
+        terms = [Term(0.5, chat, base), Term(-2.0, base, chat)]
+        out = torch.empty(n, dtype=dtype)
+        combine(out, cp, terms, {torch.bfloat16: torch.float32, torch.float32: torch.float64}[dtype], Scratch())
+        if not torch.equal(out, reference(cp, terms, dtype)):
+            failures.append((seed, dtype))
+
+    def fp8(failures):
+        codes = torch.arange(256 * 256, dtype=torch.int32).remainder(127).to(torch.uint8)
+        x = Blocked(codes.view(torch.float8_e4m3fn), torch.ones(4))
+        out = torch.empty(256 * 256, dtype=torch.float8_e4m3fn)
+        combine_fp8(out, torch.empty(4), x, [(1.0, x, x)], 256, Fp8Scratch())
+        if not torch.equal(out.view(torch.uint8), codes):
+            failures.append("fp8")
+
+    def guarded(f, *args):
+        try:
+            f(*args)
+        except Exception as e:
+            failures.append(repr(e)[:200])
+
+    failures = []
+    jobs = [(one, (i, d, failures)) for i in range(int(sys.argv[1])) for d in (torch.bfloat16, torch.float32)]
+    threads = [threading.Thread(target=guarded, args=(f, *a)) for f, a in jobs + [(fp8, (failures,))]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("failures", failures)
+    """
+)
+
+
+def _probe(pythonpath: Path, env: dict[str, str], threads: int = 1) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(threads)],
+        env=base | {"PYTHONPATH": str(pythonpath)} | env,
+        cwd=pythonpath,  # `python -c` imports from its working directory first
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_no_writable_cache_directory_compiles_in_memory_and_warns_once(tmp_path):
+    """The package's __pycache__ cannot be made (a file is there) and the user's cache directory is under a file:
+    numba finds no place to cache; the kernels still run (and compute the same bytes), with one warning."""
+    copy = tmp_path / "pkg"
+    shutil.copytree(PACKAGE, copy / "chatvec_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    for d in (copy / "chatvec_dist").rglob("*"):
+        if d.is_dir():
+            (d / "__pycache__").write_text("not a directory")
+    (copy / "chatvec_dist" / "__pycache__").write_text("not a directory")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    run = _probe(copy, {"XDG_CACHE_HOME": str(blocked / "cache"), "HOME": str(blocked / "home")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "failures []" in run.stdout
+    assert run.stderr.count("numba cannot cache the fused kernels") == 1, run.stderr[-3000:]
+    assert not list(copy.rglob("*.nbi"))
+
+
+def test_threads_compiling_at_once_in_a_fresh_process(tmp_path):
+    """Five threads call the kernels for the first time together, with an empty cache (NUMBA_CACHE_DIR)."""
+    run = _probe(PACKAGE.parent, {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}, threads=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "failures []" in run.stdout
+    assert list((tmp_path / "cache").rglob("*.nbi"))  # it did compile there, not load another cache
