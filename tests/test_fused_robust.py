@@ -10,9 +10,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import torch
+
 import chatvec_dist
+from chatvec_dist.kernels.cpu import FUSED_MIN, Scratch, combine
+from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
+from chatvec_dist.kernels.reference import reference
+from chatvec_dist.term import Term
 
 PACKAGE = Path(chatvec_dist.__file__).parent
+COMPUTE = {torch.bfloat16: torch.float32, torch.float32: torch.float64}
 
 # Runs in a fresh process: merges through the dispatch (numba compiles on first use) and checks the bytes against
 # the float64 reference, in several threads at once where asked.
@@ -20,6 +28,7 @@ PROBE = textwrap.dedent(
     """
     import sys, threading, torch
     from chatvec_dist.kernels.cpu import FUSED_MIN, Scratch, combine
+from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
     from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
     from chatvec_dist.kernels.reference import reference
     from chatvec_dist.term import Term
@@ -96,3 +105,37 @@ def test_threads_compiling_at_once_in_a_fresh_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "failures []" in run.stdout
     assert list((tmp_path / "cache").rglob("*.nbi"))  # it did compile there, not load another cache
+
+
+def test_mixed_layouts_take_the_torch_kernel():
+    """A strided vector beside contiguous ones: numba would type the tuple apart and fail; the same bytes."""
+    g = torch.Generator().manual_seed(5)
+    n = FUSED_MIN
+    cp, chat, base = (torch.randn(n, generator=g).bfloat16() for _ in range(3))
+    strided = torch.stack([chat, base], 1)[:, 0]  # chat's values, every other element of a buffer
+    terms = [Term(0.5, chat, base), Term(-2.0, strided, base)]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    combine(out, cp, terms, torch.float32, Scratch())
+    assert torch.equal(out.view(torch.int16), reference(cp, terms, torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_operand_of_another_length_is_an_error_not_a_read_past_its_end(dtype):
+    n = FUSED_MIN
+    cp, chat, short = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype), torch.zeros(n - 1, dtype=dtype)
+    with pytest.raises(RuntimeError, match="must match"):
+        combine(torch.empty(n, dtype=dtype), cp, [Term(0.5, chat, short)], COMPUTE[dtype], Scratch())
+
+
+@pytest.mark.parametrize("what", ["values", "scale", "out_scale", "rows"])
+def test_fp8_operands_that_do_not_fit_are_an_error_not_a_read_past_their_end(what):
+    rows, cols = 256, 256
+    x = Blocked(torch.zeros(rows * cols, dtype=torch.float8_e4m3fn), torch.ones(4))
+    bad = {
+        "values": Blocked(x.values[:-cols], x.scale),
+        "scale": Blocked(x.values, x.scale[:3]),
+    }.get(what, x)
+    n = rows * cols - (cols // 2 if what == "rows" else 0)  # "rows": not whole rows
+    out_scale = torch.empty(3 if what == "out_scale" else 4)
+    with pytest.raises(RuntimeError, match="shape|size"):
+        combine_fp8(torch.empty(n, dtype=torch.float8_e4m3fn), out_scale, x, [(1.0, bad, x)], cols, Fp8Scratch())
