@@ -139,3 +139,42 @@ def test_fp8_operands_that_do_not_fit_are_an_error_not_a_read_past_their_end(wha
     out_scale = torch.empty(3 if what == "out_scale" else 4)
     with pytest.raises(RuntimeError, match="shape|size"):
         combine_fp8(torch.empty(n, dtype=torch.float8_e4m3fn), out_scale, x, [(1.0, bad, x)], cols, Fp8Scratch())
+
+
+def test_ray_actors_compute_the_fused_bytes_and_manifest_of_the_local_backend(tmp_path, monkeypatch):
+    """The embedding (1024 × 128 bfloat16, a fused combine) merged by Ray actors and by local threads."""
+    from safetensors.torch import load_file
+
+    from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
+    from chatvec_dist.output.manifest import read_manifest
+
+    cfg = llama_config(1024, hidden_size=128, intermediate_size=64, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    made = {}
+    for k, name in enumerate(("base", "chat", "cp")):
+        made[name] = {
+            n: (t + 0.01 * k * torch.randn(t.shape, generator=g)).bfloat16() for n, t in llama_tensors(cfg, g).items()
+        }
+        save_checkpoint(tmp_path / name, made[name], cfg)
+    big = "model.embed_tokens.weight"
+    assert made["cp"][big].numel() >= FUSED_MIN
+    from chatvec_dist.kernels import cpu_fused
+
+    sizes, real = [], cpu_fused.combine_fused
+    monkeypatch.setattr(cpu_fused, "combine_fused", lambda out, *a: sizes.append(out.numel()) or real(out, *a))
+    outs = {}
+    for backend in ("ray", "local"):
+        recipe = chatvec_dist.make_recipe(
+            *(str(tmp_path / n) for n in ("base", "chat", "cp")), str(tmp_path / backend), 0.5
+        )
+        chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend=backend, workers=2, progress=False))
+        outs[backend] = tmp_path / backend
+    assert made["cp"][big].numel() in sizes  # the local threads' (the actors' process has its own module)
+    shards = {b: [p.read_bytes() for p in sorted(o.glob("*.safetensors"))] for b, o in outs.items()}
+    assert shards["ray"] == shards["local"]
+    got = {k: v for p in sorted(outs["ray"].glob("*.safetensors")) for k, v in load_file(p).items()}
+    want = reference(made["cp"][big], [Term(0.5, made["chat"][big], made["base"][big])], torch.bfloat16)
+    assert torch.equal(got[big].view(torch.int16), want.view(made["cp"][big].shape).view(torch.int16))
+    rows = {b: {r["tensor"]: r for r in read_manifest(o)[0].to_pylist()} for b, o in outs.items()}
+    for column in ("hash", "cp_norm", "delta_norm", "rel_update", "nan_count"):
+        assert rows["ray"][big][column] == rows["local"][big][column], column
