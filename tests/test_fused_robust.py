@@ -28,7 +28,6 @@ PROBE = textwrap.dedent(
     """
     import sys, threading, torch
     from chatvec_dist.kernels.cpu import FUSED_MIN, Scratch, combine
-from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
     from chatvec_dist.kernels.fp8 import Blocked, Fp8Scratch, combine_fp8
     from chatvec_dist.kernels.reference import reference
     from chatvec_dist.term import Term
