@@ -45,8 +45,9 @@ def best(run: Callable[[], object], repeat: int) -> float:
 def dense(n: int, dtype: torch.dtype, terms: int, strips: bool, fused: bool, repeat: int) -> float:
     g = torch.Generator().manual_seed(0)
     cp = torch.randn(n, generator=g).to(dtype)
-    vectors = [Term(0.5, torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype))]
-    vectors = vectors * terms
+    vectors = [  # distinct arrays: a vector repeated would be read from cache after its first use
+        Term(0.5, torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)) for _ in range(terms)
+    ]
     out = torch.empty(n, dtype=dtype)
     compute = torch.float32 if dtype == torch.bfloat16 else torch.float64
     step = STRIP // dtype.itemsize if strips else n

@@ -125,11 +125,19 @@ def combine(
 
 def _fusable(out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> bool:
     """Whether the fused kernel (kernels/cpu_fused.py) computes this combine: CP and both sides of every vector
-    there, all of the output's dtype, one it takes, with its compute dtype."""
-    if cp is None or not terms or FUSED.get(out.dtype) != compute:
+    there, all of the output's dtype, one it takes, with its compute dtype; all contiguous and of the output's
+    length (it indexes them unchecked, and numba types a tuple of mixed layouts apart), else the torch kernel."""
+    if cp is None or not terms or FUSED.get(out.dtype) != compute or not out.is_contiguous():
         return False
     operands = [cp, *(s for _, plus, minus in terms for s in (plus, minus))]
-    return all(t is not None and t.dtype == out.dtype and t.device.type == "cpu" for t in operands)
+    return all(
+        t is not None
+        and t.dtype == out.dtype
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.numel() == out.numel()
+        for t in operands
+    )
 
 
 def nonfinite(x: torch.Tensor) -> Stats:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -15,6 +14,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ..term import Term
+from .jit import njit
 from .stats import Stats
 
 BLOCK = 2048  # elements per inner step: the float temporaries stay in registers and L1
@@ -40,7 +40,7 @@ _as_f32 = _bitcast(types.float32, ir.FloatType())  # float32 of these bits
 _as_u32 = _bitcast(types.uint32, ir.IntType(32))  # the bits of this float32
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+@njit(nogil=True, fastmath={"reassoc"})
 def _sum_sq(x: np.ndarray, n: int) -> float:
     """Σ x² in float64 over x[:n], in any order (a statistic, not bytes: reassociation lets it vectorize)."""
     total = 0.0
@@ -50,13 +50,13 @@ def _sum_sq(x: np.ndarray, n: int) -> float:
     return total
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _widen(b):
     """A bfloat16's bits (uint16) to its float32 (exact)."""
     return _as_f32(np.uint32(b) << SHIFT)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _delta(acc, plus, minus, alphas, s, m):
     """acc[:m] = Σ alpha·(plus − minus) over bfloat16 elements [s, s + m), in float32, term by term (× 1 is exact:
     every term is multiplied). Loops index block views from 0: no negative-index checks, so they vectorize."""
@@ -70,7 +70,7 @@ def _delta(acc, plus, minus, alphas, s, m):
                 acc[k] += (_widen(p[k]) - _widen(q[k])) * a
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _add_round(acc, cp, out, m, c_out, update):
     """acc[:m] += cp (float32), out = acc rounded to bfloat16 (to nearest even: a NaN may come out as anything
     with an all-ones exponent, see `_fix_nonfinite`); c_out: CP as float32, update: out − CP."""
@@ -85,7 +85,7 @@ def _add_round(acc, cp, out, m, c_out, update):
         update[k] = _widen(r) - c
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _fix_nonfinite(acc, out, m):
     """Where the sum was NaN, write the canonical NaN; count NaN and Inf in out[:m]."""
     nans = infs = 0
@@ -98,7 +98,7 @@ def _fix_nonfinite(acc, out, m):
     return nans, infs
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_bf16(out, cp, plus, minus, alphas, stats):
     """bfloat16 operands as uint16 arrays, `plus`/`minus` tuples of them, `alphas` float32; computed in float32.
     stats: [cp², Δ², update², NaN, Inf] added to."""
@@ -121,7 +121,7 @@ def _merge_bf16(out, cp, plus, minus, alphas, stats):
             stats[4] += infs
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _delta_f64(acc, plus, minus, alphas, s, m):
     """acc[:m] = Σ alpha·(plus − minus) over float32 elements [s, s + m), in float64, term by term."""
     for t in range(len(plus)):
@@ -134,7 +134,7 @@ def _delta_f64(acc, plus, minus, alphas, s, m):
                 acc[k] += (np.float64(p[k]) - np.float64(q[k])) * a
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _fix_nonfinite_f32(out):
     """Write the canonical NaN over every NaN of `out` (float32 bits); count NaN and Inf."""
     nans = infs = 0
@@ -148,7 +148,7 @@ def _fix_nonfinite_f32(out):
     return nans, infs
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_f32(out, cp, plus, minus, alphas, stats):
     """float32 operands (`out` as uint32 bits, to write the canonical NaN), computed in float64."""
     n = out.shape[0]

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 import torch
 
 from ..term import Term
 from .cpu_fused import _as_f32, _as_u32, _sum_sq
 from .fp8 import BLOCK, FP8_MAX, FP8_NAN, Blocked
+from .jit import njit
 from .stats import Stats
 
 SMALLEST_NORMAL = 0x3C800000  # 2⁻⁶, float32 bits: below, e4m3's subnormals (multiples of 2⁻⁹)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _e4m3(v):
     """The float8_e4m3fn code of a float32 v, clamped to ±448, to nearest even; NaN: 0x7F. Both roundings are
     computed and one selected (no branch: the loop vectorizes)."""
@@ -31,7 +31,7 @@ def _e4m3(v):
     return np.uint8(FP8_NAN if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else code)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _load(codes, scale, table, cols, r0, h, c0, w, dst):
     """dst[:h·w] = the block's values, float32(code) × scale in float32, widened to float64."""
     for i in range(h):
@@ -41,7 +41,7 @@ def _load(codes, scale, table, cols, r0, h, c0, w, dst):
             d[j] = np.float64(table[row[j]] * scale)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _delta(acc, p64, m64, plus, minus, alphas, table, cols, r0, h, c0, w, g):
     """acc[:h·w] = Σ alpha·(plus − minus) over the block, in float64, term by term (× 1 is exact); `plus` and
     `minus`: per term (codes, scale grid); p64, m64: scratch."""
@@ -58,7 +58,7 @@ def _delta(acc, p64, m64, plus, minus, alphas, table, cols, r0, h, c0, w, g):
                 acc[k] += (p64[k] - m64[k]) * a
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _amax_scale(f, n):
     """The block's scale: the largest finite |value| / 448 in float32, 1 where that is 0. (Non-negative floats
     order as their bits: an integer max, which vectorizes; NaN and Inf count as 0.)"""
@@ -70,7 +70,7 @@ def _amax_scale(f, n):
     return np.float32(1.0) if scale == 0 else scale
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _requantize(f, c, scale, table, out, cols, r0, h, c0, w, update):
     """The block's codes into `out` (f / scale in float32, clamped to ±448, to nearest even; NaN 0x7F) and
     update[:h·w] = the written values dequantized − CP."""
@@ -83,7 +83,7 @@ def _requantize(f, c, scale, table, out, cols, r0, h, c0, w, update):
             ui[j] = np.float64(table[code] * scale) - ci[j]
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _nan_codes(out, cols, r0, h, c0, w):
     """NaN codes (0x7F, 0xFF) in the block of `out`."""
     nans = 0
@@ -95,7 +95,7 @@ def _nan_codes(out, cols, r0, h, c0, w):
     return nans
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _combine_block(bufs, cp, plus, minus, alphas, table, cols, r0, h, c0, w, g, stats):
     """bufs[4][:h·w] (float32) = the block's cp + Σ alpha·(plus − minus), combined in float64 and rounded once;
     bufs[3]: CP in float64. Adds Δ² and cp² to stats; returns cp²."""
@@ -111,7 +111,7 @@ def _combine_block(bufs, cp, plus, minus, alphas, table, cols, r0, h, c0, w, g, 
     return cp_sq
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _buffers():
     """Per-block scratch: acc, plus, minus and CP in float64, the combined block in float32."""
     return (
@@ -123,7 +123,7 @@ def _buffers():
     )
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge(out, out_scale, cp, plus, minus, alphas, table, rows, cols, stats):
     """Every 128×128 block of a [rows, cols] weight into FP8 codes and scales; `cp`, `plus[t]`, `minus[t]`:
     (codes, scale grid); stats: [cp², Δ², update², NaN, Inf] added to."""
@@ -143,7 +143,7 @@ def _merge(out, out_scale, cp, plus, minus, alphas, table, rows, cols, stats):
             stats[3] += _nan_codes(out, cols, r0, h, c0, w)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _to_bf16(f, c, out, cols, r0, h, c0, w, update):
     """The block into bfloat16 `out` (bits; to nearest even, NaN as 0x7FC0); update[:h·w] = written − CP; returns
     the block's (NaN, Inf) counts."""
@@ -163,7 +163,7 @@ def _to_bf16(f, c, out, cols, r0, h, c0, w, update):
     return nans, infs
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_to_bf16(out, cp, plus, minus, alphas, table, rows, cols, stats):
     """As `_merge`, into a bfloat16 output (its bits): float64 → float32 → bfloat16, as torch converts."""
     grid_cols = (cols + BLOCK - 1) // BLOCK
