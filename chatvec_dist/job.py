@@ -329,9 +329,10 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
-            output.record(mine)
-            journal.append(mine)
+        with gcpause.paused():  # a unit's rows in the tally: many small objects, no cycle
+            for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
+                output.record(mine)
+                journal.append(mine)
         progress.update(sizes.get(result.unit, 0))
 
     try:

@@ -97,30 +97,38 @@ def _intact_end(data: bytes) -> int:
     return max((end for end, _ in _records(data)), default=0)
 
 
-# A journaled unit: (unit, worker, node, seconds, segments, parts); a segment: (tensor index, ((block, digest), …),
-# cp², Δ², (out − cp)², NaN, Inf, sources, [kept per vector], agreeing, signed), its sources as in SegmentResult;
-# a part: (shard, part number, ETag, size).
+# A journaled unit: (unit, worker, node, seconds, SEGMENTS, parts): SEGMENTS, one list per field, each with an item
+# per segment (columns: no object made per segment, nothing for the garbage collector to scan), are the tensor
+# indexes, their ((block, digest), …), cp², Δ², (out − cp)², NaN, Inf, sources (as in SegmentResult), [kept per
+# vector], agreeing and signed; a part is (shard, part number, ETag, size).
 def _record(r: UnitResult) -> tuple:
-    segments = []
-    for s in r.segments:
-        t = s.stats
-        segments.append(
-            (s.index, s.blocks, t.cp_sq, t.delta_sq, t.update_sq, t.nan, t.inf, s.sources, t.kept, t.agree, t.signed)
-        )
-    parts = [(p.shard, p.number, p.etag, p.size) for p in r.parts]
-    return r.unit, r.worker, r.node, r.seconds, segments, parts
+    segs = r.segments
+    stats = [s.stats for s in segs]
+    return (
+        r.unit,
+        r.worker,
+        r.node,
+        r.seconds,
+        [s.index for s in segs],
+        [s.blocks for s in segs],
+        [t.cp_sq for t in stats],
+        [t.delta_sq for t in stats],
+        [t.update_sq for t in stats],
+        [t.nan for t in stats],
+        [t.inf for t in stats],
+        [s.sources for s in segs],
+        [t.kept for t in stats],
+        [t.agree for t in stats],
+        [t.signed for t in stats],
+        [(p.shard, p.number, p.etag, p.size) for p in r.parts],
+    )
 
 
 def _unit(record: tuple, output: int) -> UnitResult:
-    unit, worker, node, seconds, segments, parts = record
-    return UnitResult(
-        unit,
-        [
-            SegmentResult(output, index, blocks, Stats(cp_sq, delta_sq, update_sq, nan, inf, kept, agree, signed), srcs)
-            for index, blocks, cp_sq, delta_sq, update_sq, nan, inf, srcs, kept, agree, signed in segments
-        ],
-        worker,
-        node,
-        seconds,
-        parts=[PartResult(output, shard, number, etag, size) for shard, number, etag, size in parts],
-    )
+    unit, worker, node, seconds, *columns, parts = record
+    segments = [
+        SegmentResult(output, i, b, Stats(cp, delta, update, nan, inf, kept, agree, signed), s)
+        for i, b, cp, delta, update, nan, inf, s, kept, agree, signed in zip(*columns, strict=True)
+    ]
+    parts = [PartResult(output, shard, number, etag, size) for shard, number, etag, size in parts]
+    return UnitResult(unit, segments, worker, node, seconds, parts=parts)
