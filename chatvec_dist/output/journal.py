@@ -22,7 +22,7 @@ from ..exec.messages import PartResult, SegmentResult, UnitResult
 from ..kernels.stats import Stats
 
 MAGIC = b"chatvec journal 2\n"
-HEAD = struct.Struct("<IQ")  # a record's payload length and the xxh3-64 of its payload
+HEAD = struct.Struct("<QQ")  # a record's payload length and the xxh3-64 of its payload
 MARSHAL_VERSION = 4
 
 
