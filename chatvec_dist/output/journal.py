@@ -1,7 +1,7 @@
 """The journal: one output's finished units, appended as results arrive and read back to resume.
 
 A file of records, after a first line naming the format (MAGIC): each record is its payload's length and xxh3-64
-(HEAD), then the payload, the unit marshalled (version 4: ints, floats, strings, bytes, tuples and lists only,
+(HEAD), then the payload, the unit marshalled (version 2: ints, floats, strings, bytes, tuples and lists only,
 digests kept as raw bytes). The journal is the longest run of intact records from the start: the first one cut short
 by a crash, or whose bytes fail their checksum, and all after it, are units to redo, never read. A file of another
 format (the JSON lines of earlier versions) is read as empty: its units are redone, and it is emptied when opened."""
@@ -23,7 +23,7 @@ from ..kernels.stats import Stats
 
 MAGIC = b"chatvec journal 2\n"
 HEAD = struct.Struct("<QQ")  # a record's payload length and the xxh3-64 of its payload
-MARSHAL_VERSION = 4
+MARSHAL_VERSION = 2  # no back-references: version 4 took 1.8× as long on the thin merge, for 17% fewer bytes
 
 
 class Journal:
