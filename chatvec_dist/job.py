@@ -20,7 +20,7 @@ from . import __version__, gcpause
 from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
-from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
+from .exec.messages import OutputContext, PartResult, SegmentResult, Stages, UnitResult, WorkContext
 from .fingerprint import digests_once, feed_tree
 from .io import s3
 from .io.ranges import FileHandles
@@ -330,14 +330,10 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        for index, (output, journal) in enumerate(zip(outputs, journals)):
-            mine = dataclasses.replace(
-                result,
-                segments=[s for s in result.segments if s.output == index],
-                parts=[p for p in result.parts if p.output == index],
-            )
-            output.record(mine)
-            journal.append(mine)
+        with gcpause.paused():  # a unit's rows in the tally: many small objects, no cycle
+            for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
+                output.record(mine)
+                journal.append(mine)
         progress.update(sizes.get(result.unit, 0))
 
     try:
@@ -349,6 +345,19 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
         for j in journals:
             j.close()
         backend.close()
+
+
+def _per_output(result: UnitResult, count: int) -> list[UnitResult]:
+    """Each of `count` outputs' share of a unit's result (its segments and parts), in one pass over them."""
+    if count == 1:
+        return [result]
+    segments: list[list[SegmentResult]] = [[] for _ in range(count)]
+    for s in result.segments:
+        segments[s.output].append(s)
+    parts: list[list[PartResult]] = [[] for _ in range(count)]
+    for p in result.parts:
+        parts[p.output].append(p)
+    return [dataclasses.replace(result, segments=s, parts=p) for s, p in zip(segments, parts)]
 
 
 class _Progress:

@@ -26,6 +26,17 @@ def slow_units_env(seconds: float, env: dict | None = None) -> dict[str, str]:
     return env
 
 
+def rewrite_journal(path: Path, units: list) -> None:
+    """Make `units` (UnitResults, as Journal.load read and a test edited them) the whole journal at `path`."""
+    from chatvec_dist.output.journal import Journal
+
+    path.unlink()
+    journal = Journal(path)
+    for unit in units:
+        journal.append(unit)
+    journal.close()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session (ray.init costs 3–7 s here)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import signal
@@ -18,8 +17,10 @@ from conftest import slow_units_env
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
+from chatvec_dist.output.journal import Journal
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 
 pytestmark = pytest.mark.slow
 # a removed node is found dead in seconds; a node merely slow on a loaded machine (up to ~10 s) is not
@@ -112,12 +113,12 @@ def driver(models: dict, out: Path, address: str, *extra: str) -> subprocess.Pop
 
 def wait_for_units(out: Path, count: int, proc: subprocess.Popen, nodes: int = 1, timeout: float = 300) -> set[str]:
     """Wait until the journal holds `count` finished units, done on at least `nodes` distinct nodes; return those."""
-    journal = Path(str(out) + ".partial") / "journal.jsonl"
+    journal = Path(str(out) + ".partial") / JOURNAL_NAME
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = journal.read_text().splitlines() if journal.is_file() else []
-        seen = {json.loads(line)["node"] for line in lines[:-1]}
-        if len(lines) >= count and len(seen) >= nodes:
+        done = Journal.load(journal, 0)  # a record being written is not read yet
+        seen = {r.node for r in done.values()}
+        if len(done) >= count and len(seen) >= nodes:
             return seen
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)

@@ -23,6 +23,7 @@ from chatvec_dist.output import commit as commit_module
 from chatvec_dist.output.digests import DIGESTS_NAME
 from chatvec_dist.output.manifest import MANIFEST_NAME, read_manifest
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 from chatvec_dist.recipe.spec import RunOptions
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
@@ -139,7 +140,7 @@ def test_disk_full_while_copying_side_files_names_the_output_file(models, tmp_pa
         f"chatvec: error: {work / 'tokenizer.json'}: commit failed (File too large); fix the cause and run the same "
         "command again"
     ], proc.stderr
-    assert not out.exists() and (work / "journal.jsonl").stat().st_size > 0
+    assert not out.exists() and (work / JOURNAL_NAME).stat().st_size > 0
     assert main(argv) == 0 and verify(out) == []
     assert (out / "tokenizer.json").read_bytes() == (cp / "tokenizer.json").read_bytes()
 

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 from chatvec_dist.cli import main
 from chatvec_dist.kernels.reference import reference
+from chatvec_dist.output.journal import Journal
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 
 
 def load_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -569,7 +571,7 @@ def test_interrupted_run_resumes_and_keeps_verified_units(llamas, merged, tmp_pa
     assert main(args) == 130
     assert not out.exists()
     partial = Path(str(out) + ".partial")
-    assert len((partial / "journal.jsonl").read_text().splitlines()) == 5
+    assert len(Journal.load(partial / JOURNAL_NAME, 0)) == 5
     assert not (partial / "manifest.parquet").exists()
     monkeypatch.setattr(worker.UnitRunner, "run", lambda self, unit: calls.append(unit.id) or real_run(self, unit))
     first = len(calls)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import re
 import resource
@@ -23,7 +22,10 @@ from conftest import slow_units_env
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, make_demo_models, save_checkpoint
 from chatvec_dist.errors import ChatvecError, OutputError
+from chatvec_dist.exec.messages import UnitResult
+from chatvec_dist.output.journal import Journal, _records
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
 INTERRUPTED = "chatvec: interrupted; run the same command again to resume"
@@ -71,12 +73,15 @@ def shard_hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
 
 
-def journal_lines(out: Path) -> list[dict]:
-    """Every line of the partial output's journal, each of which must be a complete JSON record."""
-    lines = (partial(out) / "journal.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert all(isinstance(r, dict) and isinstance(r["unit"], int) and r["segments"] for r in records)
-    return records
+def journal_lines(out: Path) -> list[UnitResult]:
+    """Every record of the partial output's journal, each of which must be intact and readable, in order."""
+    path = partial(out) / JOURNAL_NAME
+    data = path.read_bytes()
+    ends = [end for end, _ in _records(data)]
+    assert (ends[-1] if ends else 0) == len(data)  # intact to its last byte
+    units = Journal.load(path, 0)
+    assert len(units) == len(ends) and all(r.segments for r in units.values())  # each readable, none twice
+    return list(units.values())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -162,7 +167,7 @@ def test_disk_full_while_appending_the_journal(demo, tmp_path):
     proc = cli(argv, fsize_limit=42_000)
     assert not out.exists()
     assert all(p.stat().st_size <= 42_000 for p in partial(out).glob("*.safetensors"))
-    assert_one_line_error(proc, str(partial(out) / "journal.jsonl"))
+    assert_one_line_error(proc, str(partial(out) / JOURNAL_NAME))
     assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
 
 
@@ -197,10 +202,10 @@ def interrupt(argv: list[str], out: Path, signum: int) -> subprocess.CompletedPr
         text=True,
         env=slow_units_env(0.05),
     )
-    journal = partial(out) / "journal.jsonl"
+    journal = partial(out) / JOURNAL_NAME
     deadline = time.monotonic() + START_S
     try:
-        while not (journal.is_file() and b"\n" in journal.read_bytes()):
+        while not Journal.load(journal, 0):
             assert proc.poll() is None, f"merge ended before the signal: {proc.stderr.read()}"
             assert time.monotonic() < deadline, f"no unit was journaled within {START_S} s"
             time.sleep(0.005)
@@ -229,7 +234,7 @@ def test_signal_stops_then_same_command_resumes(big, tmp_path, signum):
     assert not out.exists()
     assert not (partial(out) / "manifest.parquet").exists()
     done = journal_lines(out)  # consistent: every line parses
-    assert 1 <= len(done) < 73 and len({r["unit"] for r in done}) == len(done)  # stopped mid-run
+    assert 1 <= len(done) < 73  # stopped mid-run
 
     rerun = cli(argv)
     assert rerun.returncode == 0, rerun.stderr
@@ -381,7 +386,7 @@ def test_commit_fsyncs_everything_then_renames(demo, tmp_path, monkeypatch):
     work = partial(out)
     assert not work.exists()
     names = {p.name for p in out.iterdir()}
-    assert "journal.jsonl" not in names and "plan.json" not in names
+    assert JOURNAL_NAME not in names and "plan.json" not in names
     assert {"manifest.parquet", "model.safetensors.index.json", "README.md", "config.json"} <= names
     assert verify(out) == [] and shard_hashes(out) == demo["ref"]["small"]
 
@@ -451,7 +456,7 @@ def test_a_commit_failed_at_its_last_step_resumes_and_rewrites_damaged_headers(d
     argv = merge_argv(demo["models"], out, "--max-shard-size", "40KB")
     fail_the_commit_at_its_rename(argv, monkeypatch, capsys)
     shards = sorted(partial(out).glob("*.safetensors"))
-    assert len(shards) > 1 and (partial(out) / "journal.jsonl").stat().st_size > 0
+    assert len(shards) > 1 and (partial(out) / JOURNAL_NAME).stat().st_size > 0
     for shard in shards:
         with open(shard, "r+b") as f:
             f.write(b"\0" * 64)
@@ -468,8 +473,8 @@ def test_a_garbled_journal_line_is_redone_and_a_garbled_plan_is_a_clear_error(de
     line = assert_one_line_error(cli(argv), str(partial(out)))
     assert "a partial output of a different (or unknown) job is here (pass --restart to discard it)" in line
     plan.write_bytes(good)
-    with open(partial(out) / "journal.jsonl", "ab") as f:
-        f.write(b'{"unit": 99, "segm\xc3')  # cut inside a UTF-8 sequence
+    with open(partial(out) / JOURNAL_NAME, "ab") as f:
+        f.write(b'{"unit": 99, "segm\xc3')  # garbage after the last record
     assert_rerun_completes(argv, out, demo["ref"]["small"], resumes=True)
 
 
@@ -527,7 +532,7 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     assert main(argv) == 2
     monkeypatch.undo()
     assert (root / "alpha0.5").is_dir() and not (root / "alpha1").exists() and partial(root / "alpha1").is_dir()
-    (root / "alpha0.5" / "journal.jsonl").write_text("")  # as if a crash came between a commit's last two steps
+    (root / "alpha0.5" / JOURNAL_NAME).write_text("")  # as if a crash came between a commit's last two steps
     (root / ".alpha0.5.replaced").mkdir()  # and an interrupted --overwrite
     capsys.readouterr()
     assert main(argv + ["--overwrite"]) == 0  # the same job's committed output is kept even so: the same bytes
@@ -535,7 +540,7 @@ def test_a_batch_that_failed_between_two_commits_resumes_without_redoing_the_fir
     assert f"already committed by an earlier run of this job (--restart redoes it): {root / 'alpha0.5'}" in err
     assert re.search(r"^resuming: (\d+) of \1 units", err, re.M), err
     assert sorted(p.name for p in root.iterdir()) == ["alpha0.5", "alpha1"]
-    assert not (root / "alpha0.5" / "journal.jsonl").exists()
+    assert not (root / "alpha0.5" / JOURNAL_NAME).exists()
     reference = tmp_path / "reference"
     assert main(merge_argv(models, reference, "--alpha", "0.5,1")) == 0
     for name in ("alpha0.5", "alpha1"):

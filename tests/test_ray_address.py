@@ -15,6 +15,7 @@ from test_cluster import HEALTH_CHECKS, args, models, reference_out, shards, wai
 
 from chatvec_dist.cli import main
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 
 
 def test_a_port_that_is_not_a_ray_gcs_fails_in_seconds_and_leaves_nothing(models, tmp_path, capsys):  # noqa: F811
@@ -73,7 +74,7 @@ def test_a_head_lost_mid_run_is_a_failed_run_and_the_rerun_resumes(
     lines = stderr.strip().splitlines()
     assert proc.returncode == 3, stderr[-3000:]
     assert lines[-1].startswith("chatvec: error: lost the Ray cluster's head: its GCS at "), lines[-3:]
-    assert not out.exists() and (Path(f"{out}.partial") / "journal.jsonl").stat().st_size > 0
+    assert not out.exists() and (Path(f"{out}.partial") / JOURNAL_NAME).stat().st_size > 0
 
     c = start()
     try:

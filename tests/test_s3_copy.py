@@ -5,6 +5,7 @@ its copied parts checked by ListParts; a CP object replaced between a worker's r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,14 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_llama, slow_units_env
+from conftest import make_llama, rewrite_journal, slow_units_env
 from s3server import CountingProxy, upload_folder
 
 import chatvec_dist
 from chatvec_dist.cli import main
 from chatvec_dist.errors import RunError
+from chatvec_dist.exec.messages import UnitResult
 from chatvec_dist.io import s3, s3_sink
-from chatvec_dist.output.workarea import STAGING_ENV, partial_path, staging_path
+from chatvec_dist.output.journal import Journal
+from chatvec_dist.output.workarea import JOURNAL_NAME, STAGING_ENV, partial_path, staging_path
 from chatvec_dist.planning.parts import COPY_ENV, Part
 
 BUCKET = "copies-out"
@@ -175,15 +178,15 @@ def test_without_copies_every_part_is_uploaded_to_the_same_bytes(models, s3_serv
     assert len(err) == 1 and COPY_ENV in err[0], err
 
 
-def killed_after_a_copy(models: dict, url: str, copies: set[tuple[int, int]]) -> list[dict]:
+def killed_after_a_copy(models: dict, url: str, copies: set[tuple[int, int]]) -> list[UnitResult]:
     """Run the merge in a driver process with slow units, kill -9 it once two units are journaled, one with a
-    copied part; the journal's lines."""
+    copied part; the journaled units."""
     argv = [sys.executable, "-m", "chatvec_dist.cli", *merge_args(models), "--out", url, "--backend", "local", *RUN]
     proc = subprocess.Popen(argv, env=slow_units_env(1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal = partial_path(staging_path(url)) / "journal.jsonl"  # the env: this test's staging
+    journal = partial_path(staging_path(url)) / JOURNAL_NAME  # the env: this test's staging
 
-    def journaled() -> list[dict]:
-        return [json.loads(line) for line in journal.read_bytes().splitlines()] if journal.is_file() else []
+    def journaled() -> list[UnitResult]:
+        return list(Journal.load(journal, 0).values())
 
     deadline = time.monotonic() + 120
     while not (len(lines := journaled()) >= 2 and any(copied(line, copies) for line in lines)):
@@ -196,9 +199,9 @@ def killed_after_a_copy(models: dict, url: str, copies: set[tuple[int, int]]) ->
     return journaled()
 
 
-def copied(line: dict, copies: set[tuple[int, int]]) -> bool:
-    """Whether a journal line is a unit's with a copied part."""
-    return any((shard, number) in copies for shard, number, _, _ in line.get("parts", ()))
+def copied(unit: UnitResult, copies: set[tuple[int, int]]) -> bool:
+    """Whether a journaled unit has a copied part."""
+    return any((p.shard, p.number) in copies for p in unit.parts)
 
 
 def test_a_killed_run_resumes_its_copied_parts_checked_by_listparts(models, capsys):
@@ -214,11 +217,10 @@ def test_a_journaled_copy_the_store_does_not_list_as_journaled_is_done_again(mod
     url = fresh_url()
     copies = {(p.shard, p.number) for p in planned_parts(models, url) if p.copy is not None}
     lines = killed_after_a_copy(models, url, copies)
-    line = next(x for x in lines if copied(x, copies))
-    for part in line["parts"]:
-        part[2] = '"0123456789abcdef0123456789abcdef-2"'  # an ETag the store does not list
-    journal = partial_path(staging_path(url)) / "journal.jsonl"
-    journal.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    at = next(k for k, x in enumerate(lines) if copied(x, copies))
+    etag = '"0123456789abcdef0123456789abcdef-2"'  # an ETag the store does not list
+    lines[at] = dataclasses.replace(lines[at], parts=[dataclasses.replace(p, etag=etag) for p in lines[at].parts])
+    rewrite_journal(partial_path(staging_path(url)) / JOURNAL_NAME, lines)
     assert main([*merge_args(models), "--out", url, "--backend", "local", *RUN]) == 0
     assert f"resuming: {len(lines) - 1} of " in capsys.readouterr().err
     assert weights(url) == models["ref"] and open_uploads() == []

@@ -4,6 +4,7 @@ the last object written; a layout the store cannot take refused at plan time."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -14,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_llama, slow_units_env
+from conftest import make_llama, rewrite_journal, slow_units_env
 from s3server import ForgetfulProxy, upload_folder
 
 from chatvec_dist.cli import main
 from chatvec_dist.errors import RunError
 from chatvec_dist.io import s3, s3_sink
-from chatvec_dist.output.workarea import STAGING_ENV, partial_path, staging_path
+from chatvec_dist.output.journal import Journal
+from chatvec_dist.output.workarea import JOURNAL_NAME, STAGING_ENV, partial_path, staging_path
 
 # Units of 8 MiB (parts of 5 MiB and more) over shards of 12 MB: several shards, several parts in most of them.
 RUN = ["--no-progress", "--workers", "2", "--unit-size", "8MiB", "--max-shard-size", "12MB"]
@@ -119,7 +121,7 @@ def test_a_merge_to_s3_writes_the_bytes_of_the_same_merge_to_a_local_folder(
     files = downloaded(url)
     assert weights(files) == reference
     assert {"manifest.parquet", "README.md", "checksums.json", "config.json"} <= set(files)
-    assert not set(files) & {"journal.jsonl", "plan.json", "uploads.json"}
+    assert not set(files) & {JOURNAL_NAME, "plan.json", "uploads.json"}
     assert open_uploads() == []
     loads(files, tmp_path / "copy")
 
@@ -231,9 +233,9 @@ def killed_midway(big: dict, url: str, env: dict) -> None:
     """Run the merge in a driver process with slow units, kill -9 it once two units are journaled."""
     argv = [sys.executable, "-m", "chatvec_dist.cli", *merge_args(big), "--out", url, "--backend", "local", *RUN]
     proc = subprocess.Popen(argv, env=slow_units_env(1.0, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal = partial_path(staging_path(url)) / "journal.jsonl"  # env: this test's staging
+    journal = partial_path(staging_path(url)) / JOURNAL_NAME  # env: this test's staging
     deadline = time.monotonic() + 120
-    while not (journal.is_file() and len(journal.read_bytes().splitlines()) >= 2):
+    while len(Journal.load(journal, 0)) < 2:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(0.05)
@@ -268,9 +270,11 @@ def test_a_journaled_unit_counts_only_if_listparts_shows_its_parts_as_journaled(
     url = fresh_url()
     killed_midway(big, url, dict(os.environ))
     work = partial_path(staging_path(url))
-    lines = [json.loads(line) for line in (work / "journal.jsonl").read_bytes().splitlines()]
-    lines[0]["parts"][0][2] = '"0123456789abcdef0123456789abcdef"'  # a part the store does not have
-    (work / "journal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lines = list(Journal.load(work / JOURNAL_NAME, 0).values())
+    first, *rest = lines[0].parts
+    etag = '"0123456789abcdef0123456789abcdef"'  # a part the store does not have
+    lines[0] = dataclasses.replace(lines[0], parts=[dataclasses.replace(first, etag=etag), *rest])
+    rewrite_journal(work / JOURNAL_NAME, lines)
     assert main([*merge_args(big), "--out", url, "--backend", "local", *RUN]) == 0
     assert f"resuming: {len(lines) - 1} of " in capsys.readouterr().err
     assert weights(downloaded(url)) == reference and open_uploads() == []

@@ -20,6 +20,7 @@ import xxhash
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.output.digests import DIGESTS_NAME, encode_digests
+from chatvec_dist.output.journal import Journal
 from chatvec_dist.output.manifest import (
     MANIFEST_NAME,
     META_KEY,
@@ -29,6 +30,7 @@ from chatvec_dist.output.manifest import (
     rows_hash,
 )
 from chatvec_dist.output.verify import verify
+from chatvec_dist.output.workarea import JOURNAL_NAME
 
 # vectors over the rows chat and base have (merge_rows), and one tensor copied from CP
 RUN = ["--backend", "local", "--no-progress", "--vocab", "overlap", "--exclude", "^model.norm.weight$"]
@@ -144,8 +146,8 @@ def test_a_resumed_run_keeps_its_journaled_source_digests(made, tmp_path, monkey
     out = tmp_path / "resumed"
     monkeypatch.setattr(worker.UnitRunner, "run", failing)
     assert merge(made, out, "--workers", "1", "--unit-size", "1MiB") == 130
-    journal = (Path(f"{out}.partial") / "journal.jsonl").read_text().splitlines()
-    assert len(journal) == 2 and all(len(s) == 8 for line in journal for s in json.loads(line)["segments"])
+    journal = Journal.load(Path(f"{out}.partial") / JOURNAL_NAME, 0)
+    assert len(journal) == 2 and all(s.sources for unit in journal.values() for s in unit.segments)
     monkeypatch.setattr(worker.UnitRunner, "run", lambda self, unit: calls.append(unit.id) or real_run(self, unit))
     assert merge(made, out, "--workers", "1", "--unit-size", "1MiB") == 0
     assert not set(calls[3:]) & set(calls[:2])  # the journaled units were not redone
@@ -275,19 +277,3 @@ def test_s3_sources_are_recorded_and_checked(made, s3_server, tmp_path):
     problems = verify(out, sources=True)
     assert len(problems) == 2 and problems[0].startswith(f"{url}: changed since the output was written (etag)")
     assert problems[1] == f"{url}: tensor '{TENSOR}' (base[0]) differs from its digest in {out / MANIFEST_NAME}"
-
-
-def test_a_journal_line_of_the_earlier_format_is_redone_and_the_new_one_round_trips(tmp_path):
-    from chatvec_dist.exec.messages import SegmentResult, UnitResult
-    from chatvec_dist.kernels.stats import Stats
-    from chatvec_dist.output.journal import Journal
-
-    path = tmp_path / "journal.jsonl"
-    earlier = {"unit": 0, "segments": [[0, [[0, "00" * 16]], 1.0, 2.0, 3.0, 0, 0]], "worker": "w", "node": "n"}
-    path.write_text(json.dumps(earlier | {"seconds": 0.1}) + "\n")
-    sources = (((0, b"a" * 16), (1, b"b" * 16)), (), ((3, b"c" * 16),))
-    unit = UnitResult(1, [SegmentResult(0, 2, ((5, b"d" * 16),), Stats(1.0, 2.0, 3.0, 0, 0), sources)], "w", "n", 0.2)
-    journal = Journal(path)
-    journal.append(unit)
-    journal.close()
-    assert Journal.load(path, 0) == {1: unit}  # unit 0 has no source digests: it is redone

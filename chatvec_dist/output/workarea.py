@@ -19,7 +19,7 @@ from .journal import Journal
 from .manifest import MANIFEST_NAME, read_manifest
 
 PLAN_NAME = "plan.json"
-JOURNAL_NAME = "journal.jsonl"
+JOURNAL_NAME = "journal.bin"  # journal.jsonl before its format 2: a work area with only that one is redone
 UPLOADS_NAME = "uploads.json"  # an s3:// output's multipart uploads: [[shard URL, upload id], …]
 STAGING_ENV = "CHATVEC_STAGING"
 
