@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import gcpause
 from ..errors import ChatvecError, RunError
 from ..log import logger
 from ..planning.layout import Unit
@@ -341,7 +342,8 @@ class RayBackend:
         actor, unit = state.in_flight.pop(ref)
         state.load[actor] -= 1
         try:
-            result = self._get(ref)
+            with gcpause.paused():  # a result of many segments: thousands of small objects, no cycle to find
+                result = self._get(ref)
         except self.ray.exceptions.RayActorError as e:  # the worker process or its node died
             state.attempts[unit.id] += 1
             if state.attempts[unit.id] >= MAX_ATTEMPTS:
