@@ -45,15 +45,17 @@ SMALL_BYTES = 64 * 1024  # a tensor at most this large (output and each source) 
 
 Slot = int  # a run's distinct sources, numbered as each tensor's `srcs` first name them
 Terms = tuple[tuple[float, Slot, Slot | None], ...]  # each term's (alpha, plus slot, minus slot)
-# an output's dtype, its CP's slot, its terms, each of its `srcs`' slot
-Column = tuple[str, Slot | None, Terms, tuple[Slot, ...]]
+Column = tuple[str, Slot | None, Terms]  # an output's dtype, its CP's slot, its terms
 Shape = tuple[Column, ...]  # per output
+
+
+Source = tuple[str, int, str]  # a plain source tensor: its file, byte offset and dtype
 
 
 class _Member(NamedTuple):
     piece: Piece
     columns: list[Placed]  # the tensor in each output
-    srcs: list[Src]  # its distinct sources, by slot
+    srcs: list[Source]  # its distinct sources, by slot
 
 
 class Run(NamedTuple):
@@ -73,8 +75,7 @@ class _Slots:
 
     def __init__(self, numel: int) -> None:
         self.numel = numel
-        self.slots: dict[tuple[str, int, str], Slot] = {}  # a plain source is its file, offset and dtype
-        self.srcs: list[Src] = []
+        self.slots: dict[Source, Slot] = {}
 
     def of(self, src: Src) -> Slot:
         if src.segments or src.scale is not None:
@@ -84,8 +85,7 @@ class _Slots:
         if slot is None:
             if src.path.startswith(s3.SCHEME) or self.numel * ITEMSIZE[src.dtype] > SMALL_BYTES:
                 raise _Alone
-            slot = self.slots[key] = len(self.srcs)
-            self.srcs.append(src)
+            slot = self.slots[key] = len(self.slots)
         return slot
 
 
@@ -101,7 +101,7 @@ def _member(piece: Piece, outputs: list[OutputContext], block_elems: int) -> tup
         shape = tuple([_column(p.tensor, n, slots) for p in columns])
     except _Alone:
         return None
-    return _Member(piece, columns, slots.srcs), shape
+    return _Member(piece, columns, list(slots.slots)), shape
 
 
 def _column(t: PlannedTensor, n: int, slots: _Slots) -> Column:
@@ -110,16 +110,19 @@ def _column(t: PlannedTensor, n: int, slots: _Slots) -> Column:
         raise _Alone
     if math.prod(t.shape) != n or is_fp8(t.out_dtype) or n * ITEMSIZE[t.out_dtype] > SMALL_BYTES:
         raise _Alone  # an FP8 output: its blocks and scales together (planning/fp8.py)
-    cp = slots.of(t.cp) if t.cp is not None else None
-    terms, order = [], [] if cp is None else [cp]
+    of, terms = slots.of, []
+    cp = of(t.cp) if t.cp is not None else None
     for alpha, plus, minus in t.terms:
         if alpha == 0 and math.copysign(1.0, alpha) < 0:
             raise _Alone  # −0.0 equals 0.0 but may give other bytes: runs and batches group by equal alphas
-        p = slots.of(plus)
-        m = slots.of(minus) if minus is not None else None
-        terms.append((alpha, p, m))
-        order += [p] if m is None else [p, m]
-    return t.out_dtype, cp, tuple(terms), tuple(order)
+        terms.append((alpha, of(plus), of(minus) if minus is not None else None))
+    return t.out_dtype, cp, tuple(terms)
+
+
+def _order(column: Column) -> list[Slot]:
+    """The slots of the column's tensor's `srcs`: CP's, then each term's plus and minus."""
+    _, cp, terms = column
+    return ([cp] if cp is not None else []) + [s for _, p, m in terms for s in (p, m) if s is not None]
 
 
 # The fields of a plain merge; any other (token rows, and whatever a later rule adds) at its default, or the
@@ -133,10 +136,7 @@ _DEFAULTS = tuple(default for _, default in _OTHERS)
 def _follows(prev: _Member, nxt: _Member) -> bool:
     """Whether each of `nxt`'s sources starts where the same slot's source of `prev` ends, in the same file."""
     n = prev.piece.last
-    return all(
-        a.path == b.path and a.dtype == b.dtype and b.start == a.start + n * ITEMSIZE[a.dtype]
-        for a, b in zip(prev.srcs, nxt.srcs)
-    )
+    return nxt.srcs == [(path, start + n * ITEMSIZE[dtype], dtype) for path, start, dtype in prev.srcs]
 
 
 def runs(pieces: tuple[Piece, ...], ctx: WorkContext) -> Iterator[Piece | Run]:
@@ -187,7 +187,7 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
         clock = stages.lap("compute", clock)
         blocks = _blocks(out, cuts)  # each member's one output hash block
         clock = stages.lap("hash", clock)
-        sources = list(zip(*(digests[k] for k in column[3])))
+        sources = list(zip(*(digests[k] for k in _order(column))))
         for o in outputs:
             _write(runner, o, [m.columns[o] for m in members], out, cuts, stages)
             per_output[o] = list(map(SegmentResult, repeat(o), indices, blocks, stats, sources))
@@ -204,11 +204,11 @@ def _alike(shape: Shape) -> dict[Column, list[int]]:
 
 
 def _combine(
-    runner: UnitRunner, kernel: RunKernel, column: Column, inputs: list[torch.Tensor], srcs: list[Src]
+    runner: UnitRunner, kernel: RunKernel, column: Column, inputs: list[torch.Tensor], srcs: list[Source]
 ) -> tuple[torch.Tensor, list[Stats]]:
     """One column's output bytes for the whole run, and each member's stats."""
-    out_dtype, cp_slot, term_slots, src_slots = column
-    compute = compute_dtype([out_dtype] + [srcs[k].dtype for k in src_slots])
+    out_dtype, cp_slot, term_slots = column
+    compute = compute_dtype([out_dtype] + [srcs[k][2] for k in _order(column)])
     terms = [Term(a, inputs[p], inputs[m] if m is not None else None) for a, p, m in term_slots]
     delta = kernel.delta(term_slots, terms, compute)
     cp = kernel.cp(cp_slot, inputs[cp_slot], compute) if cp_slot is not None else None
@@ -219,20 +219,18 @@ def _combine(
 def _read(runner: UnitRunner, run: list[_Member], count: int, stages: Stages) -> list[torch.Tensor]:
     """Each source slot's bytes for the whole run, in one read (its tensors lie end to end)."""
     inputs = []
-    for k, src in enumerate(run[0].srcs):
-        nbytes = count * ITEMSIZE[src.dtype]
+    for k, (path, start, dtype) in enumerate(run[0].srcs):
+        nbytes = count * ITEMSIZE[dtype]
         buf = runner._buffer(("in", k), nbytes)
         try:
-            runner._read(src.path, src.start, buf.numpy().data, run[0].columns[0].tensor.name)
+            runner._read(path, start, buf.numpy().data, run[0].columns[0].tensor.name)
         except ChatvecError:  # name the tensor whose bytes are missing: read each member's own
             for m in run:
-                s = m.srcs[k]
-                runner._read(
-                    s.path, s.start, buf.numpy().data[: m.piece.last * ITEMSIZE[s.dtype]], m.columns[0].tensor.name
-                )
+                at = m.srcs[k][1]
+                runner._read(path, at, buf.numpy().data[: m.piece.last * ITEMSIZE[dtype]], m.columns[0].tensor.name)
             raise
         stages.bytes_read += nbytes
-        inputs.append(buf.view(TORCH_DTYPES[src.dtype]))
+        inputs.append(buf.view(TORCH_DTYPES[dtype]))
     return inputs
 
 
