@@ -190,6 +190,7 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
         sources = list(zip(*(digests[k] for k in _order(column))))
         for o in outputs:
             _write(runner, o, [m.columns[o] for m in members], out, cuts, stages)
+            # outputs alike share their Stats objects: a result's stats are read, never changed, after this
             per_output[o] = list(map(SegmentResult, repeat(o), indices, blocks, stats, sources))
         clock = time.perf_counter()
     return [r for per in zip(*per_output) for r in per]  # member by member, as done one at a time
