@@ -182,12 +182,16 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
     kernel = RunKernel(runner.compute.scratch, sizes)
     indices = [m.piece.index for m in members]
     per_output: list[list[SegmentResult]] = [[] for _ in run.shape]
+    shared: dict[tuple[Slot, ...], list[tuple[Blocks, ...]]] = {}  # each member's source digests, by slots
     for column, outputs in _alike(run.shape).items():
         out, stats = _combine(runner, kernel, column, inputs, members[0].srcs)
         clock = stages.lap("compute", clock)
         blocks = _blocks(out, cuts)  # each member's one output hash block
         clock = stages.lap("hash", clock)
-        sources = list(zip(*(digests[k] for k in _order(column))))
+        order = tuple(_order(column))
+        if order not in shared:
+            shared[order] = list(zip(*(digests[k] for k in order)))
+        sources = shared[order]
         for o in outputs:
             _write(runner, o, [m.columns[o] for m in members], out, cuts, stages)
             # outputs alike share their Stats objects: a result's stats are read, never changed, after this

@@ -32,6 +32,7 @@ class RunKernel:
         assert 0 < self.n <= CHUNK
         self._deltas: dict[torch.dtype, tuple[Hashable, Computed]] = {}  # per compute dtype: its key, Δ
         self._cps: dict[torch.dtype, tuple[Hashable, Computed]] = {}
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # per scratch buffer (its address): its slices
 
     def delta(self, key: Hashable, terms: Sequence[Term], compute: torch.dtype) -> Computed:
         """Σ alpha·(plus − minus) (at least one term) and its sums; `key` names the terms: equal keys, equal Δ."""
@@ -77,8 +78,11 @@ class RunKernel:
         return stats
 
     def _sums(self, x: torch.Tensor) -> list[float]:
-        """Each tensor's sum of squares: `torch.dot` of its slice, as `cpu.combine` computes it."""
-        views = torch.split(x, self.sizes)
+        """Each tensor's sum of squares: `torch.dot` of its slice, as `cpu.combine` computes it. `x` is the start
+        of a scratch buffer: its slices are made once, for every output."""
+        views = self._views.get(x.data_ptr())
+        if views is None:
+            views = self._views[x.data_ptr()] = torch.split(x, self.sizes)
         return list(map(float, map(torch.dot, views, views)))
 
     def _nonfinite(self, out: torch.Tensor, stats: list[Stats]) -> None:
