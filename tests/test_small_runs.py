@@ -15,7 +15,7 @@ from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.exec import small_runs
 from chatvec_dist.exec.compute import CpuCompute
 from chatvec_dist.kernels.cpu import Scratch, combine
-from chatvec_dist.kernels.cpu_runs import combine_run
+from chatvec_dist.kernels.cpu_runs import RunKernel
 from chatvec_dist.kernels.reference import reference
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.recipe.spec import Recipe
@@ -44,7 +44,9 @@ def test_a_run_computes_each_tensor_as_alone_and_as_the_float64_reference(out_dt
         bounds.append(bounds[-1] + s)
     compute = torch.float32 if out_dtype != torch.float32 else torch.float64
     out = torch.empty(n, dtype=out_dtype)
-    stats = combine_run(out, cp, terms, compute, Scratch(), bounds)
+    kernel = RunKernel(Scratch(), sizes)
+    delta = kernel.delta("terms", terms, compute)
+    stats = kernel.combine(out, delta, kernel.cp("cp", cp, compute) if cp is not None else None)
     for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
         alone = torch.empty(e - s, dtype=out_dtype)
         mine = [Term(a, p[s:e].clone(), m[s:e].clone() if m is not None else None) for a, p, m in terms]
@@ -113,3 +115,106 @@ def test_runs_give_the_bytes_and_manifest_of_one_tensor_at_a_time(tmp_path, monk
         for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
             assert ft.column(column).to_pylist() == st.column(column).to_pylist(), column
         assert chatvec_dist.verify(f) == []
+
+
+def test_one_kernel_gives_each_output_its_own_bytes_and_stats_while_sharing_delta_and_cp():
+    """Outputs in turn on one run's kernel (Δ and CP kept between them) equal each output on a fresh kernel."""
+    sizes = [3, 64, 1, 200, 17]
+    n = sum(sizes)
+    cp1, cp2 = _rand(n, torch.bfloat16, 1), _rand(n, torch.bfloat16, 5)
+    chat, base = _rand(n, torch.bfloat16, 2), _rand(n, torch.bfloat16, 3)
+    cp2[10] = float("inf")  # the second CP's second tensor: an Inf (its output too)
+    half, other = [Term(0.5, chat, base)], [Term(-0.3, chat, base)]
+    outputs = [  # (CP, its key, terms, their key, output dtype): Δ shared by 0-3 and 5, CP by 0, 2, 3 and 4
+        (cp1, "cp1", half, "half", torch.bfloat16),
+        (cp2, "cp2", half, "half", torch.bfloat16),
+        (cp1, "cp1", half, "half", torch.float16),
+        (cp1, "cp1", half, "half", torch.bfloat16),
+        (cp1, "cp1", other, "other", torch.bfloat16),
+        (None, "", half, "half", torch.bfloat16),
+    ]
+    shared = RunKernel(Scratch(), sizes)
+    for k, (cp, cp_key, terms, key, dtype) in enumerate(outputs):
+        got = torch.empty(n, dtype=dtype)
+        stats = shared.combine(
+            got,
+            shared.delta(key, terms, torch.float32),
+            shared.cp(cp_key, cp, torch.float32) if cp is not None else None,
+        )
+        fresh = RunKernel(Scratch(), sizes)
+        want = torch.empty(n, dtype=dtype)
+        want_stats = fresh.combine(
+            want,
+            fresh.delta(key, terms, torch.float32),
+            fresh.cp(cp_key, cp, torch.float32) if cp is not None else None,
+        )
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), k
+        assert repr(stats) == repr(want_stats), k
+        ref = reference(cp, [tuple(t) for t in terms], dtype)
+        finite = torch.isfinite(ref)
+        assert torch.equal(got[finite].view(torch.int16), ref[finite].view(torch.int16)), k
+    assert stats[1].cp_sq == 0.0 and stats[3].update_sq > 0  # the last: no CP
+
+
+def _batch(tmp_path, name: str, monkeypatch, runs_of_small: bool) -> list:
+    """A batch over one vector: outputs alike (a, b), Δ shared with another CP (c) or dtype (d), other alphas (e),
+    and layer 1 at alpha 0.0 (f) and −0.0 (g), where CP holds −0.0 values (0.0 + −0.0·Δ and −0.0 + 0.0·Δ differ)."""
+    monkeypatch.setattr(CpuCompute, "runs_of_small", runs_of_small)
+    d = tmp_path
+    base = chatvec_dist.make_recipe(
+        str(d / "base"), str(d / "chat"), {k: str(d / "cp") for k in "abcdefg"}, str(d / name), 0.5, unit_bytes=1 << 20
+    )
+    t = {x.name: x for x in base.targets}
+    zero, negative = (
+        chatvec_dist.make_recipe(str(d / "base"), str(d / "chat"), str(d / "cp"), "/x", alpha_rules=[rule])
+        .targets[0]
+        .alpha_rules
+        for rule in ("layers\\.1\\.=0.0", "layers\\.1\\.=-0.0")
+    )
+    targets = (
+        t["a"],
+        t["b"],
+        dataclasses.replace(t["c"], cp=str(d / "cp2")),
+        dataclasses.replace(t["d"], dtype="float16"),
+        dataclasses.replace(t["e"], alphas=(-0.75,), dtype="float32"),
+        dataclasses.replace(t["f"], alpha_rules=zero),
+        dataclasses.replace(t["g"], alpha_rules=negative),
+    )
+    recipe = Recipe(base.vectors, targets, unit_bytes=1 << 20)
+    chatvec_dist.run(recipe, chatvec_dist.RunOptions(backend="local", workers=2, progress=False))
+    return [d / name / k for k in "abcdefg"]
+
+
+def test_a_batch_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_time(tmp_path, monkeypatch):
+    made = _models(tmp_path, layers=4)
+    g = torch.Generator().manual_seed(9)
+    cp, config = made["cp"], llama_config(64, hidden_size=16, intermediate_size=24, num_hidden_layers=4)
+    for n, c in cp.items():
+        if ".1." in n:
+            c.view(-1)[: c.numel() // 2] = -0.0  # half of each tensor of layer 1: −0.0
+    save_checkpoint(tmp_path / "cp", cp, config, shards=3)
+    cp2 = {n: (c.float() + 0.01 * torch.randn(c.shape, generator=g)).bfloat16() for n, c in cp.items()}
+    save_checkpoint(tmp_path / "cp2", cp2, config, shards=3)
+    groups = []
+    real = small_runs._alike
+    monkeypatch.setattr(small_runs, "_alike", lambda shape: groups.append(r := real(shape)) or r)
+    fast = _batch(tmp_path, "fast", monkeypatch, True)
+    assert groups and all(len(g) < 7 for g in groups)  # a and b alike: computed once
+    slow = _batch(tmp_path, "slow", monkeypatch, False)
+    for f, s in zip(fast, slow):
+        assert [p.read_bytes() for p in sorted(f.glob("*.safetensors"))] == [
+            p.read_bytes() for p in sorted(s.glob("*.safetensors"))
+        ], f.name
+        ft, st = read_manifest(f)[0], read_manifest(s)[0]
+        for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
+            assert repr(ft.column(column).to_pylist()) == repr(st.column(column).to_pylist()), (f.name, column)
+    got_f, got_g = (load_file(next(p.glob("*.safetensors"))) for p in fast[5:])
+    name = "model.layers.1.mlp.up_proj.weight"
+    chat, base = made["chat"][name], made["base"][name]
+    for got, alpha in ((got_f, 0.0), (got_g, -0.0)):
+        want = reference(cp[name], [(alpha, chat, base)], torch.bfloat16).view(chat.shape)
+        assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), alpha
+    assert not torch.equal(got_f[name].view(torch.int16), got_g[name].view(torch.int16))
+    for n, c in cp.items():
+        want = reference(c, [(0.5, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
+        assert torch.equal(load_file(next(fast[0].glob("*.safetensors")))[n], want), n
