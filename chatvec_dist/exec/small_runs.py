@@ -73,7 +73,7 @@ def _member(piece: Piece, ctx: WorkContext) -> tuple[_Member, Shape] | None:
     return _Member(piece, columns, list(slots)), tuple(shape)
 
 
-def _small(t: PlannedTensor, srcs: list[Src], piece: Piece, block_bytes: int) -> bool:
+def _small(t: PlannedTensor, srcs: tuple[Src, ...], piece: Piece, block_bytes: int) -> bool:
     """A whole tensor of one hash block (of the output and of each source), combined by the plain kernel."""
     if t.rule != "merge" or not t.terms or t.merge_elems != t.numel or piece.first or not _plain(t):
         return False

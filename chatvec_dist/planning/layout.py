@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
@@ -16,7 +17,7 @@ MAX_UNITS = 1_000_000  # work units per job: a 1 TB model still gets units of 1 
 HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placed:
     """A planned tensor with its shard and absolute byte offset in that shard file."""
 
@@ -41,7 +42,7 @@ class Layout:
     shards: list[Shard]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     """Elements [first, last) of tensor `index` (the same tensor in every output)."""
 
@@ -50,7 +51,7 @@ class Piece:
     last: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """Work for one worker call: pieces of tensors, computed for every output at once."""
 
@@ -62,30 +63,31 @@ class Unit:
 def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
     """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
     check_max_shard_size(max_shard_size)
-    groups: list[list[PlannedTensor]] = [[]]
+    sizes = [math.prod(t.shape) * ITEMSIZE[t.out_dtype] for t in tensors]
+    groups: list[list[int]] = [[]]  # indices into `tensors`
     filled = 0
-    for t in tensors:
-        size = t.numel * ITEMSIZE[t.out_dtype]
+    for i, size in enumerate(sizes):
         if groups[-1] and filled + size > max_shard_size:
             groups.append([])
             filled = 0
-        groups[-1].append(t)
+        groups[-1].append(i)
         filled += size
-    placed: dict[str, Placed] = {}
+    placed: list[Placed] = [None] * len(tensors)  # type: ignore[list-item] # every one is set below
     shards: list[Shard] = []
-    for i, group in enumerate(groups):
+    for k, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda t: -ITEMSIZE[t.out_dtype])
+        group = sorted(group, key=lambda i: -ITEMSIZE[tensors[i].out_dtype])
         entries, begin = [], 0
-        for t in group:
-            end = begin + t.numel * ITEMSIZE[t.out_dtype]
-            entries.append(OutEntry(t.name, t.out_dtype, t.shape, begin, end))
-            begin = end
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        for i in group:
+            t = tensors[i]
+            entries.append(OutEntry(t.name, t.out_dtype, t.shape, begin, begin + sizes[i]))
+            begin += sizes[i]
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         header = encode_header(entries, SHARD_METADATA)
         shards.append(Shard(name, header, len(header) + begin))
-        placed |= {t.name: Placed(t, i, len(header) + e.begin, e.end - e.begin) for t, e in zip(group, entries)}
-    return Layout([placed[t.name] for t in tensors], shards)
+        for i, e in zip(group, entries):
+            placed[i] = Placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
+    return Layout(placed, shards)
 
 
 def block_bytes(unit_bytes: int) -> int:
@@ -113,6 +115,7 @@ def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -
     one multipart upload per shard), no unit spans two shards of any output.
     """
     check_unit_bytes(unit_bytes)
+    layouts = list({id(lay): lay for lay in layouts}.values())  # a layout shared by several outputs cuts alike
     total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
     if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
         smallest = 1 << max(3, (total // MAX_UNITS).bit_length())

@@ -15,8 +15,9 @@ from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
 from ..term import Term
 from .fp8 import check_local_output, scale_elems
-from .layout import Layout, Piece, Unit, block_bytes, cut_units, layout
+from .layout import Layout, Piece, Unit, block_bytes, cut_units
 from .planner import PlannedTensor, Sources, Src, plan_tensors
+from .reuse import Reuse, TargetTensors
 from .tokens import TokenRow, token_rows, with_token_rows
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def _plan(recipe: Recipe) -> Planned:
     for chat, base in vectors:
         if base is None:
             _check_is_a_vector(chat)
-    plans, order = [], None
+    plans, order, reuse = [], None, Reuse()
     at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
@@ -75,8 +76,7 @@ def _plan(recipe: Recipe) -> Planned:
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
             tuple(v.dare for v in recipe.vectors),
         )
-        rows = token_rows(target, sources)
-        tensors = with_token_rows(plan_tensors(target, sources), rows, sources)
+        tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources))  # noqa: B023 -- called now
         check_local_output(target.out, tensors)
         if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard
             order = [t.name for t in (sorted(tensors, key=lambda t: -ITEMSIZE[t.out_dtype]) if at_shards else tensors)]
@@ -89,11 +89,17 @@ def _plan(recipe: Recipe) -> Planned:
                 file=target.cp,
                 tensor=odd,
             )
-        lay = layout([by_name[n] for n in order], recipe.max_shard_size)
+        lay = reuse.layout([by_name[n] for n in order], recipe.max_shard_size)
         plans.append(TargetPlan(target, sources, lay, token_rows=rows))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _plan_target(target: Target, sources: Sources) -> TargetTensors:
+    """One target's tensors and token rows (`Reuse` skips this for a target planned alike before)."""
+    rows = token_rows(target, sources)
+    return with_token_rows(plan_tensors(target, sources), rows, sources), rows
 
 
 def _to_store(target: Target) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ VOCAB_TENSOR = re.compile(
 VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the first V_base elements are shared
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Src:
     """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
     segments read end to end (`path`/`start`: the first's)."""
@@ -43,8 +44,17 @@ class Src:
         return own + (self.scale.files if self.scale is not None else ())
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
+class _Derived:
+    """Room for a PlannedTensor's `srcs` and `vector_srcs`, made on first use (a run asks hundreds of thousands of
+    times): slots that are no dataclass field, so never compared, printed, pickled or replaced."""
+
+    __slots__ = ("_srcs", "_vector_srcs")
+    _srcs: tuple[Src, ...]
+    _vector_srcs: tuple[Src, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTensor(_Derived):
     """One output tensor: `out[:merge_elems] = cp + Σ alpha·(plus − minus)`, the rest a copy of CP."""
 
     name: str
@@ -61,22 +71,29 @@ class PlannedTensor:
     ties: TiesPlan | None = None  # the target's TIES
 
     @property
-    def vector_srcs(self) -> list[Src]:
+    def vector_srcs(self) -> tuple[Src, ...]:
         """Every chat/base (or extracted vector) source this tensor reads."""
-        return [s for _, plus, minus in self.terms for s in (plus, minus) if s is not None]
+        try:
+            return self._vector_srcs
+        except AttributeError:
+            found = tuple(s for _, plus, minus in self.terms for s in (plus, minus) if s is not None)
+            object.__setattr__(self, "_vector_srcs", found)
+            return found
 
     @property
-    def srcs(self) -> list[Src]:
+    def srcs(self) -> tuple[Src, ...]:
         """Every source this tensor reads: CP's, then the vectors', then the chat tensor its token rows come from."""
-        rows = [self.row_src] if self.row_src is not None else []
-        return ([self.cp] if self.cp is not None else []) + self.vector_srcs + rows
+        try:
+            return self._srcs
+        except AttributeError:
+            rows = (self.row_src,) if self.row_src is not None else ()
+            found = ((self.cp,) if self.cp is not None else ()) + self.vector_srcs + rows
+            object.__setattr__(self, "_srcs", found)
+            return found
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -197,10 +214,11 @@ def _plan_one(
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
     pairs = [
-        Term(alpha, plus.tensors.get(src), minus.tensors.get(src) if minus else None)
+        (alpha, plus.tensors.get(src), minus.tensors.get(src) if minus else None)
         for alpha, plus, minus in sources.terms
     ]
-    _check_floats_match(name, ref, pairs)
+    vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
+    _check_floats_match(name, ref, vecs)
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
@@ -213,19 +231,9 @@ def _plan_one(
                 tensor=name,
             )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
-    vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
-    from .fp8 import check_scaled, is_fp8
-
-    for v in vecs:
-        if isinstance(v, MappedRef) and is_fp8(v.info.dtype):
-            raise PlanError(
-                "FP8 experts stored in another layout than CP's (per expert vs fused) cannot be mapped yet: their "
-                "block scales would not follow; store the vectors in CP's layout",
-                file=v.path,
-                tensor=name,
-            )
-    check_scaled(name, [ref, *vecs], scales)
-    vocab = _vocab_dim(name, [ref, *vecs])
+    if info.dtype.startswith("F8") or any(v.info.dtype.startswith("F8") for v in vecs):
+        _check_fp8(name, ref, vecs, scales)
+    vocab = _vocab_dim(name, ref, vecs)
     _check_vector_shapes(name, vecs, vocab)
     terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
     if vocab is not None:
@@ -240,25 +248,51 @@ def _plan_one(
     return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
+def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tuple[str, int], Src]) -> None:
+    """A float8 tensor that is combined: block-scaled, and (for now) stored in CP's experts layout."""
+    from .fp8 import check_scaled, is_fp8  # builds on this module
+
+    for v in vecs:
+        if isinstance(v, MappedRef) and is_fp8(v.info.dtype):
+            raise PlanError(
+                "FP8 experts stored in another layout than CP's (per expert vs fused) cannot be mapped yet: their "
+                "block scales would not follow; store the vectors in CP's layout",
+                file=v.path,
+                tensor=name,
+            )
+    check_scaled(name, [ref, *vecs], scales)
+
+
 def _src(ref: TensorRef) -> Src:
+    if type(ref) is TensorRef:
+        return Src(ref.path, ref.info.start, ref.info.dtype)
     return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, MappedRef) else ())
 
 
-def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:
+def _check_floats_match(name: str, ref: TensorRef, vecs: list[TensorRef]) -> None:
     """A tensor that is float in one checkpoint must be float in all (an int buffer is copied, never combined)."""
-    for _, plus, minus in pairs:
-        for other in (plus, minus):
-            if other is not None and is_float(other.info.dtype) != is_float(ref.info.dtype):
-                raise PlanError(
-                    f"dtype {other.info.dtype} cannot be combined with {ref.info.dtype} in {ref.path}",
-                    file=other.path,
-                    tensor=name,
-                )
+    wanted = is_float(ref.info.dtype)
+    for other in vecs:
+        if is_float(other.info.dtype) != wanted:
+            raise PlanError(
+                f"dtype {other.info.dtype} cannot be combined with {ref.info.dtype} in {ref.path}",
+                file=other.path,
+                tensor=name,
+            )
 
 
-def _vocab_dim(name: str, refs: list[TensorRef]) -> int | None:
+def is_vocab_name(name: str) -> bool:
+    """Whether VOCAB_TENSOR matches: searched from the second-to-last dot, where every match starts (`^` does not
+    match there), a third of the cost on long names."""
+    return VOCAB_TENSOR.search(name, max(0, name.rfind(".", 0, max(0, name.rfind("."))))) is not None
+
+
+def _vocab_dim(name: str, ref: TensorRef, vecs: list[TensorRef]) -> int | None:
     """The dimension of a vocabulary tensor's tokens (None: not one): rows, or the last of BART's [1, V] bias."""
-    if VOCAB_TENSOR.search(name) is None or not all(t.info.shape for t in refs):  # a scalar has no rows
+    if not is_vocab_name(name):
+        return None
+    refs = [ref, *vecs]
+    if not all(t.info.shape for t in refs):  # a scalar has no rows
         return None
     if VOCAB_LAST.search(name) is None:
         return 0
@@ -275,6 +309,8 @@ def _outside(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
 def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: int | None) -> None:
     """Chat and base shapes agree; a chat model may add tokens (rows) to its base's vocabulary, nothing else."""
     vec_shape = vecs[0].info.shape
+    if all(other.info.shape == vec_shape for other in vecs):
+        return
     dim = vocab or 0
     for other in vecs:
         shape = other.info.shape
