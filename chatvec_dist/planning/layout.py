@@ -41,6 +41,18 @@ class Layout:
     tensors: list[Placed]
     shards: list[Shard]
 
+    def __repr__(self) -> str:
+        """The dataclass's repr, made once: a job's digest prints every output's layout, and outputs planned alike
+        share theirs (the lists are never changed in place: a new plan is a new Layout)."""
+        text = self.__dict__.get("_repr")
+        if text is None:
+            text = f"{type(self).__qualname__}(tensors={self.tensors!r}, shards={self.shards!r})"
+            object.__setattr__(self, "_repr", text)
+        return text
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_repr"}  # the repr is no state to ship
+
 
 @dataclass(frozen=True, slots=True)
 class Piece:
@@ -148,12 +160,10 @@ class _Cutter:
         self.pieces, self.filled = [], 0
 
     def add(self, index: int, column: tuple[Placed, ...]) -> None:
-        numel = max(p.tensor.numel for p in column)
-        size = max(p.nbytes for p in column)
+        numel, size = _largest(column)
         small = self.at_shards and self.filled < MIN_PART  # an object's part must not end this small
-        attached = any(p.tensor.rule == SCALE_RULE for p in column)  # its weight's unit computes it
         if size <= self.unit_bytes or any(in_one_piece(p.tensor) for p in column):
-            if self.filled + size > self.unit_bytes and not small and not attached:
+            if self.filled + size > self.unit_bytes and not small and not _attached(column):
                 self.flush()
             self.pieces.append(Piece(index, 0, numel))
             self.filled += size
@@ -172,3 +182,15 @@ class _Cutter:
             if last - first == per:
                 self.flush()
                 base = 0
+
+
+def _largest(column: tuple[Placed, ...]) -> tuple[int, int]:
+    """The largest element count and byte size of a tensor's outputs."""
+    if len(column) == 1:  # one output: no generators (a 45 k-tensor plan cuts 45 k columns)
+        return column[0].tensor.numel, column[0].nbytes
+    return max(p.tensor.numel for p in column), max(p.nbytes for p in column)
+
+
+def _attached(column: tuple[Placed, ...]) -> bool:
+    """A scale tensor: its weight's unit computes it, so no unit may end before it."""
+    return any(p.tensor.rule == SCALE_RULE for p in column)

@@ -163,7 +163,7 @@ def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
 def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
     """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
     need: dict[Src, int] = {}
-    for t in tensors:
+    for t in {id(t): t for t in tensors}.values():  # outputs planned alike share their tensor: once is enough
         count, merged = span(t, piece)
         if t.cp is not None:
             need[t.cp] = max(need.get(t.cp, 0), count)

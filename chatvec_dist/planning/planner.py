@@ -26,8 +26,16 @@ VOCAB_TENSOR = re.compile(
 VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the first V_base elements are shared
 
 
+class _Hashed:
+    """Room for a Src's hash, made on first use (sources key the dicts of every piece's inputs): a slot that is
+    no dataclass field."""
+
+    __slots__ = ("_hash",)
+    _hash: int
+
+
 @dataclass(frozen=True, slots=True)
-class Src:
+class Src(_Hashed):
     """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
     segments read end to end (`path`/`start`: the first's)."""
 
@@ -36,6 +44,13 @@ class Src:
     dtype: str
     segments: tuple[Segment, ...] = ()
     scale: Src | None = None  # a block-scaled FP8 weight's float32 scales (planning/fp8.py)
+
+    def __hash__(self) -> int:  # the dataclass's (a hash of the fields' tuple), kept
+        found = getattr(self, "_hash", None)  # not try/except: a raised AttributeError costs twice as much
+        if found is None:
+            found = hash((self.path, self.start, self.dtype, self.segments, self.scale))
+            object.__setattr__(self, "_hash", found)
+        return found
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -73,23 +88,23 @@ class PlannedTensor(_Derived):
     @property
     def vector_srcs(self) -> tuple[Src, ...]:
         """Every chat/base (or extracted vector) source this tensor reads."""
-        try:
-            return self._vector_srcs
-        except AttributeError:
-            found = tuple(s for _, plus, minus in self.terms for s in (plus, minus) if s is not None)
-            object.__setattr__(self, "_vector_srcs", found)
-            return found
+        found = getattr(self, "_vector_srcs", None)
+        return found if found is not None else self._derive()[1]
 
     @property
     def srcs(self) -> tuple[Src, ...]:
         """Every source this tensor reads: CP's, then the vectors', then the chat tensor its token rows come from."""
-        try:
-            return self._srcs
-        except AttributeError:
-            rows = (self.row_src,) if self.row_src is not None else ()
-            found = ((self.cp,) if self.cp is not None else ()) + self.vector_srcs + rows
-            object.__setattr__(self, "_srcs", found)
-            return found
+        found = getattr(self, "_srcs", None)
+        return found if found is not None else self._derive()[0]
+
+    def _derive(self) -> tuple[tuple[Src, ...], tuple[Src, ...]]:
+        """(`srcs`, `vector_srcs`), kept in their slots."""
+        vector = tuple(s for _, plus, minus in self.terms for s in (plus, minus) if s is not None)
+        rows = (self.row_src,) if self.row_src is not None else ()
+        found = ((self.cp,) if self.cp is not None else ()) + vector + rows
+        object.__setattr__(self, "_vector_srcs", vector)
+        object.__setattr__(self, "_srcs", found)
+        return found, vector
 
     @property
     def numel(self) -> int:

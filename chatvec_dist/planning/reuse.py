@@ -28,12 +28,23 @@ def inputs_key(target: Target, *ignored: str) -> str:
     return repr([(f.name, getattr(target, f.name)) for f in dataclasses.fields(target) if f.name not in skip])
 
 
+# PlannedTensor's fields in the order its constructor takes them: `dataclasses.replace` without its per-call cost.
+_FIELDS = [f.name for f in dataclasses.fields(PlannedTensor) if f.init and not f.kw_only]
+_KEYWORDS = [f.name for f in dataclasses.fields(PlannedTensor) if f.init and f.kw_only]
+_VALUES = operator.attrgetter(*_FIELDS)
+_TERMS = _FIELDS.index("terms")
+
+
 def with_alphas(tensors: list[PlannedTensor], alphas: tuple[float, ...]) -> list[PlannedTensor]:
     """The plan of a target without alpha rules under other alphas: each combined tensor's terms take them."""
-    return [
-        dataclasses.replace(t, terms=tuple(Term(a, p, m) for a, (_, p, m) in zip(alphas, t.terms))) if t.terms else t
-        for t in tensors
-    ]
+    found = []
+    for t in tensors:
+        if t.terms:
+            values = list(_VALUES(t))
+            values[_TERMS] = tuple(Term(a, p, m) for a, (_, p, m) in zip(alphas, t.terms))
+            t = PlannedTensor(*values, **{k: getattr(t, k) for k in _KEYWORDS})
+        found.append(t)
+    return found
 
 
 class Reuse:
