@@ -16,6 +16,7 @@ from .alphas import tensor_alphas
 from .experts import MappedRef, Segment, map_experts
 from .sparsity import TermDare, TiesPlan, sparsify
 from .tied import tied_heads
+from .vectors import Side, Sides, side
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias,
 # T5/BART/mBART/Marian's shared embedding; and BART's final_logits_bias [1, V], tokens on its last dimension.
@@ -133,9 +134,10 @@ class Sources:
         return dataclasses.replace(self, terms=terms)
 
 
-def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
+def plan_tensors(target: Target, sources: Sources, sides: Sides | None = None) -> list[PlannedTensor]:
     """Decide every output tensor's rule for one target, validating names, shapes and dtypes (the target's own
-    fields were checked when it was made). Raises PlanError."""
+    fields were checked when it was made); `sides`: the job's vector sides, shared by its targets. Raises
+    PlanError."""
     try:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
@@ -158,6 +160,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     files = {n: r.path for n, r in reference.tensors.items()}
     combined = (n for n in reference.tensors if n not in keep_cp)
     alphas = tensor_alphas(target, reference.tensors, combined, files)  # the output's names: MoE experts as CP's
+    vectors = (sides or Sides()).of(sources)
     planned = [
         sparsify(
             _plan_one(
@@ -167,7 +170,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
                 out_dtype,
                 sources.with_alphas(alphas.get(name)),
                 excluded,
-                tied.get(name, name),
+                side(vectors, tied.get(name, name), sources),
                 scales,
             ),
             sources.dares,
@@ -222,17 +225,13 @@ def _plan_one(
     out_dtype: str | None,
     sources: Sources,
     excluded: set[str],
-    src: str,
+    vector: Side,
     scales: dict[tuple[str, int], Src],
 ) -> PlannedTensor:
-    """`src`: the tensor's name in the vectors (a tied head's: their embedding)."""
+    """`vector`: the tensor's entries in the vectors (a tied head's: their embedding's)."""
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
-    pairs = [
-        (alpha, plus.tensors.get(src), minus.tensors.get(src) if minus else None)
-        for alpha, plus, minus in sources.terms
-    ]
-    vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
+    vecs = vector.vecs
     _check_floats_match(name, ref, vecs)
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
@@ -249,8 +248,9 @@ def _plan_one(
     if info.dtype.startswith("F8") or any(v.info.dtype.startswith("F8") for v in vecs):
         _check_fp8(name, ref, vecs, scales)
     vocab = _vocab_dim(name, ref, vecs)
-    _check_vector_shapes(name, vecs, vocab)
-    terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
+    if not vector.alike():  # else there is nothing to check
+        _check_vector_shapes(name, vecs, vocab)
+    terms = tuple(Term(a, plus, minus) for (a, _, _), (plus, minus) in zip(sources.terms, vector.srcs(_src)))
     if vocab is not None:
         return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
     if vecs[0].info.shape != info.shape:
@@ -259,7 +259,7 @@ def _plan_one(
             file=ref.path,
             tensor=name,
         )
-    mapped = "experts:mapped" if any(isinstance(v, MappedRef) for v in vecs) else ""  # from the other layout
+    mapped = "experts:mapped" if vector.mapped() else ""  # from the other layout
     return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
@@ -324,8 +324,6 @@ def _outside(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
 def _check_vector_shapes(name: str, vecs: list[TensorRef], vocab: int | None) -> None:
     """Chat and base shapes agree; a chat model may add tokens (rows) to its base's vocabulary, nothing else."""
     vec_shape = vecs[0].info.shape
-    if all(other.info.shape == vec_shape for other in vecs):
-        return
     dim = vocab or 0
     for other in vecs:
         shape = other.info.shape
