@@ -42,13 +42,19 @@ class Layout:
     shards: list[Shard]
 
     def __repr__(self) -> str:
-        """The dataclass's repr, made once: a job's digest prints every output's layout, and outputs planned alike
-        share theirs (the lists are never changed in place: a new plan is a new Layout)."""
+        """The dataclass's repr; kept, once made, by a layout that serves several outputs (`shared`): a job's
+        digest prints every output's layout (the lists are never changed in place: a new plan is a new Layout)."""
         text = self.__dict__.get("_repr")
         if text is None:
             text = f"{type(self).__qualname__}(tensors={self.tensors!r}, shards={self.shards!r})"
-            object.__setattr__(self, "_repr", text)
+            if "_repr" in self.__dict__:
+                object.__setattr__(self, "_repr", text)
         return text
+
+    def shared(self) -> Layout:
+        """This layout, marked as serving several outputs: its repr (tens of MB for 45 k tensors) is then kept."""
+        self.__dict__.setdefault("_repr", None)
+        return self
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_repr"}  # the repr is no state to ship

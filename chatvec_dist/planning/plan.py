@@ -163,15 +163,21 @@ def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
 def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
     """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
     need: dict[Src, int] = {}
-    for t in {id(t): t for t in tensors}.values():  # outputs planned alike share their tensor: once is enough
+    if len(tensors) > 1:  # outputs planned alike share their tensor: once is enough
+        tensors = list({id(t): t for t in tensors}.values())
+    for t in tensors:
         count, merged = span(t, piece)
+        scaled = t.row_src is not None and t.row_src.scale is not None
         if t.cp is not None:
             need[t.cp] = max(need.get(t.cp, 0), count)
+            scaled = scaled or t.cp.scale is not None
         for _, plus, minus in t.terms:
             for src in (plus, minus):
                 if src is not None:
                     need[src] = max(need.get(src, 0), merged)
-        for src in t.srcs:  # a block-scaled FP8 source: its scales too (its piece is the whole tensor)
-            if src.scale is not None:
-                need[src.scale] = scale_elems(need[src], t.shape[-1])
+                    scaled = scaled or src.scale is not None
+        if scaled:  # a block-scaled FP8 source: its scales too (its piece is the whole tensor)
+            for src in t.srcs:
+                if src.scale is not None:
+                    need[src.scale] = scale_elems(need[src], t.shape[-1])
     return need

@@ -79,5 +79,5 @@ class Reuse:
             return self.layouts[key][1]
         earlier, lay = self.layouts[key]
         if all(map(operator.is_, earlier, tensors)):
-            return lay
+            return lay.shared()
         return Layout([Placed(t, p.shard, p.offset, p.nbytes) for t, p in zip(tensors, lay.tensors)], lay.shards)
