@@ -23,9 +23,6 @@ import datetime
 import statistics
 import sys
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,9 +31,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import bench  # noqa: E402  (sets RAY_* for every child: loopback, no token auth)
 import s3server  # noqa: E402
 
-from chatvec_dist.io import s3, s3_sink  # noqa: E402
+from chatvec_dist.bench.floor import floor_on_node, shares  # noqa: E402
+from chatvec_dist.io import s3  # noqa: E402
 
-UNIT = 64 * 2**20
 KEEP_LAYERS = r"layers\.(1[6-9]|2[01])\."  # --copies: CP's vocabulary and medium's last 6 of 22 layers kept
 
 
@@ -72,56 +69,20 @@ def _upload(folder: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
-def time_read(urls: list[str], streams: int) -> float:
-    """Every object once, ranged GETs of UNIT into one reused buffer per stream; objects spread over streams."""
-    sizes = {u: s3.head(u).size for u in urls}
-    jobs = [(u, off, min(UNIT, n - off)) for u, n in sizes.items() for off in range(0, n, UNIT)]
-    buffers = threading.local()
-
-    def read(job: tuple[str, int, int]) -> None:
-        if not hasattr(buffers, "buf"):
-            buffers.buf = bytearray(UNIT)
-        url, offset, n = job
-        s3.read_into(url, offset, memoryview(buffers.buf)[:n])
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(read, jobs))
-    return time.perf_counter() - t0
-
-
-def time_write(bucket: str, nbytes: int, streams: int) -> float:
-    """One multipart upload of `nbytes` from a buffer, parts of UNIT, `streams` at once (chatvec's own calls)."""
-    url = f"s3://{bucket}/floor/output.bin"
-    data = memoryview(bytes(range(256)) * (UNIT // 256))
-    t0 = time.perf_counter()
-    upload = s3_sink.create_upload(url)
-    parts = [(k + 1, min(UNIT, nbytes - off)) for k, off in enumerate(range(0, nbytes, UNIT))]
-
-    def put(part: tuple[int, int]) -> tuple[int, str]:
-        number, n = part
-        return number, s3_sink.upload_part(url, upload, number, data[:n])
-
-    with ThreadPoolExecutor(streams) as pool:
-        done = dict(pool.map(put, parts))
-    s3_sink.complete(url, upload, done, nbytes)
-    wall = time.perf_counter() - t0
-    s3_sink.delete(url)
-    return wall
-
-
 def measure(args: argparse.Namespace, bucket: str, size: str, logs: Path) -> dict:
     """The floor and each backend's merge on one size; medians over --repeat."""
     spec = bench.ensure_data(args.data, size)
     urls = upload_inputs(bucket, spec, size)
     inputs = [u for name in bench.CHECKPOINTS for u in _objects(urls[name])]
-    in_bytes = sum(s3.head(u).size for u in inputs)
+    sizes = [(u, s3.head(u).size) for u in inputs]
+    in_bytes = sum(n for _, n in sizes)
+    reads = shares(sizes, 1)[0]
     out_bytes = spec["weight_bytes"]
     streams = bench.os.cpu_count() or 2
     floors = []
     for _ in range(args.repeat):
-        read, write = time_read(inputs, streams), time_write(bucket, out_bytes, streams)
-        floors.append((read + write, read, write))
+        node = floor_on_node("local", reads, f"s3://{bucket}/floor/output.bin", out_bytes, streams)
+        floors.append((node.seconds, node.read_s, node.write_s))
     floor = sorted(floors)[len(floors) // 2]
     result: dict = {"size": size, "in": in_bytes, "out": out_bytes, "floor": floor, "runs": {}}
     print(f"{size}: floor {floor[0]:.2f} s (read {floor[1]:.2f} s, write {floor[2]:.2f} s)", flush=True)

@@ -21,6 +21,7 @@ from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
 from .exec.messages import OutputContext, Stages, UnitResult, WorkContext
+from .fingerprint import digests_once, feed_tree
 from .io import s3
 from .io.ranges import FileHandles
 from .io.s3_checkpoint import object_etags
@@ -458,20 +459,13 @@ def _input_stats(planned: Planned) -> InputStats:
 
 
 def _digests(planned: Planned, inputs: InputStats) -> list[str]:
-    """Each output's job: this version, the recipe, all layouts and units, the inputs' stats (hashed once for
-    all outputs), then the output's own place."""
+    """Each output's job: this version, the recipe, all layouts (a layout shared by several targets once) and
+    units, the inputs' stats (hashed once for all outputs), then the output's own place. The plan is hashed over
+    a compact canonical encoding (fingerprint.py), not its `repr`."""
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
-    shared = hashlib.sha256(
-        repr(
-            (
-                __version__,
-                dataclasses.asdict(recipe),
-                [t.layout for t in planned.targets],
-                planned.units,
-                planned.block_bytes,
-            )
-        ).encode()
-    )
+    shared = hashlib.sha256(b"chatvec job 2\0")
+    layouts = digests_once([t.layout for t in planned.targets])
+    feed_tree([__version__, recipe, layouts, planned.units, planned.block_bytes], shared.update)
     shared.update(json.dumps(inputs, sort_keys=True).encode())
     digests = []
     for index, tp in enumerate(planned.targets):

@@ -46,8 +46,8 @@ class _Alone:
     def tensors(self, target, make):
         return make()
 
-    def layout(self, tensors, max_shard_size):
-        return layout(tensors, max_shard_size)
+    def layout(self, tensors, max_shard_size, at_shards):
+        return layout(tensors, max_shard_size, at_shards)
 
 
 @pytest.mark.parametrize("dare", [None, Dare(0.5, seed=3)])

@@ -20,7 +20,14 @@ import xxhash
 from chatvec_dist.cli import main
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.output.digests import DIGESTS_NAME, encode_digests
-from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, meta_digest, read_manifest, rows_digest
+from chatvec_dist.output.manifest import (
+    MANIFEST_NAME,
+    META_KEY,
+    meta_digest,
+    read_manifest,
+    rows_digest,
+    rows_hash,
+)
 from chatvec_dist.output.verify import verify
 
 # vectors over the rows chat and base have (merge_rows), and one tensor copied from CP
@@ -188,8 +195,13 @@ def test_verify_sources_names_a_changed_tensor_and_a_file_gone(made, tmp_path, c
 
 
 def rewrite_manifest(out: Path, table: pa.Table, meta: dict) -> None:
-    """Write `table` as the output's manifest with its checksums (rows, metadata, checksums.json) made anew."""
-    meta["rows_sha256"] = rows_digest(table.replace_schema_metadata(None))
+    """Write `table` as the output's manifest with its checksums (rows as the manifest has them: `rows_hash`, or an
+    earlier version's `rows_sha256`; metadata; checksums.json) made anew."""
+    rows = table.replace_schema_metadata(None)
+    if "rows_hash" in meta:
+        meta["rows_hash"] = rows_hash(rows)
+    else:
+        meta["rows_sha256"] = rows_digest(rows)
     if "meta_sha256" in meta:
         meta["meta_sha256"] = meta_digest(meta)
     pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
@@ -209,7 +221,7 @@ def test_an_older_manifest_says_its_sources_cannot_be_checked(made, tmp_path, si
     shutil.copytree(made["out"], out)
     table = pq.read_table(out / MANIFEST_NAME)
     meta = json.loads(table.schema.metadata[META_KEY])
-    del meta["source_hash"], meta["inputs"], meta["meta_sha256"]
+    del meta["source_hash"], meta["inputs"], meta["meta_sha256"], meta["rows_hash"]  # none of them then
     names = table.column_names
     rewrite_manifest(out, table.drop_columns(names[names.index(since) :]), meta)  # columns are only appended
     assert verify(out) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -295,3 +296,70 @@ def test_an_output_with_more_shards_than_free_descriptors_verifies(tmp_path):
     assert shards_made > 2 * spare
     proc = subprocess.run([sys.executable, "-c", code, str(out), str(spare)], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[]\n", "")
+
+
+def rechecksummed(out: Path, table: pa.Table, meta: dict) -> None:
+    """Write `table` as the manifest with `meta` (its own checksum made anew) and checksums.json to match."""
+    from chatvec_dist.output.digests import DIGESTS_NAME, encode_digests
+    from chatvec_dist.output.manifest import meta_digest
+
+    meta["meta_sha256"] = meta_digest(meta)
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
+    files = json.loads((out / DIGESTS_NAME).read_text())["files"]
+    data = (out / MANIFEST_NAME).read_bytes()
+    files[MANIFEST_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / DIGESTS_NAME).write_bytes(encode_digests(files))
+
+
+def edited_cell(table: pa.Table, column: str, change) -> pa.Table:
+    """`table` with `change` applied to the first row's cell of `column` (the metadata kept)."""
+    values = table.column(column).to_pylist()
+    values[0] = change(values[0])
+    at = table.schema.get_field_index(column)
+    return table.set_column(at, table.schema.field(at), pa.array(values, table.schema.field(at).type))
+
+
+def test_a_manifest_written_before_rows_hash_verifies_by_its_rows_sha256(out, capsys):
+    """An earlier version's manifest: `rows_sha256`, the sha256 of the rows as JSON (computed here as it did), and
+    no `rows_hash`: verify and inspect check it as before, and an edited cell is still found."""
+    from chatvec_dist.output.inspection import report
+
+    table = pq.read_table(out / MANIFEST_NAME)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    assert set(meta["rows_hash"]) == {"algorithm", "sha256"} and "rows_sha256" not in meta
+    del meta["rows_hash"]
+    rows = table.replace_schema_metadata(None).to_pylist()
+    meta["rows_sha256"] = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    rechecksummed(out, table, meta)
+    assert verify(out) == []
+    assert report(out).startswith(f"{out}: merge by chatvec_dist ")
+    rechecksummed(out, edited_cell(table, "nbytes", lambda n: n + 1), meta)
+    assert verify(out)[0] == f"{out / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)"
+
+
+@pytest.mark.parametrize(
+    "column, change",
+    [
+        ("source_digests", lambda cell: [dict(cell[0], hash="0" * 32), *cell[1:]]),  # a nested field
+        ("cp_norm", lambda value: None if value is not None else 0.0),  # null for a value, or back
+        ("shape", lambda shape: shape[:-1] + [shape[-1], 1]),  # a list one longer, the same numbers
+        ("reason", lambda reason: reason + " "),
+    ],
+)
+def test_any_cell_edited_in_a_manifest_is_found_by_its_rows_hash(out, column, change):
+    """The metadata (its own checksum and checksums.json made anew) kept as written: only `rows_hash` can tell."""
+    table = pq.read_table(out / MANIFEST_NAME)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    rechecksummed(out, table, dict(meta))
+    assert verify(out) == []
+    rechecksummed(out, edited_cell(table, column, change), dict(meta))
+    assert verify(out)[0] == f"{out / MANIFEST_NAME}: manifest rows do not match its checksum (edited after the fact?)"
+
+
+@pytest.mark.parametrize("rows_hash", [{"algorithm": "sha3 of something else", "sha256": "00"}, "00", None])
+def test_a_rows_checksum_of_an_unknown_form_is_a_damaged_manifest(out, rows_hash):
+    table = pq.read_table(out / MANIFEST_NAME)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    meta["rows_hash"] = rows_hash
+    rechecksummed(out, table, meta)
+    assert verify(out)[0] == f"{out / MANIFEST_NAME}: manifest metadata is malformed"

@@ -183,7 +183,7 @@ class UnitRunner:
                 cp = staged[t.cp][:count] if t.cp is not None else None
                 view = out.view(TORCH_DTYPES[t.out_dtype])
                 if t.rows:
-                    stats = self._with_rows(t, piece.first, merged, staged, view, inputs)
+                    stats = self._with_rows(t, piece.first, merged, staged, view, inputs, sources)
                 else:
                     stats = self._combine(t, piece.first, merged, cp, staged, view)
             clock = stages.lap("compute", clock)
@@ -241,8 +241,10 @@ class UnitRunner:
         staged: dict[Src, torch.Tensor],
         out: torch.Tensor,
         inputs: dict[Src, torch.Tensor],
+        sources: PieceSources,
     ) -> Stats:
-        """A strip of a tensor with chat-template token rows (exec/rows.py): the rest combined as usual."""
+        """A strip of a tensor with chat-template token rows (exec/rows.py): the rest combined as usual; a chat row
+        read from its first element is read whole and hashed (its source digest)."""
         assert t.cp is not None and t.row_src is not None
         cp, row_src = staged[t.cp], t.row_src
 
@@ -251,12 +253,14 @@ class UnitRunner:
             return self._combine(t, first + a, max(0, min(merged, b) - a), cp[a:b], rest, out[a:b])
 
         def read_chat(at: int, n: int) -> torch.Tensor:
-            buf = self._buffer("row", n * ITEMSIZE[row_src.dtype])
+            whole = sources.row_read(t, at, n)
+            buf = self._buffer("row", whole * ITEMSIZE[row_src.dtype])
             done = 0
-            for path, offset, nbytes in read_ranges(row_src, at, n):
+            for path, offset, nbytes in read_ranges(row_src, at, whole):
                 self._read(path, offset, buf.numpy().data[done : done + nbytes], t.name)
                 done += nbytes
-            return buf.view(TORCH_DTYPES[row_src.dtype])
+            sources.feed_row(t, at, buf.numpy().data)
+            return buf.view(TORCH_DTYPES[row_src.dtype])[:n]
 
         return rows.combine_with_rows(t, first, out, inputs[t.cp], combine, read_chat)
 

@@ -12,6 +12,8 @@ from .sparse import Sparse, term_delta, ties_delta
 from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
+FUSED_MIN = 1 << 16  # elements: from here on the fused kernel (its first use costs a process about a second)
+FUSED = {torch.bfloat16: torch.float32, torch.float32: torch.float64}  # its dtypes: operands and output, compute
 CANONICAL_NAN = {
     torch.bfloat16: (torch.int16, 0x7FC0),
     torch.float16: (torch.int16, 0x7E00),
@@ -70,6 +72,10 @@ def combine(
 ) -> Stats:
     """`out = round(cp + Σ alpha·(plus − minus))`, all 1-D of equal length, computed in `compute` per chunk;
     `sparse`: with DARE and TIES (kernels/sparse.py)."""
+    if sparse is None and out.numel() >= FUSED_MIN and _fusable(out, cp, terms, compute):
+        from .cpu_fused import combine_fused  # numba: imported where used
+
+        return combine_fused(out, cp, terms)  # type: ignore[arg-type]
     acc_buf, tmp_buf, cp_buf = scratch.get(compute)
     stats = Stats(kept=[0] * len(terms) if sparse is not None and terms else [])
     ties = sparse is not None and sparse.ties is not None and bool(terms)
@@ -115,6 +121,23 @@ def combine(
                 bits, canonical = CANONICAL_NAN[chunk.dtype]
                 chunk.view(bits)[nan] = canonical
     return stats
+
+
+def _fusable(out: torch.Tensor, cp: torch.Tensor | None, terms: Sequence[Term], compute: torch.dtype) -> bool:
+    """Whether the fused kernel (kernels/cpu_fused.py) computes this combine: CP and both sides of every vector
+    there, all of the output's dtype, one it takes, with its compute dtype; all contiguous and of the output's
+    length (it indexes them unchecked, and numba types a tuple of mixed layouts apart), else the torch kernel."""
+    if cp is None or not terms or FUSED.get(out.dtype) != compute or not out.is_contiguous():
+        return False
+    operands = [cp, *(s for _, plus, minus in terms for s in (plus, minus))]
+    return all(
+        t is not None
+        and t.dtype == out.dtype
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.numel() == out.numel()
+        for t in operands
+    )
 
 
 def nonfinite(x: torch.Tensor) -> Stats:

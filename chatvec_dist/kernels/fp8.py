@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..term import Term
+from .cpu import FUSED_MIN
 from .stats import Stats
 
 BLOCK = 128
@@ -109,12 +110,36 @@ def combine_fp8(
     """`out = cp + Σ alpha·(plus − minus)` over a flat [rows, cols] tensor, any operand block-scaled FP8; an FP8
     `out` gets its block scales in `out_scale` (flat, ⌈rows/128⌉ × ⌈cols/128⌉)."""
     rows = out.numel() // cols if cols else 0
+    if out.numel() >= FUSED_MIN and _fusable(out, out_scale, cp, terms, cols):
+        from .fp8_fused import combine_fp8_fused  # numba: imported where used
+
+        return combine_fp8_fused(out, out_scale, cp, terms, cols, scratch.table)  # type: ignore[arg-type]
     stats = Stats()
     for r0 in range(0, rows, BLOCK):
         for c0 in range(0, cols, TILE_COLS):
             tile = _Tile(rows, cols, r0, min(rows, r0 + BLOCK), c0, min(cols, c0 + TILE_COLS))
             stats.add(_combine_tile(tile, out, out_scale, cp, terms, scratch))
     return stats
+
+
+def _fusable(
+    out: torch.Tensor, out_scale: torch.Tensor | None, cp: Operand | None, terms: Sequence[Term], cols: int
+) -> bool:
+    """Whether the fused pass (kernels/fp8_fused.py) computes this combine: an FP8 (with scales) or bfloat16
+    output, CP and both sides of every vector block-scaled FP8; all of them whole [rows, cols] and contiguous
+    (it indexes them unchecked), else the torch pass (which says what does not fit)."""
+    operands = [cp, *(s for _, plus, minus in terms for s in (plus, minus))]
+    n = out.numel()
+    grid = _grid(n // cols) * _grid(cols) if cols and n % cols == 0 else -1  # -1: no grid fits
+    to = out.dtype == torch.bfloat16 or (out.dtype == torch.float8_e4m3fn and _fits(out_scale, grid))
+    return to and bool(terms) and out.is_contiguous() and all(_fits(x, grid, n) for x in operands)
+
+
+def _fits(x: Operand | torch.Tensor | None, grid: int, n: int = 0) -> bool:
+    """A contiguous scale grid of `grid` entries; with `n`, a Blocked operand of n values and such a grid."""
+    if not n:
+        return isinstance(x, torch.Tensor) and x.is_contiguous() and x.numel() == grid
+    return isinstance(x, Blocked) and x.values.is_contiguous() and x.values.numel() == n and _fits(x.scale, grid)
 
 
 def _combine_tile(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,15 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from ..dtypes import ITEMSIZE, is_float
 from ..errors import VerifyError
 from ..exec.messages import SegmentResult
 from ..exec.source_digests import SOURCE_ALGORITHM, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
-from ..planning.experts import read_ranges
 from ..planning.layout import Layout
-from ..planning.planner import PlannedTensor
+from .columns_digest import ROWS_ALGORITHM, columns_digest
 from .location import Where, open_output
+from .manifest_columns import layout_columns, measured_columns
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -139,65 +138,83 @@ class _Digests:
 
 @dataclass
 class _Entry:
-    """One output tensor's block digests, and what its pieces reported: both folded once all blocks arrived."""
+    """A tensor of several hash blocks (or with a source of several): its block digests, and what its pieces
+    reported, as they arrive; both folded once all blocks arrived."""
 
     digests: _Digests
     # per piece (keyed by its first block), so that a piece computed again replaces, never adds
     parts: dict[int, Part] = field(default_factory=dict)
     # per source (PlannedTensor.srcs order): its source hash blocks' digests
     sources: list[_Digests] = field(default_factory=list)
-    total: Part | None = None  # once complete: the pieces' stats and seconds summed, their workers and nodes
 
     @classmethod
     def of(cls, nblocks: int, source_blocks: list[int]) -> _Entry:
         return cls(_Digests(nblocks), {}, [_Digests(n) for n in source_blocks])
 
-    def fold(self) -> None:
+    def fold(self) -> Part:
         """Once every block arrived: the parts as one (a piece reported again later is the same work)."""
         if len(self.parts) == 1:  # most tensors: one piece
             (part,) = self.parts.values()
-            self.total, self.parts = part._replace(seconds=float(part.seconds)), {}
-            return
+            return part._replace(seconds=float(part.seconds))
         stats = Stats()
         for part in self.parts.values():
             stats.add(part.stats)
         parts = self.parts.values()
         workers, nodes = (",".join(sorted({getattr(p, k) for p in parts})) for k in ("worker", "node"))
-        self.total = Part(stats, float(sum(p.seconds for p in parts)), workers, nodes)
-        self.parts = {}
+        return Part(stats, float(sum(p.seconds for p in parts)), workers, nodes)
+
+
+_ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
 
 
 class Tally:
-    """One output's per-tensor totals, gathered on the driver (memory grows with tensors, not bytes)."""
+    """One output's per-tensor totals, gathered on the driver (memory grows with tensors, not bytes): a tensor of
+    one hash block, and one of each source (most), is complete with its one segment; the others are folded from
+    their pieces' block digests (`_Entry`) once all arrived."""
 
     def __init__(self, layout: Layout, block_bytes: int) -> None:
         self.layout = layout
         self.block_bytes = block_bytes
         self.source_elems = source_block_elems(block_bytes)
-        self.entries = [
-            _Entry.of(
-                max(1, math.ceil(p.nbytes / block_bytes)),
-                [source_blocks(n, self.source_elems) for _, n in extents(p.tensor)],
-            )
-            for p in layout.tensors
-        ]
+        n = len(layout.tensors)
+        # one block of the output (at most 8 bytes an element) and of each source: complete with its one segment
+        numel = map(math.prod, map(attrgetter("shape"), map(attrgetter("tensor"), layout.tensors)))
+        self.single = [k <= self.source_elems for k in numel]
+        self.hashes: list[str | None] = [None] * n
+        self.source_hashes: list[tuple[str | None, ...]] = [()] * n  # per source (`extents` order)
+        self.totals: list[Part | None] = [None] * n
+        self.pending: dict[int, _Entry] = {}  # tensors of several blocks, some of them reported
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
-        e = self.entries[seg.index]
-        if e.total is not None:
+        i = seg.index
+        if self.totals[i] is not None:
             return  # the same bytes again (a unit redone after its worker died; see _Digests)
+        e = self.pending.get(i)
+        if e is None:
+            if self.single[i] and len(seg.blocks) == 1 and set(map(len, seg.sources)) <= _ONE:
+                self.hashes[i] = xxhash.xxh3_128_hexdigest(seg.blocks[0][1])  # tensor_hash of one block
+                self.source_hashes[i] = tuple(map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, seg.sources))))
+                self.totals[i] = Part(seg.stats, float(seconds), worker, node)
+                return
+            placed = self.layout.tensors[i]
+            nblocks = max(1, math.ceil(placed.nbytes / self.block_bytes))
+            sources = [source_blocks(n, self.source_elems) for _, n in extents(placed.tensor)]
+            e = self.pending[i] = _Entry.of(nblocks, sources)
         e.digests.add(seg.blocks)
         e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
         for digests, blocks in zip(e.sources, seg.sources):
             digests.add(blocks)
         if e.digests.hash is not None:
-            e.fold()
+            self.hashes[i], self.totals[i] = e.digests.hash, e.fold()
+            self.source_hashes[i] = tuple(d.hash for d in e.sources)
+            del self.pending[i]
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
         """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
         found = []
-        for placed, e in zip(self.layout.tensors, self.entries):
-            parts = [e.total] if e.total is not None else e.parts.values()
+        for i, (placed, total) in enumerate(zip(self.layout.tensors, self.totals)):
+            e = self.pending.get(i)
+            parts = [total] if total is not None else e.parts.values() if e is not None else []
             nan = sum(p.stats.nan for p in parts)
             inf = sum(p.stats.inf for p in parts)
             if nan or inf:
@@ -205,103 +222,46 @@ class Tally:
         return found
 
     def table(self, target: str, metadata: dict) -> pa.Table:
-        rows = []
-        for placed, e in zip(self.layout.tensors, self.entries):
-            t, total = placed.tensor, e.total
-            if total is None or e.digests.hash is None:
-                what = f"{e.digests.reported()} of {e.digests.blocks} blocks"
-                raise VerifyError(f"internal: {what} were reported", tensor=t.name)
-            s = total.stats
-            measured = t.cp is None or t.rule != "copy" or t.cp.dtype != t.out_dtype or bool(t.rows)
-            changed = bool(t.terms or t.rows)  # an update to report: the vectors, or chat-template token rows
-            cp_norm = math.sqrt(s.cp_sq) if measured and t.cp is not None else None
-            counted = is_float(t.out_dtype)  # NaN/Inf: every float tensor, copies as stored too
-            rows.append(
-                {
-                    "target": target,
-                    "tensor": t.name,
-                    "rule": t.rule,
-                    "reason": t.reason,
-                    "shape": list(t.shape),
-                    "dtype_out": t.out_dtype,
-                    "dtype_cp": t.cp.dtype if t.cp else None,
-                    "dtypes_vector": [src.dtype for src in t.vector_srcs],
-                    "shard": self.layout.shards[placed.shard].name,
-                    "offset": placed.offset,
-                    "nbytes": placed.nbytes,
-                    "hash": e.digests.hash,
-                    "cp_norm": cp_norm,
-                    "delta_norm": math.sqrt(s.delta_sq) if t.terms else None,
-                    "rel_update": (math.sqrt(s.update_sq) / cp_norm if cp_norm else None) if changed else None,
-                    "nan_count": s.nan if counted else None,
-                    "inf_count": s.inf if counted else None,
-                    "worker": total.worker,
-                    "node": total.node,
-                    "seconds": total.seconds,
-                    "alphas": [float(term.alpha) for term in t.terms] if t.terms else None,
-                    "token_rows": len(t.rows),
-                    "source_digests": source_digests(t, e),
-                    "density": [k / t.merge_elems for k in s.kept] if s.kept and t.merge_elems else None,
-                    "sign_agreement": (s.agree / s.signed if s.signed else None) if t.ties is not None else None,
-                }
-            )
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        """The manifest: a row per tensor (columns fixed by the layout made once per layout object), and the
+        metadata with the checksums of the rows (`rows_hash`) and of itself (`meta_sha256`)."""
+        fixed = layout_columns(self.layout)
+        measured = measured_columns(fixed, self.hashes, self.source_hashes, self.totals)
+        columns = {"target": pa.array([target] * len(self.hashes), pa.string()), **fixed.fixed, **measured}
+        table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
         meta = dict(
             metadata,
             hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
             source_hash={"algorithm": SOURCE_ALGORITHM, "block_elems": self.source_elems},
-            rows_sha256=_digest_of(rows),  # the rows as the table gives them back (floats as floats): not read again
+            rows_hash=rows_hash(table),
         )
         meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
 
-def source_roles(t: PlannedTensor) -> list[str]:
-    """Each source's role, in `t.srcs` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
-    applied vector's plus side is its `chat[i]`)."""
-    return list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
-
-
-@functools.lru_cache(maxsize=64)
-def _roles(cp: bool, minus: tuple[bool, ...]) -> tuple[str, ...]:
-    """The roles of a tensor with or without CP and terms with or without a minus side (a few shapes per job)."""
-    roles = ["cp"] if cp else []
-    for i, has_minus in enumerate(minus):
-        roles += [f"chat[{i}]"] + ([f"base[{i}]"] if has_minus else [])
-    return tuple(roles)
-
-
-def source_digests(t: PlannedTensor, e: _Entry) -> list[dict]:
-    """The `source_digests` cell of a tensor: each source's role, place, extent and digest."""
-    found = []
-    for role, (src, extent), digests in zip(source_roles(t), extents(t), e.sources):
-        if digests.hash is None:
-            what = f"{digests.reported()} of {digests.blocks} blocks of its {role}"
-            raise VerifyError(f"internal: {what} were reported", tensor=t.name)
-        nbytes = extent * ITEMSIZE[src.dtype]
-        found.append(
-            dict(
-                role=role,
-                file=src.path,
-                offset=src.start,
-                nbytes=nbytes,
-                dtype=src.dtype,
-                hash=digests.hash,
-                segments=[dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(src, 0, extent)]
-                if src.segments
-                else None,
-            )
-        )
-    return found
+def rows_hash(table: pa.Table) -> dict:
+    """The checksum of the manifest's rows that this version writes (`rows_hash` in the metadata), so an edited
+    manifest is detected: per column over a canonical encoding of the values (columns_digest.py)."""
+    return {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table)}
 
 
 def rows_digest(table: pa.Table) -> str:
-    """A checksum of the manifest's rows, stored in its metadata, so an edited manifest is detected."""
-    return _digest_of(table.to_pylist())
+    """The rows checksum of manifests written before `rows_hash` (`rows_sha256`): sha256 of the rows as JSON."""
+    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _digest_of(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+def rows_match(table: pa.Table, meta: dict) -> bool:
+    """Whether the rows match the checksum the manifest has: `rows_hash`, or an earlier version's `rows_sha256`."""
+    if "rows_hash" in meta:
+        return meta["rows_hash"] == rows_hash(table)
+    return meta.get("rows_sha256") == rows_digest(table)
+
+
+def _rows_checksum_known(meta: dict) -> bool:
+    """A rows checksum of a known form: `rows_hash` with this version's algorithm, or `rows_sha256`."""
+    found = meta.get("rows_hash")
+    if found is None:
+        return isinstance(meta.get("rows_sha256"), str)
+    return isinstance(found, dict) and found.get("algorithm") == ROWS_ALGORITHM and isinstance(found.get("sha256"), str)
 
 
 def meta_digest(meta: dict) -> str:
@@ -341,6 +301,6 @@ def read_manifest(out: Where) -> tuple[pa.Table, dict]:
         if isinstance(meta, dict) and isinstance(meta.get("hash"), dict)
         else None
     )
-    if not (isinstance(block, int) and block > 0 and isinstance(meta.get("rows_sha256"), str)):
+    if not (isinstance(block, int) and block > 0 and _rows_checksum_known(meta)):
         raise DamagedManifest("manifest metadata is malformed", file=str(path))
     return table.replace_schema_metadata(None), meta

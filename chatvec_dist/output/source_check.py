@@ -15,6 +15,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError
 from ..io import s3
 from ..io.ranges import open_regular, read_into
+from ..planning.fp8 import SCALE_SUFFIX
 from .location import LOCAL_CHUNK, S3_CHUNK
 from .manifest import tensor_hash
 from .workarea import changed_field
@@ -97,7 +98,8 @@ def _by_file(table: pa.Table, manifest: str) -> tuple[dict[str, list[_Source]], 
                 continue
             segments = tuple((g["file"], g["offset"], g["nbytes"]) for g in e.get("segments") or ())
             key = (e["offset"], e["nbytes"], e["dtype"], e["hash"], segments)
-            source = files.setdefault(e["file"], {}).setdefault(key, _Source(row, tensor, *key))
+            name = tensor + SCALE_SUFFIX if e["role"].endswith(".scale") else tensor  # the scales' own tensor
+            source = files.setdefault(e["file"], {}).setdefault(key, _Source(row, name, *key))
             source.roles.append(e["role"])
     return {path: list(sources.values()) for path, sources in files.items()}, problems
 

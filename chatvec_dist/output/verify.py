@@ -16,7 +16,7 @@ from ..io.ranges import FileHandles, read_into
 from ..planning.layout import SHARD_METADATA
 from .digests import DIGESTS_NAME, added_files, check_file, read_digests
 from .location import NotPlain, OutputLocation, Where, open_output
-from .manifest import MANIFEST_NAME, DamagedManifest, meta_digest, read_manifest, rows_digest, tensor_hash
+from .manifest import MANIFEST_NAME, DamagedManifest, meta_digest, read_manifest, rows_match, tensor_hash
 from .source_check import source_problems
 
 SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")  # what the layout names shards; anything else is not opened
@@ -66,7 +66,7 @@ def _manifest_problems(location: OutputLocation, table: pa.Table, meta: dict) ->
         problems.append(
             f"{where}: manifest metadata (recipe, sources) does not match its checksum (edited after the fact?)"
         )
-    if meta.get("rows_sha256") != rows_digest(table):
+    if not rows_match(table, meta):
         problems.append(f"{where}: manifest rows do not match its checksum (edited after the fact?)")
     return problems
 

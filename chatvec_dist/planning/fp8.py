@@ -176,15 +176,21 @@ def check_not_sparse(tensors: list[PlannedTensor]) -> None:
             )
 
 
-def check_local_output(out: str | None, tensors: list[PlannedTensor]) -> None:
-    """An s3:// output's units must stay within a part's bounds; whole FP8 weights do not, yet."""
-    if out is None or not out.startswith("s3://"):
-        return
-    for t in tensors:
-        if in_one_piece(t):
+def with_scales_beside(t: PlannedTensor) -> bool:
+    """A combined weight written as FP8, or its scale tensor: one unit writes both, the scales right after the
+    weight (so, in an object store's shard, one part holds both)."""
+    return t.rule == SCALE_RULE or (t.rule != "copy" and is_fp8(t.out_dtype))
+
+
+def check_store_pairs(out: str | None, tensors: list[PlannedTensor], at_shards: bool) -> None:
+    """In a job with an object-store output (`at_shards`: every output laid out for one), each combined FP8 weight
+    is followed in its shard by its float32 scales: the weight's bytes must keep them 4-byte aligned."""
+    for t in tensors if at_shards else ():
+        if t.rule != SCALE_RULE and with_scales_beside(t) and t.numel % 4:
             raise PlanError(
-                "block-scaled FP8 tensors to an s3:// output are not supported yet: write to a local folder "
-                "and upload it",
+                f"a block-scaled FP8 weight of shape {list(t.shape)} ({t.numel} bytes, not a multiple of 4) to an "
+                "object store: its float32 scales, placed right after it, would be unaligned (write to a local "
+                "folder and upload it)",
                 file=out,
                 tensor=t.name,
             )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
-from .fp8 import SCALE_RULE, in_one_piece
+from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
 SHARD_METADATA = {"format": "pt"}
@@ -78,23 +78,18 @@ class Unit:
     nbytes: int
 
 
-def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
-    """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset."""
+def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = False) -> Layout:
+    """Pack tensors into shards of at most `max_shard_size` bytes and fix every offset. `at_shards` (an object
+    store's layout, tensors given in `byte_rank` order): each combined FP8 weight and its scales stay adjacent, in
+    one shard."""
     check_max_shard_size(max_shard_size)
     sizes = [math.prod(t.shape) * ITEMSIZE[t.out_dtype] for t in tensors]
-    groups: list[list[int]] = [[]]  # indices into `tensors`
-    filled = 0
-    for i, size in enumerate(sizes):
-        if groups[-1] and filled + size > max_shard_size:
-            groups.append([])
-            filled = 0
-        groups[-1].append(i)
-        filled += size
     placed: list[Placed] = [None] * len(tensors)  # type: ignore[list-item] # every one is set below
     shards: list[Shard] = []
+    groups = _groups(tensors, sizes, max_shard_size, at_shards)
     for k, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda i: -ITEMSIZE[tensors[i].out_dtype])
+        group = sorted(group, key=lambda i: -byte_rank(tensors[i], at_shards))
         entries, begin = [], 0
         for i in group:
             t = tensors[i]
@@ -106,6 +101,30 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
         for i, e in zip(group, entries):
             placed[i] = Placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
     return Layout(placed, shards)
+
+
+def byte_rank(t: PlannedTensor, at_shards: bool) -> int:
+    """A tensor's place in its shard, highest first: its itemsize, so larger itemsizes go first. For an object
+    store, a combined FP8 weight and its float32 scales rank 3 together, right after the float32 tensors: one unit
+    writes both as one part (check_store_pairs keeps the scales aligned)."""
+    return 3 if at_shards and with_scales_beside(t) else ITEMSIZE[t.out_dtype]
+
+
+def _groups(tensors: list[PlannedTensor], sizes: list[int], max_shard_size: int, at_shards: bool) -> list[list[int]]:
+    """The tensors (indices) of each shard, in order; a shard is closed before a tensor that would overflow it,
+    but (for an object store) never between a weight and its scales: the weight's place is decided for both."""
+    groups: list[list[int]] = [[]]
+    filled = 0
+    for k, t in enumerate(tensors):
+        beside = at_shards and k + 1 < len(tensors) and tensors[k + 1].rule == SCALE_RULE
+        need = sizes[k] + (sizes[k + 1] if beside else 0)
+        joins = at_shards and t.rule == SCALE_RULE  # its weight, just before it, took this shard for both
+        if groups[-1] and filled + need > max_shard_size and not joins:
+            groups.append([])
+            filled = 0
+        groups[-1].append(k)
+        filled += sizes[k]
+    return groups
 
 
 def block_bytes(unit_bytes: int) -> int:

@@ -14,8 +14,8 @@ from ..io.sources import open_source
 from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
 from ..term import Term
-from .fp8 import check_local_output, scale_elems
-from .layout import Layout, Piece, Unit, block_bytes, cut_units
+from .fp8 import check_store_pairs, scale_elems
+from .layout import Layout, Piece, Unit, block_bytes, byte_rank, cut_units
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 from .reuse import Reuse, TargetTensors
 from .tokens import TokenRow, token_rows, with_token_rows
@@ -77,9 +77,9 @@ def _plan(recipe: Recipe) -> Planned:
             tuple(v.dare for v in recipe.vectors),
         )
         tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources))  # noqa: B023 -- called now
-        check_local_output(target.out, tensors)
-        if order is None:  # for an object store in byte order: layout puts larger itemsizes first in a shard
-            order = [t.name for t in (sorted(tensors, key=lambda t: -ITEMSIZE[t.out_dtype]) if at_shards else tensors)]
+        check_store_pairs(target.out, tensors, at_shards)
+        if order is None:  # for an object store in byte order (layout.byte_rank: larger itemsizes first)
+            order = [t.name for t in (sorted(tensors, key=lambda t: -byte_rank(t, True)) if at_shards else tensors)]
         by_name = {t.name: t for t in tensors}
         if set(by_name) != set(order):
             odd = sorted(set(by_name) ^ set(order))[0]
@@ -89,7 +89,7 @@ def _plan(recipe: Recipe) -> Planned:
                 file=target.cp,
                 tensor=odd,
             )
-        lay = reuse.layout([by_name[n] for n in order], recipe.max_shard_size)
+        lay = reuse.layout([by_name[n] for n in order], recipe.max_shard_size, at_shards)
         plans.append(TargetPlan(target, sources, lay, token_rows=rows))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]

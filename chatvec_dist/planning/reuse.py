@@ -71,11 +71,13 @@ class Reuse:
         self.plans[key] = found
         return found
 
-    def layout(self, tensors: list[PlannedTensor], max_shard_size: int) -> Layout:
-        """`layout(tensors, max_shard_size)`, from an earlier layout of the same names, shapes and dtypes."""
-        key = (max_shard_size, tuple((t.name, t.shape, t.out_dtype) for t in tensors))
+    def layout(self, tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool) -> Layout:
+        """`layout(tensors, max_shard_size, at_shards)`, from an earlier layout of the same names, shapes, dtypes
+        and (for an object store) rules, which place an FP8 weight's scales."""
+        signature = ((t.name, t.shape, t.out_dtype, t.rule if at_shards else "") for t in tensors)
+        key = (max_shard_size, at_shards, tuple(signature))
         if key not in self.layouts:
-            self.layouts[key] = (tensors, layout(tensors, max_shard_size))
+            self.layouts[key] = (tensors, layout(tensors, max_shard_size, at_shards))
             return self.layouts[key][1]
         earlier, lay = self.layouts[key]
         if all(map(operator.is_, earlier, tensors)):

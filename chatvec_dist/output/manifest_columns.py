@@ -1,0 +1,276 @@
+"""The manifest's table built column by column: what the layout fixes (names, shapes, rules, places, the sources'
+places), made once per layout object and shared by the outputs that share it, then what the run measured."""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain, compress
+from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..dtypes import FLOAT_DTYPES, ITEMSIZE
+from ..errors import VerifyError
+from ..exec.source_digests import extents
+from ..planning.experts import read_ranges
+from ..planning.layout import Layout
+from ..planning.planner import PlannedTensor, Src
+
+if TYPE_CHECKING:
+    from .manifest import Part
+
+STRING, INT, FLOAT = pa.string(), pa.int64(), pa.float64()
+SEGMENT = pa.struct([("file", STRING), ("offset", INT), ("nbytes", INT)])
+SOURCE_FIELDS = ("role", "file", "offset", "nbytes", "dtype")  # then `hash`, then `segments`
+
+
+@dataclass(frozen=True)
+class LayoutColumns:
+    """The columns a layout fixes, and per tensor what decides whether a measured value is reported."""
+
+    fixed: dict[str, pa.Array]  # tensor, rule, reason, shape, dtype_out, dtype_cp, dtypes_vector, shard, offset, …
+    sources: list[pa.Array]  # source_digests' SOURCE_FIELDS and `segments`, every tensor's sources end to end
+    counts: np.ndarray  # per tensor, its sources (the digests it must have)
+    measured: np.ndarray  # cp_norm is reported (CP is there and not copied as stored)
+    changed: np.ndarray  # rel_update is reported (vectors added, or token rows taken)
+    terms: np.ndarray  # delta_norm is reported
+    counted: np.ndarray  # NaN/Inf are counted (a float output)
+    ties: np.ndarray  # sign_agreement is reported
+    merge_elems: list[int]
+
+
+_cached: list[tuple[weakref.ref[Layout], LayoutColumns]] = []  # the last layout's, while it lives
+
+
+def layout_columns(layout: Layout) -> LayoutColumns:
+    """The columns of `layout`: made once for the outputs of a batch that share the layout object."""
+    if _cached and _cached[0][0]() is layout:
+        return _cached[0][1]
+    columns = _make(layout)
+    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns)]
+    return columns
+
+
+def _make(layout: Layout) -> LayoutColumns:
+    placed = layout.tensors
+    ts: list[PlannedTensor] = list(map(attrgetter("tensor"), placed))
+    cps = list(map(attrgetter("cp"), ts))
+    terms = _Terms(ts)
+    shards = [s.name for s in layout.shards]
+    has_cp = np.array([cp is not None for cp in cps], bool)
+    fixed = {
+        "tensor": pa.array(list(map(attrgetter("name"), ts)), STRING),
+        "rule": pa.array(list(map(attrgetter("rule"), ts)), STRING),
+        "reason": pa.array(list(map(attrgetter("reason"), ts)), STRING),
+        "shape": pa.array(list(map(attrgetter("shape"), ts)), pa.list_(INT)),
+        "dtype_out": pa.array(list(map(attrgetter("out_dtype"), ts)), STRING),
+        "dtype_cp": pa.array([cp.dtype if cp is not None else None for cp in cps], STRING),
+        "dtypes_vector": pa.ListArray.from_arrays(_offsets(terms.vectors_per_tensor), _field(terms.vectors, "dtype")),
+        "shard": pa.array([shards[p.shard] for p in placed], STRING),
+        "offset": pa.array(list(map(attrgetter("offset"), placed)), INT),
+        "nbytes": pa.array(list(map(attrgetter("nbytes"), placed)), INT),
+        "alphas": pa.ListArray.from_arrays(
+            _offsets(terms.count), pa.array(terms.alphas, FLOAT), mask=pa.array(terms.count == 0)
+        ),
+        "token_rows": pa.array(list(map(len, map(attrgetter("rows"), ts))), INT),
+    }
+    counts, sources = _sources(ts, cps, has_cp, terms)
+    rows = fixed["token_rows"].to_numpy() > 0
+    same = pc.fill_null(pc.equal(fixed["dtype_cp"], fixed["dtype_out"]), False).to_numpy(zero_copy_only=False)
+    copied = _is(fixed["rule"], "copy") & same & ~rows  # CP's bytes as stored
+    return LayoutColumns(
+        fixed,
+        sources,
+        counts,
+        measured=has_cp & ~copied,
+        changed=(terms.count > 0) | rows,
+        terms=terms.count > 0,
+        counted=pc.is_in(fixed["dtype_out"], pa.array(sorted(FLOAT_DTYPES))).to_numpy(zero_copy_only=False),
+        ties=np.array([t is not None for t in map(attrgetter("ties"), ts)], bool),
+        merge_elems=list(map(attrgetter("merge_elems"), ts)),
+    )
+
+
+def _is(strings: pa.Array, value: str) -> np.ndarray:
+    return pc.equal(strings, value).to_numpy(zero_copy_only=False)
+
+
+class _Terms:
+    """Every tensor's terms end to end: their alphas, and the vector sources they read (plus, then minus where
+    there is one), with each one's role and tensor."""
+
+    def __init__(self, ts: list[PlannedTensor]) -> None:
+        per_tensor = list(map(attrgetter("terms"), ts))
+        self.count = np.array(list(map(len, per_tensor)), np.int64)
+        flat = list(chain.from_iterable(per_tensor))
+        self.alphas = list(map(float, map(itemgetter(0), flat)))
+        sides = list(chain.from_iterable(zip(map(itemgetter(1), flat), map(itemgetter(2), flat))))
+        there = [s is not None for s in sides]
+        self.vectors: list[Src] = list(compress(sides, there))
+        nth = np.arange(len(flat)) - np.repeat(_offsets(self.count)[:-1], self.count)  # the recipe's i-th vector
+        roles = chain.from_iterable(map(_vector_roles, nth.tolist()))
+        self.roles = list(compress(roles, there))
+        per_term = np.array(there, bool).reshape(-1, 2).sum(axis=1)
+        self.tensor = np.repeat(np.repeat(np.arange(len(ts)), self.count), per_term)  # each vector's tensor
+        self.vectors_per_tensor = np.bincount(self.tensor, minlength=len(ts))
+
+
+@functools.lru_cache(maxsize=64)
+def _vector_roles(i: int) -> tuple[str, str]:
+    """The roles of the recipe's i-th vector's plus and minus sides (an applied vector's plus side: `chat[i]`)."""
+    return f"chat[{i}]", f"base[{i}]"
+
+
+def _sources(
+    ts: list[PlannedTensor], cps: list[Src | None], has_cp: np.ndarray, terms: _Terms
+) -> tuple[np.ndarray, list[pa.Array]]:
+    """Per tensor how many sources it reads, and the source_digests fields but `hash` of every tensor's sources end
+    to end, each tensor's as `source_digests.extents` gives them: `cp` (all its elements), then its vectors (the
+    merged elements), then where a tensor has them its FP8 scales and token-row chat rows (`_Extra`)."""
+    with_cp = np.flatnonzero(has_cp)
+    cp_srcs = [cps[i] for i in with_cp.tolist()]
+    extra = _Extra(ts, cp_srcs + terms.vectors, np.concatenate([with_cp, terms.tensor]))
+    tensor = np.concatenate([with_cp, terms.tensor, np.array(extra.tensor, np.int64)])
+    order = np.argsort(tensor, kind="stable")  # per tensor: CP, its vectors, its extra sources, each in order
+    srcs: list[Src] = _ordered(cp_srcs + terms.vectors + extra.srcs, order)
+    merged = np.array(list(map(attrgetter("merge_elems"), ts)), np.int64)
+    numel = np.array(list(map(math.prod, map(attrgetter("shape"), (ts[i] for i in with_cp.tolist())))), np.int64)
+    elems = np.concatenate([numel, merged[terms.tensor], np.array(extra.extents, np.int64)])[order]
+    dtypes = list(map(attrgetter("dtype"), srcs))
+    itemsize = np.array(list(map(ITEMSIZE.__getitem__, dtypes)), np.int64)
+    segments: list[list[dict] | None] = [None] * len(srcs)
+    for i in np.flatnonzero(np.array(list(map(bool, map(attrgetter("segments"), srcs))), bool)).tolist():
+        segments[i] = [dict(file=p, offset=o, nbytes=n) for p, o, n in read_ranges(srcs[i], 0, int(elems[i]))]
+    return np.bincount(tensor, minlength=len(ts)), [
+        pa.array(_ordered(["cp"] * len(cp_srcs) + terms.roles + extra.roles, order), STRING),
+        _field(srcs, "path"),
+        pa.array(list(map(attrgetter("start"), srcs)), INT),
+        pa.array(elems * itemsize, INT),
+        pa.array(dtypes, STRING),
+        pa.array(segments, pa.list_(SEGMENT)),
+    ]
+
+
+class _Extra:
+    """The sources that follow a tensor's own in `extents` order, for the tensors that have any: the float32
+    scales of its block-scaled FP8 sources, and the chat rows its token rows are taken from (per tensor, as
+    `source_digests.extents` and `source_roles` give them)."""
+
+    def __init__(self, ts: list[PlannedTensor], own: list[Src], tensor: np.ndarray) -> None:
+        scaled = np.array([s.scale is not None for s in own], bool)
+        rows = np.flatnonzero(np.array(list(map(bool, map(attrgetter("rows"), ts))), bool))
+        self.tensor: list[int] = []
+        self.srcs: list[Src] = []
+        self.extents: list[int] = []
+        self.roles: list[str] = []
+        for i in sorted(set(tensor[scaled].tolist()) | set(rows.tolist())):
+            t = ts[i]
+            found, roles = extents(t), source_roles(t)
+            first = (t.cp is not None) + len(t.vector_srcs)  # after its own sources
+            self.tensor += [i] * (len(found) - first)
+            self.srcs += [src for src, _ in found[first:]]
+            self.extents += [n for _, n in found[first:]]
+            self.roles += roles[first:]
+
+
+def source_roles(t: PlannedTensor) -> list[str]:
+    """Each source's role, in `extents` order: `cp`, then `chat[i]` and `base[i]` for the recipe's i-th vector (an
+    applied vector's plus side is its `chat[i]`); then `ROLE.scale`, the float32 scales of each block-scaled FP8
+    one; then `chat[0].row[N]`, each chat row N that token rows are taken from."""
+    roles = list(_roles(t.cp is not None, tuple(minus is not None for _, _, minus in t.terms)))
+    scaled = [f"{role}.scale" for role, src in zip(roles, t.srcs) if src.scale is not None]  # row_src: past roles
+    return roles + scaled + [f"chat[0].row[{chat}]" for _, chat in t.rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _roles(cp: bool, minus: tuple[bool, ...]) -> tuple[str, ...]:
+    """The roles of a tensor with or without CP and terms with or without a minus side (a few shapes per job)."""
+    roles = ["cp"] if cp else []
+    for i, has_minus in enumerate(minus):
+        plus_role, minus_role = _vector_roles(i)
+        roles += [plus_role] + ([minus_role] if has_minus else [])
+    return tuple(roles)
+
+
+def _ordered(values: list, order: np.ndarray) -> list:
+    """`values` in `order` (a permutation), in C."""
+    found = np.empty(len(values), object)
+    found[:] = values
+    return found[order].tolist()
+
+
+def _field(objects: list, name: str) -> pa.Array:
+    return pa.array(list(map(attrgetter(name), objects)), STRING)
+
+
+def _offsets(counts: np.ndarray) -> pa.Array:
+    """List offsets (int32) of lists of `counts` items."""
+    offsets = np.zeros(len(counts) + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.array(offsets)
+
+
+def measured_columns(
+    layout: LayoutColumns,
+    hashes: Sequence[str | None],
+    source_hashes: Sequence[tuple[str | None, ...]],
+    totals: Sequence[Part | None],
+) -> dict[str, pa.Array]:
+    """The columns the run measured: hashes, norms, counts, workers, seconds, source digests, DARE/TIES shares."""
+    _check_complete(layout, hashes, source_hashes, totals)
+    parts: list[Part] = totals  # type: ignore[assignment]  # every one there (checked)
+    stats = list(map(attrgetter("stats"), parts))
+    sq = {k: np.array(list(map(attrgetter(k), stats)), np.float64) for k in ("cp_sq", "delta_sq", "update_sq")}
+    cp_norm = np.sqrt(sq["cp_sq"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.sqrt(sq["update_sq"]) / cp_norm
+    counts = {k: np.array(list(map(attrgetter(k), stats)), np.int64) for k in ("nan", "inf")}
+    kept = [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)]
+    agree = [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)]
+    *fields, segments = layout.sources
+    digests = pa.StructArray.from_arrays(
+        [*fields, pa.array(list(chain.from_iterable(source_hashes)), STRING), segments],
+        names=[*SOURCE_FIELDS, "hash", "segments"],
+    )
+    return {
+        "hash": pa.array(hashes, STRING),
+        "cp_norm": pa.array(cp_norm, FLOAT, mask=~layout.measured),
+        "delta_norm": pa.array(np.sqrt(sq["delta_sq"]), FLOAT, mask=~layout.terms),
+        "rel_update": pa.array(rel, FLOAT, mask=~(layout.changed & layout.measured & (cp_norm != 0))),
+        "nan_count": pa.array(counts["nan"], INT, mask=~layout.counted),
+        "inf_count": pa.array(counts["inf"], INT, mask=~layout.counted),
+        "worker": _field(parts, "worker"),
+        "node": _field(parts, "node"),
+        "seconds": pa.array(list(map(attrgetter("seconds"), parts)), FLOAT),
+        "source_digests": pa.ListArray.from_arrays(_offsets(layout.counts), digests),
+        "density": pa.array(kept, pa.list_(FLOAT)),  # DARE/TIES
+        "sign_agreement": pa.array(agree, FLOAT),
+    }
+
+
+def _check_complete(
+    layout: LayoutColumns,
+    hashes: Sequence[str | None],
+    source_hashes: Sequence[tuple[str | None, ...]],
+    totals: Sequence[Part | None],
+) -> None:
+    """Every tensor and each of its sources reported in full (else an internal error naming the first not)."""
+    want = layout.counts.tolist()
+    if all(hashes) and all(totals) and all(map(_complete, source_hashes, want)):
+        return
+    for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
+        if h is None or total is None or not _complete(found, n):
+            done = len(found) - found.count(None)
+            what = "not all of its blocks were" if h is None or total is None else f"{done} of its {n} sources"
+            raise VerifyError(f"internal: {what} reported in full", tensor=layout.fixed["tensor"][i].as_py())
+
+
+def _complete(found: tuple[str | None, ...], want: int) -> bool:
+    return len(found) == want and None not in found

@@ -1,0 +1,143 @@
+"""The job digest over a compact canonical encoding of the plan (fingerprint.py): any change of the recipe, a
+layout, a unit or an input's stats makes another job; equal plans, shared or not, the same one."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from chatvec_dist import fingerprint, job
+from chatvec_dist.api import make_recipe
+from chatvec_dist.demo import make_demo_models
+from chatvec_dist.fingerprint import tree_digest
+from chatvec_dist.planning.layout import Piece, Shard
+from chatvec_dist.planning.plan import plan
+from chatvec_dist.planning.planner import Src
+from chatvec_dist.planning.sparsity import TermDare, TiesPlan
+from chatvec_dist.term import Term
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    return make_demo_models(tmp_path_factory.mktemp("fingerprint"))
+
+
+def planned_batch(demo: dict[str, Path], out: Path):
+    recipe = make_recipe(demo["base"], demo["chat"], {"a": demo["cp"], "b": demo["cp"]}, out)
+    return plan(recipe)
+
+
+def with_tensor(planned, target: int, index: int, **changes):
+    """`planned` with one planned tensor of one target's layout changed."""
+    tp = planned.targets[target]
+    tensors = list(tp.layout.tensors)
+    placed = tensors[index]
+    tensors[index] = dataclasses.replace(placed, tensor=dataclasses.replace(placed.tensor, **changes))
+    return with_layout(planned, target, tensors=tensors)
+
+
+def with_layout(planned, target: int, **changes):
+    targets = list(planned.targets)
+    tp = targets[target]
+    targets[target] = dataclasses.replace(tp, layout=dataclasses.replace(tp.layout, **changes))
+    return dataclasses.replace(planned, targets=targets)
+
+
+def test_any_change_of_the_plan_or_inputs_is_another_job(demo, tmp_path):
+    planned = planned_batch(demo, tmp_path / "out")
+    inputs = job._input_stats(planned)
+    tensors = planned.targets[0].layout.tensors
+    i = next(i for i, p in enumerate(tensors) if p.tensor.terms)  # a merged tensor
+    placed = tensors[i]
+    t = placed.tensor
+    assert t.cp is not None and len(t.terms) == 1
+    plus, minus = t.terms[0].plus, t.terms[0].minus
+    term = t.terms[0]
+    changed = {
+        "name": with_tensor(planned, 0, i, name=t.name + "x"),
+        "rule": with_tensor(planned, 0, i, rule="copy"),
+        "reason": with_tensor(planned, 0, i, reason="excluded"),
+        "shape": with_tensor(planned, 0, i, shape=(*t.shape[:-1], t.shape[-1], 1)),
+        "dtype": with_tensor(planned, 0, i, out_dtype="F32"),
+        "cp path": with_tensor(planned, 0, i, cp=dataclasses.replace(t.cp, path=t.cp.path + "x")),
+        "cp start": with_tensor(planned, 0, i, cp=dataclasses.replace(t.cp, start=t.cp.start + 2)),
+        "cp segments": with_tensor(planned, 0, i, cp=dataclasses.replace(t.cp, segments=((t.cp.path, 0, 1),))),
+        "cp scale": with_tensor(planned, 0, i, cp=dataclasses.replace(t.cp, scale=Src("s", 0, "F32"))),
+        "alpha": with_tensor(planned, 0, i, terms=(term._replace(alpha=0.5),)),
+        "alpha as int": with_tensor(planned, 0, i, terms=(term._replace(alpha=1),)),
+        "no minus": with_tensor(planned, 0, i, terms=(Term(term.alpha, plus, None),)),
+        "swapped": with_tensor(planned, 0, i, terms=(Term(term.alpha, minus, plus),)),
+        "merged": with_tensor(planned, 0, i, merge_elems=t.merge_elems - 1),
+        "rows": with_tensor(planned, 0, i, rows=((0, 1),)),
+        "row source": with_tensor(planned, 0, i, row_src=plus),
+        "dare": with_tensor(planned, 0, i, dare=(TermDare(0.5, 1, 2**31),)),
+        "ties": with_tensor(planned, 0, i, ties=TiesPlan(0.5, True, 3)),
+        "second target": with_tensor(planned, 1, i, reason="excluded"),
+        "offset": with_layout(
+            planned,
+            0,
+            tensors=[*tensors[:i], dataclasses.replace(placed, offset=placed.offset + 8), *tensors[i + 1 :]],
+        ),
+        "shard header": with_layout(
+            planned,
+            0,
+            shards=[Shard(s.name, s.header + b" ", s.size) for s in planned.targets[0].layout.shards],
+        ),
+        "unit": dataclasses.replace(
+            planned, units=[dataclasses.replace(planned.units[0], pieces=(*planned.units[0].pieces, Piece(0, 0, 1)))]
+        ),
+        "block": dataclasses.replace(planned, block_bytes=planned.block_bytes // 2),
+        "recipe": dataclasses.replace(planned, recipe=dataclasses.replace(planned.recipe, unit_bytes=2**20)),
+    }
+    base = job._digests(planned, inputs)
+    assert len(set(base)) == 2  # each output its own
+    found = {what: job._digests(p, inputs) for what, p in changed.items()}
+    path = next(iter(inputs))
+    found["input"] = job._digests(planned, {**inputs, path: [*inputs[path][:-1], inputs[path][-1] + 1]})
+    for what, digests in found.items():
+        assert set(digests).isdisjoint(base), what
+    assert len({d[0] for d in found.values()}) == len(found)  # and no two changes the same job
+
+
+def test_equal_plans_are_the_same_job_shared_layouts_or_not(demo, tmp_path, monkeypatch):
+    first, again = planned_batch(demo, tmp_path / "out"), planned_batch(demo, tmp_path / "out")
+    assert first.targets[0].layout is not again.targets[0].layout
+    inputs = job._input_stats(first)
+    assert job._digests(first, inputs) == job._digests(again, inputs)
+    shared = with_layout(first, 1)  # a copy of the second layout, then both targets given the first's
+    shared.targets[1] = dataclasses.replace(shared.targets[1], layout=first.targets[0].layout)
+    assert shared.targets[0].layout is shared.targets[1].layout
+    assert job._digests(shared, inputs) == job._digests(first, inputs)  # the two layouts were equal
+    calls = []
+    monkeypatch.setattr(fingerprint, "tree_digest", lambda v: calls.append(v) or tree_digest(v))
+    fingerprint.digests_once([t.layout for t in shared.targets])
+    assert len(calls) == 1  # encoded once
+
+
+@pytest.mark.parametrize(
+    "one, other",
+    [
+        (("ab", "c"), ("a", "bc")),
+        ([(1, 2), (3,)], [(1,), (2, 3)]),
+        ([1], [1.0]),
+        ([1], [True]),
+        ([None], ["None"]),
+        ([0.0], [-0.0]),
+        ([{"a": 1}], [{"a": "1"}]),
+        ([{"a": 1, "b": 2}], [{"b": 2, "a": 1}]),  # a dict's order is part of it (as its repr's)
+        ([b"ab", b"c"], [b"a", b"bc"]),
+        ([Src("a", 1, "F32")], [Src("a", 1, "F32", (), Src("a", 1, "F32"))]),
+        ([Term(1.0, None, None)], [(1.0, None, None)]),
+    ],
+)
+def test_different_trees_never_encode_alike(one, other):
+    assert tree_digest(one) != tree_digest(other)
+
+
+def test_a_set_encodes_in_a_canonical_order_and_equal_trees_alike():
+    assert tree_digest([{"b", "a", "c"}]) == tree_digest([{"c", "a", "b"}])
+    assert tree_digest([Src("a", 1, "F32")]) == tree_digest([Src("a", 1, "F32")])
+    assert tree_digest(1) == tree_digest(1) != hashlib.sha256(b"").digest()
