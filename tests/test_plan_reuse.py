@@ -43,6 +43,8 @@ def _targets(cp: str, other: str) -> list[Target]:
 class _Alone:
     """Reuse that reuses nothing: every target planned and laid out from scratch, as before planning/reuse.py."""
 
+    sides = None  # no vector side shared either
+
     def tensors(self, target, make):
         return make()
 

@@ -19,6 +19,7 @@ from .layout import Layout, Piece, Unit, block_bytes, byte_rank, cut_units
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 from .reuse import Reuse, TargetTensors
 from .tokens import TokenRow, token_rows, with_token_rows
+from .vectors import Sides
 
 if TYPE_CHECKING:
     from .parts import Part
@@ -76,7 +77,7 @@ def _plan(recipe: Recipe) -> Planned:
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
             tuple(v.dare for v in recipe.vectors),
         )
-        tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources))  # noqa: B023 -- called now
+        tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources, reuse.sides))  # noqa: B023
         check_store_pairs(target.out, tensors, at_shards)
         if order is None:  # for an object store in byte order (layout.byte_rank: larger itemsizes first)
             order = [t.name for t in (sorted(tensors, key=lambda t: -byte_rank(t, True)) if at_shards else tensors)]
@@ -96,10 +97,11 @@ def _plan(recipe: Recipe) -> Planned:
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
 
 
-def _plan_target(target: Target, sources: Sources) -> TargetTensors:
-    """One target's tensors and token rows (`Reuse` skips this for a target planned alike before)."""
+def _plan_target(target: Target, sources: Sources, sides: Sides | None) -> TargetTensors:
+    """One target's tensors and token rows (`Reuse` skips this for a target planned alike before); `sides`: the
+    vectors' pairings, shared by the job's targets."""
     rows = token_rows(target, sources)
-    return with_token_rows(plan_tensors(target, sources), rows, sources), rows
+    return with_token_rows(plan_tensors(target, sources, sides), rows, sources), rows
 
 
 def _to_store(target: Target) -> bool:

@@ -17,6 +17,7 @@ from ..term import Term
 from .layout import Layout, Placed, layout
 from .planner import PlannedTensor
 from .tokens import TokenRow
+from .vectors import Sides
 
 # A target's planned tensors (before layout) and its token rows.
 TargetTensors = tuple[list[PlannedTensor], tuple[TokenRow, ...]]
@@ -53,7 +54,10 @@ class Reuse:
     def __init__(self) -> None:
         self.plans: dict[str, TargetTensors] = {}  # by inputs_key
         self.swept: dict[str, TargetTensors] = {}  # by inputs_key without alphas: targets without alpha rules
-        self.layouts: dict[tuple, tuple[list[PlannedTensor], Layout]] = {}  # by each tensor's name, shape, dtype
+        self.layouts: dict[tuple, tuple[list[PlannedTensor], Layout]] = {}
+        self.sides = (
+            Sides()
+        )  # each tensor's vector side, for every target (planning/vectors.py)  # by each tensor's name, shape, dtype
 
     def tensors(self, target: Target, make: Callable[[], TargetTensors]) -> TargetTensors:
         """`make()`'s result for this target, or an earlier equal target's."""
