@@ -26,8 +26,9 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import save_checkpoint
 from chatvec_dist.errors import PlanError
 from chatvec_dist.io import s3
+from chatvec_dist.output.journal import Journal
 from chatvec_dist.output.manifest import read_manifest
-from chatvec_dist.output.workarea import STAGING_ENV, partial_path, staging_path
+from chatvec_dist.output.workarea import JOURNAL_NAME, STAGING_ENV, partial_path, staging_path
 from chatvec_dist.planning.fp8 import SCALE_RULE
 from chatvec_dist.planning.layout import layout
 from chatvec_dist.recipe.file import dump_recipe
@@ -134,9 +135,9 @@ def killed_midway(recipe: Recipe, where: Path) -> list[str]:
     argv = [sys.executable, "-m", "chatvec_dist.cli", *args]
     proc = subprocess.Popen(argv, env=slow_units_env(1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert recipe.targets[1].out is not None
-    journal = partial_path(staging_path(recipe.targets[1].out)) / "journal.jsonl"
+    journal = partial_path(staging_path(recipe.targets[1].out)) / JOURNAL_NAME
     deadline = time.monotonic() + 120
-    while not (journal.is_file() and len(journal.read_bytes().splitlines()) >= 2):
+    while len(Journal.load(journal, 0)) < 2:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(0.05)

@@ -6,8 +6,9 @@ import fnmatch
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
@@ -15,6 +16,7 @@ from ..log import logger
 from .header import (
     MAX_HEADER_BYTES,
     TensorInfo,
+    all_safe_names,
     is_safe_name,
     parse_header_bytes,
     read_header,
@@ -46,7 +48,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     """Where one tensor lives: its file and its header entry."""
 
@@ -173,23 +175,39 @@ def collect_tensors(
     names: dict[str, str] | None,
     index: str,
 ) -> dict[str, TensorRef]:
-    """Every tensor of `shards` ((name, path) each; `header` reads a path's), those the index `names` places there
-    where there is one, in file order; `index` is the index file, cited when it names what a shard lacks."""
+    """Every tensor of `shards` ((name, path) each; `header` reads a path's, in byte order), those the index `names`
+    places there where there is one, in file order; `index` is the index file, cited when it names what a shard
+    lacks. Work per shard is set operations: a 45 k-tensor checkpoint has a few hundred shards."""
     tensors: dict[str, TensorRef] = {}
+    placed = _placed(names) if names is not None else {}
     for name, path in shards:
-        for tname, info in header(path).items():
-            if names is None:
-                if tname in tensors:
-                    raise HeaderError(f"tensor also present in {tensors[tname].path}", file=path, tensor=tname)
-                tensors[tname] = TensorRef(path, info)
-            elif names.get(tname) == name:
-                tensors[tname] = TensorRef(path, info)
+        infos = header(path)
+        if names is None:
+            if not tensors.keys().isdisjoint(infos):
+                tname = next(t for t in infos if t in tensors)
+                raise HeaderError(f"tensor also present in {tensors[tname].path}", file=path, tensor=tname)
+        else:
+            wanted = placed.get(name, set())
+            if infos.keys() != wanted:  # a shard holding tensors the index places elsewhere: those are left out
+                infos = {t: info for t, info in infos.items() if t in wanted}
+        tensors.update(zip(infos, map(TensorRef, repeat(path), infos.values())))
     if names is None:
         return tensors
-    for tname, fname in names.items():
-        if tname not in tensors:
-            raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=index, tensor=tname)
+    if len(tensors) != len(names):
+        tname, fname = next((t, f) for t, f in names.items() if t not in tensors)
+        raise HeaderError(f"the index places this tensor in {fname}, which lacks it", file=index, tensor=tname)
+    paths = [path for _, path in shards]
+    if all(a < b for a, b in zip(paths, paths[1:])):  # shards in path order, each in byte order: file order already
+        return tensors
     return {n: tensors[n] for n in sorted(tensors, key=lambda n: (tensors[n].path, tensors[n].info.start))}
+
+
+def _placed(names: dict[str, str]) -> dict[str, set[str]]:
+    """The index's tensors per shard file."""
+    placed: dict[str, set[str]] = {}
+    for tname, fname in names.items():
+        placed.setdefault(fname, set()).add(tname)
+    return placed
 
 
 def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
@@ -200,15 +218,19 @@ def _weight_map(index: Path, directory: Path, bound: Path) -> dict[str, str]:
     except OSError as e:
         raise HeaderError(f"index is not valid JSON ({type(e).__name__})", file=str(index)) from None
     wm = parse_weight_map(text, str(index))
-    checked: set[str] = set()  # each shard once: filesystem look-ups per file, not per tensor (NFS, Lustre)
-    for tname, fname in wm.items():
-        if fname in checked:
-            continue
-        checked.add(fname)
+    for fname, tname in _first_tensors(wm).items():  # each shard once: filesystem look-ups per file (NFS, Lustre)
         if not _is_file(directory / fname):
             raise HeaderError(f"weight_map names a missing shard {shown(fname)}", file=str(index), tensor=tname)
         _inside(directory / fname, bound, str(index), tname)
     return wm
+
+
+def _first_tensors(wm: dict[str, str]) -> dict[str, str]:
+    """Each shard file of a weight map, in order of first mention, with the first tensor it holds (built from the
+    end, so that the first tensor's entry is written last; its place is the file's first mention)."""
+    first = dict.fromkeys(wm.values(), "")
+    first.update(zip(reversed(wm.values()), reversed(wm.keys())))
+    return first
 
 
 def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
@@ -223,6 +245,8 @@ def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise HeaderError("index has no weight_map object", file=index)
+    if all_safe_names(wm) and all(map(_safe_path, _distinct(wm.values()))):
+        return wm  # the usual case, checked in C loops and per file; else the loop names the first problem
     safe: set[str] = set()  # each file name checked once: a 45 k-tensor index names a few hundred
     for tname, fname in wm.items():
         if not is_safe_name(tname):
@@ -231,18 +255,31 @@ def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
             )
         if isinstance(fname, str) and fname in safe:
             continue
-        if (
-            not isinstance(fname, str)
-            or not fname
-            or not fname.isprintable()
-            or os.path.isabs(fname)
-            or ".." in Path(fname).parts
-            or "\\" in fname
-            or "://" in fname
-        ):
+        if not _safe_path(fname):
             raise HeaderError(f"weight_map names an unsafe path {shown(fname)}", file=index, tensor=tname)
         safe.add(fname)
     return wm
+
+
+def _safe_path(fname: object) -> bool:
+    """A weight map's file: a non-empty printable relative path inside the checkpoint, no backslash or URL."""
+    return (
+        isinstance(fname, str)
+        and bool(fname)
+        and fname.isprintable()
+        and not os.path.isabs(fname)
+        and ".." not in Path(fname).parts
+        and "\\" not in fname
+        and "://" not in fname
+    )
+
+
+def _distinct(values: Iterable[object]) -> Iterable[object]:
+    """The distinct values (a list or object among them, which is no path, as None)."""
+    try:
+        return set(values)
+    except TypeError:
+        return [None]
 
 
 def _inside(path: Path, bound: Path, cited: str, tensor: str | None = None) -> Path:

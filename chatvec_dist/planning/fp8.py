@@ -122,6 +122,8 @@ def check_scaled(name: str, refs: list[TensorRef], scales: Scales) -> None:
 def attach(tensors: list[PlannedTensor], scales: Scales) -> list[PlannedTensor]:
     """Give each FP8 source its scale, and put right after each weight written as FP8 its scale tensor: computed
     beside a merged weight (rule `scale`), CP's copied beside a weight kept as stored."""
+    if not scales:  # then no tensor reads or writes FP8 (check_scaled refused any combined FP8 source)
+        return tensors
     planned: list[PlannedTensor] = []
     for t in tensors:
         t = _with_scales(t, scales)

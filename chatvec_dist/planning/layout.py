@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
@@ -16,7 +17,7 @@ MAX_UNITS = 1_000_000  # work units per job: a 1 TB model still gets units of 1 
 HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placed:
     """A planned tensor with its shard and absolute byte offset in that shard file."""
 
@@ -41,7 +42,7 @@ class Layout:
     shards: list[Shard]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     """Elements [first, last) of tensor `index` (the same tensor in every output)."""
 
@@ -50,7 +51,7 @@ class Piece:
     last: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """Work for one worker call: pieces of tensors, computed for every output at once."""
 
@@ -64,22 +65,24 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = 
     store's layout, tensors given in `byte_rank` order): each combined FP8 weight and its scales stay adjacent, in
     one shard."""
     check_max_shard_size(max_shard_size)
-    placed: dict[str, Placed] = {}
+    sizes = [math.prod(t.shape) * ITEMSIZE[t.out_dtype] for t in tensors]
+    placed: list[Placed] = [None] * len(tensors)  # type: ignore[list-item] # every one is set below
     shards: list[Shard] = []
-    groups = _groups(tensors, max_shard_size, at_shards)
-    for i, group in enumerate(groups):
+    groups = _groups(tensors, sizes, max_shard_size, at_shards)
+    for k, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda t: -byte_rank(t, at_shards))
+        group = sorted(group, key=lambda i: -byte_rank(tensors[i], at_shards))
         entries, begin = [], 0
-        for t in group:
-            end = begin + t.numel * ITEMSIZE[t.out_dtype]
-            entries.append(OutEntry(t.name, t.out_dtype, t.shape, begin, end))
-            begin = end
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        for i in group:
+            t = tensors[i]
+            entries.append(OutEntry(t.name, t.out_dtype, t.shape, begin, begin + sizes[i]))
+            begin += sizes[i]
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         header = encode_header(entries, SHARD_METADATA)
         shards.append(Shard(name, header, len(header) + begin))
-        placed |= {t.name: Placed(t, i, len(header) + e.begin, e.end - e.begin) for t, e in zip(group, entries)}
-    return Layout([placed[t.name] for t in tensors], shards)
+        for i, e in zip(group, entries):
+            placed[i] = Placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
+    return Layout(placed, shards)
 
 
 def byte_rank(t: PlannedTensor, at_shards: bool) -> int:
@@ -89,11 +92,10 @@ def byte_rank(t: PlannedTensor, at_shards: bool) -> int:
     return 3 if at_shards and with_scales_beside(t) else ITEMSIZE[t.out_dtype]
 
 
-def _groups(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool) -> list[list[PlannedTensor]]:
-    """The tensors of each shard, in order; a shard is closed before a tensor that would overflow it, but (for an
-    object store) never between a weight and its scales: the weight's place is decided for both."""
-    sizes = [t.numel * ITEMSIZE[t.out_dtype] for t in tensors]
-    groups: list[list[PlannedTensor]] = [[]]
+def _groups(tensors: list[PlannedTensor], sizes: list[int], max_shard_size: int, at_shards: bool) -> list[list[int]]:
+    """The tensors (indices) of each shard, in order; a shard is closed before a tensor that would overflow it,
+    but (for an object store) never between a weight and its scales: the weight's place is decided for both."""
+    groups: list[list[int]] = [[]]
     filled = 0
     for k, t in enumerate(tensors):
         beside = at_shards and k + 1 < len(tensors) and tensors[k + 1].rule == SCALE_RULE
@@ -102,7 +104,7 @@ def _groups(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool) 
         if groups[-1] and filled + need > max_shard_size and not joins:
             groups.append([])
             filled = 0
-        groups[-1].append(t)
+        groups[-1].append(k)
         filled += sizes[k]
     return groups
 
@@ -132,6 +134,7 @@ def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -
     one multipart upload per shard), no unit spans two shards of any output.
     """
     check_unit_bytes(unit_bytes)
+    layouts = list({id(lay): lay for lay in layouts}.values())  # a layout shared by several outputs cuts alike
     total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
     if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
         smallest = 1 << max(3, (total // MAX_UNITS).bit_length())
@@ -164,12 +167,10 @@ class _Cutter:
         self.pieces, self.filled = [], 0
 
     def add(self, index: int, column: tuple[Placed, ...]) -> None:
-        numel = max(p.tensor.numel for p in column)
-        size = max(p.nbytes for p in column)
+        numel, size = _largest(column)
         small = self.at_shards and self.filled < MIN_PART  # an object's part must not end this small
-        attached = any(p.tensor.rule == SCALE_RULE for p in column)  # its weight's unit computes it
         if size <= self.unit_bytes or any(in_one_piece(p.tensor) for p in column):
-            if self.filled + size > self.unit_bytes and not small and not attached:
+            if self.filled + size > self.unit_bytes and not small and not _attached(column):
                 self.flush()
             self.pieces.append(Piece(index, 0, numel))
             self.filled += size
@@ -188,3 +189,15 @@ class _Cutter:
             if last - first == per:
                 self.flush()
                 base = 0
+
+
+def _largest(column: tuple[Placed, ...]) -> tuple[int, int]:
+    """The largest element count and byte size of a tensor's outputs."""
+    if len(column) == 1:  # one output: no generators (a 45 k-tensor plan cuts 45 k columns)
+        return column[0].tensor.numel, column[0].nbytes
+    return max(p.tensor.numel for p in column), max(p.nbytes for p in column)
+
+
+def _attached(column: tuple[Placed, ...]) -> bool:
+    """A scale tensor: its weight's unit computes it, so no unit may end before it."""
+    return any(p.tensor.rule == SCALE_RULE for p in column)

@@ -15,9 +15,11 @@ from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
 from ..term import Term
 from .fp8 import check_store_pairs, scale_elems
-from .layout import Layout, Piece, Unit, block_bytes, byte_rank, cut_units, layout
+from .layout import Layout, Piece, Unit, block_bytes, byte_rank, cut_units
 from .planner import PlannedTensor, Sources, Src, plan_tensors
+from .reuse import Reuse, TargetTensors
 from .tokens import TokenRow, token_rows, with_token_rows
+from .vectors import Sides
 
 if TYPE_CHECKING:
     from .parts import Part
@@ -65,7 +67,7 @@ def _plan(recipe: Recipe) -> Planned:
     for chat, base in vectors:
         if base is None:
             _check_is_a_vector(chat)
-    plans, order = [], None
+    plans, order, reuse = [], None, Reuse()
     at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
@@ -75,8 +77,7 @@ def _plan(recipe: Recipe) -> Planned:
             tuple(Term(a, chat, base) for a, (chat, base) in zip(target.alphas, vectors)),
             tuple(v.dare for v in recipe.vectors),
         )
-        rows = token_rows(target, sources)
-        tensors = with_token_rows(plan_tensors(target, sources), rows, sources)
+        tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources, reuse.sides))  # noqa: B023
         check_store_pairs(target.out, tensors, at_shards)
         if order is None:  # for an object store in byte order (layout.byte_rank: larger itemsizes first)
             order = [t.name for t in (sorted(tensors, key=lambda t: -byte_rank(t, True)) if at_shards else tensors)]
@@ -89,11 +90,18 @@ def _plan(recipe: Recipe) -> Planned:
                 file=target.cp,
                 tensor=odd,
             )
-        lay = layout([by_name[n] for n in order], recipe.max_shard_size, at_shards)
+        lay = reuse.layout([by_name[n] for n in order], recipe.max_shard_size, at_shards)
         plans.append(TargetPlan(target, sources, lay, token_rows=rows))
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _plan_target(target: Target, sources: Sources, sides: Sides | None) -> TargetTensors:
+    """One target's tensors and token rows (`Reuse` skips this for a target planned alike before); `sides`: the
+    vectors' pairings, shared by the job's targets."""
+    rows = token_rows(target, sources)
+    return with_token_rows(plan_tensors(target, sources, sides), rows, sources), rows
 
 
 def _to_store(target: Target) -> bool:
@@ -157,15 +165,21 @@ def span(t: PlannedTensor, piece: Piece) -> tuple[int, int]:
 def input_needs(piece: Piece, tensors: list[PlannedTensor]) -> dict[Src, int]:
     """Elements to read from each distinct source for a piece, across all outputs' versions of a tensor."""
     need: dict[Src, int] = {}
+    if len(tensors) > 1:  # outputs planned alike share their tensor: once is enough
+        tensors = list({id(t): t for t in tensors}.values())
     for t in tensors:
         count, merged = span(t, piece)
+        scaled = t.row_src is not None and t.row_src.scale is not None
         if t.cp is not None:
             need[t.cp] = max(need.get(t.cp, 0), count)
+            scaled = scaled or t.cp.scale is not None
         for _, plus, minus in t.terms:
             for src in (plus, minus):
                 if src is not None:
                     need[src] = max(need.get(src, 0), merged)
-        for src in t.srcs:  # a block-scaled FP8 source: its scales too (its piece is the whole tensor)
-            if src.scale is not None:
-                need[src.scale] = scale_elems(need[src], t.shape[-1])
+                    scaled = scaled or src.scale is not None
+        if scaled:  # a block-scaled FP8 source: its scales too (its piece is the whole tensor)
+            for src in t.srcs:
+                if src.scale is not None:
+                    need[src.scale] = scale_elems(need[src], t.shape[-1])
     return need

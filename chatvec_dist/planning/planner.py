@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from .alphas import tensor_alphas
 from .experts import MappedRef, Segment, map_experts
 from .sparsity import TermDare, TiesPlan, sparsify
 from .tied import tied_heads
+from .vectors import Side, Sides, side
 
 # Tensors whose rows are tokens: Llama/Mistral/Qwen, GPT-2, BLOOM, InternLM, GPT-NeoX, ChatGLM, Mamba, Phi's head bias,
 # T5/BART/mBART/Marian's shared embedding; and BART's final_logits_bias [1, V], tokens on its last dimension.
@@ -25,8 +27,16 @@ VOCAB_TENSOR = re.compile(
 VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the first V_base elements are shared
 
 
-@dataclass(frozen=True)
-class Src:
+class _Hashed:
+    """Room for a Src's hash, made on first use (sources key the dicts of every piece's inputs): a slot that is
+    no dataclass field."""
+
+    __slots__ = ("_hash",)
+    _hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class Src(_Hashed):
     """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
     segments read end to end (`path`/`start`: the first's)."""
 
@@ -36,6 +46,13 @@ class Src:
     segments: tuple[Segment, ...] = ()
     scale: Src | None = None  # a block-scaled FP8 weight's float32 scales (planning/fp8.py)
 
+    def __hash__(self) -> int:  # the dataclass's (a hash of the fields' tuple), kept
+        found = getattr(self, "_hash", None)  # not try/except: a raised AttributeError costs twice as much
+        if found is None:
+            found = hash((self.path, self.start, self.dtype, self.segments, self.scale))
+            object.__setattr__(self, "_hash", found)
+        return found
+
     @property
     def files(self) -> tuple[str, ...]:
         """Every file this source reads (an FP8 weight's scales too: they may sit in another shard)."""
@@ -43,8 +60,17 @@ class Src:
         return own + (self.scale.files if self.scale is not None else ())
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
+class _Derived:
+    """Room for a PlannedTensor's `srcs` and `vector_srcs`, made on first use (a run asks hundreds of thousands of
+    times): slots that are no dataclass field, so never compared, printed, pickled or replaced."""
+
+    __slots__ = ("_srcs", "_vector_srcs")
+    _srcs: tuple[Src, ...]
+    _vector_srcs: tuple[Src, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTensor(_Derived):
     """One output tensor: `out[:merge_elems] = cp + Σ alpha·(plus − minus)`, the rest a copy of CP."""
 
     name: str
@@ -61,22 +87,29 @@ class PlannedTensor:
     ties: TiesPlan | None = None  # the target's TIES
 
     @property
-    def vector_srcs(self) -> list[Src]:
+    def vector_srcs(self) -> tuple[Src, ...]:
         """Every chat/base (or extracted vector) source this tensor reads."""
-        return [s for _, plus, minus in self.terms for s in (plus, minus) if s is not None]
+        found = getattr(self, "_vector_srcs", None)
+        return found if found is not None else self._derive()[1]
 
     @property
-    def srcs(self) -> list[Src]:
+    def srcs(self) -> tuple[Src, ...]:
         """Every source this tensor reads: CP's, then the vectors', then the chat tensor its token rows come from."""
-        rows = [self.row_src] if self.row_src is not None else []
-        return ([self.cp] if self.cp is not None else []) + self.vector_srcs + rows
+        found = getattr(self, "_srcs", None)
+        return found if found is not None else self._derive()[0]
+
+    def _derive(self) -> tuple[tuple[Src, ...], tuple[Src, ...]]:
+        """(`srcs`, `vector_srcs`), kept in their slots."""
+        vector = tuple(s for _, plus, minus in self.terms for s in (plus, minus) if s is not None)
+        rows = (self.row_src,) if self.row_src is not None else ()
+        found = ((self.cp,) if self.cp is not None else ()) + vector + rows
+        object.__setattr__(self, "_vector_srcs", vector)
+        object.__setattr__(self, "_srcs", found)
+        return found, vector
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -101,9 +134,10 @@ class Sources:
         return dataclasses.replace(self, terms=terms)
 
 
-def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
+def plan_tensors(target: Target, sources: Sources, sides: Sides | None = None) -> list[PlannedTensor]:
     """Decide every output tensor's rule for one target, validating names, shapes and dtypes (the target's own
-    fields were checked when it was made). Raises PlanError."""
+    fields were checked when it was made); `sides`: the job's vector sides, shared by its targets. Raises
+    PlanError."""
     try:
         excludes = [re.compile(p) for p in target.exclude]
     except re.error as e:
@@ -126,6 +160,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
     files = {n: r.path for n, r in reference.tensors.items()}
     combined = (n for n in reference.tensors if n not in keep_cp)
     alphas = tensor_alphas(target, reference.tensors, combined, files)  # the output's names: MoE experts as CP's
+    vectors = (sides or Sides()).of(sources)
     planned = [
         sparsify(
             _plan_one(
@@ -135,7 +170,7 @@ def plan_tensors(target: Target, sources: Sources) -> list[PlannedTensor]:
                 out_dtype,
                 sources.with_alphas(alphas.get(name)),
                 excluded,
-                tied.get(name, name),
+                side(vectors, tied.get(name, name), sources),
                 scales,
             ),
             sources.dares,
@@ -190,17 +225,14 @@ def _plan_one(
     out_dtype: str | None,
     sources: Sources,
     excluded: set[str],
-    src: str,
+    vector: Side,
     scales: dict[tuple[str, int], Src],
 ) -> PlannedTensor:
-    """`src`: the tensor's name in the vectors (a tied head's: their embedding)."""
+    """`vector`: the tensor's entries in the vectors (a tied head's: their embedding's)."""
     info = ref.info
     cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
-    pairs = [
-        Term(alpha, plus.tensors.get(src), minus.tensors.get(src) if minus else None)
-        for alpha, plus, minus in sources.terms
-    ]
-    _check_floats_match(name, ref, pairs)
+    vecs = vector.vecs
+    _check_floats_match(name, ref, vecs)
     if not is_float(info.dtype):
         return PlannedTensor(name, "copy", "non-float", info.shape, info.dtype, cp, (), 0)
     dtype = out_dtype or info.dtype
@@ -213,8 +245,27 @@ def _plan_one(
                 tensor=name,
             )
         return PlannedTensor(name, "copy", "excluded", info.shape, dtype, cp, (), 0)
-    vecs = [other for _, plus, minus in pairs for other in (plus, minus) if other is not None]
-    from .fp8 import check_scaled, is_fp8
+    if info.dtype.startswith("F8") or any(v.info.dtype.startswith("F8") for v in vecs):
+        _check_fp8(name, ref, vecs, scales)
+    vocab = _vocab_dim(name, ref, vecs)
+    if not vector.alike():  # else there is nothing to check
+        _check_vector_shapes(name, vecs, vocab)
+    terms = tuple(Term(a, plus, minus) for (a, _, _), (plus, minus) in zip(sources.terms, vector.srcs(_src)))
+    if vocab is not None:
+        return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
+    if vecs[0].info.shape != info.shape:
+        raise PlanError(
+            f"shape {list(info.shape)} differs from {list(vecs[0].info.shape)} in {vecs[0].path}",
+            file=ref.path,
+            tensor=name,
+        )
+    mapped = "experts:mapped" if vector.mapped() else ""  # from the other layout
+    return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
+
+
+def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tuple[str, int], Src]) -> None:
+    """A float8 tensor that is combined: block-scaled, and (for now) stored in CP's experts layout."""
+    from .fp8 import check_scaled, is_fp8  # builds on this module
 
     for v in vecs:
         if isinstance(v, MappedRef) and is_fp8(v.info.dtype):
@@ -225,40 +276,38 @@ def _plan_one(
                 tensor=name,
             )
     check_scaled(name, [ref, *vecs], scales)
-    vocab = _vocab_dim(name, [ref, *vecs])
-    _check_vector_shapes(name, vecs, vocab)
-    terms = tuple(Term(alpha, _src(plus), _src(minus) if minus else None) for alpha, plus, minus in pairs)
-    if vocab is not None:
-        return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
-    if vecs[0].info.shape != info.shape:
-        raise PlanError(
-            f"shape {list(info.shape)} differs from {list(vecs[0].info.shape)} in {vecs[0].path}",
-            file=ref.path,
-            tensor=name,
-        )
-    mapped = "experts:mapped" if any(isinstance(v, MappedRef) for v in vecs) else ""  # from the other layout
-    return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
 def _src(ref: TensorRef) -> Src:
+    if type(ref) is TensorRef:
+        return Src(ref.path, ref.info.start, ref.info.dtype)
     return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, MappedRef) else ())
 
 
-def _check_floats_match(name: str, ref: TensorRef, pairs: list[Term]) -> None:
+def _check_floats_match(name: str, ref: TensorRef, vecs: list[TensorRef]) -> None:
     """A tensor that is float in one checkpoint must be float in all (an int buffer is copied, never combined)."""
-    for _, plus, minus in pairs:
-        for other in (plus, minus):
-            if other is not None and is_float(other.info.dtype) != is_float(ref.info.dtype):
-                raise PlanError(
-                    f"dtype {other.info.dtype} cannot be combined with {ref.info.dtype} in {ref.path}",
-                    file=other.path,
-                    tensor=name,
-                )
+    wanted = is_float(ref.info.dtype)
+    for other in vecs:
+        if is_float(other.info.dtype) != wanted:
+            raise PlanError(
+                f"dtype {other.info.dtype} cannot be combined with {ref.info.dtype} in {ref.path}",
+                file=other.path,
+                tensor=name,
+            )
 
 
-def _vocab_dim(name: str, refs: list[TensorRef]) -> int | None:
+def is_vocab_name(name: str) -> bool:
+    """Whether VOCAB_TENSOR matches: searched from the second-to-last dot, where every match starts (`^` does not
+    match there), a third of the cost on long names."""
+    return VOCAB_TENSOR.search(name, max(0, name.rfind(".", 0, max(0, name.rfind("."))))) is not None
+
+
+def _vocab_dim(name: str, ref: TensorRef, vecs: list[TensorRef]) -> int | None:
     """The dimension of a vocabulary tensor's tokens (None: not one): rows, or the last of BART's [1, V] bias."""
-    if VOCAB_TENSOR.search(name) is None or not all(t.info.shape for t in refs):  # a scalar has no rows
+    if not is_vocab_name(name):
+        return None
+    refs = [ref, *vecs]
+    if not all(t.info.shape for t in refs):  # a scalar has no rows
         return None
     if VOCAB_LAST.search(name) is None:
         return 0
