@@ -181,13 +181,21 @@ def _keys(server: S3Server) -> dict[str, str]:
     }
 
 
-def upload_folder(server: S3Server, folder: Path, bucket: str, prefix: str) -> str:
-    """Upload `folder`'s files (top level) under s3://bucket/prefix/, making the bucket if needed; return the URL."""
+def make_bucket(server: S3Server, bucket: str) -> None:
+    """The bucket, made unless an earlier test (of any module: the server serves the session) made it."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=server.endpoint, **_keys(server))
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
         client.create_bucket(Bucket=bucket)
+
+
+def upload_folder(server: S3Server, folder: Path, bucket: str, prefix: str) -> str:
+    """Upload `folder`'s files (top level) under s3://bucket/prefix/, making the bucket if needed; return the URL."""
+    import boto3
+
+    make_bucket(server, bucket)
+    client = boto3.client("s3", endpoint_url=server.endpoint, **_keys(server))
     for path in sorted(folder.iterdir()):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.name}")

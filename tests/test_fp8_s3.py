@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import slow_units_env
+from s3server import make_bucket
 from safetensors.torch import load, load_file
 from test_fp8 import LOCAL, QUANT, W, _operand, assert_fp8_equal, bits, combine64, make_models, quantize, to_fp8
-from test_s3_output import BUCKET, downloaded, fresh_url, local_files, open_uploads
+from test_s3_output import BUCKET, downloaded, fresh_url, kill_once_journaled, local_files, open_uploads
 
 from chatvec_dist import api
 from chatvec_dist.cli import main
 from chatvec_dist.demo import save_checkpoint
 from chatvec_dist.errors import PlanError
-from chatvec_dist.io import s3
-from chatvec_dist.output.journal import Journal
 from chatvec_dist.output.manifest import read_manifest
-from chatvec_dist.output.workarea import JOURNAL_NAME, STAGING_ENV, partial_path, staging_path
+from chatvec_dist.output.workarea import STAGING_ENV
 from chatvec_dist.planning.fp8 import SCALE_RULE
 from chatvec_dist.planning.layout import layout
 from chatvec_dist.recipe.file import dump_recipe
@@ -41,7 +36,7 @@ SIZES = {"vocab_size": 2048, "hidden_size": 1024, "intermediate_size": 2048, "mo
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory, s3_server) -> dict[str, Path]:
-    s3.client(True).create_bucket(Bucket=BUCKET)
+    make_bucket(s3_server, BUCKET)  # shared with test_s3_output
     return make_models(tmp_path_factory.mktemp("fp8s3"), **SIZES)
 
 
@@ -132,18 +127,8 @@ def killed_midway(recipe: Recipe, where: Path) -> list[str]:
     path = where / "recipe.yaml"
     path.write_text(dump_recipe(recipe))
     args = ["run", str(path), "--backend", "local", "--no-progress"]
-    argv = [sys.executable, "-m", "chatvec_dist.cli", *args]
-    proc = subprocess.Popen(argv, env=slow_units_env(1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert recipe.targets[1].out is not None
-    journal = partial_path(staging_path(recipe.targets[1].out)) / JOURNAL_NAME
-    deadline = time.monotonic() + 120
-    while len(Journal.load(journal, 0)) < 2:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the job made no progress"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert open_uploads(), "the killed run's uploads stay open for the rerun"
+    kill_once_journaled(args, dict(os.environ), recipe.targets[1].out)
     return args
 
 

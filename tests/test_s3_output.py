@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_llama, rewrite_journal, slow_units_env
-from s3server import ForgetfulProxy, upload_folder
+from s3server import ForgetfulProxy, make_bucket, upload_folder
 
 from chatvec_dist.cli import main
 from chatvec_dist.errors import RunError
@@ -43,7 +43,7 @@ def big(tmp_path_factory, s3_server) -> dict[str, str]:
     for name in ("base", "chat", "cp"):
         found[name] = str(root / name)
         found[f"s3:{name}"] = upload_folder(s3_server, root / name, "s3out-models", name)
-    s3.client(True).create_bucket(Bucket=BUCKET)
+    make_bucket(s3_server, BUCKET)  # test_fp8_s3 shares the bucket
     return found
 
 
@@ -229,11 +229,12 @@ def test_plan_refuses_parts_too_small_for_an_object_store_naming_the_shard(big, 
     assert len(lines) == 1 and f"{url}/model-00001-of-" in lines[0] and "5 MiB" in lines[0], lines
 
 
-def killed_midway(big: dict, url: str, env: dict) -> None:
-    """Run the merge in a driver process with slow units, kill -9 it once two units are journaled."""
-    argv = [sys.executable, "-m", "chatvec_dist.cli", *merge_args(big), "--out", url, "--backend", "local", *RUN]
-    proc = subprocess.Popen(argv, env=slow_units_env(1.0, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal = partial_path(staging_path(url)) / JOURNAL_NAME  # env: this test's staging
+def kill_once_journaled(argv: list[str], env: dict, out: str) -> None:
+    """Run `chatvec ARGV` in a driver process with slow units, kill -9 it once `out`'s journal holds two units;
+    its uploads must stay open for the rerun."""
+    command = [sys.executable, "-m", "chatvec_dist.cli", *argv]
+    proc = subprocess.Popen(command, env=slow_units_env(1.0, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = partial_path(staging_path(out)) / JOURNAL_NAME  # env: this test's staging
     deadline = time.monotonic() + 120
     while len(Journal.load(journal, 0)) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -242,6 +243,11 @@ def killed_midway(big: dict, url: str, env: dict) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert open_uploads(), "the killed run's uploads stay open for the rerun"
+
+
+def killed_midway(big: dict, url: str, env: dict) -> None:
+    """Run the merge in a driver process with slow units, kill -9 it once two units are journaled."""
+    kill_once_journaled([*merge_args(big), "--out", url, "--backend", "local", *RUN], env, url)
 
 
 def test_a_killed_driver_resumes_on_the_same_machine_with_no_upload_left_open(big, reference, capsys):
