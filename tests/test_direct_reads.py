@@ -15,6 +15,7 @@ from conftest import make_llama
 from safetensors.torch import load_file
 
 from chatvec_dist.cli import main
+from chatvec_dist.exec.worker import DIRECT_READS_ENV
 from chatvec_dist.io.direct import ALIGN, WINDOW, DirectReader, cached_pages
 from chatvec_dist.io.ranges import FileHandles
 from chatvec_dist.kernels.reference import reference
@@ -60,6 +61,12 @@ def direct_works(directory: Path) -> bool:
         return False
     finally:
         probe.unlink()
+
+
+@pytest.fixture(autouse=True)
+def direct_reads(monkeypatch):
+    """Direct reads are opt-in (CHATVEC_DIRECT_READS=1): every merge here takes them."""
+    monkeypatch.setenv(DIRECT_READS_ENV, "1")
 
 
 @pytest.fixture

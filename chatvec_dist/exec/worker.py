@@ -39,6 +39,9 @@ from .source_digests import PieceSources, source_block_elems
 WHOLE_PIECE = 1 << 62  # as a strip size: the piece in one strip
 
 
+DIRECT_READS_ENV = "CHATVEC_DIRECT_READS"  # "1": uncached input ranges read with O_DIRECT (io/direct.py)
+
+
 class UnitRunner:
     """Owns one worker's file handles and reused buffers; `run` executes a unit."""
 
@@ -51,7 +54,8 @@ class UnitRunner:
         self.files = FileHandles()
         self.compute = make_compute(pick_device(device), device != "auto" if strict is None else strict)
         self.device = self.compute.device
-        self.direct = None if self.compute.pinned else DirectReader(self.files)  # a GPU copies from pinned buffers
+        direct = os.environ.get(DIRECT_READS_ENV) == "1" and not self.compute.pinned  # a GPU: pinned buffers
+        self.direct = DirectReader(self.files) if direct else None
         self._ends: dict[Src, int] = {}  # per source read as one local range in this piece: where the range ends
         self._bufs: dict[object, torch.Tensor] = {}
         self._local_paths: dict[str, str] = {}  # a Hub input, on a node without the driver's cache
