@@ -56,6 +56,13 @@ def _widen(b):
     return _as_f32(np.uint32(b) << SHIFT)
 
 
+@njit(nogil=True, inline="always")
+def _narrow(b):
+    """A float32's bits (uint32) to bfloat16 bits, to nearest even (past the largest finite value: Inf; a NaN may
+    come out as anything with an all-ones exponent: callers keep NaN apart)."""
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> SHIFT) & np.uint32(1))) >> SHIFT)
+
+
 @njit(nogil=True)
 def _delta(acc, plus, minus, alphas, s, m):
     """acc[:m] = Σ alpha·(plus − minus) over bfloat16 elements [s, s + m), in float32, term by term (× 1 is exact:
@@ -72,15 +79,14 @@ def _delta(acc, plus, minus, alphas, s, m):
 
 @njit(nogil=True)
 def _add_round(acc, cp, out, m, c_out, update):
-    """acc[:m] += cp (float32), out = acc rounded to bfloat16 (to nearest even: a NaN may come out as anything
-    with an all-ones exponent, see `_fix_nonfinite`); c_out: CP as float32, update: out − CP."""
+    """acc[:m] += cp (float32), out = acc rounded to bfloat16 (`_narrow`; NaN: see `_fix_nonfinite`); c_out: CP as
+    float32, update: out − CP."""
     for k in range(m):
         c = _widen(cp[k])
         c_out[k] = c
         y = acc[k] + c
         acc[k] = y
-        b = _as_u32(y)
-        r = np.uint16((b + np.uint32(0x7FFF) + ((b >> SHIFT) & np.uint32(1))) >> SHIFT)
+        r = _narrow(_as_u32(y))
         out[k] = r
         update[k] = _widen(r) - c
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..term import Term
-from .cpu_fused import _as_f32, _as_u32, _sum_sq
+from .cpu_fused import BF16_NAN, _as_f32, _as_u32, _narrow, _sum_sq, _widen
 from .fp8 import BLOCK, FP8_MAX, FP8_NAN, Blocked
 from .jit import njit
 from .stats import Stats
@@ -154,12 +154,11 @@ def _to_bf16(f, c, out, cols, r0, h, c0, w, update):
         for j in range(w):
             b = _as_u32(fi[j])
             nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            r = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-            r = np.uint16(0x7FC0) if nan else r
+            r = BF16_NAN if nan else _narrow(b)
             nans += nan
             infs += (r & np.uint16(0x7FFF)) == np.uint16(0x7F80)
             row[j] = r
-            ui[j] = np.float64(_as_f32(np.uint32(r) << np.uint32(16))) - ci[j]
+            ui[j] = np.float64(_widen(r)) - ci[j]
     return nans, infs
 
 
