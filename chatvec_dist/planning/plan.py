@@ -49,7 +49,7 @@ class Planned:
 
 def plan(recipe: Recipe) -> Planned:
     """Open every source once and lay out every target; reads headers only."""
-    with gcpause.paused():  # a million small objects and no cycles: see gcpause
+    with gcpause.kept():  # a million small objects and no cycles: see gcpause
         return _plan(recipe)
 
 
