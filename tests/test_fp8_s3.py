@@ -105,16 +105,31 @@ def test_an_fp8_output_to_s3_is_the_local_outputs_bytes_and_verifies(big, uninte
     assert api.verify(url) == [] and api.verify(url, sources=True) == []
 
 
-def assert_fp8_weights(files: dict[str, bytes], models: dict[str, Path]) -> None:
-    """Every FP8 weight and its scales in the downloaded shards are the float64 reference's, requantized."""
+def test_an_s3_output_combines_an_fp8_weight_that_a_local_target_of_its_job_keeps(big, tmp_path):
+    """The local target keeps W as CP stores it, the s3:// one combines it: the job's order follows the s3://
+    output, each output holds what its own target asks."""
+    local, url = tmp_path / "here", fresh_url()
+    recipe = both(big, local, url)
+    here, there = recipe.targets
+    api.run(dataclasses.replace(recipe, targets=(here, dataclasses.replace(there, exclude=()))), LOCAL)
+    assert_fp8_weights(downloaded(url), big, kept=())
+    assert_fp8_weights(local_files(local), big)
+    assert open_uploads() == [] and api.verify(url) == [] and api.verify(local) == []
+
+
+def assert_fp8_weights(files: dict[str, bytes], models: dict[str, Path], kept: tuple[str, ...] = (W,)) -> None:
+    """Every FP8 weight and its scales in the shards are the float64 reference's, requantized; those `kept` are
+    CP's."""
     got = {k: v for n, data in files.items() if n.endswith(".safetensors") for k, v in load(data).items()}
     sources: dict[Path, dict[str, torch.Tensor]] = {}
     weights = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
     assert len(weights) > 10 and all(n + "_scale_inv" in got for n in weights)
-    kept = {k: v for f in sorted(models["cp8"].glob("*.safetensors")) for k, v in load_file(f).items()}
-    for name in (W, W + "_scale_inv"):
-        assert torch.equal(bits(got[name]), bits(kept[name]))
-    for name in set(weights) - {W}:
+    cp = {k: v for f in sorted(models["cp8"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name in kept:
+        assert torch.equal(bits(got[name]), bits(cp[name])) and torch.equal(
+            bits(got[name + "_scale_inv"]), bits(cp[name + "_scale_inv"])
+        )
+    for name in set(weights) - set(kept):
         cp, chat, base = (_operand(models[k], name, sources) for k in ("cp8", "chat", "base"))
         want_q, want_s = quantize(combine64(cp, [(1.0, chat, base)]).astype(np.float32))
         assert_fp8_equal(got[name], want_q)
@@ -169,6 +184,19 @@ def test_an_fp8_weight_whose_bytes_would_leave_its_scales_unaligned_is_refused_f
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     return make_models(tmp_path_factory.mktemp("fp8s3-tiny"))
+
+
+def test_an_s3_output_that_keeps_an_fp8_weight_another_target_combines_is_refused(tiny, tmp_path):
+    """Target a combines W (its codes and scales side by side, one unit), the s3:// target b keeps it as CP stores
+    it (apart in its shard): no one cut of the work fits both; the plan names the weight and both targets."""
+    recipe = api.make_recipe(tiny["base"], tiny["chat"], {"a": tiny["cp8"], "b": tiny["cp8"]}, tmp_path)
+    a, b = recipe.targets
+    for a_out in (str(tmp_path / "a"), "s3://bucket/a"):
+        targets = (dataclasses.replace(a, out=a_out), dataclasses.replace(b, out="s3://bucket/b", exclude=(W,)))
+        with pytest.raises(PlanError, match="target 'a' combines this FP8 weight and target 'b' keeps it") as e:
+            api.plan(dataclasses.replace(recipe, targets=targets))
+        assert (e.value.tensor, e.value.file, "\n" in str(e.value)) == (W, str(tiny["cp8"]), False)
+    api.plan(dataclasses.replace(recipe, targets=(dataclasses.replace(targets[0], exclude=(W,)), targets[1])))
 
 
 def test_a_shard_boundary_never_falls_between_an_fp8_weight_and_its_scales_in_an_object_store(tiny):

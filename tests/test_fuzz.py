@@ -212,3 +212,55 @@ def test_shard_random_bytes(tmp_path_factory, blob: bytes) -> None:
         open_checkpoint(d)
     except ChatvecError as e:
         assert "\n" not in str(e)
+
+
+def _outcome(blob: bytes, file_size: int) -> object:
+    """The parse's tensors in order, or its error's message."""
+    try:
+        return list(parse_header_bytes(blob, file_size, "fuzz.safetensors")[0].items())
+    except HeaderError as e:
+        return str(e)
+
+
+@st.composite
+def shuffled_headers(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A near-valid header whose entries are listed in another order than their bytes."""
+    blob, size = draw(near_valid_headers())
+    (n,) = struct.unpack("<Q", blob[:8])
+    doc = json.loads(blob[8 : 8 + n])
+    keys = draw(st.permutations(list(doc)))
+    shuffled = framed(json.dumps({k: doc[k] for k in keys}).encode(), blob[8 + n :])
+    return shuffled, len(shuffled) + size - len(blob)
+
+
+@FUZZ
+@given(hostile_headers() | near_valid_headers() | shuffled_headers())
+def test_bulk_checks_agree_with_entry_by_entry(case: tuple[bytes, int]) -> None:
+    """The bulk path (all entries checked in a few C loops) accepts exactly what the entry-by-entry checks accept,
+    with the same tensors in the same order; a header it turns down gets the entry-by-entry error."""
+    from chatvec_dist.io import header
+
+    bulk = _outcome(*case)
+    checked_in_bulk = header._checked_in_bulk
+    header._checked_in_bulk = lambda *_: None
+    try:
+        assert _outcome(*case) == bulk
+    finally:
+        header._checked_in_bulk = checked_in_bulk
+
+
+def test_bulk_checks_take_valid_headers_in_any_order() -> None:
+    """The bulk path is the one a valid header takes, entries listed in byte order or not (the fuzz above would
+    pass with a bulk path that always declines)."""
+    from chatvec_dist.io.header import _checked_in_bulk
+
+    doc = {
+        "b": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [8, 20]},
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    tensors = _checked_in_bulk(doc, 100, 120)
+    assert tensors is not None and [(t.name, t.start, t.end, t.shape) for t in tensors] == [
+        ("a", 100, 108, (2,)),
+        ("b", 108, 120, (2, 3)),
+    ]
+    assert _checked_in_bulk(doc, 100, 121) is None  # bytes after the last tensor: entry by entry names it

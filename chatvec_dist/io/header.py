@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import chain
+from operator import attrgetter, itemgetter
 
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, HeaderError
@@ -73,9 +76,60 @@ def parse_header_bytes(
         name = next(n for n in raw if not is_safe_name(n))
         raise HeaderError(f"tensor name {shown(name)} is empty or has control characters", file=path)
     data_start = 8 + n
-    tensors = [_entry(name, spec, data_start, file_size - data_start, path) for name, spec in raw.items()]
-    _check_contiguous(tensors, data_start, file_size, path)
+    tensors = _checked_in_bulk(raw, data_start, file_size)
+    if tensors is None:  # something is wrong: entry by entry, to name the first bad one
+        tensors = [_entry(name, spec, data_start, file_size - data_start, path) for name, spec in raw.items()]
+        _check_contiguous(tensors, data_start, file_size, path)
     return {t.name: t for t in tensors}, metadata
+
+
+def _checked_in_bulk(raw: dict, data_start: int, file_size: int) -> list[TensorInfo] | None:
+    """Every entry as a TensorInfo in byte order, if every check of `_entry` and `_check_contiguous` passes, made
+    in a few C loops over all entries (a 45 k-tensor checkpoint has 136 k of them across its three checkpoints);
+    None if any fails, or the header has what the bulk checks leave to `_entry` (a zero dimension)."""
+    columns = _typed_columns(list(raw.values()))
+    if columns is None:
+        return None
+    dtypes, shapes, starts, ends = columns
+    numel = list(map(math.prod, shapes))
+    if numel and max(numel) > MAX_ELEMENTS:
+        return None
+    if list(map(operator.sub, ends, starts)) != list(map(operator.mul, numel, map(ITEMSIZE.__getitem__, dtypes))):
+        return None  # also rules out an end before its start: no tensor has fewer than one element
+    names = list(raw)
+    spans = list(zip(starts, ends))
+    if not all(map(operator.le, spans, spans[1:])):  # in byte order, as `_check_contiguous` sorts them
+        order = sorted(range(len(spans)), key=spans.__getitem__)
+        names, dtypes, shapes = [names[i] for i in order], [dtypes[i] for i in order], [shapes[i] for i in order]
+        starts, ends = [starts[i] for i in order], [ends[i] for i in order]
+    if starts[:1] != [0] * bool(starts) or starts[1:] != ends[:-1] or data_start + sum(ends[-1:]) != file_size:
+        return None  # a gap, an overlap, or bytes after the last tensor
+    at = functools.partial(operator.add, data_start)
+    return list(map(TensorInfo, names, dtypes, map(tuple, shapes), map(at, starts), map(at, ends)))
+
+
+def _typed_columns(specs: list) -> tuple[list[str], list[list[int]], list[int], list[int]] | None:
+    """The entries' dtypes, shapes, starts and ends, if every entry is an object with a known dtype, a shape of at
+    most MAX_DIMS dimensions from 1 to MAX_DIM and two integer data offsets; else None."""
+    if set(map(type, specs)) - {dict}:
+        return None
+    try:
+        dtypes = list(map(itemgetter("dtype"), specs))
+        shapes = list(map(itemgetter("shape"), specs))
+        offsets = list(map(itemgetter("data_offsets"), specs))
+    except KeyError:
+        return None
+    if set(map(type, dtypes)) - {str} or not set(dtypes) <= ITEMSIZE.keys():
+        return None
+    if set(map(type, shapes)) - {list} or set(map(type, offsets)) - {list} or set(map(len, offsets)) - {2}:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    bounds = list(chain.from_iterable(offsets))
+    if set(map(type, dims)) - {int} or set(map(type, bounds)) - {int}:  # bools are not ints here
+        return None
+    if dims and (min(dims) < 1 or max(dims) > MAX_DIM) or specs and max(map(len, shapes)) > MAX_DIMS:
+        return None
+    return dtypes, shapes, bounds[0::2], bounds[1::2]
 
 
 def all_safe_names(names: dict[str, object]) -> bool:

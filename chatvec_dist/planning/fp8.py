@@ -196,6 +196,25 @@ def check_store_pairs(out: str | None, tensors: list[PlannedTensor], at_shards: 
             )
 
 
+def check_combined_alike(targets: list[tuple[str, list[PlannedTensor], str | None]], cp: list[str | None]) -> None:
+    """In a job with object-store outputs (`targets`: each one's name, tensors and output), every object-store
+    output combines each FP8 weight that any target combines: its unit writes the weight and its scales as one
+    range of the shard, and the job's order and cut of the work follow the first such output."""
+    beside = [{t.name for t in tensors if with_scales_beside(t)} for _, tensors, _ in targets]
+    combined = set().union(*beside)
+    for (name, _, out), mine, where in zip(targets, beside, cp):
+        if out is not None and out.startswith("s3://") and mine != combined:
+            odd = min(combined - mine)
+            other = next(n for (n, _, _), theirs in zip(targets, beside) if odd in theirs)
+            raise PlanError(
+                f"target '{other}' combines this FP8 weight and target '{name}' keeps it as stored: an s3:// "
+                "output must combine every FP8 weight that another target of its job combines (run them as "
+                "separate jobs)",
+                file=where,
+                tensor=odd,
+            )
+
+
 def scale_elems(elems: int, cols: int) -> int:
     """Scales that cover the first `elems` (whole rows) of a weight with `cols` columns."""
     return -(-elems // cols // BLOCK) * -(-cols // BLOCK) if cols else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .. import gcpause
 from ..dtypes import ITEMSIZE
@@ -14,7 +14,7 @@ from ..io.sources import open_source
 from ..output.manifest import read_manifest
 from ..recipe.spec import Recipe, Target
 from ..term import Term
-from .fp8 import check_store_pairs, scale_elems
+from .fp8 import check_combined_alike, check_store_pairs, scale_elems
 from .layout import Layout, Piece, Unit, block_bytes, byte_rank, cut_units
 from .planner import PlannedTensor, Sources, Src, plan_tensors
 from .reuse import Reuse, TargetTensors
@@ -49,7 +49,7 @@ class Planned:
 
 def plan(recipe: Recipe) -> Planned:
     """Open every source once and lay out every target; reads headers only."""
-    with gcpause.paused():  # a million small objects and no cycles: see gcpause
+    with gcpause.kept():  # a million small objects and no cycles: see gcpause
         return _plan(recipe)
 
 
@@ -67,8 +67,9 @@ def _plan(recipe: Recipe) -> Planned:
     for chat, base in vectors:
         if base is None:
             _check_is_a_vector(chat)
-    plans, order, reuse = [], None, Reuse()
+    reuse = Reuse()
     at_shards = any(_to_store(t) for t in recipe.targets)  # a unit's bytes in a shard: one part of its upload
+    planned: list[_Planned] = []
     for target in recipe.targets:
         if len(target.alphas) != len(vectors):
             raise PlanError(f"target '{target.name}' has {len(target.alphas)} alphas for {len(vectors)} vectors")
@@ -79,22 +80,50 @@ def _plan(recipe: Recipe) -> Planned:
         )
         tensors, rows = reuse.tensors(target, lambda: _plan_target(target, sources, reuse.sides))  # noqa: B023
         check_store_pairs(target.out, tensors, at_shards)
-        if order is None:  # for an object store in byte order (layout.byte_rank: larger itemsizes first)
-            order = [t.name for t in (sorted(tensors, key=lambda t: -byte_rank(t, True)) if at_shards else tensors)]
-        by_name = {t.name: t for t in tensors}
-        if set(by_name) != set(order):
-            odd = sorted(set(by_name) ^ set(order))[0]
-            raise PlanError(
-                f"target '{target.name}' and '{recipe.targets[0].name}' differ in tensor names "
-                f"(batched targets must share an architecture)",
-                file=target.cp,
-                tensor=odd,
-            )
-        lay = reuse.layout([by_name[n] for n in order], recipe.max_shard_size, at_shards)
-        plans.append(TargetPlan(target, sources, lay, token_rows=rows))
+        planned.append(_Planned(target, sources, tensors, rows))
+    plans = _lay_out(planned, reuse, recipe.max_shard_size, at_shards)
     units = cut_units([p.layout for p in plans], recipe.unit_bytes, at_shards=at_shards)
     plans = [dataclasses.replace(p, parts=_parts(p, units)) if p.to_store else p for p in plans]
     return Planned(recipe, plans, units, block_bytes(recipe.unit_bytes))
+
+
+def _lay_out(planned: list[_Planned], reuse: Reuse, max_shard_size: int, at_shards: bool) -> list[TargetPlan]:
+    """Each target's layout, every one in the order of the lead: the first target with an object-store output
+    (whose shards take each tensor in byte order), else the first target."""
+    if at_shards:
+        check_combined_alike(
+            [(p.target.name, p.tensors, p.target.out) for p in planned], [p.target.cp for p in planned]
+        )
+    lead = next((p for p in planned if _to_store(p.target)), planned[0])
+    order = [t.name for t in (sorted(lead.tensors, key=lambda t: -byte_rank(t, True)) if at_shards else lead.tensors)]
+    plans = []
+    for p in planned:
+        by_name = {t.name: t for t in p.tensors}
+        if p is not lead:
+            _check_like(p, lead, set(by_name) ^ set(order))
+        lay = reuse.layout([by_name[n] for n in order], max_shard_size, at_shards)
+        plans.append(TargetPlan(p.target, p.sources, lay, token_rows=p.rows))
+    return plans
+
+
+class _Planned(NamedTuple):
+    """A target's tensors before layout."""
+
+    target: Target
+    sources: Sources
+    tensors: list[PlannedTensor]
+    rows: tuple[TokenRow, ...]
+
+
+def _check_like(planned: _Planned, lead: _Planned, odd: set[str]) -> None:
+    """A batched target has the lead target's tensor names (`odd`: the names in only one of them)."""
+    if odd:
+        raise PlanError(
+            f"target '{planned.target.name}' and '{lead.target.name}' differ in tensor names "
+            f"(batched targets must share an architecture)",
+            file=planned.target.cp,
+            tensor=min(odd),
+        )
 
 
 def _plan_target(target: Target, sources: Sources, sides: Sides | None) -> TargetTensors:

@@ -30,10 +30,11 @@ def inputs_key(target: Target, *ignored: str) -> str:
 
 
 # PlannedTensor's fields in the order its constructor takes them: `dataclasses.replace` without its per-call cost.
-_FIELDS = [f.name for f in dataclasses.fields(PlannedTensor) if f.init and not f.kw_only]
-_KEYWORDS = [f.name for f in dataclasses.fields(PlannedTensor) if f.init and f.kw_only]
-_VALUES = operator.attrgetter(*_FIELDS)
-_TERMS = _FIELDS.index("terms")
+_FIELDS = [f.name for f in dataclasses.fields(PlannedTensor) if f.init]
+assert not any(f.kw_only for f in dataclasses.fields(PlannedTensor)), "with_alphas passes every field by place"
+_BEFORE = operator.attrgetter(*_FIELDS[: _FIELDS.index("terms")])
+_AFTER = operator.attrgetter(*_FIELDS[_FIELDS.index("terms") + 1 :])
+_PLUS, _MINUS = operator.itemgetter(1), operator.itemgetter(2)
 
 
 def with_alphas(tensors: list[PlannedTensor], alphas: tuple[float, ...]) -> list[PlannedTensor]:
@@ -41,11 +42,15 @@ def with_alphas(tensors: list[PlannedTensor], alphas: tuple[float, ...]) -> list
     found = []
     for t in tensors:
         if t.terms:
-            values = list(_VALUES(t))
-            values[_TERMS] = tuple(Term(a, p, m) for a, (_, p, m) in zip(alphas, t.terms))
-            t = PlannedTensor(*values, **{k: getattr(t, k) for k in _KEYWORDS})
+            terms = tuple(map(Term, alphas, map(_PLUS, t.terms), map(_MINUS, t.terms)))
+            t = PlannedTensor(*_BEFORE(t), terms, *_AFTER(t))  # type: ignore[call-arg]
         found.append(t)
     return found
+
+
+_SIGNATURE = operator.attrgetter("name", "shape", "out_dtype")
+_SIGNATURE_AT_SHARDS = operator.attrgetter("name", "shape", "out_dtype", "rule")
+_PLACE = operator.attrgetter("shard", "offset", "nbytes")
 
 
 class Reuse:
@@ -78,12 +83,11 @@ class Reuse:
     def layout(self, tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool) -> Layout:
         """`layout(tensors, max_shard_size, at_shards)`, from an earlier layout of the same names, shapes, dtypes
         and (for an object store) rules, which place an FP8 weight's scales."""
-        signature = ((t.name, t.shape, t.out_dtype, t.rule if at_shards else "") for t in tensors)
-        key = (max_shard_size, at_shards, tuple(signature))
+        key = (max_shard_size, at_shards, tuple(map(_SIGNATURE_AT_SHARDS if at_shards else _SIGNATURE, tensors)))
         if key not in self.layouts:
             self.layouts[key] = (tensors, layout(tensors, max_shard_size, at_shards))
             return self.layouts[key][1]
         earlier, lay = self.layouts[key]
         if all(map(operator.is_, earlier, tensors)):
             return lay
-        return Layout([Placed(t, p.shard, p.offset, p.nbytes) for t, p in zip(tensors, lay.tensors)], lay.shards)
+        return Layout([Placed(t, *place) for t, place in zip(tensors, map(_PLACE, lay.tensors))], lay.shards)
