@@ -18,7 +18,8 @@ PAPER = (
 
 def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
     """Render the card from the manifest's metadata and rows."""
-    from huggingface_hub import ModelCard, ModelCardData  # 0.3 s to import: only at commit
+    # Not `huggingface_hub.ModelCard`: it imports the Hub client (0.3 s); the card is its front matter and body.
+    from huggingface_hub.repocard_data import ModelCardData
 
     sources = meta["sources"]
     parents = [sources.get("cp") or {}] + [v.get(k) or {} for v in sources["vectors"] for k in ("chat", "base")]
@@ -65,7 +66,7 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.{_sparsity(meta)}{_token_rows(
 |---|---|---|
 {table}
 """
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+    return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
 def _sparsity(meta: dict) -> str:
