@@ -3,6 +3,8 @@ the very text ModelCard made of it, and the Hub's parser must read its metadata 
 
 from __future__ import annotations
 
+import math
+import random
 import subprocess
 import sys
 
@@ -98,3 +100,23 @@ def test_rendering_the_card_does_not_import_the_hub_client():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['huggingface_hub.repocard_data']"
+
+
+def test_the_card_lists_the_largest_finite_updates_in_row_order_where_equal():
+    """Against the rows sorted here in Python (stable): ties (0.0 and -0.0 too) keep row order; NaN, Inf and
+    nulls are left out; the count of tensors with NaN or Inf is every row with either."""
+    rng = random.Random(3)
+    values = [0.0, -0.0, 0.5, 0.25, 1.0, float("nan"), float("inf"), None]
+    rel = [rng.choice(values + [rng.random()]) for _ in range(60)]
+    nan = [rng.choice([0, 0, 0, 2, None]) for _ in rel]
+    inf = [rng.choice([0, 0, 0, 1, None]) for _ in rel]
+    names = [f"t{i}" for i in range(len(rel))]
+    table = pa.table(
+        {"tensor": names, "rule": ["merge"] * len(rel), "rel_update": rel, "nan_count": nan, "inf_count": inf}
+    )
+    finite = [(n, r) for n, r in zip(names, rel) if r is not None and math.isfinite(r)]
+    want = sorted(finite, key=lambda row: -row[1])[:10]
+    card = model_card(meta("merge", None, [{"chat": {"path": "/c"}, "base": None}]), table)
+    lines = [line for line in card.splitlines() if line.startswith("| `t")]
+    assert lines == [f"| `{n}` | merge | {r:.3e} |" for n, r in want]
+    assert f"Tensors holding NaN or Inf: {sum(1 for a, b in zip(nan, inf) if (a or 0) + (b or 0))}." in card

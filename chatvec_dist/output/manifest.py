@@ -227,7 +227,7 @@ class Tally:
         metadata with the checksums of the rows (`rows_hash`) and of itself (`meta_sha256`)."""
         fixed = layout_columns(self.layout)
         measured = measured_columns(fixed, self.hashes, self.source_hashes, self.totals)
-        columns = {"target": pa.array([target] * len(self.hashes), pa.string()), **fixed.fixed, **measured}
+        columns = {"target": pa.repeat(pa.scalar(target, pa.string()), len(self.hashes)), **fixed.fixed, **measured}
         table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
         known = {**fixed.digests, "source_digests": fixed.sources_digest(measured["source_digests"])}
         meta = dict(

@@ -258,11 +258,11 @@ def measured_columns(
     _check_complete(layout, hashes, source_hashes, totals)
     parts: list[Part] = totals  # type: ignore[assignment]  # every one there (checked)
     stats = list(map(attrgetter("stats"), parts))
-    sq = {k: np.array(list(map(attrgetter(k), stats)), np.float64) for k in ("cp_sq", "delta_sq", "update_sq")}
+    sq = {k: np.fromiter(map(attrgetter(k), stats), np.float64, len(stats)) for k in ("cp_sq", "delta_sq", "update_sq")}
     cp_norm = np.sqrt(sq["cp_sq"])
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(sq["update_sq"]) / cp_norm
-    counts = {k: np.array(list(map(attrgetter(k), stats)), np.int64) for k in ("nan", "inf")}
+    counts = {k: np.fromiter(map(attrgetter(k), stats), np.int64, len(stats)) for k in ("nan", "inf")}
     kept = [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)]
     agree = [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)]
     *fields, segments = layout.sources
@@ -294,8 +294,13 @@ def _check_complete(
 ) -> None:
     """Every tensor and each of its sources reported in full (else an internal error naming the first not)."""
     want = layout.counts.tolist()
-    if all(hashes) and all(totals) and all(map(_complete, source_hashes, want)):
-        return
+    if (
+        all(hashes)
+        and all(totals)
+        and list(map(len, source_hashes)) == want
+        and all(chain.from_iterable(source_hashes))
+    ):
+        return  # every hash there (a hash is never empty)
     for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
         if h is None or total is None or not _complete(found, n):
             done = len(found) - found.count(None)
