@@ -59,19 +59,24 @@ class LayoutColumns:
         return resumed(self.sources_head, [items.field("hash"), items.field("segments")])
 
 
-# The last layout's columns, and the inputs but alphas they were made from, while that layout lives.
-_cached: list[tuple[weakref.ref[Layout], LayoutColumns, Inputs]] = []
+# The last layout's columns, and (once a next layout asked) the inputs but alphas they were made from, while
+# that layout lives.
+_cached: list[tuple[weakref.ref[Layout], LayoutColumns, Inputs | None]] = []
 
 
 def layout_columns(layout: Layout) -> LayoutColumns:
     """The columns of `layout`: made once for the outputs of a batch that share the layout object, and taken from
     the previous layout's but for `alphas` where only the terms' alphas differ (an alpha sweep's targets)."""
-    if _cached and _cached[0][0]() is layout:
+    earlier = _cached[0][0]() if _cached else None
+    if earlier is layout:
         return _cached[0][1]
-    if _cached and _cached[0][2].match(layout):
-        columns, inputs = _with_alphas(_cached[0][1], layout), _cached[0][2]
+    inputs = None
+    if earlier is not None:
+        inputs = _cached[0][2] or Inputs(earlier)
+    if inputs is not None and inputs.match(layout):
+        columns = _with_alphas(_cached[0][1], layout)
     else:
-        columns, inputs = _make(layout), Inputs(layout)
+        columns, inputs = _make(layout), None
     _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns, inputs)]
     return columns
 
