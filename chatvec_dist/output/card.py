@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import printable
 
@@ -18,7 +18,8 @@ PAPER = (
 
 def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
     """Render the card from the manifest's metadata and rows."""
-    from huggingface_hub import ModelCard, ModelCardData  # 0.3 s to import: only at commit
+    # Not `huggingface_hub.ModelCard`: it imports the Hub client (0.3 s); the card is its front matter and body.
+    from huggingface_hub.repocard_data import ModelCardData
 
     sources = meta["sources"]
     parents = [sources.get("cp") or {}] + [v.get(k) or {} for v in sources["vectors"] for k in ("chat", "base")]
@@ -30,11 +31,10 @@ def model_card(meta: dict, manifest: pa.Table, top: int = 10) -> str:
         tags=["chat-vector", "merge", "chatvec_dist"],
         library_name="transformers" if meta["kind"] != "extract" else None,
     )
-    columns = {c: manifest.column(c).to_pylist() for c in ("tensor", "rule", "rel_update", "nan_count", "inf_count")}
-    rows = [dict(zip(columns, r)) for r in zip(*columns.values()) if r[2] is not None and math.isfinite(r[2])]
-    rows.sort(key=lambda r: -r["rel_update"])
-    table = "\n".join(f"| {_code(r['tensor'])} | {r['rule']} | {r['rel_update']:.3e} |" for r in rows[:top])
-    nonfinite = sum(1 for nan, inf in zip(columns["nan_count"], columns["inf_count"]) if (nan or 0) + (inf or 0))
+    rows = _largest_updates(manifest, top)
+    table = "\n".join(f"| {_code(r['tensor'])} | {r['rule']} | {r['rel_update']:.3e} |" for r in rows)
+    nan, inf = (pc.fill_null(manifest.column(c), 0) for c in ("nan_count", "inf_count"))
+    nonfinite = pc.sum(pc.greater(pc.add(nan, inf), 0)).as_py() or 0
     what = {
         "merge": "a CP model with chat vectors added",
         "apply": "a CP model with an extracted chat vector added",
@@ -65,7 +65,15 @@ Tensors holding NaN or Inf: {nonfinite or "none"}.{_sparsity(meta)}{_token_rows(
 |---|---|---|
 {table}
 """
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+    return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def _largest_updates(manifest: pa.Table, top: int) -> list[dict]:
+    """The `top` rows of the largest finite `rel_update`, largest first (in row order where equal)."""
+    rows = manifest.select(["tensor", "rule", "rel_update"])
+    rows = rows.filter(pc.fill_null(pc.is_finite(rows.column("rel_update")), False))
+    order = pc.sort_indices(rows, [("rel_update", "descending")])  # stable
+    return rows.take(order[:top]).to_pylist()
 
 
 def _sparsity(meta: dict) -> str:

@@ -13,7 +13,7 @@ length (8 bytes little-endian), its name, and the sha256 of its encoding."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -27,15 +27,42 @@ ROWS_ALGORITHM = (
 Feed = Callable[[bytes], object]
 
 
-def columns_digest(table: pa.Table) -> str:
-    """The rows checksum of `table` (hex): the same for the same values, however chunked or stored."""
+def columns_digest(table: pa.Table, known: Mapping[str, bytes] | None = None) -> str:
+    """The rows checksum of `table` (hex): the same for the same values, however chunked or stored. `known`: the
+    column_digest of some of its columns, by name, as made from the very arrays the table holds (shared by the
+    outputs of a batch)."""
     digest = hashlib.sha256(_le(table.num_rows))
+    known = known or {}
     for name, column in zip(table.column_names, table.columns):
-        part = hashlib.sha256()
-        encode(column.combine_chunks(), part.update)
+        part = known.get(name) or column_digest(column)
         label = name.encode()
-        digest.update(_le(len(label)) + label + part.digest())
+        digest.update(_le(len(label)) + label + part)
     return digest.hexdigest()
+
+
+def column_digest(column: pa.Array | pa.ChunkedArray) -> bytes:
+    """The sha256 of a column's encoding."""
+    part = hashlib.sha256()
+    encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, part.update)
+    return part.digest()
+
+
+def encoding_head(offsets: pa.Array, fields: list[pa.Array]) -> hashlib._Hash:
+    """A sha256 fed with the start of the encoding of a list<struct> column without nulls (at either level), of
+    lists at `offsets`, whose struct's first fields are `fields`: `resumed` with its later fields, it is that
+    column's column_digest."""
+    head = hashlib.sha256()
+    names = [str(i) for i in range(len(fields))]  # the encoding has no names
+    encode(pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(fields, names=names)), head.update)
+    return head
+
+
+def resumed(head: hashlib._Hash, fields: list[pa.Array]) -> bytes:
+    """The column_digest of a column whose encoding starts as `head`'s (encoding_head) and ends with `fields`'."""
+    part = head.copy()
+    for field in fields:
+        encode(field, part.update)
+    return part.digest()
 
 
 def encode(array: pa.Array, feed: Feed) -> None:

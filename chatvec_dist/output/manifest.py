@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from pathlib import Path
@@ -226,22 +227,24 @@ class Tally:
         metadata with the checksums of the rows (`rows_hash`) and of itself (`meta_sha256`)."""
         fixed = layout_columns(self.layout)
         measured = measured_columns(fixed, self.hashes, self.source_hashes, self.totals)
-        columns = {"target": pa.array([target] * len(self.hashes), pa.string()), **fixed.fixed, **measured}
+        columns = {"target": pa.repeat(pa.scalar(target, pa.string()), len(self.hashes)), **fixed.fixed, **measured}
         table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+        known = {**fixed.digests, "source_digests": fixed.sources_digest(measured["source_digests"])}
         meta = dict(
             metadata,
             hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},
             source_hash={"algorithm": SOURCE_ALGORITHM, "block_elems": self.source_elems},
-            rows_hash=rows_hash(table),
+            rows_hash=rows_hash(table, known),
         )
         meta["meta_sha256"] = meta_digest(meta)
         return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
 
-def rows_hash(table: pa.Table) -> dict:
+def rows_hash(table: pa.Table, known: Mapping[str, bytes] | None = None) -> dict:
     """The checksum of the manifest's rows that this version writes (`rows_hash` in the metadata), so an edited
-    manifest is detected: per column over a canonical encoding of the values (columns_digest.py)."""
-    return {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table)}
+    manifest is detected: per column over a canonical encoding of the values (columns_digest.py; `known`: some
+    columns' digests, as made from the arrays `table` holds)."""
+    return {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table, known)}
 
 
 def rows_digest(table: pa.Table) -> str:

@@ -1,9 +1,12 @@
 """The manifest's table built column by column: what the layout fixes (names, shapes, rules, places, the sources'
-places), made once per layout object and shared by the outputs that share it, then what the run measured."""
+places), made once per layout object and shared by the outputs that share it (and by the next layout where only
+its alphas differ: layout_alike.py), then what the run measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import math
 import weakref
 from collections.abc import Sequence
@@ -22,6 +25,9 @@ from ..exec.source_digests import extents
 from ..planning.experts import read_ranges
 from ..planning.layout import Layout
 from ..planning.planner import PlannedTensor, Src
+from ..term import Term
+from .columns_digest import column_digest, encoding_head, resumed
+from .layout_alike import Inputs
 
 if TYPE_CHECKING:
     from .manifest import Part
@@ -44,18 +50,49 @@ class LayoutColumns:
     counted: np.ndarray  # NaN/Inf are counted (a float output)
     ties: np.ndarray  # sign_agreement is reported
     merge_elems: list[int]
+    digests: dict[str, bytes]  # each of `fixed`'s column_digest (rows_hash)
+    sources_head: hashlib._Hash  # source_digests' encoding up to its `hash` field (rows_hash)
+
+    def sources_digest(self, column: pa.ListArray) -> bytes:
+        """column_digest of the `source_digests` column made from `sources` (its fields but `hash`)."""
+        items = column.flatten()
+        return resumed(self.sources_head, [items.field("hash"), items.field("segments")])
 
 
-_cached: list[tuple[weakref.ref[Layout], LayoutColumns]] = []  # the last layout's, while it lives
+# The last layout's columns, and (once a next layout asked) the inputs but alphas they were made from, while
+# that layout lives.
+_cached: list[tuple[weakref.ref[Layout], LayoutColumns, Inputs | None]] = []
 
 
 def layout_columns(layout: Layout) -> LayoutColumns:
-    """The columns of `layout`: made once for the outputs of a batch that share the layout object."""
-    if _cached and _cached[0][0]() is layout:
+    """The columns of `layout`: made once for the outputs of a batch that share the layout object, and taken from
+    the previous layout's but for `alphas` where only the terms' alphas differ (an alpha sweep's targets)."""
+    earlier = _cached[0][0]() if _cached else None
+    if earlier is layout:
         return _cached[0][1]
-    columns = _make(layout)
-    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns)]
+    inputs = None
+    if earlier is not None:
+        inputs = _cached[0][2] or Inputs(earlier)
+    if inputs is not None and inputs.match(layout):
+        columns = _with_alphas(_cached[0][1], layout)
+    else:
+        columns, inputs = _make(layout), None
+    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns, inputs)]
     return columns
+
+
+def _with_alphas(columns: LayoutColumns, layout: Layout) -> LayoutColumns:
+    """`columns` with the `alphas` of `layout`'s terms."""
+    alphas = _alphas(list(map(attrgetter("terms"), map(attrgetter("tensor"), layout.tensors))))
+    fixed, digests = {**columns.fixed, "alphas": alphas}, {**columns.digests, "alphas": column_digest(alphas)}
+    return dataclasses.replace(columns, fixed=fixed, digests=digests)
+
+
+def _alphas(per_tensor: list[tuple[Term, ...]]) -> pa.Array:
+    """Each tensor's terms' alphas; null for a tensor without terms."""
+    count = np.fromiter(map(len, per_tensor), np.int64, len(per_tensor))
+    alphas = pa.array(list(map(float, map(itemgetter(0), chain.from_iterable(per_tensor)))), FLOAT)
+    return pa.ListArray.from_arrays(_offsets(count), alphas, mask=pa.array(count == 0))
 
 
 def _make(layout: Layout) -> LayoutColumns:
@@ -76,9 +113,7 @@ def _make(layout: Layout) -> LayoutColumns:
         "shard": pa.array([shards[p.shard] for p in placed], STRING),
         "offset": pa.array(list(map(attrgetter("offset"), placed)), INT),
         "nbytes": pa.array(list(map(attrgetter("nbytes"), placed)), INT),
-        "alphas": pa.ListArray.from_arrays(
-            _offsets(terms.count), pa.array(terms.alphas, FLOAT), mask=pa.array(terms.count == 0)
-        ),
+        "alphas": _alphas(terms.per_tensor),
         "token_rows": pa.array(list(map(len, map(attrgetter("rows"), ts))), INT),
     }
     counts, sources = _sources(ts, cps, has_cp, terms)
@@ -95,6 +130,8 @@ def _make(layout: Layout) -> LayoutColumns:
         counted=pc.is_in(fixed["dtype_out"], pa.array(sorted(FLOAT_DTYPES))).to_numpy(zero_copy_only=False),
         ties=np.array([t is not None for t in map(attrgetter("ties"), ts)], bool),
         merge_elems=list(map(attrgetter("merge_elems"), ts)),
+        digests={name: column_digest(column) for name, column in fixed.items()},
+        sources_head=encoding_head(_offsets(counts), sources[:-1]),  # all but `segments`
     )
 
 
@@ -103,14 +140,13 @@ def _is(strings: pa.Array, value: str) -> np.ndarray:
 
 
 class _Terms:
-    """Every tensor's terms end to end: their alphas, and the vector sources they read (plus, then minus where
-    there is one), with each one's role and tensor."""
+    """Every tensor's terms, and end to end the vector sources they read (plus, then minus where there is one),
+    with each one's role and tensor."""
 
     def __init__(self, ts: list[PlannedTensor]) -> None:
-        per_tensor = list(map(attrgetter("terms"), ts))
+        self.per_tensor = per_tensor = list(map(attrgetter("terms"), ts))
         self.count = np.array(list(map(len, per_tensor)), np.int64)
         flat = list(chain.from_iterable(per_tensor))
-        self.alphas = list(map(float, map(itemgetter(0), flat)))
         sides = list(chain.from_iterable(zip(map(itemgetter(1), flat), map(itemgetter(2), flat))))
         there = [s is not None for s in sides]
         self.vectors: list[Src] = list(compress(sides, there))
@@ -227,11 +263,11 @@ def measured_columns(
     _check_complete(layout, hashes, source_hashes, totals)
     parts: list[Part] = totals  # type: ignore[assignment]  # every one there (checked)
     stats = list(map(attrgetter("stats"), parts))
-    sq = {k: np.array(list(map(attrgetter(k), stats)), np.float64) for k in ("cp_sq", "delta_sq", "update_sq")}
+    sq = {k: np.fromiter(map(attrgetter(k), stats), np.float64, len(stats)) for k in ("cp_sq", "delta_sq", "update_sq")}
     cp_norm = np.sqrt(sq["cp_sq"])
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(sq["update_sq"]) / cp_norm
-    counts = {k: np.array(list(map(attrgetter(k), stats)), np.int64) for k in ("nan", "inf")}
+    counts = {k: np.fromiter(map(attrgetter(k), stats), np.int64, len(stats)) for k in ("nan", "inf")}
     kept = [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)]
     agree = [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)]
     *fields, segments = layout.sources
@@ -263,8 +299,13 @@ def _check_complete(
 ) -> None:
     """Every tensor and each of its sources reported in full (else an internal error naming the first not)."""
     want = layout.counts.tolist()
-    if all(hashes) and all(totals) and all(map(_complete, source_hashes, want)):
-        return
+    if (
+        all(hashes)
+        and all(totals)
+        and list(map(len, source_hashes)) == want
+        and all(chain.from_iterable(source_hashes))
+    ):
+        return  # every hash there (a hash is never empty)
     for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
         if h is None or total is None or not _complete(found, n):
             done = len(found) - found.count(None)

@@ -1,0 +1,178 @@
+"""A batch's manifests share the columns its layouts fix (output/layout_alike.py): each output's manifest must still
+be exactly the one it gets alone, and a layout is taken for an earlier one's only where every input but the terms'
+alphas is the very same object."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from test_manifest_columns import planned
+from test_plan_reuse import _targets
+
+from chatvec_dist import job
+from chatvec_dist.demo import make_demo_models
+from chatvec_dist.output import manifest_columns
+from chatvec_dist.output.columns_digest import column_digest, columns_digest
+from chatvec_dist.output.layout_alike import Inputs
+from chatvec_dist.output.manifest import read_manifest
+from chatvec_dist.output.manifest_columns import LayoutColumns, layout_columns
+from chatvec_dist.output.verify import verify
+from chatvec_dist.planning.layout import Layout, Placed, layout
+from chatvec_dist.planning.planner import PlannedTensor
+from chatvec_dist.recipe.spec import Recipe, RunOptions, Target, Vector
+from chatvec_dist.term import Term
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    return make_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+def same_columns(got: LayoutColumns, want: LayoutColumns) -> None:
+    """Equal columns, by their canonical encoding (-0.0 is not 0.0 there), and digests made from them."""
+    assert got.fixed.keys() == want.fixed.keys()
+    for name, column in got.fixed.items():
+        assert column_digest(column) == column_digest(want.fixed[name]) == got.digests[name], name
+    assert got.digests == want.digests
+    assert [column_digest(a) for a in got.sources] == [column_digest(a) for a in want.sources]
+    for name in ("counts", "measured", "changed", "terms", "counted", "ties"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
+    assert got.merge_elems == want.merge_elems
+    assert got.sources_head.copy().digest() == want.sources_head.copy().digest()
+
+
+def test_each_batched_target_gets_the_columns_it_gets_alone(demo):
+    """Targets alike and unlike in turn (test_plan_reuse's): an alpha sweep's take the columns of the target before
+    them but for `alphas` (-0.0 and 0.0, 1 and 1.0 included); every target's equal those made from scratch."""
+    recipe = Recipe(
+        vectors=(Vector(str(demo["chat"]), str(demo["base"])),),
+        targets=tuple(_targets(str(demo["cp"]), str(demo["base"]))),
+        unit_bytes=4096,
+    )
+    targets = job.plan(recipe).targets
+    got = {t.target.name: layout_columns(t.layout) for t in targets}  # in order: each after the one before
+    for t in targets:
+        same_columns(got[t.target.name], manifest_columns._make(t.layout))
+    shared = [n for n in got if n != "a" and got[n].fixed["tensor"] is got["a"].fixed["tensor"]]
+    assert shared == ["same", "half", "neg0", "zero", "int"]  # until the dtype changes
+    assert got["other2"].fixed["tensor"] is got["other"].fixed["tensor"]
+    assert got["neg0"].fixed["alphas"] is not got["zero"].fixed["alphas"]
+    assert str(got["neg0"].fixed["alphas"].flatten()[0]) == "-0.0"
+    for name in ("f32", "excl", "overlap", "rules", "rules2", "ties", "other"):  # not an alpha sweep's
+        assert got[name].fixed["tensor"] is not got["a"].fixed["tensor"], name
+
+
+def _other(value: object) -> object | None:
+    """An object equal to `value` that is not it, where one can be made (None, (), small ints: never)."""
+    if isinstance(value, str):
+        found: object = "".join([value[:1], value[1:]])
+    elif isinstance(value, int):
+        found = int(str(value))
+    elif isinstance(value, tuple):
+        found = tuple(list(value))
+    else:
+        found = copy.copy(value)
+    return found if found == value and found is not value else None
+
+
+def _alphas(lay: Layout, alpha: float) -> Layout:
+    """`lay` with every term's alpha `alpha` (new tensors and Placed, every other field object shared)."""
+    placed = []
+    for p in lay.tensors:
+        terms = tuple(Term(alpha, plus, minus) for _, plus, minus in p.tensor.terms)
+        placed.append(Placed(dataclasses.replace(p.tensor, terms=terms), p.shard, p.offset, p.nbytes))
+    return Layout(placed, lay.shards)
+
+
+def _changed(lay: Layout, at: int, tensor: PlannedTensor | None = None, **fields: object) -> Layout:
+    """`_alphas(lay, 2.0)` with the tensor at `at` (or its Placed's `fields`) replaced."""
+    swept = _alphas(lay, 2.0)
+    p = swept.tensors[at]
+    placed = list(swept.tensors)
+    placed[at] = dataclasses.replace(p, tensor=tensor or p.tensor, **fields)
+    return Layout(placed, swept.shards)
+
+
+def _cases() -> list[tuple[str, str]]:
+    return [
+        (kind, f.name) for kind, cls in (("tensor", PlannedTensor), ("placed", Placed)) for f in dataclasses.fields(cls)
+    ]
+
+
+@pytest.mark.parametrize("kind, field", [c for c in _cases() if c[1] not in ("terms", "tensor")])
+def test_an_equal_but_other_object_anywhere_is_another_layout(kind, field):
+    """Every field but the terms' alphas is compared by identity: an equal copy of any one value (the first tensor's
+    that can be copied) is not taken for it, and the columns are made anew (and equal)."""
+    lay = layout(planned(), max_shard_size=10**6)
+    inputs = Inputs(lay)
+    assert inputs.match(_alphas(lay, 2.0)) and inputs.match(lay)
+    owner = (lambda p: p.tensor) if kind == "tensor" else (lambda p: p)
+    found = [(i, _other(getattr(owner(p), field))) for i, p in enumerate(lay.tensors)]
+    copies = [(i, other) for i, other in found if other is not None]
+    if not copies:
+        pytest.skip(f"no value of {field} here can be copied")  # None, (), small ints: one object each
+    at, other = copies[0]
+    if kind == "tensor":
+        changed = _changed(lay, at, dataclasses.replace(lay.tensors[at].tensor, **{field: other}))
+    else:
+        changed = _changed(lay, at, **{field: other})
+    assert not inputs.match(changed)
+    manifest_columns._cached.clear()
+    first = layout_columns(lay)
+    got = layout_columns(changed)
+    assert got.fixed["tensor"] is not first.fixed["tensor"]
+    same_columns(got, manifest_columns._make(changed))
+
+
+def test_other_terms_or_shards_are_another_layout():
+    """A term's source (equal, another object), one term fewer, or an equal copy of a shard: not alike."""
+    lay = layout(planned(), max_shard_size=200)
+    inputs = Inputs(lay)
+    t = lay.tensors[0].tensor
+    plus = copy.copy(t.terms[0].plus)
+    other_plus = dataclasses.replace(t, terms=(Term(2.0, plus, t.terms[0].minus), *t.terms[1:]))
+    fewer = dataclasses.replace(t, terms=t.terms[:1])
+    assert not inputs.match(_changed(lay, 0, other_plus))
+    assert not inputs.match(_changed(lay, 0, fewer))
+    swept = _alphas(lay, 2.0)
+    assert not inputs.match(Layout(swept.tensors, [copy.copy(s) for s in swept.shards]))
+    assert not inputs.match(Layout(swept.tensors[:-1], swept.shards))
+
+
+def test_a_batch_writes_the_manifests_it_writes_without_sharing_and_those_of_separate_runs(demo, tmp_path, monkeypatch):
+    """An alpha sweep (-0.0 too), another dtype and another CP's sweep in one batch: each output's manifest rows (but
+    the timings and workers) are those the batch writes with no columns shared, and a sweep's of the first CP those
+    of its own run; verify rehashes every one."""
+    vectors = (Vector(str(demo["chat"]), str(demo["base"])),)
+    cp, other = str(demo["cp"]), str(demo["base"])
+    alphas = {"a": (1.0,), "half": (0.5,), "neg0": (-0.0,), "f32": (0.5,), "other": (0.5,), "other2": (2.0,)}
+    options = RunOptions(backend="local", workers=1, progress=False)
+
+    def run(root: str, *names: str) -> dict[str, pa.Table]:
+        targets = [
+            Target(n, other if n.startswith("other") else cp, str(tmp_path / root / n), alphas[n])
+            if n != "f32"
+            else Target(n, cp, str(tmp_path / root / n), alphas[n], dtype="float32")
+            for n in names
+        ]
+        job.run(Recipe(vectors=vectors, targets=tuple(targets), unit_bytes=4096), options)
+        tables = {}
+        for n in names:
+            table, meta = read_manifest(tmp_path / root / n)
+            assert verify(tmp_path / root / n) == [] and meta["rows_hash"]["sha256"] == columns_digest(table), n
+            tables[n] = table.drop_columns(["seconds", "worker"])
+        return tables
+
+    batch = run("batch", *alphas)
+    with monkeypatch.context() as m:
+        m.setattr(Inputs, "match", lambda self, layout: False)
+        unshared = run("unshared", *alphas)
+    for name in alphas:
+        assert batch[name].num_rows > 0 and columns_digest(batch[name]) == columns_digest(unshared[name]), name
+    for name in ("a", "half", "neg0"):
+        alone = run("alone", name)[name]
+        assert columns_digest(batch[name]) == columns_digest(alone), name
