@@ -329,7 +329,7 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        with gcpause.paused():  # a unit's rows in the tally: many small objects, no cycle
+        with gcpause.kept():  # a unit's rows in the tally: many small objects, no cycle
             shared: SharedHashes = {}  # the unit's source hashes, for every output (the result holds their objects)
             for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
                 output.record(mine, shared)

@@ -80,7 +80,7 @@ class UnitRunner:
         stages = Stages()
         self._stage_parts(unit)
         results = []
-        with gcpause.paused():  # a result per tensor and output: many small objects, kept, none in a cycle
+        with gcpause.kept():  # a result per tensor and output: many small objects, none in a cycle
             for work in small_runs.runs(unit.pieces, self.ctx) if self.compute.runs_of_small else unit.pieces:
                 if isinstance(work, Piece):
                     results += self._piece(work, stages)
