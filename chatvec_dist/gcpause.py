@@ -39,3 +39,19 @@ def frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """`paused`, and what is alive at its end (what the block made: many long-lived objects, none in a cycle)
+    frozen before collections resume, so that none scans it: else the first one scans it all, then each older
+    one again. A cycle made meanwhile is found after `frozen`'s block, or never in a worker process (which ends
+    with its job)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()

@@ -30,7 +30,7 @@ from .log import logger
 from .output.card import model_card
 from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
 from .output.journal import Journal
-from .output.manifest import Tally, read_manifest
+from .output.manifest import SharedHashes, Tally, read_manifest
 from .output.uploads import Uploads
 from .output.verify import read_digest
 from .output.workarea import (
@@ -127,12 +127,11 @@ class Output:
             return self.uploads.context()
         return OutputContext(self.plan.layout.tensors, [str(self.work / s.name) for s in self.plan.layout.shards])
 
-    def record(self, result: UnitResult) -> None:
-        """Add a unit's segments (this output's only) to the manifest's tally."""
+    def record(self, result: UnitResult, shared: SharedHashes | None = None) -> None:
+        """Add a unit's segments (this output's only) to the manifest's tally; `shared`: see `Tally.add_all`."""
         assert self.tally is not None
         share = result.seconds / max(1, len(result.segments))
-        for seg in result.segments:
-            self.tally.add(seg, result.worker, result.node, share)
+        self.tally.add_all(result.segments, result.worker, result.node, share, shared)
         if self.uploads is not None:
             self.uploads.record(result)
 
@@ -330,9 +329,10 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
 
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
-        with gcpause.paused():  # a unit's rows in the tally: many small objects, no cycle
+        with gcpause.kept():  # a unit's rows in the tally: many small objects, no cycle
+            shared: SharedHashes = {}  # the unit's source hashes, for every output (the result holds their objects)
             for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
-                output.record(mine)
+                output.record(mine, shared)
                 journal.append(mine)
         progress.update(sizes.get(result.unit, 0))
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from conftest import slow_units_env
 
@@ -19,7 +20,8 @@ from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.exec.messages import PartResult, SegmentResult, UnitResult
 from chatvec_dist.kernels.stats import Stats
-from chatvec_dist.output.journal import MAGIC, Journal
+from chatvec_dist.output import journal as journal_module
+from chatvec_dist.output.journal import HEAD, MAGIC, Journal
 from chatvec_dist.output.verify import verify
 from chatvec_dist.output.workarea import JOURNAL_NAME, partial_path
 
@@ -72,6 +74,30 @@ def test_units_round_trip_as_any_output_with_raw_digests(tmp_path):
     assert data.startswith(MAGIC) and data.count(MAGIC) == 1
     assert all(bytes([k]) * 16 in data for k in range(8)) and b"0606" not in data  # digests as bytes, no hex
     assert Journal.load(tmp_path / "missing", 0) == {}
+
+
+def test_outputs_sharing_their_source_digests_objects_journal_each_record_as_packed_alone(tmp_path):
+    """A batch's outputs report the very same source digests objects (exec/small_runs.py): their records pack the
+    sources once, yet each is the bytes of its record packed alone, and reads back as its output's unit; a record
+    whose sources are other objects (equal or not) is packed anew."""
+    d = [bytes([k]) * 16 for k in range(6)]
+    sources = [(((0, d[0]),), ((0, d[1]),)), (((0, d[2]),),)]
+    other = [(((0, d[3]),), ((0, d[4]),)), (((0, d[5]),),)]
+    alike = [tuple(tuple(tuple(b) for b in s) for s in t) for t in sources]  # equal, other objects
+
+    def unit(output: int, srcs: list) -> UnitResult:
+        segs = [
+            SegmentResult(output, i, ((0, d[i]),), Stats(0.5 * output, 1.0, 2.0 + i), s) for i, s in enumerate(srcs)
+        ]
+        return UnitResult(4, segs, "w", "n", 0.25)
+
+    done = [unit(0, sources), unit(1, sources), unit(2, other), unit(3, sources), unit(4, alike)]
+    for o, r in enumerate(done):
+        path = tmp_path / f"{o}.journal"
+        write(path, [r])
+        assert Journal.load(path, o) == {4: r}, o
+        payload = path.read_bytes()[len(MAGIC) + HEAD.size :]
+        assert payload == msgpack.packb(journal_module._record(r), use_bin_type=True), o
 
 
 def test_an_opened_journal_stays_empty_until_a_unit_is_appended(tmp_path):

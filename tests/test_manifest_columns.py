@@ -316,6 +316,34 @@ def test_every_nan_is_one_and_the_checksum_is_pinned():
     assert rows_hash(table) == {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table)}
 
 
+def test_outputs_sharing_source_digests_objects_tally_as_each_alone():
+    """A batch's outputs report the very same source digests objects (exec/small_runs.py): tallied with the source
+    hashes shared across the outputs of a unit (`add_all`), each table equals the output's tallied segment by
+    segment; an output whose sources are other objects (other digests) gets its own."""
+    ts = planned()
+    lay = layout(ts, max_shard_size=10**6)
+    segments: list[list[SegmentResult]] = [[], [], []]
+    for i, t in enumerate(ts):
+        for o, salt in enumerate((100, 100, 7000)):  # outputs 0 and 1: the same objects; 2: others
+            if o != 1:
+                srcs = tuple(
+                    tuple(blocks(max(1, -(-n // 8)), salt * i + k)) for k, (_, n) in enumerate(source_extents(t))
+                )
+            out = tuple(blocks(max(1, -(-t.numel * ITEM[t.out_dtype] // BLOCK)), 1000 * o + i))
+            segments[o].append(SegmentResult(o, i, out, stats_of(i + o), srcs))
+    shared: dict = {}
+    tables = []
+    for segs in segments:
+        together, alone = Tally(lay, BLOCK), Tally(lay, BLOCK)
+        together.add_all(segs, "w", "n", 0.5, shared)
+        for seg in segs:
+            alone.add(seg, "w", "n", 0.5)
+        tables.append(together.table("t", {}))
+        assert repr(tables[-1].to_pylist()) == repr(alone.table("t", {}).to_pylist())  # NaN norms: as NaN
+    assert shared and tables[0].column("source_digests") == tables[1].column("source_digests")
+    assert tables[0].column("source_digests") != tables[2].column("source_digests")
+
+
 def test_a_source_reported_without_its_block_is_an_error_not_a_row():
     ts = planned()[:1]  # one block of output and of each of its three sources
     tally = Tally(layout(ts, max_shard_size=10**6), BLOCK)

@@ -218,3 +218,41 @@ def test_a_batch_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_tim
     for n, c in cp.items():
         want = reference(c, [(0.5, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
         assert torch.equal(load_file(next(fast[0].glob("*.safetensors")))[n], want), n
+
+
+def _sweep(tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: tuple[float, ...]) -> list:
+    """An alpha sweep: targets alike but for their alphas (planned once, then given their alphas: reuse.py)."""
+    monkeypatch.setattr(CpuCompute, "runs_of_small", runs_of_small)
+    d = tmp_path
+    cps = {f"s{k}": str(d / "cp") for k in range(len(alphas))}
+    base = chatvec_dist.make_recipe(str(d / "base"), str(d / "chat"), cps, str(d / name), 0.5, unit_bytes=1 << 20)
+    targets = tuple(dataclasses.replace(t, alphas=(a,)) for t, a in zip(base.targets, alphas))
+    options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
+    chatvec_dist.run(Recipe(base.vectors, targets, unit_bytes=1 << 20), options)
+    return [d / name / t.name for t in targets]
+
+
+def test_an_alpha_sweep_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Outputs alike but for their alphas (planned once, then given their alphas) share their runs, yet each gets
+    the bytes and manifest of one tensor at a time and the float64 reference's bytes; a sweep holding −0.0 does
+    each tensor alone (0.0 and −0.0 may give other bytes)."""
+    made = _models(tmp_path, layers=2)
+    runs = []
+    do_run = small_runs.do_run
+    monkeypatch.setattr(small_runs, "do_run", lambda r, run, st: runs.append(run) or do_run(r, run, st))
+    for alphas in ((0.25, 1.0, -0.75, 0.25), (0.5, -0.0)):  # exact alphas: the reference's bytes
+        runs.clear()
+        fast = _sweep(tmp_path, f"fast{len(alphas)}", monkeypatch, True, alphas)
+        assert bool(runs) == (len(alphas) == 4)  # −0.0: each tensor alone
+        slow = _sweep(tmp_path, f"slow{len(alphas)}", monkeypatch, False, alphas)
+        for f, s, alpha in zip(fast, slow, alphas):
+            assert [p.read_bytes() for p in sorted(f.glob("*.safetensors"))] == [
+                p.read_bytes() for p in sorted(s.glob("*.safetensors"))
+            ], f.name
+            ft, st = read_manifest(f)[0], read_manifest(s)[0]
+            for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
+                assert repr(ft.column(column).to_pylist()) == repr(st.column(column).to_pylist()), (f.name, column)
+            got = {k: v for p in sorted(f.glob("*.safetensors")) for k, v in load_file(p).items()}
+            for n, c in made["cp"].items():
+                want = reference(c, [(alpha, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
+                assert torch.equal(got[n].view(torch.int16), want.view(torch.int16)), (f.name, n)

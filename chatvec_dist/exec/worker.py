@@ -12,6 +12,7 @@ import time
 import torch
 import xxhash
 
+from .. import gcpause
 from ..dtypes import ITEMSIZE, is_float
 from ..io import s3, s3_sink
 from ..io.direct import DirectReader
@@ -79,11 +80,12 @@ class UnitRunner:
         stages = Stages()
         self._stage_parts(unit)
         results = []
-        for work in small_runs.runs(unit.pieces, self.ctx) if self.compute.runs_of_small else unit.pieces:
-            if isinstance(work, Piece):
-                results += self._piece(work, stages)
-            else:
-                results += small_runs.do_run(self, work, stages)
+        with gcpause.kept():  # a result per tensor and output: many small objects, none in a cycle
+            for work in small_runs.runs(unit.pieces, self.ctx) if self.compute.runs_of_small else unit.pieces:
+                if isinstance(work, Piece):
+                    results += self._piece(work, stages)
+                else:
+                    results += small_runs.do_run(self, work, stages)
         parts = self._upload_parts(stages)
         return UnitResult(unit.id, results, self.worker, self.node, time.perf_counter() - t0, stages, parts)
 

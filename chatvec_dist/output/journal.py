@@ -9,6 +9,7 @@ format (the JSON lines of earlier versions) is read as empty: its units are redo
 from __future__ import annotations
 
 import contextlib
+import operator
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ class Journal:
         self._empty = end == 0
 
     def append(self, r: UnitResult) -> None:
-        payload = msgpack.packb(_record(r), use_bin_type=True)
+        payload = _pack(_record(r))
         record = HEAD.pack(len(payload), xxhash.xxh3_64_intdigest(payload)) + payload
         if self._empty:  # the format goes with the first record: an empty journal says no unit finished
             record = MAGIC + record
@@ -53,6 +54,7 @@ class Journal:
         self._empty = False
 
     def close(self) -> None:
+        _Packed.last = _Packed.empty  # its objects are a unit's: not kept beyond the run
         with contextlib.suppress(OSError):  # what could not be flushed is a unit to redo, never a wrong one
             self._file.close()
 
@@ -121,6 +123,30 @@ def _record(r: UnitResult) -> tuple:
         [t.signed for t in stats],
         [(p.shard, p.number, p.etag, p.size) for p in r.parts],
     )
+
+
+_SOURCES = 11  # the sources column's place in a record
+
+
+class _Packed:
+    """The sources column last packed (its objects, held) with its bytes, as one pair (read and replaced whole):
+    the outputs of a batch report the very same digests objects for the sources they share (exec/small_runs.py),
+    so their records, one after the other, pack them once."""
+
+    empty: tuple[list, bytes] = ([], msgpack.packb([]))
+    last = empty
+
+
+def _pack(record: tuple) -> bytes:
+    """`msgpack.packb(record)`, field by field (an array is its header, then its items), the sources column's
+    bytes reused where it holds the very same objects as the last record's."""
+    packer = msgpack.Packer(use_bin_type=True)
+    column, (last, data) = record[_SOURCES], _Packed.last
+    if len(column) != len(last) or not all(map(operator.is_, column, last)):
+        data = packer.pack(column)
+        _Packed.last = (column, data)
+    parts = [packer.pack(f) if i != _SOURCES else data for i, f in enumerate(record)]
+    return packer.pack_array_header(len(record)) + b"".join(parts)
 
 
 def _unit(record: tuple, output: int) -> UnitResult:

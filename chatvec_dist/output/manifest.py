@@ -17,7 +17,7 @@ import xxhash
 
 from ..errors import VerifyError
 from ..exec.messages import SegmentResult
-from ..exec.source_digests import SOURCE_ALGORITHM, extents, source_block_elems, source_blocks
+from ..exec.source_digests import SOURCE_ALGORITHM, Blocks, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
 from ..planning.layout import Layout
 from .columns_digest import ROWS_ALGORITHM, columns_digest
@@ -166,6 +166,22 @@ class _Entry:
 
 
 _ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
+# Source hashes (None: some source not of one block) by the id of a segment's `sources` object, while the unit's
+# result that holds them is alive (ids of live objects are unique).
+SharedHashes = dict[int, tuple[str, ...] | None]
+
+
+def _single_hashes(sources: tuple[Blocks, ...], shared: SharedHashes) -> tuple[str, ...] | None:
+    """Each source's hash (its one block's digest hashed: `tensor_hash`), or None where some source is not of one
+    block; once per `sources` object."""
+    key = id(sources)
+    if key in shared:
+        return shared[key]
+    found = None
+    if set(map(len, sources)) <= _ONE:
+        found = tuple(map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, sources))))
+    shared[key] = found
+    return found
 
 
 class Tally:
@@ -187,16 +203,46 @@ class Tally:
         self.pending: dict[int, _Entry] = {}  # tensors of several blocks, some of them reported
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
+        self.add_all([seg], worker, node, seconds)
+
+    def add_all(
+        self,
+        segments: list[SegmentResult],
+        worker: str,
+        node: str,
+        seconds: float,
+        shared: SharedHashes | None = None,
+    ) -> None:
+        """Add a unit's segments (each `seconds`); `shared`: the source hashes of the digests objects that any
+        output's segments of the same unit's result brought (a batch's outputs report the same object for the
+        sources they share: hashed once)."""
+        shared = {} if shared is None else shared
+        totals, pending, single, hashes, source_hashes = (
+            self.totals,
+            self.pending,
+            self.single,
+            self.hashes,
+            self.source_hashes,
+        )
+        total = float(seconds)
+        for seg in segments:
+            i = seg.index
+            if totals[i] is not None:
+                continue  # the same bytes again (a unit redone after its worker died; see _Digests)
+            if single[i] and len(seg.blocks) == 1 and i not in pending:
+                sources = _single_hashes(seg.sources, shared)
+                if sources is not None:  # complete with this one segment
+                    hashes[i] = xxhash.xxh3_128_hexdigest(seg.blocks[0][1])  # tensor_hash of one block
+                    source_hashes[i] = sources
+                    totals[i] = Part(seg.stats, total, worker, node)
+                    continue
+            self._add_piece(seg, worker, node, seconds)
+
+    def _add_piece(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
+        """A segment of a tensor of several blocks (or with a source of several)."""
         i = seg.index
-        if self.totals[i] is not None:
-            return  # the same bytes again (a unit redone after its worker died; see _Digests)
         e = self.pending.get(i)
         if e is None:
-            if self.single[i] and len(seg.blocks) == 1 and set(map(len, seg.sources)) <= _ONE:
-                self.hashes[i] = xxhash.xxh3_128_hexdigest(seg.blocks[0][1])  # tensor_hash of one block
-                self.source_hashes[i] = tuple(map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, seg.sources))))
-                self.totals[i] = Part(seg.stats, float(seconds), worker, node)
-                return
             placed = self.layout.tensors[i]
             nblocks = max(1, math.ceil(placed.nbytes / self.block_bytes))
             sources = [source_blocks(n, self.source_elems) for _, n in extents(placed.tensor)]
