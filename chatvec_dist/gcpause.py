@@ -22,16 +22,6 @@ def paused() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kept() -> Iterator[None]:
-    """`paused`, then what is alive moved out of later collections (`gc.freeze`): the block's objects are the
-    driver's to keep (a plan, a journal read back), and the first collection after a pause would scan them all
-    (0.1–0.17 s after a 45 k-tensor plan). `frozen` around the run gives them back at its end."""
-    with paused():
-        yield
-        gc.freeze()
-
-
-@contextlib.contextmanager
 def frozen() -> Iterator[None]:
     """What is alive when the block starts (the plan) stays out of the collections inside it."""
     gc.freeze()
@@ -43,9 +33,9 @@ def frozen() -> Iterator[None]:
 
 @contextlib.contextmanager
 def kept() -> Iterator[None]:
-    """`paused`, and what is alive at its end (what the block made: many long-lived objects, none in a cycle)
-    frozen before collections resume, so that none scans it: else the first one scans it all, then each older
-    one again. A cycle made meanwhile is found after `frozen`'s block, or never in a worker process (which ends
+    """`paused`, and what is alive at its end (what the block made: many long-lived objects, none in a cycle: a
+    plan, a journal read back, a unit's results) frozen before collections resume, so that none scans it: else the
+    first one scans it all (0.1–0.17 s after a 45 k-tensor plan), then each older one again. A cycle made meanwhile is found after `frozen`'s block, or never in a worker process (which ends
     with its job)."""
     enabled = gc.isenabled()
     gc.disable()
