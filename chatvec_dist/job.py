@@ -21,7 +21,7 @@ from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
 from .exec.messages import OutputContext, PartResult, SegmentResult, Stages, UnitResult, WorkContext
-from .fingerprint import digests_once, feed_tree
+from .fingerprint import tree_digest, tree_digests
 from .io import s3
 from .io.ranges import FileHandles
 from .io.s3_checkpoint import object_etags
@@ -468,13 +468,13 @@ def _input_stats(planned: Planned) -> InputStats:
 
 
 def _digests(planned: Planned, inputs: InputStats) -> list[str]:
-    """Each output's job: this version, the recipe, all layouts (a layout shared by several targets once) and
+    """Each output's job: this version, the recipe, all layouts (what their targets share encoded once) and
     units, the inputs' stats (hashed once for all outputs), then the output's own place. The plan is hashed over
     a compact canonical encoding (fingerprint.py), not its `repr`."""
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
-    shared = hashlib.sha256(b"chatvec job 2\0")
-    layouts = digests_once([t.layout for t in planned.targets])
-    feed_tree([__version__, recipe, layouts, planned.units, planned.block_bytes], shared.update)
+    shared = hashlib.sha256(b"chatvec job 3\0")
+    layouts = tree_digests([t.layout for t in planned.targets])
+    shared.update(tree_digest([__version__, recipe, layouts, planned.units, planned.block_bytes]))
     shared.update(json.dumps(inputs, sort_keys=True).encode())
     digests = []
     for index, tp in enumerate(planned.targets):
