@@ -53,7 +53,7 @@ def _column(values: list[Any], memo: Memo, at: tuple[str, ...]) -> bytes:
 
 def _feed_column(values: list[Any], feed: Feed, memo: Memo, at: tuple[str, ...]) -> None:
     """Feed the encoding of a column of values: for each class among them (by qualified name), its name and which
-    values are of it, then theirs: a primitive's `repr` (exact for floats), a dataclass's or named tuple's fields
+    values are of it, then theirs: primitives' exact bytes (`_feed_primitives`), a dataclass's or named tuple's fields
     each as a column, a sequence's (or sorted set's) lengths then its items as one column, a dict's keys then its
     values; anything else by its `repr`. Each chunk is length-prefixed and each sub-column fed as its 32-byte
     digest, so no two different trees feed the same bytes."""
