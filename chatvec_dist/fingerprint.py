@@ -44,6 +44,20 @@ def _column(values: list[Any], memo: Memo, at: tuple[str, ...]) -> bytes:
     seen = memo.get(at)
     if seen is not None and len(seen[0]) == len(values) and all(map(is_, seen[0], values)):
         return seen[1]
+    return _encoded(values, memo, at)
+
+
+def _field_column(group: list[Any], name: str, memo: Memo, at: tuple[str, ...]) -> bytes:
+    """`_column` of the field `name` of each of `group`, compared with the memo's as it is gathered: a column
+    that is the same objects is never made."""
+    seen, get = memo.get(at), attrgetter(name)
+    if seen is not None and len(seen[0]) == len(group) and all(map(is_, map(get, group), seen[0])):
+        return seen[1]
+    return _encoded(list(map(get, group)), memo, at)
+
+
+def _encoded(values: list[Any], memo: Memo, at: tuple[str, ...]) -> bytes:
+    """The sha256 of a column's encoding, kept in the memo as the last at `at`."""
     h = hashlib.sha256()
     _feed_column(values, h.update, memo, at)
     digest = h.digest()
@@ -74,7 +88,7 @@ def _feed_group(kind: type, group: list[Any], feed: Feed, memo: Memo, at: tuple[
         _feed_primitives(kind, group, feed)
     elif fields := _fields(kind):
         for name in fields:
-            feed(_column(list(map(attrgetter(name), group)), memo, (*at, name)))
+            feed(_field_column(group, name, memo, (*at, name)))
     elif issubclass(kind, (tuple, list)):
         _chunk(feed, _lengths(group))
         feed(_column(list(chain.from_iterable(group)), memo, (*at, "[]")))
