@@ -10,7 +10,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
 from .exec.messages import OutputContext, PartResult, SegmentResult, Stages, UnitResult, WorkContext
-from .fingerprint import digests_once, feed_tree
+from .fingerprint import tree_digest, tree_digests
 from .io import s3
 from .io.ranges import FileHandles
 from .io.s3_checkpoint import object_etags
@@ -49,6 +49,7 @@ from .output.workarea import (
 from .planning.layout import Layout, Unit
 from .planning.plan import Planned, TargetPlan, plan, unit_io_bytes
 from .planning.planner import Sources
+from .planning.reads import read_files, read_paths, read_srcs
 from .recipe.file import with_absolute_paths
 from .recipe.spec import Recipe, RunOptions
 from .ties_prepass import find_thresholds
@@ -100,11 +101,10 @@ class Output:
         if self.uploads is not None:
             self.uploads.check_destination(self.path, self.digest, self.replace)
 
-    def open(self, planned: Planned, inputs: InputStats, restart: bool, index: int) -> None:
+    def open(self, planned: Planned, inputs: InputStats, restart: bool, index: int, paths: set[str]) -> None:
         """Make (or reuse) the work area (and an s3:// output's uploads); keep the journaled units whose bytes
-        still verify."""
+        still verify. `paths`: its layout's sources' (`reads.read_paths`)."""
         layout = self.plan.layout
-        paths = {s.path for p in layout.tensors for s in p.tensor.srcs}
         self.inputs = {path: stats for path, stats in inputs.items() if path in paths}
         self.work, journaled = open_partial(self.path, layout, self.digest, inputs, restart, index)
         self.tally = Tally(layout, planned.block_bytes)
@@ -273,8 +273,9 @@ def _run_fresh(planned: Planned, fresh: list[Output], inputs: InputStats, option
 
 def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, restart: bool) -> set[int]:
     """Open every output's work area; return the units that every output still has from an earlier run."""
+    paths = read_paths([o.plan.layout for o in outputs])
     for index, output in enumerate(outputs):
-        output.open(planned, inputs, restart, index)
+        output.open(planned, inputs, restart, index, paths[index])
     done = set.intersection(*(set(o.journaled) for o in outputs))
     for output in outputs:
         for uid in done:
@@ -288,7 +289,7 @@ def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, resta
 def _check_inputs_unchanged(planned: Planned, inputs: InputStats) -> None:
     """Every input file or object is still the one the run started from: one rewritten in place meanwhile (same
     size) would be committed as a mix of old and new bytes."""
-    for path, now in _input_stats(planned).items():
+    for path, now in _input_stats(planned, inputs).items():
         if now != inputs.get(path):
             raise RunError(
                 f"changed during the run ({changed_field(path, inputs.get(path), now)}): nothing was committed, and the "
@@ -449,11 +450,13 @@ def _sources_meta(sources: Sources) -> dict:
     }
 
 
-def _input_stats(planned: Planned) -> InputStats:
+def _input_stats(planned: Planned, paths: Iterable[str] | None = None) -> InputStats:
     """Each input file's size, mtime and ctime (a file rewritten in place with its size and mtime put back still
     changes its ctime), an s3:// object's size, ETag and version id (a HEAD), or a Hub file's size, sha256 and
-    commit: part of the job, so a partial output is never resumed on inputs that changed."""
-    paths = sorted({f for t in planned.targets for p in t.layout.tensors for s in p.tensor.srcs for f in s.files})
+    commit: part of the job, so a partial output is never resumed on inputs that changed. Of `paths`, by default
+    every file the plan reads."""
+    if paths is None:
+        paths = sorted(read_files(read_srcs(t.layout for t in planned.targets)))
     hub = hub_identities([c for t in planned.targets for c in t.sources.checkpoints])
     stats: InputStats = {}
     for path in paths:
@@ -468,13 +471,13 @@ def _input_stats(planned: Planned) -> InputStats:
 
 
 def _digests(planned: Planned, inputs: InputStats) -> list[str]:
-    """Each output's job: this version, the recipe, all layouts (a layout shared by several targets once) and
+    """Each output's job: this version, the recipe, all layouts (what their targets share encoded once) and
     units, the inputs' stats (hashed once for all outputs), then the output's own place. The plan is hashed over
     a compact canonical encoding (fingerprint.py), not its `repr`."""
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
-    shared = hashlib.sha256(b"chatvec job 2\0")
-    layouts = digests_once([t.layout for t in planned.targets])
-    feed_tree([__version__, recipe, layouts, planned.units, planned.block_bytes], shared.update)
+    shared = hashlib.sha256(b"chatvec job 3\0")
+    layouts = tree_digests([t.layout for t in planned.targets])
+    shared.update(tree_digest([__version__, recipe, layouts, planned.units, planned.block_bytes]))
     shared.update(json.dumps(inputs, sort_keys=True).encode())
     digests = []
     for index, tp in enumerate(planned.targets):
