@@ -202,12 +202,7 @@ def test_a_batch_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_tim
     assert groups and all(len(g) < 7 for g in groups)  # a and b alike: computed once
     slow = _batch(tmp_path, "slow", monkeypatch, False)
     for f, s in zip(fast, slow):
-        assert [p.read_bytes() for p in sorted(f.glob("*.safetensors"))] == [
-            p.read_bytes() for p in sorted(s.glob("*.safetensors"))
-        ], f.name
-        ft, st = read_manifest(f)[0], read_manifest(s)[0]
-        for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
-            assert repr(ft.column(column).to_pylist()) == repr(st.column(column).to_pylist()), (f.name, column)
+        assert_same_output(f, s)
     got_f, got_g = (load_file(next(p.glob("*.safetensors"))) for p in fast[5:])
     name = "model.layers.1.mlp.up_proj.weight"
     chat, base = made["chat"][name], made["base"][name]
@@ -218,6 +213,16 @@ def test_a_batch_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_tim
     for n, c in cp.items():
         want = reference(c, [(0.5, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
         assert torch.equal(load_file(next(fast[0].glob("*.safetensors")))[n], want), n
+
+
+def assert_same_output(fast, slow) -> None:
+    """The same shards, and the same manifest values (hashes, norms, counts, source digests) per tensor."""
+    assert [p.read_bytes() for p in sorted(fast.glob("*.safetensors"))] == [
+        p.read_bytes() for p in sorted(slow.glob("*.safetensors"))
+    ], fast.name
+    ft, st = read_manifest(fast)[0], read_manifest(slow)[0]
+    for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
+        assert repr(ft.column(column).to_pylist()) == repr(st.column(column).to_pylist()), (fast.name, column)
 
 
 def _sweep(tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: tuple[float, ...]) -> list:
@@ -246,12 +251,7 @@ def test_an_alpha_sweep_gives_each_output_the_bytes_and_manifest_of_one_tensor_a
         assert bool(runs) == (len(alphas) == 4)  # −0.0: each tensor alone
         slow = _sweep(tmp_path, f"slow{len(alphas)}", monkeypatch, False, alphas)
         for f, s, alpha in zip(fast, slow, alphas):
-            assert [p.read_bytes() for p in sorted(f.glob("*.safetensors"))] == [
-                p.read_bytes() for p in sorted(s.glob("*.safetensors"))
-            ], f.name
-            ft, st = read_manifest(f)[0], read_manifest(s)[0]
-            for column in ("tensor", "hash", "cp_norm", "delta_norm", "rel_update", "nan_count", "source_digests"):
-                assert repr(ft.column(column).to_pylist()) == repr(st.column(column).to_pylist()), (f.name, column)
+            assert_same_output(f, s)
             got = {k: v for p in sorted(f.glob("*.safetensors")) for k, v in load_file(p).items()}
             for n, c in made["cp"].items():
                 want = reference(c, [(alpha, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
