@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import PlanError
+from ..io import s3
 from ..io.checkpoint import Checkpoint, TensorRef
+from ..recipe.spec import Target
 from ..term import Term
 from .planner import PlannedTensor, Sources, Src
 
@@ -196,21 +198,21 @@ def check_store_pairs(out: str | None, tensors: list[PlannedTensor], at_shards: 
             )
 
 
-def check_combined_alike(targets: list[tuple[str, list[PlannedTensor], str | None]], cp: list[str | None]) -> None:
-    """In a job with object-store outputs (`targets`: each one's name, tensors and output), every object-store
-    output combines each FP8 weight that any target combines: its unit writes the weight and its scales as one
-    range of the shard, and the job's order and cut of the work follow the first such output."""
-    beside = [{t.name for t in tensors if with_scales_beside(t)} for _, tensors, _ in targets]
+def check_combined_alike(targets: list[tuple[Target, list[PlannedTensor]]]) -> None:
+    """In a job with object-store outputs (`targets`: each one with its tensors), every object-store output
+    combines each FP8 weight that any target combines: its unit writes the weight and its scales as one range of
+    the shard, and the job's order and cut of the work follow the first such output."""
+    beside = [{t.name for t in tensors if with_scales_beside(t)} for _, tensors in targets]
     combined = set().union(*beside)
-    for (name, _, out), mine, where in zip(targets, beside, cp):
-        if out is not None and out.startswith("s3://") and mine != combined:
+    for (target, _), mine in zip(targets, beside):
+        if target.out is not None and s3.is_url(target.out) and mine != combined:
             odd = min(combined - mine)
-            other = next(n for (n, _, _), theirs in zip(targets, beside) if odd in theirs)
+            other = next(t.name for (t, _), theirs in zip(targets, beside) if odd in theirs)
             raise PlanError(
-                f"target '{other}' combines this FP8 weight and target '{name}' keeps it as stored: an s3:// "
-                "output must combine every FP8 weight that another target of its job combines (run them as "
+                f"target '{other}' combines this FP8 weight and target '{target.name}' keeps it as stored: an "
+                "s3:// output must combine every FP8 weight that another target of its job combines (run them as "
                 "separate jobs)",
-                file=where,
+                file=target.cp,
                 tensor=odd,
             )
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .. import gcpause
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, PlanError
+from ..io import s3
 from ..io.checkpoint import Checkpoint
 from ..io.sources import open_source
 from ..output.manifest import read_manifest
@@ -91,9 +92,7 @@ def _lay_out(planned: list[_Planned], reuse: Reuse, max_shard_size: int, at_shar
     """Each target's layout, every one in the order of the lead: the first target with an object-store output
     (whose shards take each tensor in byte order), else the first target."""
     if at_shards:
-        check_combined_alike(
-            [(p.target.name, p.tensors, p.target.out) for p in planned], [p.target.cp for p in planned]
-        )
+        check_combined_alike([(p.target, p.tensors) for p in planned])
     lead = next((p for p in planned if _to_store(p.target)), planned[0])
     order = [t.name for t in (sorted(lead.tensors, key=lambda t: -byte_rank(t, True)) if at_shards else lead.tensors)]
     plans = []
@@ -134,7 +133,7 @@ def _plan_target(target: Target, sources: Sources, sides: Sides | None) -> Targe
 
 
 def _to_store(target: Target) -> bool:
-    return target.out is not None and target.out.startswith("s3://")
+    return target.out is not None and s3.is_url(target.out)
 
 
 def _parts(tp: TargetPlan, units: list[Unit]) -> dict[int, list[Part]]:

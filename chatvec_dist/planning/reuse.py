@@ -59,10 +59,8 @@ class Reuse:
     def __init__(self) -> None:
         self.plans: dict[str, TargetTensors] = {}  # by inputs_key
         self.swept: dict[str, TargetTensors] = {}  # by inputs_key without alphas: targets without alpha rules
-        self.layouts: dict[tuple, tuple[list[PlannedTensor], Layout]] = {}
-        self.sides = (
-            Sides()
-        )  # each tensor's vector side, for every target (planning/vectors.py)  # by each tensor's name, shape, dtype
+        self.layouts: dict[tuple, tuple[list[PlannedTensor], Layout]] = {}  # by each tensor's name, shape, dtype
+        self.sides = Sides()  # each tensor's vector side, for every target (planning/vectors.py)
 
     def tensors(self, target: Target, make: Callable[[], TargetTensors]) -> TargetTensors:
         """`make()`'s result for this target, or an earlier equal target's."""
