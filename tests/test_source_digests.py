@@ -206,6 +206,11 @@ def rewrite_manifest(out: Path, table: pa.Table, meta: dict) -> None:
         meta["rows_sha256"] = rows_digest(rows)
     if "meta_sha256" in meta:
         meta["meta_sha256"] = meta_digest(meta)
+    write_checksummed(out, table, meta)
+
+
+def write_checksummed(out: Path, table: pa.Table, meta: dict) -> None:
+    """Write `table` as the output's manifest with `meta` as given, and checksums.json to match."""
     pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
     files = json.loads((out / DIGESTS_NAME).read_text())["files"]
     data = (out / MANIFEST_NAME).read_bytes()

@@ -10,11 +10,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_source_digests import write_checksummed
 
 from chatvec_dist.cli import main
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.errors import VerifyError
-from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, read_manifest
+from chatvec_dist.output.manifest import MANIFEST_NAME, META_KEY, meta_digest, read_manifest
 from chatvec_dist.output.verify import verify
 
 RUN = ["--backend", "local", "--workers", "1", "--no-progress"]
@@ -300,15 +301,8 @@ def test_an_output_with_more_shards_than_free_descriptors_verifies(tmp_path):
 
 def rechecksummed(out: Path, table: pa.Table, meta: dict) -> None:
     """Write `table` as the manifest with `meta` (its own checksum made anew) and checksums.json to match."""
-    from chatvec_dist.output.digests import DIGESTS_NAME, encode_digests
-    from chatvec_dist.output.manifest import meta_digest
-
     meta["meta_sha256"] = meta_digest(meta)
-    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out / MANIFEST_NAME)
-    files = json.loads((out / DIGESTS_NAME).read_text())["files"]
-    data = (out / MANIFEST_NAME).read_bytes()
-    files[MANIFEST_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (out / DIGESTS_NAME).write_bytes(encode_digests(files))
+    write_checksummed(out, table, meta)
 
 
 def edited_cell(table: pa.Table, column: str, change) -> pa.Table:
