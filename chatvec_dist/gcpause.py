@@ -35,8 +35,8 @@ def frozen() -> Iterator[None]:
 def kept() -> Iterator[None]:
     """`paused`, and what is alive at its end (what the block made: many long-lived objects, none in a cycle: a
     plan, a journal read back, a unit's results) frozen before collections resume, so that none scans it: else the
-    first one scans it all (0.1–0.17 s after a 45 k-tensor plan), then each older one again. A cycle made meanwhile is found after `frozen`'s block, or never in a worker process (which ends
-    with its job)."""
+    first one scans it all (0.1–0.17 s after a 45 k-tensor plan), then each older one again. A cycle made
+    meanwhile is found after `frozen`'s block, or never in a worker process (which ends with its job)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

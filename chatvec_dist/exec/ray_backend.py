@@ -2,7 +2,8 @@
 
 Each actor works through its own contiguous run of units (`Runs`).
 Units are retried by the driver, not by Ray: a unit whose actor died (process killed, node lost) goes back
-to the front of that actor's run, which the other actors take, and the actor is replaced. `pwrite` at planned offsets makes a rerun idempotent.
+to the front of that actor's run, which the other actors take, and the actor is replaced. `pwrite` at planned
+offsets makes a rerun idempotent.
 """
 
 from __future__ import annotations

@@ -136,10 +136,11 @@ class UnitRunner:
         itemsize = min(ITEMSIZE[p.tensor.out_dtype] for _, p in columns)
         block = self.ctx.block_bytes
         strip_bytes = self.compute.strip_bytes
-        if any(s3.is_url(src.path) for _, p in columns for src in p.tensor.srcs):
+        objects = any(s3.is_url(src.path) for _, p in columns for src in p.tensor.srcs)
+        if objects or any(in_one_piece(p.tensor) for _, p in columns):
+            # an object: one ranged read per piece and source (in parallel parts); FP8 blocks: whole 128-row block
+            # rows, and the scales beside them
             strip_bytes = WHOLE_PIECE
-        if any(in_one_piece(p.tensor) for _, p in columns):
-            strip_bytes = WHOLE_PIECE  # FP8 blocks: whole 128-row block rows, and the scales beside them  # an object: one ranged read per piece and source (in parallel parts)
         step = block * max(1, strip_bytes // block) // itemsize  # whole hash blocks of every output
         sources = PieceSources(piece, [p.tensor for _, p in columns], source_block_elems(block))
         self.plan_reads(piece, [p.tensor for _, p in columns])

@@ -1,6 +1,7 @@
-"""The fused CPU pass (numba) for the commonest FP8 merges: CP, chat and base all block-scaled float8_e4m3fn, into
-an FP8 output or a bfloat16 one. Block by 128×128 block, the definition of kernels/fp8.py step for step (dequantize in float32,
-combine in float64, round to float32, amax, scale, requantize to nearest even), so the same codes and scales."""
+"""The fused CPU pass (numba) for the commonest FP8 merges: CP, chat and base all block-scaled float8_e4m3fn, into an
+FP8 output or a bfloat16 one. Block by 128×128 block, the definition of kernels/fp8.py step for step (dequantize in
+float32, combine in float64, round to float32, amax, scale, requantize to nearest even), so the same codes and
+scales."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """The journal: one output's finished units, appended as results arrive and read back to resume.
 
-A file of records, after a first line naming the format (MAGIC): each record is its payload's length and xxh3-64
-(HEAD), then the payload, the unit in MessagePack (ints, floats, strings, bytes and arrays only, digests kept as
-raw bytes; unlike marshal or pickle, safe to decode whatever the bytes). The journal is the longest run of intact records from the start: the first one cut short
-by a crash, or whose bytes fail their checksum, and all after it, are units to redo, never read. A file of another
-format (the JSON lines of earlier versions) is read as empty: its units are redone, and it is emptied when opened."""
+A file of records, after a first line naming the format (MAGIC): each record is its payload's length and xxh3-64 (HEAD),
+then the payload, the unit in MessagePack (ints, floats, strings, bytes and arrays only, digests kept as raw bytes;
+unlike marshal or pickle, safe to decode whatever the bytes). The journal is the longest run of intact records from the
+start: the first one cut short by a crash, or whose bytes fail their checksum, and all after it, are units to redo,
+never read. A file of another format (the JSON lines of earlier versions) is read as empty: its units are redone, and it
+is emptied when opened."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ HEAD = struct.Struct("<QQ")  # a record's payload length and the xxh3-64 of its 
 
 class Journal:
     """One output's finished units, one record each, appended as results arrive; read back to resume. Each record
-    is flushed to the OS before `append` returns, as the JSON lines before it were: a killed driver loses none. A record of an s3:// output also lists the unit's uploaded parts."""
+    is flushed to the OS before `append` returns, as the JSON lines before it were: a killed driver loses none. A
+    record of an s3:// output also lists the unit's uploaded parts."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
