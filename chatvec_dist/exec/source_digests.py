@@ -135,12 +135,9 @@ class PieceSources:
         if at % width:
             return
         size = ITEMSIZE[src.dtype]
-        block = self.block_elems * size
-        row = data[: width * size]
-        key = Src(src.path, src.start + at * size, src.dtype)
-        self.rows[key] = tuple(
-            (k, xxhash.xxh3_128_digest(row[i : i + block])) for k, i in enumerate(range(0, len(row), block))
-        )
+        stream = _Stream(self.block_elems * size, 0)
+        stream.feed(data[: width * size])
+        self.rows[Src(src.path, src.start + at * size, src.dtype)] = stream.finish()
 
     def digests(self, t: PlannedTensor) -> tuple[Blocks, ...]:
         """The piece's block digests of each of `t`'s sources (in `extents` order; none where the piece has none)."""
