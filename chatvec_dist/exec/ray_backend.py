@@ -351,7 +351,7 @@ class RayBackend:
         actor, unit = state.in_flight.pop(ref)
         state.load[actor] -= 1
         try:
-            with gcpause.paused():  # a result of many segments: thousands of small objects, no cycle to find
+            with gcpause.kept():  # a result of many segments: thousands of small objects, no cycle
                 result = self._get(ref)
         except self.ray.exceptions.RayActorError as e:  # the worker process or its node died
             state.attempts[unit.id] += 1
