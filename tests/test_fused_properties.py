@@ -110,8 +110,9 @@ def test_fused_fp8_is_the_torch_pass(data, rows, cols, alphas, to_bf16, seed, mo
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_huge_values_give_finite_norms_where_float32_dots_overflow(dtype, monkeypatch):
     """The fused kernel sums squares in float64: values near 1e30 give finite norms, as the float64 reference
-    does; the torch kernel's float32 dot products are Inf there (see docs/exactness.md). Same bytes."""
-    n = 4 * BLOCK
+    does; the torch kernel's float32 dot products (a tensor of SMALL_NORMS elements or more) are Inf there (see
+    docs/exactness.md). Same bytes."""
+    n = cpu.SMALL_NORMS
     cp, chat, base = (torch.full((n,), v, dtype=dtype) for v in (1e30, 2e30, 1e30))
     terms = [Term(0.5, chat, base)]
     fused, chunked = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)

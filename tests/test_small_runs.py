@@ -6,14 +6,18 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import chatvec_dist
 from chatvec_dist.demo import llama_config, llama_tensors, save_checkpoint
 from chatvec_dist.exec import small_runs
 from chatvec_dist.exec.compute import CpuCompute
+from chatvec_dist.kernels import cpu
 from chatvec_dist.kernels.cpu import Scratch, combine
 from chatvec_dist.kernels.cpu_runs import RunKernel
 from chatvec_dist.kernels.reference import reference
@@ -256,3 +260,26 @@ def test_an_alpha_sweep_gives_each_output_the_bytes_and_manifest_of_one_tensor_a
             for n, c in made["cp"].items():
                 want = reference(c, [(alpha, made["chat"][n], made["base"][n])], torch.bfloat16).view(c.shape)
                 assert torch.equal(got[n].view(torch.int16), want.view(torch.int16)), (f.name, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=12),
+    lead=st.integers(0, 7),
+    double=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_a_slices_sum_of_squares_depends_on_its_values_alone(sizes, lead, double, seed):
+    """`sq_sums` of a run gives each slice the sum it gets alone, wherever it lies (any element offset, so any
+    alignment), and the float64 sum of its squares to within float64's rounding."""
+    dtype = torch.float64 if double else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([1e-30, 1.0, 1e25], dtype=torch.float64)[torch.randint(0, 3, (1,), generator=g)]
+    x = (torch.randn(lead + sum(sizes), generator=g, dtype=torch.float64) * scale).to(dtype)[lead:]
+    starts = np.cumsum([0, *sizes[:-1]], dtype=np.intp)
+    got = cpu.sq_sums(x, starts, Scratch())
+    for i, (s, n) in enumerate(zip(starts.tolist(), sizes)):
+        alone = x[s : s + n].clone()
+        assert got[i] == cpu.sq_sums(alone, np.zeros(1, np.intp), Scratch())[0], i  # bit for bit
+        want = math.fsum(v * v for v in alone.double().tolist())  # exact squares for float32
+        assert math.isclose(got[i], want, rel_tol=1e-12), (i, got[i], want)

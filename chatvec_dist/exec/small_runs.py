@@ -26,7 +26,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError
 from ..io import s3
 from ..io.ranges import write_at
-from ..kernels.cpu import CHUNK
+from ..kernels.cpu import CHUNK, SMALL_NORMS
 from ..kernels.cpu_runs import RunKernel
 from ..kernels.stats import Stats
 from ..planning.fp8 import is_fp8
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .worker import UnitRunner
 
 SMALL_BYTES = 64 * 1024  # a tensor at most this large (output and each source) may join a run
+assert SMALL_BYTES // 2 < SMALL_NORMS  # a member's norms: `cpu.sq_sums`, as the kernel sums it alone
 
 Slot = int  # a run's distinct sources, numbered as each tensor's `srcs` first name them
 Terms = tuple[tuple[float, Slot, Slot | None], ...]  # each term's (alpha, plus slot, minus slot)

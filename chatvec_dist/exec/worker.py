@@ -3,7 +3,6 @@ for an s3:// output, copy into the unit's part buffer, uploaded as one part of t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import threading
@@ -153,7 +152,7 @@ class UnitRunner:
                     done.stats.add(seg.stats)
                     seg = SegmentResult(seg.output, seg.index, done.blocks + seg.blocks, done.stats)
                 segments[seg.output] = seg
-        return [dataclasses.replace(s, sources=sources.digests(columns[s.output][1].tensor)) for s in segments.values()]
+        return [s._replace(sources=sources.digests(columns[s.output][1].tensor)) for s in segments.values()]
 
     def _strip(
         self, piece: Piece, columns: list[tuple[int, Placed]], stages: Stages, sources: PieceSources

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..term import Term
@@ -13,6 +14,7 @@ from .stats import Stats
 
 CHUNK = 1 << 18  # elements per step: the float temporaries stay in cache
 FUSED_MIN = 1 << 16  # elements: from here on the fused kernel (its first use costs a process about a second)
+SMALL_NORMS = 1 << 16  # elements: a tensor below this has `sq_sums`' sums of squares (as in a run of small tensors)
 FUSED = {torch.bfloat16: torch.float32, torch.float32: torch.float64}  # its dtypes: operands and output, compute
 CANONICAL_NAN = {
     torch.bfloat16: (torch.int16, 0x7FC0),
@@ -28,6 +30,13 @@ class Scratch:
     def __init__(self) -> None:
         self._bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._terms: dict[object, list[torch.Tensor]] = {}
+        self._squares: np.ndarray | None = None
+
+    def squares(self, n: int) -> np.ndarray:
+        """A float64 buffer of `n` ≤ CHUNK elements (`sq_sums`' squares)."""
+        if self._squares is None:
+            self._squares = np.empty(CHUNK, np.float64)
+        return self._squares[:n]
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if dtype not in self._bufs:
@@ -44,6 +53,28 @@ class Scratch:
         bufs = self._terms.setdefault(key, [])
         bufs += [torch.empty(CHUNK, dtype=dtype) for _ in range(n - len(bufs))]
         return bufs[:n]
+
+
+def sq_sums(x: torch.Tensor, starts: np.ndarray, scratch: Scratch) -> list[float]:
+    """Each slice's sum of squares (slice i: elements [starts[i], starts[i + 1]) of `x`, the last to its end), in
+    float64: the squares of the values (exact for float32) summed by numpy's `add.reduceat`, whose sum of a slice
+    depends on the slice's values alone, not on where it lies in `x`. One call for a run of small tensors."""
+    values = x.numpy()
+    squares = np.square(values, out=scratch.squares(values.size), dtype=np.float64)
+    return np.add.reduceat(squares, starts).tolist()
+
+
+_WHOLE = np.zeros(1, np.intp)  # sq_sums' slices: the whole tensor
+
+
+def _dot(x: torch.Tensor, scratch: Scratch) -> float:
+    """A strip's sum of squares from 65,536 elements on: a float32 (or float64) dot product."""
+    return float(torch.dot(x, x))
+
+
+def _small(x: torch.Tensor, scratch: Scratch) -> float:
+    """A smaller tensor's sum of squares: `sq_sums`, as a run of small tensors computes each of its own."""
+    return sq_sums(x, _WHOLE, scratch)[0]
 
 
 def _delta(
@@ -81,6 +112,7 @@ def combine(
     ties = sparse is not None and sparse.ties is not None and bool(terms)
     bufs = scratch.per_term(compute, len(terms) + 1) if ties else []
     n = out.numel()
+    sq = _small if n < SMALL_NORMS else _dot  # one strip below SMALL_NORMS (CHUNK is larger)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         acc, tmp = acc_buf[: e - s], tmp_buf[: e - s]
@@ -89,18 +121,18 @@ def combine(
         else:
             _delta(acc, tmp, terms, s, e, sparse, stats)
         if terms:
-            stats.delta_sq += float(torch.dot(acc, acc))
+            stats.delta_sq += sq(acc, scratch)
         # update_sq: of the output as written (rounded), minus CP; an output value that rounding made ±Inf makes
         # it non-finite too, so the exact count below runs whenever the output holds a NaN or an Inf.
         if cp is None:
             out[s:e].copy_(acc)
             tmp.copy_(out[s:e])
-            update_sq = float(torch.dot(tmp, tmp))
+            update_sq = sq(tmp, scratch)
             finite = math.isfinite(update_sq)
         else:
             c = cp_buf[: e - s]
             c.copy_(cp[s:e])
-            cp_sq = float(torch.dot(c, c))
+            cp_sq = sq(c, scratch)
             stats.cp_sq += cp_sq
             if terms:
                 acc.add_(c)
@@ -109,7 +141,7 @@ def combine(
                 out[s:e].copy_(c)
             tmp.copy_(out[s:e])
             tmp.sub_(c)
-            update_sq = float(torch.dot(tmp, tmp))
+            update_sq = sq(tmp, scratch)
             finite = math.isfinite(cp_sq) and math.isfinite(update_sq)
         stats.update_sq += update_sq
         if not finite:  # rare: count exactly, and write NaN as the canonical quiet NaN (as the GPU kernel does)

@@ -1,8 +1,9 @@
 """The CPU kernel over a run of small tensors laid end to end: one pass of arithmetic for the whole run, then each
 tensor's stats from its own slice, exactly as `cpu.combine` computes them for a tensor of one chunk.
 
-Every operation is elementwise (each element rounded as on its own), and each tensor's sums of squares are the
-same `torch.dot` over the same values, so the bytes and the stats equal a call of `cpu.combine` per tensor.
+Every operation is elementwise (each element rounded as on its own), and each tensor's sums of squares are
+`cpu.sq_sums` of the same values (one numpy call for the whole run, a sum per tensor that depends on its values
+alone), so the bytes and the stats equal a call of `cpu.combine` per tensor.
 
 The outputs of a batch share the work that does not depend on them: Δ (and its sums) once per set of terms and
 compute dtype, CP in the compute dtype (and its sums) once per CP and compute dtype."""
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 
 from ..term import Term
-from .cpu import CANONICAL_NAN, CHUNK, Scratch, _delta
+from .cpu import CANONICAL_NAN, CHUNK, Scratch, _delta, sq_sums
 from .stats import Stats
 
 Computed = tuple[torch.Tensor, list[float]]  # a run's values in the compute dtype, and each tensor's sum of squares
@@ -32,7 +34,7 @@ class RunKernel:
         assert 0 < self.n <= CHUNK
         self._deltas: dict[torch.dtype, tuple[Hashable, Computed]] = {}  # per compute dtype: its key, Δ
         self._cps: dict[torch.dtype, tuple[Hashable, Computed]] = {}
-        self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # per scratch buffer (its address): its slices
+        self._starts = np.cumsum([0, *sizes[:-1]], dtype=np.intp)  # each tensor's first element
 
     def delta(self, key: Hashable, terms: Sequence[Term], compute: torch.dtype) -> Computed:
         """Σ alpha·(plus − minus) (at least one term) and its sums; `key` names the terms: equal keys, equal Δ."""
@@ -78,12 +80,8 @@ class RunKernel:
         return stats
 
     def _sums(self, x: torch.Tensor) -> list[float]:
-        """Each tensor's sum of squares: `torch.dot` of its slice, as `cpu.combine` computes it. `x` is the start
-        of a scratch buffer: its slices are made once, for every output."""
-        views = self._views.get(x.data_ptr())
-        if views is None:
-            views = self._views[x.data_ptr()] = torch.split(x, self.sizes)
-        return list(map(float, map(torch.dot, views, views)))
+        """Each tensor's sum of squares, as `cpu.combine` computes a tensor's below FUSED_MIN elements."""
+        return sq_sums(x, self._starts, self.scratch)
 
     def _nonfinite(self, out: torch.Tensor, stats: list[Stats]) -> None:
         for chunk, st in zip(torch.split(out, self.sizes), stats):

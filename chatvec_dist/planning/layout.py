@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
+from ..pickling import by_fields
 from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
@@ -17,6 +18,7 @@ MAX_UNITS = 1_000_000  # work units per job: a 1 TB model still gets units of 1 
 HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or of the unit size, if smaller)
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Placed:
     """A planned tensor with its shard and absolute byte offset in that shard file."""
@@ -42,6 +44,7 @@ class Layout:
     shards: list[Shard]
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Elements [first, last) of tensor `index` (the same tensor in every output)."""
@@ -51,6 +54,7 @@ class Piece:
     last: int
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Unit:
     """Work for one worker call: pieces of tensors, computed for every output at once."""

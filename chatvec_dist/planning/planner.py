@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
+from ..pickling import by_fields
 from ..recipe.spec import Dare, Target
 from ..term import Term
 from .alphas import tensor_alphas
@@ -35,6 +36,7 @@ class _Hashed:
     _hash: int
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Src(_Hashed):
     """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
@@ -69,6 +71,7 @@ class _Derived:
     _vector_srcs: tuple[Src, ...]
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class PlannedTensor(_Derived):
     """One output tensor: `out[:merge_elems] = cp + Σ alpha·(plus − minus)`, the rest a copy of CP."""
