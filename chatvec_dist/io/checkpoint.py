@@ -13,14 +13,15 @@ from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
 from ..log import logger
+from ..quickinit import quick_init
 from .header import (
     MAX_HEADER_BYTES,
     TensorInfo,
     all_safe_names,
     is_safe_name,
+    loads_unique,
     parse_header_bytes,
     read_header,
-    reject_duplicate_keys,
     shown,
 )
 
@@ -48,6 +49,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TensorRef:
     """Where one tensor lives: its file and its header entry."""
@@ -237,7 +239,7 @@ def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
     """An index's weight_map (tensor → shard file): every name printable, every file a relative path that stays
     inside the checkpoint (no absolute path, `..`, backslash or URL)."""
     try:
-        doc = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+        doc = loads_unique(text.decode("utf-8"))
     except HeaderError as e:
         raise HeaderError(e.what, file=index) from None
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

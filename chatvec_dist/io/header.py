@@ -14,6 +14,7 @@ from operator import attrgetter, itemgetter
 
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, HeaderError
+from ..quickinit import quick_init
 from .ranges import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
@@ -22,6 +23,7 @@ MAX_ELEMENTS = 1 << 48
 MAX_DIM = (1 << 63) - 1  # every dimension must fit an int64 (the manifest's, torch's and numpy's shapes)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor of a safetensors file; `start`/`end` are absolute byte offsets in the file."""
@@ -51,6 +53,35 @@ def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
             raise HeaderError(f"duplicate key {shown(key)} in the JSON header")
         seen[key] = value
     return seen
+
+
+def loads_unique(text: str) -> object:
+    """`text` parsed as JSON, refusing a duplicate key in any object (HeaderError): parsed without a hook where
+    `_keys_unique` proves there is none (a header's 136 k objects, each a call of the hook: a third of its cost),
+    else again with the hook, which raises what it always did (the duplicate, or the same JSON error)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    else:
+        if _keys_unique(text, doc):
+            return doc
+    return json.loads(text, object_pairs_hook=reject_duplicate_keys)
+
+
+def _keys_unique(text: str, doc: object) -> bool:
+    """Whether `doc`, parsed from `text`, kept every key-value pair of `text`; False also where this cannot tell.
+    It tells for an object of objects (a header, an index) where `text` has no escape, each string kept reading as
+    in `text`: `text`'s colons, but those in the outer keys and in `__metadata__`, number `doc`'s keys at both
+    levels only if no pair was dropped, nor any kept (deeper, or in a string) that was not counted."""
+    if type(doc) is not dict or "\\" in text:
+        return False
+    outer = doc.values()
+    if set(map(type, outer)) - {dict}:
+        return False
+    meta = doc.get("__metadata__", {})
+    counted = "".join(chain(doc, (s for s in chain(meta, meta.values()) if type(s) is str)))
+    return text.count(":") - counted.count(":") == len(doc) + sum(map(len, outer))
 
 
 def parse_header_bytes(
@@ -140,7 +171,7 @@ def all_safe_names(names: dict[str, object]) -> bool:
 def _json_object(text: bytes, path: str) -> dict:
     """The header's JSON, which must be an object without duplicate keys."""
     try:
-        raw = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+        raw = loads_unique(text.decode("utf-8"))
     except HeaderError as e:
         raise HeaderError(e.what, file=path) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -245,6 +276,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return parse_header_bytes(head, size, path)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class OutEntry:
     """A tensor as laid out in an output shard (offsets relative to the data section)."""

@@ -9,6 +9,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
 from ..pickling import by_fields
+from ..quickinit import quick_init
 from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
@@ -19,6 +20,7 @@ HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Placed:
     """A planned tensor with its shard and absolute byte offset in that shard file."""
@@ -45,6 +47,7 @@ class Layout:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Elements [first, last) of tensor `index` (the same tensor in every output)."""
@@ -55,6 +58,7 @@ class Piece:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Unit:
     """Work for one worker call: pieces of tensors, computed for every output at once."""

@@ -11,6 +11,7 @@ from ..dtypes import OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..pickling import by_fields
+from ..quickinit import quick_init
 from ..recipe.spec import Dare, Target
 from ..term import Term
 from .alphas import tensor_alphas
@@ -37,6 +38,7 @@ class _Hashed:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Src(_Hashed):
     """A source tensor's data: file, absolute byte offset, dtype; or, for fused experts stored per expert, the
@@ -72,6 +74,7 @@ class _Derived:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PlannedTensor(_Derived):
     """One output tensor: `out[:merge_elems] = cp + Σ alpha·(plus − minus)`, the rest a copy of CP."""
