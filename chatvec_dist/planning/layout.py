@@ -77,9 +77,10 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = 
     placed: list[Placed] = [None] * len(tensors)  # type: ignore[list-item] # every one is set below
     shards: list[Shard] = []
     groups = _groups(tensors, sizes, max_shard_size, at_shards)
+    ranks = [-byte_rank(t, at_shards) for t in tensors]
     for k, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda i: -byte_rank(tensors[i], at_shards))
+        group = sorted(group, key=ranks.__getitem__)
         entries, begin = [], 0
         for i in group:
             t = tensors[i]
