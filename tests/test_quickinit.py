@@ -13,7 +13,7 @@ from chatvec_dist.io.checkpoint import TensorRef
 from chatvec_dist.io.header import OutEntry, TensorInfo
 from chatvec_dist.planning.layout import Piece, Placed, Unit
 from chatvec_dist.planning.planner import PlannedTensor, Src
-from chatvec_dist.quickinit import quick_init
+from chatvec_dist.quickinit import maker, quick_init
 
 
 class Base:
@@ -65,6 +65,28 @@ def test_quick_objects_are_the_dataclass_objects(args: tuple, kwargs: dict):
     assert not hasattr(quick, "extra")  # a base's slot stays unset, as the dataclass leaves it
 
 
+make_quick = maker(Quick)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("w", (2, 3)), {}),
+        (("w", (2,), 5, ((0, 1),), "s"), {}),
+        (("w",), {"shape": (1,), "src": 7}),
+    ],
+)
+def test_a_maker_makes_the_class_objects(args: tuple, kwargs: dict):
+    made, quick, slow = make_quick(*args, **kwargs), Quick(*args, **kwargs), Plain(*args, **kwargs)
+    assert type(made) is Quick
+    assert made == quick and hash(made) == hash(quick) and repr(made) == repr(quick)
+    assert _fields(made) == _fields(slow)
+    assert pickle.loads(pickle.dumps(made)) == made
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.start = 1  # type: ignore[misc]
+    assert not hasattr(made, "extra")
+
+
 def test_a_missing_or_unknown_argument_is_refused():
     with pytest.raises(TypeError):
         Quick("w")  # type: ignore[call-arg]
@@ -72,6 +94,8 @@ def test_a_missing_or_unknown_argument_is_refused():
         Quick("w", (1,), nope=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         Quick("w", (1,), 0, (), None, "sixth")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        make_quick("w")
 
 
 def _made(frozen: bool, slots: bool, **namespace: object) -> type:
@@ -93,6 +117,8 @@ def _made(frozen: bool, slots: bool, **namespace: object) -> type:
 def test_a_class_it_cannot_make_alike_is_refused(cls: type):
     with pytest.raises(TypeError, match="quick_init takes"):
         quick_init(cls)
+    with pytest.raises(TypeError, match="quick_init takes"):
+        maker(cls)
 
 
 @pytest.mark.parametrize("cls", [TensorInfo, OutEntry, TensorRef, Src, PlannedTensor, Placed, Piece, Unit])
@@ -101,3 +127,22 @@ def test_the_planning_classes_are_quick_and_keep_their_fields(cls: type):
     assert "_set_" in " ".join(cls.__init__.__code__.co_freevars)
     names = [f.name for f in dataclasses.fields(cls)]
     assert list(cls.__init__.__code__.co_varnames[1 : 1 + len(names)]) == names
+
+
+def test_the_planning_makers_make_their_classes():
+    from chatvec_dist.io.checkpoint import _make_ref
+    from chatvec_dist.io.header import _make_info
+    from chatvec_dist.planning.layout import make_placed
+    from chatvec_dist.planning.planner import _make_src, make_planned
+
+    info = _make_info("w", "F32", (2,), 8, 16)
+    assert type(info) is TensorInfo and info == TensorInfo("w", "F32", (2,), 8, 16)
+    ref = _make_ref("/f", info)
+    assert type(ref) is TensorRef and ref == TensorRef("/f", info)
+    src = _make_src("/f", 8, "F32")
+    assert type(src) is Src and src == Src("/f", 8, "F32") and hash(src) == hash(Src("/f", 8, "F32"))
+    planned = make_planned("w", "merge", "", (2,), "F32", src, (), 2)
+    assert type(planned) is PlannedTensor and planned == PlannedTensor("w", "merge", "", (2,), "F32", src, (), 2)
+    assert planned.srcs == (src,)  # the derived slots are filled on first use, as for any PlannedTensor
+    placed = make_placed(planned, 0, 64, 8)
+    assert type(placed) is Placed and placed == Placed(planned, 0, 64, 8)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
 from ..log import logger
-from ..quickinit import quick_init
+from ..quickinit import maker, quick_init
 from .header import (
     MAX_HEADER_BYTES,
     TensorInfo,
@@ -56,6 +56,9 @@ class TensorRef:
 
     path: str
     info: TensorInfo
+
+
+_make_ref = maker(TensorRef)  # one per tensor of every checkpoint
 
 
 @dataclass
@@ -192,7 +195,7 @@ def collect_tensors(
             wanted = placed.get(name, set())
             if infos.keys() != wanted:  # a shard holding tensors the index places elsewhere: those are left out
                 infos = {t: info for t, info in infos.items() if t in wanted}
-        tensors.update(zip(infos, map(TensorRef, repeat(path), infos.values())))
+        tensors.update(zip(infos, map(_make_ref, repeat(path), infos.values())))
     if names is None:
         return tensors
     if len(tensors) != len(names):

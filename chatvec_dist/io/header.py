@@ -14,7 +14,7 @@ from operator import attrgetter, itemgetter
 
 from ..dtypes import ITEMSIZE
 from ..errors import ChatvecError, HeaderError
-from ..quickinit import quick_init
+from ..quickinit import maker, quick_init
 from .ranges import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
@@ -41,6 +41,9 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+_make_info = maker(TensorInfo)  # header entries by the hundred thousand
 
 
 def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -136,7 +139,7 @@ def _checked_in_bulk(raw: dict, data_start: int, file_size: int) -> list[TensorI
     if starts[:1] != [0] * bool(starts) or starts[1:] != ends[:-1] or data_start + sum(ends[-1:]) != file_size:
         return None  # a gap, an overlap, or bytes after the last tensor
     at = functools.partial(operator.add, data_start)
-    return list(map(TensorInfo, names, dtypes, map(tuple, shapes), map(at, starts), map(at, ends)))
+    return list(map(_make_info, names, dtypes, map(tuple, shapes), map(at, starts), map(at, ends)))
 
 
 def _typed_columns(specs: list) -> tuple[list[str], list[list[int]], list[int], list[int]] | None:
@@ -164,8 +167,8 @@ def _typed_columns(specs: list) -> tuple[list[str], list[list[int]], list[int], 
 
 
 def all_safe_names(names: dict[str, object]) -> bool:
-    """`is_safe_name` of every key, in a few C loops (JSON keys are strings)."""
-    return not names or (min(map(len, names)) > 0 and max(map(len, names)) <= 1024 and "".join(names).isprintable())
+    """`is_safe_name` of every key, in a few C loops (JSON keys are strings; an empty one is looked up)."""
+    return not names or ("" not in names and max(map(len, names)) <= 1024 and "".join(names).isprintable())
 
 
 def _json_object(text: bytes, path: str) -> dict:

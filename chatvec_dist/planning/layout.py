@@ -9,7 +9,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
 from ..pickling import by_fields
-from ..quickinit import quick_init
+from ..quickinit import maker, quick_init
 from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
@@ -29,6 +29,9 @@ class Placed:
     shard: int
     offset: int
     nbytes: int
+
+
+make_placed = maker(Placed)  # one per tensor of every output
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = 
         header = encode_header(entries, SHARD_METADATA)
         shards.append(Shard(name, header, len(header) + begin))
         for i, e in zip(group, entries):
-            placed[i] = Placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
+            placed[i] = make_placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
     return Layout(placed, shards)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -12,7 +13,7 @@ from ..dtypes import FLOAT_DTYPES, OUTPUT_DTYPES, is_float
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..pickling import by_fields
-from ..quickinit import quick_init
+from ..quickinit import maker, quick_init
 from ..recipe.spec import Dare, Target
 from ..term import Term
 from .alphas import tensor_alphas
@@ -41,6 +42,9 @@ VOCAB_TENSOR = re.compile(
 # VOCAB_TENSOR's names by their last two parts (or the whole name, `output.weight`, or the last, final_logits_bias)
 _VOCAB_ENDS = {(m, "weight") for m in VOCAB_MODULES} | {("lm_head", "weight"), ("lm_head", "bias")}
 VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the first V_base elements are shared
+
+
+_ALPHA, _PLUS, _MINUS = operator.itemgetter(0), operator.itemgetter(0), operator.itemgetter(1)  # of a Term, a pair
 
 
 class _Hashed:
@@ -130,6 +134,9 @@ class PlannedTensor(_Derived):
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+_make_src, make_planned = maker(Src), maker(PlannedTensor)  # a few per tensor: by the hundred thousand
 
 
 @dataclass(frozen=True)
@@ -267,7 +274,7 @@ def _plan_one(
     """`vector`: the tensor's entries in the vectors (a tied head's: their embedding's); `present`: the dtypes
     that the checkpoints hold."""
     info = ref.info
-    cp = Src(ref.path, info.start, info.dtype) if sources.cp is not None else None
+    cp = _make_src(ref.path, info.start, info.dtype) if sources.cp is not None else None
     vecs = vector.vecs
     if present.non_float:
         _check_floats_match(name, ref, vecs)
@@ -288,7 +295,8 @@ def _plan_one(
     vocab = _vocab_dim(name, ref, vecs)
     if not vector.alike():  # else there is nothing to check
         _check_vector_shapes(name, vecs, vocab)
-    terms = tuple(Term(a, plus, minus) for (a, _, _), (plus, minus) in zip(sources.terms, vector.srcs(_src)))
+    srcs = vector.srcs(_src)
+    terms = tuple(map(Term, map(_ALPHA, sources.terms), map(_PLUS, srcs), map(_MINUS, srcs)))
     if vocab is not None:
         return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
     if vecs[0].info.shape != info.shape:
@@ -298,7 +306,7 @@ def _plan_one(
             tensor=name,
         )
     mapped = "experts:mapped" if vector.mapped() else ""  # from the other layout
-    return PlannedTensor(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
+    return make_planned(name, "merge", mapped, info.shape, dtype, cp, terms, info.numel)
 
 
 def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tuple[str, int], Src]) -> None:
@@ -318,7 +326,7 @@ def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tu
 
 def _src(ref: TensorRef) -> Src:
     if type(ref) is TensorRef:
-        return Src(ref.path, ref.info.start, ref.info.dtype)
+        return _make_src(ref.path, ref.info.start, ref.info.dtype)
     return Src(ref.path, ref.info.start, ref.info.dtype, ref.segments if isinstance(ref, MappedRef) else ())
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from ..recipe.spec import Target
 from ..term import Term
-from .layout import Layout, Placed, layout
-from .planner import PlannedTensor
+from .layout import Layout, layout, make_placed
+from .planner import PlannedTensor, make_planned
 from .tokens import TokenRow
 from .vectors import Sides
 
@@ -43,7 +43,7 @@ def with_alphas(tensors: list[PlannedTensor], alphas: tuple[float, ...]) -> list
     for t in tensors:
         if t.terms:
             terms = tuple(map(Term, alphas, map(_PLUS, t.terms), map(_MINUS, t.terms)))
-            t = PlannedTensor(*_BEFORE(t), terms, *_AFTER(t))  # type: ignore[call-arg]
+            t = make_planned(*_BEFORE(t), terms, *_AFTER(t))
         found.append(t)
     return found
 
@@ -88,4 +88,4 @@ class Reuse:
         earlier, lay = self.layouts[key]
         if all(map(operator.is_, earlier, tensors)):
             return lay
-        return Layout([Placed(t, *place) for t, place in zip(tensors, map(_PLACE, lay.tensors))], lay.shards)
+        return Layout([make_placed(t, *place) for t, place in zip(tensors, map(_PLACE, lay.tensors))], lay.shards)
