@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
@@ -147,7 +148,7 @@ def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -
     """
     check_unit_bytes(unit_bytes)
     layouts = list({id(lay): lay for lay in layouts}.values())  # a layout shared by several outputs cuts alike
-    total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
+    total = max(sum(map(_NBYTES, lay.tensors)) for lay in layouts)
     if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
         smallest = 1 << max(3, (total // MAX_UNITS).bit_length())
         raise PlanError(
@@ -203,11 +204,15 @@ class _Cutter:
                 base = 0
 
 
+_SHAPE, _NBYTES = operator.attrgetter("tensor.shape"), operator.attrgetter("nbytes")
+
+
 def _largest(column: tuple[Placed, ...]) -> tuple[int, int]:
-    """The largest element count and byte size of a tensor's outputs."""
-    if len(column) == 1:  # one output: no generators (a 45 k-tensor plan cuts 45 k columns)
+    """The largest element count and byte size of a tensor's outputs (their shapes counted once: the outputs of a
+    batch mostly share them; a 45 k-tensor plan cuts 45 k columns)."""
+    if len(column) == 1:
         return column[0].tensor.numel, column[0].nbytes
-    return max(p.tensor.numel for p in column), max(p.nbytes for p in column)
+    return max(map(math.prod, set(map(_SHAPE, column)))), max(map(_NBYTES, column))
 
 
 def _attached(column: tuple[Placed, ...]) -> bool:
