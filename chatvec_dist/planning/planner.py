@@ -45,6 +45,7 @@ VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the f
 
 
 _ALPHA, _PLUS, _MINUS = operator.itemgetter(0), operator.itemgetter(0), operator.itemgetter(1)  # of a Term, a pair
+_new_term = tuple.__new__
 
 
 class _Hashed:
@@ -190,24 +191,22 @@ def plan_tensors(target: Target, sources: Sources, sides: Sides | None = None) -
     vectors = (sides or Sides()).of(sources)
     present = _present([reference, *(c for _, plus, minus in sources.terms for c in (plus, minus) if c is not None)])
     planned = [
-        sparsify(
-            _plan_one(
-                name,
-                ref,
-                target.vocab,
-                out_dtype,
-                sources.with_alphas(alphas.get(name)),
-                excluded,
-                side(vectors, tied.get(name, name), sources),
-                scales,
-                present,
-            ),
-            sources.dares,
-            target.ties,
+        _plan_one(
+            name,
+            ref,
+            target.vocab,
+            out_dtype,
+            sources.with_alphas(alphas.get(name)),
+            excluded,
+            side(vectors, tied.get(name, name), sources),
+            scales,
+            present,
         )
         for name, ref in reference.tensors.items()
         if not (sources.cp is None and name in keep_cp)
     ]
+    if target.ties is not None or any(sources.dares):  # else sparsify leaves every tensor as it is
+        planned = [sparsify(t, sources.dares, target.ties) for t in planned]
     tensors = fp8.attach(planned, scales)
     fp8.check_not_sparse(tensors)
     return tensors
@@ -295,8 +294,7 @@ def _plan_one(
     vocab = _vocab_dim(name, ref, vecs)
     if not vector.alike():  # else there is nothing to check
         _check_vector_shapes(name, vecs, vocab)
-    srcs = vector.srcs(_src)
-    terms = tuple(map(Term, map(_ALPHA, sources.terms), map(_PLUS, srcs), map(_MINUS, srcs)))
+    terms = _terms(sources.terms, vector.srcs(_src))
     if vocab is not None:
         return _plan_vocab(name, ref, policy, dtype, cp, terms, vecs, vocab)
     if vecs[0].info.shape != info.shape:
@@ -322,6 +320,13 @@ def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tu
                 tensor=name,
             )
     check_scaled(name, [ref, *vecs], scales)
+
+
+def _terms(vectors: tuple[Term, ...], srcs: list[tuple[Src, Src | None]]) -> tuple[Term, ...]:
+    """Each vector's alpha with the tensor's plus and minus sources."""
+    if len(srcs) == 1:  # one vector: the Term as NamedTuple makes it, without its Python-level __new__
+        return (_new_term(Term, (vectors[0][0], *srcs[0])),)
+    return tuple(map(Term, map(_ALPHA, vectors), map(_PLUS, srcs), map(_MINUS, srcs)))
 
 
 def _src(ref: TensorRef) -> Src:
