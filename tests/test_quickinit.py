@@ -146,3 +146,5 @@ def test_the_planning_makers_make_their_classes():
     assert planned.srcs == (src,)  # the derived slots are filled on first use, as for any PlannedTensor
     placed = make_placed(planned, 0, 64, 8)
     assert type(placed) is Placed and placed == Placed(planned, 0, 64, 8)
+    for made in (info, ref, src, planned, placed):  # as a Ray unit's context carries them
+        assert pickle.loads(pickle.dumps(made)) == made
