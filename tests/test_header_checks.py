@@ -7,7 +7,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatvec_dist.errors import HeaderError
@@ -129,11 +129,15 @@ PART = st.sampled_from(
         "",
         "layers",
         "0",
+        "weight\n",
+        "bias\n\n",
+        "final_logits_bias\n",
     ]
 )
 
 
-@given(st.lists(st.one_of(PART, st.text(alphabet="abe_.dhtwx", max_size=6)), max_size=6))
+@settings(max_examples=500)
+@given(st.lists(st.one_of(PART, st.text(alphabet="abe_.dhtwx\n", max_size=6)), max_size=6))
 def test_the_vocabulary_names_are_those_the_regex_finds(parts):
     name = ".".join(parts)
     assert is_vocab_name(name) == (VOCAB_TENSOR.search(name) is not None)

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from ..errors import ChatvecError, HeaderError, SourceError
 from ..log import logger
+from ..quickinit import maker, quick_init
 from .header import (
     MAX_HEADER_BYTES,
     TensorInfo,
     all_safe_names,
     is_safe_name,
+    loads_unique,
     parse_header_bytes,
     read_header,
-    reject_duplicate_keys,
     shown,
 )
 
@@ -48,12 +49,16 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_SIDE_BYTES = 512 * 1024 * 1024  # a tokenizer or tiktoken file is tens of MB; nothing here should be GBs
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TensorRef:
     """Where one tensor lives: its file and its header entry."""
 
     path: str
     info: TensorInfo
+
+
+_make_ref = maker(TensorRef)  # one per tensor of every checkpoint
 
 
 @dataclass
@@ -190,7 +195,7 @@ def collect_tensors(
             wanted = placed.get(name, set())
             if infos.keys() != wanted:  # a shard holding tensors the index places elsewhere: those are left out
                 infos = {t: info for t, info in infos.items() if t in wanted}
-        tensors.update(zip(infos, map(TensorRef, repeat(path), infos.values())))
+        tensors.update(zip(infos, map(_make_ref, repeat(path), infos.values())))
     if names is None:
         return tensors
     if len(tensors) != len(names):
@@ -237,7 +242,7 @@ def parse_weight_map(text: bytes, index: str) -> dict[str, str]:
     """An index's weight_map (tensor → shard file): every name printable, every file a relative path that stays
     inside the checkpoint (no absolute path, `..`, backslash or URL)."""
     try:
-        doc = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+        doc = loads_unique(text.decode("utf-8"))
     except HeaderError as e:
         raise HeaderError(e.what, file=index) from None
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

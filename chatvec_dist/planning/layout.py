@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from ..dtypes import ITEMSIZE
 from ..errors import PlanError
 from ..io.header import OutEntry, encode_header
 from ..pickling import by_fields
+from ..quickinit import maker, quick_init
 from .fp8 import SCALE_RULE, in_one_piece, with_scales_beside
 from .planner import PlannedTensor
 
@@ -19,6 +21,7 @@ HASH_BLOCK_BYTES = 1 << 20  # content hashes cover blocks of this many bytes (or
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Placed:
     """A planned tensor with its shard and absolute byte offset in that shard file."""
@@ -27,6 +30,9 @@ class Placed:
     shard: int
     offset: int
     nbytes: int
+
+
+make_placed = maker(Placed)  # one per tensor of every output
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Layout:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Elements [first, last) of tensor `index` (the same tensor in every output)."""
@@ -55,6 +62,7 @@ class Piece:
 
 
 @by_fields
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Unit:
     """Work for one worker call: pieces of tensors, computed for every output at once."""
@@ -73,9 +81,10 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = 
     placed: list[Placed] = [None] * len(tensors)  # type: ignore[list-item] # every one is set below
     shards: list[Shard] = []
     groups = _groups(tensors, sizes, max_shard_size, at_shards)
+    ranks = [-byte_rank(t, at_shards) for t in tensors]
     for k, group in enumerate(groups):
         # Largest itemsize first keeps every tensor aligned to its itemsize (the header is 8-aligned).
-        group = sorted(group, key=lambda i: -byte_rank(tensors[i], at_shards))
+        group = sorted(group, key=ranks.__getitem__)
         entries, begin = [], 0
         for i in group:
             t = tensors[i]
@@ -85,7 +94,7 @@ def layout(tensors: list[PlannedTensor], max_shard_size: int, at_shards: bool = 
         header = encode_header(entries, SHARD_METADATA)
         shards.append(Shard(name, header, len(header) + begin))
         for i, e in zip(group, entries):
-            placed[i] = Placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
+            placed[i] = make_placed(tensors[i], k, len(header) + e.begin, e.end - e.begin)
     return Layout(placed, shards)
 
 
@@ -139,7 +148,7 @@ def cut_units(layouts: list[Layout], unit_bytes: int, at_shards: bool = False) -
     """
     check_unit_bytes(unit_bytes)
     layouts = list({id(lay): lay for lay in layouts}.values())  # a layout shared by several outputs cuts alike
-    total = max(sum(p.nbytes for p in lay.tensors) for lay in layouts)
+    total = max(sum(map(_NBYTES, lay.tensors)) for lay in layouts)
     if total // unit_bytes > MAX_UNITS:  # each unit costs the driver memory and a round trip
         smallest = 1 << max(3, (total // MAX_UNITS).bit_length())
         raise PlanError(
@@ -195,11 +204,15 @@ class _Cutter:
                 base = 0
 
 
+_SHAPE, _NBYTES = operator.attrgetter("tensor.shape"), operator.attrgetter("nbytes")
+
+
 def _largest(column: tuple[Placed, ...]) -> tuple[int, int]:
-    """The largest element count and byte size of a tensor's outputs."""
-    if len(column) == 1:  # one output: no generators (a 45 k-tensor plan cuts 45 k columns)
+    """The largest element count and byte size of a tensor's outputs (their shapes counted once: the outputs of a
+    batch mostly share them; a 45 k-tensor plan cuts 45 k columns)."""
+    if len(column) == 1:
         return column[0].tensor.numel, column[0].nbytes
-    return max(p.tensor.numel for p in column), max(p.nbytes for p in column)
+    return max(map(math.prod, set(map(_SHAPE, column)))), max(map(_NBYTES, column))
 
 
 def _attached(column: tuple[Placed, ...]) -> bool:

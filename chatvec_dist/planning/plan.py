@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -97,12 +98,18 @@ def _lay_out(planned: list[_Planned], reuse: Reuse, max_shard_size: int, at_shar
     order = [t.name for t in (sorted(lead.tensors, key=lambda t: -byte_rank(t, True)) if at_shards else lead.tensors)]
     plans = []
     for p in planned:
-        by_name = {t.name: t for t in p.tensors}
-        if p is not lead:
-            _check_like(p, lead, set(by_name) ^ set(order))
-        lay = reuse.layout([by_name[n] for n in order], max_shard_size, at_shards)
+        tensors = p.tensors
+        if list(map(_NAME, tensors)) != order:  # else in the lead's order already: a batch's targets, mostly
+            by_name = {t.name: t for t in tensors}
+            if p is not lead:
+                _check_like(p, lead, set(by_name) ^ set(order))
+            tensors = [by_name[n] for n in order]
+        lay = reuse.layout(tensors, max_shard_size, at_shards)
         plans.append(TargetPlan(p.target, p.sources, lay, token_rows=p.rows))
     return plans
+
+
+_NAME = operator.attrgetter("name")
 
 
 class _Planned(NamedTuple):

@@ -3,7 +3,9 @@ target that combines the same vector checkpoints: a batch of outputs with other 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from ..io.checkpoint import Checkpoint, TensorRef
@@ -11,6 +13,9 @@ from .experts import MappedRef
 
 if TYPE_CHECKING:
     from .planner import Sources, Src
+
+
+_SHAPE = operator.attrgetter("info.shape")
 
 
 class Side:
@@ -36,14 +41,14 @@ class Side:
     def alike(self) -> bool:
         """Whether every vector entry has the first one's shape."""
         if self._alike is None:
-            first = self.vecs[0].info.shape
-            self._alike = all(v.info.shape == first for v in self.vecs)
+            shapes = list(map(_SHAPE, self.vecs))
+            self._alike = shapes.count(shapes[0]) == len(shapes)
         return self._alike
 
     def mapped(self) -> bool:
         """Whether an entry is read from the other MoE experts layout."""
         if self._mapped is None:
-            self._mapped = any(isinstance(v, MappedRef) for v in self.vecs)
+            self._mapped = any(map(isinstance, self.vecs, repeat(MappedRef)))
         return self._mapped
 
 
