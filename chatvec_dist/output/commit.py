@@ -18,6 +18,7 @@ from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_j
 from ..log import logger
 from ..planning.layout import Layout
 from .digests import DIGESTS_NAME, encode_digests, file_digests
+from .index_file import index_text
 from .manifest import MANIFEST_NAME, META_KEY, write_manifest
 from .workarea import JOURNAL_NAME, PLAN_NAME, UPLOADS_NAME, check_replaceable, replaced_path
 
@@ -116,9 +117,7 @@ def _write_files(
     _rewrite_config(work, config_dtype, any(p.tensor.out_dtype.startswith("F8") for p in layout.tensors))
     if chat_template_dir is not None and side_dir is not None:
         _copy_chat_template(chat_template_dir, side_dir, work, _cp_ids(manifest))
-    weight_map = {p.tensor.name: layout.shards[p.shard].name for p in layout.tensors}
-    total = sum(p.nbytes for p in layout.tensors)
-    _write(work / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _write(work / INDEX_NAME, index_text(layout))
     with _writing(work / MANIFEST_NAME):
         write_manifest(manifest, work / MANIFEST_NAME)
     _write(work / "README.md", card)
