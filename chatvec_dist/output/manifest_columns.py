@@ -30,6 +30,7 @@ from .columns_digest import column_digest, encoding_head, resumed
 from .layout_alike import Inputs
 
 if TYPE_CHECKING:
+    from ..kernels.stats import Stats
     from .manifest import Part
 
 STRING, INT, FLOAT = pa.string(), pa.int64(), pa.float64()
@@ -268,8 +269,6 @@ def measured_columns(
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(sq["update_sq"]) / cp_norm
     counts = {k: np.fromiter(map(attrgetter(k), stats), np.int64, len(stats)) for k in ("nan", "inf")}
-    kept = [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)]
-    agree = [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)]
     *fields, segments = layout.sources
     digests = pa.StructArray.from_arrays(
         [*fields, pa.array(list(chain.from_iterable(source_hashes)), STRING), segments],
@@ -284,11 +283,30 @@ def measured_columns(
         "inf_count": pa.array(counts["inf"], INT, mask=~layout.counted),
         "worker": _field(parts, "worker"),
         "node": _field(parts, "node"),
-        "seconds": pa.array(list(map(attrgetter("seconds"), parts)), FLOAT),
+        "seconds": pa.array(np.fromiter(map(attrgetter("seconds"), parts), np.float64, len(parts)), FLOAT),
         "source_digests": pa.ListArray.from_arrays(_offsets(layout.counts), digests),
-        "density": pa.array(kept, pa.list_(FLOAT)),  # DARE/TIES
-        "sign_agreement": pa.array(agree, FLOAT),
+        **_shares(layout, stats),
     }
+
+
+def _shares(layout: LayoutColumns, stats: list[Stats]) -> dict[str, pa.Array]:
+    """DARE/TIES: each vector's kept share (`density`) and the share of kept entries agreeing with the elected sign
+    (`sign_agreement`); all null (made at once) in a job without either."""
+    count = len(stats)
+    if not any(map(attrgetter("kept"), stats)):
+        density = pa.nulls(count, pa.list_(FLOAT))
+    else:
+        density = pa.array(
+            [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)],
+            pa.list_(FLOAT),
+        )
+    if not layout.ties.any():
+        agreement = pa.nulls(count, FLOAT)
+    else:
+        agreement = pa.array(
+            [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)], FLOAT
+        )
+    return {"density": density, "sign_agreement": agreement}
 
 
 def _check_complete(
