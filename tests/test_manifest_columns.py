@@ -227,6 +227,47 @@ def test_a_job_without_dare_or_ties_has_null_shares_as_built_one_by_one():
     assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
 
 
+def test_outputs_reporting_the_same_source_hash_objects_share_one_source_digests_column():
+    """A batch's outputs get the very same source-hash tuples for the sources they share (one `shared` per unit's
+    result): the second output takes the first's column; equal tuples that are other objects make their own."""
+    ts = [t for t in planned() if t.numel <= BLOCK // 8]  # one block of each source: complete with one segment
+    assert len(ts) > 5 and any(len(source_extents(t)) > 1 for t in ts)
+    lay = layout(ts, max_shard_size=10**6)
+    segments = [
+        SegmentResult(0, i, ((0, digest(i)),), stats_of(i), tuple(((0, digest(i, k)),) for k in range(len(e))))
+        for i, e in enumerate(map(source_extents, ts))
+    ]
+    shared: dict = {}
+    first, second, other = Tally(lay, BLOCK), Tally(lay, BLOCK), Tally(lay, BLOCK)
+    for tally, share in ((first, shared), (second, shared), (other, {})):
+        tally.add_all(segments, "w0", "n0", 0.25, share)  # as `feed` reports them
+    fixed = layout_columns(lay)
+    column = fixed.source_digests(first.source_hashes)
+    assert fixed.source_digests(second.source_hashes) is column
+    assert fixed.source_digests(other.source_hashes) is not column
+    assert fixed.source_digests(other.source_hashes).equals(column)
+    want = [row["source_digests"] for row in first.table("a", {}).to_pylist()]
+    for tally, name in ((first, "a"), (second, "b"), (other, "c"), (second, "b")):
+        table = tally.table(name, {})
+        assert [row["source_digests"] for row in table.to_pylist()] == want
+        assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
+    changed = Tally(lay, BLOCK)  # other sources' bytes, after the first output's column was made
+    changed.add_all(
+        [s._replace(sources=tuple(((0, digest(7, *b[0])),) for b in s.sources)) for s in segments],
+        "w0",
+        "n0",
+        0.25,
+    )
+    first.table("a", {})
+    table = changed.table("d", {})
+    assert [row["source_digests"] for row in table.to_pylist()] != want
+    assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
+    sent = {i: ([(0, digest(i))], [list(b) for b in s.sources], [s.stats]) for i, s in enumerate(segments)}
+    assert json.dumps(first.table("a", {}).to_pylist(), default=str) == json.dumps(
+        reference_rows(lay, sent, "a"), default=str
+    )
+
+
 def test_outputs_sharing_a_layout_share_its_columns_and_an_incomplete_tensor_is_an_error():
     ts = planned()
     lay = layout(ts, max_shard_size=10**6)
