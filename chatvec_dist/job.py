@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,9 +143,9 @@ class Output:
         side = sources.cp or sources.terms[0].plus
         return side.directory, sources.terms[0].plus.directory if recipe.chat_template_from_chat else None
 
-    def commit(self, planned: Planned) -> None:
-        """Write index, side files, manifest and card (an s3:// output: and upload them), and rename the work area
-        into place."""
+    def staged(self, planned: Planned) -> Callable[[], None]:
+        """Build the manifest and card; return the commit that writes index, side files, manifest and card (an
+        s3:// output: and uploads them) and renames the work area into place."""
         assert self.work is not None and self.tally is not None
         recipe, target, sources = planned.recipe, self.plan.target, self.plan.sources
         meta = {
@@ -167,10 +168,15 @@ class Output:
         publish = None
         if self.uploads is not None:
             publish = functools.partial(self.uploads.publish, self.work, set(WORK_ONLY), self.replace)
-        commit(
-            self.work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, replace, publish
-        )
-        self.written = True
+        work = self.work
+
+        def write() -> None:
+            commit(
+                work, self.path, self.plan.layout, manifest, side_dir, chat_dir, card, config_dtype, replace, publish
+            )
+            self.written = True
+
+        return write
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> list[Output]:
@@ -266,9 +272,24 @@ def _run_fresh(planned: Planned, fresh: list[Output], inputs: InputStats, option
     if options.fail_on_nonfinite:
         _refuse_nonfinite(fresh)
     _check_inputs_unchanged(planned, inputs)
-    for output in fresh:
-        output.commit(planned)
+    _commit_all(planned, fresh)
     logger.info(speed)
+
+
+def _commit_all(planned: Planned, outputs: list[Output]) -> None:
+    """Commit each output in turn, the next one's manifest built (Python) while the last one's files are written
+    (Parquet, sha256, fsync: mostly outside the GIL). A failed commit stops the later ones, as one after the other."""
+    with ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
+        writing: Future[None] | None = None
+        for output in outputs:
+            try:
+                write = output.staged(planned)
+            finally:
+                if writing is not None:
+                    writing.result()  # the earlier output's failure first
+            writing = pool.submit(write)
+        if writing is not None:
+            writing.result()
 
 
 def _open_all(planned: Planned, outputs: list[Output], inputs: InputStats, restart: bool) -> set[int]:

@@ -4,10 +4,12 @@ encoder written here from the documented format."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import struct
+from collections.abc import Callable
 
 import pyarrow as pa
 import pytest
@@ -100,7 +102,14 @@ def source_roles(t: PlannedTensor) -> list[str]:
     return roles + scaled + [f"chat[0].row[{chat}]" for _, chat in t.rows]
 
 
-def feed(tally: Tally, ts: list[PlannedTensor]) -> dict[int, tuple[list, list[list], list[Stats]]]:
+def plain_stats(i: int) -> Stats:
+    """`stats_of` in a job without DARE or TIES: nothing kept."""
+    return dataclasses.replace(stats_of(i), kept=[])
+
+
+def feed(
+    tally: Tally, ts: list[PlannedTensor], stats_at: Callable[[int], Stats] = stats_of
+) -> dict[int, tuple[list, list[list], list[Stats]]]:
     """Report every tensor in two pieces where it has several blocks (the second first, then both again, as a
     unit redone): return what was reported, per tensor (output blocks, each source's blocks, stats per piece)."""
     sent = {}
@@ -110,7 +119,7 @@ def feed(tally: Tally, ts: list[PlannedTensor]) -> dict[int, tuple[list, list[li
         cut = (len(out) + 1) // 2
         pieces = [(out[:cut], [s[: 2 * cut] for s in srcs]), (out[cut:], [s[2 * cut :] for s in srcs])]
         pieces = [p for p in pieces if p[0]]
-        stats = [stats_of(i + k) for k in range(len(pieces))]
+        stats = [stats_at(i + k) for k in range(len(pieces))]
         for k in [*reversed(range(len(pieces))), *range(len(pieces))]:
             seg = SegmentResult(0, i, tuple(pieces[k][0]), stats[k], tuple(map(tuple, pieces[k][1])))
             tally.add(seg, f"w{k}", f"n{k}", 0.25)
@@ -204,6 +213,59 @@ def test_the_columns_hold_the_rows_built_one_by_one():
     meta = json.loads(table.schema.metadata[b"chatvec"])
     assert meta["rows_hash"] == {"algorithm": ROWS_ALGORITHM, "sha256": columns_digest(table)}
     assert "rows_sha256" not in meta and meta["recipe"] == "r"
+
+
+def test_a_job_without_dare_or_ties_has_null_shares_as_built_one_by_one():
+    ts = [dataclasses.replace(t, dare=(), ties=None) for t in planned()]
+    lay = layout(ts, max_shard_size=200)
+    tally = Tally(lay, BLOCK)
+    sent = feed(tally, ts, plain_stats)
+    table = tally.table("t", {})
+    got = table.to_pylist()
+    assert json.dumps(got, default=str) == json.dumps(reference_rows(lay, sent, "t"), default=str)
+    assert all(row["density"] is None and row["sign_agreement"] is None for row in got)
+    assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
+
+
+def test_outputs_reporting_the_same_source_hash_objects_share_one_source_digests_column():
+    """A batch's outputs get the very same source-hash tuples for the sources they share (one `shared` per unit's
+    result): the second output takes the first's column; equal tuples that are other objects make their own."""
+    ts = [t for t in planned() if t.numel <= BLOCK // 8]  # one block of each source: complete with one segment
+    assert len(ts) > 5 and any(len(source_extents(t)) > 1 for t in ts)
+    lay = layout(ts, max_shard_size=10**6)
+    segments = [
+        SegmentResult(0, i, ((0, digest(i)),), stats_of(i), tuple(((0, digest(i, k)),) for k in range(len(e))))
+        for i, e in enumerate(map(source_extents, ts))
+    ]
+    shared: dict = {}
+    first, second, other = Tally(lay, BLOCK), Tally(lay, BLOCK), Tally(lay, BLOCK)
+    for tally, share in ((first, shared), (second, shared), (other, {})):
+        tally.add_all(segments, "w0", "n0", 0.25, share)  # as `feed` reports them
+    fixed = layout_columns(lay)
+    column = fixed.source_digests(first.source_hashes)
+    assert fixed.source_digests(second.source_hashes) is column
+    assert fixed.source_digests(other.source_hashes) is not column
+    assert fixed.source_digests(other.source_hashes).equals(column)
+    want = [row["source_digests"] for row in first.table("a", {}).to_pylist()]
+    for tally, name in ((first, "a"), (second, "b"), (other, "c"), (second, "b")):
+        table = tally.table(name, {})
+        assert [row["source_digests"] for row in table.to_pylist()] == want
+        assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
+    changed = Tally(lay, BLOCK)  # other sources' bytes, after the first output's column was made
+    changed.add_all(
+        [s._replace(sources=tuple(((0, digest(7, *b[0])),) for b in s.sources)) for s in segments],
+        "w0",
+        "n0",
+        0.25,
+    )
+    first.table("a", {})
+    table = changed.table("d", {})
+    assert [row["source_digests"] for row in table.to_pylist()] != want
+    assert json.loads(table.schema.metadata[b"chatvec"])["rows_hash"]["sha256"] == columns_digest(table)
+    sent = {i: ([(0, digest(i))], [list(b) for b in s.sources], [s.stats]) for i, s in enumerate(segments)}
+    assert json.dumps(first.table("a", {}).to_pylist(), default=str) == json.dumps(
+        reference_rows(lay, sent, "a"), default=str
+    )
 
 
 def test_outputs_sharing_a_layout_share_its_columns_and_an_incomplete_tensor_is_an_error():

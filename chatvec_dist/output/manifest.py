@@ -166,6 +166,8 @@ class _Entry:
 
 
 _ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
+_SEGMENT = itemgetter(*map(SegmentResult._fields.index, ("index", "blocks", "stats", "sources")))
+_PART = tuple.__new__  # Part(...) without its Python-level __new__
 # Source hashes (None: some source not of one block) by the id of a segment's `sources` object, while the unit's
 # result that holds them is alive (ids of live objects are unique).
 SharedHashes = dict[int, tuple[str, ...] | None]
@@ -224,17 +226,17 @@ class Tally:
             self.hashes,
             self.source_hashes,
         )
-        total = float(seconds)
-        for seg in segments:
-            i = seg.index
+        total, tensor_hash = float(seconds), xxhash.xxh3_128_hexdigest
+        for seg in segments:  # ~1 µs each, a tensor per output: fields at once, a Part as a plain tuple's __new__
+            i, blocks, stats, srcs = _SEGMENT(seg)
             if totals[i] is not None:
                 continue  # the same bytes again (a unit redone after its worker died; see _Digests)
-            if single[i] and len(seg.blocks) == 1 and i not in pending:
-                sources = _single_hashes(seg.sources, shared)
+            if single[i] and len(blocks) == 1 and i not in pending:
+                sources = shared[id(srcs)] if id(srcs) in shared else _single_hashes(srcs, shared)
                 if sources is not None:  # complete with this one segment
-                    hashes[i] = xxhash.xxh3_128_hexdigest(seg.blocks[0][1])  # tensor_hash of one block
+                    hashes[i] = tensor_hash(blocks[0][1])  # tensor_hash of one block
                     source_hashes[i] = sources
-                    totals[i] = Part(seg.stats, total, worker, node)
+                    totals[i] = _PART(Part, (stats, total, worker, node))
                     continue
             self._add_piece(seg, worker, node, seconds)
 

@@ -10,9 +10,9 @@ import hashlib
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, compress
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +30,7 @@ from .columns_digest import column_digest, encoding_head, resumed
 from .layout_alike import Inputs
 
 if TYPE_CHECKING:
+    from ..kernels.stats import Stats
     from .manifest import Part
 
 STRING, INT, FLOAT = pa.string(), pa.int64(), pa.float64()
@@ -52,11 +53,34 @@ class LayoutColumns:
     merge_elems: list[int]
     digests: dict[str, bytes]  # each of `fixed`'s column_digest (rows_hash)
     sources_head: hashlib._Hash  # source_digests' encoding up to its `hash` field (rows_hash)
+    # The last `source_digests` column made of these sources (shared with the columns `_with_alphas` makes of
+    # them): the hashes it was made of (their tuples, held), the column, and its digest once asked.
+    last: list[tuple[list[tuple[str | None, ...]], pa.ListArray, bytes | None]] = field(default_factory=list)
+
+    def source_digests(self, source_hashes: Sequence[tuple[str | None, ...]]) -> pa.ListArray:
+        """The `source_digests` column: `sources` with each tensor's sources' `source_hashes`; the last one made
+        where they are the very tuples it was made of (a batch's outputs report the same objects for the sources
+        they share: manifest.py's `_single_hashes`)."""
+        if self.last and len(self.last[0][0]) == len(source_hashes) and all(map(is_, source_hashes, self.last[0][0])):
+            return self.last[0][1]
+        *fields, segments = self.sources
+        digests = pa.StructArray.from_arrays(
+            [*fields, pa.array(list(chain.from_iterable(source_hashes)), STRING), segments],
+            names=[*SOURCE_FIELDS, "hash", "segments"],
+        )
+        column = pa.ListArray.from_arrays(_offsets(self.counts), digests)
+        self.last[:] = [(list(source_hashes), column, None)]
+        return column
 
     def sources_digest(self, column: pa.ListArray) -> bytes:
         """column_digest of the `source_digests` column made from `sources` (its fields but `hash`)."""
+        if self.last and self.last[0][1] is column and self.last[0][2] is not None:
+            return self.last[0][2]
         items = column.flatten()
-        return resumed(self.sources_head, [items.field("hash"), items.field("segments")])
+        digest = resumed(self.sources_head, [items.field("hash"), items.field("segments")])
+        if self.last and self.last[0][1] is column:
+            self.last[0] = (self.last[0][0], column, digest)
+        return digest
 
 
 # The last layout's columns, and (once a next layout asked) the inputs but alphas they were made from, while
@@ -268,13 +292,6 @@ def measured_columns(
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(sq["update_sq"]) / cp_norm
     counts = {k: np.fromiter(map(attrgetter(k), stats), np.int64, len(stats)) for k in ("nan", "inf")}
-    kept = [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)]
-    agree = [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)]
-    *fields, segments = layout.sources
-    digests = pa.StructArray.from_arrays(
-        [*fields, pa.array(list(chain.from_iterable(source_hashes)), STRING), segments],
-        names=[*SOURCE_FIELDS, "hash", "segments"],
-    )
     return {
         "hash": pa.array(hashes, STRING),
         "cp_norm": pa.array(cp_norm, FLOAT, mask=~layout.measured),
@@ -284,11 +301,30 @@ def measured_columns(
         "inf_count": pa.array(counts["inf"], INT, mask=~layout.counted),
         "worker": _field(parts, "worker"),
         "node": _field(parts, "node"),
-        "seconds": pa.array(list(map(attrgetter("seconds"), parts)), FLOAT),
-        "source_digests": pa.ListArray.from_arrays(_offsets(layout.counts), digests),
-        "density": pa.array(kept, pa.list_(FLOAT)),  # DARE/TIES
-        "sign_agreement": pa.array(agree, FLOAT),
+        "seconds": pa.array(np.fromiter(map(attrgetter("seconds"), parts), np.float64, len(parts)), FLOAT),
+        "source_digests": layout.source_digests(source_hashes),
+        **_shares(layout, stats),
     }
+
+
+def _shares(layout: LayoutColumns, stats: list[Stats]) -> dict[str, pa.Array]:
+    """DARE/TIES: each vector's kept share (`density`) and the share of kept entries agreeing with the elected sign
+    (`sign_agreement`); all null (made at once) in a job without either."""
+    count = len(stats)
+    if not any(map(attrgetter("kept"), stats)):
+        density = pa.nulls(count, pa.list_(FLOAT))
+    else:
+        density = pa.array(
+            [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)],
+            pa.list_(FLOAT),
+        )
+    if not layout.ties.any():
+        agreement = pa.nulls(count, FLOAT)
+    else:
+        agreement = pa.array(
+            [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)], FLOAT
+        )
+    return {"density": density, "sign_agreement": agreement}
 
 
 def _check_complete(
