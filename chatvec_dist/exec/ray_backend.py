@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
 import stat
@@ -27,6 +26,7 @@ from .. import gcpause
 from ..errors import ChatvecError, RunError
 from ..log import logger
 from ..planning.layout import Unit
+from .context_columns import pack, unpack
 from .device import PIPELINE, cluster_device
 from .messages import UnitResult, WorkContext
 from .runs import Runs
@@ -184,12 +184,6 @@ def own_gpus(env: Mapping[str, str], gpu_ids: list) -> str | None:
     return ",".join(str(i) for i in gpu_ids) if noset and gpu_ids else None
 
 
-def _pickled(ctx: WorkContext) -> bytes:
-    """A unit's context pickled as Ray would, at two thirds of the cost: Ray's cloudpickle calls back into Python
-    for every object (its classes are all importable: plain pickle serves)."""
-    return pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 class _Worker:
     """A Ray actor: PIPELINE threads, each with its own runner (buffers, stream)."""
 
@@ -220,10 +214,10 @@ class _Worker:
         return str(runner.device), runner.compute.fallback
 
     def run(self, unit: Unit, ctx: bytes) -> UnitResult:
-        """Run `unit` with its own cut of the work context (exec/unit_context.py), pickled by the driver."""
+        """Run `unit` with its own cut of the work context (exec/unit_context.py), packed by the driver."""
         runner = self._runner()
         with gcpause.kept():  # a 45 k-tensor unit's context: 230 k small objects, no cycle
-            runner.ctx = pickle.loads(ctx)
+            runner.ctx = unpack(ctx)
         return runner.run(unit)
 
     def close(self) -> None:
@@ -333,7 +327,7 @@ class RayBackend:
         """Keep each actor's queue full: its own run first, then half of the longest run left."""
         for actor in self.actors:
             while state.load[actor] < self.per_actor and (unit := state.runs.take(actor)) is not None:
-                state.in_flight[actor.run.remote(unit, _pickled(unit_context(self.ctx, unit)))] = (actor, unit)
+                state.in_flight[actor.run.remote(unit, pack(unit_context(self.ctx, unit)))] = (actor, unit)
                 state.load[actor] += 1
 
     def _started(self, ref) -> None:
