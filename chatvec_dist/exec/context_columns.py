@@ -93,10 +93,13 @@ def decode(encoded: Any) -> list:
 
 
 def pack(ctx: WorkContext) -> bytes:
-    """`ctx` pickled, each output's placed tensors (by index) as one set of columns for all outputs."""
+    """A unit's cut of the context (`unit_context`) pickled, each output's placed tensors (by index) as one set of
+    columns for all outputs."""
+    cuts = [out.tensors for out in ctx.outputs]
+    assert all(isinstance(c, dict) for c in cuts), "a unit's cut: placed tensors by index"
     outputs = [dataclasses.replace(out, tensors={}) for out in ctx.outputs]
-    indices = [list(out.tensors) for out in ctx.outputs]  # a unit's cut: by index
-    placed = list(chain.from_iterable(out.tensors.values() for out in ctx.outputs))  # type: ignore[union-attr]
+    indices = list(map(list, cuts))
+    placed = list(chain.from_iterable(c.values() for c in cuts))  # type: ignore[union-attr]
     return pickle.dumps((dataclasses.replace(ctx, outputs=outputs), indices, encode(placed)), pickle.HIGHEST_PROTOCOL)
 
 
