@@ -198,3 +198,27 @@ def test_the_plans_total_io_is_the_sum_over_its_units(tmp_path):
     planned = chatvec_dist.plan(recipe)
     assert len(planned.units) > 10 and any(p.tensor.rule == "merge_rows" for p in planned.targets[0].layout.tensors)
     assert total_io_bytes(planned) == sum(unit_io_bytes(u, planned) for u in planned.units)
+
+
+def test_a_unit_carries_the_hub_files_and_etags_of_what_it_reads():
+    from chatvec_dist.exec.messages import OutputContext, WorkContext
+    from chatvec_dist.exec.unit_context import unit_context
+    from chatvec_dist.planning.layout import Piece, Placed, Unit
+    from chatvec_dist.planning.planner import PlannedTensor, Src
+    from chatvec_dist.term import Term
+
+    scale = Src("s3://b/scales.safetensors", 8, "F32")
+    a, b = Src("/hub/a.safetensors", 8, "BF16"), Src("s3://b/w.safetensors", 8, "F8_E4M3", scale=scale)
+    c = Src("/hub/c.safetensors", 8, "BF16")
+    tensors = [
+        PlannedTensor("x", "merge", "", (2,), "BF16", a, (Term(0.5, a, None),), 2),
+        PlannedTensor("y", "merge", "", (2,), "BF16", c, (Term(0.5, b, None),), 2),
+    ]
+    out = OutputContext([Placed(t, 0, 0, 4) for t in tensors], ["o"])
+    files = ["/hub/a.safetensors", "/hub/c.safetensors", "s3://b/w.safetensors", "s3://b/scales.safetensors"]
+    ctx = WorkContext([out, out], 64, {f: ("r", "c", f) for f in files}, {f: "e" for f in files})
+    first = unit_context(ctx, Unit(0, (Piece(0, 0, 2),), 4))
+    assert set(first.hub_files) == set(first.etags) == {"/hub/a.safetensors"}
+    second = unit_context(ctx, Unit(1, (Piece(1, 0, 2),), 4))
+    assert set(second.hub_files) == set(files[1:]) and second.etags == {f: "e" for f in files[1:]}
+    assert unit_context(dataclasses.replace(ctx, hub_files={}, etags={}), Unit(1, (Piece(1, 0, 2),), 4)).etags == {}

@@ -7,20 +7,27 @@ unpickle in each worker process."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from itertools import chain
+from operator import attrgetter
 
-from ..planning.layout import Unit
+from ..planning.layout import Placed, Unit
+from ..planning.reads import read_files
 from .messages import OutputContext, WorkContext
+
+_TENSOR, _SRCS = attrgetter("tensor"), attrgetter("srcs")
 
 
 def unit_context(ctx: WorkContext, unit: Unit) -> WorkContext:
     """`ctx` cut to `unit`: each output's placed tensors by index, and only the shards, parts, Hub files, ETags
     and TIES pre-pass tensors they name; its other fields as they are."""
-    outputs, files = [], set()
+    outputs: list[OutputContext] = []
+    placed: list[Placed] = []
     for out in ctx.outputs:
         tensors = {p.index: out.tensors[p.index] for p in unit.pieces}
         parts = {unit.id: out.parts.get(unit.id, [])} if out.parts is not None else None
         shards = {p.shard for p in tensors.values()} | {part.shard for part in (parts or {}).get(unit.id, [])}
-        files |= {f for p in tensors.values() for s in p.tensor.srcs for f in s.files}
+        placed += tensors.values()
         outputs.append(
             OutputContext(
                 tensors,
@@ -30,6 +37,7 @@ def unit_context(ctx: WorkContext, unit: Unit) -> WorkContext:
                 parts,
             )
         )
+    files = _files(placed) if ctx.hub_files or ctx.etags else set()
     hub = {f: v for f, v in ctx.hub_files.items() if f in files}
     etags = {f: v for f, v in ctx.etags.items() if f in files}
     select = ctx.select
@@ -37,3 +45,9 @@ def unit_context(ctx: WorkContext, unit: Unit) -> WorkContext:
         indices = {p.index for p in unit.pieces}
         select = dataclasses.replace(select, tensors={i: s for i, s in select.tensors.items() if i in indices})
     return dataclasses.replace(ctx, outputs=outputs, hub_files=hub, etags=etags, select=select)  # any other field kept
+
+
+def _files(placed: Iterable[Placed]) -> set[str]:
+    """Every file the tensors read, each source object once (a batch's outputs share theirs)."""
+    srcs = list(chain.from_iterable(map(_SRCS, map(_TENSOR, placed))))
+    return read_files(dict(zip(map(id, srcs), srcs)).values())
