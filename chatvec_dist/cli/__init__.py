@@ -1,5 +1,5 @@
 """The `chatvec` command line."""
 
-from .main import entry, main
+from .main import main
 
-__all__ = ["entry", "main"]
+__all__ = ["main"]
