@@ -40,3 +40,17 @@ def test_kept_restores_the_collector_after_an_error():
     with pytest.raises(ValueError), gcpause.kept():
         raise ValueError("inside")
     assert gc.isenabled()
+
+
+def test_a_plan_leaves_nothing_frozen(tmp_path):
+    """`plan()` keeps its objects out of the collections while it makes them, and nothing frozen after: a
+    library's process goes on, and what it held in cycles must stay collectable."""
+    import chatvec_dist
+    from chatvec_dist.demo import make_demo_models
+
+    models = make_demo_models(tmp_path / "demo")
+    recipe = chatvec_dist.make_recipe(str(models["base"]), str(models["chat"]), str(models["cp"]), str(tmp_path / "o"))
+    gc.unfreeze()
+    gc.enable()
+    planned = chatvec_dist.plan(recipe)
+    assert planned.units and gc.get_freeze_count() == 0 and gc.isenabled()
