@@ -9,10 +9,12 @@ untouched), 0.35 µs instead of 0.6 for 5 fields, 0.62 instead of 1.2 for 12 (Py
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Named = TypeVar("Named", bound=tuple)
 
 
 def quick_init(cls: type[T]) -> type[T]:
@@ -38,6 +40,12 @@ def maker(cls: type[T]) -> Callable[..., T]:
     )
     twin.__init__ = _init(twin, fields, {"_cls": cls}, body)  # type: ignore[misc]
     return twin
+
+
+def tuple_maker(cls: type[Named]) -> Callable[[tuple], Named]:
+    """A constructor of the named tuple `cls` from one tuple of all its values: `tuple.__new__`, a C call, where
+    `cls(...)` runs the named tuple's Python-level `__new__` (0.22 µs instead of 0.63 for a `Term`)."""
+    return functools.partial(tuple.__new__, cls)
 
 
 def _plain_fields(cls: type) -> tuple[dataclasses.Field, ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .quickinit import tuple_maker
+
 
 class Term(NamedTuple):
     """`alpha · (plus − minus)`: plus is a chat model and minus its base, or plus an extracted vector and minus None.
@@ -14,3 +16,6 @@ class Term(NamedTuple):
     alpha: float
     plus: Any
     minus: Any  # None for an extracted vector
+
+
+make_term = tuple_maker(Term)  # Term((alpha, plus, minus)) in C: by the hundred thousand in a plan

@@ -13,7 +13,7 @@ from chatvec_dist.io.checkpoint import TensorRef
 from chatvec_dist.io.header import OutEntry, TensorInfo
 from chatvec_dist.planning.layout import Piece, Placed, Unit
 from chatvec_dist.planning.planner import PlannedTensor, Src
-from chatvec_dist.quickinit import maker, quick_init
+from chatvec_dist.quickinit import maker, quick_init, tuple_maker
 
 
 class Base:
@@ -148,3 +148,14 @@ def test_the_planning_makers_make_their_classes():
     assert type(placed) is Placed and placed == Placed(planned, 0, 64, 8)
     for made in (info, ref, src, planned, placed):  # as a Ray unit's context carries them
         assert pickle.loads(pickle.dumps(made)) == made
+
+
+def test_a_tuple_maker_makes_the_named_tuple_its_class_makes():
+    from chatvec_dist.kernels.stats import Stats
+    from chatvec_dist.output.manifest import Part
+    from chatvec_dist.term import Term, make_term
+
+    made = make_term((0.5, "plus", None))
+    assert type(made) is Term and made == Term(0.5, "plus", None) and made.alpha == 0.5 and made.minus is None
+    part = tuple_maker(Part)((Stats(1.0), 1.5, "w", "n"))
+    assert type(part) is Part and part == Part(Stats(1.0), 1.5, "w", "n") and part.worker == "w"

@@ -20,6 +20,7 @@ from ..exec.messages import SegmentResult
 from ..exec.source_digests import SOURCE_ALGORITHM, Blocks, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
 from ..planning.layout import Layout
+from ..quickinit import tuple_maker
 from .columns_digest import ROWS_ALGORITHM, columns_digest
 from .location import Where, open_output
 from .manifest_columns import layout_columns, measured_columns
@@ -167,7 +168,7 @@ class _Entry:
 
 _ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
 _SEGMENT = itemgetter(*map(SegmentResult._fields.index, ("index", "blocks", "stats", "sources")))
-_PART = tuple.__new__  # Part(...) without its Python-level __new__
+_PART = tuple_maker(Part)
 # Source hashes (None: some source not of one block) by the id of a segment's `sources` object, while the unit's
 # result that holds them is alive (ids of live objects are unique).
 SharedHashes = dict[int, tuple[str, ...] | None]
@@ -236,7 +237,7 @@ class Tally:
                 if sources is not None:  # complete with this one segment
                     hashes[i] = tensor_hash(blocks[0][1])  # tensor_hash of one block
                     source_hashes[i] = sources
-                    totals[i] = _PART(Part, (stats, total, worker, node))
+                    totals[i] = _PART((stats, total, worker, node))
                     continue
             self._add_piece(seg, worker, node, seconds)
 

@@ -15,7 +15,7 @@ from ..io.checkpoint import Checkpoint, TensorRef
 from ..pickling import by_fields
 from ..quickinit import maker, quick_init
 from ..recipe.spec import Dare, Target
-from ..term import Term
+from ..term import Term, make_term
 from .alphas import tensor_alphas
 from .experts import MappedRef, Segment, map_experts
 from .sparsity import TermDare, TiesPlan, sparsify
@@ -53,7 +53,6 @@ VOCAB_LAST = re.compile(r"(?:^|\.)final_logits_bias$")  # [1, V]: one row, the f
 
 
 _ALPHA, _PLUS, _MINUS = operator.itemgetter(0), operator.itemgetter(0), operator.itemgetter(1)  # of a Term, a pair
-_new_term = tuple.__new__
 
 
 class _Hashed:
@@ -332,8 +331,8 @@ def _check_fp8(name: str, ref: TensorRef, vecs: list[TensorRef], scales: dict[tu
 
 def _terms(vectors: tuple[Term, ...], srcs: list[tuple[Src, Src | None]]) -> tuple[Term, ...]:
     """Each vector's alpha with the tensor's plus and minus sources."""
-    if len(srcs) == 1:  # one vector: the Term as NamedTuple makes it, without its Python-level __new__
-        return (_new_term(Term, (vectors[0][0], *srcs[0])),)
+    if len(srcs) == 1:  # one vector
+        return (make_term((vectors[0][0], *srcs[0])),)
     return tuple(map(Term, map(_ALPHA, vectors), map(_PLUS, srcs), map(_MINUS, srcs)))
 
 

@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable
 
 from ..recipe.spec import Target
-from ..term import Term
+from ..term import Term, make_term
 from .layout import Layout, layout, make_placed
 from .planner import PlannedTensor, make_planned
 from .tokens import TokenRow
@@ -35,15 +35,14 @@ assert not any(f.kw_only for f in dataclasses.fields(PlannedTensor)), "with_alph
 _BEFORE = operator.attrgetter(*_FIELDS[: _FIELDS.index("terms")])
 _AFTER = operator.attrgetter(*_FIELDS[_FIELDS.index("terms") + 1 :])
 _PLUS, _MINUS = operator.itemgetter(1), operator.itemgetter(2)
-_new_term = tuple.__new__
 
 
 def with_alphas(tensors: list[PlannedTensor], alphas: tuple[float, ...]) -> list[PlannedTensor]:
     """The plan of a target without alpha rules under other alphas: each combined tensor's terms take them."""
     found = []
     for t in tensors:
-        if len(t.terms) == 1:  # one vector: the Term as NamedTuple makes it, without its Python-level __new__
-            terms: tuple[Term, ...] = (_new_term(Term, (alphas[0], t.terms[0][1], t.terms[0][2])),)
+        if len(t.terms) == 1:  # one vector
+            terms: tuple[Term, ...] = (make_term((alphas[0], t.terms[0][1], t.terms[0][2])),)
             t = make_planned(*_BEFORE(t), terms, *_AFTER(t))
         elif t.terms:
             terms = tuple(map(Term, alphas, map(_PLUS, t.terms), map(_MINUS, t.terms)))
