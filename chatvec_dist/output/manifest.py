@@ -176,14 +176,11 @@ SharedHashes = dict[int, tuple[str, ...] | None]
 
 def _single_hashes(sources: tuple[Blocks, ...], shared: SharedHashes) -> tuple[str, ...] | None:
     """Each source's hash (its one block's digest hashed: `tensor_hash`), or None where some source is not of one
-    block; once per `sources` object."""
-    key = id(sources)
-    if key in shared:
-        return shared[key]
+    block; kept in `shared` for the next segment that brings the same `sources` object."""
     found = None
     if set(map(len, sources)) <= _ONE:
         found = tuple(map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, sources))))
-    shared[key] = found
+    shared[id(sources)] = found
     return found
 
 
