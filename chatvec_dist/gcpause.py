@@ -37,11 +37,8 @@ def kept() -> Iterator[None]:
     plan, a journal read back, a unit's results) frozen before collections resume, so that none scans it: else the
     first one scans it all (0.1–0.17 s after a 45 k-tensor plan), then each older one again. A cycle made
     meanwhile is found after `frozen`'s block, or never in a worker process (which ends with its job)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
+    with paused():
+        try:
+            yield
+        finally:
+            gc.freeze()  # before `paused` lets collections resume
