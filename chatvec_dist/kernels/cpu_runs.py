@@ -80,7 +80,7 @@ class RunKernel:
         return stats
 
     def _sums(self, x: torch.Tensor) -> list[float]:
-        """Each tensor's sum of squares, as `cpu.combine` computes a tensor's below FUSED_MIN elements."""
+        """Each tensor's sum of squares, as `cpu.combine` computes a tensor's below SMALL_NORMS elements."""
         return sq_sums(x, self._starts, self.scratch)
 
     def _nonfinite(self, out: torch.Tensor, stats: list[Stats]) -> None:
