@@ -129,6 +129,30 @@ def test_the_side_files_folder_is_gone_when_the_process_ends(models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_process_side_files_folder_is_removed_by_the_next_and_a_live_one_kept(models, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    hold = f"from chatvec_dist.io.s3_checkpoint import open_s3_checkpoint as o; c = o({str(models['s3:cp'])!r})"
+    hold += "; print(flush=True); input()"
+
+    def holder() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", hold], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"\n"  # its folder is made
+        return proc
+
+    live = holder()
+    (live_folder,) = tmp_path.iterdir()
+    killed = holder()
+    killed.kill()
+    killed.wait()
+    assert len(list(tmp_path.iterdir())) == 2
+    argv = ["plan", *merge_args(models, "s3:base", "s3:chat", "s3:cp")]
+    proc = subprocess.run([sys.executable, "-m", "chatvec_dist.cli", *argv], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == [live_folder] and (live_folder / "config.json").is_file()
+    live.communicate(b"\n")
+    assert live.returncode == 0 and list(tmp_path.iterdir()) == []
+
+
 def test_a_large_range_is_read_as_concurrent_parts_into_the_buffer(s3_server, tmp_path):
     blob = os.urandom(3 * s3.PART_BYTES + 12345)
     (tmp_path / "big").mkdir()

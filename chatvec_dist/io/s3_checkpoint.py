@@ -2,10 +2,14 @@
 
 No tensor data is downloaded here: each tensor's path is its shard's full `s3://` URL, read later by the workers
 with ranged GETs. The side files (config, tokenizer, ...) are downloaded into a local temporary folder, the
-checkpoint's `directory`, kept as long as the checkpoint is (and removed at exit at the latest)."""
+checkpoint's `directory`, kept as long as the checkpoint is (and removed at exit at the latest). Each folder holds a
+lock while its process lives: a folder left by a process that was killed (kill -9, the OOM killer) is removed by the
+next checkpoint opened from S3."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import tempfile
 import weakref
@@ -27,6 +31,7 @@ from .checkpoint import (
 from .header import TensorInfo, shown
 
 EXTRA_FILES = ("manifest.parquet",)  # a chatvec output's manifest: `apply --vector` checks what it holds
+SIDE_PREFIX, LOCK_NAME = "chatvec-s3-", ".chatvec-lock"
 
 
 def open_s3_checkpoint(url: str) -> Checkpoint:
@@ -45,16 +50,47 @@ def open_s3_checkpoint(url: str) -> Checkpoint:
     shards = [(name, s3.join(url, name)) for name in files]
     sizes = {s3.join(url, name): info for name, info in objects.items()}
     tensors = collect_tensors(shards, lambda u: _header(u, sizes[u]), names, s3.join(url, INDEX_NAME))
-    directory = Path(tempfile.mkdtemp(prefix="chatvec-s3-"))
+    directory, lock = _side_folder()
     try:
         objects |= _download_side_files(url, listing, directory)
         ckpt = Checkpoint(directory, tensors, _source(url, objects))
         ckpt.config  # noqa: B018 -- refuse a config.json that is not a JSON object now, not after the merge
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove(directory, lock)
         raise
-    weakref.finalize(ckpt, shutil.rmtree, str(directory), True)  # at exit at the latest
+    weakref.finalize(ckpt, _remove, directory, lock)  # at exit at the latest
     return ckpt
+
+
+def _side_folder() -> tuple[Path, int]:
+    """A new temporary folder for side files and its lock, held while this process lives; the folders of dead
+    processes are removed first."""
+    _remove_orphans(Path(tempfile.gettempdir()))
+    directory = Path(tempfile.mkdtemp(prefix=SIDE_PREFIX))
+    lock = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return directory, lock
+
+
+def _remove(directory: Path, lock: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(lock)
+
+
+def _remove_orphans(root: Path) -> None:
+    """Remove the side-file folders whose lock no process holds (the lock dies with its process, however it
+    dies); a folder without a lock yet is being made."""
+    for directory in root.glob(f"{SIDE_PREFIX}*"):
+        try:
+            lock = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)  # held: its process lives
+            continue
+        _remove(directory, lock)
 
 
 def _weight_map(url: str, listing: dict[str, s3.ObjectInfo]) -> dict[str, str]:
