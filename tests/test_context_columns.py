@@ -22,7 +22,7 @@ def _sharing(values: list) -> list[int]:
     return [first.setdefault(id(v), i) for i, v in enumerate(values)]
 
 
-def test_every_field_comes_back_equal_and_shared_as_it_was():
+def test_every_field_comes_back_equal_and_shared_where_whole_columns_were():
     scale = Src("/m/s.safetensors", 8, "F32")
     plain, other = Src("/m/a.safetensors", 100, "BF16"), Src("/m/b.safetensors", 200, "BF16")
     experts = Src("/m/e.safetensors", 300, "F8_E4M3", (("/m/e.safetensors", 300, 4), ("/m/f.safetensors", 8, 4)), scale)
@@ -42,10 +42,12 @@ def test_every_field_comes_back_equal_and_shared_as_it_was():
     )
     back = unpack(pack(ctx))
     assert back == ctx
-    for get in (lambda p: p, lambda p: p.tensor, lambda p: p.tensor.cp, lambda p: p.tensor.terms):
+    for get in (lambda p: p.tensor, lambda p: p.tensor.cp, lambda p: p.tensor.terms):  # whole columns shared
         want = [get(p) for p in chain(placed, again)]
         found = [get(p) for o in back.outputs for p in o.tensors.values()]  # type: ignore[union-attr]
         assert _sharing(found) == _sharing(want)
+    found = [p for o in back.outputs for p in o.tensors.values()]  # type: ignore[union-attr]
+    assert _sharing(found) == list(range(len(found)))  # of a column partly shared, an output's own objects
     assert back.outputs[0].tensors[1].tensor.terms[0].alpha.hex() == "-0x0.0p+0"  # type: ignore[index]
 
 
