@@ -29,6 +29,7 @@ from ..planning.layout import Unit
 from .context_columns import pack, unpack
 from .device import PIPELINE, cluster_device
 from .messages import UnitResult, WorkContext
+from .result_columns import pack_result, unpack_result
 from .runs import Runs
 from .unit_context import unit_context
 
@@ -213,12 +214,13 @@ class _Worker:
         runner = self._runner()
         return str(runner.device), runner.compute.fallback
 
-    def run(self, unit: Unit, ctx: bytes) -> UnitResult:
-        """Run `unit` with its own cut of the work context (exec/unit_context.py), packed by the driver."""
+    def run(self, unit: Unit, ctx: bytes) -> bytes:
+        """Run `unit` with its own cut of the work context (exec/unit_context.py), packed by the driver; its
+        result packed for the way back (exec/result_columns.py)."""
         runner = self._runner()
         with gcpause.kept():  # a 45 k-tensor unit's context: 230 k small objects, no cycle
             runner.ctx = unpack(ctx)
-        return runner.run(unit)
+        return pack_result(runner.run(unit))
 
     def close(self) -> None:
         with self._lock:
@@ -346,7 +348,7 @@ class RayBackend:
         state.load[actor] -= 1
         try:
             with gcpause.kept():  # a result of many segments: thousands of small objects, no cycle
-                result = self._get(ref)
+                result = unpack_result(self._get(ref))
         except self.ray.exceptions.RayActorError as e:  # the worker process or its node died
             state.attempts[unit.id] += 1
             if state.attempts[unit.id] >= MAX_ATTEMPTS:
