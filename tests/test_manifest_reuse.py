@@ -17,7 +17,7 @@ from chatvec_dist import job
 from chatvec_dist.demo import make_demo_models
 from chatvec_dist.output import manifest_columns
 from chatvec_dist.output.columns_digest import column_digest, columns_digest
-from chatvec_dist.output.layout_alike import Inputs
+from chatvec_dist.output.layout_alike import Inputs, alike, known
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.manifest_columns import LayoutColumns, layout_columns
 from chatvec_dist.output.verify import verify
@@ -182,3 +182,20 @@ def test_a_batch_writes_the_manifests_it_writes_without_sharing_and_those_of_sep
     for name in ("a", "half", "neg0"):
         alone = run("alone", name)[name]
         assert columns_digest(batch[name]) == columns_digest(alone), name
+
+
+def test_a_layout_is_proved_alike_once_against_its_kinds_first_and_then_known(monkeypatch):
+    """`alike` compares a layout with the first of the earlier one's kind (one `Inputs.match` per layout); `known`
+    then answers without comparing, for any two of that kind, until a layout not alike starts another kind."""
+    lay = layout(planned(), max_shard_size=10**6)
+    a, b = _alphas(lay, 2.0), _alphas(lay, 3.0)
+    matched: list[Layout] = []
+    match = Inputs.match
+    monkeypatch.setattr(Inputs, "match", lambda self, other: matched.append(other) or match(self, other))
+    assert known(lay, lay) and not known(lay, a)
+    assert alike(lay, a) and alike(a, b) and matched == [a, b]
+    assert alike(lay, b) and known(b, a) and known(a, lay) and matched == [a, b]
+    changed = _changed(lay, 0, dataclasses.replace(lay.tensors[0].tensor, name="other"))
+    assert not alike(b, changed) and not known(b, changed) and known(lay, b)
+    assert alike(changed, _alphas(changed, 5.0)) and not known(lay, b)  # another kind: the sweep's no longer known
+    assert not alike(lay, changed) and alike(a, b) and matched[-1] is b  # proved again, against a

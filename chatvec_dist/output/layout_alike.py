@@ -2,15 +2,19 @@
 columns the very same object in both, as planning/reuse.py gives an alpha sweep's targets the first target's (names,
 shapes, sources, shards, offsets). Checked object by object in C (`operator.is_`), never by a flag or by equality: a
 field added to PlannedTensor, Placed or Term is compared too, and an equal but other object (-0.0 and 0.0, 1 and
-1.0) differs."""
+1.0) differs.
+
+A layout proven alike is remembered while it lives (`alike`, `known`): the manifest's columns, the index file and
+whatever else a layout's inputs but its alphas fix are then made once for all the layouts of one kind."""
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable
 from itertools import chain
 from operator import attrgetter, eq, is_, itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..planning.layout import Layout, Placed
 from ..planning.planner import PlannedTensor
@@ -70,3 +74,43 @@ def _stream(fields: Callable[[Any], tuple], items: Iterable) -> Iterable:
 def _same(a: Iterable, b: Iterable) -> bool:
     """Each item of `a` is `b`'s (as many items, in C)."""
     return all(map(is_, a, b))
+
+
+class _Kind(NamedTuple):
+    """Layouts proven alike: each one's inputs but alphas the very objects of `inputs` (those of the first layout)."""
+
+    inputs: Inputs
+    members: dict[int, weakref.ref[Layout]]  # by id (each checked to be the very layout)
+
+
+_kind: list[_Kind] = []  # the last kind of layouts proven alike (one at a time: a batch's targets come in order)
+
+
+def alike(earlier: Layout, layout: Layout) -> bool:
+    """Whether `layout`'s inputs but its terms' alphas are `earlier`'s very objects: `layout` is compared
+    (`Inputs.match`) with the first layout of `earlier`'s kind (or with `earlier`, which then starts one), once;
+    then `known` while it lives."""
+    if known(earlier, layout):
+        return True
+    kind = next(iter(_kind[:1]), None)
+    if kind is None or not _member(kind, earlier):
+        kind = _Kind(Inputs(earlier), {id(earlier): weakref.ref(earlier)})
+        _kind[:] = [kind]
+    if not kind.inputs.match(layout):
+        return False
+    kind.members[id(layout)] = weakref.ref(layout)
+    return True
+
+
+def known(earlier: Layout, layout: Layout) -> bool:
+    """Whether `earlier` and `layout` are one layout, or both of the last kind `alike` proved, as they are now
+    (safe from any thread: it reads the kind once)."""
+    if earlier is layout:
+        return True
+    kind = next(iter(_kind[:1]), None)
+    return kind is not None and _member(kind, earlier) and _member(kind, layout)
+
+
+def _member(kind: _Kind, layout: Layout) -> bool:
+    ref = kind.members.get(id(layout))
+    return ref is not None and ref() is layout

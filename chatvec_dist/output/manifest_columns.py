@@ -27,7 +27,7 @@ from ..planning.layout import Layout
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
 from .columns_digest import column_digest, encoding_head, resumed
-from .layout_alike import Inputs
+from .layout_alike import alike
 
 if TYPE_CHECKING:
     from ..kernels.stats import Stats
@@ -83,9 +83,8 @@ class LayoutColumns:
         return digest
 
 
-# The last layout's columns, and (once a next layout asked) the inputs but alphas they were made from, while
-# that layout lives.
-_cached: list[tuple[weakref.ref[Layout], LayoutColumns, Inputs | None]] = []
+# The last layout's columns, while that layout lives.
+_cached: list[tuple[weakref.ref[Layout], LayoutColumns]] = []
 
 
 def layout_columns(layout: Layout) -> LayoutColumns:
@@ -94,14 +93,11 @@ def layout_columns(layout: Layout) -> LayoutColumns:
     earlier = _cached[0][0]() if _cached else None
     if earlier is layout:
         return _cached[0][1]
-    inputs = None
-    if earlier is not None:
-        inputs = _cached[0][2] or Inputs(earlier)
-    if inputs is not None and inputs.match(layout):
+    if earlier is not None and alike(earlier, layout):
         columns = _with_alphas(_cached[0][1], layout)
     else:
-        columns, inputs = _make(layout), None
-    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns, inputs)]
+        columns = _make(layout)
+    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns)]
     return columns
 
 
