@@ -413,3 +413,26 @@ def test_a_source_reported_without_its_block_is_an_error_not_a_row():
     tally.add(SegmentResult(0, 0, tuple(blocks(1, 0)), Stats(), tuple(map(tuple, sources))), "w", "n", 0.1)
     with pytest.raises(VerifyError, match="internal: 2 of its 4 sources reported in full"):
         tally.table("t", {})
+
+
+def test_source_hashes_are_taken_as_complete_only_where_they_are_the_very_tuples_of_a_column_made():
+    """A second output reporting the very source hash tuples of a column made (checked complete then) is not checked
+    again; an equal list holding one other tuple with a source missing is, and names its tensor."""
+    ts = planned()
+    lay = layout(ts, max_shard_size=10**6)
+    first, second = Tally(lay, BLOCK), Tally(lay, BLOCK)
+    feed(first, ts)
+    feed(second, ts)
+    want = first.table("a", {})
+    second.source_hashes = list(first.source_hashes)
+    assert second.table("b", {}).column("source_digests") is not None
+    assert layout_columns(lay).made_of(second.source_hashes)
+    at = next(i for i, found in enumerate(first.source_hashes) if len(found) > 1)
+    second.source_hashes[at] = (None, *first.source_hashes[at][1:])
+    assert not layout_columns(lay).made_of(second.source_hashes)
+    with pytest.raises(VerifyError, match=f"internal: {len(want.column('source_digests')[at]) - 1} of its"):
+        second.table("b", {})
+    second.source_hashes[at] = first.source_hashes[at]
+    second.hashes[0] = None  # the tuples are the column's again, a tensor's own blocks missing
+    with pytest.raises(VerifyError, match="internal: not all of its blocks were reported in full"):
+        second.table("b", {})

@@ -199,3 +199,22 @@ def test_a_layout_is_proved_alike_once_against_its_kinds_first_and_then_known(mo
     assert not alike(b, changed) and not known(b, changed) and known(lay, b)
     assert alike(changed, _alphas(changed, 5.0)) and not known(lay, b)  # another kind: the sweep's no longer known
     assert not alike(lay, changed) and alike(a, b) and matched[-1] is b  # proved again, against a
+
+
+@pytest.mark.parametrize("alpha", [2.0, -0.0, 1])
+def test_a_swept_layout_with_tensors_without_terms_gets_the_columns_made_from_scratch(alpha):
+    """Every kind of tensor (copies without terms: null alphas; two terms; token rows; FP8) swept to another alpha
+    (-0.0, an int): the columns taken from the earlier layout's equal those `_make` makes of it."""
+    lay = layout(planned(), max_shard_size=10**6)
+    manifest_columns._cached.clear()
+    first = layout_columns(lay)
+    swept = _alphas(lay, alpha)
+    got = layout_columns(swept)
+    assert got.fixed["tensor"] is first.fixed["tensor"] and got.fixed["alphas"] is not first.fixed["alphas"]
+    assert got.fixed["alphas"].null_count == sum(not p.tensor.terms for p in lay.tensors) > 0
+    same_columns(got, manifest_columns._make(swept))
+    want = [[float(alpha)] * len(p.tensor.terms) if p.tensor.terms else None for p in lay.tensors]
+    assert got.fixed["alphas"].to_pylist() == want
+    assert [str(v) for v in got.fixed["alphas"].flatten().to_pylist()] == [str(float(alpha))] * sum(
+        len(w or ()) for w in want
+    )
