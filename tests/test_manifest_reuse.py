@@ -290,3 +290,26 @@ def test_terms_moved_sources_copied_shards_copied_or_a_stranger_are_not_proved_a
     for earlier, later in [(lay, _changed(lay, 0, other_plus)), (lay, moved), (lay, copied), (first, second)]:
         _digested(earlier, later)
         assert not known(earlier, later)
+
+
+def test_a_jobs_alpha_sweep_commits_without_comparing_its_layouts(demo, tmp_path, monkeypatch):
+    """A job of one CP's alpha sweep: its digest proves the layouts alike, so no commit makes `Inputs`; each output
+    verifies, and its rows (but the timings and workers) are those of its own run."""
+    vectors = (Vector(str(demo["chat"]), str(demo["base"])),)
+    options = RunOptions(backend="local", workers=1, progress=False)
+    alphas = {"a": (1.0,), "half": (0.5,), "neg0": (-0.0,)}
+
+    def run(root: str, names: list[str]) -> dict[str, pa.Table]:
+        targets = tuple(Target(n, str(demo["cp"]), str(tmp_path / root / n), alphas[n]) for n in names)
+        job.run(Recipe(vectors=vectors, targets=targets, unit_bytes=4096), options)
+        tables = {}
+        for n in names:
+            assert verify(tmp_path / root / n) == [], n
+            tables[n] = read_manifest(tmp_path / root / n)[0].drop_columns(["seconds", "worker"])
+        return tables
+
+    with monkeypatch.context() as m:
+        m.setattr(Inputs, "__init__", lambda self, layout: pytest.fail("a sweep's layout compared at its commit"))
+        swept = run("sweep", list(alphas))
+    for name in alphas:
+        assert columns_digest(swept[name]) == columns_digest(run("alone", [name])[name]), name
