@@ -32,11 +32,23 @@ def tree_digest(value: Any) -> bytes:
     return _column([value], {}, ())
 
 
-def tree_digests(values: list[Any]) -> list[bytes]:
+def tree_digests(values: list[Any], encoded: list[set[tuple[str, ...]]] | None = None) -> list[bytes]:
     """Each value's `tree_digest`; the columns they share (the very same objects at the same place) are encoded
-    once for all of them."""
+    once for all of them. `encoded`: filled with, per value, the places where it encoded a column (every other
+    column of it, at any depth, is the very objects of the value before it: taken from the memo, or below one)."""
     memo: Memo = {}
-    return [_column([value], memo, ()) for value in values]
+    digests = []
+    for value in values:
+        before = dict(memo)
+        digests.append(_column([value], memo, ()))
+        if encoded is not None:  # an encoded column replaces its place's memo entry; one taken leaves it
+            encoded.append({at for at, entry in memo.items() if before.get(at) is not entry})
+    return digests
+
+
+def class_name(kind: type) -> str:
+    """A class's name in the places of a tree (`encoded`)."""
+    return _name(kind)
 
 
 def _column(values: list[Any], memo: Memo, at: tuple[str, ...]) -> bytes:

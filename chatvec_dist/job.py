@@ -31,6 +31,7 @@ from .log import logger
 from .output.card import model_card
 from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
 from .output.journal import Journal
+from .output.layout_alike import record_digested
 from .output.manifest import SharedHashes, Tally, read_manifest
 from .output.uploads import Uploads
 from .output.verify import read_digest
@@ -497,7 +498,9 @@ def _digests(planned: Planned, inputs: InputStats) -> list[str]:
     a compact canonical encoding (fingerprint.py), not its `repr`."""
     recipe = with_absolute_paths(planned.recipe, os.getcwd())  # the same job, whichever folder it is run from
     shared = hashlib.sha256(b"chatvec job 3\0")
-    layouts = tree_digests([t.layout for t in planned.targets])
+    encoded: list[set[tuple[str, ...]]] = []
+    layouts = tree_digests([t.layout for t in planned.targets], encoded)
+    record_digested([t.layout for t in planned.targets], encoded)  # proved alike here: not again at each commit
     shared.update(tree_digest([__version__, recipe, layouts, planned.units, planned.block_bytes]))
     shared.update(json.dumps(inputs, sort_keys=True).encode())
     digests = []

@@ -240,3 +240,32 @@ def test_the_encoding_is_as_documented():
         + chunk(b"a")
     )
     assert tree_digest([1, "a"]) == sha(chunk(b"builtins.list") + chunk(struct.pack("<q", 2)) + items)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    name: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    leaves: list
+    alpha: float
+
+
+def test_tree_digests_reports_the_places_each_value_encoded_and_no_other():
+    """`encoded`: per value, the places whose column it encoded: the first value's all; a later one's only those
+    not the very objects of the value before it (a field of new objects, the way to it); the digests unchanged."""
+    leaves = [_Leaf("aa", 1), _Leaf("bb", 2)]
+    first = _Node(leaves, 1.0)
+    again = _Node(leaves, 2.0)  # the very leaves list: only alpha and the root encoded
+    renamed = _Node([_Leaf("aa", 1), _Leaf("".join("bb"), 2)], 2.0)  # new leaves, one name an equal other str
+    values = [first, again, again, renamed]
+    got: list[set[tuple[str, ...]]] = []
+    assert fingerprint.tree_digests(values, got) == fingerprint.tree_digests(values)
+    node, leaf = fingerprint.class_name(_Node), fingerprint.class_name(_Leaf)
+    way = (node, "leaves", "builtins.list", "[]")
+    assert got[0] == {(), (node, "leaves"), (node, "alpha"), way, (*way, leaf, "name"), (*way, leaf, "size")}
+    assert got[1] == {(), (node, "alpha")} and got[2] == set()
+    assert got[3] == {(), (node, "leaves"), way, (*way, leaf, "name")}  # `size`: small ints, the very objects

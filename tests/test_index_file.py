@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chatvec_dist.output.index_file import indented, index_text
-from chatvec_dist.planning.layout import layout
+from chatvec_dist.output.layout_alike import alike
+from chatvec_dist.planning.layout import Layout, Placed, layout
 from chatvec_dist.planning.planner import PlannedTensor, Src
+from chatvec_dist.term import Term
 
 HOSTILE = ['a"b', "back\\slash", "new\nline\ttab", "é中🙂", "\x00\x1f\x7f", "\ud800", "", "  spaced  ", "{}[],:"]
 
@@ -52,3 +55,37 @@ def test_a_layouts_index_names_each_tensors_shard_and_the_total_size():
     total = sum(p.nbytes for p in lay.tensors)
     assert total == 2 * (300 + 5 + 400 + 1)
     assert index_text(lay) == reference(total, weight_map)
+
+
+def _swept(lay: Layout, alpha: float) -> Layout:
+    """`lay` with every term's alpha `alpha`: new tensors and Placed, every other field object shared."""
+    placed = []
+    for p in lay.tensors:
+        terms = tuple(Term(alpha, plus, minus) for _, plus, minus in p.tensor.terms)
+        placed.append(Placed(dataclasses.replace(p.tensor, terms=terms), p.shard, p.offset, p.nbytes))
+    return Layout(placed, lay.shards)
+
+
+def test_a_sweeps_layouts_share_the_index_once_proved_alike_and_no_other_does():
+    """A layout proved alike the last one (layout_alike.alike) takes its index text as it is; one that is not, or
+    equal but not proved, gets its own, equal to json's, and a renamed tensor's index names it."""
+    cp, plus, minus = Src("/m/cp", 8, "BF16"), Src("/m/chat", 8, "BF16"), Src("/m/base", 8, "BF16")
+    tensors = [
+        PlannedTensor(name, "merge", "", (n,), "BF16", cp, (Term(1.0, plus, minus),), n)
+        for name, n in [("a", 300), ("b", 5), ("c", 400)]
+    ]
+    lay = layout(tensors, max_shard_size=800)
+    first = index_text(lay)
+    assert first == reference(1410, {p.tensor.name: lay.shards[p.shard].name for p in lay.tensors})
+    swept = _swept(lay, 0.5)
+    unproved = index_text(swept)  # not proved alike yet: made again (equal)
+    assert unproved == first and unproved is not first
+    assert alike(swept, lay) and index_text(lay) is unproved  # proved: the last one's, as it is
+    renamed = Layout(
+        [dataclasses.replace(lay.tensors[0], tensor=dataclasses.replace(tensors[0], name="A"))] + lay.tensors[1:],
+        lay.shards,
+    )
+    assert not alike(lay, renamed)
+    got = index_text(renamed)
+    assert json.loads(got)["weight_map"] == {"A": lay.shards[0].name, "b": lay.shards[0].name, "c": lay.shards[1].name}
+    assert got == reference(1410, json.loads(got)["weight_map"])

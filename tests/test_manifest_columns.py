@@ -18,9 +18,9 @@ import xxhash
 from chatvec_dist.errors import VerifyError
 from chatvec_dist.exec.messages import SegmentResult
 from chatvec_dist.kernels.stats import Stats
-from chatvec_dist.output.columns_digest import ROWS_ALGORITHM, columns_digest
+from chatvec_dist.output.columns_digest import ROWS_ALGORITHM, columns_digest, same_values
 from chatvec_dist.output.manifest import SCHEMA, Tally, rows_digest, rows_hash
-from chatvec_dist.output.manifest_columns import layout_columns
+from chatvec_dist.output.manifest_columns import layout_columns, measured_digests
 from chatvec_dist.planning.layout import layout
 from chatvec_dist.planning.planner import PlannedTensor, Src
 from chatvec_dist.planning.sparsity import TermDare, TiesPlan
@@ -413,3 +413,60 @@ def test_a_source_reported_without_its_block_is_an_error_not_a_row():
     tally.add(SegmentResult(0, 0, tuple(blocks(1, 0)), Stats(), tuple(map(tuple, sources))), "w", "n", 0.1)
     with pytest.raises(VerifyError, match="internal: 2 of its 4 sources reported in full"):
         tally.table("t", {})
+
+
+def test_source_hashes_are_taken_as_complete_only_where_they_are_the_very_tuples_of_a_column_made():
+    """A second output reporting the very source hash tuples of a column made (checked complete then) is not checked
+    again; an equal list holding one other tuple with a source missing is, and names its tensor."""
+    ts = planned()
+    lay = layout(ts, max_shard_size=10**6)
+    first, second = Tally(lay, BLOCK), Tally(lay, BLOCK)
+    feed(first, ts)
+    feed(second, ts)
+    want = first.table("a", {})
+    second.source_hashes = list(first.source_hashes)
+    assert second.table("b", {}).column("source_digests") is not None
+    assert layout_columns(lay).made_of(second.source_hashes)
+    at = next(i for i, found in enumerate(first.source_hashes) if len(found) > 1)
+    second.source_hashes[at] = (None, *first.source_hashes[at][1:])
+    assert not layout_columns(lay).made_of(second.source_hashes)
+    with pytest.raises(VerifyError, match=f"internal: {len(want.column('source_digests')[at]) - 1} of its"):
+        second.table("b", {})
+    second.source_hashes[at] = first.source_hashes[at]
+    second.hashes[0] = None  # the tuples are the column's again, a tensor's own blocks missing
+    with pytest.raises(VerifyError, match="internal: not all of its blocks were reported in full"):
+        second.table("b", {})
+
+
+def _float_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+SAME_VALUES_CASES = [  # (a, b, type, exactly the same values)
+    ([1.0, None, 2.5], [1.0, None, 2.5], pa.float64(), True),
+    ([0.0, 1.0], [-0.0, 1.0], pa.float64(), False),  # equal as numbers, not as values
+    ([float("nan")], [float("nan")], pa.float64(), True),
+    ([float("nan")], [_float_bits(0x7FF0000000000001)], pa.float64(), False),  # another NaN: encoded alike, made anew
+    ([1.0, None], [None, 1.0], pa.float64(), False),
+    ([1.0, 2.0], [1.0, 2.0, 3.0], pa.float64(), False),
+    ([1, None, 3], [1, None, 3], pa.int64(), True),
+    ([1, 2], [1, 3], pa.int64(), False),
+    (["w", "", None], ["w", "", None], pa.string(), True),
+    (["w", ""], ["w", None], pa.string(), False),
+    ([None, None], [None, None], pa.list_(pa.float64()), True),  # all null: one encoding
+    ([None, None], [None, None, None], pa.list_(pa.float64()), False),
+    ([[1.0], None], [[1.0], None], pa.list_(pa.float64()), False),  # a list with values: never taken
+]
+
+
+@pytest.mark.parametrize("a, b, kind, same", SAME_VALUES_CASES)
+def test_a_measured_columns_digest_is_the_last_ones_only_for_exactly_its_values(a, b, kind, same):
+    """`same_values` holds only where the encodings (written here) are one; `measured_digests` gives each column the
+    digest of its own encoding, the last manifest's column's or not."""
+    first, second = pa.array(a, kind), pa.array(b, kind)
+    assert same_values(first, second) is same
+    assert not same or encode(a, kind) == encode(b, kind)  # taken only where the encoding is one
+    assert same_values(pa.array([1.0]), pa.array([1], pa.int64())) is False
+    for column, values in ((first, a), (second, b)):
+        got = measured_digests({"x": column})["x"]
+        assert got == hashlib.sha256(encode(values, kind)).digest()

@@ -15,9 +15,10 @@ from test_plan_reuse import _targets
 
 from chatvec_dist import job
 from chatvec_dist.demo import make_demo_models
+from chatvec_dist.fingerprint import tree_digests
 from chatvec_dist.output import manifest_columns
 from chatvec_dist.output.columns_digest import column_digest, columns_digest
-from chatvec_dist.output.layout_alike import Inputs
+from chatvec_dist.output.layout_alike import Inputs, alike, known, record_digested
 from chatvec_dist.output.manifest import read_manifest
 from chatvec_dist.output.manifest_columns import LayoutColumns, layout_columns
 from chatvec_dist.output.verify import verify
@@ -176,9 +177,139 @@ def test_a_batch_writes_the_manifests_it_writes_without_sharing_and_those_of_sep
     batch = run("batch", *alphas)
     with monkeypatch.context() as m:
         m.setattr(Inputs, "match", lambda self, layout: False)
+        m.setattr(job, "record_digested", lambda layouts, encoded: None)
         unshared = run("unshared", *alphas)
     for name in alphas:
         assert batch[name].num_rows > 0 and columns_digest(batch[name]) == columns_digest(unshared[name]), name
     for name in ("a", "half", "neg0"):
         alone = run("alone", name)[name]
         assert columns_digest(batch[name]) == columns_digest(alone), name
+
+
+def test_a_layout_is_proved_alike_once_against_its_kinds_inputs_and_then_known(monkeypatch):
+    """`alike` compares a layout with the inputs of the earlier one's kind (one `Inputs.match` per layout); `known`
+    then answers without comparing, for any two of that kind, while they live; a layout not alike starts its own."""
+    lay = layout(planned(), max_shard_size=10**6)
+    a, b = _alphas(lay, 2.0), _alphas(lay, 3.0)
+    matched: list[Layout] = []
+    match = Inputs.match
+    monkeypatch.setattr(Inputs, "match", lambda self, other: matched.append(other) or match(self, other))
+    assert known(lay, lay) and not known(lay, a)
+    assert alike(lay, a) and alike(a, b) and matched == [a, b]
+    assert alike(lay, b) and known(b, a) and known(a, lay) and matched == [a, b]
+    changed = _changed(lay, 0, dataclasses.replace(lay.tensors[0].tensor, name="other"))
+    assert not alike(b, changed) and not known(b, changed) and matched[-1] is changed
+    other = _alphas(changed, 5.0)
+    assert alike(changed, other) and known(other, changed) and not known(other, a)
+    assert known(lay, b) and known(b, a)  # the sweep's kind: still known
+
+
+@pytest.mark.parametrize("alpha", [2.0, -0.0, 1])
+def test_a_swept_layout_with_tensors_without_terms_gets_the_columns_made_from_scratch(alpha):
+    """Every kind of tensor (copies without terms: null alphas; two terms; token rows; FP8) swept to another alpha
+    (-0.0, an int): the columns taken from the earlier layout's equal those `_make` makes of it."""
+    lay = layout(planned(), max_shard_size=10**6)
+    manifest_columns._cached.clear()
+    first = layout_columns(lay)
+    swept = _alphas(lay, alpha)
+    got = layout_columns(swept)
+    assert got.fixed["tensor"] is first.fixed["tensor"] and got.fixed["alphas"] is not first.fixed["alphas"]
+    assert got.fixed["alphas"].null_count == sum(not p.tensor.terms for p in lay.tensors) > 0
+    same_columns(got, manifest_columns._make(swept))
+    want = [[float(alpha)] * len(p.tensor.terms) if p.tensor.terms else None for p in lay.tensors]
+    assert got.fixed["alphas"].to_pylist() == want
+    assert [str(v) for v in got.fixed["alphas"].flatten().to_pylist()] == [str(float(alpha))] * sum(
+        len(w or ()) for w in want
+    )
+
+
+def _digested(*layouts: Layout) -> None:
+    """What a job's digest does: fingerprint every layout, then remember those it proved alike."""
+    encoded: list[set[tuple[str, ...]]] = []
+    tree_digests(list(layouts), encoded)
+    record_digested(list(layouts), encoded)
+
+
+def test_a_sweep_proved_alike_by_the_jobs_digest_is_never_compared_again(monkeypatch):
+    """Layouts differing only in their alphas (-0.0, an int too), fingerprinted as a job's digest does: each known
+    alike the others, the manifest's columns taken with no `Inputs` made, and equal to those made from scratch."""
+    lay = layout(planned(), max_shard_size=10**6)
+    sweep = [lay, _alphas(lay, 2.0), _alphas(lay, -0.0), _alphas(lay, 1), _alphas(lay, 1)]
+    _digested(*sweep)
+    assert all(known(a, b) for a in sweep for b in sweep)
+
+    def refused(self, layout):
+        raise AssertionError("compared again")
+
+    monkeypatch.setattr(Inputs, "__init__", refused)
+    manifest_columns._cached.clear()
+    first = layout_columns(lay)
+    for swept in sweep[1:]:
+        got = layout_columns(swept)
+        assert got.fixed["tensor"] is first.fixed["tensor"]
+        same_columns(got, manifest_columns._make(swept))
+
+
+def _one_field_changed(lay: Layout, kind: str, field: str) -> Layout:
+    """`_alphas(lay, 2.0)` with one field of one Placed or tensor an equal other object (or another value)."""
+    owner = (lambda p: p.tensor) if kind == "tensor" else (lambda p: p)
+    found = [(i, _other(getattr(owner(p), field))) for i, p in enumerate(lay.tensors)]
+    at, other = next(((i, o) for i, o in found if o is not None), (0, None))
+    if other is None:
+        other = getattr(owner(lay.tensors[0]), field) + 1  # small ints: another value
+    if kind == "tensor":
+        return _changed(lay, at, dataclasses.replace(lay.tensors[at].tensor, **{field: other}))
+    return _changed(lay, at, **{field: other})
+
+
+@pytest.mark.parametrize("kind, field", [c for c in _cases() if c[1] not in ("terms", "tensor")])
+def test_a_layout_with_any_field_another_object_is_not_proved_alike_by_the_digest(kind, field):
+    """Every field of every Placed and tensor but the terms' alphas: an equal copy (or another value) in one of them
+    and the job's digest does not prove the layout alike the one before it."""
+    lay = layout(planned(), max_shard_size=10**6)
+    swept, changed = _alphas(lay, 3.0), _one_field_changed(lay, kind, field)
+    _digested(lay, swept, changed)
+    assert known(lay, swept) and not known(swept, changed) and not known(lay, changed)
+
+
+def test_terms_moved_sources_copied_shards_copied_or_a_stranger_are_not_proved_alike_by_the_digest():
+    """A term's source another equal object, a term moved to the next tensor (the sources end to end the same
+    objects), copied shards, or a layout holding what is not a Placed: not alike the layout before."""
+    lay = layout(planned(), max_shard_size=10**6)
+    t0, t1 = lay.tensors[0].tensor, lay.tensors[1].tensor
+    assert len(t0.terms) == 2 and not t1.terms  # merge.weight's second term moved to kept.weight
+    swept = _alphas(lay, 2.0)
+    other_plus = dataclasses.replace(t0, terms=(Term(2.0, copy.copy(t0.terms[0].plus), t0.terms[0].minus), t0.terms[1]))
+    placed = list(swept.tensors)
+    placed[0] = dataclasses.replace(placed[0], tensor=dataclasses.replace(t0, terms=(Term(2.0, *t0.terms[0][1:]),)))
+    placed[1] = dataclasses.replace(placed[1], tensor=dataclasses.replace(t1, terms=(Term(2.0, *t0.terms[1][1:]),)))
+    moved = Layout(placed, swept.shards)
+    copied = Layout(swept.tensors, [copy.copy(s) for s in swept.shards])
+    first = Layout([lay.tensors[1], None, *lay.tensors[2:]], lay.shards)  # kept.weight, then not a Placed
+    second = Layout([None, swept.tensors[1], *swept.tensors[2:]], lay.shards)  # the same terms per tensor
+    for earlier, later in [(lay, _changed(lay, 0, other_plus)), (lay, moved), (lay, copied), (first, second)]:
+        _digested(earlier, later)
+        assert not known(earlier, later)
+
+
+def test_a_jobs_alpha_sweep_commits_without_comparing_its_layouts(demo, tmp_path, monkeypatch):
+    """A job of one CP's alpha sweep: its digest proves the layouts alike, so no commit makes `Inputs`; each output
+    verifies, and its rows (but the timings and workers) are those of its own run."""
+    vectors = (Vector(str(demo["chat"]), str(demo["base"])),)
+    options = RunOptions(backend="local", workers=1, progress=False)
+    alphas = {"a": (1.0,), "half": (0.5,), "neg0": (-0.0,)}
+
+    def run(root: str, names: list[str]) -> dict[str, pa.Table]:
+        targets = tuple(Target(n, str(demo["cp"]), str(tmp_path / root / n), alphas[n]) for n in names)
+        job.run(Recipe(vectors=vectors, targets=targets, unit_bytes=4096), options)
+        tables = {}
+        for n in names:
+            assert verify(tmp_path / root / n) == [], n
+            tables[n] = read_manifest(tmp_path / root / n)[0].drop_columns(["seconds", "worker"])
+        return tables
+
+    with monkeypatch.context() as m:
+        m.setattr(Inputs, "__init__", lambda self, layout: pytest.fail("a sweep's layout compared at its commit"))
+        swept = run("sweep", list(alphas))
+    for name in alphas:
+        assert columns_digest(swept[name]) == columns_digest(run("alone", [name])[name]), name

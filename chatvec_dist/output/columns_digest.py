@@ -47,6 +47,18 @@ def column_digest(column: pa.Array | pa.ChunkedArray) -> bytes:
     return part.digest()
 
 
+def same_values(a: pa.Array, b: pa.Array) -> bool:
+    """Whether two columns hold exactly the same values, so have one column_digest: of one type and length, and all
+    null, or int64 or string columns equal, or float64 ones equal bit for bit (-0.0 is not 0.0). Any other: False."""
+    if a.type != b.type or len(a) != len(b) or a.null_count != b.null_count:
+        return False
+    if a.null_count == len(a):
+        return True  # nulls only: encoded as zeros or empty lists, whatever the type
+    if pa.types.is_float64(a.type):
+        return a.view(pa.int64()).equals(b.view(pa.int64()))  # the valid values' bits
+    return (pa.types.is_int64(a.type) or pa.types.is_string(a.type)) and a.equals(b)
+
+
 def encoding_head(offsets: pa.Array, fields: list[pa.Array]) -> hashlib._Hash:
     """A sha256 fed with the start of the encoding of a list<struct> column without nulls (at either level), of
     lists at `offsets`, whose struct's first fields are `fields`: `resumed` with its later fields, it is that

@@ -10,10 +10,10 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from operator import attrgetter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import ChatvecError, OutputError, RunError, SourceError
 from ..io.checkpoint import INDEX_NAME, NOT_SIDE_PATTERNS, SIDE_PATTERNS, read_json_object
@@ -117,8 +117,8 @@ def _write_files(
     if side_dir is not None:
         for path in side_files(side_dir):
             _copy(path, work / path.name)
-    out_dtypes = set(map(attrgetter("out_dtype"), map(attrgetter("tensor"), layout.tensors)))
-    _rewrite_config(work, config_dtype, any(dtype.startswith("F8") for dtype in out_dtypes))
+    fp8 = pc.any(pc.starts_with(manifest.column("dtype_out"), "F8")).as_py()  # each tensor's output dtype, in C
+    _rewrite_config(work, config_dtype, bool(fp8))
     if chat_template_dir is not None and side_dir is not None:
         _copy_chat_template(chat_template_dir, side_dir, work, _cp_ids(manifest))
     _write(work / INDEX_NAME, index_text(layout))

@@ -23,7 +23,7 @@ from ..planning.layout import Layout
 from ..quickinit import tuple_maker
 from .columns_digest import ROWS_ALGORITHM, columns_digest
 from .location import Where, open_output
-from .manifest_columns import layout_columns, measured_columns
+from .manifest_columns import layout_columns, measured_columns, measured_digests
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -275,7 +275,12 @@ class Tally:
         measured = measured_columns(fixed, self.hashes, self.source_hashes, self.totals)
         columns = {"target": pa.repeat(pa.scalar(target, pa.string()), len(self.hashes)), **fixed.fixed, **measured}
         table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
-        known = {**fixed.digests, "source_digests": fixed.sources_digest(measured["source_digests"])}
+        computed = {name: column for name, column in measured.items() if name != "source_digests"}
+        known = {
+            **fixed.digests,
+            **measured_digests(computed),
+            "source_digests": fixed.sources_digest(measured["source_digests"]),
+        }
         meta = dict(
             metadata,
             hash={"algorithm": HASH_ALGORITHM, "block_bytes": self.block_bytes},

@@ -9,7 +9,7 @@ import functools
 import hashlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, compress
 from operator import attrgetter, is_, itemgetter
@@ -26,14 +26,15 @@ from ..planning.experts import read_ranges
 from ..planning.layout import Layout
 from ..planning.planner import PlannedTensor, Src
 from ..term import Term
-from .columns_digest import column_digest, encoding_head, resumed
-from .layout_alike import Inputs
+from .columns_digest import column_digest, encoding_head, resumed, same_values
+from .layout_alike import alike
 
 if TYPE_CHECKING:
     from ..kernels.stats import Stats
     from .manifest import Part
 
 STRING, INT, FLOAT = pa.string(), pa.int64(), pa.float64()
+_TENSOR, _TERMS, _ALPHA = attrgetter("tensor"), attrgetter("terms"), itemgetter(0)
 SEGMENT = pa.struct([("file", STRING), ("offset", INT), ("nbytes", INT)])
 SOURCE_FIELDS = ("role", "file", "offset", "nbytes", "dtype")  # then `hash`, then `segments`
 
@@ -61,7 +62,7 @@ class LayoutColumns:
         """The `source_digests` column: `sources` with each tensor's sources' `source_hashes`; the last one made
         where they are the very tuples it was made of (a batch's outputs report the same objects for the sources
         they share: manifest.py's `_single_hashes`)."""
-        if self.last and len(self.last[0][0]) == len(source_hashes) and all(map(is_, source_hashes, self.last[0][0])):
+        if self.made_of(source_hashes):
             return self.last[0][1]
         *fields, segments = self.sources
         digests = pa.StructArray.from_arrays(
@@ -71,6 +72,11 @@ class LayoutColumns:
         column = pa.ListArray.from_arrays(_offsets(self.counts), digests)
         self.last[:] = [(list(source_hashes), column, None)]
         return column
+
+    def made_of(self, source_hashes: Sequence[tuple[str | None, ...]]) -> bool:
+        """Whether the last `source_digests` column was made of these very tuples (checked complete then)."""
+        last = self.last[0][0] if self.last else None
+        return last is not None and len(last) == len(source_hashes) and all(map(is_, source_hashes, last))
 
     def sources_digest(self, column: pa.ListArray) -> bytes:
         """column_digest of the `source_digests` column made from `sources` (its fields but `hash`)."""
@@ -83,9 +89,8 @@ class LayoutColumns:
         return digest
 
 
-# The last layout's columns, and (once a next layout asked) the inputs but alphas they were made from, while
-# that layout lives.
-_cached: list[tuple[weakref.ref[Layout], LayoutColumns, Inputs | None]] = []
+# The last layout's columns, while that layout lives.
+_cached: list[tuple[weakref.ref[Layout], LayoutColumns]] = []
 
 
 def layout_columns(layout: Layout) -> LayoutColumns:
@@ -94,20 +99,20 @@ def layout_columns(layout: Layout) -> LayoutColumns:
     earlier = _cached[0][0]() if _cached else None
     if earlier is layout:
         return _cached[0][1]
-    inputs = None
-    if earlier is not None:
-        inputs = _cached[0][2] or Inputs(earlier)
-    if inputs is not None and inputs.match(layout):
+    if earlier is not None and alike(earlier, layout):
         columns = _with_alphas(_cached[0][1], layout)
     else:
-        columns, inputs = _make(layout), None
-    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns, inputs)]
+        columns = _make(layout)
+    _cached[:] = [(weakref.ref(layout, lambda _: _cached.clear()), columns)]
     return columns
 
 
 def _with_alphas(columns: LayoutColumns, layout: Layout) -> LayoutColumns:
-    """`columns` with the `alphas` of `layout`'s terms."""
-    alphas = _alphas(list(map(attrgetter("terms"), map(attrgetter("tensor"), layout.tensors))))
+    """`columns` with the `alphas` of `layout`'s terms (as many per tensor as `columns`' layout has: `alike`)."""
+    earlier: pa.ListArray = columns.fixed["alphas"]
+    terms = chain.from_iterable(map(_TERMS, map(_TENSOR, layout.tensors)))
+    values = pa.array(np.fromiter(map(_ALPHA, terms), np.float64, len(earlier.values)), FLOAT)
+    alphas = pa.ListArray.from_arrays(earlier.offsets, values, mask=earlier.is_null())
     fixed, digests = {**columns.fixed, "alphas": alphas}, {**columns.digests, "alphas": column_digest(alphas)}
     return dataclasses.replace(columns, fixed=fixed, digests=digests)
 
@@ -284,7 +289,7 @@ def measured_columns(
     totals: Sequence[Part | None],
 ) -> dict[str, pa.Array]:
     """The columns the run measured: hashes, norms, counts, workers, seconds, source digests, DARE/TIES shares."""
-    _check_complete(layout, hashes, source_hashes, totals)
+    _check_complete(layout, hashes, source_hashes, totals, layout.made_of(source_hashes))
     parts: list[Part] = totals  # type: ignore[assignment]  # every one there (checked)
     stats = list(map(attrgetter("stats"), parts))
     sq = {k: np.fromiter(map(attrgetter(k), stats), np.float64, len(stats)) for k in ("cp_sq", "delta_sq", "update_sq")}
@@ -305,6 +310,21 @@ def measured_columns(
         "source_digests": layout.source_digests(source_hashes),
         **_shares(layout, stats),
     }
+
+
+# The last manifest's measured columns and their digests, by name.
+_measured: dict[str, tuple[pa.Array, bytes]] = {}
+
+
+def measured_digests(columns: Mapping[str, pa.Array]) -> dict[str, bytes]:
+    """column_digest of each of `columns`: the last manifest's column's where it holds exactly the same values
+    (`same_values`: a sweep's outputs have the same CP norms, NaN counts, workers and all-null columns)."""
+    digests = {}
+    for name, column in columns.items():
+        last = _measured.get(name)
+        digests[name] = last[1] if last is not None and same_values(column, last[0]) else column_digest(column)
+        _measured[name] = (column, digests[name])
+    return digests
 
 
 def _shares(layout: LayoutColumns, stats: list[Stats]) -> dict[str, pa.Array]:
@@ -332,21 +352,22 @@ def _check_complete(
     hashes: Sequence[str | None],
     source_hashes: Sequence[tuple[str | None, ...]],
     totals: Sequence[Part | None],
+    sources_checked: bool,
 ) -> None:
-    """Every tensor and each of its sources reported in full (else an internal error naming the first not)."""
-    want = layout.counts.tolist()
-    if (
-        all(hashes)
-        and all(totals)
-        and list(map(len, source_hashes)) == want
-        and all(chain.from_iterable(source_hashes))
-    ):
+    """Every tensor and each of its sources reported in full (else an internal error naming the first not);
+    `sources_checked`: the source hashes are the very tuples of a column made before (checked then)."""
+    if all(hashes) and all(totals) and (sources_checked or _sources_complete(layout, source_hashes)):
         return  # every hash there (a hash is never empty)
+    want = layout.counts.tolist()
     for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
         if h is None or total is None or not _complete(found, n):
             done = len(found) - found.count(None)
             what = "not all of its blocks were" if h is None or total is None else f"{done} of its {n} sources"
             raise VerifyError(f"internal: {what} reported in full", tensor=layout.fixed["tensor"][i].as_py())
+
+
+def _sources_complete(layout: LayoutColumns, source_hashes: Sequence[tuple[str | None, ...]]) -> bool:
+    return list(map(len, source_hashes)) == layout.counts.tolist() and all(chain.from_iterable(source_hashes))
 
 
 def _complete(found: tuple[str | None, ...], want: int) -> bool:
