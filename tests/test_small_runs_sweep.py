@@ -5,6 +5,7 @@ outputs differ in anything else (any PlannedTensor field, a vector's source) is 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -202,22 +203,24 @@ def test_every_planned_tensor_field_but_name_reason_and_terms_is_compared():
 
 
 def _sweep(tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: list[tuple[float, float]]) -> list:
-    """A sweep over two vectors (the second: chat2 − base)."""
+    """A sweep over two vectors (the second: chat2 − base) into `name` (a folder in tmp_path, or an s3:// URL)."""
     monkeypatch.setattr(CpuCompute, "runs_of_small", runs_of_small)
     d = tmp_path
+    out = name if name.startswith("s3://") else str(d / name)
     cps = {f"s{k}": str(d / "cp") for k in range(len(alphas))}
     base = chatvec_dist.make_recipe(
-        [str(d / "base")] * 2, [str(d / "chat"), str(d / "chat2")], cps, str(d / name), 0.5, unit_bytes=1 << 20
+        [str(d / "base")] * 2, [str(d / "chat"), str(d / "chat2")], cps, out, 0.5, unit_bytes=1 << 20
     )
     targets = tuple(dataclasses.replace(t, alphas=a) for t, a in zip(base.targets, alphas))
     options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
-    chatvec_dist.run(Recipe(base.vectors, targets, unit_bytes=1 << 20), options)
-    return [d / name / t.name for t in targets]
+    chatvec_dist.run(Recipe(base.vectors, targets, max_shard_size=6000, unit_bytes=1 << 20), options)
+    return [t.out if name.startswith("s3://") else d / name / t.name for t in targets]
 
 
 def test_a_sweep_of_two_vectors_in_batches_of_rows_gives_each_output_its_own_bytes(tmp_path, monkeypatch):
-    """A two-vector sweep of five outputs (two alike), with a chunk so small that a run's rows come in batches:
-    each output the bytes and manifest of one tensor at a time, and the float64 reference's bytes."""
+    """A two-vector sweep of five outputs (two alike), with a chunk so small that a run's rows come in batches,
+    and shards so small that runs span them: each output the bytes and manifest of one tensor at a time, and the
+    float64 reference's bytes."""
     made = _models(tmp_path, layers=2)
     g = torch.Generator().manual_seed(3)
     chat2 = {n: (c.float() + 0.02 * torch.randn(c.shape, generator=g)).bfloat16() for n, c in made["chat"].items()}
@@ -229,8 +232,12 @@ def test_a_sweep_of_two_vectors_in_batches_of_rows_gives_each_output_its_own_byt
     batches = []
     real = RunKernel.combine
     monkeypatch.setattr(RunKernel, "combine", lambda k, out, d, c: batches.append(len(out)) or real(k, out, d, c))
+    stretches = []
+    known = small_runs._Writer._stretches
+    monkeypatch.setattr(small_runs._Writer, "_stretches", lambda w, *a: stretches.append(r := known(w, *a)) or r)
     fast = _sweep(tmp_path, "fast", monkeypatch, True, alphas)
     assert batches and max(batches) == 4 and min(batches) < 4  # 4 distinct rows, in batches where a run is long
+    assert max(map(len, stretches)) > 1  # a run written in stretches, into two shards
     slow = _sweep(tmp_path, "slow", monkeypatch, False, alphas)
     for f, s, (a, b) in zip(fast, slow, alphas):
         assert_same_output(f, s)
@@ -239,3 +246,34 @@ def test_a_sweep_of_two_vectors_in_batches_of_rows_gives_each_output_its_own_byt
             terms = [(a, made["chat"][n], made["base"][n]), (b, chat2[n], made["base"][n])]
             want = reference(c, terms, torch.bfloat16).view(c.shape)
             assert torch.equal(got[n].view(torch.int16), want.view(torch.int16)), (f.name, n)
+
+
+def test_a_sweep_into_s3_outputs_copies_each_member_into_its_part(tmp_path, monkeypatch, s3_server):
+    """Runs of a sweep to s3:// outputs (each member copied into its unit's part): each output's shards are the
+    bytes of the same sweep to local folders done one tensor at a time."""
+    from chatvec_dist.io import s3
+
+    _models(tmp_path, layers=2)
+    shutil.copytree(tmp_path / "chat", tmp_path / "chat2")
+    bucket = "small-runs-sweep"
+    try:
+        s3.client(True).create_bucket(Bucket=bucket)
+    except Exception as e:  # made by an earlier run of this test in the session
+        assert s3.error_code(e) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"), e
+    staged = []
+    real = small_runs._Writer.write
+    monkeypatch.setattr(
+        small_runs._Writer, "write", lambda w, o, *a: staged.append(o in w.runner._staged) or real(w, o, *a)
+    )
+    alphas = [(0.25, 0.75), (1.0, 1.0), (-0.5, 0.25)]
+    fast = _sweep(tmp_path, f"s3://{bucket}/{tmp_path.name}/fast", monkeypatch, True, alphas)
+    assert staged and all(staged)
+    slow = _sweep(tmp_path, "slow", monkeypatch, False, alphas)
+    client = s3.client(True)
+    for f, s in zip(fast, slow):
+        b, key = s3.parse(str(f))
+        names = sorted(p.name for p in s.glob("*.safetensors"))
+        assert len(names) > 1
+        for name in names:
+            got = client.get_object(Bucket=b, Key=f"{key}/{name}")["Body"].read()
+            assert got == (s / name).read_bytes(), (f, name)

@@ -123,15 +123,16 @@ def _others_key(first: Column, columns: list[Placed], n: int, slots: _Slots) -> 
 
 
 def _sweep(columns: list[Placed]) -> tuple[Alphas, ...] | None:
-    """Each output's alphas where the outputs' tensors differ in their alphas alone, none of them 0.0 or −0.0 (an
-    alpha sweep: every other field and each vector's sources the very same objects, as planning/reuse.py makes
-    them), else None. Output 0's column holds, then, for every output but for its alphas."""
+    """Each output's alphas where the outputs' tensors differ in their alphas alone (an alpha sweep: every other
+    field and each vector's sources the very same objects, as planning/reuse.py makes them), no other output's
+    0.0 or −0.0 among them, else None. Output 0's column (`_column` took it) holds, then, for every output but for
+    its alphas."""
     t0 = columns[0].tensor
     fixed, terms0 = _fixed(t0), t0.terms
-    rows = []
     if len(terms0) == 1:  # one vector (a loop of its own: a few bytecodes per output)
-        _, plus, minus = terms0[0]
-        for placed in columns:
+        alpha, plus, minus = terms0[0]
+        rows = [(alpha,)]
+        for placed in columns[1:]:
             t = placed.tensor
             terms = t.terms
             if len(terms) != 1 or _fixed(t) != fixed:
@@ -142,7 +143,8 @@ def _sweep(columns: list[Placed]) -> tuple[Alphas, ...] | None:
             rows.append((alpha,))
         return tuple(rows)
     vectors = list(map(_VECTOR, terms0))
-    for placed in columns:
+    rows = [tuple(map(_ALPHA, terms0))]
+    for placed in columns[1:]:
         t = placed.tensor
         if _fixed(t) != fixed or list(map(_VECTOR, t.terms)) != vectors:
             return None
@@ -248,7 +250,7 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
     assert isinstance(runner.compute, CpuCompute)
     kernel = RunKernel(runner.compute.scratch, sizes)
     indices = [m.piece.index for m in members]
-    placed = list(zip(*map(_COLUMNS, members)))  # per output, each member's place
+    writer = _Writer(runner, list(zip(*map(_COLUMNS, members))), stages)
     per_output: list[list[SegmentResult]] = [[] for _ in run.shape]
     shared: dict[tuple[Slot, ...], list[tuple[Blocks, ...]]] = {}  # each member's source digests, by slots
     for group, by_alphas in _groups(run.shape).items():
@@ -262,8 +264,8 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
             clock = time.perf_counter()
             out, stats = _combine(runner, kernel, group, [alphas for alphas, _ in batch], inputs, members[0].srcs)
             clock = stages.lap("compute", clock)
-            data, width = _bytes(out), out[0].nbytes
-            at = _offsets(cuts, out.element_size())
+            data, width, size = _bytes(out), out[0].nbytes, out.element_size()
+            at = _offsets(cuts, size)
             spans = _spans(at)
             for j, (_, outputs) in enumerate(batch):
                 row = data[j * width : (j + 1) * width]
@@ -271,7 +273,7 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
                 blocks = _blocks(row, spans)  # each member's one output hash block
                 clock = stages.lap("hash", clock)
                 for o in outputs:
-                    _write(runner, o, placed[o], row, at, stages)
+                    writer.write(o, row, at, size)
                     # outputs alike share their Stats objects: a result's stats are read, never changed, after this
                     per_output[o] = list(map(_result, zip(repeat(o), indices, blocks, stats[j], sources)))
     return list(chain.from_iterable(zip(*per_output)))  # member by member, as done one at a time
@@ -342,24 +344,45 @@ def _spans(at: list[int]) -> list[slice]:
 
 def _blocks(data: memoryview, spans: list[slice]) -> list[Blocks]:
     """Each member's one hash block's digest: xxh3-128 of its bytes, `data[spans[i]]`."""
-    return list(zip(zip(repeat(0), map(xxhash.xxh3_128_digest, map(data.__getitem__, spans)))))
+    digest = xxhash.xxh3_128_digest
+    return [((0, digest(data[span])),) for span in spans]
 
 
-def _write(
-    runner: UnitRunner, o: int, placed: Sequence[Placed], data: memoryview, at: list[int], stages: Stages
-) -> None:
-    """Write each member's bytes (`data[at[i]:at[i + 1]]`) into output `o`: stretches that lie end to end in one
-    shard in one write (an s3:// output: copied into the unit's part)."""
-    clock = time.perf_counter()
-    if o in runner._staged:  # an s3:// output: each tensor into the part that holds it
-        for p, s, e in zip(placed, at, at[1:]):
-            runner._copy_to_part(o, p.shard, p.offset, data[s:e])
-    else:
-        i = 0  # members lie end to end where their offset less their place in the run is the same
-        for (shard, origin), same in groupby(zip(map(_SHARD, placed), map(sub, map(_OFFSET, placed), at))):
+Stretch = tuple[int, int, int, int]  # shard, offset in its file, first and end byte in the run's bytes
+
+
+class _Writer:
+    """Writes a run's members into each output: stretches that lie end to end in one shard in one write (an s3://
+    output: each member copied into the unit's part). The stretches are worked out once for the outputs whose
+    members have the same places (an alpha sweep's: one layout)."""
+
+    def __init__(self, runner: UnitRunner, placed: list[tuple[Placed, ...]], stages: Stages) -> None:
+        self.runner, self.placed, self.stages = runner, placed, stages  # placed: per output, each member's
+        self._known: list[tuple[int, list[int], list[int], list[Stretch]]] = []  # size, shards, offsets: stretches
+
+    def write(self, o: int, data: memoryview, at: list[int], size: int) -> None:
+        """Write output `o`'s members, `data[at[i]:at[i + 1]]` (elements of `size` bytes)."""
+        clock = time.perf_counter()
+        runner, placed = self.runner, self.placed[o]
+        if o in runner._staged:
+            for p, s, e in zip(placed, at, at[1:]):
+                runner._copy_to_part(o, p.shard, p.offset, data[s:e])
+        else:
+            paths = runner.ctx.outputs[o].shard_paths
+            for shard, offset, s, e in self._stretches(placed, at, size):
+                write_at(runner.files.get(paths[shard], os.O_WRONLY), data[s:e], offset, paths[shard])
+        self.stages.bytes_written += len(data)
+        self.stages.lap("write", clock)
+
+    def _stretches(self, placed: Sequence[Placed], at: list[int], size: int) -> list[Stretch]:
+        shards, offsets = list(map(_SHARD, placed)), list(map(_OFFSET, placed))
+        for known_size, known_shards, known_offsets, found in self._known:
+            if known_size == size and known_offsets == offsets and known_shards == shards:
+                return found
+        found, i = [], 0  # members lie end to end where their offset less their place in the run is the same
+        for (shard, origin), same in groupby(zip(shards, map(sub, offsets, at))):
             j = i + len(list(same))
-            path = runner.ctx.outputs[o].shard_paths[shard]
-            write_at(runner.files.get(path, os.O_WRONLY), data[at[i] : at[j]], origin + at[i], path)
+            found.append((shard, origin + at[i], at[i], at[j]))
             i = j
-    stages.bytes_written += len(data)
-    stages.lap("write", clock)
+        self._known.append((size, shards, offsets, found))
+        return found
