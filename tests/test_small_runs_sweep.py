@@ -204,7 +204,9 @@ def test_every_planned_tensor_field_but_name_reason_and_terms_is_compared():
     assert got == fields - {"name", "reason", "terms"}
 
 
-def _sweep(tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: list[tuple[float, float]]) -> list:
+def _sweep(
+    tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: list[tuple[float, float]], backend: str = "local"
+) -> list:
     """A sweep over two vectors (the second: chat2 − base) into `name` (a folder in tmp_path, or an s3:// URL)."""
     monkeypatch.setattr(CpuCompute, "runs_of_small", runs_of_small)
     d = tmp_path
@@ -214,7 +216,7 @@ def _sweep(tmp_path, name: str, monkeypatch, runs_of_small: bool, alphas: list[t
         [str(d / "base")] * 2, [str(d / "chat"), str(d / "chat2")], cps, out, 0.5, unit_bytes=1 << 20
     )
     targets = tuple(dataclasses.replace(t, alphas=a) for t, a in zip(base.targets, alphas))
-    options = chatvec_dist.RunOptions(backend="local", workers=2, progress=False)
+    options = chatvec_dist.RunOptions(backend=backend, workers=2, progress=False)
     chatvec_dist.run(Recipe(base.vectors, targets, max_shard_size=6000, unit_bytes=1 << 20), options)
     return [t.out if name.startswith("s3://") else d / name / t.name for t in targets]
 
@@ -279,3 +281,15 @@ def test_a_sweep_into_s3_outputs_copies_each_member_into_its_part(tmp_path, monk
         for name in names:
             got = client.get_object(Bucket=b, Key=f"{key}/{name}")["Body"].read()
             assert got == (s / name).read_bytes(), (f, name)
+
+
+def test_a_sweep_on_ray_workers_gives_the_bytes_of_the_local_one(tmp_path, monkeypatch, ray_local):
+    """Ray workers get each unit's cut of the plan made again from columns (its sources shared as planned): the
+    same bytes and manifest as the local backend's runs."""
+    _models(tmp_path, layers=2)
+    shutil.copytree(tmp_path / "chat", tmp_path / "chat2")
+    alphas = [(0.25, 0.75), (1.0, 1.0), (-0.5, 0.25)]
+    local = _sweep(tmp_path, "local", monkeypatch, True, alphas)
+    ray = _sweep(tmp_path, "ray", monkeypatch, True, alphas, backend="ray")
+    for a, b in zip(ray, local):
+        assert_same_output(a, b)
