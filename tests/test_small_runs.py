@@ -49,8 +49,8 @@ def test_a_run_computes_each_tensor_as_alone_and_as_the_float64_reference(out_dt
     compute = torch.float32 if out_dtype != torch.float32 else torch.float64
     out = torch.empty(n, dtype=out_dtype)
     kernel = RunKernel(Scratch(), sizes)
-    delta = kernel.delta("terms", terms, compute)
-    stats = kernel.combine(out, delta, kernel.cp("cp", cp, compute) if cp is not None else None)
+    delta = kernel.delta("terms", [(p, m) for _, p, m in terms], ((0.5, -1.25),), compute)
+    stats = kernel.combine(out.view(1, n), delta, kernel.cp("cp", cp, compute) if cp is not None else None)[0]
     for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
         alone = torch.empty(e - s, dtype=out_dtype)
         mine = [Term(a, p[s:e].clone(), m[s:e].clone() if m is not None else None) for a, p, m in terms]
@@ -129,29 +129,30 @@ def test_one_kernel_gives_each_output_its_own_bytes_and_stats_while_sharing_delt
     chat, base = _rand(n, torch.bfloat16, 2), _rand(n, torch.bfloat16, 3)
     cp2[10] = float("inf")  # the second CP's second tensor: an Inf (its output too)
     half, other = [Term(0.5, chat, base)], [Term(-0.3, chat, base)]
-    outputs = [  # (CP, its key, terms, their key, output dtype): Δ shared by 0-3 and 5, CP by 0, 2, 3 and 4
-        (cp1, "cp1", half, "half", torch.bfloat16),
-        (cp2, "cp2", half, "half", torch.bfloat16),
-        (cp1, "cp1", half, "half", torch.float16),
-        (cp1, "cp1", half, "half", torch.bfloat16),
-        (cp1, "cp1", other, "other", torch.bfloat16),
-        (None, "", half, "half", torch.bfloat16),
+    outputs = [  # (CP, its key, terms, output dtype): chat − base shared by all, Δ by 0-3 and 5, CP by 0, 2-4
+        (cp1, "cp1", half, torch.bfloat16),
+        (cp2, "cp2", half, torch.bfloat16),
+        (cp1, "cp1", half, torch.float16),
+        (cp1, "cp1", half, torch.bfloat16),
+        (cp1, "cp1", other, torch.bfloat16),
+        (None, "", half, torch.bfloat16),
     ]
     shared = RunKernel(Scratch(), sizes)
-    for k, (cp, cp_key, terms, key, dtype) in enumerate(outputs):
+    for k, (cp, cp_key, terms, dtype) in enumerate(outputs):
+        vectors, alphas = [(p, m) for _, p, m in terms], (tuple(a for a, _, _ in terms),)
         got = torch.empty(n, dtype=dtype)
         stats = shared.combine(
-            got,
-            shared.delta(key, terms, torch.float32),
+            got.view(1, n),
+            shared.delta("vectors", vectors, alphas, torch.float32),
             shared.cp(cp_key, cp, torch.float32) if cp is not None else None,
-        )
+        )[0]
         fresh = RunKernel(Scratch(), sizes)
         want = torch.empty(n, dtype=dtype)
         want_stats = fresh.combine(
-            want,
-            fresh.delta(key, terms, torch.float32),
+            want.view(1, n),
+            fresh.delta("vectors", vectors, alphas, torch.float32),
             fresh.cp(cp_key, cp, torch.float32) if cp is not None else None,
-        )
+        )[0]
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), k
         assert repr(stats) == repr(want_stats), k
         ref = reference(cp, [tuple(t) for t in terms], dtype)
@@ -200,10 +201,10 @@ def test_a_batch_gives_each_output_the_bytes_and_manifest_of_one_tensor_at_a_tim
     cp2 = {n: (c.float() + 0.01 * torch.randn(c.shape, generator=g)).bfloat16() for n, c in cp.items()}
     save_checkpoint(tmp_path / "cp2", cp2, config, shards=3)
     groups = []
-    real = small_runs._alike
-    monkeypatch.setattr(small_runs, "_alike", lambda shape: groups.append(r := real(shape)) or r)
+    real = small_runs._groups
+    monkeypatch.setattr(small_runs, "_groups", lambda shape: groups.append(r := real(shape)) or r)
     fast = _batch(tmp_path, "fast", monkeypatch, True)
-    assert groups and all(len(g) < 7 for g in groups)  # a and b alike: computed once
+    assert groups and all(sum(map(len, g.values())) < 7 for g in groups)  # a and b alike: computed once
     slow = _batch(tmp_path, "slow", monkeypatch, False)
     for f, s in zip(fast, slow):
         assert_same_output(f, s)

@@ -5,8 +5,10 @@ stats and its write. Bytes, block digests, source digests and stats equal those 
 A worker costs a few hundred microseconds per tensor done alone (reads, kernel calls, hashing, bookkeeping): on a
 model of 45 000 tensors, most of them small (norms, biases, thin shapes), that is most of the run. In a run, the
 per-tensor work is a few calls over lists (torch.split, map), not Python loops, and the outputs of a batch share
-what does not depend on them: the reads and source digests, Δ for equal terms, CP for an equal CP, and all of it
-(bytes, digests, stats) for outputs combined alike."""
+what does not depend on them: the reads and source digests, each vector's difference, CP for an equal CP, and all
+of it (bytes, digests, stats) for outputs combined alike. Outputs that differ in their alphas alone (an alpha
+sweep) are found per tensor by a few identity checks per output, not each output's column worked out, and are
+computed as rows of one kernel pass."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from itertools import accumulate, groupby, repeat
-from operator import attrgetter
+from itertools import accumulate, chain, groupby, repeat
+from operator import attrgetter, itemgetter, sub
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -27,15 +29,15 @@ from ..errors import ChatvecError
 from ..io import s3
 from ..io.ranges import write_at
 from ..kernels.cpu import CHUNK, SMALL_NORMS
-from ..kernels.cpu_runs import RunKernel
+from ..kernels.cpu_runs import Alphas, RunKernel
 from ..kernels.stats import Stats
 from ..planning.fp8 import is_fp8
 from ..planning.layout import Piece, Placed
 from ..planning.planner import PlannedTensor, Src
-from ..term import Term
+from ..quickinit import tuple_maker
 from ..torch_dtypes import TORCH_DTYPES, compute_dtype
 from .compute import CpuCompute
-from .messages import OutputContext, SegmentResult, Stages, WorkContext
+from .messages import SegmentResult, Stages, WorkContext
 from .source_digests import Blocks, source_block_elems
 
 if TYPE_CHECKING:
@@ -48,6 +50,11 @@ Slot = int  # a run's distinct sources, numbered as each tensor's `srcs` first n
 Terms = tuple[tuple[float, Slot, Slot | None], ...]  # each term's (alpha, plus slot, minus slot)
 Column = tuple[str, Slot | None, Terms]  # an output's dtype, its CP's slot, its terms
 Shape = tuple[Column, ...]  # per output
+Vectors = tuple[tuple[Slot, Slot | None], ...]  # each term's plus and minus slots
+Group = tuple[str, Slot | None, Vectors]  # outputs alike but for their alphas: dtype, CP's slot, vectors
+# How a tensor is combined in every output (`_member`): equal keys, equal shapes
+Key = tuple[Column] | tuple[Column, tuple[Alphas, ...]] | tuple[Column, None, Shape]
+Tensors = list[Placed] | dict[int, Placed]  # an output's, by tensor index
 
 
 Source = tuple[str, int, str]  # a plain source tensor: its file, byte offset and dtype
@@ -90,19 +97,62 @@ class _Slots:
         return slot
 
 
-def _member(piece: Piece, outputs: list[OutputContext], block_elems: int) -> tuple[_Member, Shape] | None:
+def _member(piece: Piece, tables: list[Tensors], block_elems: int) -> tuple[_Member, Key] | None:
     """A piece that may join a run (a whole small tensor of one hash block, of the output and of each source,
     merged by the plain kernel from plain local sources), and how it is combined; None if it is done alone."""
     n = piece.last
     if piece.first or not 0 < n <= block_elems:
         return None
-    columns = [out.tensors[piece.index] for out in outputs]
+    columns = [t[piece.index] for t in tables]
     slots = _Slots(n)
     try:
-        shape = tuple([_column(p.tensor, n, slots) for p in columns])
+        first = _column(columns[0].tensor, n, slots)
+        key: Key = (first,) if len(columns) == 1 else _others_key(first, columns, n, slots)
     except _Alone:
         return None
-    return _Member(piece, columns, list(slots.slots)), shape
+    return _Member(piece, columns, list(slots.slots)), key
+
+
+def _others_key(first: Column, columns: list[Placed], n: int, slots: _Slots) -> Key:
+    """The key of a tensor of several outputs: (output 0's column, each output's alphas) in an alpha sweep, else
+    (output 0's column, None, each other output's column)."""
+    alphas = _sweep(columns)
+    if alphas is not None:
+        return first, alphas
+    return first, None, tuple([_column(p.tensor, n, slots) for p in columns[1:]])
+
+
+def _sweep(columns: list[Placed]) -> tuple[Alphas, ...] | None:
+    """Each output's alphas where the outputs' tensors differ in their alphas alone (an alpha sweep: every other
+    field and each vector's sources the very same objects, as planning/reuse.py makes them), no other output's
+    0.0 or −0.0 among them, else None. Output 0's column (`_column` took it) holds, then, for every output but for
+    its alphas."""
+    t0 = columns[0].tensor
+    fixed, terms0 = _fixed(t0), t0.terms
+    if len(terms0) == 1:  # one vector (a loop of its own: a few bytecodes per output)
+        alpha, plus, minus = terms0[0]
+        rows = [(alpha,)]
+        for placed in columns[1:]:
+            t = placed.tensor
+            terms = t.terms
+            if len(terms) != 1 or _fixed(t) != fixed:
+                return None
+            alpha, p, m = terms[0]
+            if p is not plus or m is not minus or not alpha:  # `not alpha`: ±0.0 (equal), told apart by `_column`
+                return None
+            rows.append((alpha,))
+        return tuple(rows)
+    vectors = list(map(_VECTOR, terms0))
+    rows = [tuple(map(_ALPHA, terms0))]
+    for placed in columns[1:]:
+        t = placed.tensor
+        if _fixed(t) != fixed or list(map(_VECTOR, t.terms)) != vectors:
+            return None
+        alphas = tuple(map(_ALPHA, t.terms))
+        if 0.0 in alphas:
+            return None
+        rows.append(alphas)
+    return tuple(rows)
 
 
 def _column(t: PlannedTensor, n: int, slots: _Slots) -> Column:
@@ -120,10 +170,20 @@ def _column(t: PlannedTensor, n: int, slots: _Slots) -> Column:
     return t.out_dtype, cp, tuple(terms)
 
 
-def _order(column: Column) -> list[Slot]:
-    """The slots of the column's tensor's `srcs`: CP's, then each term's plus and minus."""
-    _, cp, terms = column
-    return ([cp] if cp is not None else []) + [s for _, p, m in terms for s in (p, m) if s is not None]
+def _shape(key: Key) -> Shape:
+    """Each output's column, from its tensors' key."""
+    if len(key) == 1:
+        return key
+    if len(key) == 3:
+        return (key[0], *key[2])
+    (out_dtype, cp, terms), alphas = key
+    vectors = [(p, m) for _, p, m in terms]
+    return tuple((out_dtype, cp, tuple((a, p, m) for a, (p, m) in zip(row, vectors))) for row in alphas)
+
+
+def _order(cp: Slot | None, vectors: Vectors) -> list[Slot]:
+    """The slots of a tensor's `srcs`: CP's, then each term's plus and minus."""
+    return ([cp] if cp is not None else []) + [s for p, m in vectors for s in (p, m) if s is not None]
 
 
 # The fields of a plain merge; any other (token rows, and whatever a later rule adds) at its default, or the
@@ -132,6 +192,12 @@ _PLAIN = {"name", "rule", "reason", "shape", "out_dtype", "cp", "terms", "merge_
 _OTHERS = [(f.name, f.default) for f in dataclasses.fields(PlannedTensor) if f.name not in _PLAIN]
 _others = attrgetter(*(name for name, _ in _OTHERS))  # a tuple of them (with two or more)
 _DEFAULTS = tuple(default for _, default in _OTHERS)
+# The fields `_column` reads, but the terms, and all the others: equal, so is the column but for the alphas
+_fixed = attrgetter(*(f.name for f in dataclasses.fields(PlannedTensor) if f.name not in {"name", "reason", "terms"}))
+_COLUMNS = attrgetter("columns")
+_ALPHA, _VECTOR = itemgetter(0), itemgetter(1, 2)  # of a term
+_SHARD, _OFFSET = attrgetter("shard"), attrgetter("offset")
+_result = tuple_maker(SegmentResult)
 
 
 def _follows(prev: _Member, nxt: _Member) -> bool:
@@ -143,28 +209,29 @@ def _follows(prev: _Member, nxt: _Member) -> bool:
 def runs(pieces: tuple[Piece, ...], ctx: WorkContext) -> Iterator[Piece | Run]:
     """The unit's pieces in order: runs of small tensors (at most a kernel chunk in all), and pieces done alone."""
     block_elems = source_block_elems(ctx.block_bytes)
+    tables = [out.tensors for out in ctx.outputs]
     members: list[_Member] = []
-    shape: Shape = ()
+    key: Key | None = None
     total = 0
     for piece in pieces:
-        found = _member(piece, ctx.outputs, block_elems)
-        joins = found is not None and members and found[1] == shape and total + piece.last <= CHUNK
+        found = _member(piece, tables, block_elems)
+        joins = found is not None and members and found[1] == key and total + piece.last <= CHUNK
         if joins and found is not None and _follows(members[-1], found[0]):
             members.append(found[0])
             total += piece.last
             continue
-        yield from _flush(members, shape)
+        yield from _flush(members, key)
         members, total = [], 0
         if found is None:
             yield piece
         else:
-            members, shape, total = [found[0]], found[1], piece.last
-    yield from _flush(members, shape)
+            members, key, total = [found[0]], found[1], piece.last
+    yield from _flush(members, key)
 
 
-def _flush(members: list[_Member], shape: Shape) -> Iterator[Piece | Run]:
-    if len(members) > 1:
-        yield Run(members, shape)
+def _flush(members: list[_Member], key: Key | None) -> Iterator[Piece | Run]:
+    if len(members) > 1 and key is not None:
+        yield Run(members, _shape(key))
     elif members:
         yield members[0].piece
 
@@ -177,48 +244,68 @@ def do_run(runner: UnitRunner, run: Run, stages: Stages) -> list[SegmentResult]:
     cuts = list(accumulate(sizes, initial=0))
     inputs = _read(runner, members, cuts[-1], stages)
     clock = stages.lap("read", clock)
-    digests = [_blocks(x, cuts) for x in inputs]  # per slot, each member's one source hash block (source_digests)
+    # per slot, each member's one source hash block (source_digests)
+    digests = [_blocks(_bytes(x), _spans(_offsets(cuts, x.element_size()))) for x in inputs]
     clock = stages.lap("hash", clock)
     assert isinstance(runner.compute, CpuCompute)
     kernel = RunKernel(runner.compute.scratch, sizes)
     indices = [m.piece.index for m in members]
+    writer = _Writer(runner, list(zip(*map(_COLUMNS, members))), stages)
     per_output: list[list[SegmentResult]] = [[] for _ in run.shape]
     shared: dict[tuple[Slot, ...], list[tuple[Blocks, ...]]] = {}  # each member's source digests, by slots
-    for column, outputs in _alike(run.shape).items():
-        out, stats = _combine(runner, kernel, column, inputs, members[0].srcs)
-        clock = stages.lap("compute", clock)
-        blocks = _blocks(out, cuts)  # each member's one output hash block
-        clock = stages.lap("hash", clock)
-        order = tuple(_order(column))
+    for group, by_alphas in _groups(run.shape).items():
+        order = tuple(_order(group[1], group[2]))
         if order not in shared:
             shared[order] = list(zip(*(digests[k] for k in order)))
         sources = shared[order]
-        for o in outputs:
-            _write(runner, o, [m.columns[o] for m in members], out, cuts, stages)
-            # outputs alike share their Stats objects: a result's stats are read, never changed, after this
-            per_output[o] = list(map(SegmentResult, repeat(o), indices, blocks, stats, sources))
-        clock = time.perf_counter()
-    return [r for per in zip(*per_output) for r in per]  # member by member, as done one at a time
+        rows = list(by_alphas.items())
+        for b in range(0, len(rows), kernel.rows):
+            batch = rows[b : b + kernel.rows]
+            clock = time.perf_counter()
+            out, stats = _combine(runner, kernel, group, [alphas for alphas, _ in batch], inputs, members[0].srcs)
+            clock = stages.lap("compute", clock)
+            data, width, size = _bytes(out), out[0].nbytes, out.element_size()
+            at = _offsets(cuts, size)
+            spans = _spans(at)
+            for j, (_, outputs) in enumerate(batch):
+                row = data[j * width : (j + 1) * width]
+                clock = time.perf_counter()
+                blocks = _blocks(row, spans)  # each member's one output hash block
+                clock = stages.lap("hash", clock)
+                for o in outputs:
+                    writer.write(o, row, at, size)
+                    # outputs alike share their Stats objects: a result's stats are read, never changed, after this
+                    per_output[o] = list(map(_result, zip(repeat(o), indices, blocks, stats[j], sources)))
+    return list(chain.from_iterable(zip(*per_output)))  # member by member, as done one at a time
 
 
-def _alike(shape: Shape) -> dict[Column, list[int]]:
-    """The outputs combined alike (equal dtype, CP, alphas and vectors: equal bytes and stats), by column."""
-    alike: dict[Column, list[int]] = {}
-    for o, column in enumerate(shape):
-        alike.setdefault(column, []).append(o)
-    return alike
+def _groups(shape: Shape) -> dict[Group, dict[Alphas, list[int]]]:
+    """The outputs by dtype, CP and vectors (rows of one kernel pass), then by alphas: outputs alike (equal
+    alphas too: equal bytes and stats) computed once."""
+    groups: dict[Group, dict[Alphas, list[int]]] = {}
+    for o, (out_dtype, cp, terms) in enumerate(shape):
+        vectors = tuple((p, m) for _, p, m in terms)
+        alphas = tuple(a for a, _, _ in terms)
+        groups.setdefault((out_dtype, cp, vectors), {}).setdefault(alphas, []).append(o)
+    return groups
 
 
 def _combine(
-    runner: UnitRunner, kernel: RunKernel, column: Column, inputs: list[torch.Tensor], srcs: list[Source]
-) -> tuple[torch.Tensor, list[Stats]]:
-    """One column's output bytes for the whole run, and each member's stats."""
-    out_dtype, cp_slot, term_slots = column
-    compute = compute_dtype([out_dtype] + [srcs[k][2] for k in _order(column)])
-    terms = [Term(a, inputs[p], inputs[m] if m is not None else None) for a, p, m in term_slots]
-    delta = kernel.delta(term_slots, terms, compute)
+    runner: UnitRunner,
+    kernel: RunKernel,
+    group: Group,
+    alphas: list[Alphas],
+    inputs: list[torch.Tensor],
+    srcs: list[Source],
+) -> tuple[torch.Tensor, list[list[Stats]]]:
+    """The output bytes of the whole run for each row of alphas, (rows, n), and each row's members' stats."""
+    out_dtype, cp_slot, vectors = group
+    compute = compute_dtype([out_dtype] + [srcs[k][2] for k in _order(cp_slot, vectors)])
+    terms = [(inputs[p], inputs[m] if m is not None else None) for p, m in vectors]
+    delta = kernel.delta(vectors, terms, tuple(alphas), compute)
     cp = kernel.cp(cp_slot, inputs[cp_slot], compute) if cp_slot is not None else None
-    out = runner._buffer("out", kernel.n * ITEMSIZE[out_dtype]).view(TORCH_DTYPES[out_dtype])
+    size = len(alphas) * kernel.n
+    out = runner._buffer("out", size * ITEMSIZE[out_dtype]).view(TORCH_DTYPES[out_dtype]).view(-1, kernel.n)
     return out, kernel.combine(out, delta, cp)
 
 
@@ -240,30 +327,62 @@ def _read(runner: UnitRunner, run: list[_Member], count: int, stages: Stages) ->
     return inputs
 
 
-def _blocks(x: torch.Tensor, cuts: Sequence[int]) -> list[Blocks]:
-    """Each member's one hash block's digest: xxh3-128 of its bytes (elements [cuts[i], cuts[i + 1]) of `x`)."""
-    size, data = x.element_size(), x.view(torch.uint8).numpy().data
-    spans = map(slice, [c * size for c in cuts], [c * size for c in cuts[1:]])
-    return [((0, d),) for d in map(xxhash.xxh3_128_digest, map(data.__getitem__, spans))]
+def _bytes(x: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor, flat."""
+    return x.view(-1).view(torch.uint8).numpy().data
 
 
-def _write(
-    runner: UnitRunner, o: int, placed: list[Placed], out: torch.Tensor, cuts: list[int], stages: Stages
-) -> None:
-    """Write each member's bytes into output `o`: stretches that lie end to end in one shard in one write (an
-    s3:// output: copied into the unit's part)."""
-    clock = time.perf_counter()
-    size, data = out.element_size(), out.view(torch.uint8).numpy().data
-    at = [c * size for c in cuts]
-    if o in runner._staged:  # an s3:// output: each tensor into the part that holds it
-        for p, s, e in zip(placed, at, at[1:]):
-            runner._copy_to_part(o, p.shard, p.offset, data[s:e])
-    else:
-        i = 0  # members lie end to end where their offset less their place in the run is the same
-        for (shard, origin), same in groupby([(p.shard, p.offset - a) for p, a in zip(placed, at)]):
-            j = i + sum(1 for _ in same)
-            path = runner.ctx.outputs[o].shard_paths[shard]
-            write_at(runner.files.get(path, os.O_WRONLY), data[at[i] : at[j]], origin + at[i], path)
+def _offsets(cuts: list[int], size: int) -> list[int]:
+    """Each member's first byte, and the end, for elements of `size` bytes."""
+    return [c * size for c in cuts]
+
+
+def _spans(at: list[int]) -> list[slice]:
+    """Each member's bytes: [at[i], at[i + 1])."""
+    return list(map(slice, at, at[1:]))
+
+
+def _blocks(data: memoryview, spans: list[slice]) -> list[Blocks]:
+    """Each member's one hash block's digest: xxh3-128 of its bytes, `data[spans[i]]`."""
+    digest = xxhash.xxh3_128_digest
+    return [((0, digest(data[span])),) for span in spans]
+
+
+Stretch = tuple[int, int, int, int]  # shard, offset in its file, first and end byte in the run's bytes
+
+
+class _Writer:
+    """Writes a run's members into each output: stretches that lie end to end in one shard in one write (an s3://
+    output: each member copied into the unit's part). The stretches are worked out once for the outputs whose
+    members have the same places (an alpha sweep's: one layout)."""
+
+    def __init__(self, runner: UnitRunner, placed: list[tuple[Placed, ...]], stages: Stages) -> None:
+        self.runner, self.placed, self.stages = runner, placed, stages  # placed: per output, each member's
+        self._known: list[tuple[int, list[int], list[int], list[Stretch]]] = []  # size, shards, offsets: stretches
+
+    def write(self, o: int, data: memoryview, at: list[int], size: int) -> None:
+        """Write output `o`'s members, `data[at[i]:at[i + 1]]` (elements of `size` bytes)."""
+        clock = time.perf_counter()
+        runner, placed = self.runner, self.placed[o]
+        if o in runner._staged:
+            for p, s, e in zip(placed, at, at[1:]):
+                runner._copy_to_part(o, p.shard, p.offset, data[s:e])
+        else:
+            paths = runner.ctx.outputs[o].shard_paths
+            for shard, offset, s, e in self._stretches(placed, at, size):
+                write_at(runner.files.get(paths[shard], os.O_WRONLY), data[s:e], offset, paths[shard])
+        self.stages.bytes_written += len(data)
+        self.stages.lap("write", clock)
+
+    def _stretches(self, placed: Sequence[Placed], at: list[int], size: int) -> list[Stretch]:
+        shards, offsets = list(map(_SHARD, placed)), list(map(_OFFSET, placed))
+        for known_size, known_shards, known_offsets, found in self._known:
+            if known_size == size and known_offsets == offsets and known_shards == shards:
+                return found
+        found, i = [], 0  # members lie end to end where their offset less their place in the run is the same
+        for (shard, origin), same in groupby(zip(shards, map(sub, offsets, at))):
+            j = i + len(list(same))
+            found.append((shard, origin + at[i], at[i], at[j]))
             i = j
-    stages.bytes_written += len(data)
-    stages.lap("write", clock)
+        self._known.append((size, shards, offsets, found))
+        return found
