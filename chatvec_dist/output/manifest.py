@@ -281,7 +281,7 @@ class Tally:
         if any(kept):  # DARE, TIES
             for i, shares in zip(at.tolist(), picked(kept)):
                 t.kept[i] = shares
-        t.seconds[at], t.worker[at], t.node[at] = made
+        t.seconds[at], t.worker[at], t.node[at] = made[0], t.code(made[1]), t.code(made[2])
         t.done[at] = True
 
     def _add_piece(

@@ -286,7 +286,7 @@ def measured_columns(layout: LayoutColumns, totals: Totals) -> dict[str, pa.Arra
     hashes, source_hashes = totals.hashes.tolist(), totals.source_hashes.tolist()
     # a tensor's hash is set with its totals: the hashes say which tensors are complete
     _check_complete(layout, hashes, source_hashes, hashes, layout.made_of(source_hashes))
-    cp_norm = np.sqrt(totals.cp_sq)
+    names, cp_norm = pa.array(list(totals.names), STRING), np.sqrt(totals.cp_sq)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(totals.update_sq) / cp_norm
     return {
@@ -296,8 +296,8 @@ def measured_columns(layout: LayoutColumns, totals: Totals) -> dict[str, pa.Arra
         "rel_update": pa.array(rel, FLOAT, mask=~(layout.changed & layout.measured & (cp_norm != 0))),
         "nan_count": pa.array(totals.nan, INT, mask=~layout.counted),
         "inf_count": pa.array(totals.inf, INT, mask=~layout.counted),
-        "worker": pa.array(totals.worker, STRING),
-        "node": pa.array(totals.node, STRING),
+        "worker": pc.take(names, pa.array(totals.worker)),
+        "node": pc.take(names, pa.array(totals.node)),
         "seconds": pa.array(totals.seconds, FLOAT),
         "source_digests": layout.source_digests(source_hashes),
         **_shares(layout, totals),

@@ -13,7 +13,8 @@ _INTS = ("nan", "inf", "agree", "signed")
 
 class Totals:
     """Per tensor: its hash and its sources' (None until complete), the Stats fields summed over its pieces, the
-    seconds of its pieces and the workers and nodes that made them (a comma-joined sorted list where several)."""
+    seconds of its pieces and the workers and nodes that made them (a comma-joined sorted list where several), as
+    codes of `names`."""
 
     def __init__(self, n: int) -> None:
         self.done = np.zeros(n, bool)
@@ -22,11 +23,16 @@ class Totals:
         self.cp_sq, self.delta_sq, self.update_sq, self.seconds = (np.zeros(n, np.float64) for _ in _FLOATS)
         self.nan, self.inf, self.agree, self.signed = (np.zeros(n, np.int64) for _ in _INTS)
         self.kept: list[list[int]] = [[]] * n  # per vector (DARE, TIES); each list replaced, never changed
-        self.worker = np.full(n, "", object)
-        self.node = np.full(n, "", object)
+        self.names: dict[str, int] = {}  # the workers' and nodes' names, by their code in `worker` and `node`
+        self.worker = np.zeros(n, np.int32)
+        self.node = np.zeros(n, np.int32)
 
     def __len__(self) -> int:
         return len(self.done)
+
+    def code(self, name: str) -> int:
+        """`name`'s code in `worker` and `node` (a few names per run: a column of them is a take)."""
+        return self.names.setdefault(name, len(self.names))
 
     def set(
         self, i: int, hash: str, sources: tuple[str | None, ...], stats: Stats, seconds: float, worker: str, node: str
@@ -36,7 +42,7 @@ class Totals:
         for name in ("cp_sq", "delta_sq", "update_sq", "nan", "inf", "agree", "signed"):
             getattr(self, name)[i] = getattr(stats, name)
         self.kept[i] = stats.kept
-        self.seconds[i], self.worker[i], self.node[i] = seconds, worker, node
+        self.seconds[i], self.worker[i], self.node[i] = seconds, self.code(worker), self.code(node)
 
     def nonfinite(self) -> np.ndarray:
         """The complete tensors that hold NaN or Inf."""
