@@ -21,7 +21,7 @@ from . import __version__, gcpause
 from .dtypes import CONFIG_NAMES, OUTPUT_DTYPES
 from .errors import ChatvecError, OutputError, PlanError, RunError
 from .exec.backend import Backend, make_backend
-from .exec.messages import OutputContext, PartResult, SegmentResult, Stages, UnitResult, WorkContext
+from .exec.messages import OutputContext, PartResult, Stages, UnitResult, WorkContext
 from .fingerprint import tree_digest, tree_digests
 from .io import s3
 from .io.ranges import FileHandles
@@ -33,6 +33,7 @@ from .output.commit import WORK_ONLY, check_side_files, commit, tidy_committed
 from .output.journal import Journal
 from .output.layout_alike import record_digested
 from .output.manifest import SharedHashes, Tally, read_manifest
+from .output.segment_columns import SegmentColumns, gather, split_outputs
 from .output.uploads import Uploads
 from .output.verify import read_digest
 from .output.workarea import (
@@ -129,11 +130,14 @@ class Output:
             return self.uploads.context()
         return OutputContext(self.plan.layout.tensors, [str(self.work / s.name) for s in self.plan.layout.shards])
 
-    def record(self, result: UnitResult, shared: SharedHashes | None = None) -> None:
-        """Add a unit's segments (this output's only) to the manifest's tally; `shared`: see `Tally.add_all`."""
+    def record(
+        self, result: UnitResult, shared: SharedHashes | None = None, columns: SegmentColumns | None = None
+    ) -> None:
+        """Add a unit's segments (this output's only) to the manifest's tally; `shared`, `columns`: see
+        `Tally.add_all`."""
         assert self.tally is not None
         share = result.seconds / max(1, len(result.segments))
-        self.tally.add_all(result.segments, result.worker, result.node, share, shared)
+        self.tally.add_all(result.segments, result.worker, result.node, share, shared, columns)
         if self.uploads is not None:
             self.uploads.record(result)
 
@@ -353,10 +357,11 @@ def _execute(planned: Planned, outputs: list[Output], todo: list[Unit], options:
     def on_result(result: UnitResult) -> None:
         stages.add(result.stages)
         with gcpause.kept():  # a unit's rows in the tally: many small objects, no cycle
-            shared: SharedHashes = {}  # the unit's source hashes, for every output (the result holds their objects)
+            shared = SharedHashes()  # the unit's source hashes, for every output (the result holds their objects)
             for output, journal, mine in zip(outputs, journals, _per_output(result, len(outputs))):
-                output.record(mine, shared)
-                journal.append(mine)
+                columns = gather(mine.segments)  # once, for the tally and the journal
+                output.record(mine, shared, columns)
+                journal.append(mine, columns)
         progress.update(sizes.get(result.unit, 0))
 
     try:
@@ -374,9 +379,7 @@ def _per_output(result: UnitResult, count: int) -> list[UnitResult]:
     """Each of `count` outputs' share of a unit's result (its segments and parts), in one pass over them."""
     if count == 1:
         return [result]
-    segments: list[list[SegmentResult]] = [[] for _ in range(count)]
-    for s in result.segments:
-        segments[s.output].append(s)
+    segments = split_outputs(result.segments, count)
     parts: list[list[PartResult]] = [[] for _ in range(count)]
     for p in result.parts:
         parts[p.output].append(p)

@@ -19,7 +19,7 @@ from chatvec_dist.errors import VerifyError
 from chatvec_dist.exec.messages import SegmentResult
 from chatvec_dist.kernels.stats import Stats
 from chatvec_dist.output.columns_digest import ROWS_ALGORITHM, columns_digest, same_values
-from chatvec_dist.output.manifest import SCHEMA, Tally, rows_digest, rows_hash
+from chatvec_dist.output.manifest import SCHEMA, SharedHashes, Tally, rows_digest, rows_hash
 from chatvec_dist.output.manifest_columns import layout_columns, measured_digests
 from chatvec_dist.planning.layout import layout
 from chatvec_dist.planning.planner import PlannedTensor, Src
@@ -237,15 +237,15 @@ def test_outputs_reporting_the_same_source_hash_objects_share_one_source_digests
         SegmentResult(0, i, ((0, digest(i)),), stats_of(i), tuple(((0, digest(i, k)),) for k in range(len(e))))
         for i, e in enumerate(map(source_extents, ts))
     ]
-    shared: dict = {}
+    shared = SharedHashes()
     first, second, other = Tally(lay, BLOCK), Tally(lay, BLOCK), Tally(lay, BLOCK)
-    for tally, share in ((first, shared), (second, shared), (other, {})):
+    for tally, share in ((first, shared), (second, shared), (other, SharedHashes())):
         tally.add_all(segments, "w0", "n0", 0.25, share)  # as `feed` reports them
     fixed = layout_columns(lay)
-    column = fixed.source_digests(first.source_hashes)
-    assert fixed.source_digests(second.source_hashes) is column
-    assert fixed.source_digests(other.source_hashes) is not column
-    assert fixed.source_digests(other.source_hashes).equals(column)
+    column = fixed.source_digests(first.totals.source_hashes.tolist())
+    assert fixed.source_digests(second.totals.source_hashes.tolist()) is column
+    assert fixed.source_digests(other.totals.source_hashes.tolist()) is not column
+    assert fixed.source_digests(other.totals.source_hashes.tolist()).equals(column)
     want = [row["source_digests"] for row in first.table("a", {}).to_pylist()]
     for tally, name in ((first, "a"), (second, "b"), (other, "c"), (second, "b")):
         table = tally.table(name, {})
@@ -393,7 +393,7 @@ def test_outputs_sharing_source_digests_objects_tally_as_each_alone():
                 )
             out = tuple(blocks(max(1, -(-t.numel * ITEM[t.out_dtype] // BLOCK)), 1000 * o + i))
             segments[o].append(SegmentResult(o, i, out, stats_of(i + o), srcs))
-    shared: dict = {}
+    shared = SharedHashes()
     tables = []
     for segs in segments:
         together, alone = Tally(lay, BLOCK), Tally(lay, BLOCK)
@@ -424,16 +424,17 @@ def test_source_hashes_are_taken_as_complete_only_where_they_are_the_very_tuples
     feed(first, ts)
     feed(second, ts)
     want = first.table("a", {})
-    second.source_hashes = list(first.source_hashes)
+    mine, theirs = second.totals.source_hashes, first.totals.source_hashes
+    mine[:] = theirs  # the very tuples
     assert second.table("b", {}).column("source_digests") is not None
-    assert layout_columns(lay).made_of(second.source_hashes)
-    at = next(i for i, found in enumerate(first.source_hashes) if len(found) > 1)
-    second.source_hashes[at] = (None, *first.source_hashes[at][1:])
-    assert not layout_columns(lay).made_of(second.source_hashes)
+    assert layout_columns(lay).made_of(mine.tolist())
+    at = next(i for i, found in enumerate(theirs) if len(found) > 1)
+    mine[at] = (None, *theirs[at][1:])
+    assert not layout_columns(lay).made_of(mine.tolist())
     with pytest.raises(VerifyError, match=f"internal: {len(want.column('source_digests')[at]) - 1} of its"):
         second.table("b", {})
-    second.source_hashes[at] = first.source_hashes[at]
-    second.hashes[0] = None  # the tuples are the column's again, a tensor's own blocks missing
+    mine[at] = theirs[at]
+    second.totals.hashes[0] = None  # the tuples are the column's again, a tensor's own blocks missing
     with pytest.raises(VerifyError, match="internal: not all of its blocks were reported in full"):
         second.table("b", {})
 

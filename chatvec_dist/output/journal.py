@@ -22,6 +22,7 @@ from .. import gcpause
 from ..errors import OutputError
 from ..exec.messages import PartResult, SegmentResult, UnitResult
 from ..kernels.stats import Stats
+from .segment_columns import STATS_FIELDS, SegmentColumns, gather
 
 MAGIC = b"chatvec journal 3\n"
 HEAD = struct.Struct("<QQ")  # a record's payload length and the xxh3-64 of its payload
@@ -43,13 +44,17 @@ class Journal:
             raise OutputError(f"cannot open the journal: {e.strerror}", file=str(path)) from None
         self._empty = end == 0
 
-    def append(self, r: UnitResult) -> None:
-        payload = _pack(_record(r))
-        record = HEAD.pack(len(payload), xxhash.xxh3_64_intdigest(payload)) + payload
+    def append(self, r: UnitResult, columns: SegmentColumns | None = None) -> None:
+        """Journal `r` (one output's result); `columns`: its segments gathered already (`segment_columns.gather`)."""
+        payload = _pack(_record(r, columns))  # in pieces: megabytes, written and hashed without joining them
+        checksum = xxhash.xxh3_64()
+        for piece in payload:
+            checksum.update(piece)
+        head = HEAD.pack(sum(map(len, payload)), checksum.intdigest())
         if self._empty:  # the format goes with the first record: an empty journal says no unit finished
-            record = MAGIC + record
+            head = MAGIC + head
         try:
-            self._file.write(record)
+            self._file.writelines([head, *payload])
             self._file.flush()
         except OSError as e:
             raise OutputError(f"cannot append to the journal: {e.strerror}", file=str(self.path)) from None
@@ -104,30 +109,33 @@ def _intact_end(data: bytes) -> int:
 # per segment (columns: no object made per segment, nothing for the garbage collector to scan), are the tensor
 # indexes, their ((block, digest), …), cp², Δ², (out − cp)², NaN, Inf, sources (as in SegmentResult), [kept per
 # vector], agreeing and signed; a part is (shard, part number, ETag, size).
-def _record(r: UnitResult) -> tuple:
-    segs = r.segments
-    stats = [s.stats for s in segs]
+# (Tuples and lists pack alike: a column is whichever `gather` made.)
+def _record(r: UnitResult, columns: SegmentColumns | None = None) -> tuple:
+    c = gather(r.segments) if columns is None else columns
+    cp, delta, update, nan, inf, kept, agree, signed = c.fields  # STATS_FIELDS order
+    parts = [(p.shard, p.number, p.etag, p.size) for p in r.parts]
     return (
         r.unit,
         r.worker,
         r.node,
         r.seconds,
-        [s.index for s in segs],
-        [s.blocks for s in segs],
-        [t.cp_sq for t in stats],
-        [t.delta_sq for t in stats],
-        [t.update_sq for t in stats],
-        [t.nan for t in stats],
-        [t.inf for t in stats],
-        [s.sources for s in segs],
-        [t.kept for t in stats],
-        [t.agree for t in stats],
-        [t.signed for t in stats],
-        [(p.shard, p.number, p.etag, p.size) for p in r.parts],
+        c.index,
+        c.blocks,
+        cp,
+        delta,
+        update,
+        nan,
+        inf,
+        c.sources,
+        kept,
+        agree,
+        signed,
+        parts,
     )
 
 
 _SOURCES = 11  # the sources column's place in a record
+assert STATS_FIELDS == ("cp_sq", "delta_sq", "update_sq", "nan", "inf", "kept", "agree", "signed")  # the format's
 
 
 class _Packed:
@@ -139,16 +147,16 @@ class _Packed:
     last = empty
 
 
-def _pack(record: tuple) -> bytes:
-    """`msgpack.packb(record)`, field by field (an array is its header, then its items), the sources column's
-    bytes reused where it holds the very same objects as the last record's."""
+def _pack(record: tuple) -> list[bytes]:
+    """`msgpack.packb(record)` in pieces, field by field (an array is its header, then its items), the sources
+    column's bytes reused where it holds the very same objects as the last record's."""
     packer = msgpack.Packer(use_bin_type=True)
     column, (last, data) = record[_SOURCES], _Packed.last
     if len(column) != len(last) or not all(map(operator.is_, column, last)):
         data = packer.pack(column)
         _Packed.last = (column, data)
     parts = [packer.pack(f) if i != _SOURCES else data for i, f in enumerate(record)]
-    return packer.pack_array_header(len(record)) + b"".join(parts)
+    return [packer.pack_array_header(len(record)), *parts]
 
 
 def _unit(record: tuple, output: int) -> UnitResult:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
@@ -20,10 +22,11 @@ from ..exec.messages import SegmentResult
 from ..exec.source_digests import SOURCE_ALGORITHM, Blocks, extents, source_block_elems, source_blocks
 from ..kernels.stats import Stats
 from ..planning.layout import Layout
-from ..quickinit import tuple_maker
 from .columns_digest import ROWS_ALGORITHM, columns_digest
 from .location import Where, open_output
 from .manifest_columns import layout_columns, measured_columns, measured_digests
+from .segment_columns import SegmentColumns, gather
+from .totals import Totals
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -167,11 +170,29 @@ class _Entry:
 
 
 _ONE, _FIRST, _DIGEST = {1}, itemgetter(0), itemgetter(1)  # one block; a segment's first block; its digest
-_SEGMENT = itemgetter(*map(SegmentResult._fields.index, ("index", "blocks", "stats", "sources")))
-_PART = tuple_maker(Part)
-# Source hashes (None: some source not of one block) by the id of a segment's `sources` object, while the unit's
-# result that holds them is alive (ids of live objects are unique).
-SharedHashes = dict[int, tuple[str, ...] | None]
+
+
+class SharedHashes(dict[int, tuple[str, ...] | None]):
+    """Source hashes (None: some source not of one block) by the id of a segment's `sources` object, while the
+    unit's result that holds them is alive (ids of live objects are unique); and the last sources column looked up
+    with each of its segments' hashes: a sweep's outputs bring the very same objects, in the same order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: tuple[Sequence, list] = ((), [])
+
+    def of(self, column: Sequence[tuple[Blocks, ...]]) -> list[tuple[str, ...] | None]:
+        """Each segment's source hashes (`_single_hashes`)."""
+        last, found = self.last
+        if len(last) == len(column) and all(map(is_, column, last)):
+            return found
+        ids = list(map(id, column))
+        for key, sources in dict(zip(ids, column)).items():
+            if key not in self:
+                _single_hashes(sources, self)
+        found = list(map(self.__getitem__, ids))
+        self.last = (column, found)
+        return found
 
 
 def _single_hashes(sources: tuple[Blocks, ...], shared: SharedHashes) -> tuple[str, ...] | None:
@@ -193,13 +214,10 @@ class Tally:
         self.layout = layout
         self.block_bytes = block_bytes
         self.source_elems = source_block_elems(block_bytes)
-        n = len(layout.tensors)
         # one block of the output (at most 8 bytes an element) and of each source: complete with its one segment
         numel = map(math.prod, map(attrgetter("shape"), map(attrgetter("tensor"), layout.tensors)))
-        self.single = [k <= self.source_elems for k in numel]
-        self.hashes: list[str | None] = [None] * n
-        self.source_hashes: list[tuple[str | None, ...]] = [()] * n  # per source (`extents` order)
-        self.totals: list[Part | None] = [None] * n
+        self.single = np.fromiter(map(self.source_elems.__ge__, numel), bool, len(layout.tensors))
+        self.totals = Totals(len(layout.tensors))
         self.pending: dict[int, _Entry] = {}  # tensors of several blocks, some of them reported
 
     def add(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
@@ -212,68 +230,96 @@ class Tally:
         node: str,
         seconds: float,
         shared: SharedHashes | None = None,
+        columns: SegmentColumns | None = None,
     ) -> None:
-        """Add a unit's segments (each `seconds`); `shared`: the source hashes of the digests objects that any
-        output's segments of the same unit's result brought (a batch's outputs report the same object for the
-        sources they share: hashed once)."""
-        shared = {} if shared is None else shared
-        totals, pending, single, hashes, source_hashes = (
-            self.totals,
-            self.pending,
-            self.single,
-            self.hashes,
-            self.source_hashes,
-        )
-        total, tensor_hash = float(seconds), xxhash.xxh3_128_hexdigest
-        for seg in segments:  # ~1 µs each, a tensor per output: fields at once, a Part as a plain tuple's __new__
-            i, blocks, stats, srcs = _SEGMENT(seg)
-            if totals[i] is not None:
-                continue  # the same bytes again (a unit redone after its worker died; see _Digests)
-            if single[i] and len(blocks) == 1 and i not in pending:
-                sources = shared[id(srcs)] if id(srcs) in shared else _single_hashes(srcs, shared)
-                if sources is not None:  # complete with this one segment
-                    hashes[i] = tensor_hash(blocks[0][1])  # tensor_hash of one block
-                    source_hashes[i] = sources
-                    totals[i] = _PART((stats, total, worker, node))
-                    continue
-            self._add_piece(seg, worker, node, seconds)
+        """Add a unit's segments (each `seconds`; `columns`: them gathered already); `shared`: the source hashes of
+        the digests objects that any output's segments of the same unit's result brought (a batch's outputs report
+        the same object for the sources they share: hashed once)."""
+        c = gather(segments) if columns is None else columns
+        n = len(c.index)
+        if not n:
+            return
+        sources = (SharedHashes() if shared is None else shared).of(c.sources)
+        index = np.fromiter(c.index, np.intp, n)
+        one = np.fromiter(map(_ONE.__contains__, map(len, c.blocks)), bool, n)
+        quick = self.single[index] & one & ~self.totals.done[index]
+        quick &= np.fromiter(map(is_not, sources, repeat(None)), bool, n)
+        if self.pending:
+            quick &= ~np.isin(index, list(self.pending))
+        self._add_quick(c, index, quick, sources, (float(seconds), worker, node))
+        for j in np.flatnonzero(~quick).tolist():  # a tensor of several blocks, or with a source of several
+            if not self.totals.done[c.index[j]]:  # else the same bytes again (a unit redone: see _Digests)
+                self._add_piece(c.index[j], c.blocks[j], c.stats[j], c.sources[j], worker, node, seconds)
 
-    def _add_piece(self, seg: SegmentResult, worker: str, node: str, seconds: float) -> None:
+    def _add_quick(
+        self, c: SegmentColumns, index: np.ndarray, quick: np.ndarray, sources: list, made: tuple[float, str, str]
+    ) -> None:
+        """Store the tensors complete with their one segment (`quick`), a column at a time."""
+        every = bool(quick.all())
+        where = None if every else np.flatnonzero(quick)
+        pick = quick.tolist()
+
+        def picked(column: Sequence) -> Sequence:
+            return column if every else list(compress(column, pick))
+
+        def values(column: list, dtype: type) -> np.ndarray:
+            found: np.ndarray = np.fromiter(column, dtype, len(column))
+            return found if where is None else found[where]
+
+        t, at = self.totals, index[quick]
+        k = len(at)
+        t.hashes[at] = np.fromiter(
+            map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, picked(c.blocks)))), object, k
+        )
+        t.source_hashes[at] = np.fromiter(picked(sources), object, k)
+        for name in ("cp_sq", "delta_sq", "update_sq"):
+            getattr(t, name)[at] = values(c.field(name), np.float64)
+        for name in ("nan", "inf", "agree", "signed"):
+            counts = c.field(name)
+            getattr(t, name)[at] = values(counts, np.int64) if any(counts) else 0  # mostly all 0: set at once
+        kept = c.field("kept")
+        if any(kept):  # DARE, TIES
+            for i, shares in zip(at.tolist(), picked(kept)):
+                t.kept[i] = shares
+        t.seconds[at], t.worker[at], t.node[at] = made[0], t.code(made[1]), t.code(made[2])
+        t.done[at] = True
+
+    def _add_piece(
+        self, i: int, blocks: Blocks, stats: Stats, sources: tuple[Blocks, ...], worker: str, node: str, seconds: float
+    ) -> None:
         """A segment of a tensor of several blocks (or with a source of several)."""
-        i = seg.index
         e = self.pending.get(i)
         if e is None:
             placed = self.layout.tensors[i]
             nblocks = max(1, math.ceil(placed.nbytes / self.block_bytes))
-            sources = [source_blocks(n, self.source_elems) for _, n in extents(placed.tensor)]
-            e = self.pending[i] = _Entry.of(nblocks, sources)
-        e.digests.add(seg.blocks)
-        e.parts[seg.blocks[0][0]] = Part(seg.stats, seconds, worker, node)
-        for digests, blocks in zip(e.sources, seg.sources):
-            digests.add(blocks)
+            counts = [source_blocks(n, self.source_elems) for _, n in extents(placed.tensor)]
+            e = self.pending[i] = _Entry.of(nblocks, counts)
+        e.digests.add(blocks)
+        e.parts[blocks[0][0]] = Part(stats, seconds, worker, node)
+        for digests, found in zip(e.sources, sources):
+            digests.add(found)
         if e.digests.hash is not None:
-            self.hashes[i], self.totals[i] = e.digests.hash, e.fold()
-            self.source_hashes[i] = tuple(d.hash for d in e.sources)
+            part = e.fold()
+            hashes = tuple(d.hash for d in e.sources)
+            self.totals.set(i, e.digests.hash, hashes, part.stats, part.seconds, part.worker, part.node)
             del self.pending[i]
 
     def nonfinite(self) -> list[tuple[str, int, int]]:
         """(tensor, NaN count, Inf count) of every output tensor holding non-finite values."""
-        found = []
-        for i, (placed, total) in enumerate(zip(self.layout.tensors, self.totals)):
-            e = self.pending.get(i)
-            parts = [total] if total is not None else e.parts.values() if e is not None else []
-            nan = sum(p.stats.nan for p in parts)
-            inf = sum(p.stats.inf for p in parts)
-            if nan or inf:
-                found.append((placed.tensor.name, nan, inf))
-        return found
+        t, found = self.totals, dict[int, tuple[int, int]]()
+        for i in t.nonfinite().tolist():
+            found[i] = (int(t.nan[i]), int(t.inf[i]))
+        for i, e in self.pending.items():
+            found[i] = (sum(p.stats.nan for p in e.parts.values()), sum(p.stats.inf for p in e.parts.values()))
+        names = self.layout.tensors
+        return [(names[i].tensor.name, nan, inf) for i, (nan, inf) in sorted(found.items()) if nan or inf]
 
     def table(self, target: str, metadata: dict) -> pa.Table:
         """The manifest: a row per tensor (columns fixed by the layout made once per layout object), and the
         metadata with the checksums of the rows (`rows_hash`) and of itself (`meta_sha256`)."""
         fixed = layout_columns(self.layout)
-        measured = measured_columns(fixed, self.hashes, self.source_hashes, self.totals)
-        columns = {"target": pa.repeat(pa.scalar(target, pa.string()), len(self.hashes)), **fixed.fixed, **measured}
+        measured = measured_columns(fixed, self.totals)
+        columns = {"target": pa.repeat(pa.scalar(target, pa.string()), len(self.totals)), **fixed.fixed, **measured}
         table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
         computed = {name: column for name, column in measured.items() if name != "source_digests"}
         known = {

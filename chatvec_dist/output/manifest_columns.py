@@ -30,8 +30,7 @@ from .columns_digest import column_digest, encoding_head, resumed, same_values
 from .layout_alike import alike
 
 if TYPE_CHECKING:
-    from ..kernels.stats import Stats
-    from .manifest import Part
+    from .totals import Totals
 
 STRING, INT, FLOAT = pa.string(), pa.int64(), pa.float64()
 _TENSOR, _TERMS, _ALPHA = attrgetter("tensor"), attrgetter("terms"), itemgetter(0)
@@ -282,33 +281,26 @@ def _offsets(counts: np.ndarray) -> pa.Array:
     return pa.array(offsets)
 
 
-def measured_columns(
-    layout: LayoutColumns,
-    hashes: Sequence[str | None],
-    source_hashes: Sequence[tuple[str | None, ...]],
-    totals: Sequence[Part | None],
-) -> dict[str, pa.Array]:
+def measured_columns(layout: LayoutColumns, totals: Totals) -> dict[str, pa.Array]:
     """The columns the run measured: hashes, norms, counts, workers, seconds, source digests, DARE/TIES shares."""
-    _check_complete(layout, hashes, source_hashes, totals, layout.made_of(source_hashes))
-    parts: list[Part] = totals  # type: ignore[assignment]  # every one there (checked)
-    stats = list(map(attrgetter("stats"), parts))
-    sq = {k: np.fromiter(map(attrgetter(k), stats), np.float64, len(stats)) for k in ("cp_sq", "delta_sq", "update_sq")}
-    cp_norm = np.sqrt(sq["cp_sq"])
+    hashes, source_hashes = totals.hashes.tolist(), totals.source_hashes.tolist()
+    # a tensor's hash is set with its totals: the hashes say which tensors are complete
+    _check_complete(layout, hashes, source_hashes, hashes, layout.made_of(source_hashes))
+    names, cp_norm = pa.array(list(totals.names), STRING), np.sqrt(totals.cp_sq)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.sqrt(sq["update_sq"]) / cp_norm
-    counts = {k: np.fromiter(map(attrgetter(k), stats), np.int64, len(stats)) for k in ("nan", "inf")}
+        rel = np.sqrt(totals.update_sq) / cp_norm
     return {
         "hash": pa.array(hashes, STRING),
         "cp_norm": pa.array(cp_norm, FLOAT, mask=~layout.measured),
-        "delta_norm": pa.array(np.sqrt(sq["delta_sq"]), FLOAT, mask=~layout.terms),
+        "delta_norm": pa.array(np.sqrt(totals.delta_sq), FLOAT, mask=~layout.terms),
         "rel_update": pa.array(rel, FLOAT, mask=~(layout.changed & layout.measured & (cp_norm != 0))),
-        "nan_count": pa.array(counts["nan"], INT, mask=~layout.counted),
-        "inf_count": pa.array(counts["inf"], INT, mask=~layout.counted),
-        "worker": _field(parts, "worker"),
-        "node": _field(parts, "node"),
-        "seconds": pa.array(np.fromiter(map(attrgetter("seconds"), parts), np.float64, len(parts)), FLOAT),
+        "nan_count": pa.array(totals.nan, INT, mask=~layout.counted),
+        "inf_count": pa.array(totals.inf, INT, mask=~layout.counted),
+        "worker": pc.take(names, pa.array(totals.worker)),
+        "node": pc.take(names, pa.array(totals.node)),
+        "seconds": pa.array(totals.seconds, FLOAT),
         "source_digests": layout.source_digests(source_hashes),
-        **_shares(layout, stats),
+        **_shares(layout, totals),
     }
 
 
@@ -327,22 +319,23 @@ def measured_digests(columns: Mapping[str, pa.Array]) -> dict[str, bytes]:
     return digests
 
 
-def _shares(layout: LayoutColumns, stats: list[Stats]) -> dict[str, pa.Array]:
+def _shares(layout: LayoutColumns, totals: Totals) -> dict[str, pa.Array]:
     """DARE/TIES: each vector's kept share (`density`) and the share of kept entries agreeing with the elected sign
     (`sign_agreement`); all null (made at once) in a job without either."""
-    count = len(stats)
-    if not any(map(attrgetter("kept"), stats)):
+    count = len(totals)
+    if not any(totals.kept):
         density = pa.nulls(count, pa.list_(FLOAT))
     else:
         density = pa.array(
-            [[k / n for k in s.kept] if s.kept and n else None for s, n in zip(stats, layout.merge_elems)],
+            [[k / n for k in kept] if kept and n else None for kept, n in zip(totals.kept, layout.merge_elems)],
             pa.list_(FLOAT),
         )
     if not layout.ties.any():
         agreement = pa.nulls(count, FLOAT)
     else:
+        pairs = zip(totals.agree.tolist(), totals.signed.tolist(), layout.ties)
         agreement = pa.array(
-            [(s.agree / s.signed if s.signed else None) if tie else None for s, tie in zip(stats, layout.ties)], FLOAT
+            [(agree / signed if signed else None) if tie else None for agree, signed, tie in pairs], FLOAT
         )
     return {"density": density, "sign_agreement": agreement}
 
@@ -351,7 +344,7 @@ def _check_complete(
     layout: LayoutColumns,
     hashes: Sequence[str | None],
     source_hashes: Sequence[tuple[str | None, ...]],
-    totals: Sequence[Part | None],
+    totals: Sequence[object | None],
     sources_checked: bool,
 ) -> None:
     """Every tensor and each of its sources reported in full (else an internal error naming the first not);
