@@ -8,9 +8,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ra
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from chatvec_dist.planning.layout import Layout
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors, interpreted
@@ -24,6 +28,21 @@ def slow_units_env(seconds: float, env: dict | None = None) -> dict[str, str]:
         p for p in (str(Path(__file__).parent / "slow_units"), env.get("PYTHONPATH")) if p
     )
     return env
+
+
+def swept_layout(lay: Layout, alpha: float) -> Layout:
+    """`lay` (a planning Layout) with every term's alpha `alpha`: new tensors and Placed, every other field object
+    shared, as planning/reuse.py makes an alpha sweep's layouts."""
+    import dataclasses
+
+    from chatvec_dist.planning.layout import Layout, Placed
+    from chatvec_dist.term import Term
+
+    placed: list[Placed] = []
+    for p in lay.tensors:
+        terms = tuple(Term(alpha, plus, minus) for _, plus, minus in p.tensor.terms)
+        placed.append(Placed(dataclasses.replace(p.tensor, terms=terms), p.shard, p.offset, p.nbytes))
+    return Layout(placed, lay.shards)
 
 
 def rewrite_journal(path: Path, units: list) -> None:

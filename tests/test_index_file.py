@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from conftest import swept_layout
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chatvec_dist.output.index_file import indented, index_text
 from chatvec_dist.output.layout_alike import alike
-from chatvec_dist.planning.layout import Layout, Placed, layout
+from chatvec_dist.planning.layout import Layout, layout
 from chatvec_dist.planning.planner import PlannedTensor, Src
 from chatvec_dist.term import Term
 
@@ -57,15 +58,6 @@ def test_a_layouts_index_names_each_tensors_shard_and_the_total_size():
     assert index_text(lay) == reference(total, weight_map)
 
 
-def _swept(lay: Layout, alpha: float) -> Layout:
-    """`lay` with every term's alpha `alpha`: new tensors and Placed, every other field object shared."""
-    placed = []
-    for p in lay.tensors:
-        terms = tuple(Term(alpha, plus, minus) for _, plus, minus in p.tensor.terms)
-        placed.append(Placed(dataclasses.replace(p.tensor, terms=terms), p.shard, p.offset, p.nbytes))
-    return Layout(placed, lay.shards)
-
-
 def test_a_sweeps_layouts_share_the_index_once_proved_alike_and_no_other_does():
     """A layout proved alike the last one (layout_alike.alike) takes its index text as it is; one that is not, or
     equal but not proved, gets its own, equal to json's, and a renamed tensor's index names it."""
@@ -77,7 +69,7 @@ def test_a_sweeps_layouts_share_the_index_once_proved_alike_and_no_other_does():
     lay = layout(tensors, max_shard_size=800)
     first = index_text(lay)
     assert first == reference(1410, {p.tensor.name: lay.shards[p.shard].name for p in lay.tensors})
-    swept = _swept(lay, 0.5)
+    swept = swept_layout(lay, 0.5)
     unproved = index_text(swept)  # not proved alike yet: made again (equal)
     assert unproved == first and unproved is not first
     assert alike(swept, lay) and index_text(lay) is unproved  # proved: the last one's, as it is

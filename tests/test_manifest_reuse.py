@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import swept_layout
 from test_manifest_columns import planned
 from test_plan_reuse import _targets
 
@@ -80,18 +81,9 @@ def _other(value: object) -> object | None:
     return found if found == value and found is not value else None
 
 
-def _alphas(lay: Layout, alpha: float) -> Layout:
-    """`lay` with every term's alpha `alpha` (new tensors and Placed, every other field object shared)."""
-    placed = []
-    for p in lay.tensors:
-        terms = tuple(Term(alpha, plus, minus) for _, plus, minus in p.tensor.terms)
-        placed.append(Placed(dataclasses.replace(p.tensor, terms=terms), p.shard, p.offset, p.nbytes))
-    return Layout(placed, lay.shards)
-
-
 def _changed(lay: Layout, at: int, tensor: PlannedTensor | None = None, **fields: object) -> Layout:
-    """`_alphas(lay, 2.0)` with the tensor at `at` (or its Placed's `fields`) replaced."""
-    swept = _alphas(lay, 2.0)
+    """`swept_layout(lay, 2.0)` with the tensor at `at` (or its Placed's `fields`) replaced."""
+    swept = swept_layout(lay, 2.0)
     p = swept.tensors[at]
     placed = list(swept.tensors)
     placed[at] = dataclasses.replace(p, tensor=tensor or p.tensor, **fields)
@@ -111,7 +103,7 @@ def test_an_equal_but_other_object_anywhere_is_another_layout(kind, field):
     equal)."""
     lay = layout(planned(), max_shard_size=10**6)
     inputs = Inputs(lay)
-    assert inputs.match(_alphas(lay, 2.0)) and inputs.match(lay)
+    assert inputs.match(swept_layout(lay, 2.0)) and inputs.match(lay)
     owner = (lambda p: p.tensor) if kind == "tensor" else (lambda p: p)
     found = [(i, _other(getattr(owner(p), field))) for i, p in enumerate(lay.tensors)]
     copies = [(i, other) for i, other in found if other is not None]
@@ -145,7 +137,7 @@ def test_other_terms_or_shards_are_another_layout():
     fewer = dataclasses.replace(t, terms=t.terms[:1])
     assert not inputs.match(_changed(lay, 0, other_plus))
     assert not inputs.match(_changed(lay, 0, fewer))
-    swept = _alphas(lay, 2.0)
+    swept = swept_layout(lay, 2.0)
     assert not inputs.match(Layout(swept.tensors, [copy.copy(s) for s in swept.shards]))
     assert not inputs.match(Layout(swept.tensors[:-1], swept.shards))
 
@@ -190,7 +182,7 @@ def test_a_layout_is_proved_alike_once_against_its_kinds_inputs_and_then_known(m
     """`alike` compares a layout with the inputs of the earlier one's kind (one `Inputs.match` per layout); `known`
     then answers without comparing, for any two of that kind, while they live; a layout not alike starts its own."""
     lay = layout(planned(), max_shard_size=10**6)
-    a, b = _alphas(lay, 2.0), _alphas(lay, 3.0)
+    a, b = swept_layout(lay, 2.0), swept_layout(lay, 3.0)
     matched: list[Layout] = []
     match = Inputs.match
     monkeypatch.setattr(Inputs, "match", lambda self, other: matched.append(other) or match(self, other))
@@ -199,7 +191,7 @@ def test_a_layout_is_proved_alike_once_against_its_kinds_inputs_and_then_known(m
     assert alike(lay, b) and known(b, a) and known(a, lay) and matched == [a, b]
     changed = _changed(lay, 0, dataclasses.replace(lay.tensors[0].tensor, name="other"))
     assert not alike(b, changed) and not known(b, changed) and matched[-1] is changed
-    other = _alphas(changed, 5.0)
+    other = swept_layout(changed, 5.0)
     assert alike(changed, other) and known(other, changed) and not known(other, a)
     assert known(lay, b) and known(b, a)  # the sweep's kind: still known
 
@@ -211,7 +203,7 @@ def test_a_swept_layout_with_tensors_without_terms_gets_the_columns_made_from_sc
     lay = layout(planned(), max_shard_size=10**6)
     manifest_columns._cached.clear()
     first = layout_columns(lay)
-    swept = _alphas(lay, alpha)
+    swept = swept_layout(lay, alpha)
     got = layout_columns(swept)
     assert got.fixed["tensor"] is first.fixed["tensor"] and got.fixed["alphas"] is not first.fixed["alphas"]
     assert got.fixed["alphas"].null_count == sum(not p.tensor.terms for p in lay.tensors) > 0
@@ -234,7 +226,7 @@ def test_a_sweep_proved_alike_by_the_jobs_digest_is_never_compared_again(monkeyp
     """Layouts differing only in their alphas (-0.0, an int too), fingerprinted as a job's digest does: each known
     alike the others, the manifest's columns taken with no `Inputs` made, and equal to those made from scratch."""
     lay = layout(planned(), max_shard_size=10**6)
-    sweep = [lay, _alphas(lay, 2.0), _alphas(lay, -0.0), _alphas(lay, 1), _alphas(lay, 1)]
+    sweep = [lay, swept_layout(lay, 2.0), swept_layout(lay, -0.0), swept_layout(lay, 1), swept_layout(lay, 1)]
     _digested(*sweep)
     assert all(known(a, b) for a in sweep for b in sweep)
 
@@ -251,7 +243,7 @@ def test_a_sweep_proved_alike_by_the_jobs_digest_is_never_compared_again(monkeyp
 
 
 def _one_field_changed(lay: Layout, kind: str, field: str) -> Layout:
-    """`_alphas(lay, 2.0)` with one field of one Placed or tensor an equal other object (or another value)."""
+    """`swept_layout(lay, 2.0)` with one field of one Placed or tensor an equal other object (or another value)."""
     owner = (lambda p: p.tensor) if kind == "tensor" else (lambda p: p)
     found = [(i, _other(getattr(owner(p), field))) for i, p in enumerate(lay.tensors)]
     at, other = next(((i, o) for i, o in found if o is not None), (0, None))
@@ -267,7 +259,7 @@ def test_a_layout_with_any_field_another_object_is_not_proved_alike_by_the_diges
     """Every field of every Placed and tensor but the terms' alphas: an equal copy (or another value) in one of them
     and the job's digest does not prove the layout alike the one before it."""
     lay = layout(planned(), max_shard_size=10**6)
-    swept, changed = _alphas(lay, 3.0), _one_field_changed(lay, kind, field)
+    swept, changed = swept_layout(lay, 3.0), _one_field_changed(lay, kind, field)
     _digested(lay, swept, changed)
     assert known(lay, swept) and not known(swept, changed) and not known(lay, changed)
 
@@ -278,7 +270,7 @@ def test_terms_moved_sources_copied_shards_copied_or_a_stranger_are_not_proved_a
     lay = layout(planned(), max_shard_size=10**6)
     t0, t1 = lay.tensors[0].tensor, lay.tensors[1].tensor
     assert len(t0.terms) == 2 and not t1.terms  # merge.weight's second term moved to kept.weight
-    swept = _alphas(lay, 2.0)
+    swept = swept_layout(lay, 2.0)
     other_plus = dataclasses.replace(t0, terms=(Term(2.0, copy.copy(t0.terms[0].plus), t0.terms[0].minus), t0.terms[1]))
     placed = list(swept.tensors)
     placed[0] = dataclasses.replace(placed[0], tensor=dataclasses.replace(t0, terms=(Term(2.0, *t0.terms[0][1:]),)))
