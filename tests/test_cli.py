@@ -95,6 +95,17 @@ def test_the_entry_point_module_runs():
     assert done.returncode == 0 and done.stdout == f"chatvec {chatvec_dist.__version__}\n"
 
 
+def test_the_command_on_an_embedded_ray_leaves_it_and_exits_cleanly(demo, tmp_path):
+    """The command's exit path (`entry`, which stops the Ray it started itself, not at Ray's exit hook): the
+    merge committed, nothing printed after the run's line, the output verified."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "chatvec_dist", *merge_argv(demo, str(out), "--backend", "ray")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"[\d.]+ GB in .* on ray × \d+", done.stderr.strip().splitlines()[-1]), done.stderr
+    assert main(["verify", str(out)]) == 0
+
+
 # --- usage errors: one line and a hint, exit 2 -----------------------------------------------------------------
 
 

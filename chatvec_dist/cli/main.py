@@ -50,5 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def entry() -> int:
+    """The `chatvec` command: `main`, then Ray left at once (an embedded Ray stopped, a cluster left running):
+    Ray's own exit hook first sleeps 0.5 s for log lines this driver does not show."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    return code
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
