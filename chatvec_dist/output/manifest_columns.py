@@ -285,7 +285,7 @@ def measured_columns(layout: LayoutColumns, totals: Totals) -> dict[str, pa.Arra
     """The columns the run measured: hashes, norms, counts, workers, seconds, source digests, DARE/TIES shares."""
     hashes, source_hashes = totals.hashes.tolist(), totals.source_hashes.tolist()
     # a tensor's hash is set with its totals: the hashes say which tensors are complete
-    _check_complete(layout, hashes, source_hashes, hashes, layout.made_of(source_hashes))
+    _check_complete(layout, hashes, source_hashes, layout.made_of(source_hashes))
     names, cp_norm = pa.array(list(totals.names), STRING), np.sqrt(totals.cp_sq)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(totals.update_sq) / cp_norm
@@ -344,18 +344,17 @@ def _check_complete(
     layout: LayoutColumns,
     hashes: Sequence[str | None],
     source_hashes: Sequence[tuple[str | None, ...]],
-    totals: Sequence[object | None],
     sources_checked: bool,
 ) -> None:
     """Every tensor and each of its sources reported in full (else an internal error naming the first not);
     `sources_checked`: the source hashes are the very tuples of a column made before (checked then)."""
-    if all(hashes) and all(totals) and (sources_checked or _sources_complete(layout, source_hashes)):
+    if all(hashes) and (sources_checked or _sources_complete(layout, source_hashes)):
         return  # every hash there (a hash is never empty)
     want = layout.counts.tolist()
-    for i, (h, total, found, n) in enumerate(zip(hashes, totals, source_hashes, want)):
-        if h is None or total is None or not _complete(found, n):
+    for i, (h, found, n) in enumerate(zip(hashes, source_hashes, want)):
+        if h is None or not _complete(found, n):
             done = len(found) - found.count(None)
-            what = "not all of its blocks were" if h is None or total is None else f"{done} of its {n} sources"
+            what = "not all of its blocks were" if h is None else f"{done} of its {n} sources"
             raise VerifyError(f"internal: {what} reported in full", tensor=layout.fixed["tensor"][i].as_py())
 
 
