@@ -12,15 +12,13 @@ import dataclasses
 import io
 import pickle
 from itertools import count
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
-from ..kernels.stats import Stats
+from ..kernels.stats import Stats, stats_columns
 from ..quickinit import tuple_maker
 from .messages import SegmentResult, UnitResult
 
-_STATS_FIELDS = [f.name for f in dataclasses.fields(Stats)]
-_STATS_GETTERS = [attrgetter(name) for name in _STATS_FIELDS]
 _SEGMENT_GETTERS = [itemgetter(i) for i in range(len(SegmentResult._fields))]
 _STATS_AT, _SOURCES_AT = SegmentResult._fields.index("stats"), SegmentResult._fields.index("sources")
 _make_segment = tuple_maker(SegmentResult)
@@ -30,7 +28,7 @@ def pack_result(result: UnitResult) -> bytes:
     """`result` pickled with its segments as columns: each SegmentResult field's, the stats' by field, the
     sources' distinct objects and where each segment's is among them."""
     columns: list[Any] = [list(map(get, result.segments)) for get in _SEGMENT_GETTERS]
-    columns[_STATS_AT] = [list(map(get, columns[_STATS_AT])) for get in _STATS_GETTERS]
+    columns[_STATS_AT] = stats_columns(columns[_STATS_AT])
     sources = columns[_SOURCES_AT]
     distinct = list(dict(zip(map(id, sources), sources)).values())
     place = dict(zip(map(id, distinct), count()))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from operator import itemgetter
 
 
 @dataclass
@@ -29,3 +31,13 @@ class Stats:
             self.kept = [a + b for a, b in zip(self.kept or [0] * len(other.kept), other.kept)]
         self.agree += other.agree
         self.signed += other.signed
+
+
+STATS_FIELDS = tuple(f.name for f in fields(Stats))
+_GETTERS = [itemgetter(name) for name in STATS_FIELDS]  # of a Stats' __dict__ (a third faster than getattr)
+
+
+def stats_columns(stats: Sequence[Stats]) -> list[list]:
+    """Each Stats field's values (`STATS_FIELDS` order), an item per Stats: `Stats(*row)` makes them again."""
+    found = list(map(vars, stats))
+    return [list(map(get, found)) for get in _GETTERS]

@@ -21,8 +21,8 @@ import xxhash
 from .. import gcpause
 from ..errors import OutputError
 from ..exec.messages import PartResult, SegmentResult, UnitResult
-from ..kernels.stats import Stats
-from .segment_columns import STATS_FIELDS, SegmentColumns, gather
+from ..kernels.stats import STATS_FIELDS, Stats
+from .segment_columns import SegmentColumns, gather
 
 MAGIC = b"chatvec journal 3\n"
 HEAD = struct.Struct("<QQ")  # a record's payload length and the xxh3-64 of its payload
