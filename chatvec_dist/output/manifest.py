@@ -26,7 +26,7 @@ from .columns_digest import ROWS_ALGORITHM, columns_digest
 from .location import Where, open_output
 from .manifest_columns import layout_columns, measured_columns, measured_digests
 from .segment_columns import SegmentColumns, gather
-from .totals import Totals
+from .totals import FLOAT_STATS, INT_STATS, Totals
 
 MANIFEST_NAME = "manifest.parquet"
 META_KEY = b"chatvec"
@@ -272,9 +272,9 @@ class Tally:
             map(xxhash.xxh3_128_hexdigest, map(_DIGEST, map(_FIRST, picked(c.blocks)))), object, k
         )
         t.source_hashes[at] = np.fromiter(picked(sources), object, k)
-        for name in ("cp_sq", "delta_sq", "update_sq"):
+        for name in FLOAT_STATS:
             getattr(t, name)[at] = values(c.field(name), np.float64)
-        for name in ("nan", "inf", "agree", "signed"):
+        for name in INT_STATS:
             counts = c.field(name)
             getattr(t, name)[at] = values(counts, np.int64) if any(counts) else 0  # mostly all 0: set at once
         kept = c.field("kept")

@@ -7,8 +7,8 @@ import numpy as np
 
 from ..kernels.stats import Stats
 
-_FLOATS = ("cp_sq", "delta_sq", "update_sq", "seconds")
-_INTS = ("nan", "inf", "agree", "signed")
+FLOAT_STATS = ("cp_sq", "delta_sq", "update_sq")  # the Stats fields kept as float64 columns
+INT_STATS = ("nan", "inf", "agree", "signed")  # and as int64 columns (`kept`: a list per tensor)
 
 
 class Totals:
@@ -20,8 +20,9 @@ class Totals:
         self.done = np.zeros(n, bool)
         self.hashes = np.full(n, None, object)
         self.source_hashes = np.fromiter([()] * n, object, n)  # per source (`extents` order)
-        self.cp_sq, self.delta_sq, self.update_sq, self.seconds = (np.zeros(n, np.float64) for _ in _FLOATS)
-        self.nan, self.inf, self.agree, self.signed = (np.zeros(n, np.int64) for _ in _INTS)
+        self.cp_sq, self.delta_sq, self.update_sq = (np.zeros(n, np.float64) for _ in FLOAT_STATS)
+        self.nan, self.inf, self.agree, self.signed = (np.zeros(n, np.int64) for _ in INT_STATS)
+        self.seconds = np.zeros(n, np.float64)
         self.kept: list[list[int]] = [[]] * n  # per vector (DARE, TIES); each list replaced, never changed
         self.names: dict[str, int] = {}  # the workers' and nodes' names, by their code in `worker` and `node`
         self.worker = np.zeros(n, np.int32)
@@ -39,7 +40,7 @@ class Totals:
     ) -> None:
         """Tensor `i` complete (one at a time: a tensor of several blocks, folded)."""
         self.done[i], self.hashes[i], self.source_hashes[i] = True, hash, sources
-        for name in ("cp_sq", "delta_sq", "update_sq", "nan", "inf", "agree", "signed"):
+        for name in FLOAT_STATS + INT_STATS:
             getattr(self, name)[i] = getattr(stats, name)
         self.kept[i] = stats.kept
         self.seconds[i], self.worker[i], self.node[i] = seconds, self.code(worker), self.code(node)
